@@ -1,0 +1,178 @@
+"""Backbones (`model=`): the embedded default, a local diffusers SD folder, or a hub id from the local cache.
+
+Every backbone loads the same way: diffusers/transformers classes from a standard pipeline layout, safetensors
+only (never pickle). fp16 on CUDA by default, fp32 on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.errors import BenchError
+from bench.registry import Registry
+
+log = logging.getLogger(__name__)
+
+MODELS: Registry = Registry("model", "model.name")
+PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+@dataclass
+class Backbone:
+    name: str
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler: object
+    device: torch.device
+    dtype: torch.dtype
+    info: dict = field(default_factory=dict)
+
+    @property
+    def max_length(self) -> int:
+        return int(getattr(self.tokenizer, "model_max_length", 77))
+
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        return self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
+                              return_tensors="pt").input_ids
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """(B, 77, D) last hidden states, as SD feeds them to cross-attention."""
+        ids = self.tokenize(prompts).to(self.device)
+        return self.text_encoder(ids)[0].to(self.dtype)
+
+    @torch.no_grad()
+    def encode_images(self, images: list[np.ndarray], size: int) -> torch.Tensor:
+        """VAE posterior mean x scaling factor of RGB uint8 images resized to size x size."""
+        x = torch.stack([torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1) for im in images]).float()
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
+                                            align_corners=False)
+        x = (x / 127.5 - 1.0).to(self.device, self.vae.dtype)
+        latents = self.vae.encode(x).latent_dist.mean
+        return (latents * self.vae.config.scaling_factor).to(self.dtype)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+                "unet_parameters": sum(p.numel() for p in self.unet.parameters()), **self.info}
+
+
+def choose_device(requested: str = "auto") -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise BenchError(f"model.device={requested} but CUDA is not available; use model.device=auto or cpu")
+    return torch.device(requested)
+
+
+def choose_dtype(requested: str, device: torch.device) -> torch.dtype:
+    if requested == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if requested not in table:
+        raise BenchError(f"model.dtype={requested!r} is not one of auto, float32, float16, bfloat16")
+    return table[requested]
+
+
+def check_pipeline_folder(path: str | os.PathLike) -> Path:
+    """Fail early (on the driver, before any run directory exists) when a weights folder is unusable."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise BenchError(f"model.path={folder} does not exist; expected a diffusers Stable Diffusion folder "
+                         f"(model_index.json, {', '.join(PIPELINE_PARTS)}/) there")
+    missing = [p for p in PIPELINE_PARTS if not (folder / p).is_dir()]
+    if missing or not (folder / "model_index.json").is_file():
+        what = ", ".join(missing + ([] if (folder / "model_index.json").is_file() else ["model_index.json"]))
+        raise BenchError(f"model.path={folder} is not a diffusers pipeline folder (missing {what}); save one "
+                         f"with pipe.save_pretrained(DIR, safe_serialization=True)")
+    return folder
+
+
+def resolve_hub_id(model_id: str) -> Path:
+    """A hub id resolved from the local Hugging Face cache only (no network, ever)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(model_id, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError) as err:
+        cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
+        raise BenchError(f"model.id={model_id} is not in the local Hugging Face cache ({cache}); copy it there "
+                         f"or pass model.path=<diffusers folder> ({type(err).__name__})") from None
+
+
+def load_pipeline_folder(folder: Path, device: torch.device, dtype: torch.dtype, name: str) -> Backbone:
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    folder = check_pipeline_folder(folder)
+    try:
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=True, torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=True, torch_dtype=dtype)
+        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", use_safetensors=True,
+                                                     torch_dtype=dtype)
+        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+        scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
+    except (OSError, EnvironmentError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BenchError(f"cannot load weights from {folder}: {first} (only safetensors weights are loaded; "
+                         f"re-save with safe_serialization=True)") from None
+    parts = {"unet": unet, "vae": vae, "text_encoder": text_encoder}
+    for module in parts.values():
+        module.to(device).eval().requires_grad_(False)
+    info = {"path": str(folder), "prediction_type": scheduler.config.get("prediction_type")}
+    return Backbone(name, unet, vae, text_encoder, tokenizer, scheduler, device, dtype, info)
+
+
+@MODELS.register("embedded")
+def load_embedded(cfg: dict, device: torch.device, dtype: torch.dtype) -> Backbone:
+    from bench.embedded import build_components
+
+    c = build_components(seed=int(cfg.get("seed", 0)))
+    for key in ("unet", "vae", "text_encoder"):
+        c[key].to(device, dtype)
+    return Backbone("embedded", c["unet"], c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler"], device,
+                    dtype, {"source": "built in-process from configs (random weights, seeded)"})
+
+
+@MODELS.register("diffusers")
+def load_diffusers(cfg: dict, device: torch.device, dtype: torch.dtype) -> Backbone:
+    if cfg.get("path"):
+        folder = Path(cfg["path"])
+    elif cfg.get("id"):
+        folder = resolve_hub_id(cfg["id"])
+    else:
+        raise BenchError("model.name=diffusers needs model.path=<local diffusers folder> or model.id=<hub id>")
+    return load_pipeline_folder(folder, device, dtype, name=cfg.get("id") or folder.name)
+
+
+def model_kind(cfg: dict) -> str:
+    """`model.path` / `model.id` select the diffusers loader whatever `model.name` says."""
+    return "diffusers" if cfg.get("path") or cfg.get("id") else cfg.get("name", "embedded")
+
+
+def validate_model_config(cfg: dict) -> None:
+    """Driver-side checks that need no weights loaded."""
+    kind = model_kind(cfg)
+    MODELS.get(kind)
+    if cfg.get("path"):
+        check_pipeline_folder(cfg["path"])
+    elif cfg.get("id"):
+        resolve_hub_id(cfg["id"])
+    choose_dtype(cfg.get("dtype", "auto"), choose_device(cfg.get("device", "auto")))
+
+
+def load_backbone(cfg: dict) -> Backbone:
+    device = choose_device(cfg.get("device", "auto"))
+    dtype = choose_dtype(cfg.get("dtype", "auto"), device)
+    backbone = MODELS.get(model_kind(cfg))(cfg, device, dtype)
+    log.info("loaded backbone %s on %s (%s)", backbone.name, device, dtype)
+    return backbone
