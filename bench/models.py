@@ -59,6 +59,12 @@ class Backbone:
         latents = self.vae.encode(x).latent_dist.mean
         return (latents * self.vae.config.scaling_factor).to(self.dtype)
 
+    @property
+    def resolution(self) -> int:
+        """Native image size: UNet sample size x VAE downsampling factor (512 for SD 1.x / 2.1-base)."""
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return int(self.unet.config.sample_size) * factor
+
     def describe(self) -> dict:
         return {"name": self.name, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
                 "unet_parameters": sum(p.numel() for p in self.unet.parameters()), **self.info}
@@ -134,13 +140,17 @@ def load_pipeline_folder(folder: Path, device: torch.device, dtype: torch.dtype,
 
 @MODELS.register("embedded")
 def load_embedded(cfg: dict, device: torch.device, dtype: torch.dtype) -> Backbone:
-    from bench.embedded import build_components
+    """The shipped trained folder when present (same code path as real SD), else seeded random weights."""
+    from bench.embedded import build_components, shipped_folder
 
+    folder = shipped_folder()
+    if folder is not None and not cfg.get("random"):
+        return load_pipeline_folder(folder, device, dtype, name="embedded")
     c = build_components(seed=int(cfg.get("seed", 0)))
     for key in ("unet", "vae", "text_encoder"):
         c[key].to(device, dtype)
-    return Backbone("embedded", c["unet"], c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler"], device,
-                    dtype, {"source": "built in-process from configs (random weights, seeded)"})
+    return Backbone("embedded-random", c["unet"], c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler"],
+                    device, dtype, {"source": "built in-process from configs (random weights, seeded)"})
 
 
 @MODELS.register("diffusers")

@@ -8,6 +8,7 @@ Weights are seeded, so two builds are identical. No file or network access.
 from __future__ import annotations
 
 import string
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -24,6 +25,12 @@ WORDS = sorted({
     "ground", "land", "grass", "tree", "building", "wall", "sky", "lake", "water", "picture", "photo",
 })
 HIDDEN = 64
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+
+def shipped_folder() -> Path | None:
+    """The trained diffusers pipeline folder shipped in the package, if it has been trained and committed."""
+    return WEIGHTS_DIR if (WEIGHTS_DIR / "model_index.json").is_file() else None
 
 
 def build_tokenizer() -> CLIPTokenizer:
