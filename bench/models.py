@@ -52,7 +52,7 @@ class Backbone:
     @torch.no_grad()
     def encode_images(self, images: list[np.ndarray], size: int) -> torch.Tensor:
         """VAE posterior mean x scaling factor of RGB uint8 images resized to size x size."""
-        x = torch.stack([torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1) for im in images]).float()
+        x = torch.stack([torch.from_numpy(np.array(im, copy=True)).permute(2, 0, 1) for im in images]).float()
         x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
                                             align_corners=False)
         x = (x / 127.5 - 1.0).to(self.device, self.vae.dtype)
@@ -148,7 +148,7 @@ def load_embedded(cfg: dict, device: torch.device, dtype: torch.dtype) -> Backbo
         return load_pipeline_folder(folder, device, dtype, name="embedded")
     c = build_components(seed=int(cfg.get("seed", 0)))
     for key in ("unet", "vae", "text_encoder"):
-        c[key].to(device, dtype)
+        c[key].to(device) if dtype == torch.float32 else c[key].to(device, dtype)
     return Backbone("embedded-random", c["unet"], c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler"],
                     device, dtype, {"source": "built in-process from configs (random weights, seeded)"})
 

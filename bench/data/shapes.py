@@ -119,6 +119,9 @@ class ShapesDataset(SegDataset):
                 draw_lbl.polygon(poly, fill=class_id)
         return np.asarray(image), np.asarray(label)
 
+    def describe(self) -> dict:
+        return {**super().describe(), "split": self.split, "seed": self.seed, "size": self.size}
+
     def __getitem__(self, index: int) -> Sample:
         if not 0 <= index < len(self):
             raise IndexError(index)

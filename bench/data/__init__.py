@@ -1,0 +1,74 @@
+"""Datasets (`data=`), registered by name with the config options each accepts."""
+
+from __future__ import annotations
+
+from bench.data.base import IGNORE_INDEX, Sample, SegDataset
+from bench.errors import BenchError
+from bench.registry import Registry, unknown_name_message
+
+DATASETS: Registry = Registry("dataset", "data.name")
+
+
+
+def _shapes(options: dict) -> SegDataset:
+    from bench.data.shapes import ShapesDataset
+
+    return ShapesDataset(**options)
+
+
+def _voc(options: dict) -> SegDataset:
+    from bench.data.voc import VOCDataset
+
+    return VOCDataset(**options)
+
+
+# name -> (options with defaults, builder). `name` and `limit` (first N images) are common to all.
+DATASETS.register("shapes")(({"num_images": 100, "size": 512, "seed": 0, "split": "val", "min_objects": 1,
+                              "max_objects": 3}, _shapes))
+DATASETS.register("voc2012")(({"root": None, "split": "val"}, _voc))
+
+
+class Subset(SegDataset):
+    """The first `limit` images of a dataset (`data.limit`)."""
+
+    def __init__(self, base: SegDataset, limit: int):
+        self.base, self.limit = base, min(limit, len(base))
+        self.name, self.classes = base.name, base.classes
+
+    def __len__(self) -> int:
+        return self.limit
+
+    def __getitem__(self, index: int) -> Sample:
+        if not 0 <= index < self.limit:
+            raise IndexError(index)
+        return self.base[index]
+
+    def describe(self) -> dict:
+        return {**self.base.describe(), "num_images": self.limit, "limit": self.limit}
+
+
+def dataset_options(cfg: dict) -> dict:
+    """Validated builder options of `data` (everything but name and limit)."""
+    defaults, _ = DATASETS.get(cfg.get("name"))
+    options = {k: v for k, v in cfg.items() if k not in ("name", "limit")}
+    for key in options:
+        if key not in defaults:
+            raise BenchError(unknown_name_message(f"option of dataset {cfg['name']}", key, sorted(defaults),
+                                                  "data"))
+    return {**defaults, **{k: v for k, v in options.items() if v is not None}}
+
+
+def build_dataset(cfg: dict) -> SegDataset:
+    _, builder = DATASETS.get(cfg.get("name"))
+    dataset = builder(dataset_options(cfg))
+    limit = cfg.get("limit")
+    if limit is not None:
+        if int(limit) < 1:
+            raise BenchError(f"data.limit={limit} must be a positive number of images")
+        dataset = Subset(dataset, int(limit))
+    if len(dataset) == 0:
+        raise BenchError(f"dataset {cfg.get('name')} has no images; check data.root and data.split")
+    return dataset
+
+
+__all__ = ["DATASETS", "IGNORE_INDEX", "Sample", "SegDataset", "build_dataset", "dataset_options"]

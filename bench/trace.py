@@ -1,0 +1,276 @@
+"""Attention tracing: record what methods ask for, on the selected layers only.
+
+    with AttentionTracer(backbone, request) as tracer:
+        ...run the UNet (see bench.forward)...
+    traces = tracer.traces(prompts)
+
+Selected layers get a `CaptureProcessor` (explicit softmax via `attn.get_attention_scores`); every other layer
+keeps its own processor (the fast SDPA path), except that Cat-Cross key weights, when requested, need every
+cross-attention layer to weight its keys (`WeightedKeyProcessor`, still SDPA). Processors see (B, h*w, C), so
+the latent size comes from a UNet forward pre-hook.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+
+from bench.errors import BenchError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class TraceRequest:
+    """What a method needs recorded. Layer names are diffusers module names (glob patterns allowed)."""
+
+    cross: frozenset[str] = frozenset()  # attn2 layers: cross-attention probabilities (h, w, T)
+    self_attn: frozenset[str] = frozenset()  # attn1 layers: self-attention probabilities (h*w, h*w)
+    queries: frozenset[str] = frozenset()  # attn2 layers: per-head queries, to re-key with any text (OVAM)
+    per_head: bool = False  # keep heads separate (else mean over heads at capture time)
+    dtype: str = "float32"
+    sum_steps: bool = False  # sum over denoising steps at capture time (DAAM); else keep each step
+
+    def union(self, other: "TraceRequest") -> "TraceRequest":
+        if other.dtype != self.dtype:
+            raise ValueError("cannot merge trace requests with different dtypes")
+        return TraceRequest(self.cross | other.cross, self.self_attn | other.self_attn,
+                            self.queries | other.queries, self.per_head or other.per_head, self.dtype,
+                            self.sum_steps and other.sum_steps)
+
+    def is_empty(self) -> bool:
+        return not (self.cross or self.self_attn or self.queries)
+
+
+def request(cross=(), self_attn=(), queries=(), **kw) -> TraceRequest:
+    return TraceRequest(frozenset(cross), frozenset(self_attn), frozenset(queries), **kw)
+
+
+def attention_layers(unet: torch.nn.Module) -> dict[str, str]:
+    """{module name: "self" | "cross"} for every diffusers Attention in the UNet, in forward order."""
+    from diffusers.models.attention_processor import Attention
+
+    return {name: ("cross" if module.is_cross_attention else "self")
+            for name, module in unet.named_modules() if isinstance(module, Attention)}
+
+
+def resolve_layers(patterns, layers: dict[str, str], kind: str) -> list[str]:
+    """Expand glob patterns against the UNet's attention layers of one kind; unknown names are errors."""
+    names = [n for n, k in layers.items() if k == kind]
+    chosen: list[str] = []
+    for pattern in sorted(patterns):
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            example = ", ".join(names[:3])
+            raise BenchError(f"layer {pattern!r} matches no {kind}-attention layer of this UNet "
+                             f"(e.g. {example}); list them with bench.trace.attention_layers(unet)")
+        chosen.extend(h for h in hits if h not in chosen)
+    return [n for n in names if n in chosen]  # forward order
+
+
+@dataclass
+class Trace:
+    """Recorded attention for ONE image. Tensors are indexed [step, head, ...]; head has size 1 if averaged.
+
+    cross[layer]:   (S, H, h, w, T)      probabilities over the 77 prompt tokens
+    self_attn[layer]: (S, H, h*w, h*w)   rows are queries
+    queries[layer]: (S, H, h*w, d)       pre-softmax queries, per head
+    """
+
+    prompt: str
+    token_ids: list[int]
+    timesteps: list[int]
+    latent_size: tuple[int, int]
+    cross: dict[str, torch.Tensor] = field(default_factory=dict)
+    self_attn: dict[str, torch.Tensor] = field(default_factory=dict)
+    queries: dict[str, torch.Tensor] = field(default_factory=dict)
+    modules: dict[str, torch.nn.Module] = field(default_factory=dict)  # attn2 modules, for re-keying (to_k)
+    image: torch.Tensor | None = None  # generated image (H, W, 3) uint8 in generation mode
+
+    def spatial_size(self, layer: str) -> tuple[int, int]:
+        t = self.cross.get(layer, self.queries.get(layer, self.self_attn.get(layer)))
+        if t is None:
+            raise KeyError(layer)
+        if layer in self.cross:
+            return tuple(t.shape[2:4])
+        return grid_size(t.shape[2], self.latent_size)
+
+
+def grid_size(seq_len: int, latent_size: tuple[int, int]) -> tuple[int, int]:
+    height, width = latent_size
+    factor = math.sqrt(height * width / seq_len)
+    return int(round(height / factor)), int(round(width / factor))
+
+
+class _Recorder:
+    """Shared state of one tracing session: branch selection, latent size, key weights, recorded tensors."""
+
+    def __init__(self, req: TraceRequest):
+        self.request = req
+        self.dtype = DTYPES[req.dtype]
+        self.latent_size: tuple[int, int] | None = None
+        self.keep: slice = slice(None)  # which part of the UNet batch to record (the conditional branch)
+        self.key_weights: torch.Tensor | None = None  # (B_unet, T) Cat-Cross weights, or None
+        self.timesteps: list[int] = []
+        self.data: dict[str, dict[str, list[torch.Tensor]]] = {"cross": {}, "self_attn": {}, "queries": {}}
+
+    def add(self, kind: str, layer: str, value: torch.Tensor) -> None:
+        value = value[self.keep].to(self.dtype).detach()
+        steps = self.data[kind].setdefault(layer, [])
+        if self.request.sum_steps and steps:
+            steps[0] += value
+        else:
+            steps.append(value)
+
+
+class CaptureProcessor:
+    """diffusers `AttnProcessor` semantics with the probabilities exposed (and optional key weighting)."""
+
+    def __init__(self, recorder: _Recorder, name: str, kinds: set[str]):
+        self.recorder, self.name, self.kinds = recorder, name, kinds
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs):
+        rec = self.recorder
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        batch, seq_len, _ = hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        attention_mask = attn.prepare_attention_mask(attention_mask, seq_len, batch)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        is_cross = encoder_hidden_states is not None
+        if not is_cross:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        if is_cross and rec.key_weights is not None:
+            key = key * rec.key_weights[:, :, None].to(key.dtype)  # iSeg Eq. 9: W . K
+        heads = attn.heads
+        query, key, value = (attn.head_to_batch_dim(x) for x in (query, key, value))  # (B*heads, L, d)
+        probs = attn.get_attention_scores(query, key, attention_mask)
+        out = torch.bmm(probs, value)
+        out = attn.batch_to_head_dim(out)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            out = out + residual
+        out = out / attn.rescale_output_factor
+        self._record(probs, query, heads, hidden_states.shape[1])
+        return out
+
+    def _record(self, probs, query, heads, seq_len):
+        rec = self.recorder
+        probs = probs.unflatten(0, (-1, heads))  # (B, heads, L, T)
+        if "queries" in self.kinds:
+            rec.add("queries", self.name, query.unflatten(0, (-1, heads)))
+        if not rec.request.per_head:
+            probs = probs.mean(1, keepdim=True)
+        if "cross" in self.kinds:
+            h, w = grid_size(seq_len, rec.latent_size)
+            rec.add("cross", self.name, probs.unflatten(2, (h, w)))
+        if "self_attn" in self.kinds:
+            rec.add("self_attn", self.name, probs)
+
+
+class WeightedKeyProcessor:
+    """SDPA cross-attention with Cat-Cross key weights (iSeg Eq. 8-9); used on layers nobody records."""
+
+    def __init__(self, recorder: _Recorder):
+        self.recorder = recorder
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs):
+        residual = hidden_states
+        batch = hidden_states.shape[0]
+        if attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(encoder_hidden_states) * self.recorder.key_weights[:, :, None].to(hidden_states.dtype)
+        value = attn.to_v(encoder_hidden_states)
+        heads = attn.heads
+        q, k, v = (x.view(batch, -1, heads, x.shape[-1] // heads).transpose(1, 2) for x in (query, key, value))
+        out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
+        out = out.transpose(1, 2).reshape(batch, -1, heads * q.shape[-1]).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+class AttentionTracer:
+    """Context manager that installs processors on the requested layers and restores them on exit."""
+
+    def __init__(self, unet: torch.nn.Module, req: TraceRequest, weight_keys: bool = False):
+        self.unet, self.request = unet, req
+        self.recorder = _Recorder(req)
+        layers = attention_layers(unet)
+        kinds: dict[str, set[str]] = {}
+        for kind, attn_kind in (("cross", "cross"), ("self_attn", "self"), ("queries", "cross")):
+            for name in resolve_layers(getattr(req, kind), layers, attn_kind):
+                kinds.setdefault(name, set()).add(kind)
+        self.layer_kinds = kinds
+        self.weighted = [n for n, k in layers.items() if k == "cross" and n not in kinds] if weight_keys else []
+        self._saved: dict[str, object] = {}
+        self._hook = None
+
+    def __enter__(self) -> "AttentionTracer":
+        for name, kinds in self.layer_kinds.items():
+            module = self.unet.get_submodule(name)
+            self._saved[name] = module.processor
+            module.set_processor(CaptureProcessor(self.recorder, name, kinds))
+        for name in self.weighted:
+            module = self.unet.get_submodule(name)
+            self._saved[name] = module.processor
+            module.set_processor(WeightedKeyProcessor(self.recorder))
+
+        def pre_hook(_module, args, kwargs):
+            sample = args[0] if args else kwargs["sample"]
+            self.recorder.latent_size = tuple(sample.shape[-2:])
+            timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+            self.recorder.timesteps.append(int(timestep.flatten()[0]) if torch.is_tensor(timestep) else int(timestep))
+
+        self._hook = self.unet.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, processor in self._saved.items():
+            self.unet.get_submodule(name).set_processor(processor)
+        self._saved.clear()
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def set_branch(self, keep: slice) -> None:
+        self.recorder.keep = keep
+
+    def set_key_weights(self, weights: torch.Tensor | None) -> None:
+        self.recorder.key_weights = weights
+
+    def traces(self, prompts: list[str], token_ids: torch.Tensor) -> list[Trace]:
+        """Split the recording into one Trace per image (stacking steps)."""
+        rec = self.recorder
+        stacked = {kind: {layer: torch.stack(vals, 0) for layer, vals in per_layer.items()}
+                   for kind, per_layer in rec.data.items()}
+        modules = {n: self.unet.get_submodule(n) for n, k in self.layer_kinds.items() if "queries" in k}
+        out = []
+        for i, prompt in enumerate(prompts):
+            out.append(Trace(prompt=prompt, token_ids=token_ids[i].tolist(), timesteps=list(rec.timesteps),
+                             latent_size=rec.latent_size,
+                             cross={k: v[:, i] for k, v in stacked["cross"].items()},
+                             self_attn={k: v[:, i] for k, v in stacked["self_attn"].items()},
+                             queries={k: v[:, i] for k, v in stacked["queries"].items()},
+                             modules=modules))
+        return out
