@@ -213,9 +213,10 @@ def preflight(cfg: dict) -> None:
     from bench.errors import BenchError
     from methods import METHODS
 
-    build_dataset(cfg["data"])
+    dataset = build_dataset(cfg["data"])
+    METHODS.get(cfg["method"])
     modes = {t.params["mode"] for t in expand_trials(cfg)}
-    if "generation" in modes and not getattr(METHODS.get(cfg["method"]), "supports_generation_eval", False):
+    if "generation" in modes and not getattr(getattr(dataset, "base", dataset), "generation_gt", None):
         raise BenchError(f"mode=generation needs ground truth for generated images, which data.name="
                          f"{cfg['data']['name']} does not provide; use mode=inversion")
 

@@ -69,19 +69,27 @@ def evaluate_batch(method: Method, dataset: SegDataset, samples: list[Sample], g
 
     params0 = group.trials[0].params
     setting = replace(method.forward_setting(params0, group.seed), size=resolution)
-    if setting.mode != "inversion":
+    generation = setting.mode == "generation"
+    gen_gt = getattr(dataset, "generation_gt", None)
+    if generation and not gen_gt:
         raise BenchError(f"dataset {dataset.name} gives no ground truth for generated images; "
-                         f"use mode=inversion")
+                         f"use mode=inversion or a generation dataset (data.name=voc_sim | coco_cap)")
     backbone = method.backbone
     queries = [class_query(s, dataset, params0["classes"]) for s in samples]
-    prompts = [method.prompt(q, s.caption, params0) for q, s in zip(queries, samples)]
+    if generation:  # the dataset fixes what is generated: its prompt, per-image seed, (replay) image
+        prompts = [s.caption for s in samples]
+        image_seeds = [group.seed * 1_000_003 + int(s.extra.get("seed", i)) for i, s in enumerate(samples)]
+        images = [s.image for s in samples] if gen_gt == "replay" else None
+    else:
+        prompts = [method.prompt(q, s.caption, params0) for q, s in zip(queries, samples)]
+        image_seeds, images = None, [s.image for s in samples]
     token_ids = backbone.tokenize(prompts).tolist()
     weights = [method.key_weights(ids, q, params0) for ids, q in zip(token_ids, queries)]
     key_weights = None
     if any(w is not None for w in weights):
         key_weights = torch.stack([w if w is not None else torch.ones(len(ids)) for w, ids in zip(weights, token_ids)])
     result = run_traced(backbone, req or group_request(method, group), setting, prompts,
-                        images=[s.image for s in samples], key_weights=key_weights)
+                        images=images, key_weights=key_weights, image_seeds=image_seeds)
     hists = []
     configs = [t.params for t in group.trials]
     for sample, query, trace in zip(samples, queries, result.traces):

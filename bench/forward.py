@@ -44,7 +44,11 @@ def _branch_slice(branch: str, batch: int) -> slice:
 def run_traced(backbone: Backbone, req: TraceRequest, setting: ForwardSetting, prompts: list[str],
                images: list[np.ndarray] | None = None, key_weights: torch.Tensor | None = None,
                image_seeds: list[int] | None = None) -> ForwardResult:
-    """Trace a batch: `images` given -> inversion, else generation from `prompts`.
+    """Trace a batch: inversion of `images`, or generation from `prompts` (mode=generation).
+
+    Generation with `images` given replays them: every DDIM step's latent is q(x_t | x_0) of the image's own
+    latent (fixed per-image noise), so the UNet sees a full guided denoising trajectory whose end point IS the
+    given image and its ground truth stays exact (synthetic generation-mode datasets, bench.data.synthetic).
 
     key_weights: (B, T) Cat-Cross weights per prompt token (iSeg Eq. 8), or None for plain attention.
     """
@@ -59,7 +63,7 @@ def run_traced(backbone: Backbone, req: TraceRequest, setting: ForwardSetting, p
         if setting.mode == "inversion":
             tracer.set_key_weights(weights)
             passes = _invert(backbone, images, text, setting)
-            generated = None
+            generated = [np.asarray(im) for im in images]  # trace.image: the traced image (dCRF needs it)
         else:
             uncond = backbone.encode_text([""] * len(prompts))
             if weights is not None:
@@ -67,7 +71,10 @@ def run_traced(backbone: Backbone, req: TraceRequest, setting: ForwardSetting, p
             tracer.set_key_weights(weights)
             tracer.set_branch(_branch_slice(setting.branch, len(prompts)))
             seeds = image_seeds or [setting.seed + i for i in range(len(prompts))]
-            generated, passes = _generate(backbone, torch.cat([uncond, text]), setting, seeds)
+            x0 = None if images is None else backbone.encode_images(images, setting.size or backbone.resolution)
+            generated, passes = _generate(backbone, torch.cat([uncond, text]), setting, seeds, x0)
+            if images is not None:
+                generated = [np.asarray(im) for im in images]
         traces = tracer.traces(prompts, token_ids)
     if generated is not None:
         for trace, image in zip(traces, generated):
@@ -87,7 +94,7 @@ def _invert(backbone: Backbone, images, text, setting: ForwardSetting) -> int:
     return 1
 
 
-def _generate(backbone: Backbone, text_pair, setting: ForwardSetting, seeds: list[int]):
+def _generate(backbone: Backbone, text_pair, setting: ForwardSetting, seeds: list[int], x0=None):
     from diffusers import DDIMScheduler
 
     scheduler = DDIMScheduler.from_config(backbone.scheduler.config)
@@ -97,11 +104,16 @@ def _generate(backbone: Backbone, text_pair, setting: ForwardSetting, seeds: lis
     shape = (backbone.unet.config.in_channels, size // factor, size // factor)
     latents = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
     latents = latents.to(backbone.device, backbone.dtype) * scheduler.init_noise_sigma
+    noise = latents
     for t in scheduler.timesteps:
+        if x0 is not None:  # replay: the trajectory of the given latents (see run_traced)
+            latents = scheduler.add_noise(x0, noise, t.reshape(1))
         model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
         uncond, cond = backbone.unet(model_in, t, encoder_hidden_states=text_pair).sample.chunk(2)
         guided = uncond + setting.guidance * (cond - uncond)
         latents = scheduler.step(guided, t, latents).prev_sample
+    if x0 is not None:
+        return None, len(scheduler.timesteps)
     decoded = backbone.vae.decode(latents / backbone.vae.config.scaling_factor).sample
     images = ((decoded.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
     return [im.numpy() for im in images], len(scheduler.timesteps)

@@ -1,6 +1,6 @@
 """Segmentation methods: one file per method, each registered with `@register_method`."""
 
 from methods.base import METHODS, ClassQuery, Method, Param, Prediction, register_method
-from methods import iseg  # noqa: F401  (registers)
+from methods import attn2mask, daam, iseg, ovam  # noqa: F401  (registers)
 
 __all__ = ["METHODS", "ClassQuery", "Method", "Param", "Prediction", "register_method"]

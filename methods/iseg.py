@@ -7,15 +7,30 @@ fuses the decoder's 16x16 and 32x32 layers (Table 6a); the self-attention map is
 normalisation before every product and after the last.
 
 The math works on plain tensors: `from methods.iseg import ent_self, refine, entropy`.
+
+Paper vs released code (`variant`, paper by default; code: linsun449/iseg.code):
+  paper  Ent-Self A + lambda (1 + log A) (Eq. 7); self-attention of the last decoder layer, mean over heads;
+         cross-attention of the decoder's 16x16 / 32x32 layers averaged (Table 6a).
+  code   Ent-Self: A /= column max; A <- A + lambda log10(e A) where A > 0; clamp at 0; row-normalise
+         (`ent_self_code`); self-attention of up_blocks.3.attentions.1, heads 1 and 2 only; cross-attention of
+         down1.attn1, down2.attn0/1, up1.attn0/1/2, up2.attn0/1, each token map divided by its spatial sum,
+         bilinear to the self-attention size, fused 0.7 (16x16) + 0.3 (32x32); optional KL k-means
+         clustering of the per-pixel token vectors (`kmeans`, on in the code). Cat-Cross stays the key
+         weighting of Eq. 9 in both (the code scales the text embeddings, keys and values alike).
+
+Classes absent from the prompt (generation mode, where the dataset's prompt is used) get OVAM attribution
+maps from stored queries with a padded "A photograph of a <name>" prompt (see methods.postprocess).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 from bench.trace import Trace, TraceRequest, request
 from methods.base import ClassQuery, Method, Param, Prediction, register_method
-from methods.postprocess import labels_from_scores, minmax, resize_maps, token_indices
+from methods.postprocess import AttributionSource, labels_from_scores, minmax, resize_maps, token_indices
 
 CROSS_LEVELS = {  # decoder cross-attention layers by resolution at 512 px (SD block layout)
     "16": ["up_blocks.1.attentions.0.transformer_blocks.0.attn2", "up_blocks.1.attentions.1.transformer_blocks.0.attn2",
@@ -29,6 +44,13 @@ SELF_LAYERS = {  # Table 6(b): #-1 is the last decoder layer
     -2: "up_blocks.3.attentions.1.transformer_blocks.0.attn1",
     -3: "up_blocks.3.attentions.0.transformer_blocks.0.attn1",
 }
+CODE_CROSS = {  # released code's cross-attention layers and fusion weights
+    "16": (0.7, ["down_blocks.2.attentions.0", "down_blocks.2.attentions.1", "up_blocks.1.attentions.0",
+                 "up_blocks.1.attentions.1", "up_blocks.1.attentions.2"]),
+    "32": (0.3, ["down_blocks.1.attentions.1", "up_blocks.2.attentions.0", "up_blocks.2.attentions.1"]),
+}
+CODE_SELF = "up_blocks.3.attentions.1.transformer_blocks.0.attn1"
+CODE_HEADS = (1, 2)
 LOG_EPS = 1e-12  # log(A) of entries that underflowed to exactly 0
 
 
@@ -42,6 +64,33 @@ def ent_self(attn: torch.Tensor, lam: float) -> torch.Tensor:
     if lam == 0:
         return attn
     return attn + lam * (1 + torch.log(attn.clamp_min(LOG_EPS)))
+
+
+def ent_self_code(attn: torch.Tensor, lam: float) -> torch.Tensor:
+    """Released code's Ent-Self: divide each column by its maximum, A + lambda log10(e A) where A > 0, clamp
+    at 0, row-normalise (rows are queries)."""
+    a = attn / attn.max(0, keepdim=True).values.clamp_min(LOG_EPS)
+    if lam:
+        a = torch.where(a > 0, a + lam * torch.log10(math.e * a.clamp_min(LOG_EPS)), a)
+    a = a.clamp_min(0)
+    return a / a.sum(1, keepdim=True).clamp_min(LOG_EPS)
+
+
+def kl_kmeans(vectors: torch.Tensor, k: int, iterations: int = 10, seed: int = 0) -> torch.Tensor:
+    """K-means of per-pixel token distributions (HW, T) under the KL divergence KL(p || centre); returns the
+    cluster-mean vectors assigned back to every pixel (HW, T) (released code's optional smoothing)."""
+    p = vectors.clamp_min(LOG_EPS)
+    p = p / p.sum(1, keepdim=True)
+    g = torch.Generator().manual_seed(seed)
+    centres = p[torch.randperm(p.shape[0], generator=g)[:k]]
+    for _ in range(iterations):
+        kl = (p * p.log()).sum(1, keepdim=True) - p @ centres.log().T  # (HW, k)
+        assign = kl.argmin(1)
+        for j in range(centres.shape[0]):
+            members = p[assign == j]
+            if len(members):
+                centres[j] = members.mean(0)
+    return centres[assign]
 
 
 def normalize(maps: torch.Tensor) -> torch.Tensor:
@@ -96,10 +145,35 @@ class ISeg(Method):
                             choices=("power", "threshold")),
         "bg_power": Param(2.0, "exponent p of the background score (1 - max)^p (released code: 2)"),
         "bg_threshold": Param(0.45, "background where max class score < this (background=threshold)"),
+        "variant": Param("paper", "paper (Eq. 7, Tables 6a/6b) or code (released code's Ent-Self, layers, "
+                         "heads and fusion; see the module docstring)", choices=("paper", "code")),
+        "kmeans": Param(0, "code variant: KL k-means clusters of the per-pixel token vectors (0 = off)"),
     }
 
+    @staticmethod
+    def cross_layers(cfg: dict) -> list[str]:
+        if cfg["variant"] == "code":
+            return [f"{b}.transformer_blocks.0.attn2" for _, blocks in CODE_CROSS.values() for b in blocks]
+        return CROSS_LEVELS[cfg["cross_levels"]]
+
+    @staticmethod
+    def self_layer(cfg: dict) -> str:
+        return CODE_SELF if cfg["variant"] == "code" else SELF_LAYERS[cfg["self_layer"]]
+
     def trace_request(self, cfg: dict) -> TraceRequest:
-        return request(cross=CROSS_LEVELS[cfg["cross_levels"]], self_attn=[SELF_LAYERS[cfg["self_layer"]]])
+        cross = self.cross_layers(cfg)
+        # generation uses the dataset's prompt, which may lack a class: keep queries for attribution keys
+        queries = cross if cfg["mode"] == "generation" else ()
+        return request(cross=cross, self_attn=[self.self_layer(cfg)], queries=queries,
+                       per_head=cfg["variant"] == "code")
+
+    def self_attention(self, trace: Trace, cfg: dict) -> torch.Tensor:
+        """(HW, HW) self-attention: mean over steps and heads (code variant: heads 1 and 2, those that exist)."""
+        attn = trace.self_attn[self.self_layer(cfg)].float().mean(0)  # (H, HW, HW)
+        if cfg["variant"] == "code" and attn.shape[0] > 1:
+            heads = [h for h in CODE_HEADS if h < attn.shape[0]] or list(range(attn.shape[0]))
+            attn = attn[heads]
+        return attn.mean(0)
 
     def prompt(self, query: ClassQuery, caption: str | None, cfg: dict) -> str:
         return cfg["template"].format(classes=" and ".join(query.names))
@@ -115,11 +189,24 @@ class ISeg(Method):
     def class_maps(self, trace: Trace, query: ClassQuery, cfg: dict, size: tuple[int, int]) -> torch.Tensor:
         """Initial cross-attention A_ca^0 (K, h, w): per class the mean of its tokens, per layer upsampled
         (bilinear) to the self-attention size, then averaged over the chosen decoder layers and heads."""
+        source = AttributionSource(self.backbone, pad=True)
+        if cfg["variant"] == "code":
+            fused = 0
+            for weight, blocks in CODE_CROSS.values():
+                level = []
+                for block in blocks:
+                    maps = source.layer_maps(trace, [f"{block}.transformer_blocks.0.attn2"], query.names)[0]
+                    maps = maps.float().mean(dim=(1, 2))  # (K, h, w)
+                    maps = maps / maps.sum(dim=(1, 2), keepdim=True).clamp_min(LOG_EPS)  # per-token spatial sum
+                    level.append(resize_maps(maps, size))
+                fused = fused + weight * torch.stack(level).mean(0)
+            if cfg["kmeans"]:
+                flat = fused.flatten(1).T  # (HW, K) per-pixel token vectors
+                fused = kl_kmeans(flat, int(cfg["kmeans"])).T.reshape(fused.shape)
+            return fused
         fused = []
-        for layer in CROSS_LEVELS[cfg["cross_levels"]]:
-            probs = trace.cross[layer].float().mean(dim=(0, 1))  # (h, w, T): mean over steps and heads
-            per_class = torch.stack([probs[..., token_indices(self.backbone.tokenizer, trace.token_ids, n)]
-                                     .mean(-1) for n in query.names])
+        for layer in self.cross_layers(cfg):
+            per_class = source.layer_maps(trace, [layer], query.names)[0].float().mean(dim=(1, 2))  # (K, h, w)
             fused.append(resize_maps(per_class, size))
         return torch.stack(fused).mean(0)
 
@@ -135,14 +222,19 @@ class ISeg(Method):
             return [empty for _ in cfgs]
         groups: dict[tuple, list[int]] = {}
         for i, cfg in enumerate(cfgs):
-            groups.setdefault((cfg["self_layer"], cfg["cross_levels"]), []).append(i)
-        for (self_layer, _), members in groups.items():
-            attn = trace.self_attn[SELF_LAYERS[self_layer]].float().mean(dim=(0, 1))  # (HW, HW)
-            size = trace.spatial_size(SELF_LAYERS[self_layer])
-            cross = self.class_maps(trace, query, cfgs[members[0]], size).flatten(1).T  # (HW, K)
+            groups.setdefault((cfg["variant"], cfg["self_layer"], cfg["cross_levels"], cfg["kmeans"]), []).append(i)
+        for (variant, *_), members in groups.items():
+            first = cfgs[members[0]]
+            attn = self.self_attention(trace, first)  # (HW, HW)
+            size = trace.spatial_size(self.self_layer(first))
+            cross = self.class_maps(trace, query, first, size).flatten(1).T  # (HW, K)
             lams = [cfgs[i]["lambda"] for i in members]
-            log_attn = torch.log(attn.clamp_min(LOG_EPS)) if any(lams) else None
-            refined = refine_sweep(attn, log_attn, cross, lams, [cfgs[i]["iterations"] for i in members])
+            if variant == "code":
+                refined = [refine(ent_self_code(attn, cfgs[i]["lambda"]), cross, cfgs[i]["iterations"])
+                           for i in members]
+            else:
+                log_attn = torch.log(attn.clamp_min(LOG_EPS)) if any(lams) else None
+                refined = refine_sweep(attn, log_attn, cross, lams, [cfgs[i]["iterations"] for i in members])
             for i, maps in zip(members, refined):
                 scores = minmax(maps.T.reshape(-1, *size))
                 labels = labels_from_scores(scores, query.ids, out_size, cfgs[i]["background"],

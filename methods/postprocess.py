@@ -61,3 +61,191 @@ def labels_from_scores(scores: torch.Tensor, class_ids: list[int], out_size: tup
     else:
         raise ValueError(f"unknown background rule {background!r}")
     return labels
+
+
+# -- shared by DAAM, Attn2Mask and OVAM ------------------------------------------------------------------------------
+# attn2 layers of the SD UNet by their resolution at 512 px (latent 64): down0/up3 = 64, down1/up2 = 32,
+# down2/up1 = 16, mid = 8. The same names exist in the embedded backbone.
+ATTN_BLOCKS = {
+    "64": ["down_blocks.0.attentions.0", "down_blocks.0.attentions.1", "up_blocks.3.attentions.0",
+           "up_blocks.3.attentions.1", "up_blocks.3.attentions.2"],
+    "32": ["down_blocks.1.attentions.0", "down_blocks.1.attentions.1", "up_blocks.2.attentions.0",
+           "up_blocks.2.attentions.1", "up_blocks.2.attentions.2"],
+    "16": ["down_blocks.2.attentions.0", "down_blocks.2.attentions.1", "up_blocks.1.attentions.0",
+           "up_blocks.1.attentions.1", "up_blocks.1.attentions.2"],
+    "8": ["mid_block.attentions.0"],
+}
+BLOCK_CHOICES = ("64", "32", "16", "64+32", "64+16", "32+16", "64+32+16", "64+32+16+8")
+
+
+def attn_layers(blocks: str, kind: str = "attn2") -> list[str]:
+    """Module names of the attn2 (cross) or attn1 (self) layers of the resolutions in `blocks`, e.g. "64+16"."""
+    return [f"{b}.transformer_blocks.0.{kind}" for res in blocks.split("+") for b in ATTN_BLOCKS[res]]
+
+
+def attribution_embedding(backbone, text: str, pad: bool = False) -> tuple[torch.Tensor, list[int]]:
+    """OVAM's attribution prompt X' (Eq. 4): the text encoder's hidden states (L', D) with SoT and EoT and no
+    padding (pad=False, the paper), or padded to the model length like a generation prompt (pad=True, then the
+    softmax runs over all 77 tokens as DAAM's does). Returns the embedding and its token ids."""
+    tok = backbone.tokenizer
+    if pad:
+        ids = backbone.tokenize([text])[0]
+    else:
+        ids = torch.tensor(tok([text], truncation=True, max_length=backbone.max_length).input_ids[0])
+    with torch.no_grad():
+        emb = backbone.text_encoder(ids[None].to(backbone.device))[0][0]
+    return emb.to(backbone.dtype), ids.tolist()
+
+
+def rekey(trace, layer: str, emb: torch.Tensor, steps: slice | list[int] | None = None) -> torch.Tensor:
+    """Open-vocabulary attention A(Q_{i,t}, K'_i) of one attn2 layer (OVAM Eq. 3-4): the stored per-head pixel
+    queries Q (S, H, hw, d) against K' = to_k(X'), softmax over the L' tokens of X' only.
+    Returns (S, H, h, w, L'). Differentiable in `emb` (token optimisation)."""
+    module = trace.modules[layer]
+    q = trace.queries[layer]
+    if steps is not None:
+        q = q[steps]
+    heads = q.shape[1]
+    k = module.to_k(emb.to(module.to_k.weight.dtype))  # (L', heads*d)
+    k = k.view(k.shape[0], heads, -1).transpose(0, 1).float()  # (H, L', d)
+    logits = torch.einsum("shqd,hld->shql", q.float(), k) * module.scale
+    probs = logits.softmax(-1)
+    h, w = trace.spatial_size(layer)
+    return probs.unflatten(2, (h, w))
+
+
+def aggregate_daam(layer_maps: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    """DAAM aggregation of per-layer maps (K, S, H, h, w): sum over steps, bicubic upsampling to `size`,
+    clamp at 0, mean over layers and heads -> (K, *size)."""
+    out = []
+    for maps in layer_maps:
+        summed = maps.sum(1)  # (K, H, h, w)
+        out.append(resize_maps(summed, size, mode="bicubic").clamp_min(0))
+    return torch.cat(out, dim=1).mean(1)
+
+
+def aggregate_sum(layer_maps: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    """OVAM Eq. 5: bilinear resize of every (layer, step, head) map to `size`, summed -> (K, *size)."""
+    return torch.stack([resize_maps(m, size, mode="bilinear").sum(dim=(1, 2)) for m in layer_maps]).sum(0)
+
+
+def maxnorm(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Per-map division by the maximum (DAAM as applied by the OVAM paper: map / max > tau)."""
+    flat = maps.flatten(1)
+    return (flat / flat.max(1, keepdim=True).values.clamp_min(eps)).view_as(maps)
+
+
+def labels_from_threshold(scores: torch.Tensor, class_ids: list[int], out_size: tuple[int, int],
+                          tau: float, strict: bool = True) -> torch.Tensor:
+    """Per-class normalised maps (K, h, w) -> label map: class k where its map passes tau (DAAM: > tau; OVAM
+    Eq. 9: >= tau), the strongest class where several do, background elsewhere."""
+    if not class_ids:
+        return torch.zeros(out_size, dtype=torch.long)
+    up = resize_maps(scores, out_size)
+    best, arg = up.max(0)
+    labels = torch.tensor(class_ids, dtype=torch.long)[arg]
+    labels[(best <= tau) if strict else (best < tau)] = 0
+    return labels
+
+
+def empty_prediction(out_size: tuple[int, int]):
+    from methods.base import Prediction
+
+    return Prediction(torch.zeros(0, 1, 1), torch.zeros(out_size, dtype=torch.long))
+
+
+# -- optimised tokens (OVAM Sec. 3.3) ------------------------------------------------------------------------------
+TOKENS_FORMAT = "ovam-tokens/1"
+
+
+def save_tokens(path, tokens: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    """{class name: (2, D) [background, class] post-encoder embeddings} -> safetensors file."""
+    from safetensors.torch import save_file
+
+    meta = {"format": TOKENS_FORMAT, **{k: str(v) for k, v in (metadata or {}).items()}}
+    save_file({name: t.detach().float().cpu().contiguous() for name, t in tokens.items()}, str(path), metadata=meta)
+
+
+_TOKEN_CACHE: dict[str, dict[str, torch.Tensor]] = {}
+
+
+def load_tokens(path: str) -> dict[str, torch.Tensor]:
+    """Optimised [background, class] embeddings by class name from a file written by save_tokens."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from bench.errors import BenchError
+
+    if path in _TOKEN_CACHE:
+        return _TOKEN_CACHE[path]
+    if not Path(path).is_file():
+        raise BenchError(f"tokens={path} not found; write one with python -m bench.optimize_tokens")
+    with safe_open(path, framework="pt") as fh:
+        meta = fh.metadata() or {}
+        if meta.get("format") != TOKENS_FORMAT:
+            raise BenchError(f"tokens={path} is not an optimised-token file ({TOKENS_FORMAT})")
+        tokens = {k: fh.get_tensor(k) for k in fh.keys()}
+    _TOKEN_CACHE[path] = tokens
+    return tokens
+
+
+class AttributionSource:
+    """Per-class, per-layer attention maps (K, S, H, h, w) for DAAM, Attn2Mask and OVAM.
+
+    For each class name, in order of preference:
+      1. optimised tokens (OVAM Sec. 3.3) when `tokens` holds the class: X' = [background, class], map of the
+         class token from the stored queries (Eq. 4-5);
+      2. the recorded cross-attention of the class's sub-tokens in the generation prompt (`recorded=True`
+         and the word occurs in the prompt; DAAM's word merging: mean over all sub-token occurrences);
+      3. the attribution prompt `attribution.format(name=..., prompt=...)` re-keyed against the stored queries
+         (OVAM; also OVAM's adaptation of DAAM/Attn2Mask to classes absent from the prompt, which gives the
+         same maps as 2 when the word is in the prompt and pad=True).
+    """
+
+    def __init__(self, backbone, attribution: str = "A photograph of a {name}", pad: bool = False,
+                 tokens: dict[str, torch.Tensor] | None = None, recorded: bool = True):
+        self.backbone, self.attribution, self.pad = backbone, attribution, pad
+        self.tokens, self.recorded = tokens or {}, recorded
+        self._emb: dict[tuple, tuple] = {}
+
+    def embedding(self, text: str) -> tuple[torch.Tensor, list[int]]:
+        key = (text, self.pad)
+        if key not in self._emb:
+            self._emb[key] = attribution_embedding(self.backbone, text, self.pad)
+        return self._emb[key]
+
+    def uses_tokens(self, name: str) -> bool:
+        return name in self.tokens
+
+    def class_maps(self, trace, layer: str, name: str, steps=None) -> torch.Tensor:
+        """(S, H, h, w) map of one class on one layer."""
+        tok = self.backbone.tokenizer
+        if name in self.tokens:
+            return rekey(trace, layer, self.tokens[name].to(self.backbone.device), steps)[..., 1]
+        if self.recorded and layer in trace.cross:
+            idx = token_indices(tok, trace.token_ids, name)
+            if idx:
+                cross = trace.cross[layer] if steps is None else trace.cross[layer][steps]
+                return cross[..., idx].float().mean(-1)
+        if layer not in trace.queries:
+            raise KeyError(f"class {name!r} is not in the prompt {trace.prompt!r} and no queries were recorded "
+                           f"for {layer}; enable open-vocabulary attribution")
+        text = self.attribution.format(name=name, prompt=trace.prompt)
+        emb, ids = self.embedding(text)
+        idx = token_indices(tok, ids, name)
+        if not idx:  # the template does not contain the name (e.g. "{prompt}" without it): name alone
+            emb, ids = self.embedding(name)
+            idx = token_indices(tok, ids, name)
+        return rekey(trace, layer, emb, steps)[..., idx].mean(-1)
+
+    def layer_maps(self, trace, layers: list[str], names: list[str], steps=None) -> list[torch.Tensor]:
+        """[(K, S, H, h, w) per layer]. When recorded maps were averaged over heads at capture time and
+        re-keyed ones were not, every class of that layer is averaged over heads (H = 1)."""
+        out = []
+        for layer in layers:
+            maps = [self.class_maps(trace, layer, n, steps) for n in names]
+            if len({m.shape[1] for m in maps}) > 1:
+                maps = [m.mean(1, keepdim=True) for m in maps]
+            out.append(torch.stack(maps))
+        return out

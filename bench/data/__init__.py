@@ -22,10 +22,27 @@ def _voc(options: dict) -> SegDataset:
     return VOCDataset(**options)
 
 
+def _voc_sim(options: dict) -> SegDataset:
+    from bench.data.synthetic import VOCSim
+
+    return VOCSim(**options)
+
+
+def _coco_cap(options: dict) -> SegDataset:
+    from bench.data.synthetic import COCOCap
+
+    return COCOCap(**options)
+
+
 # name -> (options with defaults, builder). `name` and `limit` (first N images) are common to all.
 DATASETS.register("shapes")(({"num_images": 100, "size": 512, "seed": 0, "split": "val", "min_objects": 1,
                               "max_objects": 3}, _shapes))
 DATASETS.register("voc2012")(({"root": None, "split": "val"}, _voc))
+# Generation-mode datasets (OVAM Sec. 4.1); see bench.data.synthetic.
+DATASETS.register("voc_sim")(({"root": None, "seeds_per_class": 30, "seed_offset": 0,
+                               "template": "A photograph of a {name}", "size": 512, "split": "val"}, _voc_sim))
+DATASETS.register("coco_cap")(({"captions": None, "root": None, "num_images": 100, "seed_offset": 0, "size": 512,
+                                "split": "val"}, _coco_cap))
 
 
 class Subset(SegDataset):
@@ -34,6 +51,7 @@ class Subset(SegDataset):
     def __init__(self, base: SegDataset, limit: int):
         self.base, self.limit = base, min(limit, len(base))
         self.name, self.classes = base.name, base.classes
+        self.generation_gt = getattr(base, "generation_gt", None)  # generation-mode ground truth, if any
 
     def __len__(self) -> int:
         return self.limit

@@ -1,0 +1,78 @@
+"""Attn2Mask (Yoshihashi et al., "Attention as Annotation: Generating Images and Pseudo-masks for Weakly
+Supervised Semantic Segmentation with Diffusion", 2023), as re-implemented by the OVAM paper (no public code).
+
+The class token's cross-attention from ONE denoising step (OVAM's re-implementation: step 50 of 100, i.e.
+`step` = 0.5 of the schedule; inversion has a single step), aggregated over the attn2 layers and heads as DAAM
+does (bicubic to the latent size, clamp at 0, mean), min-max normalised to the class map h_c. The background
+score is 1 - max_c h_c - beta (beta = 0.2), and every pixel takes the argmax of [background, h_1 .. h_K].
+A dense CRF (methods.crf, OVAM code's parameters) optionally refines the labels.
+
+Classes absent from the prompt and optimised tokens go through OVAM's attribution keys (OVAM Tables 1-2).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bench.trace import Trace, TraceRequest, request
+from methods.base import ClassQuery, Method, Param, Prediction, register_method
+from methods.crf import CRF_PARAMS, CRFParams, crf_labels
+from methods.daam import PROMPT_PARAMS, build_prompt
+from methods.postprocess import (BLOCK_CHOICES, AttributionSource, aggregate_daam, attn_layers, empty_prediction,
+                                 load_tokens, minmax, resize_maps)
+
+
+def step_index(fraction: float, num_steps: int) -> int:
+    """Step `fraction` of a schedule of num_steps, 1-based as in "step 50 of 100" -> 0-based index."""
+    return min(max(int(round(fraction * num_steps)) - 1, 0), num_steps - 1)
+
+
+def background_argmax(scores: torch.Tensor, class_ids: list[int], out_size: tuple[int, int],
+                      beta: float) -> torch.Tensor:
+    """Attn2Mask labels: argmax over [1 - max_c h_c - beta, h_1, ..., h_K] at out_size."""
+    up = resize_maps(scores, out_size).clamp(0, 1)
+    bg = 1 - up.max(0).values - beta
+    arg = torch.cat([bg[None], up]).argmax(0)
+    return torch.tensor([0, *class_ids], dtype=torch.long)[arg]
+
+
+@register_method("attn2mask")
+class Attn2Mask(Method):
+    params = {
+        **PROMPT_PARAMS,
+        "steps": Param(100, "generation: DDIM denoising steps (OVAM's re-implementation: 100)", forward=True),
+        "step": Param(0.5, "which denoising step, as a fraction of the schedule (0.5 = step 50 of 100)"),
+        "blocks": Param("64+32+16", "attn2 resolutions aggregated", choices=BLOCK_CHOICES),
+        "beta": Param(0.2, "background offset: background score = 1 - h - beta"),
+        "crf": Param(False, "refine the labels with a dense CRF"),
+        **CRF_PARAMS,
+    }
+
+    def trace_request(self, cfg: dict) -> TraceRequest:
+        layers = attn_layers(cfg["blocks"])
+        rekeyed = cfg["open_vocab"] or cfg["tokens"]
+        return request(cross=layers, queries=layers if rekeyed else (), per_head=True)
+
+    def prompt(self, query: ClassQuery, caption: str | None, cfg: dict) -> str:
+        return build_prompt(query, caption, cfg)
+
+    def class_maps(self, trace: Trace, query: ClassQuery, cfg: dict) -> torch.Tensor:
+        """Min-max class maps h (K, h, w) at the latent size from the chosen step."""
+        tokens = load_tokens(cfg["tokens"]) if cfg["tokens"] else None
+        source = AttributionSource(self.backbone, cfg["attribution"], pad=True, tokens=tokens)
+        layers = attn_layers(cfg["blocks"])
+        num_steps = next(iter(trace.queries.values() or trace.cross.values())).shape[0]
+        s = step_index(cfg["step"], num_steps)
+        maps = source.layer_maps(trace, layers, query.names, steps=slice(s, s + 1))
+        return minmax(aggregate_daam(maps, trace.latent_size))
+
+    def predict(self, trace: Trace, query: ClassQuery, cfg: dict, out_size: tuple[int, int]) -> Prediction:
+        if not query.ids:
+            return empty_prediction(out_size)
+        scores = self.class_maps(trace, query, cfg)
+        labels = background_argmax(scores, query.ids, out_size, cfg["beta"])
+        if cfg["crf"]:
+            if trace.image is None:
+                raise ValueError("crf=true needs the image (trace.image)")
+            labels = crf_labels(trace.image, labels, query.ids, CRFParams.from_cfg(cfg))
+        return Prediction(scores, labels)

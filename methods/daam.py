@@ -1,0 +1,90 @@
+"""DAAM (Tang et al., "What the DAAM: Interpreting Stable Diffusion Using Cross Attention", ACL 2023).
+
+Heat map of word w (DAAM Sec. 3): the cross-attention probabilities of every attn2 layer at 64, 32 and 16 (the
+8x8 mid block is dropped), conditional branch, summed over timesteps per (layer, head); each map upsampled
+(bicubic) to the latent size and clamped at 0, then averaged over layers and heads:
+
+    D_w = 1/(|L| |H|) sum_{l,h} max(0, up_bicubic(sum_t A_{t,l,h}[:, :, w]))
+
+A word spelled by several sub-tokens (or occurring several times) takes the mean of those token maps. The map
+is normalised (min-max, or divided by its maximum as in the OVAM paper's baseline, `norm`) and binarised at
+tau (0.4 in the OVAM paper). The softmax is the UNet's own, over all 77 prompt tokens (padding included).
+
+Classes absent from the prompt use OVAM's attribution keys with a padded attribution prompt (the OVAM paper's
+adaptation, identical maps when the word is in the prompt); optimised tokens (`tokens=`) plug in the same way
+(OVAM Table 2).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bench.trace import Trace, TraceRequest, request
+from methods.base import ClassQuery, Method, Param, Prediction, register_method
+from methods.postprocess import (BLOCK_CHOICES, AttributionSource, aggregate_daam, attn_layers, empty_prediction,
+                                 labels_from_threshold, load_tokens, maxnorm, minmax)
+
+PROMPT_PARAMS = {
+    "prompt": Param("caption", "inversion prompt: caption (the dataset's caption, the template when there is "
+                    "none) or template; generation always uses the dataset's generation prompt", forward=True,
+                    choices=("caption", "template")),
+    "template": Param("A photograph of a {classes}", "prompt template; {classes} = class names joined by ' and '",
+                      forward=True),
+    "attribution": Param("A photograph of a {name}", "attribution prompt for classes absent from the prompt "
+                         "({name}: class name, {prompt}: the generation prompt)"),
+    "open_vocab": Param(True, "record queries so classes absent from the prompt get attribution maps; False "
+                        "records cross-attention only (absent classes then fail)"),
+    "tokens": Param(None, "optimised-token file from bench.optimize_tokens (OVAM Table 2); classes it holds use "
+                    "their [background, class] tokens", type=str, nullable=True),
+}
+
+
+def build_prompt(query: ClassQuery, caption: str | None, cfg: dict) -> str:
+    if cfg["prompt"] == "caption" and caption:
+        return caption
+    return cfg["template"].format(classes=" and ".join(query.names))
+
+
+@register_method("daam")
+class DAAM(Method):
+    params = {
+        **PROMPT_PARAMS,
+        "blocks": Param("64+32+16", "attn2 resolutions aggregated (DAAM drops 8x8)", choices=BLOCK_CHOICES),
+        "norm": Param("minmax", "heat-map normalisation: minmax (DAAM) or max (map / max, OVAM's baseline)",
+                      choices=("minmax", "max")),
+        "tau": Param(0.4, "binarisation threshold on the normalised map (mask = map > tau)"),
+    }
+
+    def trace_request(self, cfg: dict) -> TraceRequest:
+        layers = attn_layers(cfg["blocks"])
+        rekeyed = cfg["open_vocab"] or cfg["tokens"]
+        return request(cross=layers, queries=layers if rekeyed else (), per_head=True, sum_steps=not rekeyed)
+
+    def prompt(self, query: ClassQuery, caption: str | None, cfg: dict) -> str:
+        return build_prompt(query, caption, cfg)
+
+    def source(self, cfg: dict) -> AttributionSource:
+        tokens = load_tokens(cfg["tokens"]) if cfg["tokens"] else None
+        return AttributionSource(self.backbone, cfg["attribution"], pad=True, tokens=tokens)
+
+    def heatmaps(self, trace: Trace, query: ClassQuery, cfg: dict) -> torch.Tensor:
+        """Un-normalised DAAM maps (K, h, w) at the latent size."""
+        maps = self.source(cfg).layer_maps(trace, attn_layers(cfg["blocks"]), query.names)
+        return aggregate_daam(maps, trace.latent_size)
+
+    def predict(self, trace: Trace, query: ClassQuery, cfg: dict, out_size: tuple[int, int]) -> Prediction:
+        return self.predict_many(trace, query, [cfg], out_size)[0]
+
+    def predict_many(self, trace, query, cfgs, out_size):
+        if not query.ids:
+            return [empty_prediction(out_size) for _ in cfgs]
+        cache: dict[tuple, torch.Tensor] = {}
+        out = []
+        for cfg in cfgs:  # the heat maps depend only on blocks, tokens and attribution: share them
+            key = (cfg["blocks"], cfg["tokens"], cfg["attribution"])
+            if key not in cache:
+                cache[key] = self.heatmaps(trace, query, cfg)
+            raw = cache[key]
+            scores = minmax(raw) if cfg["norm"] == "minmax" else maxnorm(raw.clamp_min(0))
+            out.append(Prediction(scores, labels_from_threshold(scores, query.ids, out_size, cfg["tau"])))
+        return out
