@@ -18,7 +18,7 @@ from bench.trace import Trace, TraceRequest, request
 from methods.base import ClassQuery, Method, Param, Prediction, register_method
 from methods.crf import CRF_PARAMS, CRFParams, crf_labels
 from methods.daam import PROMPT_PARAMS, build_prompt
-from methods.postprocess import (BLOCK_CHOICES, AttributionSource, aggregate_daam, attn_layers, empty_prediction,
+from methods.postprocess import (BLOCK_CHOICES, AttributionSource, AutoTokens, aggregate_daam, attn_layers, empty_prediction,
                                  load_tokens, minmax, resize_maps)
 
 
@@ -37,7 +37,7 @@ def background_argmax(scores: torch.Tensor, class_ids: list[int], out_size: tupl
 
 
 @register_method("attn2mask")
-class Attn2Mask(Method):
+class Attn2Mask(AutoTokens, Method):
     params = {
         **PROMPT_PARAMS,
         "steps": Param(100, "generation: DDIM denoising steps (OVAM's re-implementation: 100)", forward=True),
@@ -58,7 +58,7 @@ class Attn2Mask(Method):
 
     def class_maps(self, trace: Trace, query: ClassQuery, cfg: dict) -> torch.Tensor:
         """Min-max class maps h (K, h, w) at the latent size from the chosen step."""
-        tokens = load_tokens(cfg["tokens"]) if cfg["tokens"] else None
+        tokens = self.tokens_for(cfg)
         source = AttributionSource(self.backbone, cfg["attribution"], pad=True, tokens=tokens)
         layers = attn_layers(cfg["blocks"])
         num_steps = next(iter(trace.queries.values() or trace.cross.values())).shape[0]

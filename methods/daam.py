@@ -21,7 +21,7 @@ import torch
 
 from bench.trace import Trace, TraceRequest, request
 from methods.base import ClassQuery, Method, Param, Prediction, register_method
-from methods.postprocess import (BLOCK_CHOICES, AttributionSource, aggregate_daam, attn_layers, empty_prediction,
+from methods.postprocess import (BLOCK_CHOICES, AttributionSource, AutoTokens, aggregate_daam, attn_layers, empty_prediction,
                                  labels_from_threshold, load_tokens, maxnorm, minmax)
 
 PROMPT_PARAMS = {
@@ -34,8 +34,9 @@ PROMPT_PARAMS = {
                          "({name}: class name, {prompt}: the generation prompt)"),
     "open_vocab": Param(True, "record queries so classes absent from the prompt get attribution maps; False "
                         "records cross-attention only (absent classes then fail)"),
-    "tokens": Param(None, "optimised-token file from bench.optimize_tokens (OVAM Table 2); classes it holds use "
-                    "their [background, class] tokens", type=str, nullable=True),
+    "tokens": Param(None, "optimised-token file from bench.optimize_tokens (OVAM Table 2; classes it holds use "
+                    "their [background, class] tokens), or auto (optimise on the dataset's train split first)",
+                    type=str, nullable=True),
 }
 
 
@@ -46,7 +47,7 @@ def build_prompt(query: ClassQuery, caption: str | None, cfg: dict) -> str:
 
 
 @register_method("daam")
-class DAAM(Method):
+class DAAM(AutoTokens, Method):
     params = {
         **PROMPT_PARAMS,
         "blocks": Param("64+32+16", "attn2 resolutions aggregated (DAAM drops 8x8)", choices=BLOCK_CHOICES),
@@ -64,7 +65,7 @@ class DAAM(Method):
         return build_prompt(query, caption, cfg)
 
     def source(self, cfg: dict) -> AttributionSource:
-        tokens = load_tokens(cfg["tokens"]) if cfg["tokens"] else None
+        tokens = self.tokens_for(cfg)
         return AttributionSource(self.backbone, cfg["attribution"], pad=True, tokens=tokens)
 
     def heatmaps(self, trace: Trace, query: ClassQuery, cfg: dict) -> torch.Tensor:

@@ -148,7 +148,18 @@ class ISeg(Method):
         "variant": Param("paper", "paper (Eq. 7, Tables 6a/6b) or code (released code's Ent-Self, layers, "
                          "heads and fusion; see the module docstring)", choices=("paper", "code")),
         "kmeans": Param(0, "code variant: KL k-means clusters of the per-pixel token vectors (0 = off)"),
+        "modules": Param("custom", "Table 4 rows, overriding iterations/lambda/gamma: baseline (one refinement, "
+                         "no Ent-Self, no Cat-Cross), naive (N iterations without Ent-Self, Fig. 1f), ent_self "
+                         "(+ Ent-Self), full (+ Ent-Self + Cat-Cross); custom = the parameters as given",
+                         forward=True, choices=("custom", "baseline", "naive", "ent_self", "full")),
     }
+
+    @staticmethod
+    def effective(cfg: dict) -> dict:
+        """cfg with the `modules` row applied (Table 4): N, lambda and gamma of that row, the rest as given."""
+        row = {"custom": {}, "baseline": {"iterations": 1, "lambda": 0.0, "gamma": 1.0},
+               "naive": {"lambda": 0.0, "gamma": 1.0}, "ent_self": {"gamma": 1.0}, "full": {}}[cfg["modules"]]
+        return {**cfg, **row}
 
     @staticmethod
     def cross_layers(cfg: dict) -> list[str]:
@@ -179,6 +190,7 @@ class ISeg(Method):
         return cfg["template"].format(classes=" and ".join(query.names))
 
     def key_weights(self, token_ids: list[int], query: ClassQuery, cfg: dict) -> torch.Tensor | None:
+        cfg = self.effective(cfg)
         if cfg["gamma"] == 1:
             return None
         weights = torch.ones(len(token_ids))
@@ -216,6 +228,7 @@ class ISeg(Method):
     def predict_many(self, trace: Trace, query: ClassQuery, cfgs: list[dict],
                      out_size: tuple[int, int]) -> list[Prediction]:
         """All configurations of one trace, sharing the self-attention products (see refine_sweep)."""
+        cfgs = [self.effective(cfg) for cfg in cfgs]
         results: list[Prediction | None] = [None] * len(cfgs)
         if not query.ids:
             empty = Prediction(torch.zeros(0, 1, 1), torch.zeros(out_size, dtype=torch.long))

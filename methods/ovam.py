@@ -34,7 +34,7 @@ from bench.trace import Trace, TraceRequest, request
 from methods.base import ClassQuery, Method, Param, Prediction, register_method
 from methods.crf import CRF_PARAMS, CRFParams, crf_labels
 from methods.daam import PROMPT_PARAMS, build_prompt
-from methods.postprocess import (BLOCK_CHOICES, AttributionSource, aggregate_sum, attn_layers, empty_prediction,
+from methods.postprocess import (BLOCK_CHOICES, AttributionSource, AutoTokens, aggregate_sum, attn_layers, empty_prediction,
                                  labels_from_threshold, load_tokens, maxnorm, minmax, rekey, resize_maps)
 
 PAPER_THRESHOLDS = {False: (0.4, 0.85), True: (0.8, 0.95)}  # optimised tokens? -> (tau, alpha)
@@ -67,7 +67,7 @@ def binarise(heat: torch.Tensor, a_alpha: torch.Tensor | None) -> torch.Tensor:
 
 
 @register_method("ovam")
-class OVAM(Method):
+class OVAM(AutoTokens, Method):
     params = {
         **{k: PROMPT_PARAMS[k] for k in ("prompt", "template", "tokens")},
         "attribution": Param("A photograph of a {name}", "attribution prompt X' per class ({name}: class name, "
@@ -104,7 +104,7 @@ class OVAM(Method):
 
     def heatmaps(self, trace: Trace, query: ClassQuery, cfg: dict) -> torch.Tensor:
         """D_{X,k}(X') of Eq. 5 per class (K, h, w) at the latent size."""
-        tokens = load_tokens(cfg["tokens"]) if cfg["tokens"] else None
+        tokens = self.tokens_for(cfg)
         source = AttributionSource(self.backbone, cfg["attribution"], pad=cfg["pad"], tokens=tokens,
                                    recorded=False)
         layers = attn_layers(cfg["blocks"])

@@ -249,3 +249,65 @@ class AttributionSource:
                 maps = [m.mean(1, keepdim=True) for m in maps]
             out.append(torch.stack(maps))
         return out
+
+
+# -- tokens=auto: optimise tokens before evaluation (Method.fit) -----------------------------------------------------
+AUTO_EPOCHS = 100
+
+
+def _mentions_auto(cfg: dict) -> bool:
+    if cfg.get("tokens") == "auto":
+        return True
+    params, sweep = cfg.get("params") or {}, cfg.get("sweep") or {}
+    if any(k.endswith("tokens") and v == "auto" for k, v in params.items()):
+        return True
+    return any(k.endswith("tokens") and "auto" in str(v) for k, v in sweep.items())
+
+
+class AutoTokens:
+    """Mixin for methods taking `tokens=`: the value `auto` optimises [background, class] tokens for every
+    dataset class in `fit`, on the training counterpart of the evaluated dataset (data.split=train: disjoint
+    scenes / seeds), one image per class, BCE, AUTO_EPOCHS epochs (OVAM Sec. 4.1 protocol, shortened), and
+    uses them in every configuration with tokens=auto."""
+
+    needs_fit = True
+    auto_tokens_path: str | None = None
+
+    def fit(self, dataset, cfg: dict) -> None:
+        if not _mentions_auto(cfg) or not cfg.get("data"):
+            return
+        import hashlib
+        import json
+        import tempfile
+        from pathlib import Path
+
+        from bench.optimize_tokens import main as optimise
+
+        data = {**cfg["data"], "split": "train", "limit": None}
+        mode = (cfg.get("params") or {}).get("mode", "inversion")
+        if mode == "generation" and "mode" in (cfg.get("sweep") or {}):
+            mode = "inversion"
+        key = json.dumps([data, cfg.get("model"), mode, cfg.get("params")], sort_keys=True, default=str)
+        out = Path(tempfile.gettempdir()) / f"diffseg-tokens-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
+        path = out / "tokens.safetensors"
+        if not path.is_file():
+            params = cfg.get("params") or {}
+            argv = ["--out", str(out), "--epochs", str(AUTO_EPOCHS), "--mode", mode, "--no-progress",
+                    "--steps", str(params.get("steps", 50)), "--timestep", str(params.get("timestep", 100)),
+                    "--resolution", str(int((cfg.get("model") or {}).get("resolution") or 0)),
+                    "--data", *[f"{k}={v}" for k, v in data.items() if v is not None],
+                    "--model", *[f"{k}={v}" for k, v in (cfg.get("model") or {}).items()
+                                 if v is not None and k != "resolution"]]
+            if optimise(argv) != 0:
+                raise RuntimeError("tokens=auto: token optimisation failed (see the log above)")
+        self.auto_tokens_path = str(path)
+
+    def tokens_for(self, cfg: dict) -> dict | None:
+        spec = cfg["tokens"]
+        if not spec:
+            return None
+        if spec == "auto":
+            if self.auto_tokens_path is None:
+                raise ValueError("tokens=auto needs Method.fit(dataset, sweep cfg) first")
+            spec = self.auto_tokens_path
+        return load_tokens(spec)
