@@ -49,7 +49,7 @@ CRF_PARAMS: dict[str, Param] = {
 
 
 def _image(image, size: tuple[int, int]) -> np.ndarray:
-    img = torch.as_tensor(np.asarray(image)).permute(2, 0, 1)[None].float()
+    img = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)[None].float()
     if tuple(img.shape[-2:]) != tuple(size):
         img = F.interpolate(img, size=size, mode="bilinear", antialias=True, align_corners=False)
     return np.ascontiguousarray(img[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy())

@@ -61,3 +61,32 @@ def test_method_runs_in_both_modes(backbone, name, mode):
     hists, passes = evaluate_batch(method, dataset, [sample], group, resolution=SIZE)
     assert len(hists) == 1 and np.isfinite(hists[0]).all() and hists[0].sum() > 0
     assert passes == (1 if mode == "inversion" else STEPS)
+
+
+def test_iseg_code_variant(backbone):
+    """Released-code refinement: non-negative, row-stochastic Ent-Self; the whole variant runs (with k-means)."""
+    from methods.iseg import ent_self_code
+
+    attn = torch.rand(16, 16).softmax(1)
+    out = ent_self_code(attn, 0.015)
+    assert (out >= 0).all()
+    torch.testing.assert_close(out.sum(1), torch.ones(16))
+    cls = METHODS.get("iseg")
+    method = cls(backbone)
+    dataset = build_dataset(DATA["inversion"])
+    sample = dataset[0]
+    for params in (cls.resolve({"variant": "code", "kmeans": 3}), cls.resolve({"modules": "baseline"})):
+        group = ForwardGroup(0, (), [Trial("t0", params, {})])
+        hists, _ = evaluate_batch(method, dataset, [sample], group, resolution=SIZE)
+        assert hists[0].sum() > 0
+
+
+def test_compare_runs_every_method_on_one_trace(backbone):
+    cls = METHODS.get("compare")
+    method = cls(backbone)
+    dataset = build_dataset(DATA["generation"])
+    trials = [Trial(f"t{i}", cls.resolve({"method": m, "mode": "generation", "steps": STEPS}), {"method": m})
+              for i, m in enumerate(("daam", "attn2mask", "ovam", "iseg"))]
+    group = ForwardGroup(0, (), trials)
+    hists, passes = evaluate_batch(method, dataset, [dataset[0]], group, resolution=SIZE)
+    assert len(hists) == 4 and passes == STEPS  # one generation serves all four

@@ -1,0 +1,47 @@
+"""Every sweep file validates; every one runs end to end on the embedded default (slow)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.config import compose
+from methods import METHODS
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))
+FAST = ["data.limit=2", "data.size=128", "model.resolution=128"]
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=[p.stem for p in SWEEPS])
+def test_sweep_file_validates(path):
+    cfg = compose(path, [])
+    assert cfg["name"] == path.stem
+    paper = cfg["paper"]
+    assert paper.get("table"), "every sweep cites the paper's table or figure"
+    if paper.get("values"):
+        spec = METHODS.get(cfg["method"]).all_params()[paper["param"]]
+        swept = [spec.coerce(paper["param"], v) for v in cfg["sweep"][paper["param"]]["grid"]]
+        for key in paper["values"]:
+            assert spec.coerce(paper["param"], key) in swept, f"paper value {key} is not swept"
+
+
+def test_sweep_files_cover_the_ablations():
+    names = {p.stem for p in SWEEPS}
+    assert {"iseg_iterations", "iseg_gamma", "iseg_modules", "iseg_cross_level", "iseg_self_layer",
+            "iseg_timestep", "methods_compare", "ovam_token_opt", "ovam_postprocess", "ovam_blocks",
+            "ovam_timesteps", "daam_threshold"} <= names
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", SWEEPS, ids=[p.stem for p in SWEEPS])
+def test_sweep_runs_end_to_end(path, tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "bench.run", str(path), *FAST, f"output_dir={out}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == str(out)
+    assert (out / "report.md").is_file() and (out / "results.csv").is_file()
