@@ -160,7 +160,8 @@ def run(args: argparse.Namespace) -> Path:
         with torch.enable_grad():
             best, curve = optimize_tokens(examples, initial_tokens(backbone, name, args.template), layers,
                                           args.loss, args.epochs, args.lr, args.step_size, args.lr_gamma,
-                                          progress=lambda v: (bar.update(1), bar.set_postfix(cls=name, loss=f"{v:.4f}")))
+                                          progress=lambda v: (bar.update(1),
+                                                              bar.set_postfix(cls=name, loss=f"{v:.4f}")))
         tokens[name], curves[name] = best, curve
         summary[name] = {"images": [t.prompt for t, _ in examples], "initial_loss": curve[0],
                          "best_loss": min(curve), "final_loss": curve[-1]}

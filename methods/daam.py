@@ -21,8 +21,8 @@ import torch
 
 from bench.trace import Trace, TraceRequest, request
 from methods.base import ClassQuery, Method, Param, Prediction, register_method
-from methods.postprocess import (BLOCK_CHOICES, AttributionSource, AutoTokens, aggregate_daam, attn_layers, empty_prediction,
-                                 labels_from_threshold, load_tokens, maxnorm, minmax)
+from methods.postprocess import (BLOCK_CHOICES, AttributionSource, AutoTokens, aggregate_daam, attn_layers,
+                                empty_prediction, labels_from_threshold, maxnorm, minmax)
 
 PROMPT_PARAMS = {
     "prompt": Param("caption", "inversion prompt: caption (the dataset's caption, the template when there is "

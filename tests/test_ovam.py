@@ -17,7 +17,7 @@ from bench.forward import ForwardSetting, run_traced
 from bench.trace import request
 from methods.base import ClassQuery
 from methods.postprocess import (AttributionSource, aggregate_daam, aggregate_sum, attn_layers,
-                                 attribution_embedding, load_tokens, minmax, rekey, resize_maps, save_tokens,
+                                 attribution_embedding, load_tokens, minmax, rekey, save_tokens,
                                  token_indices)
 
 torch.set_num_threads(1)

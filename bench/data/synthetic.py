@@ -61,8 +61,8 @@ class VOCSim(SegDataset):
             self.classes, self.generation_gt = SHAPE_CLASSES, "replay"
             self._shapes = ShapesDataset(num_images=(len(SHAPE_CLASSES) - 1) * seeds_per_class, size=size,
                                          seed=seed_offset, max_objects=1, min_objects=1, split=split)
-        # Class-major order, like the paper's 20 classes x 30 seeds; any prefix (data.limit) keeps seed order
-        # within classes, so interleave classes for small limits.
+        # Seed-major order (every class at seed s, then at seed s + 1, ...): any prefix (data.limit) covers
+        # the classes evenly.
         self.items: list[tuple[int, int, str]] = []
         for s in range(seed_offset, seed_offset + seeds_per_class):
             for c in range(1, len(self.classes)):
