@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.evaluate import ForwardGroup, Trial, evaluate_batch, group_request, group_trials
-from bench.metrics import summarize
+from bench.scoring import score_trial
 
 log = logging.getLogger(__name__)
 
@@ -166,13 +166,6 @@ def load_shards(work: Path) -> dict[str, np.ndarray]:
 
 
 # -- Tune ----------------------------------------------------------------------------------------------------------
-def _score_trial(config: dict, totals: dict, class_names: list[str], protocol: str) -> None:
-    from ray import tune
-
-    key = f"{config['trial']}/{config['seed']}"
-    tune.report(summarize(totals[key], class_names, protocol))
-
-
 def tune_results(cfg: dict, trials: list[Trial], groups: list[ForwardGroup], scores: dict[str, np.ndarray],
                  class_names: list[str], work: Path):
     """Phase 2: one Ray Tune trial per (configuration, seed) over the stored histograms."""
@@ -186,7 +179,7 @@ def tune_results(cfg: dict, trials: list[Trial], groups: list[ForwardGroup], sco
     for (trial_id, seed), g in group_of.items():
         rows = (scores["trial"] == trial_id) & (scores["group"] == g)
         totals[f"{trial_id}/{seed}"] = scores["hist"][rows].sum(0)
-    trainable = tune.with_resources(_score_trial, {"cpu": 0.1})
+    trainable = tune.with_resources(score_trial, {"cpu": 0.1})
     trainable = tune.with_parameters(trainable, totals=totals, class_names=class_names,
                                      protocol=cfg["metric"]["protocol"])
     path = work / "tune"
@@ -197,7 +190,7 @@ def tune_results(cfg: dict, trials: list[Trial], groups: list[ForwardGroup], sco
             trainable,
             param_space={"trial": tune.grid_search([t.trial_id for t in trials]),
                          "seed": tune.grid_search(list(cfg["seeds"]))},
-            tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=8),
+            tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=8, reuse_actors=True),
             run_config=tune.RunConfig(name="tune", storage_path=str(work.resolve()), verbose=0,
                                       log_to_file=False))
     grid = tuner.fit()
