@@ -13,6 +13,7 @@ import itertools
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,8 @@ def init_ray(ray_cfg: dict) -> None:
         ray.init(object_store_memory=int(ray_cfg.get("object_store_mb", 256)) * 1024 * 1024, **kwargs)
     from ray.data import DataContext
 
+    for name in ("ray.data", "ray.tune", "ray.train"):
+        logging.getLogger(name).setLevel(logging.ERROR if quiet else logging.INFO)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -140,10 +143,14 @@ def trace_and_score(cfg: dict, groups: list[ForwardGroup], num_images: int, work
     ray_cfg = cfg["ray"]
     use_gpu = torch.cuda.is_available() and cfg["model"].get("device", "auto") != "cpu"
     ds = ray.data.from_items([{"index": i} for i in todo], override_num_blocks=max(1, len(todo)))
-    ds = ds.map_batches(SweepWorker, fn_constructor_kwargs={"cfg": cfg, "groups": groups},
-                        batch_size=int(ray_cfg["batch_size"]),
-                        compute=ray.data.ActorPoolStrategy(size=int(ray_cfg["num_actors"])),
-                        num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1)
+    with warnings.catch_warnings():
+        # max_restarts=0: a crashed actor fails the run (finished shards are kept) instead of silently
+        # retrying; Ray only offers it through the deprecated ray_remote_args path.
+        warnings.simplefilter("ignore")
+        ds = ds.map_batches(SweepWorker, fn_constructor_kwargs={"cfg": cfg, "groups": groups},
+                            batch_size=int(ray_cfg["batch_size"]),
+                            compute=ray.data.ActorPoolStrategy(size=int(ray_cfg["num_actors"])),
+                            num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1, max_restarts=0)
     next_shard = len(list(shards.glob("shard-*.npz")))
     with tqdm(total=num_images, initial=len(done), desc=f"{cfg['name']} images", unit="img",
               dynamic_ncols=True) as bar:

@@ -41,6 +41,23 @@ def test_lambda_sweep_end_to_end(tmp_path):
     assert "75.2" in report and "iSeg Table 5(b)" in report
     assert pd.read_csv(out / "results.csv").shape[0] == 6
 
+    # Resume: an interrupted copy of this run (one image's shard lost, no results yet) is completed by the
+    # same command and reproduces the same numbers, re-tracing only the missing image.
+    import shutil
+
+    again = tmp_path / "again"
+    partial = tmp_path / "again.partial"
+    shutil.copytree(out / "shards", partial / "shards")
+    shards = sorted((partial / "shards").glob("shard-*.npz"))
+    assert len(shards) == 2
+    shards[-1].unlink()
+    proc = run_cli("sweeps/iseg_lambda.yaml", *SMALL, f"output_dir={again}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming: 1 of 2 images already scored" in proc.stderr
+    resumed = pd.read_parquet(again / "results.parquet")
+    pd.testing.assert_series_equal(resumed["mIoU"], frame["mIoU"])
+    assert resumed["unet_passes"].tolist() == [2] * 6  # each image traced once over both sessions
+
 
 BAD_INPUTS = {
     "malformed yaml": ("name: x\nmethod: [iseg\n", [], "malformed YAML"),
