@@ -189,8 +189,8 @@ def tune_results(cfg: dict, trials: list[Trial], groups: list[ForwardGroup], sco
     trainable = tune.with_resources(score_trial, {"cpu": 0.1})
     trainable = tune.with_parameters(trainable, totals=totals, class_names=class_names,
                                      protocol=cfg["metric"]["protocol"])
-    path = work / "tune"
-    if tune.Tuner.can_restore(path):
+    path = (work / "tune").resolve()  # Tune's storage needs an absolute path
+    if tune.Tuner.can_restore(str(path)):
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
     else:
         tuner = tune.Tuner(

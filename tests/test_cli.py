@@ -86,6 +86,17 @@ def test_bad_input_is_one_line_nonzero_and_leaves_nothing(case, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.yaml"]
 
 
+def test_default_run_directory_is_relative_to_the_working_directory(tmp_path):
+    sweep = tmp_path / "tiny.yaml"
+    sweep.write_text((ROOT / "sweeps" / "iseg_lambda.yaml").read_text().replace("grid: [0, 0.001, 0.005, 0.01, 0.05, 0.1]", "grid: [0.01]"))
+    proc = run_cli(sweep, "data.limit=1", "data.size=64", "model.resolution=64", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = Path(proc.stdout.strip().splitlines()[-1])
+    assert run_dir.parent == Path("reports/runs") and run_dir.name.startswith("iseg_lambda-")
+    assert (tmp_path / run_dir / "report.html").is_file()
+    assert not (tmp_path / "outputs").exists()
+
+
 def test_missing_sweep_file(tmp_path):
     proc = run_cli(tmp_path / "nope.yaml", cwd=tmp_path, timeout=120)
     assert proc.returncode == 2 and "not found" in proc.stderr
