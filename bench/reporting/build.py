@@ -57,6 +57,7 @@ def provenance_pairs(run: RunData) -> list[tuple[str, str]]:
         ("git", str(prov.get("git_sha", "not recorded"))),
         ("versions", ", ".join(f"{k} {v}" for k, v in (prov.get("versions") or {}).items()) or "–"),
         ("devices", ", ".join(prov.get("devices") or []) or "–"),
+        ("platform", str(prov.get("platform", "–"))),
         ("finished", str(prov.get("finished", "–"))),
     ]
     if run.path is not None:

@@ -104,6 +104,7 @@ caption{caption-side:top;text-align:left;color:var(--muted);font-size:.85rem;pad
 th,td{border:1px solid var(--line);padding:.22rem .55rem;text-align:right;white-space:nowrap}
 th{background:var(--head);font-weight:600;vertical-align:bottom}
 th.label,td.label{text-align:left}
+td.wrap{white-space:normal;text-align:left;min-width:18rem;word-break:break-word}
 th[data-col]{cursor:pointer;user-select:none}
 th[data-col]:after{content:" \\2195";color:#9aa0a6;font-size:.75em}
 th[aria-sort=ascending]:after{content:" \\25B2";color:var(--fg)}
@@ -163,7 +164,8 @@ def html_table(t: Table, ident: str) -> str:
     for row in t.rows:
         tds = []
         for i, c in enumerate(row):
-            classes = (["label"] if i < t.label_columns else []) + (["best"] if c.best else [])
+            classes = (["label"] if i < t.label_columns else []) + (["best"] if c.best else []) + \
+                (["wrap"] if i in t.wrap_columns else [])
             attrs = f" class='{' '.join(classes)}'" if classes else ""
             if c.sort is not None:
                 num = isinstance(c.sort, (int, float))

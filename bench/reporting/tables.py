@@ -28,6 +28,7 @@ class Table:
     rows: list[list[Cell]]
     notes: list[str] = field(default_factory=list)
     label_columns: int = 1  # leading columns that are labels (left-aligned)
+    wrap_columns: tuple = ()  # long text columns (wrapped, left-aligned)
 
 
 def num_cell(value, digits: int = 1, best: bool = False, signed: bool = False, title: str = "") -> Cell:
@@ -94,7 +95,7 @@ def details_table(run: RunData, summary: pd.DataFrame) -> Table:
     return Table(f"details-{run.label or run.name}",
                  "All metrics per configuration (mean over seeds); UNet passes of the configuration's forward "
                  "setting over the dataset (configurations sharing a forward setting share the passes).",
-                 header, rows, label_columns=3)
+                 header, rows, label_columns=3, wrap_columns=(7,))
 
 
 def per_class_table(run: RunData, summary: pd.DataFrame) -> Table:
