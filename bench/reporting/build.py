@@ -70,7 +70,7 @@ def _hash_check(run: RunData) -> str | None:
     from bench.results import config_hash
 
     recorded = run.prov.get("config_hash")
-    if not recorded or run.path is None:
+    if not recorded or not run.extra.get("loaded"):
         return None
     try:
         now = config_hash(run.cfg)
@@ -142,9 +142,8 @@ def write_single(run: RunData, out: Path, max_qualitative: int = 4) -> None:
 def write_combined(runs: list[RunData], out: Path, max_qualitative: int = 2) -> None:
     summaries = [summarize_run(r) for r in runs]
     title = f"Comparison of {len(runs)} runs: " + ", ".join(dict.fromkeys(r.name for r in runs))
-    blocks: list = [Heading(1, title),
-                    Para("Runs: " + "; ".join(f"{r.label} = {r.cfg.get('method')} on {r.dataset_label}, "
-                                              f"{r.model_label} ({r.path})" for r in runs))]
+    blocks: list = [Heading(1, title), Defs([(r.label, f"{r.cfg.get('method')} on {r.dataset_label}, {r.model_label}, "
+                                                      f"protocol {r.protocol}: {r.path}") for r in runs])]
     blocks.append(combined_table(runs, summaries))
     classes = combined_class_table(runs, summaries)
     if classes is not None:

@@ -101,7 +101,7 @@ def load_run(path: str | Path) -> RunData:
     if not isinstance(cfg, dict) or not isinstance(prov, dict) or "mIoU" not in frame.columns:
         raise BenchError(f"{path} does not hold a bench run (config.yaml/run.json/results.parquet of another "
                          f"version?); re-run the sweep")
-    return RunData(cfg=cfg, frame=frame, prov=prov, path=path, label=path.name)
+    return RunData(cfg=cfg, frame=frame, prov=prov, path=path, label=path.name, extra={"loaded": True})
 
 
 def is_number(value) -> bool:

@@ -151,8 +151,8 @@ def parallel_coordinates(run: RunData, s: pd.DataFrame, out: Path, prefix: str =
             pos = np.log10(pos)
         lo, hi = pos.min(), pos.max()
         cols.append((pos - lo) / (hi - lo) if hi > lo else np.full_like(pos, 0.5))
-        uniq = sorted(set(s[p].tolist()), key=lambda v: float(v) if is_number(v) else str(v))
-        ticks.append((lo, hi, uniq if len(uniq) <= 8 else [uniq[0], uniq[-1]], cats))
+        raw = s[p].tolist()
+        ticks.append((raw[int(np.argmin(pos))], raw[int(np.argmax(pos))]))
     m = s["mean"].to_numpy(dtype=float)
     lo, hi = np.nanmin(m), np.nanmax(m)
     cols.append((m - lo) / (hi - lo) if hi > lo else np.full_like(m, 0.5))
@@ -166,9 +166,9 @@ def parallel_coordinates(run: RunData, s: pd.DataFrame, out: Path, prefix: str =
         ax.axvline(i, color="#888", lw=0.8)
     ax.set_xticks(range(len(axes)), [tx(a) for a in axes])
     ax.set_yticks([])
-    for i, (_lo, _hi, vals, cats) in enumerate(ticks):
-        ax.text(i, -0.08, tx(f"{fmt_value(vals[0])}"), ha="center", va="top", fontsize=7)
-        ax.text(i, 1.04, tx(f"{fmt_value(vals[-1])}"), ha="center", va="bottom", fontsize=7)
+    for i, (low, high) in enumerate(ticks):
+        ax.text(i, -0.08, tx(fmt_value(low)), ha="center", va="top", fontsize=7)
+        ax.text(i, 1.04, tx(fmt_value(high)), ha="center", va="bottom", fontsize=7)
     ax.text(len(axes) - 1, -0.08, f"{lo:.1f}", ha="center", va="top", fontsize=7)
     ax.text(len(axes) - 1, 1.04, f"{hi:.1f}", ha="center", va="bottom", fontsize=7)
     ax.set_ylim(-0.15, 1.12)
