@@ -41,7 +41,9 @@ def make_cfg(sweep=None, seeds=(0,), paper=True, model="embedded", classes=CLASS
 
 
 def make_prov(cfg, classes=CLASSES):
-    return {"config_hash": "0123456789abcdef", "overrides": cfg["overrides"], "git_sha": "abc123",
+    from bench.results import config_hash
+
+    return {"config_hash": config_hash(cfg), "overrides": cfg["overrides"], "git_sha": "abc123",
             "versions": {"python": "3.11", "torch": "2.x"}, "devices": ["cpu (x86_64)"], "metric_protocol": "iseg",
             "seeds": cfg["seeds"], "num_images": 4, "num_trials": 3, "num_forward_settings": 1,
             "unet_passes": 4, "trace_seconds": 2.0, "images_per_second": 2.0, "wall_seconds": 5.0,
@@ -250,15 +252,14 @@ def test_cli_combines_two_runs_into_one_table(tmp_path, capsys):
     assert "| iseg (lambda=0.1) | 71.0 | 74.1 | -3.1 | **65.0** | 74.1 | -9.1 |" in md
     assert "combined_lambda.png" in md and (out / "combined_lambda.png").is_file()
     assert "## run-a: iseg on shapes val, embedded (128 px)" in md
+    assert "Warning" not in md
     combined = pd.read_csv(out / "summary.csv")
     assert len(combined) == 6 and set(combined["run"]) == {"run-a", "run-b"}
 
 
 def test_cli_regenerates_one_report_in_place_and_flags_edited_config(tmp_path):
-    from bench.results import config_hash
-
     cfg = make_cfg()
-    prov = {**make_prov(cfg), "config_hash": config_hash(cfg)}
+    prov = make_prov(cfg)
     run = make_run_dir(tmp_path / "run", cfg, make_frame({0: [70.0], 0.01: [72.5], 0.1: [71.0]}), prov)
     assert report_main([str(run)]) == 0
     assert "Warning" not in (run / "report.md").read_text()

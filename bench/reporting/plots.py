@@ -196,8 +196,10 @@ def class_bars(run: RunData, s: pd.DataFrame, out: Path, prefix: str = "") -> Fi
         vals = [r[f"IoU/{c}"] for c in classes]
         ax.bar(np.arange(len(classes)) + (k - (len(pick) - 1) / 2) * width, np.nan_to_num(vals), width,
                label=tx(r["label"] + (" (best)" if r["best"] else "")))
-    ax.set_xticks(range(len(classes)), [tx(c) for c in classes], rotation=45 if len(classes) > 8 else 0,
-                  ha="right" if len(classes) > 8 else "center")
+    names = [c if len(c) <= 24 else c[:23] + "…" for c in classes]
+    tilt = len(classes) > 8 or max(len(c) for c in names) * len(classes) > 60
+    ax.set_xticks(range(len(classes)), [tx(c) for c in names], rotation=35 if tilt else 0,
+                  ha="right" if tilt else "center")
     ax.set_ylabel("IoU (%)")
     ax.set_title(tx(f"{run.name}: per-class IoU"), fontsize=10)
     ax.grid(axis="y", alpha=0.3)
