@@ -61,7 +61,9 @@ def provenance_pairs(run: RunData) -> list[tuple[str, str]]:
         ("finished", str(prov.get("finished", "–"))),
     ]
     if run.path is not None:
-        pairs.append(("run directory", str(run.path.resolve())))
+        # While the engine writes the report the run still lives under <run>.partial; name the final place.
+        final = run.cfg.get("output_dir") if run.path.name.endswith(".partial") else None
+        pairs.append(("run directory", str(Path(final).resolve()) if final else str(run.path.resolve())))
     return pairs
 
 
