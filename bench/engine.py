@@ -13,12 +13,13 @@ import itertools
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from bench.evaluate import ForwardGroup, Trial, evaluate_batch, group_request, group_trials
-from bench.metrics import summarize
+from bench.scoring import score_trial
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,8 @@ def init_ray(ray_cfg: dict) -> None:
         ray.init(object_store_memory=int(ray_cfg.get("object_store_mb", 256)) * 1024 * 1024, **kwargs)
     from ray.data import DataContext
 
+    for name in ("ray.data", "ray.tune", "ray.train"):
+        logging.getLogger(name).setLevel(logging.ERROR if quiet else logging.INFO)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -140,10 +143,14 @@ def trace_and_score(cfg: dict, groups: list[ForwardGroup], num_images: int, work
     ray_cfg = cfg["ray"]
     use_gpu = torch.cuda.is_available() and cfg["model"].get("device", "auto") != "cpu"
     ds = ray.data.from_items([{"index": i} for i in todo], override_num_blocks=max(1, len(todo)))
-    ds = ds.map_batches(SweepWorker, fn_constructor_kwargs={"cfg": cfg, "groups": groups},
-                        batch_size=int(ray_cfg["batch_size"]),
-                        compute=ray.data.ActorPoolStrategy(size=int(ray_cfg["num_actors"])),
-                        num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1)
+    with warnings.catch_warnings():
+        # max_restarts=0: a crashed actor fails the run (finished shards are kept) instead of silently
+        # retrying; Ray only offers it through the deprecated ray_remote_args path.
+        warnings.simplefilter("ignore")
+        ds = ds.map_batches(SweepWorker, fn_constructor_kwargs={"cfg": cfg, "groups": groups},
+                            batch_size=int(ray_cfg["batch_size"]),
+                            compute=ray.data.ActorPoolStrategy(size=int(ray_cfg["num_actors"])),
+                            num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1, max_restarts=0)
     next_shard = len(list(shards.glob("shard-*.npz")))
     with tqdm(total=num_images, initial=len(done), desc=f"{cfg['name']} images", unit="img",
               dynamic_ncols=True) as bar:
@@ -166,13 +173,6 @@ def load_shards(work: Path) -> dict[str, np.ndarray]:
 
 
 # -- Tune ----------------------------------------------------------------------------------------------------------
-def _score_trial(config: dict, totals: dict, class_names: list[str], protocol: str) -> None:
-    from ray import tune
-
-    key = f"{config['trial']}/{config['seed']}"
-    tune.report(summarize(totals[key], class_names, protocol))
-
-
 def tune_results(cfg: dict, trials: list[Trial], groups: list[ForwardGroup], scores: dict[str, np.ndarray],
                  class_names: list[str], work: Path):
     """Phase 2: one Ray Tune trial per (configuration, seed) over the stored histograms."""
@@ -186,18 +186,18 @@ def tune_results(cfg: dict, trials: list[Trial], groups: list[ForwardGroup], sco
     for (trial_id, seed), g in group_of.items():
         rows = (scores["trial"] == trial_id) & (scores["group"] == g)
         totals[f"{trial_id}/{seed}"] = scores["hist"][rows].sum(0)
-    trainable = tune.with_resources(_score_trial, {"cpu": 0.1})
+    trainable = tune.with_resources(score_trial, {"cpu": 0.1})
     trainable = tune.with_parameters(trainable, totals=totals, class_names=class_names,
                                      protocol=cfg["metric"]["protocol"])
-    path = work / "tune"
-    if tune.Tuner.can_restore(path):
+    path = (work / "tune").resolve()  # Tune's storage needs an absolute path
+    if tune.Tuner.can_restore(str(path)):
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
     else:
         tuner = tune.Tuner(
             trainable,
             param_space={"trial": tune.grid_search([t.trial_id for t in trials]),
                          "seed": tune.grid_search(list(cfg["seeds"]))},
-            tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=8),
+            tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=8, reuse_actors=True),
             run_config=tune.RunConfig(name="tune", storage_path=str(work.resolve()), verbose=0,
                                       log_to_file=False))
     grid = tuner.fit()

@@ -13,7 +13,6 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from bench.metrics import summarize
 
 log = logging.getLogger(__name__)
 
@@ -58,29 +57,27 @@ def config_hash(cfg: dict) -> str:
 def bootstrap_ci(per_image: np.ndarray, class_names: list[str], protocol: str, draws: int,
                  seed: int = 0) -> tuple[float, float]:
     """95% percentile interval of mIoU over images resampled with replacement; per_image is (n, 4, C)."""
-    n = len(per_image)
-    if n < 2 or draws < 1:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    values = [summarize(per_image[rng.integers(0, n, n)].sum(0), class_names, protocol)["mIoU"]
-              for _ in range(draws)]
-    lo, hi = np.nanpercentile(values, [2.5, 97.5])
-    return float(lo), float(hi)
+    from bench.reporting.stats import bootstrap_intervals
+
+    return bootstrap_intervals(per_image, protocol, draws, seed)["mIoU"]
 
 
 def results_frame(cfg: dict, rows: list[dict], stats: dict) -> pd.DataFrame:
+    """One row per (configuration, seed). With per-image histograms, 95% bootstrap intervals over images
+    (`<metric>_ci_low/_ci_high` for mIoU, mAcc, aAcc); with the paper's values, `paper_<metric>`."""
+    from bench.reporting.stats import bootstrap_intervals
+
     frame = pd.DataFrame(rows)
     per_image = stats.get("per_image")
-    classes = stats["dataset"]["classes"]
-    if per_image is not None:
-        lows, highs = [], []
+    if per_image is not None and len(frame):
+        draws = int(cfg["report"]["bootstrap"])
+        cis = []
         for row in rows:
             keep = (per_image["trial"] == row["trial"]) & (per_image["seed_of_group"] == row["seed"])
-            lo, hi = bootstrap_ci(per_image["hist"][keep], classes, cfg["metric"]["protocol"],
-                                  int(cfg["report"]["bootstrap"]))
-            lows.append(lo)
-            highs.append(hi)
-        frame["mIoU_ci_low"], frame["mIoU_ci_high"] = lows, highs
+            cis.append(bootstrap_intervals(per_image["hist"][keep], cfg["metric"]["protocol"], draws))
+        for metric in ("mIoU", "mAcc", "aAcc"):
+            frame[f"{metric}_ci_low"] = [ci[metric][0] for ci in cis]
+            frame[f"{metric}_ci_high"] = [ci[metric][1] for ci in cis]
     paper = cfg.get("paper") or {}
     if paper.get("param") and paper.get("values"):
         values = {float(k) if _is_number(k) else k: v for k, v in paper["values"].items()}
@@ -104,7 +101,8 @@ def write_run(cfg: dict, rows: list[dict], stats: dict, work: Path) -> None:
     stats = {k: v for k, v in stats.items() if k != "per_image"}
     provenance = {"config_hash": config_hash(cfg), "overrides": cfg.get("overrides", []), "git_sha": git_sha(),
                   "versions": versions(), "devices": devices(), "metric_protocol": cfg["metric"]["protocol"],
-                  "seeds": cfg["seeds"], **stats}
+                  "seeds": cfg["seeds"], "bootstrap_draws": int(cfg["report"]["bootstrap"]),
+                  "platform": platform.platform(), **stats}
     (work / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     (work / "run.json").write_text(json.dumps(provenance, indent=2, default=str))
     frame.to_parquet(work / "results.parquet", index=False)

@@ -71,8 +71,8 @@ def dataset_options(cfg: dict) -> dict:
     options = {k: v for k, v in cfg.items() if k not in ("name", "limit")}
     for key in options:
         if key not in defaults:
-            raise BenchError(unknown_name_message(f"option of dataset {cfg['name']}", key, sorted(defaults),
-                                                  "data"))
+            raise BenchError(unknown_name_message(f"option of dataset {cfg['name']}", key,
+                                                  sorted([*defaults, "name", "limit"]), "data"))
     return {**defaults, **{k: v for k, v in options.items() if v is not None}}
 
 

@@ -1,0 +1,13 @@
+"""Reports of runs: paper-shaped tables with uncertainty, plots, qualitative figures and provenance, as
+Markdown and one self-contained HTML file. `python -m bench.report RUN_DIR [RUN_DIR ...]` (bench.reporting.cli).
+
+Modules: model (loading a run, per-configuration summary), stats (t- and bootstrap intervals), tables,
+plots, qualitative (the engine's `save_qualitative` hook and the figure), render (Markdown/HTML), build,
+cli, browser (headless Chromium check of a report)."""
+
+from bench.reporting.build import write_combined, write_report, write_single
+from bench.reporting.model import RunData, load_run, summarize_run
+from bench.reporting.qualitative import save_qualitative
+
+__all__ = ["RunData", "load_run", "save_qualitative", "summarize_run", "write_combined", "write_report",
+           "write_single"]

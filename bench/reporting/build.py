@@ -1,0 +1,171 @@
+"""Assemble a run's (or several runs') report from tables, figures and provenance, and write it."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from bench.reporting.model import PROTOCOL_TEXT, RunData, fmt_value, summarize_run
+from bench.reporting.plots import Figure, class_bars, figures_for_run, overlay_plot
+from bench.reporting.qualitative import qualitative_figure
+from bench.reporting.render import Code, Defs, Heading, Para, to_html, to_markdown
+from bench.reporting.tables import combined_class_table, combined_table, details_table, main_table, per_class_table
+
+
+def _get(d: dict, *keys, default="–"):
+    for k in keys:
+        if not isinstance(d, dict) or k not in d or d[k] is None:
+            return default
+        d = d[k]
+    return d
+
+
+def provenance_pairs(run: RunData) -> list[tuple[str, str]]:
+    cfg, prov = run.cfg, run.prov
+    data = prov.get("dataset") or {}
+    model = cfg.get("model") or {}
+    model_bits = [f"{k}={fmt_value(v)}" for k, v in model.items() if v not in (None, "", False, 0)]
+    data_cfg = cfg.get("data") or {}
+    n_img = data.get("num_images", prov.get("num_images"))
+    wall, trace = prov.get("wall_seconds"), prov.get("trace_seconds")
+    per_img = f"{n_img / trace:.3g} images/s" if isinstance(n_img, (int, float)) and trace else "–"
+    classes = run.classes
+    pairs = [
+        ("sweep", f"{run.name} ({cfg.get('sweep_file', '–')})"),
+        ("method", str(cfg.get("method"))),
+        ("model", ", ".join(model_bits) or "–"),
+        ("dataset", str(data.get("name", data_cfg.get("name", "–")))),
+        ("dataset root", str(data.get("root") or data_cfg.get("root") or "none (generated in memory)")),
+        ("dataset split", str(data.get("split") or data_cfg.get("split") or "–")),
+        ("images", f"{n_img}" + (f" (data.limit={data_cfg['limit']})" if data_cfg.get("limit") else "")),
+        ("classes", f"{len(classes)}: " + ", ".join(classes)),
+        ("metric protocol", f"{run.protocol}: {PROTOCOL_TEXT.get(run.protocol, 'unknown protocol')}"),
+        ("seeds", ", ".join(fmt_value(s) for s in (prov.get("seeds") or cfg.get("seeds") or [])) or "–"),
+        ("configurations / forward settings", f"{prov.get('num_trials', '–')} / {prov.get('num_forward_settings', '–')}"),
+        ("UNet passes", str(prov.get("unet_passes", "–"))),
+        ("wall time", f"{wall} s" if wall is not None else "–"),
+        ("tracing time", f"{trace} s, {per_img}, {prov.get('images_per_second', '–')} image-passes/s "
+                         f"(images × forward settings)" if trace else "–"),
+        ("bootstrap draws", str(_get(cfg, "report", "bootstrap"))),
+        ("overrides", " ".join(map(str, prov.get("overrides") or cfg.get("overrides") or [])) or "none"),
+        ("config hash", str(prov.get("config_hash", "–")) + " (sha256 of the resolved config without "
+                        "output_dir, first 16 hex digits)"),
+        ("git", str(prov.get("git_sha", "not recorded"))),
+        ("versions", ", ".join(f"{k} {v}" for k, v in (prov.get("versions") or {}).items()) or "–"),
+        ("devices", ", ".join(prov.get("devices") or []) or "–"),
+        ("platform", str(prov.get("platform", "–"))),
+        ("finished", str(prov.get("finished", "–"))),
+    ]
+    if run.path is not None:
+        # While the engine writes the report the run still lives under <run>.partial; name the final place.
+        final = run.cfg.get("output_dir") if run.path.name.endswith(".partial") else None
+        pairs.append(("run directory", str(Path(final).resolve()) if final else str(run.path.resolve())))
+    return pairs
+
+
+def _hash_check(run: RunData) -> str | None:
+    """A warning when config.yaml no longer matches the hash recorded at run time."""
+    from bench.results import config_hash
+
+    recorded = run.prov.get("config_hash")
+    if not recorded or not run.extra.get("loaded"):
+        return None
+    try:
+        now = config_hash(run.cfg)
+    except Exception:  # noqa: BLE001
+        return None
+    if now != recorded:
+        return (f"config.yaml hashes to {now}, but the run recorded {recorded}: the file was edited after the "
+                f"run, so the configuration shown may not be the one that produced these numbers.")
+    return None
+
+
+def run_blocks(run: RunData, out: Path, prefix: str = "", level: int = 1, summary: pd.DataFrame | None = None,
+               max_qualitative: int = 4) -> list:
+    s = summarize_run(run) if summary is None else summary
+    h = level
+    blocks: list = []
+    if h == 1:
+        blocks.append(Heading(1, f"{run.name}: {run.cfg.get('method')} on {run.dataset_label}"))
+    else:
+        blocks.append(Heading(h, f"{run.label or run.name}: {run.cfg.get('method')} on {run.dataset_label}, "
+                                 f"{run.model_label}"))
+    if run.cfg.get("description"):
+        blocks.append(Para(str(run.cfg["description"])))
+    warning = _hash_check(run)
+    if warning:
+        blocks.append(Para(warning, "warning"))
+    if not len(s):
+        blocks.append(Para("This run has no results.", "warning"))
+        return blocks
+    blocks.append(main_table(run, s))
+    blocks += figures_for_run(run, s, out, prefix)
+    blocks.append(Heading(h + 1, "Per-class IoU" if h == 1 else f"Per-class IoU ({run.label})"))
+    blocks.append(per_class_table(run, s))
+    bars = class_bars(run, s, out, prefix)
+    if bars:
+        blocks.append(bars)
+    qual_dir = run.path if run.path is not None else out
+    qual = qualitative_figure(qual_dir, s, out / f"{prefix}qualitative.png", max_images=max_qualitative)
+    if qual:
+        blocks.append(Heading(h + 1, "Qualitative results" if h == 1 else f"Qualitative results ({run.label})"))
+        blocks.append(Figure(qual[0], "qualitative results", qual[1]))
+    blocks.append(Heading(h + 1, "All metrics" if h == 1 else f"All metrics ({run.label})"))
+    blocks.append(details_table(run, s))
+    blocks.append(Heading(h + 1, "Provenance" if h == 1 else f"Provenance ({run.label})"))
+    blocks.append(Defs(provenance_pairs(run)))
+    blocks.append(Code(yaml.safe_dump(run.cfg, sort_keys=False, allow_unicode=True), "resolved configuration"))
+    return blocks
+
+
+def write_files(out: Path, blocks: list, title: str, summary: pd.DataFrame) -> None:
+    (out / "report.md").write_text(to_markdown(blocks), encoding="utf-8")
+    (out / "report.html").write_text(to_html(blocks, title), encoding="utf-8")
+    summary.to_csv(out / "summary.csv", index=False)
+
+
+def _summary_csv(s: pd.DataFrame, run: RunData) -> pd.DataFrame:
+    keep = ["trial", *run.swept, "label", "n_seeds", "seeds", "mean", "std", "ci_low", "ci_high", "ci_kind",
+            "paper", "delta", "best"]
+    out = s[[c for c in keep if c in s.columns]].rename(columns={"mean": run.metric})
+    return out.assign(metric=run.metric)
+
+
+def write_single(run: RunData, out: Path, max_qualitative: int = 4) -> None:
+    s = summarize_run(run)
+    blocks = run_blocks(run, out, summary=s, max_qualitative=max_qualitative)
+    write_files(out, blocks, f"{run.name}: {run.cfg.get('method')} on {run.dataset_label}", _summary_csv(s, run))
+
+
+def write_combined(runs: list[RunData], out: Path, max_qualitative: int = 2) -> None:
+    summaries = [summarize_run(r) for r in runs]
+    title = f"Comparison of {len(runs)} runs: " + ", ".join(dict.fromkeys(r.name for r in runs))
+    blocks: list = [Heading(1, title), Defs([(r.label, f"{r.cfg.get('method')} on {r.dataset_label}, {r.model_label}, "
+                                                      f"protocol {r.protocol}: {r.path}") for r in runs])]
+    blocks.append(combined_table(runs, summaries))
+    classes = combined_class_table(runs, summaries)
+    if classes is not None:
+        blocks.append(classes)
+    overlay = overlay_plot(runs, summaries, out)
+    if overlay:
+        blocks.append(overlay)
+    for k, (run, s) in enumerate(zip(runs, summaries), 1):
+        blocks += run_blocks(run, out, prefix=f"run{k}_", level=2, summary=s, max_qualitative=max_qualitative)
+    frames = [_summary_csv(s, r).assign(run=r.label, method=r.cfg.get("method"), dataset=r.dataset_label,
+                                        model=r.model_label) for r, s in zip(runs, summaries)]
+    write_files(out, blocks, title, pd.concat(frames, ignore_index=True) if frames else pd.DataFrame())
+
+
+def write_report(run_dir: Path, cfg: dict, frame: pd.DataFrame, provenance: dict) -> None:
+    """The end of `python -m bench.run`: report.md, report.html, summary.csv and the figures in run_dir."""
+    run_dir = Path(run_dir)
+    label = Path(str(cfg.get("output_dir") or run_dir)).name
+    run = RunData(cfg=cfg, frame=frame, prov=json.loads(json.dumps(provenance, default=str)), path=run_dir,
+                  label=label)
+    write_single(run, run_dir, int(_get(cfg, "report", "qualitative", default=4)))
+
+

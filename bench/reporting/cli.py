@@ -1,0 +1,105 @@
+"""`python -m bench.report RUN_DIR [RUN_DIR ...] [--out DIR]`
+
+One run directory: regenerate its report.md / report.html in place (or in --out DIR).
+Several: one comparison report (rows: methods and settings; columns: datasets / models), written to --out DIR
+(default reports/combined-<timestamp>/). Output appears complete or not at all; the last stdout line is the
+report directory. Bad input: one `error:` line naming the fix, exit status 2, nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from datetime import datetime
+from pathlib import Path
+
+from bench.errors import BenchError
+
+USAGE = "python -m bench.report RUN_DIR [RUN_DIR ...] [--out DIR]"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, as bench.run does
+        raise BenchError(f"{message}; usage: {USAGE}")
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    p = _Parser(prog="python -m bench.report", description=__doc__.strip().splitlines()[2], add_help=False)
+    p.add_argument("runs", nargs="*", metavar="RUN_DIR")
+    p.add_argument("--out", metavar="DIR", default=None,
+                   help="where to write (default: in place for one run, reports/combined-<timestamp>/ for several)")
+    p.add_argument("--qualitative", type=int, default=None, metavar="N", help="images in qualitative figures")
+    p.add_argument("-h", "--help", action="store_true")
+    return p.parse_args(argv)
+
+
+def make(run_dirs: list[str], out: str | None = None, qualitative: int | None = None) -> Path:
+    from bench.reporting.build import write_combined, write_single
+    from bench.reporting.model import load_run
+
+    if not run_dirs:
+        raise BenchError(f"no run directory given; usage: {USAGE}")
+    resolved = [Path(r).resolve() for r in run_dirs]
+    if len(set(resolved)) != len(resolved):
+        raise BenchError("the same run directory is given twice; pass each run once")
+    runs = [load_run(r) for r in run_dirs]  # validates every input before anything is written
+    labels = [r.label for r in runs]
+    for i, run in enumerate(runs):  # distinct labels for runs whose directories share a name
+        if labels.count(run.label) > 1:
+            run.label = f"{run.label}#{i + 1}"
+    in_place = len(runs) == 1 and out is None
+    if in_place:
+        target = runs[0].path
+    else:
+        target = Path(out) if out else Path("reports") / f"combined-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):
+            raise BenchError(f"--out {target} already exists and is not empty; choose another --out or remove it")
+    parent = target if in_place else target.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{target.name}.report-", dir=parent))
+    except OSError as err:
+        raise BenchError(f"cannot write to {parent}: {err.strerror}; choose a writable --out DIR") from None
+    try:
+        if len(runs) == 1:
+            write_single(runs[0], work, 4 if qualitative is None else qualitative)
+        else:
+            write_combined(runs, work, 2 if qualitative is None else qualitative)
+        if in_place:
+            for f in sorted(work.iterdir()):  # each file replaced atomically; figures first, reports last
+                if f.name not in ("report.md", "report.html"):
+                    os.replace(f, target / f.name)
+            for name in ("report.md", "report.html"):
+                os.replace(work / name, target / name)
+            work.rmdir()
+        else:
+            if target.exists():
+                target.rmdir()  # empty, checked above
+            work.rename(target)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        args = _parse(argv)
+        if args.help or not argv:
+            print(__doc__.strip())
+            return 0 if args.help else 2
+        out = make(args.runs, args.out, args.qualitative)
+    except BenchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    print(out)
+    return 0

@@ -1,0 +1,262 @@
+"""Report figures (matplotlib, Agg, PNG): metric against each swept parameter with the paper's curve,
+a heatmap for 2-D grids, parallel coordinates for 3+ swept parameters, per-class bars, cross-run overlays."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bench.reporting.model import RunData, fmt_value, is_number
+
+DPI = 130
+
+
+@dataclass
+class Figure:
+    path: Path
+    alt: str
+    caption: str
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def tx(text) -> str:
+    """A user string as literal matplotlib text (no mathtext between dollar signs)."""
+    return str(text).replace("\\", "\\\\").replace("$", r"\$")
+
+
+def _axis(values: list) -> tuple[list[float], list[str] | None, bool]:
+    """Positions for a parameter's values: numeric values as themselves, others as categories."""
+    if values and all(is_number(v) for v in values):
+        return [float(v) for v in values], None, True
+    cats = list(dict.fromkeys(fmt_value(v) for v in values))
+    return [float(cats.index(fmt_value(v))) for v in values], cats, False
+
+
+def _maybe_log(ax, xs: list[float]) -> None:
+    pos = [x for x in xs if x > 0]
+    if pos and min(xs) >= 0 and max(pos) / min(pos) > 50:
+        ax.set_xscale("symlog", linthresh=min(pos), linscale=0.5)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI, metadata={"Software": None})
+    _plt().close(fig)
+    return path
+
+
+def sweep_plots(run: RunData, s: pd.DataFrame, out: Path, prefix: str = "") -> list[Figure]:
+    """One figure per swept parameter. With one parameter: ours with its 95% CI band and the paper's curve.
+    With several: every configuration as a dot and the best over the other parameters as a line."""
+    if not len(s) or not run.swept:
+        return []
+    plt = _plt()
+    paper = run.cfg.get("paper") or {}
+    figs = []
+    for p in run.swept:
+        xs, cats, numeric = _axis(s[p].tolist())
+        d = s.assign(_x=xs).sort_values("_x", kind="stable")
+        fig, ax = plt.subplots(figsize=(5.6, 3.5))
+        if len(run.swept) == 1:
+            ax.plot(d["_x"], d["mean"], "o-", color="C0", label=tx(f"ours ({run.model_label})"))
+            if np.isfinite(d["ci_low"]).any():
+                kind = next((k for k in d["ci_kind"] if k), "")
+                ax.fill_between(d["_x"], d["ci_low"], d["ci_high"], color="C0", alpha=0.18,
+                                label=tx(f"95% CI ({kind.split(' over')[0]})"))
+        else:
+            ax.plot(d["_x"], d["mean"], "o", color="C0", alpha=0.35, label="every configuration")
+            top = d.groupby("_x")["mean"].max()
+            ax.plot(top.index, top.values, "-", color="C0", label="best over the other parameters")
+        if p == paper.get("param") and np.isfinite(d["paper"]).any():
+            pp = d.dropna(subset=["paper"]).drop_duplicates("_x")
+            ax.plot(pp["_x"], pp["paper"], "s--", color="C3", label=tx(f"paper ({paper.get('table', '')})"))
+        if numeric:
+            _maybe_log(ax, list(d["_x"]))
+        else:
+            ax.set_xticks(range(len(cats)), [tx(c) for c in cats])
+        ax.set_xlabel(tx(p))
+        ax.set_ylabel(tx(f"{run.metric} (%)"))
+        ax.set_title(tx(f"{run.name}: {run.metric} against {p}"), fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        path = _save(fig, out / f"{prefix}plot_{run.metric}_{_safe(p)}.png")
+        cap = f"{run.metric} against {p}"
+        if len(run.swept) > 1:
+            cap += " (dots: every configuration; line: best over the other swept parameters)"
+        if p == paper.get("param") and np.isfinite(d["paper"]).any():
+            cap += f"; dashed: the paper's values ({paper.get('table', '')})"
+        figs.append(Figure(path, f"{run.metric} against {p}", cap + "."))
+    return figs
+
+
+def heatmap(run: RunData, s: pd.DataFrame, out: Path, prefix: str = "") -> Figure | None:
+    if len(run.swept) != 2 or not len(s):
+        return None
+    plt = _plt()
+    a, b = run.swept
+    ra = _axis(s[a].tolist())
+    rb = _axis(s[b].tolist())
+    av = sorted(set(ra[0]))
+    bv = sorted(set(rb[0]))
+    grid = np.full((len(av), len(bv)), np.nan)
+    for xa, xb, m in zip(ra[0], rb[0], s["mean"]):
+        i, j = av.index(xa), bv.index(xb)
+        grid[i, j] = m if not np.isfinite(grid[i, j]) else max(grid[i, j], m)
+    lab_a = [fmt_value(v) if ra[1] is None else ra[1][int(v)] for v in av]
+    lab_b = [fmt_value(v) if rb[1] is None else rb[1][int(v)] for v in bv]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(bv) + 2.5), max(3.0, 0.5 * len(av) + 1.8)))
+    im = ax.imshow(grid, cmap="viridis", aspect="auto")
+    fig.colorbar(im, ax=ax, label=tx(f"{run.metric} (%)"))
+    ax.set_xticks(range(len(bv)), [tx(v) for v in lab_b])
+    ax.set_yticks(range(len(av)), [tx(v) for v in lab_a])
+    ax.set_xlabel(tx(b))
+    ax.set_ylabel(tx(a))
+    finite = grid[np.isfinite(grid)]
+    mid = (finite.min() + finite.max()) / 2 if finite.size else 0
+    for i in range(len(av)):
+        for j in range(len(bv)):
+            if np.isfinite(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", fontsize=8,
+                        color="black" if grid[i, j] > mid else "white")
+    ax.set_title(tx(f"{run.name}: {run.metric}"), fontsize=10)
+    path = _save(fig, out / f"{prefix}heatmap_{run.metric}.png")
+    return Figure(path, f"heatmap of {run.metric} over {a} and {b}",
+                  f"{run.metric} over the {a} × {b} grid (cells: mean over seeds).")
+
+
+def parallel_coordinates(run: RunData, s: pd.DataFrame, out: Path, prefix: str = "") -> Figure | None:
+    if len(run.swept) < 3 or not len(s):
+        return None
+    plt = _plt()
+    from matplotlib import cm, colors
+
+    axes = [*run.swept, run.metric]
+    cols, ticks = [], []
+    for p in run.swept:
+        pos, cats, numeric = _axis(s[p].tolist())
+        pos = np.asarray(pos)
+        if numeric and pos.min() > 0 and pos.max() / pos.min() > 50:
+            pos = np.log10(pos)
+        lo, hi = pos.min(), pos.max()
+        cols.append((pos - lo) / (hi - lo) if hi > lo else np.full_like(pos, 0.5))
+        raw = s[p].tolist()
+        ticks.append((raw[int(np.argmin(pos))], raw[int(np.argmax(pos))]))
+    m = s["mean"].to_numpy(dtype=float)
+    lo, hi = np.nanmin(m), np.nanmax(m)
+    cols.append((m - lo) / (hi - lo) if hi > lo else np.full_like(m, 0.5))
+    data = np.stack(cols, 1)
+    norm = colors.Normalize(lo, hi)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.4 * len(axes)), 3.6))
+    order = np.argsort(m)
+    for k in order:
+        ax.plot(range(len(axes)), data[k], color=cm.viridis(norm(m[k])), alpha=0.8, lw=2 if s["best"].iloc[k] else 1)
+    for i in range(len(axes)):
+        ax.axvline(i, color="#888", lw=0.8)
+    ax.set_xticks(range(len(axes)), [tx(a) for a in axes])
+    ax.set_yticks([])
+    for i, (low, high) in enumerate(ticks):
+        ax.text(i, -0.08, tx(fmt_value(low)), ha="center", va="top", fontsize=7)
+        ax.text(i, 1.04, tx(fmt_value(high)), ha="center", va="bottom", fontsize=7)
+    ax.text(len(axes) - 1, -0.08, f"{lo:.1f}", ha="center", va="top", fontsize=7)
+    ax.text(len(axes) - 1, 1.04, f"{hi:.1f}", ha="center", va="bottom", fontsize=7)
+    ax.set_ylim(-0.15, 1.12)
+    fig.colorbar(cm.ScalarMappable(norm=norm, cmap="viridis"), ax=ax, label=tx(f"{run.metric} (%)"))
+    ax.set_title(tx(f"{run.name}: configurations in parallel coordinates"), fontsize=10)
+    path = _save(fig, out / f"{prefix}parallel_{run.metric}.png")
+    return Figure(path, "parallel coordinates of the swept parameters",
+                  f"Every configuration as a line across the swept parameters (axes scaled min to max, log scale "
+                  f"for parameters spanning > 50×), coloured by {run.metric}; thick: best.")
+
+
+def class_bars(run: RunData, s: pd.DataFrame, out: Path, prefix: str = "") -> Figure | None:
+    classes = [c for c in run.classes if f"IoU/{c}" in s.columns]
+    if not classes or not len(s):
+        return None
+    plt = _plt()
+    if len(s) <= 4:
+        pick = s
+    else:  # best, worst, and the first configuration (usually the baseline row of the paper's table)
+        idx = [int(np.nanargmax(s["mean"])), 0, int(np.nanargmin(s["mean"]))]
+        pick = s.iloc[list(dict.fromkeys(idx))]
+    width = 0.8 / len(pick)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.55 * len(classes) * max(1, len(pick)) / 1.5 + 1.5), 3.4))
+    for k, (_, r) in enumerate(pick.iterrows()):
+        vals = [r[f"IoU/{c}"] for c in classes]
+        ax.bar(np.arange(len(classes)) + (k - (len(pick) - 1) / 2) * width, np.nan_to_num(vals), width,
+               label=tx(r["label"] + (" (best)" if r["best"] else "")))
+    names = [c if len(c) <= 24 else c[:23] + "…" for c in classes]
+    tilt = len(classes) > 8 or max(len(c) for c in names) * len(classes) > 60
+    ax.set_xticks(range(len(classes)), [tx(c) for c in names], rotation=35 if tilt else 0,
+                  ha="right" if tilt else "center")
+    ax.set_ylabel("IoU (%)")
+    ax.set_title(tx(f"{run.name}: per-class IoU"), fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+    path = _save(fig, out / f"{prefix}classes_IoU.png")
+    which = "every configuration" if len(s) <= 4 else "the best, the first and the worst configuration"
+    return Figure(path, "per-class IoU bars", f"Per-class IoU of {which}.")
+
+
+def overlay_plot(runs: list[RunData], summaries: list[pd.DataFrame], out: Path) -> Figure | None:
+    """Several runs sweeping the same single parameter: one curve per run (and the papers' curves)."""
+    params = {tuple(r.swept) for r in runs}
+    if len(params) != 1 or len(next(iter(params))) != 1:
+        return None
+    p = next(iter(params))[0]
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.8, 3.6))
+    numeric = all(all(is_number(v) for v in s[p]) for s in summaries)
+    cats = list(dict.fromkeys(fmt_value(v) for s in summaries for v in s[p]))
+    papers_drawn = set()
+    for k, (run, s) in enumerate(zip(runs, summaries)):
+        xs = [float(v) for v in s[p]] if numeric else [float(cats.index(fmt_value(v))) for v in s[p]]
+        d = s.assign(_x=xs).sort_values("_x", kind="stable")
+        ax.plot(d["_x"], d["mean"], "o-", color=f"C{k % 10}", label=tx(f"{run.label}"))
+        if np.isfinite(d["ci_low"]).any():
+            ax.fill_between(d["_x"], d["ci_low"], d["ci_high"], color=f"C{k % 10}", alpha=0.12)
+        table = (run.cfg.get("paper") or {}).get("table")
+        if table and table not in papers_drawn and np.isfinite(d["paper"]).any():
+            papers_drawn.add(table)
+            pp = d.dropna(subset=["paper"])
+            ax.plot(pp["_x"], pp["paper"], "s--", color="#444", alpha=0.7, label=tx(f"paper ({table})"))
+    if numeric:
+        _maybe_log(ax, [float(v) for s in summaries for v in s[p]])
+    else:
+        ax.set_xticks(range(len(cats)), [tx(c) for c in cats])
+    ax.set_xlabel(tx(p))
+    ax.set_ylabel("%")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(tx(f"runs compared against {p}"), fontsize=10)
+    path = _save(fig, out / f"combined_{_safe(p)}.png")
+    return Figure(path, f"runs compared against {p}",
+                  f"Each run's metric against {p} (bands: 95% intervals); dashed: published values.")
+
+
+def _safe(name: str) -> str:
+    out = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in str(name))
+    return out[:60] or "param"
+
+
+def figures_for_run(run: RunData, s: pd.DataFrame, out: Path, prefix: str = "") -> list[Figure]:
+    figs = sweep_plots(run, s, out, prefix)
+    for extra in (heatmap(run, s, out, prefix), parallel_coordinates(run, s, out, prefix)):
+        if extra is not None:
+            figs.append(extra)
+    return figs
+
+
+def is_finite(x) -> bool:
+    return is_number(x) and math.isfinite(float(x))

@@ -1,0 +1,56 @@
+"""Metrics against hand-computed examples (MMSegmentation IoUMetric semantics, iSeg protocol)."""
+
+import math
+
+import numpy as np
+import pytest
+
+from bench.metrics import intersect_and_union, summarize
+
+CLASSES = ["background", "a", "b", "c"]
+
+
+def test_intersect_and_union_by_hand_with_ignore():
+    label = np.array([[0, 0, 1, 1], [0, 255, 1, 1]])
+    pred = np.array([[0, 1, 1, 1], [1, 3, 0, 1]])
+    hist = intersect_and_union(pred, label, 4)
+    # pixels with label 255 are dropped: pred 3 there must not count anywhere
+    intersect, union, area_pred, area_label = hist
+    assert intersect.tolist() == [1, 3, 0, 0]
+    assert area_pred.tolist() == [2, 5, 0, 0]
+    assert area_label.tolist() == [3, 4, 0, 0]
+    assert union.tolist() == [4, 6, 0, 0]
+
+
+def test_summary_mmseg_excludes_absent_and_counts_false_positives_as_zero():
+    label = np.array([[0, 0, 1, 1]])
+    pred = np.array([[0, 2, 1, 1]])  # class 2 predicted but absent from ground truth; class 3 absent everywhere
+    out = summarize(intersect_and_union(pred, label, 4), CLASSES, "mmseg")
+    assert out["IoU/background"] == pytest.approx(50.0)
+    assert out["IoU/a"] == pytest.approx(100.0)
+    assert out["IoU/b"] == pytest.approx(0.0)
+    assert math.isnan(out["IoU/c"])
+    assert out["mIoU"] == pytest.approx((50 + 100 + 0) / 3)
+    assert out["aAcc"] == pytest.approx(75.0)
+    assert out["mAcc"] == pytest.approx((50 + 100) / 2)
+
+
+def test_summary_iseg_protocol_counts_only_ground_truth_classes():
+    label = np.array([[0, 0, 1, 1]])
+    pred = np.array([[0, 2, 1, 1]])
+    out = summarize(intersect_and_union(pred, label, 4), CLASSES, "iseg")
+    assert out["mIoU"] == pytest.approx((50 + 100) / 2)
+
+
+def test_histograms_sum_over_images_before_division():
+    labels = [np.array([[1, 1, 0, 0]]), np.array([[1, 0, 0, 0]])]
+    preds = [np.array([[1, 0, 0, 0]]), np.array([[1, 1, 1, 0]])]
+    total = sum(intersect_and_union(p, l, 2) for p, l in zip(preds, labels))
+    out = summarize(total, ["background", "a"])
+    # class a: intersect 1 + 1 = 2, union 2 + 3 = 5 (not the mean of per-image IoUs 0.5 and 0.33)
+    assert out["IoU/a"] == pytest.approx(40.0)
+
+
+def test_unknown_protocol_is_rejected():
+    with pytest.raises(ValueError, match="protocol"):
+        summarize(np.zeros((4, 2), dtype=np.int64), ["x", "y"], "coco")

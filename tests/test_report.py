@@ -1,0 +1,298 @@
+"""Reports from fixed results tables (no model run): tables, uncertainty, escaping, figures, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from bench.metrics import summarize
+from bench.reporting import load_run, save_qualitative, summarize_run, write_report
+from bench.reporting.cli import main as report_main
+from bench.reporting.model import RunData
+from bench.reporting.stats import bootstrap_intervals, metrics_from_totals, t_interval
+from bench.reporting.tables import main_table
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ["background", "circle", "square"]
+PAPER = {0: 69.1, 0.01: 75.2, 0.1: 74.1}
+
+
+def make_cfg(sweep=None, seeds=(0,), paper=True, model="embedded", classes=CLASSES, description="demo sweep"):
+    sweep = sweep or {"lambda": {"grid": [0, 0.01, 0.1]}}
+    cfg = {"name": "iseg_lambda", "description": description, "method": "iseg",
+           "model": {"name": model, "path": None, "id": None, "device": "auto", "dtype": "auto", "random": False,
+                     "resolution": 128},
+           "data": {"name": "shapes", "limit": 4}, "params": {}, "sweep": sweep, "num_samples": 1,
+           "search_seed": 0, "seeds": list(seeds), "metric": {"protocol": "iseg", "main": "mIoU"},
+           "paper": ({"table": "iSeg Table 5(b)", "note": "VOC train", "param": "lambda", "metric": "mIoU",
+                      "values": dict(PAPER)} if paper else {}),
+           "ray": {}, "report": {"bootstrap": 100}, "output_dir": None, "overrides": ["data.limit=4"],
+           "sweep_file": "sweeps/iseg_lambda.yaml"}
+    return cfg
+
+
+def make_prov(cfg, classes=CLASSES):
+    from bench.results import config_hash
+
+    return {"config_hash": config_hash(cfg), "overrides": cfg["overrides"], "git_sha": "abc123",
+            "versions": {"python": "3.11", "torch": "2.x"}, "devices": ["cpu (x86_64)"], "metric_protocol": "iseg",
+            "seeds": cfg["seeds"], "num_images": 4, "num_trials": 3, "num_forward_settings": 1,
+            "unet_passes": 4, "trace_seconds": 2.0, "images_per_second": 2.0, "wall_seconds": 5.0,
+            "finished": "2026-01-01T00:00:00+00:00",
+            "dataset": {"name": "shapes", "num_images": 4, "classes": list(classes), "split": "val"}}
+
+
+def make_frame(values: dict, seeds=(0,), classes=CLASSES, ci=True, prompt="A photo of {classes}"):
+    """values: {lambda: [mIoU per seed]} -> a results frame as bench.results writes it."""
+    rows = []
+    for k, (lam, per_seed) in enumerate(values.items()):
+        for seed, m in zip(seeds, per_seed):
+            row = {"trial": f"t{k:04d}", "seed": seed, "lambda": lam, "mIoU": m, "aAcc": m + 10, "mAcc": m + 5}
+            for j, c in enumerate(classes):
+                row[f"IoU/{c}"] = m + j
+                row[f"Acc/{c}"] = m + j + 1
+            row.update(unet_passes=4, forward_setting=f"seed={seed},template={prompt}")
+            if ci:
+                row.update(mIoU_ci_low=m - 2, mIoU_ci_high=m + 3)
+            row["paper_mIoU"] = PAPER.get(lam, math.nan)
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def make_run_dir(path: Path, cfg, frame, prov) -> Path:
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    (path / "run.json").write_text(json.dumps(prov))
+    frame.to_parquet(path / "results.parquet", index=False)
+    return path
+
+
+# -- tables ------------------------------------------------------------------------------------------------------
+def test_single_seed_table_has_paper_values_deltas_bootstrap_ci_and_best(tmp_path):
+    cfg = make_cfg()
+    frame = make_frame({0: [70.0], 0.01: [72.5], 0.1: [71.0]})
+    run = RunData(cfg, frame, make_prov(cfg))
+    t = main_table(run)
+    assert t.header == ["lambda", "mIoU (ours)", "95% CI", "mIoU (paper)", "Δ (ours − paper)"]
+    assert [[c.text for c in r] for r in t.rows] == [
+        ["0", "70.0", "[68.0, 73.0]", "69.1", "+0.9"],
+        ["0.01", "72.5", "[70.5, 75.5]", "75.2", "-2.7"],
+        ["0.1", "71.0", "[69.0, 74.0]", "74.1", "-3.1"]]
+    assert [r[1].best for r in t.rows] == [False, True, False]  # our best
+    assert [r[3].best for r in t.rows] == [False, True, False]  # the paper's best
+    assert any("bootstrap over 4 images, 100 draws" in n for n in t.notes)
+
+    write_report(tmp_path, cfg, frame, make_prov(cfg))
+    md = (tmp_path / "report.md").read_text()
+    assert "| 0.01 | **72.5** | [70.5, 75.5] | **75.2** | -2.7 |" in md
+    assert "iSeg Table 5(b)" in md
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    assert list(summary["paper"]) == [69.1, 75.2, 74.1]
+    assert np.allclose(summary["delta"], [0.9, -2.7, -3.1])
+    for name in ("report.html", "plot_mIoU_lambda.png", "classes_IoU.png"):
+        assert (tmp_path / name).is_file(), name
+
+
+def test_several_seeds_give_mean_std_and_t_interval():
+    cfg = make_cfg(seeds=(0, 1, 2))
+    frame = make_frame({0: [10.0, 12.0, 14.0], 0.01: [20.0, 20.0, 23.0], 0.1: [5.0, 6.0, 7.0]}, seeds=(0, 1, 2))
+    s = summarize_run(RunData(cfg, frame, make_prov(cfg)))
+    first = s.iloc[0]
+    half = 4.302652729911275 * 2.0 / math.sqrt(3)  # t(0.975, 2) * std / sqrt(n)
+    assert first["mean"] == pytest.approx(12.0) and first["std"] == pytest.approx(2.0)
+    assert (first["ci_low"], first["ci_high"]) == pytest.approx((12 - half, 12 + half))
+    assert first["ci_kind"] == "t-interval over 3 seeds"
+    t = main_table(RunData(cfg, frame, make_prov(cfg)))
+    assert t.header[:4] == ["lambda", "mIoU (ours)", "± std", "95% CI"]
+    assert [c.text for c in t.rows[0]][:4] == ["0", "12.0", "2.0", f"[{12 - half:.1f}, {12 + half:.1f}]"]
+    assert t.rows[1][1].best
+
+
+def test_per_class_table_has_classes_as_columns(tmp_path):
+    cfg = make_cfg()
+    write_report(tmp_path, cfg, make_frame({0: [70.0], 0.01: [72.5], 0.1: [71.0]}), make_prov(cfg))
+    md = (tmp_path / "report.md").read_text()
+    assert "| configuration | background | circle | square | mIoU |" in md
+    assert "| lambda=0.01 | **72.5** | **73.5** | **74.5** | **72.5** |" in md
+
+
+def test_t_interval_and_bootstrap_helpers():
+    assert t_interval([5.0])[0] == 5.0 and math.isnan(t_interval([5.0])[2])
+    rng = np.random.default_rng(0)
+    hist = rng.integers(0, 50, size=(7, 4, 5))
+    hist[:, 1] = hist[:, 0] + rng.integers(0, 50, size=(7, 5))  # union >= intersection
+    hist[:, 3] = hist[:, 0] + rng.integers(0, 5, size=(7, 5))
+    totals = hist.sum(0)
+    for protocol in ("mmseg", "iseg"):
+        got = metrics_from_totals(totals[None], protocol)
+        want = summarize(totals, [f"c{i}" for i in range(5)], protocol)
+        for k in ("mIoU", "aAcc", "mAcc"):
+            assert got[k][0] == pytest.approx(want[k])
+        ci = bootstrap_intervals(hist, protocol, 300)
+        assert ci["mIoU"][0] <= want["mIoU"] <= ci["mIoU"][1]
+    assert all(math.isnan(v) for v in bootstrap_intervals(hist[:1], "mmseg", 10)["mIoU"])
+
+
+# -- figures -----------------------------------------------------------------------------------------------------
+def _grid_frame(params: dict) -> pd.DataFrame:
+    import itertools
+
+    rows = []
+    for k, point in enumerate(itertools.product(*params.values())):
+        m = 50 + sum(float(v) if not isinstance(v, str) else len(v) for v in point)
+        row = {"trial": f"t{k:04d}", "seed": 0, **dict(zip(params, point)), "mIoU": m, "aAcc": m, "mAcc": m}
+        row.update({f"IoU/{c}": m for c in CLASSES})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def test_two_swept_parameters_give_a_heatmap_three_parallel_coordinates(tmp_path):
+    params2 = {"lambda": [0, 0.01], "gamma": [1.2, 1.6, 2.0]}
+    cfg = make_cfg(sweep={k: {"grid": v} for k, v in params2.items()})
+    (tmp_path / "a").mkdir()
+    write_report(tmp_path / "a", cfg, _grid_frame(params2), make_prov(cfg))
+    assert (tmp_path / "a" / "heatmap_mIoU.png").is_file()
+    assert (tmp_path / "a" / "plot_mIoU_gamma.png").is_file()
+    params3 = {**params2, "level": ["16", "both"]}
+    cfg = make_cfg(sweep={k: {"grid": v} for k, v in params3.items()})
+    (tmp_path / "b").mkdir()
+    write_report(tmp_path / "b", cfg, _grid_frame(params3), make_prov(cfg))
+    assert (tmp_path / "b" / "parallel_mIoU.png").is_file()
+    md = (tmp_path / "b" / "report.md").read_text()
+    assert "| lambda | gamma | level | mIoU (ours) | mIoU (paper) | Δ (ours − paper) |" in md  # paper: lambda
+    assert "| 0.01 | 2 | both | **56.0** | **75.2** | -19.2 |" in md
+
+
+def test_qualitative_figure_from_saved_predictions(tmp_path):
+    class Sample:
+        image_id = "img/0 <b>"
+        image = np.zeros((32, 32, 3), np.uint8)
+        label = np.zeros((32, 32), np.uint8)
+        label[4:20, 4:20] = 2
+        label[0, :] = 255
+
+    class Pred:
+        def __init__(self, v):
+            self.scores = np.full((2, 8, 8), v, np.float32)
+            self.labels = np.where(Sample.label == 2, 2, 0).astype(np.int64)
+
+    cfg = make_cfg()
+    frame = make_frame({0: [70.0], 0.01: [72.5], 0.1: [71.0]})
+    path = save_qualitative(tmp_path / "qualitative", Sample(), CLASSES, ["t0000", "t0001", "t0002"],
+                            [Pred(0.2), Pred(0.5), Pred(0.9)], query_ids=[1, 2], seed=0, group=0, prompt="a square")
+    assert path.name == "img_0__b_.g000.npz" and not list((tmp_path / "qualitative").glob(".*"))
+    with np.load(path, allow_pickle=False) as z:
+        assert z["scores"].shape == (3, 2, 8, 8) and z["preds"].shape == (3, 32, 32)
+    write_report(tmp_path, cfg, frame, make_prov(cfg))
+    assert (tmp_path / "qualitative.png").is_file()
+    md = (tmp_path / "report.md").read_text()
+    assert "score maps of class 'square'" in md and "prompt 'a square'" in md
+
+
+# -- escaping ----------------------------------------------------------------------------------------------------
+HOSTILE_CLASSES = ["background", "<script>window.__pwned=1</script>", "a \"quoted\" & 'single' </td>"]
+HOSTILE_PROMPT = "<img src=x onerror=\"window.__pwned=2\"> & {classes}"
+
+
+def hostile_report(out: Path) -> Path:
+    cfg = make_cfg(classes=HOSTILE_CLASSES, description="<b>bold?</b> & <iframe src='https://example.com'>")
+    cfg["params"] = {"template": HOSTILE_PROMPT}
+    cfg["overrides"] = ["params.template=<script>alert(1)</script>"]
+    frame = make_frame({0: [70.0], 0.01: [72.5], 0.1: [71.0]}, classes=HOSTILE_CLASSES, prompt=HOSTILE_PROMPT)
+    out.mkdir(parents=True, exist_ok=True)
+    write_report(out, cfg, frame, make_prov(cfg, HOSTILE_CLASSES))
+    return out / "report.html"
+
+
+def test_hostile_class_names_and_prompts_are_text(tmp_path):
+    text = hostile_report(tmp_path).read_text()
+    assert text.count("<script>") == 1  # ours, at the end
+    assert "<script>window.__pwned" not in text and "<img src=x" not in text and "<iframe" not in text
+    assert "&lt;script&gt;window.__pwned=1&lt;/script&gt;" in text
+    assert "&lt;img src=x onerror=&quot;window.__pwned=2&quot;&gt; &amp; {classes}" in text
+    assert "a &quot;quoted&quot; &amp; &#x27;single&#x27; &lt;/td&gt;" in text
+    assert "https://example.com" not in text.replace("&#x27;https://example.com&#x27;", "")
+    md = (tmp_path / "report.md").read_text()
+    assert ("| configuration | background | \\<script\\>window.\\_\\_pwned=1\\</script\\> | "
+            "a \"quoted\" \\& 'single' \\</td\\> | mIoU |") in md
+    # outside code spans and fences (which Markdown shows literally) no markup survives
+    prose = re.sub(r"(`+).*?\1", "", re.sub(r"```yaml.*?```", "", md, flags=re.S))
+    assert not re.search(r"(?<!\\)<(script|img|iframe|b>|/td)", prose)
+
+
+# -- CLI ---------------------------------------------------------------------------------------------------------
+def two_runs(tmp_path: Path) -> tuple[Path, Path]:
+    cfg_a = make_cfg(model="embedded")
+    cfg_b = make_cfg(model="sd15")
+    a = make_run_dir(tmp_path / "run-a", cfg_a, make_frame({0: [70.0], 0.01: [72.5], 0.1: [71.0]}), make_prov(cfg_a))
+    b = make_run_dir(tmp_path / "run-b", cfg_b, make_frame({0: [60.0], 0.01: [61.0], 0.1: [65.0]}), make_prov(cfg_b))
+    return a, b
+
+
+def test_cli_combines_two_runs_into_one_table(tmp_path, capsys):
+    a, b = two_runs(tmp_path)
+    out = tmp_path / "combined"
+    assert report_main([str(a), str(b), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["combined", "run-a", "run-b"]  # no temp left
+    md = (out / "report.md").read_text()
+    header = ("| method (setting) | embedded (128 px) | embedded (128 px): paper | embedded (128 px): Δ "
+              "| sd15 (128 px) | sd15 (128 px): paper | sd15 (128 px): Δ |")
+    assert header in md
+    assert "| iseg (lambda=0.01) | **72.5** | 75.2 | -2.7 | 61.0 | 75.2 | -14.2 |" in md
+    assert "| iseg (lambda=0.1) | 71.0 | 74.1 | -3.1 | **65.0** | 74.1 | -9.1 |" in md
+    assert "combined_lambda.png" in md and (out / "combined_lambda.png").is_file()
+    assert "## run-a: iseg on shapes val, embedded (128 px)" in md
+    assert "Warning" not in md
+    combined = pd.read_csv(out / "summary.csv")
+    assert len(combined) == 6 and set(combined["run"]) == {"run-a", "run-b"}
+
+
+def test_cli_regenerates_one_report_in_place_and_flags_edited_config(tmp_path):
+    cfg = make_cfg()
+    prov = make_prov(cfg)
+    run = make_run_dir(tmp_path / "run", cfg, make_frame({0: [70.0], 0.01: [72.5], 0.1: [71.0]}), prov)
+    assert report_main([str(run)]) == 0
+    assert "Warning" not in (run / "report.md").read_text()
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]
+    cfg["params"] = {"iterations": 3}  # edited after the run
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert report_main([str(run)]) == 0
+    assert "the file was edited after the run" in (run / "report.md").read_text()
+    assert load_run(run).label == "run"
+
+
+@pytest.mark.parametrize("case", ["missing", "not a run", "partial", "out exists", "same twice", "no args"])
+def test_cli_bad_input_is_one_line_nonzero_and_writes_nothing(case, tmp_path):
+    a, b = two_runs(tmp_path)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "x.partial").mkdir()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("x")
+    args = {"missing": [str(tmp_path / "nope")], "not a run": [str(tmp_path / "empty")],
+            "partial": [str(tmp_path / "x.partial")], "out exists": [str(a), str(b), "--out", str(tmp_path / "full")],
+            "same twice": [str(a), str(a)], "no args": []}[case]
+    message = {"missing": "does not exist", "not a run": "has no config.yaml, run.json, results.parquet",
+               "partial": "interrupted run", "out exists": "choose another --out", "same twice": "twice",
+               "no args": "python -m bench.report"}[case]
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    proc = subprocess.run([sys.executable, "-m", "bench.report", *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+                                                       "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    if case != "no args":
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], proc.stderr
+    else:
+        assert message in proc.stdout
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before

@@ -1,0 +1,91 @@
+"""Tracing on the embedded model: shapes and layer names in both modes; other layers untouched."""
+
+import numpy as np
+import pytest
+import torch
+
+from bench.errors import BenchError
+from bench.forward import ForwardSetting, run_traced
+from bench.trace import AttentionTracer, attention_layers, request
+
+CROSS = "up_blocks.2.attentions.1.transformer_blocks.0.attn2"
+SELF = "up_blocks.3.attentions.2.transformer_blocks.0.attn1"
+QUERY = "down_blocks.1.attentions.0.transformer_blocks.0.attn2"
+
+
+def processors(unet):
+    return {name: type(m.processor).__name__ for name, m in unet.named_modules() if hasattr(m, "processor")}
+
+
+def test_sd_layer_names_exist(backbone):
+    layers = attention_layers(backbone.unet)
+    assert layers["up_blocks.3.attentions.2.transformer_blocks.0.attn1"] == "self"
+    assert layers["mid_block.attentions.0.transformer_blocks.0.attn2"] == "cross"
+    assert sum(k == "cross" for k in layers.values()) == 16
+
+
+def test_inversion_trace_shapes(backbone):
+    image = np.random.default_rng(0).integers(0, 255, (100, 80, 3), dtype=np.uint8)
+    size = 128
+    req = request(cross=[CROSS], self_attn=[SELF], queries=[QUERY])
+    result = run_traced(backbone, req, ForwardSetting(timestep=100, size=size), ["a red circle"] * 2,
+                        [image, image])
+    assert result.unet_passes == 1
+    latent = size // 8 if backbone.resolution == 512 else None
+    trace = result.traces[0]
+    h, w = trace.latent_size
+    if latent:
+        assert (h, w) == (latent, latent)
+    assert set(trace.cross) == {CROSS} and set(trace.self_attn) == {SELF} and set(trace.queries) == {QUERY}
+    assert trace.cross[CROSS].shape == (1, 1, h // 2, w // 2, 77)
+    assert trace.self_attn[SELF].shape == (1, 1, h * w, h * w)
+    heads = backbone.unet.get_submodule(QUERY).heads
+    assert trace.queries[QUERY].shape[:3] == (1, heads, (h // 2) * (w // 2))
+    assert trace.timesteps == [100]
+    probs = trace.cross[CROSS]
+    assert torch.allclose(probs.sum(-1), torch.ones_like(probs.sum(-1)), atol=1e-4)
+    assert torch.allclose(trace.self_attn[SELF].sum(-1), torch.ones(1, 1, h * w), atol=1e-4)
+    # same noise for every image of the batch: identical images give identical traces
+    assert torch.allclose(result.traces[1].cross[CROSS], probs)
+
+
+def test_generation_trace_keeps_each_step_and_the_conditional_branch(backbone):
+    req = request(cross=[CROSS], per_head=True)
+    result = run_traced(backbone, req, ForwardSetting(mode="generation", steps=3, size=64),
+                        ["a red circle", "a blue star"])
+    assert result.unet_passes == 3
+    trace = result.traces[1]
+    heads = backbone.unet.get_submodule(CROSS).heads
+    assert trace.cross[CROSS].shape[:2] == (3, heads)
+    assert len(trace.timesteps) == 3 and trace.timesteps == sorted(trace.timesteps, reverse=True)
+    assert trace.image.shape == (64, 64, 3) and trace.image.dtype == np.uint8
+
+
+def test_summed_steps(backbone):
+    req = request(cross=[CROSS], sum_steps=True)
+    trace = run_traced(backbone, req, ForwardSetting(mode="generation", steps=2, size=64), ["a star"]).traces[0]
+    assert trace.cross[CROSS].shape[0] == 1
+    assert torch.allclose(trace.cross[CROSS].sum(-1), torch.full_like(trace.cross[CROSS].sum(-1), 2.0), atol=1e-4)
+
+
+def test_unselected_layers_keep_their_processors(backbone):
+    before = processors(backbone.unet)
+    req = request(cross=[CROSS], self_attn=[SELF])
+    with AttentionTracer(backbone.unet, req):
+        during = processors(backbone.unet)
+    changed = {n for n in before if before[n] != during[n]}
+    assert changed == {CROSS, SELF}
+    assert processors(backbone.unet) == before
+
+
+def test_cat_cross_weights_reach_every_cross_layer_but_record_none_extra(backbone):
+    req = request(cross=[CROSS])
+    with AttentionTracer(backbone.unet, req, weight_keys=True):
+        during = processors(backbone.unet)
+    weighted = {n for n, p in during.items() if p == "WeightedKeyProcessor"}
+    assert len(weighted) == 15 and CROSS not in weighted
+
+
+def test_unknown_layer_is_a_clear_error(backbone):
+    with pytest.raises(BenchError, match="matches no cross-attention layer"):
+        AttentionTracer(backbone.unet, request(cross=["up_blocks.9.*"]))
