@@ -157,31 +157,32 @@ class ISeg(Method):
     @staticmethod
     def effective(cfg: dict) -> dict:
         """cfg with the `modules` row applied (Table 4): N, lambda and gamma of that row, the rest as given."""
-        row = {"custom": {}, "baseline": {"iterations": 1, "lambda": 0.0, "gamma": 1.0},
-               "naive": {"lambda": 0.0, "gamma": 1.0}, "ent_self": {"gamma": 1.0}, "full": {}}[cfg["modules"]]
+        rows = {"custom": {}, "baseline": {"iterations": 1, "lambda": 0.0, "gamma": 1.0},
+                "naive": {"lambda": 0.0, "gamma": 1.0}, "ent_self": {"gamma": 1.0}, "full": {}}
+        row = rows[cfg.get("modules", "custom")]
         return {**cfg, **row}
 
     @staticmethod
     def cross_layers(cfg: dict) -> list[str]:
-        if cfg["variant"] == "code":
+        if cfg.get("variant", "paper") == "code":
             return [f"{b}.transformer_blocks.0.attn2" for _, blocks in CODE_CROSS.values() for b in blocks]
         return CROSS_LEVELS[cfg["cross_levels"]]
 
     @staticmethod
     def self_layer(cfg: dict) -> str:
-        return CODE_SELF if cfg["variant"] == "code" else SELF_LAYERS[cfg["self_layer"]]
+        return CODE_SELF if cfg.get("variant", "paper") == "code" else SELF_LAYERS[cfg["self_layer"]]
 
     def trace_request(self, cfg: dict) -> TraceRequest:
         cross = self.cross_layers(cfg)
         # generation uses the dataset's prompt, which may lack a class: keep queries for attribution keys
-        queries = cross if cfg["mode"] == "generation" else ()
+        queries = cross if cfg.get("mode") == "generation" else ()
         return request(cross=cross, self_attn=[self.self_layer(cfg)], queries=queries,
-                       per_head=cfg["variant"] == "code")
+                       per_head=cfg.get("variant", "paper") == "code")
 
     def self_attention(self, trace: Trace, cfg: dict) -> torch.Tensor:
         """(HW, HW) self-attention: mean over steps and heads (code variant: heads 1 and 2, those that exist)."""
         attn = trace.self_attn[self.self_layer(cfg)].float().mean(0)  # (H, HW, HW)
-        if cfg["variant"] == "code" and attn.shape[0] > 1:
+        if cfg.get("variant", "paper") == "code" and attn.shape[0] > 1:
             heads = [h for h in CODE_HEADS if h < attn.shape[0]] or list(range(attn.shape[0]))
             attn = attn[heads]
         return attn.mean(0)
@@ -202,7 +203,7 @@ class ISeg(Method):
         """Initial cross-attention A_ca^0 (K, h, w): per class the mean of its tokens, per layer upsampled
         (bilinear) to the self-attention size, then averaged over the chosen decoder layers and heads."""
         source = AttributionSource(self.backbone, pad=True)
-        if cfg["variant"] == "code":
+        if cfg.get("variant", "paper") == "code":
             fused = 0
             for weight, blocks in CODE_CROSS.values():
                 level = []
@@ -212,7 +213,7 @@ class ISeg(Method):
                     maps = maps / maps.sum(dim=(1, 2), keepdim=True).clamp_min(LOG_EPS)  # per-token spatial sum
                     level.append(resize_maps(maps, size))
                 fused = fused + weight * torch.stack(level).mean(0)
-            if cfg["kmeans"]:
+            if cfg.get("kmeans"):
                 flat = fused.flatten(1).T  # (HW, K) per-pixel token vectors
                 fused = kl_kmeans(flat, int(cfg["kmeans"])).T.reshape(fused.shape)
             return fused
@@ -235,7 +236,8 @@ class ISeg(Method):
             return [empty for _ in cfgs]
         groups: dict[tuple, list[int]] = {}
         for i, cfg in enumerate(cfgs):
-            groups.setdefault((cfg["variant"], cfg["self_layer"], cfg["cross_levels"], cfg["kmeans"]), []).append(i)
+            key = (cfg.get("variant", "paper"), cfg["self_layer"], cfg["cross_levels"], cfg.get("kmeans", 0))
+            groups.setdefault(key, []).append(i)
         for (variant, *_), members in groups.items():
             first = cfgs[members[0]]
             attn = self.self_attention(trace, first)  # (HW, HW)

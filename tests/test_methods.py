@@ -21,13 +21,6 @@ DATA = {"inversion": {"name": "shapes", "size": SIZE, "limit": 2},
         "generation": {"name": "voc_sim", "size": SIZE, "limit": 2}}
 
 
-@pytest.fixture(scope="module")
-def backbone():
-    from bench.models import load_backbone
-
-    return load_backbone({"name": "embedded", "device": "cpu", "dtype": "float32"})
-
-
 def _params(cls, mode):
     return cls.resolve({"mode": mode, "steps": STEPS, "classes": "all"})
 

@@ -25,13 +25,6 @@ SIZE = 128
 
 
 @pytest.fixture(scope="module")
-def backbone():
-    from bench.models import load_backbone
-
-    return load_backbone({"name": "embedded", "device": "cpu", "dtype": "float32"})
-
-
-@pytest.fixture(scope="module")
 def generated(backbone):
     """A 3-step guided generation of a shapes caption, recording cross-attention AND queries per head."""
     sample = build_dataset({"name": "shapes", "size": SIZE})[0]
@@ -162,3 +155,24 @@ def test_dense_crf_sharpens_a_blurred_mask_toward_the_true_edge():
     # hard unary (binarised mask, the released code's practice) with the shifted mask
     labels = crf_labels(img, (blurred > 0.5).long() * 3, [3]) == 3
     assert (labels != truth).float().mean() < before
+
+
+def test_ovam_reads_the_branch_it_is_told(backbone):
+    """branch=cond (paper) vs uncond (released code): different queries, both give finite maps."""
+    from dataclasses import replace
+
+    from methods.ovam import OVAM
+
+    sample = build_dataset({"name": "voc_sim", "size": SIZE})[0]
+    method = OVAM(backbone)
+    query = ClassQuery(sample.present_class_ids(), [build_dataset({"name": "voc_sim"}).classes[i]
+                                                    for i in sample.present_class_ids()])
+    traces = {}
+    for branch in ("cond", "uncond"):
+        cfg = OVAM.resolve({"mode": "generation", "steps": 2, "branch": branch, "crf": False})
+        setting = replace(method.forward_setting(cfg, 0), size=SIZE)
+        assert setting.branch == branch
+        traces[branch] = run_traced(backbone, method.trace_request(cfg), setting, [sample.caption]).traces[0]
+        assert torch.isfinite(method.predict(traces[branch], query, cfg, sample.label.shape).scores).all()
+    layer = attn_layers("16")[0]
+    assert not torch.allclose(traces["cond"].queries[layer], traces["uncond"].queries[layer])
