@@ -34,13 +34,14 @@ class TraceRequest:
     per_head: bool = False  # keep heads separate (else mean over heads at capture time)
     dtype: str = "float32"
     sum_steps: bool = False  # sum over denoising steps at capture time (DAAM); else keep each step
+    sum_self_steps: bool = False  # sum self-attention only over steps at capture time (OVAM Eq. 8: S x less memory)
 
     def union(self, other: "TraceRequest") -> "TraceRequest":
         if other.dtype != self.dtype:
             raise ValueError("cannot merge trace requests with different dtypes")
         return TraceRequest(self.cross | other.cross, self.self_attn | other.self_attn,
                             self.queries | other.queries, self.per_head or other.per_head, self.dtype,
-                            self.sum_steps and other.sum_steps)
+                            self.sum_steps and other.sum_steps, self.sum_self_steps and other.sum_self_steps)
 
     def is_empty(self) -> bool:
         return not (self.cross or self.self_attn or self.queries)
@@ -121,7 +122,7 @@ class _Recorder:
     def add(self, kind: str, layer: str, value: torch.Tensor) -> None:
         value = value[self.keep].to(self.dtype).detach()
         steps = self.data[kind].setdefault(layer, [])
-        if self.request.sum_steps and steps:
+        if (self.request.sum_steps or (kind == "self_attn" and self.request.sum_self_steps)) and steps:
             steps[0] += value
         else:
             steps.append(value)

@@ -94,7 +94,9 @@ class OVAM(AutoTokens, Method):
 
     def trace_request(self, cfg: dict) -> TraceRequest:
         self_layers = attn_layers("64", "attn1") if cfg["refine"] else ()
-        return request(queries=attn_layers(cfg["blocks"]), self_attn=self_layers, per_head=True)
+        # queries are stored per head whatever per_head says; Eq. 8 sums self-attention over heads and steps,
+        # so it is averaged over heads and summed over steps at capture (64x64 maps are large)
+        return request(queries=attn_layers(cfg["blocks"]), self_attn=self_layers, sum_self_steps=True)
 
     def prompt(self, query: ClassQuery, caption: str | None, cfg: dict) -> str:
         return build_prompt(query, caption, cfg)
