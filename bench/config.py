@@ -44,7 +44,7 @@ DEFAULTS: dict = {
     "metric": {"protocol": "mmseg", "main": "mIoU"},
     "paper": {},
     "ray": {"address": None, "num_actors": 1, "batch_size": 1, "object_store_mb": 256, "quiet": True},
-    "report": {"bootstrap": 200},
+    "report": {"bootstrap": 200, "qualitative": 4},
     "output_dir": None,
 }
 SECTION_KEYS = {"model": set(DEFAULTS["model"]), "metric": set(DEFAULTS["metric"]), "ray": set(DEFAULTS["ray"]),

@@ -88,7 +88,7 @@ def init_ray(ray_cfg: dict) -> None:
 class SweepWorker:
     """Ray Data actor: holds the backbone and the method; traces each image once per forward group."""
 
-    def __init__(self, cfg: dict, groups: list[ForwardGroup]):
+    def __init__(self, cfg: dict, groups: list[ForwardGroup], work: str | None = None):
         import torch
 
         from bench.data import build_dataset
@@ -103,6 +103,8 @@ class SweepWorker:
         self.method.fit(self.dataset, cfg) if self.method.needs_fit else None
         self.groups = groups
         self.resolution = int(cfg["model"].get("resolution") or 0)
+        self.qualitative_dir = Path(work) / "qualitative" if work else None
+        self.qualitative_images = int(cfg["report"].get("qualitative", 0))
         self.requests = [group_request(self.method, g) for g in groups]
 
     def __call__(self, batch: dict) -> dict:
@@ -110,7 +112,8 @@ class SweepWorker:
         samples = [self.dataset[i] for i in indices]
         rows = {"index": [], "group": [], "trial": [], "hist": [], "passes": []}
         for g, (group, req) in enumerate(zip(self.groups, self.requests)):
-            hists, passes = evaluate_batch(self.method, self.dataset, samples, group, req, self.resolution)
+            keep = self._qualitative_saver(indices, g, group)
+            hists, passes = evaluate_batch(self.method, self.dataset, samples, group, req, self.resolution, keep)
             per_image = passes // len(samples)
             for k, hist in enumerate(hists):
                 rows["index"].append(indices[k // len(group.trials)])
@@ -121,6 +124,22 @@ class SweepWorker:
         return {"index": np.array(rows["index"], dtype=np.int64), "group": np.array(rows["group"], dtype=np.int64),
                 "trial": np.array(rows["trial"]), "hist": np.stack(rows["hist"]),
                 "passes": np.array(rows["passes"], dtype=np.int64)}
+
+
+    def _qualitative_saver(self, indices: list[int], g: int, group: ForwardGroup):
+        """Keeps the maps of the first `report.qualitative` images for the report's qualitative figure."""
+        if self.qualitative_dir is None or min(indices) >= self.qualitative_images:
+            return None
+
+        def keep(k, sample, query, prompt, predictions):
+            if indices[k] < self.qualitative_images:
+                from bench.reporting import save_qualitative
+
+                save_qualitative(self.qualitative_dir, sample, self.dataset.classes,
+                                 [t.trial_id for t in group.trials], predictions, query.ids, group.seed,
+                                 group=g, prompt=prompt)
+
+        return keep
 
 
 def trace_and_score(cfg: dict, groups: list[ForwardGroup], num_images: int, work: Path) -> None:
@@ -147,7 +166,7 @@ def trace_and_score(cfg: dict, groups: list[ForwardGroup], num_images: int, work
         # max_restarts=0: a crashed actor fails the run (finished shards are kept) instead of silently
         # retrying; Ray only offers it through the deprecated ray_remote_args path.
         warnings.simplefilter("ignore")
-        ds = ds.map_batches(SweepWorker, fn_constructor_kwargs={"cfg": cfg, "groups": groups},
+        ds = ds.map_batches(SweepWorker, fn_constructor_kwargs={"cfg": cfg, "groups": groups, "work": str(work.resolve())},
                             batch_size=int(ray_cfg["batch_size"]),
                             compute=ray.data.ActorPoolStrategy(size=int(ray_cfg["num_actors"])),
                             num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1, max_restarts=0)

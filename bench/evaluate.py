@@ -7,6 +7,7 @@ seed); `evaluate_batch` runs the UNet once per image and group and returns one h
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import numpy as np
 import torch
@@ -62,9 +63,11 @@ def group_request(method: Method, group: ForwardGroup) -> TraceRequest:
 
 @torch.no_grad()
 def evaluate_batch(method: Method, dataset: SegDataset, samples: list[Sample], group: ForwardGroup,
-                   req: TraceRequest | None = None, resolution: int = 0) -> tuple[list[np.ndarray], int]:
+                   req: TraceRequest | None = None, resolution: int = 0,
+                   on_predictions: Callable | None = None) -> tuple[list[np.ndarray], int]:
     """Histograms (len(samples) x len(group.trials), each (4, C)) in sample-major order, and image-passes.
-    resolution: image size fed to the backbone (0 = its native resolution)."""
+    resolution: image size fed to the backbone (0 = its native resolution).
+    on_predictions(k, sample, query, prompt, predictions) sees every image's predictions (qualitative figures)."""
     from bench.forward import run_traced
 
     params0 = group.trials[0].params
@@ -92,8 +95,10 @@ def evaluate_batch(method: Method, dataset: SegDataset, samples: list[Sample], g
                         images=images, key_weights=key_weights, image_seeds=image_seeds)
     hists = []
     configs = [t.params for t in group.trials]
-    for sample, query, trace in zip(samples, queries, result.traces):
+    for k, (sample, query, prompt, trace) in enumerate(zip(samples, queries, prompts, result.traces)):
         predictions = method.predict_many(trace, query, configs, tuple(sample.label.shape))
+        if on_predictions is not None:
+            on_predictions(k, sample, query, prompt, predictions)
         hists.extend(intersect_and_union(p.labels.numpy(), sample.label, len(dataset.classes))
                      for p in predictions)
     return hists, result.unet_passes * len(samples)
