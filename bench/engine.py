@@ -66,6 +66,7 @@ def init_ray(ray_cfg: dict) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, short-lived cluster: no token file
     quiet = bool(ray_cfg.get("quiet", True))
     kwargs = dict(include_dashboard=False, log_to_driver=not quiet, configure_logging=True,
                   logging_level=logging.WARNING if quiet else logging.INFO,
