@@ -94,7 +94,7 @@ def shape_scores(component: np.ndarray) -> dict[str, float]:
 
 
 def generated_ground_truth(image: np.ndarray, caption: str, tolerance: float = 60.0,
-                           min_area: float = 0.004, min_shape_iou: float = 0.5, shape_margin: float = 0.05,
+                           min_area: float = 0.004, min_shape_iou: float = 0.5, shape_margin: float = 0.0,
                            ignore_border: int = 0) -> tuple[np.ndarray | None, str | None]:
     """(label map, None) when the image shows exactly the caption's objects, else (None, reason).
 
@@ -103,7 +103,8 @@ def generated_ground_truth(image: np.ndarray, caption: str, tolerance: float = 6
     min_area: smallest object, as a fraction of the image; smaller same-colour specks are ignored, larger
     components of a colour the caption does not name (or one more than it names) reject the image.
     A component passes as the named shape when its IoU with that shape's template is >= min_shape_iou and
-    within shape_margin of the best-matching shape (small or soft-edged stars and crosses look round).
+    within shape_margin of the best-matching shape (default 0: it must be the best match; small or
+    soft-edged stars and crosses look round, and a margin accepts them but also lets wrong shapes through).
     """
     try:
         wanted = parse_caption(caption)

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 log = logging.getLogger("bench.embedded.evaluate")
 SELF_LAYER = "up_blocks.3.attentions.2.transformer_blocks.0.attn1"
-THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6)
+THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
 
 class CaptureProcessor:
@@ -99,8 +99,11 @@ def iou(pred: np.ndarray, gt: np.ndarray) -> float:
     return float(np.logical_and(pred, gt).sum() / union) if union else 1.0
 
 
-def normalise(m: np.ndarray) -> np.ndarray:
-    m = m - m.min()
+def normalise(m: np.ndarray, how: str = "max") -> np.ndarray:
+    """"max": divide by the maximum (thresholds are fractions of the max, as specified);
+    "minmax": subtract the minimum first (a near-uniform map still spreads over [0, 1])."""
+    if how == "minmax":
+        m = m - m.min()
     return m / m.max() if m.max() > 0 else m
 
 
@@ -133,12 +136,16 @@ def evaluate(model: Path, num_images: int = 100, t: int = 200, seed: int = 0, da
         res = {name: int(round(p.shape[1] ** 0.5)) for name, p in store.items() if name.endswith("attn2")}
         finest = sorted(set(res.values()), reverse=True)[:2]
         cross = torch.zeros(size, size, store[next(iter(res))].shape[-1])
+        cross_finest = torch.zeros_like(cross)
         cross_native = None  # summed maps at the finest resolution, for the refinement
         for name, r in res.items():
             if r not in finest:
                 continue
             m = store[name][0].T.reshape(-1, 1, r, r)  # (77, 1, r, r)
-            cross += F.interpolate(m, size=(size, size), mode="bilinear", align_corners=False)[:, 0].permute(1, 2, 0)
+            up = F.interpolate(m, size=(size, size), mode="bilinear", align_corners=False)[:, 0].permute(1, 2, 0)
+            cross += up
+            if r == finest[0]:
+                cross_finest += up
             m_fine = F.interpolate(m, size=(finest[0], finest[0]), mode="bilinear", align_corners=False)
             cross_native = m_fine if cross_native is None else cross_native + m_fine
         self_attn = store[SELF_LAYER][0]  # (N, N) rows: queries
@@ -147,18 +154,21 @@ def evaluate(model: Path, num_images: int = 100, t: int = 200, seed: int = 0, da
         refined = (self_attn @ a.T).T.reshape(-1, 1, n_fine, n_fine)
         refined = F.interpolate(refined, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
         positions = token_positions(bb.tokenizer, sample.caption, objects)
-        maps = {"raw": [normalise(cross[..., k].numpy()) for k in positions],
-                "refined": [normalise(refined[k].numpy()) for k in positions]}
+        maps = {}
+        for how, suffix in (("max", ""), ("minmax", "_minmax")):
+            maps["raw" + suffix] = [normalise(cross[..., k].numpy(), how) for k in positions]
+            maps["refined" + suffix] = [normalise(refined[k].numpy(), how) for k in positions]
+            maps["raw_finest_only" + suffix] = [normalise(cross_finest[..., k].numpy(), how) for k in positions]
         for j, (obj, gt) in enumerate(zip(objects, masks)):
             row = {"image": i, "n_objects": len(objects), "shape": obj["shape"],
                    "whole": iou(np.ones_like(gt), gt), **{f"disk{r}": iou(d, gt) for r, d in disks.items()}}
-            for kind in ("raw", "refined"):
+            for kind in maps:
                 for th in THRESHOLDS:
                     row[f"{kind}@{th}"] = iou(maps[kind][j] >= th, gt)
             rows.append(row)
         if len(objects) == 2:
             same = objects[0]["colour"] == objects[1]["colour"]
-            for kind in ("raw", "refined"):
+            for kind in ("raw", "refined"):  # binding does not depend on the normalisation
                 for j in range(2):
                     m = maps[kind][j]
                     ok = float((m * masks[j]).sum() > (m * masks[1 - j]).sum())
@@ -171,10 +181,13 @@ def evaluate(model: Path, num_images: int = 100, t: int = 200, seed: int = 0, da
 
     report = {"model": str(model), "resolution": size, "t": t, "num_images": num_images,
               "num_objects": len(rows), "iou": {}}
-    for kind in ("raw", "refined"):
+    for kind in ("raw", "refined", "raw_minmax", "refined_minmax", "raw_finest_only",
+                 "raw_finest_only_minmax"):
         best = max(THRESHOLDS, key=lambda th: mean(f"{kind}@{th}"))
         report["iou"][f"{kind}@0.4"] = mean(f"{kind}@0.4")
         report["iou"][f"{kind}@best"] = {"threshold": best, "iou": mean(f"{kind}@{best}")}
+        if "_" in kind:
+            continue
         report["iou"][f"{kind}@0.4_by_n_objects"] = {
             n: mean(f"{kind}@0.4", [r for r in rows if r["n_objects"] == n]) for n in (1, 2, 3)
             if any(r["n_objects"] == n for r in rows)}

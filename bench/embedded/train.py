@@ -31,20 +31,22 @@ log = logging.getLogger("bench.embedded.train")
 
 DEFAULTS = {
     "size": 48,  # native image size; latent = size / 2
-    "vae_steps": 800,
+    "vae_steps": 500,
     "vae_batch": 16,
     "vae_lr": 2e-3,
     "num_train_images": 20000,
-    "steps": 1100,
+    "steps": 750,
     "batch": 32,
     "lr": 1e-3,
-    "warmup": 100,
+    "warmup": 50,
     "cfg_dropout": 0.1,
     "same_colour_prob": 0.3,
     "ema_decay": 0.995,
     "min_snr_gamma": 5.0,
     "channels": [32, 64, 96, 96],
     "heads": 2,
+    "init": "",  # continue from a pipeline folder saved by this script (its unet, text encoder and VAE)
+    "checkpoint_every": 0,  # also save the EMA pipeline to OUT/checkpoints/step-N every N steps
 }
 
 
@@ -170,7 +172,7 @@ def encode_all(vae, images: np.ndarray, batch: int = 200) -> tuple[torch.Tensor,
 
 
 def train_unet(models: dict, tokenizer, latents: tuple[torch.Tensor, torch.Tensor], captions: list[str],
-               cfg: dict, gen: torch.Generator) -> tuple[torch.nn.Module, torch.nn.Module]:
+               cfg: dict, gen: torch.Generator, checkpoint=None) -> tuple[torch.nn.Module, torch.nn.Module]:
     unet, text_encoder, scheduler = models["unet"], models["text_encoder"], models["scheduler"]
     mean, std = latents
     sf = models["vae"].config.scaling_factor
@@ -205,7 +207,9 @@ def train_unet(models: dict, tokenizer, latents: tuple[torch.Tensor, torch.Tenso
         cond = text_encoder(ids)[0]
         pred = unet(xt, t, encoder_hidden_states=cond).sample
         snr = snr_all[t]
-        weight = torch.clamp(snr, max=cfg["min_snr_gamma"]) / (snr + 1)  # min-SNR weighting for v-prediction
+        # min-SNR weighting for v-prediction (gamma <= 0: plain v-prediction MSE)
+        weight = (torch.clamp(snr, max=cfg["min_snr_gamma"]) / (snr + 1) if cfg["min_snr_gamma"] > 0
+                  else torch.ones_like(snr))
         loss = (weight * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -221,6 +225,8 @@ def train_unet(models: dict, tokenizer, latents: tuple[torch.Tensor, torch.Tenso
             bar.set_postfix(loss=f"{running:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
         if step % 100 == 0 or step == cfg["steps"] - 1:
             log.info("unet step %d loss %.4f (%.1f s)", step, running, time.time() - t0)
+        if checkpoint is not None and (step + 1) % cfg["checkpoint_every"] == 0:
+            checkpoint(step + 1, ema_unet, ema_text)
     return ema_unet, ema_text
 
 
@@ -249,6 +255,16 @@ def save_pipeline(out: Path, models: dict, tokenizer, cfg: dict, fp16: bool = Tr
     (out / "train_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
+def load_init(folder: Path) -> dict:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    kw = {"use_safetensors": True, "torch_dtype": torch.float32}
+    return {"unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw),
+            "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw).eval().requires_grad_(False),
+            "text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **kw)}
+
+
 def train(cfg: dict, out: Path) -> None:
     from bench.embedded import build_tokenizer
 
@@ -258,6 +274,9 @@ def train(cfg: dict, out: Path) -> None:
     gen = torch.Generator().manual_seed(cfg["seed"])
     tokenizer = build_tokenizer()
     models = build_models(cfg, tokenizer)
+    if cfg["init"]:
+        models.update(load_init(Path(cfg["init"])))
+        log.info("initialised unet, text encoder and vae from %s", cfg["init"])
     log.info("config %s", json.dumps(cfg, sort_keys=True))
     log.info("parameters: unet %d, vae %d, text_encoder %d", n_params(models["unet"]), n_params(models["vae"]),
              n_params(models["text_encoder"]))
@@ -267,13 +286,19 @@ def train(cfg: dict, out: Path) -> None:
     images, foreground, captions = render_all(ds)
     log.info("rendered %d training images at %d px in %.0f s", len(images), cfg["size"], time.time() - t0)
 
-    train_vae(models["vae"], images, foreground, cfg, gen)
+    if cfg["vae_steps"] > 0:
+        train_vae(models["vae"], images, foreground, cfg, gen)
     mean, std = encode_all(models["vae"], images)
-    scale = float(1.0 / mean.std())
-    models["vae"].register_to_config(scaling_factor=scale)
-    log.info("vae done at %.0f s; latent scaling_factor %.4f", time.time() - t0, scale)
+    if not cfg["init"]:
+        models["vae"].register_to_config(scaling_factor=float(1.0 / mean.std()))
+    log.info("vae done at %.0f s; latent scaling_factor %.4f", time.time() - t0, models["vae"].config.scaling_factor)
 
-    ema_unet, ema_text = train_unet(models, tokenizer, (mean, std), captions, cfg, gen)
+    def checkpoint(step, ema_unet, ema_text):
+        save_pipeline(out / "checkpoints" / f"step-{step}", models | {"unet": ema_unet, "text_encoder": ema_text},
+                      tokenizer, cfg | {"completed_steps": step})
+
+    ema_unet, ema_text = train_unet(models, tokenizer, (mean, std), captions, cfg, gen,
+                                    checkpoint if cfg["checkpoint_every"] else None)
     models["unet"], models["text_encoder"] = ema_unet, ema_text
     save_pipeline(out, models, tokenizer, cfg)
     log.info("saved pipeline to %s (total %.0f s)", out, time.time() - t0)
