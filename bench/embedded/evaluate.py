@@ -1,0 +1,276 @@
+"""Does the embedded model's attention localise the objects its caption names?
+
+    python -m bench.embedded.evaluate --model bench/embedded/weights [--num-images 100] [--t 200]
+
+Inversion mode on held-out `shapes` val images at the model's native resolution: image -> VAE posterior mean
+-> noised to timestep t with a fixed seed -> one UNet pass with the caption. For each object, the
+head-averaged cross-attention map of its shape word (its own token position in the caption), upsampled and
+summed over the cross-attention layers at the two finest attention resolutions, is compared with the
+object's pixel mask:
+  raw      thresholded at 0.4 x max (and the best of a few fixed thresholds, chosen on the whole set);
+  refined  the same map propagated by the last decoder self-attention (up_blocks.3.attentions.2...attn1);
+baselines: the whole image; a centred disk (best radius of a few).
+Binding rate: in two-object images, the share of objects whose word map puts more mass on its own object
+than on the other one. Uses its own attention capture (a diffusers attention processor calling
+`attn.get_attention_scores`), independent of the bench's tracing module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+log = logging.getLogger("bench.embedded.evaluate")
+SELF_LAYER = "up_blocks.3.attentions.2.transformer_blocks.0.attn1"
+THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+
+
+class CaptureProcessor:
+    """Plain attention (as AttnProcessor) that records head-averaged probabilities in `store[name]`."""
+
+    def __init__(self, name: str, store: dict, keep: bool):
+        self.name, self.store, self.keep = name, store, keep
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        batch = hidden_states.shape[0]
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        query, key, value = (attn.head_to_batch_dim(x) for x in (query, key, value))
+        probs = attn.get_attention_scores(query, key, attention_mask)
+        if self.keep:
+            self.store[self.name] = probs.view(batch, attn.heads, *probs.shape[1:]).mean(1).float()
+        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def install_capture(unet) -> dict:
+    """Capture every cross-attention (attn2) and the last decoder self-attention."""
+    store: dict = {}
+    procs = {}
+    for name in unet.attn_processors:
+        layer = name.rsplit(".processor", 1)[0]
+        procs[name] = CaptureProcessor(layer, store, keep=layer.endswith("attn2") or layer == SELF_LAYER)
+    unet.set_attn_processor(procs)
+    return store
+
+
+def token_positions(tokenizer, caption: str, objects: list[dict]) -> list[int]:
+    """Token index of each object's shape word (objects appear in caption order, one word each)."""
+    ids = tokenizer(caption).input_ids
+    out, start = [], 0
+    for obj in objects:
+        word_id = tokenizer.convert_tokens_to_ids(obj["shape"] + "</w>")
+        k = ids.index(word_id, start)
+        out.append(k)
+        start = k + 1
+    return out
+
+
+def iou(pred: np.ndarray, gt: np.ndarray) -> float:
+    union = np.logical_or(pred, gt).sum()
+    return float(np.logical_and(pred, gt).sum() / union) if union else 1.0
+
+
+def normalise(m: np.ndarray, how: str = "max") -> np.ndarray:
+    """"max": divide by the maximum (thresholds are fractions of the max, as specified);
+    "minmax": subtract the minimum first (a near-uniform map still spreads over [0, 1])."""
+    if how == "minmax":
+        m = m - m.min()
+    return m / m.max() if m.max() > 0 else m
+
+
+@torch.no_grad()
+def evaluate(model: Path, num_images: int = 100, t: int = 200, seed: int = 0, data_seed: int = 0) -> dict:
+    from bench.data.shapes import ShapesDataset
+    from bench.data.shapes_gt import object_masks
+    from bench.models import load_pipeline_folder
+
+    bb = load_pipeline_folder(Path(model), torch.device("cpu"), torch.float32, name="embedded-eval")
+    size = bb.resolution
+    store = install_capture(bb.unet)
+    ds = ShapesDataset(num_images=num_images, size=size, seed=data_seed, split="val")
+    gen = torch.Generator().manual_seed(seed)
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    disks = {r: np.hypot(xx - size / 2, yy - size / 2) < r * size for r in (0.15, 0.2, 0.25, 0.3, 0.35)}
+    rows = []  # one per object
+    binding = {"raw": [], "refined": []}
+    binding_same = {"raw": [], "refined": []}
+    for i in tqdm(range(len(ds)), desc="evaluate", unit="img", mininterval=2.0):
+        sample = ds[i]
+        objects = sample.extra["objects"]
+        masks = object_masks(objects, size)
+        latents = bb.encode_images([sample.image], size)
+        noise = torch.randn(latents.shape, generator=gen)
+        tt = torch.tensor([t])
+        noisy = bb.scheduler.add_noise(latents, noise, tt)
+        store.clear()
+        bb.unet(noisy, tt, encoder_hidden_states=bb.encode_text([sample.caption])).sample
+        res = {name: int(round(p.shape[1] ** 0.5)) for name, p in store.items() if name.endswith("attn2")}
+        finest = sorted(set(res.values()), reverse=True)[:2]
+        cross = torch.zeros(size, size, store[next(iter(res))].shape[-1])
+        cross_finest = torch.zeros_like(cross)
+        cross_native = None  # summed maps at the finest resolution, for the refinement
+        for name, r in res.items():
+            if r not in finest:
+                continue
+            m = store[name][0].T.reshape(-1, 1, r, r)  # (77, 1, r, r)
+            up = F.interpolate(m, size=(size, size), mode="bilinear", align_corners=False)[:, 0].permute(1, 2, 0)
+            cross += up
+            if r == finest[0]:
+                cross_finest += up
+            m_fine = F.interpolate(m, size=(finest[0], finest[0]), mode="bilinear", align_corners=False)
+            cross_native = m_fine if cross_native is None else cross_native + m_fine
+        self_attn = store[SELF_LAYER][0]  # (N, N) rows: queries
+        n_fine = int(round(self_attn.shape[0] ** 0.5))
+        a = cross_native[:, 0].reshape(cross_native.shape[0], -1)  # (77, N)
+        refined = (self_attn @ a.T).T.reshape(-1, 1, n_fine, n_fine)
+        refined = F.interpolate(refined, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+        positions = token_positions(bb.tokenizer, sample.caption, objects)
+        maps = {}
+        for how, suffix in (("max", ""), ("minmax", "_minmax")):
+            maps["raw" + suffix] = [normalise(cross[..., k].numpy(), how) for k in positions]
+            maps["refined" + suffix] = [normalise(refined[k].numpy(), how) for k in positions]
+            maps["raw_finest_only" + suffix] = [normalise(cross_finest[..., k].numpy(), how) for k in positions]
+        for j, (obj, gt) in enumerate(zip(objects, masks)):
+            row = {"image": i, "n_objects": len(objects), "shape": obj["shape"],
+                   "whole": iou(np.ones_like(gt), gt), **{f"disk{r}": iou(d, gt) for r, d in disks.items()}}
+            for kind in maps:
+                for th in THRESHOLDS:
+                    row[f"{kind}@{th}"] = iou(maps[kind][j] >= th, gt)
+            rows.append(row)
+        if len(objects) == 2:
+            same = objects[0]["colour"] == objects[1]["colour"]
+            for kind in ("raw", "refined"):  # binding does not depend on the normalisation
+                for j in range(2):
+                    m = maps[kind][j]
+                    ok = float((m * masks[j]).sum() > (m * masks[1 - j]).sum())
+                    binding[kind].append(ok)
+                    if same:
+                        binding_same[kind].append(ok)
+
+    def mean(key, subset=rows):
+        return float(np.mean([r[key] for r in subset]))
+
+    report = {"model": str(model), "resolution": size, "t": t, "num_images": num_images,
+              "num_objects": len(rows), "iou": {}}
+    for kind in ("raw", "refined", "raw_minmax", "refined_minmax", "raw_finest_only",
+                 "raw_finest_only_minmax"):
+        best = max(THRESHOLDS, key=lambda th: mean(f"{kind}@{th}"))
+        report["iou"][f"{kind}@0.4"] = mean(f"{kind}@0.4")
+        report["iou"][f"{kind}@best"] = {"threshold": best, "iou": mean(f"{kind}@{best}")}
+        if "_" in kind:
+            continue
+        report["iou"][f"{kind}@0.4_by_n_objects"] = {
+            n: mean(f"{kind}@0.4", [r for r in rows if r["n_objects"] == n]) for n in (1, 2, 3)
+            if any(r["n_objects"] == n for r in rows)}
+    best_disk = max(disks, key=lambda r: mean(f"disk{r}"))
+    report["baselines"] = {"whole_image": mean("whole"),
+                           "centred_disk": {"radius": best_disk, "iou": mean(f"disk{best_disk}")}}
+    report["binding"] = {kind: {"rate": float(np.mean(v)) if v else None, "objects": len(v)}
+                         for kind, v in binding.items()}
+    report["binding_same_colour"] = {kind: {"rate": float(np.mean(v)) if v else None, "objects": len(v)}
+                                     for kind, v in binding_same.items()}
+    report["iou_by_shape_raw@0.4"] = {s: mean("raw@0.4", [r for r in rows if r["shape"] == s])
+                                      for s in sorted({r["shape"] for r in rows})}
+    return report
+
+
+@torch.no_grad()
+def generation_check(model: Path, num_images: int = 20, steps: int = 25, guidance: float = 4.0,
+                     seed: int = 0) -> dict:
+    """Sample val captions with DDIM + classifier-free guidance; share accepted by `generated_ground_truth`."""
+    from bench.data.shapes import ShapesDataset
+    from bench.data.shapes_gt import generated_ground_truth
+    from bench.models import load_pipeline_folder
+
+    bb = load_pipeline_folder(Path(model), torch.device("cpu"), torch.float32, name="embedded-eval")
+    size = bb.resolution
+    ds = ShapesDataset(num_images=num_images, size=size, seed=1, split="test")
+    gen = torch.Generator().manual_seed(seed)
+    sched = bb.scheduler
+    sched.set_timesteps(steps)
+    latent = bb.unet.config.sample_size
+    uncond = bb.encode_text([""])
+    reasons, images = [], []
+    for i in tqdm(range(len(ds)), desc="generate", unit="img", mininterval=2.0):
+        caption = ds[i].caption
+        cond = bb.encode_text([caption])
+        x = torch.randn((1, 4, latent, latent), generator=gen)
+        for t in sched.timesteps:
+            out = bb.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+            u, c = out.chunk(2)
+            x = sched.step(u + guidance * (c - u), t, x).prev_sample
+        img = bb.vae.decode(x / bb.vae.config.scaling_factor).sample[0]
+        img = ((img.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+        images.append(img)
+        _, why = generated_ground_truth(img, caption)
+        reasons.append(why)
+    return {"num_images": num_images, "steps": steps, "guidance": guidance,
+            "accepted": sum(r is None for r in reasons) / len(reasons),
+            "reasons": [r for r in reasons if r], "images": images, "captions": [ds[i].caption for i in range(len(ds))]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--num-images", type=int, default=100)
+    parser.add_argument("--t", type=int, nargs="+", default=[200])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--generate", type=int, default=0, help="also sample N images and check them")
+    parser.add_argument("--grid", type=Path, default=None, help="save generated samples as a PNG grid")
+    parser.add_argument("--json", type=Path, default=None, help="write the report here too")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    reports = [evaluate(args.model, args.num_images, t, args.seed) for t in args.t]
+    out = {"inversion": reports}
+    if args.generate:
+        gen = generation_check(args.model, args.generate, seed=args.seed)
+        if args.grid:
+            from PIL import Image
+            ims = gen["images"]
+            cols = min(8, len(ims))
+            rows = (len(ims) + cols - 1) // cols
+            s = ims[0].shape[0]
+            grid = np.zeros((rows * s, cols * s, 3), np.uint8)
+            for k, im in enumerate(ims):
+                grid[(k // cols) * s:(k // cols + 1) * s, (k % cols) * s:(k % cols + 1) * s] = im
+            Image.fromarray(grid).save(args.grid)
+        out["generation"] = {k: v for k, v in gen.items() if k not in ("images",)}
+    text = json.dumps(out, indent=2)
+    log.info("report:\n%s", text)
+    if args.json:
+        args.json.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

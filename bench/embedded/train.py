@@ -1,0 +1,324 @@
+"""Train the embedded backbone: a small text-to-image latent diffusion model of the shapes world.
+
+    python -m bench.embedded.train --seed 0 --out bench/embedded/weights
+
+Two stages, both deterministic given --seed (single-threaded CPU):
+  1. a small AutoencoderKL (downsampling factor 2) on rendered shapes images;
+  2. the UNet (SD block layout: CrossAttnDownBlock2D x3 + DownBlock2D, UpBlock2D + CrossAttnUpBlock2D x3,
+     layers_per_block=2) jointly with a from-scratch CLIPTextModel, v-prediction, caption dropout for
+     classifier-free guidance, on VAE latents of a pre-rendered training set.
+The result is saved as a standard diffusers pipeline folder (safetensors, fp16): model_index.json, unet/,
+vae/, text_encoder/, tokenizer/, scheduler/, plus train_config.json with the exact arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+log = logging.getLogger("bench.embedded.train")
+
+DEFAULTS = {
+    "size": 48,  # native image size; latent = size / 2
+    "vae_steps": 500,
+    "vae_batch": 16,
+    "vae_lr": 2e-3,
+    "num_train_images": 20000,
+    "steps": 750,
+    "batch": 32,
+    "lr": 1e-3,
+    "warmup": 50,
+    "cfg_dropout": 0.1,
+    "same_colour_prob": 0.3,
+    "ema_decay": 0.995,
+    "min_snr_gamma": 5.0,
+    "channels": [32, 64, 96, 96],
+    "heads": 2,
+    "init": "",  # continue from a pipeline folder saved by this script (its unet, text encoder and VAE)
+    "checkpoint_every": 0,  # also save the EMA pipeline to OUT/checkpoints/step-N every N steps
+}
+
+
+def set_single_thread() -> None:
+    torch.set_num_threads(1)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set in this process
+        pass
+
+
+# ----------------------------------------------------------------------------------------------- data
+def training_dataset(num_images: int, size: int, seed: int, same_colour_prob: float):
+    """The train split of `ShapesDataset`, with a share of multi-object scenes recoloured to one colour
+    (same-colour pairs are the hardest binding case, so they are over-sampled)."""
+    from bench.data.shapes import ShapesDataset
+
+    class TrainShapes(ShapesDataset):
+        def layout(self, index: int) -> list[dict]:
+            objects = super().layout(index)
+            rng = np.random.default_rng([self.seed, self._split_offset, index, 7])
+            if len(objects) > 1 and rng.uniform() < same_colour_prob:
+                for obj in objects[1:]:
+                    obj["colour"] = objects[0]["colour"]
+            return objects
+
+    return TrainShapes(num_images=num_images, size=size, seed=seed, split="train")
+
+
+def render_all(ds) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Images (N, S, S, 3) uint8, foreground masks (N, S, S) bool, captions."""
+    images = np.empty((len(ds), ds.size, ds.size, 3), dtype=np.uint8)
+    foreground = np.empty((len(ds), ds.size, ds.size), dtype=bool)
+    captions = []
+    for i in tqdm(range(len(ds)), desc="render", unit="img", mininterval=2.0):
+        s = ds[i]
+        images[i] = s.image
+        foreground[i] = s.label > 0
+        captions.append(s.caption)
+    return images, foreground, captions
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+# ----------------------------------------------------------------------------------------------- models
+def build_models(cfg: dict, tokenizer) -> dict:
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from bench.embedded import HIDDEN
+
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, projection_dim=HIDDEN))
+    latent = cfg["size"] // 2
+    unet = UNet2DConditionModel(
+        sample_size=latent, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=tuple(cfg["channels"]), norm_num_groups=8, cross_attention_dim=HIDDEN,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=cfg["heads"])
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8, layers_per_block=1, sample_size=cfg["size"])
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False,
+                              steps_offset=1, prediction_type="v_prediction")
+    return {"text_encoder": text_encoder, "unet": unet, "vae": vae, "scheduler": scheduler}
+
+
+def n_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup)))) * 0.95 + 0.05
+    return f
+
+
+# ----------------------------------------------------------------------------------------------- stages
+def train_vae(vae, images: np.ndarray, foreground: np.ndarray, cfg: dict, gen: torch.Generator) -> None:
+    """L1 + MSE reconstruction (object pixels weighted 5x: they are few but carry colour and shape) + tiny KL."""
+    vae.train().requires_grad_(True)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg["vae_lr"], weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(50, cfg["vae_steps"]))
+    bar = tqdm(range(cfg["vae_steps"]), desc="vae", unit="step", mininterval=2.0)
+    for step in bar:
+        idx = torch.randint(len(images), (cfg["vae_batch"],), generator=gen)
+        x = to_tensor(images[idx.numpy()])
+        w = 1.0 + 4.0 * torch.from_numpy(foreground[idx.numpy()]).float()[:, None]
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        rec = vae.decode(z).sample
+        l1 = (rec - x).abs().mean()
+        kl = post.kl().mean() / x[0].numel()
+        loss = (w * (rec - x).abs()).mean() + (w * (rec - x) ** 2).mean() + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 50 == 0 or step == cfg["vae_steps"] - 1:
+            bar.set_postfix(l1=f"{l1.item():.4f}", kl=f"{kl.item():.3f}")
+            log.info("vae step %d l1 %.4f kl/dim %.3f", step, l1.item(), kl.item())
+    vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_all(vae, images: np.ndarray, batch: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+    means, stds = [], []
+    for i in tqdm(range(0, len(images), batch), desc="encode", unit="batch", mininterval=2.0):
+        post = vae.encode(to_tensor(images[i:i + batch])).latent_dist
+        means.append(post.mean)
+        stds.append(post.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def train_unet(models: dict, tokenizer, latents: tuple[torch.Tensor, torch.Tensor], captions: list[str],
+               cfg: dict, gen: torch.Generator, checkpoint=None) -> tuple[torch.nn.Module, torch.nn.Module]:
+    unet, text_encoder, scheduler = models["unet"], models["text_encoder"], models["scheduler"]
+    mean, std = latents
+    sf = models["vae"].config.scaling_factor
+    ids_all = tokenizer(captions, padding="max_length", max_length=77, truncation=True,
+                        return_tensors="pt").input_ids
+    empty_ids = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    alphas = scheduler.alphas_cumprod
+    snr_all = alphas / (1 - alphas)
+
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    for m in (unet, text_encoder):
+        m.train().requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.01, betas=(0.9, 0.99))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg["warmup"], cfg["steps"]))
+    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
+    ema_unet.requires_grad_(False)
+    ema_text.requires_grad_(False)
+    ema_pairs = list(zip(list(ema_unet.parameters()) + list(ema_text.parameters()), params))
+
+    bar = tqdm(range(cfg["steps"]), desc="unet", unit="step", mininterval=5.0)
+    running, t0 = None, time.time()
+    for step in bar:
+        idx = torch.randint(len(mean), (cfg["batch"],), generator=gen)
+        x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * sf
+        ids = ids_all[idx].clone()
+        drop = torch.rand(cfg["batch"], generator=gen) < cfg["cfg_dropout"]
+        ids[drop] = empty_ids
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg["batch"],), generator=gen)
+        xt = scheduler.add_noise(x0, noise, t)
+        target = scheduler.get_velocity(x0, noise, t)
+        cond = text_encoder(ids)[0]
+        pred = unet(xt, t, encoder_hidden_states=cond).sample
+        snr = snr_all[t]
+        # min-SNR weighting for v-prediction (gamma <= 0: plain v-prediction MSE)
+        weight = (torch.clamp(snr, max=cfg["min_snr_gamma"]) / (snr + 1) if cfg["min_snr_gamma"] > 0
+                  else torch.ones_like(snr))
+        loss = (weight * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        decay = min(cfg["ema_decay"], (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, p in ema_pairs:
+                pe.lerp_(p, 1 - decay)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if step % 25 == 0 or step == cfg["steps"] - 1:
+            bar.set_postfix(loss=f"{running:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+        if step % 100 == 0 or step == cfg["steps"] - 1:
+            log.info("unet step %d loss %.4f (%.1f s)", step, running, time.time() - t0)
+        if checkpoint is not None and (step + 1) % cfg["checkpoint_every"] == 0:
+            checkpoint(step + 1, ema_unet, ema_text)
+    return ema_unet, ema_text
+
+
+def save_pipeline(out: Path, models: dict, tokenizer, cfg: dict, fp16: bool = True) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = torch.float16 if fp16 else torch.float32
+    for key in ("unet", "vae", "text_encoder"):
+        module = copy.deepcopy(models[key]).to(dtype)
+        module.save_pretrained(out / key, safe_serialization=True)
+    tokenizer.save_pretrained(out / "tokenizer")
+    models["scheduler"].save_pretrained(out / "scheduler")
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": __import__("diffusers").__version__,
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (out / "train_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def load_init(folder: Path) -> dict:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    kw = {"use_safetensors": True, "torch_dtype": torch.float32}
+    return {"unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw),
+            "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw).eval().requires_grad_(False),
+            "text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **kw)}
+
+
+def train(cfg: dict, out: Path) -> None:
+    from bench.embedded import build_tokenizer
+
+    set_single_thread()
+    torch.manual_seed(cfg["seed"])
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    tokenizer = build_tokenizer()
+    models = build_models(cfg, tokenizer)
+    if cfg["init"]:
+        models.update(load_init(Path(cfg["init"])))
+        log.info("initialised unet, text encoder and vae from %s", cfg["init"])
+    log.info("config %s", json.dumps(cfg, sort_keys=True))
+    log.info("parameters: unet %d, vae %d, text_encoder %d", n_params(models["unet"]), n_params(models["vae"]),
+             n_params(models["text_encoder"]))
+
+    t0 = time.time()
+    ds = training_dataset(cfg["num_train_images"], cfg["size"], cfg["seed"], cfg["same_colour_prob"])
+    images, foreground, captions = render_all(ds)
+    log.info("rendered %d training images at %d px in %.0f s", len(images), cfg["size"], time.time() - t0)
+
+    if cfg["vae_steps"] > 0:
+        train_vae(models["vae"], images, foreground, cfg, gen)
+    mean, std = encode_all(models["vae"], images)
+    if not cfg["init"]:
+        models["vae"].register_to_config(scaling_factor=float(1.0 / mean.std()))
+    log.info("vae done at %.0f s; latent scaling_factor %.4f", time.time() - t0, models["vae"].config.scaling_factor)
+
+    def checkpoint(step, ema_unet, ema_text):
+        save_pipeline(out / "checkpoints" / f"step-{step}", models | {"unet": ema_unet, "text_encoder": ema_text},
+                      tokenizer, cfg | {"completed_steps": step})
+
+    ema_unet, ema_text = train_unet(models, tokenizer, (mean, std), captions, cfg, gen,
+                                    checkpoint if cfg["checkpoint_every"] else None)
+    models["unet"], models["text_encoder"] = ema_unet, ema_text
+    save_pipeline(out, models, tokenizer, cfg)
+    log.info("saved pipeline to %s (total %.0f s)", out, time.time() - t0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, required=True)
+    for key, value in DEFAULTS.items():
+        if isinstance(value, list):
+            parser.add_argument(f"--{key.replace('_', '-')}", type=type(value[0]), nargs="+", default=value)
+        else:
+            parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    cfg = {k: getattr(args, k) for k in DEFAULTS} | {"seed": args.seed}
+    train(cfg, args.out)
+
+
+if __name__ == "__main__":
+    main()
