@@ -21,7 +21,7 @@ from methods.base import METHODS, ClassQuery, Method, Param, register_method
 from methods.daam import PROMPT_PARAMS, build_prompt
 from methods.postprocess import AutoTokens
 
-COMPARED = ("daam", "attn2mask", "ovam", "iseg")
+COMPARED = ("daam", "attn2mask", "ovam", "iseg", "whole_image", "centre_blob")
 FIXED = {"iseg": {"gamma": 1.0}}  # forward choices the shared trace imposes
 
 
