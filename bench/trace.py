@@ -31,17 +31,29 @@ class TraceRequest:
     cross: frozenset[str] = frozenset()  # attn2 layers: cross-attention probabilities (h, w, T)
     self_attn: frozenset[str] = frozenset()  # attn1 layers: self-attention probabilities (h*w, h*w)
     queries: frozenset[str] = frozenset()  # attn2 layers: per-head queries, to re-key with any text (OVAM)
-    per_head: bool = False  # keep heads separate (else mean over heads at capture time)
+    per_head: bool = False  # keep heads of cross-attention separate (else mean over heads at capture time)
     dtype: str = "float32"
     sum_steps: bool = False  # sum over denoising steps at capture time (DAAM); else keep each step
     sum_self_steps: bool = False  # sum self-attention only over steps at capture time (OVAM Eq. 8: S x less memory)
+    self_per_head: bool = False  # keep heads of self-attention separate (HW x HW per head: ask only if needed)
 
     def union(self, other: "TraceRequest") -> "TraceRequest":
+        """Everything either needs. A request that records nothing of a kind does not constrain how that kind
+        is stored (a cross-attention-only method does not stop self-attention from being summed over steps)."""
         if other.dtype != self.dtype:
             raise ValueError("cannot merge trace requests with different dtypes")
+        both = (self, other)
+
+        def agree(flag, records) -> bool:
+            votes = [flag(r) for r in both if records(r)]
+            return bool(votes) and all(votes)
+
         return TraceRequest(self.cross | other.cross, self.self_attn | other.self_attn,
-                            self.queries | other.queries, self.per_head or other.per_head, self.dtype,
-                            self.sum_steps and other.sum_steps, self.sum_self_steps and other.sum_self_steps)
+                            self.queries | other.queries,
+                            any(r.per_head for r in both if r.cross or r.queries), self.dtype,
+                            agree(lambda r: r.sum_steps, lambda r: not r.is_empty()),
+                            agree(lambda r: r.sum_steps or r.sum_self_steps, lambda r: bool(r.self_attn)),
+                            any(r.self_per_head for r in both if r.self_attn))
 
     def is_empty(self) -> bool:
         return not (self.cross or self.self_attn or self.queries)
@@ -91,6 +103,14 @@ class Trace:
     queries: dict[str, torch.Tensor] = field(default_factory=dict)
     modules: dict[str, torch.nn.Module] = field(default_factory=dict)  # attn2 modules, for re-keying (to_k)
     image: torch.Tensor | None = None  # generated image (H, W, 3) uint8 in generation mode
+
+    def step_mean(self, kind: str, layer: str) -> torch.Tensor:
+        """Mean over denoising steps of cross / self_attn / queries[layer], whether or not it was summed at
+        capture time (a summed record has one entry for all `timesteps`)."""
+        value = getattr(self, kind)[layer]
+        if value.shape[0] == len(self.timesteps):
+            return value.mean(0)
+        return value[0] / len(self.timesteps)
 
     def spatial_size(self, layer: str) -> tuple[int, int]:
         t = self.cross.get(layer, self.queries.get(layer, self.self_attn.get(layer)))
@@ -177,13 +197,12 @@ class CaptureProcessor:
         probs = probs.unflatten(0, (-1, heads))  # (B, heads, L, T)
         if "queries" in self.kinds:
             rec.add("queries", self.name, query.unflatten(0, (-1, heads)))
-        if not rec.request.per_head:
-            probs = probs.mean(1, keepdim=True)
         if "cross" in self.kinds:
             h, w = grid_size(seq_len, rec.latent_size)
-            rec.add("cross", self.name, probs.unflatten(2, (h, w)))
+            cross = probs if rec.request.per_head else probs.mean(1, keepdim=True)
+            rec.add("cross", self.name, cross.unflatten(2, (h, w)))
         if "self_attn" in self.kinds:
-            rec.add("self_attn", self.name, probs)
+            rec.add("self_attn", self.name, probs if rec.request.self_per_head else probs.mean(1, keepdim=True))
 
 
 class WeightedKeyProcessor:

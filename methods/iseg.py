@@ -176,12 +176,13 @@ class ISeg(Method):
         cross = self.cross_layers(cfg)
         # generation uses the dataset's prompt, which may lack a class: keep queries for attribution keys
         queries = cross if cfg.get("mode") == "generation" else ()
-        return request(cross=cross, self_attn=[self.self_layer(cfg)], queries=queries,
-                       per_head=cfg.get("variant", "paper") == "code")
+        code = cfg.get("variant", "paper") == "code"
+        return request(cross=cross, self_attn=[self.self_layer(cfg)], queries=queries, per_head=code,
+                       self_per_head=code, sum_self_steps=True)
 
     def self_attention(self, trace: Trace, cfg: dict) -> torch.Tensor:
         """(HW, HW) self-attention: mean over steps and heads (code variant: heads 1 and 2, those that exist)."""
-        attn = trace.self_attn[self.self_layer(cfg)].float().mean(0)  # (H, HW, HW)
+        attn = trace.step_mean("self_attn", self.self_layer(cfg)).float()  # (H, HW, HW)
         if cfg.get("variant", "paper") == "code" and attn.shape[0] > 1:
             heads = [h for h in CODE_HEADS if h < attn.shape[0]] or list(range(attn.shape[0]))
             attn = attn[heads]

@@ -89,3 +89,17 @@ def test_cat_cross_weights_reach_every_cross_layer_but_record_none_extra(backbon
 def test_unknown_layer_is_a_clear_error(backbone):
     with pytest.raises(BenchError, match="matches no cross-attention layer"):
         AttentionTracer(backbone.unet, request(cross=["up_blocks.9.*"]))
+
+
+def test_union_keeps_self_attention_small_when_another_method_wants_heads(backbone):
+    """A per-head, per-step cross-attention method must not force per-head, per-step HW x HW self-attention."""
+    daam_like = request(cross=[CROSS], per_head=True)
+    ovam_like = request(self_attn=[SELF], sum_self_steps=True)
+    union = daam_like.union(ovam_like)
+    assert union.per_head and union.sum_self_steps and not union.self_per_head and not union.sum_steps
+    trace = run_traced(backbone, union, ForwardSetting(mode="generation", steps=3, size=64), ["a star"]).traces[0]
+    heads = backbone.unet.get_submodule(CROSS).heads
+    assert trace.cross[CROSS].shape[:2] == (3, heads)
+    assert trace.self_attn[SELF].shape[:2] == (1, 1)
+    mean = trace.step_mean("self_attn", SELF)
+    assert torch.allclose(mean.sum(-1), torch.ones_like(mean.sum(-1)), atol=1e-4)
