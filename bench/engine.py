@@ -193,17 +193,18 @@ def load_shards(work: Path) -> dict[str, np.ndarray]:
 
 
 # -- Tune ----------------------------------------------------------------------------------------------------------
+def group_index(groups: list[ForwardGroup]) -> dict[tuple[str, int], int]:
+    """(trial id, seed) -> index of the forward group that traced it."""
+    return {(trial.trial_id, group.seed): g for g, group in enumerate(groups) for trial in group.trials}
+
+
 def tune_results(cfg: dict, trials: list[Trial], groups: list[ForwardGroup], scores: dict[str, np.ndarray],
                  class_names: list[str], work: Path):
     """Phase 2: one Ray Tune trial per (configuration, seed) over the stored histograms."""
     from ray import tune
 
-    group_of = {}
-    for g, group in enumerate(groups):
-        for trial in group.trials:
-            group_of[(trial.trial_id, group.seed)] = g
     totals = {}
-    for (trial_id, seed), g in group_of.items():
+    for (trial_id, seed), g in group_index(groups).items():
         rows = (scores["trial"] == trial_id) & (scores["group"] == g)
         totals[f"{trial_id}/{seed}"] = scores["hist"][rows].sum(0)
     trainable = tune.with_resources(score_trial, {"cpu": 0.1})
@@ -258,9 +259,10 @@ def run_engine(cfg: dict, work: Path) -> tuple[list[dict], dict]:
     trace_seconds = time.time() - start
     scores = load_shards(work)
     by_id = {t.trial_id: t for t in trials}
+    group_of = group_index(groups)
     rows = []
     for trial_id, seed, metrics in tune_results(cfg, trials, groups, scores, dataset.classes, work):
-        g = next(i for i, gr in enumerate(groups) if gr.seed == seed and any(t.trial_id == trial_id for t in gr.trials))
+        g = group_of[(trial_id, seed)]
         passes = int(scores["passes"][scores["group"] == g].sum())
         rows.append({"trial": trial_id, "seed": seed, **by_id[trial_id].swept,
                      **{k: v for k, v in metrics.items() if k in _metric_keys(dataset.classes)},

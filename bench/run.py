@@ -16,7 +16,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench.errors import BenchError
+from bench.errors import BenchError, cli_exit
 
 log = logging.getLogger("bench")
 
@@ -99,15 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m bench.run SWEEP.yaml [key=value ...]   (e.g. data.limit=8 output_dir=runs/x)")
         return 0 if argv else 2
     _quiet_environment()
-    try:
-        out = run(argv[0], argv[1:])
-    except BenchError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    print(out)
-    return 0
+    return cli_exit(lambda: run(argv[0], argv[1:]))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import tempfile
 from datetime import datetime
 from pathlib import Path
 
-from bench.errors import BenchError
+from bench.errors import BenchError, cli_exit
 
 USAGE = "python -m bench.report RUN_DIR [RUN_DIR ...] [--out DIR]"
 
@@ -90,16 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    try:
-        args = _parse(argv)
-        if args.help or not argv:
-            print(__doc__.strip())
-            return 0 if args.help else 2
-        out = make(args.runs, args.out, args.qualitative)
-    except BenchError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    print(out)
-    return 0
+    if not argv or "-h" in argv or "--help" in argv:
+        print(__doc__.strip())
+        return 0 if argv else 2
+    return cli_exit(lambda: make(*_args(argv)))
+
+
+def _args(argv: list[str]) -> tuple:
+    args = _parse(argv)  # a usage error is a BenchError, reported by cli_exit
+    return args.runs, args.out, args.qualitative
