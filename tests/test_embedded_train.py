@@ -25,13 +25,16 @@ LAYERS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
+TINY = ["--seed", "0", "--size", "16", "--num-train-images", "16", "--vae-steps", "2", "--vae-batch", "4",
+        "--steps", "2", "--batch", "4", "--channels", "8", "16", "16", "16"]
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["vae-factor-1", "vae-factor-2"])
+def tiny_model(tmp_path_factory, request):
     from bench.embedded.train import main
 
     out = tmp_path_factory.mktemp("embedded") / "model"
-    main(["--seed", "0", "--out", str(out), "--size", "16", "--num-train-images", "16", "--vae-steps", "2",
-          "--vae-batch", "4", "--steps", "2", "--batch", "4", "--channels", "8", "16", "16", "16"])
+    main([*TINY, "--out", str(out), "--vae-factor", str(request.param)])
     return out
 
 
@@ -43,19 +46,21 @@ def test_trained_folder_loads_through_load_pipeline_folder(tiny_model):
         assert (tiny_model / part).exists(), part
     assert not list(tiny_model.rglob("*.bin")) and list(tiny_model.rglob("*.safetensors"))
     bb = load_pipeline_folder(tiny_model, torch.device("cpu"), torch.float32, name="embedded")
-    assert bb.resolution == 16
+    cfg = json.loads((tiny_model / "train_config.json").read_text())
+    assert bb.resolution == 16 and bb.unet.config.sample_size == 16 // cfg["vae_factor"]
     assert bb.scheduler.config.prediction_type == "v_prediction"
     names = {n for n, _ in bb.unet.named_modules()}
     assert set(LAYERS) <= names
     captions = ["a red circle and a blue square", "an orange star", "a photograph of a dog", ""]
-    ref = build_tokenizer()
+    ref = build_tokenizer(cfg["max_length"])
+    assert bb.max_length == cfg["max_length"] == bb.text_encoder.config.max_position_embeddings
     for c in captions:
-        assert bb.tokenize([c]).tolist() == ref([c], padding="max_length", max_length=77,
-                                                 return_tensors="pt").input_ids.tolist()
+        assert bb.tokenize([c]).tolist() == ref([c], padding="max_length", max_length=cfg["max_length"],
+                                                 truncation=True, return_tensors="pt").input_ids.tolist()
     latents = bb.encode_images([ShapesDataset(1, 16, 0)[0].image], bb.resolution)
     out = bb.unet(latents, torch.tensor([10]), encoder_hidden_states=bb.encode_text(["a red circle"])).sample
     assert out.shape == latents.shape and torch.isfinite(out).all()
-    assert json.loads((tiny_model / "train_config.json").read_text())["seed"] == 0
+    assert cfg["seed"] == 0
 
 
 def test_training_is_deterministic(tiny_model, tmp_path):
@@ -64,8 +69,8 @@ def test_training_is_deterministic(tiny_model, tmp_path):
     from bench.embedded.train import main
 
     again = tmp_path / "again"
-    main(["--seed", "0", "--out", str(again), "--size", "16", "--num-train-images", "16", "--vae-steps", "2",
-          "--vae-batch", "4", "--steps", "2", "--batch", "4", "--channels", "8", "16", "16", "16"])
+    factor = json.loads((tiny_model / "train_config.json").read_text())["vae_factor"]
+    main([*TINY, "--out", str(again), "--vae-factor", str(factor)])
     for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
         a, b = load_file(tiny_model / part), load_file(again / part)
         assert all(torch.equal(a[k], b[k]) for k in a), part
@@ -79,7 +84,8 @@ def test_shipped_weights_load_as_default_backbone():
         pytest.skip("no trained weights shipped")
     bb = load_backbone({"name": "embedded", "device": "cpu"})
     assert bb.name == "embedded" and bb.info.get("prediction_type") == "v_prediction"
-    assert bb.resolution == 2 * bb.unet.config.sample_size
+    cfg = json.loads((shipped_folder() / "train_config.json").read_text())
+    assert bb.resolution == cfg["size"] == cfg["vae_factor"] * bb.unet.config.sample_size
 
 
 def test_parse_caption():

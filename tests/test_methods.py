@@ -15,7 +15,7 @@ from bench.forward import run_traced
 from methods import METHODS
 
 torch.set_num_threads(1)
-SIZE = 128  # image and model resolution (latent 16x16)
+SIZE = 64  # image and model resolution
 STEPS = 3  # generation: DDIM steps
 DATA = {"inversion": {"name": "shapes", "size": SIZE, "limit": 2},
         "generation": {"name": "voc_sim", "size": SIZE, "limit": 2}}

@@ -21,7 +21,7 @@ from methods.postprocess import (AttributionSource, aggregate_daam, aggregate_su
                                  token_indices)
 
 torch.set_num_threads(1)
-SIZE = 128
+SIZE = 64  # image and model resolution
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ def shipped_folder() -> Path | None:
     return WEIGHTS_DIR if (WEIGHTS_DIR / "model_index.json").is_file() else None
 
 
-def build_tokenizer() -> CLIPTokenizer:
+def build_tokenizer(max_length: int = 77) -> CLIPTokenizer:
     """A CLIP BPE tokenizer over characters plus merges that spell every word of WORDS as one token.
 
     BPE applies the lowest-ranked merge first, so a word's chain can be cut by another word's merge; any word
@@ -53,7 +53,7 @@ def build_tokenizer() -> CLIPTokenizer:
                     merges.append((prefix, piece))
                 prefix += piece
                 vocab.setdefault(prefix, len(vocab))
-        tokenizer = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=77)
+        tokenizer = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=max_length)
         pending = {w: p for w in WORDS if len(p := tokenizer.tokenize(w)) > 1}
         if not pending:
             return tokenizer

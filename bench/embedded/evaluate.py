@@ -11,8 +11,7 @@ object's pixel mask:
   refined  the same map propagated by the last decoder self-attention (up_blocks.3.attentions.2...attn1);
 baselines: the whole image; a centred disk (best radius of a few).
 Binding rate: in two-object images, the share of objects whose word map puts more mass on its own object
-than on the other one. Uses its own attention capture (a diffusers attention processor calling
-`attn.get_attention_scores`), independent of the bench's tracing module.
+than on the other one. Attention is recorded with the bench's own tracer (`bench.trace.AttentionTracer`).
 """
 
 from __future__ import annotations
@@ -31,55 +30,6 @@ from tqdm import tqdm
 log = logging.getLogger("bench.embedded.evaluate")
 SELF_LAYER = "up_blocks.3.attentions.2.transformer_blocks.0.attn1"
 THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
-
-
-class CaptureProcessor:
-    """Plain attention (as AttnProcessor) that records head-averaged probabilities in `store[name]`."""
-
-    def __init__(self, name: str, store: dict, keep: bool):
-        self.name, self.store, self.keep = name, store, keep
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 **kwargs):
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            b, c, h, w = hidden_states.shape
-            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
-        batch = hidden_states.shape[0]
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        query, key, value = (attn.head_to_batch_dim(x) for x in (query, key, value))
-        probs = attn.get_attention_scores(query, key, attention_mask)
-        if self.keep:
-            self.store[self.name] = probs.view(batch, attn.heads, *probs.shape[1:]).mean(1).float()
-        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(b, c, h, w)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
-
-
-def install_capture(unet) -> dict:
-    """Capture every cross-attention (attn2) and the last decoder self-attention."""
-    store: dict = {}
-    procs = {}
-    for name in unet.attn_processors:
-        layer = name.rsplit(".processor", 1)[0]
-        procs[name] = CaptureProcessor(layer, store, keep=layer.endswith("attn2") or layer == SELF_LAYER)
-    unet.set_attn_processor(procs)
-    return store
 
 
 def token_positions(tokenizer, caption: str, objects: list[dict]) -> list[int]:
@@ -112,10 +62,12 @@ def evaluate(model: Path, num_images: int = 100, t: int = 200, seed: int = 0, da
     from bench.data.shapes import ShapesDataset
     from bench.data.shapes_gt import object_masks
     from bench.models import load_pipeline_folder
+    from bench.trace import AttentionTracer, attention_layers, request
 
     bb = load_pipeline_folder(Path(model), torch.device("cpu"), torch.float32, name="embedded-eval")
     size = bb.resolution
-    store = install_capture(bb.unet)
+    cross_layers = [n for n, kind in attention_layers(bb.unet).items() if kind == "cross"]
+    req = request(cross=cross_layers, self_attn=[SELF_LAYER])
     ds = ShapesDataset(num_images=num_images, size=size, seed=data_seed, split="val")
     gen = torch.Generator().manual_seed(seed)
     yy, xx = np.mgrid[0:size, 0:size] + 0.5
@@ -131,26 +83,28 @@ def evaluate(model: Path, num_images: int = 100, t: int = 200, seed: int = 0, da
         noise = torch.randn(latents.shape, generator=gen)
         tt = torch.tensor([t])
         noisy = bb.scheduler.add_noise(latents, noise, tt)
-        store.clear()
-        bb.unet(noisy, tt, encoder_hidden_states=bb.encode_text([sample.caption])).sample
-        res = {name: int(round(p.shape[1] ** 0.5)) for name, p in store.items() if name.endswith("attn2")}
+        with AttentionTracer(bb.unet, req) as tracer:
+            bb.unet(noisy, tt, encoder_hidden_states=bb.encode_text([sample.caption]))
+        trace = tracer.traces([sample.caption], bb.tokenize([sample.caption]))[0]
+        store = {name: trace.cross[name][0, 0] for name in cross_layers}  # (h, w, T), heads averaged
+        res = {name: m.shape[0] for name, m in store.items()}
         finest = sorted(set(res.values()), reverse=True)[:2]
-        cross = torch.zeros(size, size, store[next(iter(res))].shape[-1])
+        cross = torch.zeros(size, size, store[cross_layers[0]].shape[-1])
         cross_finest = torch.zeros_like(cross)
         cross_native = None  # summed maps at the finest resolution, for the refinement
         for name, r in res.items():
             if r not in finest:
                 continue
-            m = store[name][0].T.reshape(-1, 1, r, r)  # (77, 1, r, r)
+            m = store[name].permute(2, 0, 1)[:, None]  # (T, 1, r, r)
             up = F.interpolate(m, size=(size, size), mode="bilinear", align_corners=False)[:, 0].permute(1, 2, 0)
             cross += up
             if r == finest[0]:
                 cross_finest += up
             m_fine = F.interpolate(m, size=(finest[0], finest[0]), mode="bilinear", align_corners=False)
             cross_native = m_fine if cross_native is None else cross_native + m_fine
-        self_attn = store[SELF_LAYER][0]  # (N, N) rows: queries
+        self_attn = trace.self_attn[SELF_LAYER][0, 0]  # (N, N) rows: queries
         n_fine = int(round(self_attn.shape[0] ** 0.5))
-        a = cross_native[:, 0].reshape(cross_native.shape[0], -1)  # (77, N)
+        a = cross_native[:, 0].reshape(cross_native.shape[0], -1)  # (T, N)
         refined = (self_attn @ a.T).T.reshape(-1, 1, n_fine, n_fine)
         refined = F.interpolate(refined, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
         positions = token_positions(bb.tokenizer, sample.caption, objects)

@@ -3,7 +3,8 @@
     python -m bench.embedded.train --seed 0 --out bench/embedded/weights
 
 Two stages, both deterministic given --seed (single-threaded CPU):
-  1. a small AutoencoderKL (downsampling factor 2) on rendered shapes images;
+  1. a small AutoencoderKL on rendered shapes images (downsampling factor 1 by default: one level, so the
+     latents are a learned 4-channel re-coding of the pixels; --vae-factor 2 adds a level);
   2. the UNet (SD block layout: CrossAttnDownBlock2D x3 + DownBlock2D, UpBlock2D + CrossAttnUpBlock2D x3,
      layers_per_block=2) jointly with a from-scratch CLIPTextModel, v-prediction, caption dropout for
      classifier-free guidance, on VAE latents of a pre-rendered training set.
@@ -28,22 +29,30 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 log = logging.getLogger("bench.embedded.train")
+# Class-name prompts of the bench's methods (iSeg's template; DAAM's / OVAM's template and attribution prompt).
+# Training on them keeps those prompts in distribution, and with no colour word to lean on, a shape word has to
+# find its object by itself.
+TEMPLATES = ("A photograph of {classes} and other objects and background", "A photograph of a {classes}",
+             "a {classes}")
 
 DEFAULTS = {
-    "size": 48,  # native image size; latent = size / 2
+    "size": 32,  # native image size; latent = size / vae_factor
+    "vae_factor": 1,  # VAE downsampling factor: 1 (one level, pixel-like latents) or 2 (two levels)
+    "max_length": 16,  # tokenizer model_max_length = text encoder positions (longest shapes caption: 13)
     "vae_steps": 500,
     "vae_batch": 16,
     "vae_lr": 2e-3,
     "num_train_images": 20000,
-    "steps": 750,
+    "steps": 1100,
     "batch": 32,
     "lr": 1e-3,
     "warmup": 50,
     "cfg_dropout": 0.1,
+    "template_prob": 0.5,  # share of steps' captions replaced by a class-name prompt template (see TEMPLATES)
     "same_colour_prob": 0.3,
     "ema_decay": 0.995,
-    "min_snr_gamma": 5.0,
-    "channels": [32, 64, 96, 96],
+    "min_snr_gamma": 0.0,  # > 0: min-SNR-gamma loss weighting; 0: plain v-prediction MSE
+    "channels": [32, 64, 64, 64],
     "heads": 2,
     "init": "",  # continue from a pipeline folder saved by this script (its unet, text encoder and VAE)
     "checkpoint_every": 0,  # also save the EMA pipeline to OUT/checkpoints/step-N every N steps
@@ -76,17 +85,26 @@ def training_dataset(num_images: int, size: int, seed: int, same_colour_prob: fl
     return TrainShapes(num_images=num_images, size=size, seed=seed, split="train")
 
 
-def render_all(ds) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Images (N, S, S, 3) uint8, foreground masks (N, S, S) bool, captions."""
+def template_prompt(objects: list[dict], rng: np.random.Generator) -> str:
+    """One of TEMPLATES with the image's distinct shape names in random order."""
+    names = list(dict.fromkeys(o["shape"] for o in objects))
+    names = [names[k] for k in rng.permutation(len(names))]
+    return TEMPLATES[int(rng.integers(len(TEMPLATES)))].format(classes=" and ".join(names))
+
+
+def render_all(ds, seed: int) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """Images (N, S, S, 3) uint8, foreground masks (N, S, S) bool, captions, template prompts."""
     images = np.empty((len(ds), ds.size, ds.size, 3), dtype=np.uint8)
     foreground = np.empty((len(ds), ds.size, ds.size), dtype=bool)
-    captions = []
+    captions, templated = [], []
+    rng = np.random.default_rng([seed, 11])
     for i in tqdm(range(len(ds)), desc="render", unit="img", mininterval=2.0):
         s = ds[i]
         images[i] = s.image
         foreground[i] = s.label > 0
         captions.append(s.caption)
-    return images, foreground, captions
+        templated.append(template_prompt(s.extra["objects"], rng))
+    return images, foreground, captions, templated
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -102,9 +120,12 @@ def build_models(cfg: dict, tokenizer) -> dict:
 
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+        num_attention_heads=2, max_position_embeddings=cfg["max_length"], bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, projection_dim=HIDDEN))
-    latent = cfg["size"] // 2
+    if cfg["vae_factor"] not in (1, 2) or cfg["size"] % cfg["vae_factor"]:
+        raise ValueError(f"--vae-factor must be 1 or 2 and divide --size, got {cfg['vae_factor']}")
+    latent = cfg["size"] // cfg["vae_factor"]
+    vae_channels = (32,) if cfg["vae_factor"] == 1 else (16, 32)
     unet = UNet2DConditionModel(
         sample_size=latent, in_channels=4, out_channels=4, layers_per_block=2,
         block_out_channels=tuple(cfg["channels"]), norm_num_groups=8, cross_attention_dim=HIDDEN,
@@ -112,9 +133,10 @@ def build_models(cfg: dict, tokenizer) -> dict:
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         attention_head_dim=cfg["heads"])
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=8, layers_per_block=1, sample_size=cfg["size"])
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=vae_channels,
+        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
+        norm_num_groups=8, layers_per_block=1, sample_size=cfg["size"], mid_block_add_attention=False)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False,
                               steps_offset=1, prediction_type="v_prediction")
@@ -172,13 +194,16 @@ def encode_all(vae, images: np.ndarray, batch: int = 200) -> tuple[torch.Tensor,
 
 
 def train_unet(models: dict, tokenizer, latents: tuple[torch.Tensor, torch.Tensor], captions: list[str],
-               cfg: dict, gen: torch.Generator, checkpoint=None) -> tuple[torch.nn.Module, torch.nn.Module]:
+               templated: list[str], cfg: dict, gen: torch.Generator, checkpoint=None) -> tuple[torch.nn.Module, torch.nn.Module]:
     unet, text_encoder, scheduler = models["unet"], models["text_encoder"], models["scheduler"]
     mean, std = latents
     sf = models["vae"].config.scaling_factor
-    ids_all = tokenizer(captions, padding="max_length", max_length=77, truncation=True,
-                        return_tensors="pt").input_ids
-    empty_ids = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    def tokenize(texts):
+        return tokenizer(texts, padding="max_length", max_length=cfg["max_length"], truncation=True,
+                         return_tensors="pt").input_ids
+
+    ids_all, ids_templated = tokenize(captions), tokenize(templated)
+    empty_ids = tokenizer([""], padding="max_length", max_length=cfg["max_length"], return_tensors="pt").input_ids
     alphas = scheduler.alphas_cumprod
     snr_all = alphas / (1 - alphas)
 
@@ -198,6 +223,8 @@ def train_unet(models: dict, tokenizer, latents: tuple[torch.Tensor, torch.Tenso
         idx = torch.randint(len(mean), (cfg["batch"],), generator=gen)
         x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * sf
         ids = ids_all[idx].clone()
+        use_template = torch.rand(cfg["batch"], generator=gen) < cfg["template_prob"]
+        ids[use_template] = ids_templated[idx][use_template]
         drop = torch.rand(cfg["batch"], generator=gen) < cfg["cfg_dropout"]
         ids[drop] = empty_ids
         noise = torch.randn(x0.shape, generator=gen)
@@ -272,7 +299,7 @@ def train(cfg: dict, out: Path) -> None:
     torch.manual_seed(cfg["seed"])
     torch.use_deterministic_algorithms(True, warn_only=True)
     gen = torch.Generator().manual_seed(cfg["seed"])
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(cfg["max_length"])
     models = build_models(cfg, tokenizer)
     if cfg["init"]:
         models.update(load_init(Path(cfg["init"])))
@@ -283,7 +310,7 @@ def train(cfg: dict, out: Path) -> None:
 
     t0 = time.time()
     ds = training_dataset(cfg["num_train_images"], cfg["size"], cfg["seed"], cfg["same_colour_prob"])
-    images, foreground, captions = render_all(ds)
+    images, foreground, captions, templated = render_all(ds, cfg["seed"])
     log.info("rendered %d training images at %d px in %.0f s", len(images), cfg["size"], time.time() - t0)
 
     if cfg["vae_steps"] > 0:
@@ -297,7 +324,7 @@ def train(cfg: dict, out: Path) -> None:
         save_pipeline(out / "checkpoints" / f"step-{step}", models | {"unet": ema_unet, "text_encoder": ema_text},
                       tokenizer, cfg | {"completed_steps": step})
 
-    ema_unet, ema_text = train_unet(models, tokenizer, (mean, std), captions, cfg, gen,
+    ema_unet, ema_text = train_unet(models, tokenizer, (mean, std), captions, templated, cfg, gen,
                                     checkpoint if cfg["checkpoint_every"] else None)
     models["unet"], models["text_encoder"] = ema_unet, ema_text
     save_pipeline(out, models, tokenizer, cfg)

@@ -57,6 +57,14 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _series_param(swept: list[str], p: str, d: pd.DataFrame, max_series: int = 5) -> str | None:
+    """With exactly two swept parameters, the other one when it has few enough values to draw as curves."""
+    if len(swept) != 2:
+        return None
+    other = swept[1] if swept[0] == p else swept[0]
+    return other if d[other].nunique() <= max_series else None
+
+
 def sweep_plots(run: RunData, s: pd.DataFrame, out: Path, prefix: str = "") -> list[Figure]:
     """One figure per swept parameter. With one parameter: ours with its 95% CI band and the paper's curve.
     With several: every configuration as a dot and the best over the other parameters as a line."""
@@ -75,6 +83,12 @@ def sweep_plots(run: RunData, s: pd.DataFrame, out: Path, prefix: str = "") -> l
                 kind = next((k for k in d["ci_kind"] if k), "")
                 ax.fill_between(d["_x"], d["ci_low"], d["ci_high"], color="C0", alpha=0.18,
                                 label=tx(f"95% CI ({kind.split(' over')[0]})"))
+        elif (series := _series_param(run.swept, p, d)) is not None:
+            # two swept parameters, the other with few values: one curve per value (e.g. iSeg Fig. 1f)
+            for k, (value, part) in enumerate(d.groupby(series, sort=True)):
+                ax.plot(part["_x"], part["mean"], "o-", color=f"C{k}", label=tx(f"{series} = {fmt_value(value)}"))
+                if np.isfinite(part["ci_low"]).any():
+                    ax.fill_between(part["_x"], part["ci_low"], part["ci_high"], color=f"C{k}", alpha=0.12)
         else:
             ax.plot(d["_x"], d["mean"], "o", color="C0", alpha=0.35, label="every configuration")
             top = d.groupby("_x")["mean"].max()
@@ -93,7 +107,9 @@ def sweep_plots(run: RunData, s: pd.DataFrame, out: Path, prefix: str = "") -> l
         ax.legend(fontsize=7)
         path = _save(fig, out / f"{prefix}plot_{run.metric}_{_safe(p)}.png")
         cap = f"{run.metric} against {p}"
-        if len(run.swept) > 1:
+        if (series := _series_param(run.swept, p, d)) is not None:
+            cap += f", one curve per value of {series} (bands: 95% CI)"
+        elif len(run.swept) > 1:
             cap += " (dots: every configuration; line: best over the other swept parameters)"
         if p == paper.get("param") and np.isfinite(d["paper"]).any():
             cap += f"; dashed: the paper's values ({paper.get('table', '')})"
