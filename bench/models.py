@@ -45,7 +45,7 @@ class Backbone:
 
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        """(B, 77, D) last hidden states, as SD feeds them to cross-attention."""
+        """(B, max_length, D) last hidden states (77 tokens on SD), as SD feeds them to cross-attention."""
         ids = self.tokenize(prompts).to(self.device)
         return self.text_encoder(ids)[0].to(self.dtype)
 

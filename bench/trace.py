@@ -89,7 +89,7 @@ def resolve_layers(patterns, layers: dict[str, str], kind: str) -> list[str]:
 class Trace:
     """Recorded attention for ONE image. Tensors are indexed [step, head, ...]; head has size 1 if averaged.
 
-    cross[layer]:   (S, H, h, w, T)      probabilities over the 77 prompt tokens
+    cross[layer]:   (S, H, h, w, T)      probabilities over the prompt tokens (77 on SD)
     self_attn[layer]: (S, H, h*w, h*w)   rows are queries
     queries[layer]: (S, H, h*w, d)       pre-softmax queries, per head
     """

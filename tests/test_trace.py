@@ -26,7 +26,7 @@ def test_sd_layer_names_exist(backbone):
 
 def test_inversion_trace_shapes(backbone):
     image = np.random.default_rng(0).integers(0, 255, (100, 80, 3), dtype=np.uint8)
-    size = 128
+    size = 64
     req = request(cross=[CROSS], self_attn=[SELF], queries=[QUERY])
     result = run_traced(backbone, req, ForwardSetting(timestep=100, size=size), ["a red circle"] * 2,
                         [image, image])
@@ -37,7 +37,7 @@ def test_inversion_trace_shapes(backbone):
     if latent:
         assert (h, w) == (latent, latent)
     assert set(trace.cross) == {CROSS} and set(trace.self_attn) == {SELF} and set(trace.queries) == {QUERY}
-    assert trace.cross[CROSS].shape == (1, 1, h // 2, w // 2, 77)
+    assert trace.cross[CROSS].shape == (1, 1, h // 2, w // 2, backbone.max_length)
     assert trace.self_attn[SELF].shape == (1, 1, h * w, h * w)
     heads = backbone.unet.get_submodule(QUERY).heads
     assert trace.queries[QUERY].shape[:3] == (1, heads, (h // 2) * (w // 2))

@@ -48,7 +48,7 @@ DEFAULTS = {
     "lr": 1e-3,
     "warmup": 50,
     "cfg_dropout": 0.1,
-    "template_prob": 0.5,  # share of steps' captions replaced by a class-name prompt template (see TEMPLATES)
+    "template_prob": 0.0,  # share of steps' captions replaced by a class-name prompt template (see TEMPLATES)
     "same_colour_prob": 0.3,
     "ema_decay": 0.995,
     "min_snr_gamma": 0.0,  # > 0: min-SNR-gamma loss weighting; 0: plain v-prediction MSE
@@ -223,8 +223,9 @@ def train_unet(models: dict, tokenizer, latents: tuple[torch.Tensor, torch.Tenso
         idx = torch.randint(len(mean), (cfg["batch"],), generator=gen)
         x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * sf
         ids = ids_all[idx].clone()
-        use_template = torch.rand(cfg["batch"], generator=gen) < cfg["template_prob"]
-        ids[use_template] = ids_templated[idx][use_template]
+        if cfg["template_prob"] > 0:  # (no random draw when off: the generator stream stays as without templates)
+            use_template = torch.rand(cfg["batch"], generator=gen) < cfg["template_prob"]
+            ids[use_template] = ids_templated[idx][use_template]
         drop = torch.rand(cfg["batch"], generator=gen) < cfg["cfg_dropout"]
         ids[drop] = empty_ids
         noise = torch.randn(x0.shape, generator=gen)
