@@ -194,16 +194,17 @@ def encode_all(vae, images: np.ndarray, batch: int = 200) -> tuple[torch.Tensor,
 
 
 def train_unet(models: dict, tokenizer, latents: tuple[torch.Tensor, torch.Tensor], captions: list[str],
-               templated: list[str], cfg: dict, gen: torch.Generator, checkpoint=None) -> tuple[torch.nn.Module, torch.nn.Module]:
+               templated: list[str], cfg: dict, gen: torch.Generator,
+               checkpoint=None) -> tuple[torch.nn.Module, torch.nn.Module]:
     unet, text_encoder, scheduler = models["unet"], models["text_encoder"], models["scheduler"]
     mean, std = latents
     sf = models["vae"].config.scaling_factor
+
     def tokenize(texts):
         return tokenizer(texts, padding="max_length", max_length=cfg["max_length"], truncation=True,
                          return_tensors="pt").input_ids
 
-    ids_all, ids_templated = tokenize(captions), tokenize(templated)
-    empty_ids = tokenizer([""], padding="max_length", max_length=cfg["max_length"], return_tensors="pt").input_ids
+    ids_all, ids_templated, empty_ids = tokenize(captions), tokenize(templated), tokenize([""])
     alphas = scheduler.alphas_cumprod
     snr_all = alphas / (1 - alphas)
 
@@ -345,6 +346,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     cfg = {k: getattr(args, k) for k in DEFAULTS} | {"seed": args.seed}
+    if cfg["vae_factor"] not in (1, 2) or cfg["size"] % cfg["vae_factor"]:
+        parser.error(f"--vae-factor must be 1 or 2 and divide --size ({cfg['size']}); got {cfg['vae_factor']}")
+    if not 0 <= cfg["template_prob"] <= 1:
+        parser.error(f"--template-prob is a probability in [0, 1]; got {cfg['template_prob']}")
     train(cfg, args.out)
 
 
