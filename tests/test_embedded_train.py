@@ -44,6 +44,7 @@ def test_trained_folder_loads_through_load_pipeline_folder(tiny_model):
 
     for part in ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         assert (tiny_model / part).exists(), part
+    assert not tiny_model.with_name(tiny_model.name + ".partial").exists()
     assert not list(tiny_model.rglob("*.bin")) and list(tiny_model.rglob("*.safetensors"))
     bb = load_pipeline_folder(tiny_model, torch.device("cpu"), torch.float32, name="embedded")
     cfg = json.loads((tiny_model / "train_config.json").read_text())
@@ -61,6 +62,16 @@ def test_trained_folder_loads_through_load_pipeline_folder(tiny_model):
     out = bb.unet(latents, torch.tensor([10]), encoder_hidden_states=bb.encode_text(["a red circle"])).sample
     assert out.shape == latents.shape and torch.isfinite(out).all()
     assert cfg["seed"] == 0
+
+
+def test_bad_arguments_exit_with_one_line_and_write_nothing(tmp_path, capsys):
+    from bench.embedded.train import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([*TINY, "--out", str(tmp_path / "model"), "--vae-factor", "3"])
+    assert exit_info.value.code == 2
+    assert "--vae-factor must be 1 or 2" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not list(tmp_path.iterdir())
 
 
 def test_training_is_deterministic(tiny_model, tmp_path):
@@ -130,3 +141,13 @@ def test_generated_ground_truth_rejects_mismatched_captions():
             assert check_generated(s.image, s.caption.split(" and ")[0]) is not None
     assert checked > 10
     assert CLASSES[0] == "background"
+
+
+def test_checkpoints_survive_the_final_save(tmp_path):
+    from bench.embedded.train import main
+
+    out = tmp_path / "model"
+    main([*TINY, "--out", str(out), "--checkpoint-every", "1"])
+    assert (out / "model_index.json").is_file()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1", "step-2"]
+    assert not (tmp_path / "model.partial").exists()

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -112,6 +113,15 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- models
+def config_error(cfg: dict) -> str | None:
+    """What is wrong with the training arguments, as one line naming the flag; None if nothing."""
+    if cfg["vae_factor"] not in (1, 2) or cfg["size"] % cfg["vae_factor"]:
+        return f"--vae-factor must be 1 or 2 and divide --size ({cfg['size']}); got {cfg['vae_factor']}"
+    if not 0 <= cfg["template_prob"] <= 1:
+        return f"--template-prob is a probability in [0, 1]; got {cfg['template_prob']}"
+    return None
+
+
 def build_models(cfg: dict, tokenizer) -> dict:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -122,8 +132,8 @@ def build_models(cfg: dict, tokenizer) -> dict:
         vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=2,
         num_attention_heads=2, max_position_embeddings=cfg["max_length"], bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, projection_dim=HIDDEN))
-    if cfg["vae_factor"] not in (1, 2) or cfg["size"] % cfg["vae_factor"]:
-        raise ValueError(f"--vae-factor must be 1 or 2 and divide --size, got {cfg['vae_factor']}")
+    if error := config_error(cfg):
+        raise ValueError(error)
     latent = cfg["size"] // cfg["vae_factor"]
     vae_channels = (32,) if cfg["vae_factor"] == 1 else (16, 32)
     unet = UNet2DConditionModel(
@@ -329,7 +339,14 @@ def train(cfg: dict, out: Path) -> None:
     ema_unet, ema_text = train_unet(models, tokenizer, (mean, std), captions, templated, cfg, gen,
                                     checkpoint if cfg["checkpoint_every"] else None)
     models["unet"], models["text_encoder"] = ema_unet, ema_text
-    save_pipeline(out, models, tokenizer, cfg)
+    # Written next to OUT and swapped in whole, so a crash never leaves a half-written pipeline in OUT.
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    save_pipeline(partial, models, tokenizer, cfg)
+    if (out / "checkpoints").is_dir():
+        (out / "checkpoints").rename(partial / "checkpoints")
+    shutil.rmtree(out, ignore_errors=True)
+    partial.rename(out)
     log.info("saved pipeline to %s (total %.0f s)", out, time.time() - t0)
 
 
@@ -346,10 +363,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     cfg = {k: getattr(args, k) for k in DEFAULTS} | {"seed": args.seed}
-    if cfg["vae_factor"] not in (1, 2) or cfg["size"] % cfg["vae_factor"]:
-        parser.error(f"--vae-factor must be 1 or 2 and divide --size ({cfg['size']}); got {cfg['vae_factor']}")
-    if not 0 <= cfg["template_prob"] <= 1:
-        parser.error(f"--template-prob is a probability in [0, 1]; got {cfg['template_prob']}")
+    if error := config_error(cfg):
+        parser.error(error)
     train(cfg, args.out)
 
 
