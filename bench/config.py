@@ -14,6 +14,7 @@ fixed parameters are checked against the method's declared parameters. Nothing h
     seeds: [0]                        # noise / generation seeds (each one is a forward setting)
     metric: {protocol: mmseg}         # mmseg | iseg
     paper: {table: "iSeg Table 5(b)", param: lambda, metric: mIoU, values: {0: 69.1, ...}}
+    ray: {num_actors: 1, batch_size: 1}   # tracing actors (0: trace in this process), images per batch
     train: {num_workers: 1, use_gpu: false, split: train}   # trained methods: Ray Train workers, training split
     fit: {from: null}                 # trained methods: reuse the fits of another run (or one fit directory)
 """
@@ -273,10 +274,10 @@ def validate(cfg: SweepConfig) -> None:
         raise BenchError(f"seeds={seeds!r} must be a non-empty list of integers")
     if not isinstance(cfg.num_samples, int) or cfg.num_samples < 1:
         raise BenchError("num_samples must be an integer >= 1")
-    for name, low in (("ray.num_actors", cfg.ray.num_actors), ("ray.batch_size", cfg.ray.batch_size),
-                      ("train.num_workers", cfg.train.num_workers)):
-        if low < 1:
-            raise BenchError(f"{name}={low} must be >= 1")
+    for name, value, low in (("ray.num_actors", cfg.ray.num_actors, 0), ("ray.batch_size", cfg.ray.batch_size, 1),
+                             ("train.num_workers", cfg.train.num_workers, 1)):
+        if value < low:
+            raise BenchError(f"{name}={value} must be >= {low}")
     paper = cfg.paper
     if paper and paper.get("param") and paper["param"] not in cfg.sweep:
         raise BenchError(f"paper.param={paper['param']!r} is not a swept parameter ({', '.join(cfg.sweep)})")

@@ -4,13 +4,12 @@
     fit      one Ray Train run per train setting -> <run>/fit/<hash>/                    bench.stages.fit
     trace    Ray Data actors: one UNet pass per (image, forward setting); every          bench.stages.trace
     predict  configuration of the setting predicted on that trace and histogrammed
-    score    one Ray Tune trial per (configuration, seed) over the histograms           bench.stages.score
+    score    metrics per (configuration, seed) from the histograms, in this process      bench.stages.score
 
 Work directory layout (`<run>.partial/`, renamed to `<run>/` when complete; kept on interruption so that the
 same command with the same `output_dir=` resumes):
     fit/<hash>/               finished fits (kept in the run) and unfinished ones' Ray Train checkpoints
     work/shards/              per-image histograms of every (configuration, seed), written as batches finish
-    work/tune/                the Ray Tune experiment (restored on resume)
     qualitative/              maps of the first images for the report's qualitative figure
 `work/` is removed when the run completes (bench.run).
 """
@@ -28,12 +27,12 @@ from bench.data import build_dataset
 from bench.env import init_ray
 from bench.plan import Plan, make_plan
 from bench.stages.fit import check_fit_sources, load_fits, run_fits
-from bench.stages.score import group_index, tune_results
+from bench.stages.score import group_index, score
 from bench.stages.trace import load_shards, trace_and_score
 from methods import METHODS
 
 log = logging.getLogger(__name__)
-WORK = "work"  # the run directory's working subfolder (shards, Tune state)
+WORK = "work"  # the run directory's working subfolder (shards, the configuration it was started with)
 
 
 def run_engine(cfg: SweepConfig, run_dir: Path, plan: Plan | None = None) -> tuple[list[dict], dict]:
@@ -43,7 +42,8 @@ def run_engine(cfg: SweepConfig, run_dir: Path, plan: Plan | None = None) -> tup
     dataset = build_dataset(cfg.data)
     log.info("%d configurations x %d seeds in %d forward settings and %d train settings over %d images",
              len(plan.trials), len(cfg.seeds), len(plan.groups), len(plan.fits), len(dataset))
-    init_ray(cfg.ray.address, cfg.ray.object_store_mb, cfg.ray.quiet)
+    if cfg.ray.num_actors > 0 or plan.fits:  # tracing in this process without fits needs no Ray
+        init_ray(cfg.ray.address, cfg.ray.object_store_mb, cfg.ray.quiet)
     fit_stats, finished = run_fits(cfg, plan, run_dir)
     start = time.time()
     trace_and_score(cfg, plan.groups, len(dataset), run_dir / WORK / "shards", load_fits(finished),
@@ -54,8 +54,8 @@ def run_engine(cfg: SweepConfig, run_dir: Path, plan: Plan | None = None) -> tup
     group_of = group_index(plan.groups)
     metric_keys = _metric_keys(dataset.classes)
     rows = []
-    for trial_id, seed, metrics in tune_results(cfg, plan.trials, plan.groups, scores, dataset.classes,
-                                                run_dir / WORK):
+    for trial_id, seed, metrics in score(plan.trials, plan.groups, cfg.seeds, scores, dataset.classes,
+                                         cfg.metric.protocol):
         g = group_of[(trial_id, seed)]
         trial = by_id[trial_id]
         passes = int(scores["passes"][scores["group"] == g].sum())

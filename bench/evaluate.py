@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,11 +17,9 @@ from bench.data import require_generation_gt
 from bench.data.base import Sample, SegDataset
 from bench.forward import run_traced
 from bench.metrics import intersect_and_union
+from bench.plan import ForwardGroup, Trial, group_trials  # noqa: F401  (re-exported: callers group and evaluate)
 from bench.trace import Trace, TraceRequest
 from methods.base import ClassQuery, Method
-
-if TYPE_CHECKING:  # bench.plan imports the method registry, which imports trained methods that import this
-    from bench.plan import ForwardGroup
 
 
 def class_query(sample: Sample, dataset: SegDataset, which: str) -> ClassQuery:
@@ -30,7 +27,7 @@ def class_query(sample: Sample, dataset: SegDataset, which: str) -> ClassQuery:
     return ClassQuery(ids=ids, names=[dataset.classes[i] for i in ids])
 
 
-def group_request(method: Method, group: "ForwardGroup") -> TraceRequest:
+def group_request(method: Method, group: ForwardGroup) -> TraceRequest:
     req = method.trace_request(group.trials[0].params)
     for trial in group.trials[1:]:
         req = req.union(method.trace_request(trial.params))
@@ -73,7 +70,7 @@ def trace_samples(method: Method, dataset: SegDataset, samples: list[Sample], pa
 
 
 @torch.no_grad()
-def evaluate_batch(method: Method, dataset: SegDataset, samples: list[Sample], group: "ForwardGroup",
+def evaluate_batch(method: Method, dataset: SegDataset, samples: list[Sample], group: ForwardGroup,
                    req: TraceRequest | None = None, resolution: int = 0,
                    on_predictions: Callable | None = None) -> tuple[list[np.ndarray], int]:
     """Histograms (len(samples) x len(group.trials), each (4, C)) in sample-major order, and image-passes.

@@ -37,8 +37,9 @@ def default_run_dir(cfg: SweepConfig) -> Path:
 
 
 def resume_hash(cfg: SweepConfig) -> str:
-    """What must not change between an interrupted run and its resumption (overrides and output_dir may)."""
-    return config_hash({k: v for k, v in cfg.as_dict().items() if k != "overrides"})
+    """What must not change between an interrupted run and its resumption: everything but the overrides'
+    spelling, output_dir and `ray` (where and how parallel it runs, not what it computes)."""
+    return config_hash({k: v for k, v in cfg.as_dict().items() if k not in ("overrides", "ray")})
 
 
 def run(sweep_path: str, overrides: list[str]) -> Path:
@@ -79,7 +80,7 @@ def run(sweep_path: str, overrides: list[str]) -> Path:
     data = cfg.as_dict()
     frame, provenance = write_run(data, rows, stats, work)
     write_report(work, data, frame, provenance)
-    shutil.rmtree(work / WORK)  # shards and Tune state: only needed to resume
+    shutil.rmtree(work / WORK)  # shards: only needed to resume
     work.rename(final)
     return final
 

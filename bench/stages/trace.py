@@ -30,10 +30,11 @@ class SweepWorker:
     forward group."""
 
     def __init__(self, cfg: SweepConfig, groups: list[ForwardGroup], fits: dict[str, bytes],
-                 qualitative_dir: str | None = None):
-        if not torch.cuda.is_available():
-            torch.set_num_threads(1)
-        logging.getLogger().setLevel(logging.WARNING)
+                 qualitative_dir: str | None = None, own_process: bool = True):
+        if own_process:  # an actor's process: one thread per CPU actor, warnings only
+            if not torch.cuda.is_available():
+                torch.set_num_threads(1)
+            logging.getLogger().setLevel(logging.WARNING)
         self.dataset = build_dataset(cfg.data)
         self.method = METHODS.get(cfg.method)(load_backbone(cfg.model.as_dict()))
         for key, blob in fits.items():
@@ -89,21 +90,13 @@ def trace_and_score(cfg: SweepConfig, groups: list[ForwardGroup], num_images: in
         log.info("resuming: %d of %d images already scored", len(done), num_images)
     if not todo:
         return
-    use_gpu = torch.cuda.is_available() and cfg.model.device != "cpu"
-    ds = ray.data.from_items([{"index": i} for i in todo], override_num_blocks=max(1, len(todo)))
     kwargs = {"cfg": cfg, "groups": groups, "fits": fits,
               "qualitative_dir": str(qualitative_dir.resolve()) if qualitative_dir else None}
-    with warnings.catch_warnings():
-        # max_restarts=0: a crashed actor fails the run (finished shards are kept) instead of silently
-        # retrying; Ray only offers it through the deprecated ray_remote_args path.
-        warnings.simplefilter("ignore")
-        ds = ds.map_batches(SweepWorker, fn_constructor_kwargs=kwargs, batch_size=int(cfg.ray.batch_size),
-                            compute=ray.data.ActorPoolStrategy(size=int(cfg.ray.num_actors)),
-                            num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1, max_restarts=0)
+    batches = _local_batches(todo, kwargs) if cfg.ray.num_actors == 0 else _ray_batches(todo, kwargs)
     next_shard = len(list(shards.glob("shard-*.npz")))
     with tqdm(total=num_images, initial=len(done), desc=f"{cfg.name} images", unit="img",
               dynamic_ncols=True) as bar:
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for batch in batches:
             tmp = shards / f".shard-{next_shard:05d}.npz"
             batch["trial"] = batch["trial"].astype(str)  # object arrays would need pickle
             with open(tmp, "wb") as fh:
@@ -111,6 +104,29 @@ def trace_and_score(cfg: SweepConfig, groups: list[ForwardGroup], num_images: in
             tmp.rename(shards / f"shard-{next_shard:05d}.npz")
             next_shard += 1
             bar.update(len(np.unique(batch["index"])))
+
+
+def _ray_batches(todo: list[int], kwargs: dict):
+    """Result batches of the Ray Data actor pool (ray.num_actors actors, one GPU each where there are GPUs)."""
+    cfg = kwargs["cfg"]
+    use_gpu = torch.cuda.is_available() and cfg.model.device != "cpu"
+    ds = ray.data.from_items([{"index": i} for i in todo], override_num_blocks=max(1, len(todo)))
+    with warnings.catch_warnings():
+        # max_restarts=0: a crashed actor fails the run (finished shards are kept) instead of silently
+        # retrying; Ray only offers it through the deprecated ray_remote_args path.
+        warnings.simplefilter("ignore")
+        ds = ds.map_batches(SweepWorker, fn_constructor_kwargs=kwargs, batch_size=int(cfg.ray.batch_size),
+                            compute=ray.data.ActorPoolStrategy(size=int(cfg.ray.num_actors)),
+                            num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1, max_restarts=0)
+    yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+
+
+def _local_batches(todo: list[int], kwargs: dict):
+    """ray.num_actors=0: the same worker in this process (debuggers, small runs; no actor start-up)."""
+    worker = SweepWorker(**kwargs, own_process=False)
+    size = int(kwargs["cfg"].ray.batch_size)
+    for start in range(0, len(todo), size):
+        yield worker({"index": np.array(todo[start:start + size], dtype=np.int64)})
 
 
 def load_shards(shards: Path) -> dict[str, np.ndarray]:
