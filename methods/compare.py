@@ -55,6 +55,14 @@ class Compare(Method):
         return {**super().all_params(), **own}
 
     @classmethod
+    def train_keys(cls) -> list[str]:
+        """What any compared method's fit may read, by compare's names."""
+        keys = {"method", *COMMON, "prompt", "template", "tokens"}
+        for name in comparable():
+            keys |= {f"{name}__{k}" for k in METHODS.get(name).train_keys()}
+        return sorted(keys)
+
+    @classmethod
     def default_sweep(cls) -> dict:
         return {"method": {"grid": [n for n in comparable() if not METHODS.get(n).is_trained()]}}
 

@@ -111,10 +111,12 @@ class AutoTokens:
     the training split (one image per class, AUTO_EPOCHS epochs; OVAM Sec. 4.1 protocol, shortened) once per
     forward setting it depends on, shared by every method of a `compare` sweep."""
 
+    fit_reads = ("mode", "timestep", "steps", "guidance")  # the fit traces its training images with these
+
     def train_setting(self, cfg: Mapping) -> TrainSetting | None:
         if cfg["tokens"] != "auto":
             return None
-        values = tuple((k, cfg[k]) for k in ("mode", "timestep", "steps", "guidance"))
+        values = tuple((k, cfg[k]) for k in self.fit_reads)
         return TrainSetting(TOKENS_FITTER, TOKENS_FIT_VERSION, values)
 
     def can_fit(self, setting: TrainSetting) -> bool:
