@@ -111,6 +111,7 @@ def test_fit_from_lends_the_fit_to_a_compare_sweep(probe_run, tiny_model, tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_killed_run_resumes_without_refitting_finished_settings(tmp_path, tiny_model):
     """Two train settings; the command is SIGKILLed after the second fit's first checkpoint. The same command
     reuses the first fit as it is and resumes the second from its checkpoint; both equal undisturbed fits."""

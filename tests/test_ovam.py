@@ -1,11 +1,11 @@
 """OVAM: attribution keys reproduce the UNet's cross-attention (paper Sec. 3.2), token optimisation (Sec. 3.3),
-and the dense CRF."""
+and the dense CRF. Mechanics on tiny random components; that optimised tokens help needs trained weights
+(quality set)."""
 
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,32 +21,32 @@ from methods.postprocess import (AttributionSource, aggregate_daam, aggregate_su
                                  token_indices)
 
 torch.set_num_threads(1)
-SIZE = 64  # image and model resolution
+SIZE = 64  # image resolution (the backbone sees images at its own)
 
 
 @pytest.fixture(scope="module")
-def generated(backbone):
+def generated(tiny):
     """A 3-step guided generation of a shapes caption, recording cross-attention AND queries per head."""
     sample = build_dataset({"name": "shapes", "size": SIZE})[0]
     layers = attn_layers("64+32+16")
     req = request(cross=layers, queries=layers, per_head=True)
-    setting = ForwardSetting(mode="generation", steps=3, size=SIZE)
-    trace = run_traced(backbone, req, setting, [sample.caption]).traces[0]
+    setting = ForwardSetting(mode="generation", steps=3)
+    trace = run_traced(tiny, req, setting, [sample.caption]).traces[0]
     names = [o["shape"] for o in sample.extra["objects"]]
     return trace, layers, names
 
 
-def test_attribution_with_the_generation_prompt_is_the_unet_cross_attention(backbone, generated):
+def test_attribution_with_the_generation_prompt_is_the_unet_cross_attention(tiny, generated):
     """X' = X (padded like the generation prompt): A(Q, K') equals the recorded probabilities, per layer,
     step and head (OVAM Sec. 3.2)."""
     trace, layers, _ = generated
-    emb, ids = attribution_embedding(backbone, trace.prompt, pad=True)
+    emb, ids = attribution_embedding(tiny, trace.prompt, pad=True)
     assert ids == trace.token_ids
     for layer in layers:
         torch.testing.assert_close(rekey(trace, layer, emb), trace.cross[layer].float(), atol=1e-5, rtol=1e-4)
 
 
-def test_ovam_maps_equal_daam_maps_under_matching_normalisation(backbone, generated):
+def test_ovam_maps_equal_daam_maps_under_matching_normalisation(tiny, generated):
     """Method level: OVAM with attribution "{prompt}" (padded) gives DAAM's maps for the prompt's words, with
     the same aggregation; and without padding the softmax renormalises over X' only (the paper's)."""
     from methods.daam import DAAM
@@ -54,52 +54,51 @@ def test_ovam_maps_equal_daam_maps_under_matching_normalisation(backbone, genera
 
     trace, layers, names = generated
     query = ClassQuery(list(range(1, len(names) + 1)), names)
-    ovam = OVAM(backbone)
+    ovam = OVAM(tiny)
     cfg = OVAM.resolve({"attribution": "{prompt}", "pad": True, "mode": "generation"})
-    recorded = AttributionSource(backbone, recorded=True).layer_maps(trace, layers, names)
+    recorded = AttributionSource(tiny, recorded=True).layer_maps(trace, layers, names)
     torch.testing.assert_close(ovam.heatmaps(trace, query, cfg), aggregate_sum(recorded, trace.latent_size),
                                atol=1e-4, rtol=1e-4)
-    daam = DAAM(backbone)
+    daam = DAAM(tiny)
     dcfg = DAAM.resolve({"mode": "generation"})
-    rekeyed = AttributionSource(backbone, "{prompt}", pad=True, recorded=False).layer_maps(trace, layers, names)
+    rekeyed = AttributionSource(tiny, "{prompt}", pad=True, recorded=False).layer_maps(trace, layers, names)
     torch.testing.assert_close(minmax(daam.heatmaps(trace, query, dcfg)),
                                minmax(aggregate_daam(rekeyed, trace.latent_size)), atol=1e-4, rtol=1e-4)
     # paper normalisation: softmax over the unpadded X' = renormalised recorded probabilities
-    emb, ids = attribution_embedding(backbone, trace.prompt, pad=False)
+    emb, ids = attribution_embedding(tiny, trace.prompt, pad=False)
     layer = layers[0]
     rec = trace.cross[layer][..., :len(ids)].float()
     torch.testing.assert_close(rekey(trace, layer, emb), rec / rec.sum(-1, keepdim=True), atol=1e-5, rtol=1e-4)
 
 
-def test_classes_absent_from_the_prompt_get_attribution_maps(backbone, generated):
+def test_classes_absent_from_the_prompt_get_attribution_maps(tiny, generated):
     trace, layers, names = generated
-    source = AttributionSource(backbone, "A photograph of a {name}", pad=True)
+    source = AttributionSource(tiny, "A photograph of a {name}", pad=True)
     absent = next(n for n in ("circle", "square", "triangle", "star", "cross") if n not in names)
-    assert not token_indices(backbone.tokenizer, trace.token_ids, absent)
+    assert not token_indices(tiny.tokenizer, trace.token_ids, absent)
     maps = source.layer_maps(trace, layers, [absent])
     assert all(torch.isfinite(m).all() and m.shape[0] == 1 for m in maps)
 
 
-def _training(backbone, name, images=1, epochs=60, loss="bce"):
-    from bench.optimize_tokens import initial_tokens, training_examples
+def _training(backbone, name, images=1, epochs=60, loss="bce", resolution=0):
     from methods.ovam import optimize_tokens
+    from methods.tokens import TokenSettings, initial_tokens, training_examples
 
     train = build_dataset({"name": "shapes", "split": "train", "size": SIZE})
-    args = SimpleNamespace(mode="inversion", timestep=100, seed=0, steps=50, guidance=7.5, branch="cond",
-                           resolution=SIZE, images_per_class=images, template="A photograph of a {name}")
+    settings = TokenSettings(resolution=resolution, images_per_class=images)
     layers = attn_layers("64+32+16")
-    examples = training_examples(backbone, train, train.classes.index(name), args, layers)
-    init = initial_tokens(backbone, name, args.template)
+    examples = training_examples(backbone, train, train.classes.index(name), settings, layers)
+    init = initial_tokens(backbone, name, settings.template)
     with torch.enable_grad():
         best, curve = optimize_tokens(examples, init, layers, loss, epochs, 100.0)
     return best, curve, examples
 
 
 @pytest.mark.parametrize("loss", ["bce", "ce"])
-def test_token_optimisation_lowers_its_loss(backbone, tmp_path, loss):
-    best, curve, _ = _training(backbone, "circle", epochs=40, loss=loss)
+def test_token_optimisation_lowers_its_loss(tiny, tmp_path, loss):
+    best, curve, _ = _training(tiny, "circle", epochs=40, loss=loss)
     assert min(curve) < 0.8 * curve[0]
-    assert best.shape == (2, backbone.text_encoder.config.hidden_size)
+    assert best.shape == (2, tiny.text_encoder.config.hidden_size)
     path = tmp_path / "tokens.safetensors"
     save_tokens(path, {"circle": best}, {"loss": loss})
     torch.testing.assert_close(load_tokens(str(path))["circle"], best.float())
@@ -115,6 +114,9 @@ def _iou(method, backbone, cfg, sample, cid, name):
     return (pred & gt).sum() / max((pred | gt).sum(), 1)
 
 
+@pytest.mark.slow
+@pytest.mark.quality
+@pytest.mark.timeout(900)
 def test_optimised_tokens_raise_heldout_iou(backbone, tmp_path):
     """One annotated training image of a class; held-out validation images of that class: OVAM with the
     optimised token beats the class-name token (paper Tables 1-2). Needs trained weights: with the random
@@ -125,7 +127,7 @@ def test_optimised_tokens_raise_heldout_iou(backbone, tmp_path):
     from methods.ovam import OVAM
 
     name = "circle"
-    best, _, _ = _training(backbone, name, epochs=200)
+    best, _, _ = _training(backbone, name, epochs=200, resolution=SIZE)
     path = tmp_path / "tokens.safetensors"
     save_tokens(path, {name: best})
     val = build_dataset({"name": "shapes", "split": "val", "size": SIZE})
@@ -157,22 +159,20 @@ def test_dense_crf_sharpens_a_blurred_mask_toward_the_true_edge():
     assert (labels != truth).float().mean() < before
 
 
-def test_ovam_reads_the_branch_it_is_told(backbone):
+def test_ovam_reads_the_branch_it_is_told(tiny):
     """branch=cond (paper) vs uncond (released code): different queries, both give finite maps."""
-    from dataclasses import replace
-
     from methods.ovam import OVAM
 
     sample = build_dataset({"name": "voc_sim", "size": SIZE})[0]
-    method = OVAM(backbone)
+    method = OVAM(tiny)
     query = ClassQuery(sample.present_class_ids(), [build_dataset({"name": "voc_sim"}).classes[i]
                                                     for i in sample.present_class_ids()])
     traces = {}
     for branch in ("cond", "uncond"):
         cfg = OVAM.resolve({"mode": "generation", "steps": 2, "branch": branch, "crf": False})
-        setting = replace(method.forward_setting(cfg, 0), size=SIZE)
+        setting = method.forward_setting(cfg, 0)
         assert setting.branch == branch
-        traces[branch] = run_traced(backbone, method.trace_request(cfg), setting, [sample.caption]).traces[0]
+        traces[branch] = run_traced(tiny, method.trace_request(cfg), setting, [sample.caption]).traces[0]
         assert torch.isfinite(method.predict(traces[branch], query, cfg, sample.label.shape).scores).all()
     layer = attn_layers("16")[0]
     assert not torch.allclose(traces["cond"].queries[layer], traces["uncond"].queries[layer])
