@@ -27,12 +27,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.errors import HydraException
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from bench.data import dataset_options
 from bench.errors import BenchError
 from bench.metrics import PROTOCOLS
+from bench.models import validate_model_config
 from bench.registry import unknown_name_message
+from methods import METHODS
 
 SPACE_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 
@@ -193,11 +199,6 @@ def defaults() -> dict:
 
 def compose(path: str | Path, overrides: list[str]) -> SweepConfig:
     """Compose the sweep file with Hydra (no output folder, no chdir), overlay on the defaults, validate."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
     path = Path(path)
     if path.suffix not in (".yaml", ".yml"):
         raise BenchError(f"{path} is not a .yaml sweep file; see sweeps/ for examples")
@@ -237,9 +238,6 @@ def compose(path: str | Path, overrides: list[str]) -> SweepConfig:
 
 
 def validate(cfg: SweepConfig) -> None:
-    from bench.models import validate_model_config
-    from methods import METHODS
-
     if not cfg.method:
         raise BenchError(f"the sweep file names no method; add method: <one of {', '.join(METHODS.names())}>")
     method = METHODS.get(cfg.method)

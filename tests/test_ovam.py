@@ -176,3 +176,22 @@ def test_ovam_reads_the_branch_it_is_told(tiny):
         assert torch.isfinite(method.predict(traces[branch], query, cfg, sample.label.shape).scores).all()
     layer = attn_layers("16")[0]
     assert not torch.allclose(traces["cond"].queries[layer], traces["uncond"].queries[layer])
+
+
+def test_optimize_tokens_cli_is_the_fit_function_and_refuses_bad_input(tiny_model, tmp_path, capsys):
+    from bench.optimize_tokens import main
+
+    out = tmp_path / "tokens"
+    common = ["--model", f"path={tiny_model}", "device=cpu", "--data", "name=shapes", "split=train", "size=32",
+              "--epochs", "3", "--no-progress"]
+    assert main(["--out", str(out), *common, "--classes", "circle"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(out / "tokens.safetensors")
+    assert sorted(p.name for p in out.iterdir()) == ["loss.csv", "loss.png", "summary.json", "tokens.safetensors"]
+    assert load_tokens(str(out / "tokens.safetensors"))["circle"].shape == (2, 16)
+    for args, message in ((["--out", str(tmp_path / "x"), *common, "--classes", "hexagon"], "not classes of"),
+                          (["--out", str(out), *common], "exists and is not empty"),
+                          (["--out", str(tmp_path / "x"), *common, "--blocks", "7"], "invalid choice")):
+        assert main(args) == 2
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and message in lines[0]
+    assert not (tmp_path / "x").exists()

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from bench.errors import BenchError
 from bench.metrics import summarize
 from bench.reporting import load_run, save_qualitative, summarize_run, write_report
 from bench.reporting.cli import main as report_main
@@ -294,3 +295,14 @@ def test_cli_bad_input_is_one_line_nonzero_and_writes_nothing(case, tmp_path, ca
     else:
         assert message in out
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+def test_a_run_of_a_newer_schema_is_refused(tmp_path):
+    cfg = make_cfg()
+    prov = {**make_prov(cfg), "schema_version": 99}
+    run = make_run_dir(tmp_path / "run", cfg, make_frame({0: [70.0], 0.01: [72.5], 0.1: [71.0]}), prov)
+    with pytest.raises(BenchError, match="run schema 99"):
+        load_run(run)
+    old = make_run_dir(tmp_path / "old", cfg, make_frame({0: [70.0], 0.01: [72.5], 0.1: [71.0]}),
+                       {k: v for k, v in make_prov(cfg).items() if k != "schema_version"})
+    assert load_run(old).prov.get("schema_version") is None  # runs from before schema versions still load
