@@ -15,7 +15,7 @@ fixed parameters are checked against the method's declared parameters. Nothing h
     metric: {protocol: mmseg}         # mmseg | iseg
     paper: {table: "iSeg Table 5(b)", param: lambda, metric: mIoU, values: {0: 69.1, ...}}
     ray: {num_actors: 1, batch_size: 1}   # tracing actors (0: trace in this process), images per batch
-    train: {num_workers: 1, use_gpu: false, split: train}   # trained methods: Ray Train workers, training split
+    train: {num_workers: 1, use_gpu: false, split: train, max_failures: 0}   # trained methods: Ray Train
     fit: {from: null}                 # trained methods: reuse the fits of another run (or one fit directory)
 """
 
@@ -130,6 +130,7 @@ class TrainConfig(Section):
     num_workers: int = 1
     use_gpu: bool = False
     split: str = "train"
+    max_failures: int = 0  # worker-group restarts from the last checkpoint before a fit fails (preemption)
 
 
 @dataclass
@@ -273,7 +274,8 @@ def validate(cfg: SweepConfig) -> None:
     if not isinstance(cfg.num_samples, int) or cfg.num_samples < 1:
         raise BenchError("num_samples must be an integer >= 1")
     for name, value, low in (("ray.num_actors", cfg.ray.num_actors, 0), ("ray.batch_size", cfg.ray.batch_size, 1),
-                             ("train.num_workers", cfg.train.num_workers, 1)):
+                             ("train.num_workers", cfg.train.num_workers, 1),
+                             ("train.max_failures", cfg.train.max_failures, 0)):
         if value < low:
             raise BenchError(f"{name}={value} must be >= {low}")
     paper = cfg.paper

@@ -112,9 +112,9 @@ def group_trials(method_cls: type[Method], trials: list[Trial], seeds: list[int]
 
 
 def fit_hash(setting: TrainSetting, cfg: SweepConfig) -> str:
-    """The fit directory's name: the setting plus what the run fixes for it. Not covered: the number of
-    workers and the device (`train.num_workers`, `train.use_gpu`), which change how a fit runs, not what it
-    learns (the global batch is split across workers)."""
+    """The fit directory's name: the setting plus what the run fixes for it (model, training data). Not
+    covered: workers, devices and retries (`train.num_workers`, `train.use_gpu`, `train.max_failures`), which
+    change how a fit runs, not what it learns (the global batch is split across workers)."""
     model = {k: v for k, v in cfg.model.as_dict().items() if k != "device"}
     text = json.dumps({"v": FIT_HASH_VERSION, "setting": setting.as_dict(), "model": model,
                        "data": train_data_config(cfg)}, sort_keys=True, default=str)

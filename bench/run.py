@@ -38,8 +38,11 @@ def default_run_dir(cfg: SweepConfig) -> Path:
 
 def resume_hash(cfg: SweepConfig) -> str:
     """What must not change between an interrupted run and its resumption: everything but the overrides'
-    spelling, output_dir and `ray` (where and how parallel it runs, not what it computes)."""
-    return config_hash({k: v for k, v in cfg.as_dict().items() if k not in ("overrides", "ray")})
+    spelling, output_dir, `ray` and the fit's workers and devices (where and how parallel it runs, not what
+    it computes; as for the fit directories' hash, bench.plan.fit_hash)."""
+    data = {k: v for k, v in cfg.as_dict().items() if k not in ("overrides", "ray")}
+    data["train"] = {k: v for k, v in data["train"].items() if k not in ("num_workers", "use_gpu", "max_failures")}
+    return config_hash(data)
 
 
 def run(sweep_path: str, overrides: list[str]) -> Path:

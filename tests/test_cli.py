@@ -86,6 +86,7 @@ BAD_INPUTS = {
     "bad value": ("method: iseg\nparams: {iterations: many}\n", [], "must be of type int"),
     "bad section value": ("method: iseg\n", ["train.num_workers=two"], "train.num_workers='two' must be int"),
     "unknown train key": ("method: iseg\n", ["train.num_worker=2"], "did you mean 'num_workers'"),
+    "negative retries": ("method: iseg\n", ["train.max_failures=-1"], "train.max_failures=-1 must be >= 0"),
     "missing weights": ("method: iseg\n", ["model.path=/nonexistent/sd"], "model_index.json"),
     "missing dataset root": ("method: iseg\ndata: {name: voc2012, root: /nonexistent/voc}\n", [], "VOC 2012"),
     "fit on the evaluated split": ("method: linear_probe\ndata: {name: shapes, split: train}\n", [],

@@ -54,8 +54,9 @@ FAULT_ENV = "BENCH_FAULT"  # fault injection for tests of resumption, see parse_
 # -- fault injection ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Fault:
-    """`BENCH_FAULT=fit:<n>:<k>:<raise|kill>`: in the n-th fit this process trains, right after its k-th
-    checkpoint is stored, raise in the worker (a failed run) or SIGKILL the driver (a killed run)."""
+    """`BENCH_FAULT=fit:<n>:<k>:<raise|kill>`: in the n-th fit this process trains, right after the k-th
+    checkpoint of an attempt that started from scratch, raise in the workers (a failed attempt: the fit fails,
+    or restarts from that checkpoint with train.max_failures > 0) or SIGKILL the driver (a killed run)."""
 
     fit: int
     checkpoint: int
@@ -85,6 +86,7 @@ class RayFitContext(FitContext):
         self.checkpoints = 0
         self._last_progress = 0.0
         self._step = 0
+        self.resumed_from: int | None = None
 
     @property
     def rank(self) -> int:
@@ -137,7 +139,7 @@ class RayFitContext(FitContext):
             ray.train.report(metrics)
         self.checkpoints += 1
         self._progress(step, metrics["loss"], force=True)
-        if self.fault and self.checkpoints == self.fault.checkpoint:
+        if self.fault and self.checkpoints == self.fault.checkpoint and self.resumed_from is None:
             if self.fault.action == "kill" and self.rank == 0:
                 os.kill(self.fault.driver_pid, signal.SIGKILL)
                 time.sleep(60)  # the driver's death takes this worker down
@@ -156,7 +158,7 @@ class RayFitContext(FitContext):
 
     def finish(self, tensors: dict[str, torch.Tensor]) -> None:
         """Report the artefact and the loss curve as the last checkpoint."""
-        info = {"world_size": self.world_size, "resumed_from": getattr(self, "resumed_from", None),
+        info = {"world_size": self.world_size, "resumed_from": self.resumed_from,
                 "steps": self._step}
         if self.rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
@@ -280,7 +282,7 @@ def train_one(cfg: SweepConfig, unit: FitUnit, fit_dir: Path, fault: Fault | Non
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
         run_config=RunConfig(name="train", storage_path=str(storage),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=0)))
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures)))
     started = time.time()
     result = _fit_with_progress(trainer, fit_dir, f"fit {unit.hash[:8]}")
     if getattr(result, "error", None) is not None:
