@@ -12,16 +12,14 @@ optimizer states (tensors plus plain values) through that format.
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from methods.base import TrainSetting
 
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -152,18 +150,3 @@ def unpack_state(tensors: dict[str, torch.Tensor], meta: str) -> dict:
         return node
 
     return build(json.loads(meta))
-
-
-@dataclass
-class FitResult:
-    """A finished fit as the engine stores it."""
-
-    tensors: dict[str, torch.Tensor]
-    curve: list[LossPoint] = field(default_factory=list)
-    info: dict = field(default_factory=dict)
-
-
-def run_local_fit(method, ctx: FitContext) -> FitResult:
-    """Run `method.fit` in this process (tests, command-line tools)."""
-    tensors = method.fit(ctx)
-    return FitResult(tensors, list(ctx.curve), {"world_size": ctx.world_size})

@@ -60,11 +60,6 @@ class Plan:
     fits: list[FitUnit]
     groups: list[ForwardGroup]
 
-    def fit_of(self, trial: Trial) -> FitUnit | None:
-        if trial.train is None:
-            return None
-        return next(f for f in self.fits if f.setting == trial.train)
-
 
 # -- search space ------------------------------------------------------------------------------------------------
 _SAMPLERS = {"choice": lambda v: tune.choice(v), "uniform": lambda v: tune.uniform(*v),

@@ -13,7 +13,7 @@ from bench.run import main
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["data.limit=2", "data.size=32", "report.bootstrap=20"]
-LOCAL = "ray.num_actors=0"  # trace in the test process: the actor pool is exercised once, by the first run
+LOCAL = "ray.num_actors=0"  # trace in the test process (the actor pool is exercised by test_fit_stage.py)
 
 
 def cli(capsys, *args) -> tuple[int, str, str]:
@@ -22,10 +22,10 @@ def cli(capsys, *args) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-def test_lambda_sweep_end_to_end(tmp_path, tiny_model, ray_session, capsys, monkeypatch, caplog):
+def test_lambda_sweep_end_to_end(tmp_path, tiny_model, capsys, monkeypatch, caplog):
     out = tmp_path / "run"
     model = f"model.path={tiny_model}"
-    code, stdout, stderr = cli(capsys, ROOT / "sweeps/iseg_lambda.yaml", *SMALL, model, f"output_dir={out}")
+    code, stdout, stderr = cli(capsys, ROOT / "sweeps/iseg_lambda.yaml", *SMALL, model, LOCAL, f"output_dir={out}")
     assert code == 0, stderr[-3000:]
     assert stdout.strip().splitlines()[-1] == str(out)
     assert not (tmp_path / "run.partial").exists()

@@ -25,7 +25,8 @@ from methods import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = {"train_images": 4, "epochs": 20}  # two checkpoints (every 10 steps)
-SMALL = ["data.limit=2", "data.size=32", "report.bootstrap=20", "ray.num_actors=0"]
+SMALL = ["data.limit=2", "data.size=32", "report.bootstrap=20"]
+LOCAL = "ray.num_actors=0"  # trace in the test process (the probe run below uses the actor pool)
 
 
 def probe_overrides(model: Path) -> list[str]:
@@ -45,8 +46,9 @@ def local_fit(model: Path, values: dict) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def probe_run(tmp_path_factory, tiny_model, ray_session):
     """sweeps/linear_probe.yaml on 2 workers; the fit's first attempt fails after its first checkpoint (fault
-    injection) and Ray Train restarts the workers from that checkpoint (train.max_failures=1). A killed
-    command that resumes on the next invocation is the slow test below."""
+    injection) and Ray Train restarts the workers from that checkpoint (train.max_failures=1); the Ray Data
+    actor that traces the evaluation images receives the fit. A killed command that resumes on the next
+    invocation is the slow test below."""
     out = tmp_path_factory.mktemp("probe") / "run"
     os.environ[FAULT_ENV] = "fit:1:1:raise"
     try:
@@ -88,7 +90,7 @@ def test_fit_from_lends_the_fit_to_a_compare_sweep(probe_run, tiny_model, tmp_pa
     sweep = tmp_path / "compare.yaml"
     sweep.write_text("method: compare\nsweep: {method: [daam, linear_probe]}\n"
                      + "params: {" + ", ".join(f"linear_probe__{k}: {v}" for k, v in PROBE.items()) + "}\n")
-    base = [str(sweep), *SMALL, f"model.path={tiny_model}"]
+    base = [str(sweep), *SMALL, LOCAL, f"model.path={tiny_model}"]
     out = tmp_path / "run"
     assert main([*base, f"fit.from={probe_run}", f"output_dir={out}"]) == 0
     run = json.loads((out / "run.json").read_text())
@@ -113,7 +115,7 @@ def test_killed_run_resumes_without_refitting_finished_settings(tmp_path, tiny_m
     """Two train settings; the command is SIGKILLed after the second fit's first checkpoint. The same command
     reuses the first fit as it is and resumes the second from its checkpoint; both equal undisturbed fits."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "bench.run", str(ROOT / "sweeps/linear_probe.yaml"), *probe_overrides(tiny_model),
+    cmd = [sys.executable, "-m", "bench.run", str(ROOT / "sweeps/linear_probe.yaml"), *probe_overrides(tiny_model), LOCAL,
            "sweep.lr.grid=[0.05,0.1]", "sweep.threshold.grid=[0.4,0.6]", f"output_dir={out}"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_TMPDIR": str(tmp_path / "ray")}
     killed = subprocess.run(cmd, env={**env, FAULT_ENV: "fit:2:1:kill"}, capture_output=True, text=True,
