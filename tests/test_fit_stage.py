@@ -4,11 +4,13 @@ failure mid-fit from its last checkpoint; its artefacts in the run; reused by `f
 A real SIGKILL of the command mid-fit, resumed by the next invocation without refitting the finished fit and
 ending bit-identical to undisturbed fits: slow set."""
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -117,10 +119,16 @@ def test_killed_run_resumes_without_refitting_finished_settings(tmp_path, tiny_m
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "bench.run", str(ROOT / "sweeps/linear_probe.yaml"), *probe_overrides(tiny_model), LOCAL,
            "sweep.lr.grid=[0.05,0.1]", "sweep.threshold.grid=[0.4,0.6]", f"output_dir={out}"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_TMPDIR": str(tmp_path / "ray")}
-    killed = subprocess.run(cmd, env={**env, FAULT_ENV: "fit:2:1:kill"}, capture_output=True, text=True,
-                            timeout=900, start_new_session=True)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    ray_tmp = tempfile.mkdtemp(prefix="rk-")  # short: Ray's socket paths must stay under 108 bytes
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_TMPDIR": ray_tmp}
+    killed = subprocess.Popen(cmd, env={**env, FAULT_ENV: "fit:2:1:kill"}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = killed.communicate(timeout=900)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(killed.pid, signal.SIGKILL)  # whatever of the killed run's Ray outlived its driver
+    assert killed.returncode == -signal.SIGKILL, stderr[-3000:]
     fits = out.with_name("run.partial") / "fit"
     finished = [d for d in fits.iterdir() if (d / "done").is_file()]
     assert len(finished) == 1 and len(list(fits.iterdir())) == 2
