@@ -219,15 +219,19 @@ class AttributionSource:
         return name in self.tokens
 
     def class_maps(self, trace, layer: str, name: str, steps=None) -> torch.Tensor:
-        """(S, H, h, w) map of one class on one layer."""
+        """(S, H, h, w) map of one class on one layer: the mean of its token maps."""
+        return self.token_maps(trace, layer, name, steps).mean(0)
+
+    def token_maps(self, trace, layer: str, name: str, steps=None) -> torch.Tensor:
+        """(n_tokens, S, H, h, w) maps of each of a class's tokens on one layer (one map for optimised tokens)."""
         tok = self.backbone.tokenizer
         if name in self.tokens:
-            return rekey(trace, layer, self.tokens[name].to(self.backbone.device), steps)[..., 1]
+            return rekey(trace, layer, self.tokens[name].to(self.backbone.device), steps)[..., 1][None]
         if self.recorded and layer in trace.cross:
             idx = token_indices(tok, trace.token_ids, name)
             if idx:
                 cross = trace.cross[layer] if steps is None else trace.cross[layer][steps]
-                return cross[..., idx].float().mean(-1)
+                return cross[..., idx].float().movedim(-1, 0)
         if layer not in trace.queries:
             raise KeyError(f"class {name!r} is not in the prompt {trace.prompt!r} and no queries were recorded "
                            f"for {layer}; enable open-vocabulary attribution")
@@ -237,7 +241,7 @@ class AttributionSource:
         if not idx:  # the template does not contain the name (e.g. "{prompt}" without it): name alone
             emb, ids = self.embedding(name)
             idx = token_indices(tok, ids, name)
-        return rekey(trace, layer, emb, steps)[..., idx].mean(-1)
+        return rekey(trace, layer, emb, steps)[..., idx].movedim(-1, 0)
 
     def layer_maps(self, trace, layers: list[str], names: list[str], steps=None) -> list[torch.Tensor]:
         """[(K, S, H, h, w) per layer]. When recorded maps were averaged over heads at capture time and

@@ -61,9 +61,12 @@ def test_ovam_maps_equal_daam_maps_under_matching_normalisation(backbone, genera
                                atol=1e-4, rtol=1e-4)
     daam = DAAM(backbone)
     dcfg = DAAM.resolve({"mode": "generation"})
-    rekeyed = AttributionSource(backbone, "{prompt}", pad=True, recorded=False).layer_maps(trace, layers, names)
-    torch.testing.assert_close(minmax(daam.heatmaps(trace, query, dcfg)),
-                               minmax(aggregate_daam(rekeyed, trace.latent_size)), atol=1e-4, rtol=1e-4)
+    # DAAM clamps each token's (each occurrence's) aggregated map before the word mean (castorini/daam
+    # GlobalHeatMap.compute_word_heat_map), so the re-keyed maps are aggregated per token too
+    src = AttributionSource(backbone, "{prompt}", pad=True, recorded=False)
+    rekeyed = torch.stack([aggregate_daam([src.token_maps(trace, layer, n) for layer in layers],
+                                          trace.latent_size).mean(0) for n in names])
+    torch.testing.assert_close(minmax(daam.heatmaps(trace, query, dcfg)), minmax(rekeyed), atol=1e-4, rtol=1e-4)
     # paper normalisation: softmax over the unpadded X' = renormalised recorded probabilities
     emb, ids = attribution_embedding(backbone, trace.prompt, pad=False)
     layer = layers[0]
@@ -97,8 +100,16 @@ def _training(backbone, name, images=1, epochs=60, loss="bce"):
 
 @pytest.mark.parametrize("loss", ["bce", "ce"])
 def test_token_optimisation_lowers_its_loss(backbone, tmp_path, loss):
-    best, curve, _ = _training(backbone, "circle", epochs=40, loss=loss)
-    assert min(curve) < 0.8 * curve[0]
+    best, curve, examples = _training(backbone, "circle", epochs=40, loss=loss)
+    floor = 0.0
+    if loss == "ce":
+        # the released loss takes min-max scaled maps in [0, 1] as logits, so the predicted probability of a
+        # token stays within [sigmoid(-1), sigmoid(1)]: its lowest reachable value is the cross-entropy at
+        # the target clipped to that range, and the optimisation must close the gap to it
+        t = torch.stack([target for _, target in examples]).float()
+        p = t.clamp(torch.sigmoid(torch.tensor(-1.0)), torch.sigmoid(torch.tensor(1.0)))
+        floor = float(-(t * p.log() + (1 - t) * (1 - p).log()).mean())
+    assert min(curve) - floor < 0.8 * (curve[0] - floor)
     assert best.shape == (2, backbone.text_encoder.config.hidden_size)
     path = tmp_path / "tokens.safetensors"
     save_tokens(path, {"circle": best}, {"loss": loss})
