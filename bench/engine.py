@@ -271,10 +271,23 @@ def run_engine(cfg: dict, work: Path) -> tuple[list[dict], dict]:
     stats = {"num_images": len(dataset), "num_trials": len(trials), "num_forward_settings": len(groups),
              "unet_passes": int(scores["passes"].sum()), "trace_seconds": round(trace_seconds, 3),
              "images_per_second": round(len(dataset) * len(groups) / max(trace_seconds, 1e-9), 4),
-             "dataset": dataset.describe(),
+             "dataset": dataset.describe(), "scheduler": _schedulers(cfg, trials),
              "per_image": {"trial": scores["trial"], "hist": scores["hist"],
                            "seed_of_group": np.array([groups[g].seed for g in scores["group"]], dtype=np.int64)}}
     return rows, stats
+
+
+def _schedulers(cfg: dict, trials) -> dict:
+    """Provenance of the noise schedule: the scheduler class of each requested generation `scheduler=` value,
+    and how inversion noises (issue 9 item 8)."""
+    from bench.models import scheduler_name
+
+    modes = {t.params.get("mode") for t in trials}
+    out = {f"generation scheduler={req}": scheduler_name(cfg["model"], req)
+           for req in sorted({t.params.get("scheduler", "auto") for t in trials if t.params.get("mode") == "generation"})}
+    if "inversion" in modes:
+        out["inversion"] = "q(x_t|x_0): DDIMScheduler.add_noise over the model's alphas_cumprod"
+    return out
 
 
 def _metric_keys(class_names: list[str]) -> set[str]:

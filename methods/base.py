@@ -15,6 +15,7 @@ import torch
 
 from bench.errors import BenchError
 from bench.forward import ForwardSetting
+from bench.models import SCHEDULER_CHOICES
 from bench.registry import Registry, unknown_name_message
 from bench.trace import Trace, TraceRequest
 
@@ -69,7 +70,9 @@ COMMON_PARAMS: dict[str, Param] = {
     "mode": Param("inversion", "trace mode: inversion (real images) or generation (images from prompts)",
                   forward=True, choices=("inversion", "generation")),
     "timestep": Param(100, "inversion: noise level t of the single UNet pass", forward=True),
-    "steps": Param(50, "generation: DDIM denoising steps", forward=True),
+    "steps": Param(50, "generation: denoising steps", forward=True),
+    "scheduler": Param("auto", "generation: the model folder's own scheduler (auto, what the papers ran) or a "
+                       "named diffusers scheduler", forward=True, choices=SCHEDULER_CHOICES),
     "guidance": Param(7.5, "generation: classifier-free guidance scale", forward=True),
     "classes": Param("gt", "which classes to segment per image: gt (image-level labels, the WSSS protocol) "
                      "or all (every dataset class)", forward=True, choices=("gt", "all")),
@@ -119,7 +122,7 @@ class Method:
 
     def forward_setting(self, cfg: dict, seed: int) -> ForwardSetting:
         return ForwardSetting(mode=cfg["mode"], timestep=cfg["timestep"], seed=seed, steps=cfg["steps"],
-                              guidance=cfg["guidance"])
+                              guidance=cfg["guidance"], scheduler=cfg.get("scheduler", "auto"))
 
     # -- what to run -----------------------------------------------------------------------------------------
     def trace_request(self, cfg: dict) -> TraceRequest:

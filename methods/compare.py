@@ -51,7 +51,7 @@ class Compare(AutoTokens, Method):
 
     def sub_config(self, name: str, cfg: dict) -> dict:
         given = {k.split("__", 1)[1]: v for k, v in cfg.items() if k.startswith(f"{name}__")}
-        common = {k: cfg[k] for k in ("mode", "timestep", "steps", "guidance", "classes")}
+        common = {k: cfg[k] for k in ("mode", "timestep", "steps", "guidance", "scheduler", "classes")}
         cls = METHODS.get(name)
         extra = {k: cfg[k] for k in ("prompt", "template") if k in cls.params}
         if "tokens" in cls.params:
