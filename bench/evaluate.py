@@ -14,7 +14,7 @@ import torch
 
 from bench.data.base import Sample, SegDataset
 from bench.errors import BenchError
-from bench.metrics import intersect_and_union
+from bench.metrics import image_histograms
 from bench.trace import TraceRequest
 from methods.base import ClassQuery, Method
 
@@ -65,7 +65,8 @@ def group_request(method: Method, group: ForwardGroup) -> TraceRequest:
 def evaluate_batch(method: Method, dataset: SegDataset, samples: list[Sample], group: ForwardGroup,
                    req: TraceRequest | None = None, resolution: int = 0,
                    on_predictions: Callable | None = None) -> tuple[list[np.ndarray], int]:
-    """Histograms (len(samples) x len(group.trials), each (4, C)) in sample-major order, and image-passes.
+    """Histograms (len(samples) x len(group.trials), each (8, C): both metric protocols, see
+    bench.metrics.image_histograms) in sample-major order, and image-passes.
     resolution: image size fed to the backbone (0 = its native resolution).
     on_predictions(k, sample, query, prompt, predictions) sees every image's predictions (qualitative figures)."""
     from bench.forward import run_traced
@@ -99,6 +100,6 @@ def evaluate_batch(method: Method, dataset: SegDataset, samples: list[Sample], g
         predictions = method.predict_many(trace, query, configs, tuple(sample.label.shape))
         if on_predictions is not None:
             on_predictions(k, sample, query, prompt, predictions)
-        hists.extend(intersect_and_union(p.labels.numpy(), sample.label, len(dataset.classes))
+        hists.extend(image_histograms(p.labels.numpy(), sample.label, len(dataset.classes))
                      for p in predictions)
     return hists, result.unet_passes * len(samples)

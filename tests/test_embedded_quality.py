@@ -46,7 +46,7 @@ def miou(backbone, name: str, configs: dict[str, dict]) -> dict[str, float]:
     trials = [Trial(key, cls.resolve(cfg), cfg) for key, cfg in configs.items()]
     out = {}
     for group in group_trials(cls, trials, [0]):
-        totals = np.zeros((len(group.trials), 4, len(dataset.classes)), dtype=np.int64)
+        totals = [0] * len(group.trials)
         for start in range(0, len(dataset), 10):
             samples = [dataset[i] for i in range(start, min(len(dataset), start + 10))]
             hists, _ = evaluate_batch(method, dataset, samples, group)

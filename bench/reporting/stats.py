@@ -26,8 +26,12 @@ def t_interval(values, confidence: float = CONFIDENCE) -> tuple[float, float, fl
 
 
 def metrics_from_totals(totals: np.ndarray, protocol: str) -> dict[str, np.ndarray]:
-    """Vectorised `bench.metrics.summarize` over a batch of dataset totals (B, 4, C) -> mIoU, aAcc, mAcc (B,)."""
-    area_i, area_u, _, area_l = (totals[:, k].astype(np.float64) for k in range(4))
+    """Vectorised `bench.metrics.summarize` over a batch of dataset totals (B, 8 or 4, C) -> mIoU, aAcc, mAcc
+    (B,)."""
+    from bench.metrics import protocol_rows
+
+    rows = protocol_rows(totals, protocol)
+    area_i, area_u, _, area_l = (rows[:, k].astype(np.float64) for k in range(4))
     with np.errstate(divide="ignore", invalid="ignore"):
         iou = np.where(area_u > 0, area_i / area_u, np.nan)
         acc = np.where(area_l > 0, area_i / area_l, np.nan)
@@ -50,7 +54,7 @@ def bootstrap_intervals(per_image: np.ndarray, protocol: str, draws: int, seed: 
                         confidence: float = CONFIDENCE) -> dict[str, tuple[float, float]]:
     """Percentile intervals of mIoU, aAcc and mAcc over images resampled with replacement.
 
-    per_image: (n, 4, C) per-image histograms of one configuration and seed. The dataset metric is computed
+    per_image: (n, 8 or 4, C) per-image histograms of one configuration and seed. The dataset metric is computed
     from summed histograms (as the reported number is), so each draw re-sums a multiset of images.
     Fewer than two images or no draws: NaN intervals."""
     per_image = np.asarray(per_image)
