@@ -160,26 +160,27 @@ def kl_cluster_means(vectors: torch.Tensor, grid_shape: tuple[int, int], cluster
     """The release's KL k-means (wsss/featurecluster.py DFC_KL + its use in process_cross_att): per-pixel token
     vectors (HW, T) as they are (not normalised), exact zeros set to 1e-6; initial centres on a regular grid of
     pixels (step = side // sqrt(clusters): 6 x 6 for 32 on 64 x 64); `iterations` rounds of assigning each pixel
-    to the centre at the smallest symmetric KL 0.5 (KL(c||p) + KL(p||c)) (both +1e-5, util/attn.py kl_dis)
-    and replacing the centres by their members' means (emptied clusters disappear). Returns every pixel's
-    cluster mean of the original vectors (HW, T)."""
+    to the centre at the smallest symmetric KL 0.5 (KL(c||p) + KL(p||c)) and replacing the centres by their
+    members' means (emptied clusters disappear). Returns every pixel's cluster mean of the original vectors.
+
+    The distance is computed as the release does (util/attn.py kl_dis): in fp16, both sides + 1e-5. Fused token
+    maps are ~1e-4 per pixel, in fp16's subnormal range, so its rounding decides many assignments; float32 or
+    float64 distances give other clusters (measured: a minority of pixels keep the same cluster), hence the
+    release's arithmetic is kept."""
     h, w = grid_shape
     root = clusters ** 0.5
     rows = torch.arange(0, h, h // root).long()
     cols = torch.arange(0, w, w // root).long()
     x = torch.where(vectors == 0, 1e-6, vectors).float()
     centres = x[(rows[:, None] * w + cols[None, :]).flatten()]
-    xe = x + 1e-5
-    x_log, x_plogp = xe.log(), (xe * xe.log()).sum(1)
+    pixels = x.half() + 1e-5
     assign = None
     for _ in range(iterations):
-        ce = centres + 1e-5
-        c_log = ce.log()
-        # 0.5 sum_p (c - x)(log c - log x), expanded so no (k, HW, T) tensor is built
-        dist = 0.5 * ((ce * c_log).sum(1)[:, None] + x_plogp[None] - ce @ x_log.T - c_log @ xe.T)
+        c = centres.half()[:, None] + 1e-5  # (k, 1, T)
+        quotient = c.log() - pixels.log()[None]  # (k, HW, T)
+        dist = (c * quotient).sum(-1) * 0.5 - (pixels[None] * quotient).sum(-1) * 0.5
         assign = dist.argmin(0)
-        present = assign.unique()
-        centres = torch.stack([x[assign == c].mean(0) for c in present])
+        centres = torch.stack([x[assign == k].mean(0) for k in assign.unique()])
     onehot = torch.nn.functional.one_hot(assign, int(assign.max()) + 1).to(vectors.dtype)  # (HW, k)
     sums = onehot.T @ vectors
     counts = onehot.sum(0)[:, None]
