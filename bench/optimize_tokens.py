@@ -46,7 +46,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--images-per-class", type=int, default=1, help="annotated images per class (paper: 1)")
     p.add_argument("--mode", choices=("inversion", "generation"), default="inversion")
     p.add_argument("--timestep", type=int, default=100, help="inversion noise level")
-    p.add_argument("--steps", type=int, default=50, help="generation DDIM steps")
+    p.add_argument("--steps", type=int, default=50, help="generation: denoising steps (the model's own scheduler)")
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--branch", choices=("cond", "uncond"), default="cond", help="generation: query branch")

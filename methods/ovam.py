@@ -19,10 +19,8 @@ then a dense CRF (methods.crf). tau/alpha default to the paper's 0.4/0.85 for cl
 for optimised tokens (`tokens=`, see bench.optimize_tokens). Where several classes pass, the pixel takes the
 class with the highest A_alpha . D_k / M_k.
 
-`binarise=paper` is Eq. 9 as written, at the latent size; `binarise=code` is the released evaluation
-(experiments/evaluation/ovam_sa/evaluation_ovam_sa.ipynb): D and the self-attention map bilinear to the image
-size, the latter min-max scaled to [alpha, 1] there, then (D / max D) . A_alpha > tau. `branch` and the token
-optimisation loss (`token_loss`) have paper and code forms too; all are listed in methods/README.md.
+Where the released code differs (binarisation `binarise`, query `branch`, thresholds, token-optimisation loss)
+both forms are options; methods/README.md lists them with their defaults.
 """
 
 from __future__ import annotations
