@@ -283,8 +283,8 @@ def _schedulers(cfg: dict, trials) -> dict:
     from bench.models import scheduler_name
 
     modes = {t.params.get("mode") for t in trials}
-    out = {f"generation scheduler={req}": scheduler_name(cfg["model"], req)
-           for req in sorted({t.params.get("scheduler", "auto") for t in trials if t.params.get("mode") == "generation"})}
+    requested = {t.params.get("scheduler", "auto") for t in trials if t.params.get("mode") == "generation"}
+    out = {f"generation scheduler={req}": scheduler_name(cfg["model"], req) for req in sorted(requested)}
     if "inversion" in modes:
         out["inversion"] = "q(x_t|x_0): DDIMScheduler.add_noise over the model's alphas_cumprod"
     return out

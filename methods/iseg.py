@@ -203,7 +203,8 @@ def class_token_positions(tokenizer, token_ids: list[int], name: str, mode: str)
     word = RELEASE_CLASS_WORD.get(name) if mode == "release" else None
     if not word or not hits:
         return hits
-    name_ids, word_ids = tokenizer(name, add_special_tokens=False).input_ids, tokenizer(word, add_special_tokens=False).input_ids
+    name_ids = tokenizer(name, add_special_tokens=False).input_ids
+    word_ids = tokenizer(word, add_special_tokens=False).input_ids
     offset = next((i for i in range(len(name_ids) - len(word_ids) + 1) if name_ids[i:i + len(word_ids)] == word_ids), 0)
     starts = hits[::len(name_ids)]
     return [s + offset + j for s in starts for j in range(len(word_ids))]
@@ -301,8 +302,9 @@ class ISeg(Method):
         if cfg["gamma"] == 1:
             return None
         weights = torch.ones(len(token_ids))
+        mode = self.token_mode(cfg)
         for name in query.names:  # Eq. 8: W[j] = gamma for tokens of the given categories
-            weights[class_token_positions(self.backbone.tokenizer, token_ids, name, self.token_mode(cfg))] = cfg["gamma"]
+            weights[class_token_positions(self.backbone.tokenizer, token_ids, name, mode)] = cfg["gamma"]
         return weights
 
     @classmethod

@@ -87,9 +87,17 @@ def test_refined_maps_beat_raw_cross_attention_of_daam(scores):
     assert scores["iseg/default"] > scores["daam"], scores
 
 
-def test_ent_self_improves_with_iterations_and_beats_naive_iteration(scores):
+def test_ent_self_improves_with_iterations(scores):
     """iSeg Fig. 1(f), Ent-Self curve."""
     assert scores["iseg/default"] > scores["iseg/ent_self_n1"], scores
+
+
+# This passed while Ent-Self collapsed every class map into one (issue 9 item 1: the class maps differed by ~1e-5,
+# so it compared foreground/background masks). With Ent-Self on the row-max scale the shipped weights give
+# lambda = 0.01: 15.0 against naive iteration 15.3 on these 40 images.
+@NOT_REACHED
+def test_ent_self_beats_naive_iteration(scores):
+    """iSeg Fig. 1(f): Ent-Self above naive iteration at N = 10."""
     assert scores["iseg/default"] > scores["iseg/naive_n10"], scores
 
 

@@ -64,9 +64,9 @@ def test_daam_word_maps_and_masks_equal_the_release(sd15, stand_in):
 # -- OVAM's Attn2Mask re-implementation, re-expressed (vpulab/ovam) ------------------------------------------------
 # ovam/stable_diffusion/daam_block.py @ d5062894b5d76eff6a95dfb735a69ac4574f33f9, CrossAttentionDAAMBlock.forward with
 # StableDiffusionHooker.get_ovam_callable's defaults (token softmax over X', heads summed) and the script's
-# aggregation over epochs (experiments/attn2mask/generate_voc_sim_attn2mask.py @ 9cf1a8ff264e94307b1ac3eb7f160e83d3365de3:
-# heatmap[timestep_heatmap] with 50 of 100 steps); ovam/stable_diffusion/daam_module.py StableDiffusionDAAM.forward:
-# bilinear to the largest block size, summed over blocks.
+# aggregation over epochs (experiments/attn2mask/generate_voc_sim_attn2mask.py
+# @ 9cf1a8ff264e94307b1ac3eb7f160e83d3365de3: heatmap[timestep_heatmap] with 50 of 100 steps);
+# ovam/stable_diffusion/daam_module.py StableDiffusionDAAM.forward: bilinear to the largest block size, summed.
 def ovam_heatmap(trace, emb: torch.Tensor, epoch: int | None = None) -> torch.Tensor:
     per_block = []
     for layer in attn_layers("64+32+16"):

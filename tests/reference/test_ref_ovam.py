@@ -32,7 +32,8 @@ IMAGE = (256, 256)
 @pytest.fixture(scope="module")
 def refinement():
     """Five top-resolution self-attention layers (summed over steps and heads) and one class heat map."""
-    self_attn = {layer: self_attention(LATENT, 1, seed=20 + i)[None] for i, layer in enumerate(attn_layers("64", "attn1"))}
+    layers = attn_layers("64", "attn1")
+    self_attn = {layer: self_attention(LATENT, 1, seed=20 + i)[None] for i, layer in enumerate(layers)}
     g = torch.Generator().manual_seed(3)
     heat = (segments(LATENT, seed=4) == 1).float() * 3 + torch.rand(LATENT, LATENT, generator=g) * 2
     trace = Trace(prompt="", token_ids=[], timesteps=[0], latent_size=(LATENT, LATENT), self_attn=self_attn)
