@@ -302,9 +302,10 @@ class ISeg(Method):
         if cfg["gamma"] == 1:
             return None
         weights = torch.ones(len(token_ids))
-        mode = self.token_mode(cfg)
-        for name in query.names:  # Eq. 8: W[j] = gamma for tokens of the given categories
-            weights[class_token_positions(self.backbone.tokenizer, token_ids, name, mode)] = cfg["gamma"]
+        # Eq. 8: W[j] = gamma for every token of the given categories. `class_tokens` only chooses which maps are
+        # read afterwards: it is not a forward parameter, so it cannot move the weights of the shared UNet pass
+        for name in query.names:
+            weights[class_token_positions(self.backbone.tokenizer, token_ids, name, "all")] = cfg["gamma"]
         return weights
 
     @classmethod
