@@ -28,28 +28,20 @@ import math
 
 import torch
 
+from bench.models.layers import layer_map
 from bench.trace import Trace, TraceRequest, request
 from methods.base import ClassQuery, Method, Param, Prediction, register_method
 from methods.postprocess import AttributionSource, labels_from_scores, minmax, resize_maps, token_indices
 
-CROSS_LEVELS = {  # decoder cross-attention layers by resolution at 512 px (SD block layout)
-    "16": ["up_blocks.1.attentions.0.transformer_blocks.0.attn2", "up_blocks.1.attentions.1.transformer_blocks.0.attn2",
-           "up_blocks.1.attentions.2.transformer_blocks.0.attn2"],
-    "32": ["up_blocks.2.attentions.0.transformer_blocks.0.attn2", "up_blocks.2.attentions.1.transformer_blocks.0.attn2",
-           "up_blocks.2.attentions.2.transformer_blocks.0.attn2"],
-}
-CROSS_LEVELS["both"] = CROSS_LEVELS["16"] + CROSS_LEVELS["32"]
-SELF_LAYERS = {  # Table 6(b): #-1 is the last decoder layer
-    -1: "up_blocks.3.attentions.2.transformer_blocks.0.attn1",
-    -2: "up_blocks.3.attentions.1.transformer_blocks.0.attn1",
-    -3: "up_blocks.3.attentions.0.transformer_blocks.0.attn1",
-}
-CODE_CROSS = {  # released code's cross-attention layers and fusion weights
-    "16": (0.7, ["down_blocks.2.attentions.0", "down_blocks.2.attentions.1", "up_blocks.1.attentions.0",
-                 "up_blocks.1.attentions.1", "up_blocks.1.attentions.2"]),
-    "32": (0.3, ["down_blocks.1.attentions.1", "up_blocks.2.attentions.0", "up_blocks.2.attentions.1"]),
-}
-CODE_SELF = "up_blocks.3.attentions.1.transformer_blocks.0.attn1"
+# Layers by role (bench.models.layers), named as the paper names them on SD at 512 px. Table 6(a): decoder
+# cross-attention at "16" (rank 0: the coarsest decoder attention level, up_blocks.1 on SD) and "32" (rank 1,
+# up_blocks.2). Table 6(b): #-1 is the last decoder self-attention layer (up_blocks.3.attentions.2 on SD).
+CROSS_LEVELS = {"16": ("16",), "32": ("32",), "both": ("16", "32")}
+# Released code's cross-attention (SD names: down_blocks.2.attentions.0/1 + up_blocks.1.attentions.0/1/2 at 16,
+# down_blocks.1.attentions.1 + up_blocks.2.attentions.0/1 at 32) and fusion weights, as (weight, rank,
+# down-block attention indices, up-block attention indices); its self-attention is decoder layer #-2.
+CODE_CROSS = {"16": (0.7, 0, None, None), "32": (0.3, 1, (1,), (0, 1))}
+CODE_SELF_INDEX = -2
 CODE_HEADS = (1, 2)
 LOG_EPS = 1e-12  # log(A) of entries that underflowed to exactly 0
 
@@ -162,15 +154,24 @@ class ISeg(Method):
         row = rows[cfg.get("modules", "custom")]
         return {**cfg, **row}
 
-    @staticmethod
-    def cross_layers(cfg: dict) -> list[str]:
+    def cross_layers(self, cfg: dict) -> list[str]:
+        layers = layer_map(self.backbone)
         if cfg.get("variant", "paper") == "code":
-            return [f"{b}.transformer_blocks.0.attn2" for _, blocks in CODE_CROSS.values() for b in blocks]
-        return CROSS_LEVELS[cfg["cross_levels"]]
+            return [n for _, blocks in self.code_cross(layers) for n in blocks]
+        return [n for res in CROSS_LEVELS[cfg["cross_levels"]] for n in layers.sd_resolution("cross", res, ("up",))]
 
     @staticmethod
-    def self_layer(cfg: dict) -> str:
-        return CODE_SELF if cfg.get("variant", "paper") == "code" else SELF_LAYERS[cfg["self_layer"]]
+    def code_cross(layers) -> list[tuple[float, list[str]]]:
+        """The released code's (fusion weight, layers) per resolution, resolved on this UNet."""
+        out = []
+        for weight, rank, down, up in CODE_CROSS.values():
+            names = layers.ranked("cross", ("down",), (rank,), down) + layers.ranked("cross", ("up",), (rank,), up)
+            out.append((weight, names))
+        return out
+
+    def self_layer(self, cfg: dict) -> str:
+        code = cfg.get("variant", "paper") == "code"
+        return layer_map(self.backbone).decoder_self(CODE_SELF_INDEX if code else cfg["self_layer"])
 
     def trace_request(self, cfg: dict) -> TraceRequest:
         cross = self.cross_layers(cfg)
@@ -206,10 +207,10 @@ class ISeg(Method):
         source = AttributionSource(self.backbone, pad=True)
         if cfg.get("variant", "paper") == "code":
             fused = 0
-            for weight, blocks in CODE_CROSS.values():
+            for weight, blocks in self.code_cross(layer_map(self.backbone)):
                 level = []
                 for block in blocks:
-                    maps = source.layer_maps(trace, [f"{block}.transformer_blocks.0.attn2"], query.names)[0]
+                    maps = source.layer_maps(trace, [block], query.names)[0]
                     maps = maps.float().mean(dim=(1, 2))  # (K, h, w)
                     maps = maps / maps.sum(dim=(1, 2), keepdim=True).clamp_min(LOG_EPS)  # per-token spatial sum
                     level.append(resize_maps(maps, size))
