@@ -1,13 +1,14 @@
 """Train the embedded backbone: a small text-to-image latent diffusion model of the shapes world.
 
-    python -m bench.embedded.train --seed 0 --out bench/embedded/weights
+    python -m bench.embedded.train --seed 0 --out DIR            # the CPU recipe (defaults), about 2 h
+    python -m bench.embedded.train --device cuda ... --out DIR   # the shipped weights: bench/embedded/README.md
 
-Two stages, both deterministic given --seed (single-threaded CPU):
-  1. a small AutoencoderKL on rendered shapes images (downsampling factor 1 by default: one level, so the
-     latents are a learned 4-channel re-coding of the pixels; --vae-factor 2 adds a level);
-  2. the UNet (SD block layout: CrossAttnDownBlock2D x3 + DownBlock2D, UpBlock2D + CrossAttnUpBlock2D x3,
-     layers_per_block=2) jointly with a from-scratch CLIPTextModel, v-prediction, caption dropout for
-     classifier-free guidance, on VAE latents of a pre-rendered training set.
+Two stages, deterministic given --seed on a single CPU thread (CUDA runs are not bit-reproducible):
+  1. a small AutoencoderKL on rendered shapes images (downsampling factor 2 by default: two levels;
+     --vae-factor 1 gives pixel-like latents);
+  2. the UNet (SD's block classes and four levels, attention only at --attention-levels, 1 and 2 by default:
+     no attention at the finest level; layers_per_block=2) jointly with a from-scratch CLIPTextModel,
+     v-prediction, caption dropout for classifier-free guidance, on VAE latents of a pre-rendered training set.
 The result is saved as a standard diffusers pipeline folder (safetensors, fp16): model_index.json, unet/,
 vae/, text_encoder/, tokenizer/, scheduler/, plus train_config.json with the exact arguments.
 """
@@ -37,21 +38,21 @@ TEMPLATES = ("A photograph of {classes} and other objects and background", "A ph
              "a {classes}")
 
 DEFAULTS = {
-    "size": 32,  # native image size; latent = size / vae_factor
-    "vae_factor": 1,  # VAE downsampling factor: 1 (one level, pixel-like latents) or 2 (two levels)
+    "size": 64,  # native image size; latent = size / vae_factor
+    "vae_factor": 2,  # VAE downsampling factor: 1 (one level, pixel-like latents) or 2 (two levels)
     "max_length": 16,  # tokenizer model_max_length = text encoder positions (longest shapes caption: 13)
-    "vae_steps": 500,
+    "vae_steps": 1000,
     "vae_batch": 16,
     "vae_lr": 2e-3,
-    "num_train_images": 20000,
-    "steps": 1100,
+    "num_train_images": 50000,
+    "steps": 3000,
     "batch": 32,
     "lr": 1e-3,
-    "warmup": 50,
+    "warmup": 100,
     "cfg_dropout": 0.1,
-    "template_prob": 0.0,  # share of steps' captions replaced by a class-name prompt template (see TEMPLATES)
-    "same_colour_prob": 0.3,
-    "ema_decay": 0.995,
+    "template_prob": 0.3,  # share of steps' captions replaced by a class-name prompt template (see TEMPLATES)
+    "same_colour_prob": 0.5,
+    "ema_decay": 0.998,
     "min_snr_gamma": 0.0,  # > 0: min-SNR-gamma loss weighting; 0: plain v-prediction MSE
     "channels": [32, 64, 64, 64],
     # UNet levels (0 = finest) whose blocks have attention; [0, 1, 2] is SD's layout. Without attention at the
