@@ -48,7 +48,8 @@ class Attn2Mask(AutoTokens, Method):
         **PROMPT_PARAMS,
         "steps": Param(100, "generation: DDIM denoising steps (OVAM's re-implementation: 100)", forward=True),
         "step": Param(0.5, "which denoising step, as a fraction of the schedule (0.5 = step 50 of 100)"),
-        "blocks": Param("64+32+16", "attn2 resolutions aggregated", choices=BLOCK_CHOICES),
+        "blocks": Param("all", "attn2 blocks aggregated: all (every level but the mid "
+                        "block) or SD resolution names such as 64+16", choices=BLOCK_CHOICES),
         "beta": Param(0.2, "background offset: background score = 1 - h - beta"),
         "keys": Param("recorded", "recorded: the UNet's own cross-attention (softmax over the padded prompt, DAAM "
                       "aggregation); unpadded: the prompt re-keyed without padding and aggregated as OVAM does "
@@ -63,7 +64,7 @@ class Attn2Mask(AutoTokens, Method):
         return replace(super().forward_setting(cfg, seed), branch=cfg["branch"])
 
     def trace_request(self, cfg: dict) -> TraceRequest:
-        layers = attn_layers(cfg["blocks"])
+        layers = attn_layers(cfg["blocks"], backbone=self.backbone)
         rekeyed = cfg["open_vocab"] or cfg["tokens"] or cfg["keys"] == "unpadded"
         return request(cross=layers, queries=layers if rekeyed else (), per_head=True)
 
@@ -73,7 +74,7 @@ class Attn2Mask(AutoTokens, Method):
     def class_maps(self, trace: Trace, query: ClassQuery, cfg: dict) -> torch.Tensor:
         """Min-max class maps h (K, h, w) at the latent size from the chosen step."""
         tokens = self.tokens_for(cfg)
-        layers = attn_layers(cfg["blocks"])
+        layers = attn_layers(cfg["blocks"], backbone=self.backbone)
         num_steps = next(iter(trace.queries.values() or trace.cross.values())).shape[0]
         s = step_index(cfg["step"], num_steps)
         if cfg["keys"] == "unpadded":  # OVAM's script: ca_extractor(prompt), its default aggregation

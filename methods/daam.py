@@ -53,7 +53,8 @@ def build_prompt(query: ClassQuery, caption: str | None, cfg: dict) -> str:
 class DAAM(AutoTokens, Method):
     params = {
         **PROMPT_PARAMS,
-        "blocks": Param("64+32+16", "attn2 resolutions aggregated (DAAM drops 8x8)", choices=BLOCK_CHOICES),
+        "blocks": Param("all", "attn2 blocks aggregated: all (every level but the 8x8 mid, "
+                        "DAAM Sec. 3) or SD resolution names such as 64+16", choices=BLOCK_CHOICES),
         "norm": Param("minmax", "heat-map normalisation: minmax (DAAM) or max (map / max, OVAM's baseline)",
                       choices=("minmax", "max")),
         "tau": Param(0.4, "binarisation threshold on the normalised map (mask = map > tau)"),
@@ -63,7 +64,7 @@ class DAAM(AutoTokens, Method):
     }
 
     def trace_request(self, cfg: dict) -> TraceRequest:
-        layers = attn_layers(cfg["blocks"])
+        layers = attn_layers(cfg["blocks"], backbone=self.backbone)
         rekeyed = cfg["open_vocab"] or cfg["tokens"]
         return request(cross=layers, queries=layers if rekeyed else (), per_head=True, sum_steps=not rekeyed)
 
@@ -77,7 +78,7 @@ class DAAM(AutoTokens, Method):
     def heatmaps(self, trace: Trace, query: ClassQuery, cfg: dict) -> torch.Tensor:
         """Un-normalised DAAM maps (K, h, w) at the latent size: per class, the mean of its tokens' maps, each
         aggregated and clamped on its own (`aggregate_daam`)."""
-        source, layers = self.source(cfg), attn_layers(cfg["blocks"])
+        source, layers = self.source(cfg), attn_layers(cfg["blocks"], backbone=self.backbone)
         out = []
         for name in query.names:
             per_layer = [source.token_maps(trace, layer, name) for layer in layers]  # (n_tokens, S, H, h, w)

@@ -35,28 +35,20 @@ import math
 import torch
 
 from bench.errors import BenchError
+from bench.models.layers import layer_map
 from bench.trace import Trace, TraceRequest, request
 from methods.base import ClassQuery, Method, Param, Prediction, register_method
 from methods.postprocess import AttributionSource, labels_from_scores, minmax, resize_maps, token_indices
 
-CROSS_LEVELS = {  # decoder cross-attention layers by resolution at 512 px (SD block layout)
-    "16": ["up_blocks.1.attentions.0.transformer_blocks.0.attn2", "up_blocks.1.attentions.1.transformer_blocks.0.attn2",
-           "up_blocks.1.attentions.2.transformer_blocks.0.attn2"],
-    "32": ["up_blocks.2.attentions.0.transformer_blocks.0.attn2", "up_blocks.2.attentions.1.transformer_blocks.0.attn2",
-           "up_blocks.2.attentions.2.transformer_blocks.0.attn2"],
-}
-CROSS_LEVELS["both"] = CROSS_LEVELS["16"] + CROSS_LEVELS["32"]
-SELF_LAYERS = {  # Table 6(b): #-1 is the last decoder layer
-    -1: "up_blocks.3.attentions.2.transformer_blocks.0.attn1",
-    -2: "up_blocks.3.attentions.1.transformer_blocks.0.attn1",
-    -3: "up_blocks.3.attentions.0.transformer_blocks.0.attn1",
-}
-CODE_CROSS = {  # released code's cross-attention layers and fusion weights
-    "16": (0.7, ["down_blocks.2.attentions.0", "down_blocks.2.attentions.1", "up_blocks.1.attentions.0",
-                 "up_blocks.1.attentions.1", "up_blocks.1.attentions.2"]),
-    "32": (0.3, ["down_blocks.1.attentions.1", "up_blocks.2.attentions.0", "up_blocks.2.attentions.1"]),
-}
-CODE_SELF = "up_blocks.3.attentions.1.transformer_blocks.0.attn1"
+# Layers by role (bench.models.layers), named as the paper names them on SD at 512 px. Table 6(a): decoder
+# cross-attention at "16" (rank 0: the coarsest decoder attention level, up_blocks.1 on SD) and "32" (rank 1,
+# up_blocks.2). Table 6(b): #-1 is the last decoder self-attention layer (up_blocks.3.attentions.2 on SD).
+CROSS_LEVELS = {"16": ("16",), "32": ("32",), "both": ("16", "32")}
+# Released code's cross-attention (SD names: down_blocks.2.attentions.0/1 + up_blocks.1.attentions.0/1/2 at 16,
+# down_blocks.1.attentions.1 + up_blocks.2.attentions.0/1 at 32) and fusion weights, as (weight, rank,
+# down-block attention indices, up-block attention indices); its self-attention is decoder layer #-2.
+CODE_CROSS = {"16": (0.7, 0, None, None), "32": (0.3, 1, (1,), (0, 1))}
+CODE_SELF_INDEX = -2
 CODE_HEADS = (1, 2)
 # `cross_heads=voc_release`: the release's VOC configuration (att_mean=False) averages these (layer, head)
 # pairs, indexed into the concatenation of every CODE_CROSS layer's heads of a resolution in forward order
@@ -266,15 +258,23 @@ class ISeg(Method):
     def is_code(cfg: dict) -> bool:
         return cfg.get("variant", "paper") == "code"
 
-    @classmethod
-    def cross_layers(cls, cfg: dict) -> list[str]:
-        if cls.is_code(cfg):
-            return [f"{b}.transformer_blocks.0.attn2" for _, blocks in CODE_CROSS.values() for b in blocks]
-        return CROSS_LEVELS[cfg["cross_levels"]]
+    def cross_layers(self, cfg: dict) -> list[str]:
+        layers = layer_map(self.backbone)
+        if self.is_code(cfg):
+            return [n for _, blocks in self.code_cross(layers) for n in blocks]
+        return [n for res in CROSS_LEVELS[cfg["cross_levels"]] for n in layers.sd_resolution("cross", res, ("up",))]
 
-    @classmethod
-    def self_layer(cls, cfg: dict) -> str:
-        return CODE_SELF if cls.is_code(cfg) else SELF_LAYERS[cfg["self_layer"]]
+    @staticmethod
+    def code_cross(layers) -> list[tuple[float, list[str]]]:
+        """The released code's (fusion weight, layers) per resolution (CODE_CROSS order), resolved on this UNet."""
+        out = []
+        for weight, rank, down, up in CODE_CROSS.values():
+            names = layers.ranked("cross", ("down",), (rank,), down) + layers.ranked("cross", ("up",), (rank,), up)
+            out.append((weight, names))
+        return out
+
+    def self_layer(self, cfg: dict) -> str:
+        return layer_map(self.backbone).decoder_self(CODE_SELF_INDEX if self.is_code(cfg) else cfg["self_layer"])
 
     def trace_request(self, cfg: dict) -> TraceRequest:
         cross = self.cross_layers(cfg)
@@ -333,10 +333,9 @@ class ISeg(Method):
             positions[name] = idx or [len(trace.token_ids) + len(absent)]  # absent: an extra re-keyed column
             absent += [] if idx else [name]
         levels = {}
-        for res, (_, blocks) in CODE_CROSS.items():
+        for res, (_, layers) in zip(CODE_CROSS, self.code_cross(layer_map(self.backbone))):
             per_layer = []
-            for block in blocks:
-                layer = f"{block}.transformer_blocks.0.attn2"
+            for layer in layers:
                 cols = [trace.step_mean("cross", layer).float()]  # (H, h, w, T)
                 cols += [source.class_maps(trace, layer, n).float().mean(0)[..., None] for n in absent]
                 per_layer.append(torch.cat(cols, -1))

@@ -34,6 +34,7 @@ from bench.trace import Trace, TraceRequest, request
 from methods.base import ClassQuery, Method, Param, Prediction, register_method
 from methods.crf import CRF_PARAMS, CRFParams, crf_labels
 from methods.daam import PROMPT_PARAMS, build_prompt
+from bench.models.layers import layer_map
 from methods.postprocess import (BLOCK_CHOICES, AttributionSource, AutoTokens, aggregate_sum, attn_layers,
                                 empty_prediction, labels_from_threshold, maxnorm, minmax, rekey,
                                 resize_maps)
@@ -88,7 +89,8 @@ class OVAM(AutoTokens, Method):
         "attribution": Param("A photograph of a {name}", "attribution prompt X' per class ({name}: class name, "
                              "{prompt}: the generation prompt); the map is that of the class name's tokens"),
         "pad": Param(False, "pad X' to the model length (softmax over 77 tokens like DAAM); paper: no padding"),
-        "blocks": Param("64+32+16", "attn2 resolutions in Eq. 5 (Table 5)", choices=BLOCK_CHOICES),
+        "blocks": Param("all", "attn2 blocks in Eq. 5 (Table 5): all (the paper's 64+32+16 "
+                        "on SD) or SD resolution names such as 64+16", choices=BLOCK_CHOICES),
         "branch": Param("cond", "generation: queries of the conditional (paper, as DAAM) or unconditional "
                         "(released code) branch", forward=True, choices=("cond", "uncond")),
         "t_select": Param("all", "timesteps in Eq. 5 (Fig. 6): all, single (step t_step), upto (1..t_step), "
@@ -110,10 +112,11 @@ class OVAM(AutoTokens, Method):
         return replace(super().forward_setting(cfg, seed), branch=cfg["branch"])
 
     def trace_request(self, cfg: dict) -> TraceRequest:
-        self_layers = attn_layers("64", "attn1") if cfg["refine"] else ()
+        self_layers = layer_map(self.backbone).finest("self") if cfg["refine"] else ()
         # queries are stored per head whatever per_head says; Eq. 8 sums self-attention over heads and steps,
         # so it is averaged over heads and summed over steps at capture (64x64 maps are large)
-        return request(queries=attn_layers(cfg["blocks"]), self_attn=self_layers, sum_self_steps=True)
+        return request(queries=attn_layers(cfg["blocks"], backbone=self.backbone), self_attn=self_layers,
+                       sum_self_steps=True)
 
     def prompt(self, query: ClassQuery, caption: str | None, cfg: dict) -> str:
         return build_prompt(query, caption, cfg)
@@ -127,7 +130,7 @@ class OVAM(AutoTokens, Method):
         tokens = self.tokens_for(cfg)
         source = AttributionSource(self.backbone, cfg["attribution"], pad=cfg["pad"], tokens=tokens,
                                    recorded=False)
-        layers = attn_layers(cfg["blocks"])
+        layers = attn_layers(cfg["blocks"], backbone=self.backbone)
         steps = select_steps(trace.queries[layers[0]].shape[0], cfg["t_select"], cfg["t_step"])
         with torch.no_grad():
             maps = source.layer_maps(trace, layers, query.names, steps=steps)
@@ -153,7 +156,7 @@ class OVAM(AutoTokens, Method):
             a_alpha = None
             if cfg["refine"]:
                 if size not in received:
-                    maps = [trace.self_attn[n] for n in attn_layers("64", "attn1")]
+                    maps = [trace.self_attn[n] for n in layer_map(self.backbone).finest("self")]
                     received[size] = resize_maps(received_attention(maps, trace.latent_size)[None], size)[0]
                 a_alpha = alpha_scale(received[size], alpha)
             scores = binarise(heat, a_alpha, "code" if code else "paper")

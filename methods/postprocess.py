@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from bench.models.layers import layer_map
+
 
 def word_token_ids(tokenizer, word: str) -> list[int]:
     """Token ids of `word` as it appears inside a prompt (no SOS/EOS)."""
@@ -64,23 +66,16 @@ def labels_from_scores(scores: torch.Tensor, class_ids: list[int], out_size: tup
 
 
 # -- shared by DAAM, Attn2Mask and OVAM ------------------------------------------------------------------------------
-# attn2 layers of the SD UNet by their resolution at 512 px (latent 64): down0/up3 = 64, down1/up2 = 32,
-# down2/up1 = 16, mid = 8. The same names exist in the embedded backbone.
-ATTN_BLOCKS = {
-    "64": ["down_blocks.0.attentions.0", "down_blocks.0.attentions.1", "up_blocks.3.attentions.0",
-           "up_blocks.3.attentions.1", "up_blocks.3.attentions.2"],
-    "32": ["down_blocks.1.attentions.0", "down_blocks.1.attentions.1", "up_blocks.2.attentions.0",
-           "up_blocks.2.attentions.1", "up_blocks.2.attentions.2"],
-    "16": ["down_blocks.2.attentions.0", "down_blocks.2.attentions.1", "up_blocks.1.attentions.0",
-           "up_blocks.1.attentions.1", "up_blocks.1.attentions.2"],
-    "8": ["mid_block.attentions.0"],
-}
-BLOCK_CHOICES = ("64", "32", "16", "64+32", "64+16", "32+16", "64+32+16", "64+32+16+8")
+# Block specs by the papers' SD resolution names at 512 px (latent 64): "64" = down0/up3, "32" = down1/up2,
+# "16" = down2/up1, "8" = mid; "all" = every down/up attention level (mid dropped, DAAM Sec. 3), which is
+# "64+32+16" on SD and whatever levels another layout has (bench.models.layers resolves them by role).
+BLOCK_CHOICES = ("all", "64", "32", "16", "64+32", "64+16", "32+16", "64+32+16", "64+32+16+8")
 
 
-def attn_layers(blocks: str, kind: str = "attn2") -> list[str]:
-    """Module names of the attn2 (cross) or attn1 (self) layers of the resolutions in `blocks`, e.g. "64+16"."""
-    return [f"{b}.transformer_blocks.0.{kind}" for res in blocks.split("+") for b in ATTN_BLOCKS[res]]
+def attn_layers(blocks: str, kind: str = "attn2", backbone=None) -> list[str]:
+    """Module names of the attn2 (cross) or attn1 (self) layers of the block spec (e.g. "64+16" or "all") in the
+    backbone's UNet (SD's layout without a backbone)."""
+    return layer_map(backbone).blocks(blocks, "cross" if kind == "attn2" else "self")
 
 
 def attribution_embedding(backbone, text: str, pad: bool = False) -> tuple[torch.Tensor, list[int]]:

@@ -24,7 +24,7 @@ from bench.errors import BenchError  # noqa: E402
 from bench.trace import Trace  # noqa: E402
 from methods import METHODS  # noqa: E402
 from methods.base import COMMON_PARAMS, ClassQuery  # noqa: E402
-from methods.postprocess import ATTN_BLOCKS  # noqa: E402
+from bench.models.layers import sd_layer_map  # noqa: E402
 
 LATENT = 32
 OUT = (LATENT * 8, LATENT * 8)  # the image: SD's latent factor 8
@@ -57,8 +57,9 @@ class SyntheticBackbone(SimpleNamespace):
         tokenizer = build_tokenizer(77)
         width = len(tokenizer)
         encoder = lambda ids: (torch.nn.functional.one_hot(ids, width).float(),)  # noqa: E731
+        # no UNet: the synthetic trace carries SD 1.x/2.x's layer names (what layer_map reads from a backbone)
         super().__init__(tokenizer=tokenizer, text_encoder=encoder, device=torch.device("cpu"), dtype=torch.float32,
-                         max_length=77, vae=None, width=width)
+                         max_length=77, vae=None, width=width, _layer_map=sd_layer_map())
 
     def tokenize(self, prompts):
         return self.tokenizer(prompts, padding="max_length", max_length=77, truncation=True,
@@ -77,21 +78,20 @@ def build_trace(backbone: SyntheticBackbone, beta: float = 6.0, noise: float = 1
     to_k = torch.nn.Linear(backbone.width, HEADS * backbone.width, bias=False)
     to_k.weight.data = torch.eye(backbone.width).repeat(HEADS, 1)  # every head sees the one-hot keys
     cross, queries, self_attn, modules = {}, {}, {}, {}
-    for res, blocks in ATTN_BLOCKS.items():
-        side = LATENT * int(res) // 64
+    for layer in sd_layer_map().layers:  # SD's layout: level 0 at the latent size, each level halves it
+        side = LATENT >> layer.level
         seg = segment_map(side).flatten()
-        same = (seg[:, None] == seg[None, :]).float()
-        gt_self = (same / same.sum(1, keepdim=True))[None, None].repeat(1, HEADS, 1, 1)
-        for block in blocks:  # each layer its own noise, as each of a real UNet's layers has
-            q = torch.zeros(side * side, backbone.width)
-            for k, tok in own.items():
-                q[:, tok] = beta * (seg == k).float() + noise * torch.randn(side * side, generator=g)
-            q = q[None, None].repeat(1, HEADS, 1, 1)  # (S, H, hw, V)
-            probs = (q @ keys.T).softmax(-1).unflatten(2, (side, side))  # the UNet's own softmax over 77 tokens
-            cross[f"{block}.transformer_blocks.0.attn2"] = probs
-            queries[f"{block}.transformer_blocks.0.attn2"] = q
-            modules[f"{block}.transformer_blocks.0.attn2"] = SimpleNamespace(to_k=to_k, scale=1.0)
-            self_attn[f"{block}.transformer_blocks.0.attn1"] = gt_self
+        if layer.kind == "self":
+            same = (seg[:, None] == seg[None, :]).float()
+            self_attn[layer.name] = (same / same.sum(1, keepdim=True))[None, None].repeat(1, HEADS, 1, 1)
+            continue
+        q = torch.zeros(side * side, backbone.width)  # each layer its own noise, as each of a real UNet's has
+        for k, tok in own.items():
+            q[:, tok] = beta * (seg == k).float() + noise * torch.randn(side * side, generator=g)
+        q = q[None, None].repeat(1, HEADS, 1, 1)  # (S, H, hw, V)
+        cross[layer.name] = (q @ keys.T).softmax(-1).unflatten(2, (side, side))  # the UNet's softmax over 77 tokens
+        queries[layer.name] = q
+        modules[layer.name] = SimpleNamespace(to_k=to_k, scale=1.0)
     colours = torch.tensor([[128, 128, 128], [220, 40, 40], [40, 40, 220]], dtype=torch.uint8)
     image = colours[torch.nn.functional.interpolate(segment_map(LATENT)[None, None].float(), size=OUT,
                                                     mode="nearest")[0, 0].long()].numpy()

@@ -58,13 +58,15 @@ class StandInBackbone(SimpleNamespace):
 
     def __init__(self, width: int = 768):
         from bench.embedded import build_tokenizer
+        from bench.models.layers import sd_layer_map
 
         tokenizer = build_tokenizer(77)
         table = torch.nn.Embedding(len(tokenizer), width)
         torch.nn.init.normal_(table.weight, generator=torch.Generator().manual_seed(0))
         encoder = lambda ids: (table(ids),)  # noqa: E731  (CLIPTextModel returns (hidden_states, ...))
+        # no UNet: the layers are SD 1.x/2.x's (what bench.models.layers.layer_map reads from a backbone)
         super().__init__(tokenizer=tokenizer, text_encoder=encoder, device=torch.device("cpu"),
-                         dtype=torch.float32, max_length=77, vae=None)
+                         dtype=torch.float32, max_length=77, vae=None, _layer_map=sd_layer_map())
 
     def tokenize(self, prompts):
         return self.tokenizer(prompts, padding="max_length", max_length=77, truncation=True,
@@ -82,31 +84,28 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a == b).double().mean())
 
 
-
-
-SD15_DIM = {"64": 320, "32": 640, "16": 1280, "8": 1280}  # attn2 inner dim per resolution (8 heads each)
+SD15_DIM = {0: 320, 1: 640, 2: 1280, 3: 1280}  # attn2 inner dim per UNet level (0 = 64x64; 8 heads each)
 
 
 def sd15_world(backbone: StandInBackbone, prompt: str, steps: int, latent: int = 64, seed: int = 0):
     """A Trace of SD 1.5's 16 attn2 layers (8 heads, 77 tokens): seeded per-step queries, a seeded to_k per layer
     (text width 768 -> inner dim) and the cross-attention the UNet computes from them with the padded prompt."""
+    from bench.models.layers import sd_layer_map
     from bench.trace import Trace
-    from methods.postprocess import ATTN_BLOCKS, attribution_embedding
+    from methods.postprocess import attribution_embedding
 
     g = torch.Generator().manual_seed(seed)
     emb, ids = attribution_embedding(backbone, prompt, pad=True)
     cross, queries, modules = {}, {}, {}
-    for res, blocks in ATTN_BLOCKS.items():
-        side, inner = latent * int(res) // 64, SD15_DIM[res]
+    for attention in (a for a in sd_layer_map().layers if a.kind == "cross"):
+        side, inner, layer = latent >> attention.level, SD15_DIM[attention.level], attention.name
         d = inner // 8
-        for block in blocks:
-            layer = f"{block}.transformer_blocks.0.attn2"
-            to_k = torch.nn.Linear(768, inner, bias=False)
-            torch.nn.init.normal_(to_k.weight, std=768 ** -0.5, generator=g)
-            modules[layer] = SimpleNamespace(to_k=to_k, scale=d ** -0.5)
-            q = torch.randn(steps, 8, side * side, d, generator=g) * 2
-            k = to_k(emb).detach().view(77, 8, d).transpose(0, 1)
-            queries[layer] = q
-            cross[layer] = torch.einsum("shqd,hld->shql", q, k).mul(d ** -0.5).softmax(-1).unflatten(2, (side, side))
+        to_k = torch.nn.Linear(768, inner, bias=False)
+        torch.nn.init.normal_(to_k.weight, std=768 ** -0.5, generator=g)
+        modules[layer] = SimpleNamespace(to_k=to_k, scale=d ** -0.5)
+        q = torch.randn(steps, 8, side * side, d, generator=g) * 2
+        k = to_k(emb).detach().view(77, 8, d).transpose(0, 1)
+        queries[layer] = q
+        cross[layer] = torch.einsum("shqd,hld->shql", q, k).mul(d ** -0.5).softmax(-1).unflatten(2, (side, side))
     return Trace(prompt=prompt, token_ids=ids, timesteps=list(range(steps)), latent_size=(latent, latent),
                  cross=cross, queries=queries, modules=modules)

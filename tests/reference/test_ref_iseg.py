@@ -14,13 +14,19 @@ import torch.nn.functional as F
 
 from bench.trace import Trace
 from methods.base import ClassQuery
-from methods.iseg import CODE_CROSS, CODE_SELF, CROSS_LEVELS, RELEASE_VOC_HEADS, SELF_LAYERS, ISeg
+from bench.models.layers import sd_layer_map
+from methods.iseg import CODE_CROSS as RELEASE_LEVELS
+from methods.iseg import RELEASE_VOC_HEADS, ISeg
 from parity_tensors import agreement, cross_attention, relative_error, self_attention
 
 LABEL = (375, 500)
 PROMPT = "a photograph of dog and potted plant and other object and background, ground, land, grass"
 NAMES = ["dog", "potted plant"]
 HEADS = {"16": 20, "32": 10}
+SD = sd_layer_map()  # SD 2.1's layer names: the release's layers, the paper's decoder layers, decoder self #-1/#-2
+CODE_CROSS = [(res, *level) for res, level in zip(RELEASE_LEVELS, ISeg.code_cross(SD))]  # (res, weight, layers)
+CODE_SELF, LAST_SELF = SD.decoder_self(-2), SD.decoder_self(-1)
+PAPER_CROSS = ISeg(None).cross_layers(ISeg.resolve({}))
 
 
 # -- the release, re-expressed (linsun449/iseg.code) -----------------------------------------------------------
@@ -117,18 +123,17 @@ def world(stand_in):
         ids[plant[0]])] == ["dog</w>", "plant</w>"], "the release's positions must land on the class words"
     strong = {dog[0]: 1, plant[0] - 1: 2, plant[0]: 2}  # dog on segment 1, "potted" and "plant" on 2
     cross, release = {}, {}
-    for res, (_, blocks) in CODE_CROSS.items():
-        side = 64 // (64 // int(res))
-        maps = [cross_attention(side, HEADS[res], 77, strong, seed=i + 10 * int(res)) for i in range(len(blocks))]
-        for block, m in zip(blocks, maps):
-            cross[f"{block}.transformer_blocks.0.attn2"] = m
+    for res, _, layers in CODE_CROSS:
+        side = int(res)  # the papers' resolution names are SD's at 512 px: 16 -> 16x16 latent maps at 64
+        maps = [cross_attention(side, HEADS[res], 77, strong, seed=i + 10 * int(res)) for i in range(len(layers))]
+        cross.update(zip(layers, maps))
         # get_attention_map concatenates the layers' heads (forward order) and puts tokens before space
         release[int(res)] = torch.cat(maps, dim=1)[0].permute(0, 3, 1, 2)[None]
-    for i, layer in enumerate(CROSS_LEVELS["both"]):  # the paper's decoder layers the release does not read
-        side = {"1": 16, "2": 32}[layer.split(".")[1]]
+    for i, layer in enumerate(PAPER_CROSS):  # the paper's decoder layers the release does not read
+        side = {"1": 16, "2": 32}[layer.split(".")[1]]  # up_blocks.1 at 16x16, up_blocks.2 at 32x32
         cross.setdefault(layer, cross_attention(side, HEADS[str(side)], 77, strong, seed=100 + i))
     self64 = self_attention(64, 3, seed=5)
-    self_attn = {CODE_SELF: self64[None], SELF_LAYERS[-1]: self_attention(64, 1, seed=6)[None]}
+    self_attn = {CODE_SELF: self64[None], LAST_SELF: self_attention(64, 1, seed=6)[None]}
     trace = Trace(prompt=PROMPT, token_ids=ids, timesteps=[100], latent_size=(64, 64), cross=cross,
                   self_attn=self_attn)
     # the release stores self-attention as (1, heads, key, h, w) of the query grid (permute(0, 1, 4, 2, 3))
@@ -162,11 +167,11 @@ def paper_reference(trace: Trace, lam: float, iters: int) -> torch.Tensor:
     iseg.py docstring); Algorithm 1 with the release's normalisation; the release's final resize."""
     positions = {"dog": [4], "potted plant": [6, 7]}  # every sub-token of the name
     maps = []
-    for layer in CROSS_LEVELS["both"]:
+    for layer in PAPER_CROSS:
         per = torch.stack([trace.cross[layer][0, ..., positions[n]].mean((0, -1)) for n in NAMES])
         maps.append(F.interpolate(per[None], size=(64, 64), mode="bilinear", align_corners=False)[0])
     cross = torch.stack(maps).mean(0).flatten(1).T[None]
-    a = trace.self_attn[SELF_LAYERS[-1]][0].mean(0)
+    a = trace.self_attn[LAST_SELF][0].mean(0)
     a = a / a.amax(1, keepdim=True)
     a = torch.where(a > 0, a + lam * (1 + torch.log(a)), 0).clamp(min=0)
     a = (a / a.sum(1, keepdim=True))[None]
