@@ -25,6 +25,7 @@ import numpy as np
 from bench.config import SweepConfig
 from bench.data import build_dataset
 from bench.env import init_ray
+from bench.models import scheduler_name
 from bench.plan import Plan, make_plan
 from bench.stages.fit import check_fit_sources, load_fits, run_fits
 from bench.stages.score import group_index, score
@@ -69,7 +70,7 @@ def run_engine(cfg: SweepConfig, run_dir: Path, plan: Plan | None = None) -> tup
              "num_forward_settings": len(plan.groups), **fit_stats.as_dict(),
              "unet_passes": int(scores["passes"].sum()), "trace_seconds": round(trace_seconds, 3),
              "images_per_second": round(len(dataset) * len(plan.groups) / max(trace_seconds, 1e-9), 4),
-             "dataset": dataset.describe(),
+             "dataset": dataset.describe(), "scheduler": _schedulers(cfg, plan.trials),
              "per_image": {"trial": scores["trial"], "hist": scores["hist"],
                            "seed_of_group": np.array([plan.groups[g].seed for g in scores["group"]], dtype=np.int64)}}
     return rows, stats
@@ -81,6 +82,17 @@ def method_versions(method: str) -> dict[str, str]:
     out = {method: cls.version}
     for name in getattr(cls(), "methods", {}):
         out[name] = METHODS.get(name).version
+    return out
+
+
+def _schedulers(cfg: SweepConfig, trials) -> dict:
+    """Provenance of the noise schedule: the scheduler class of each requested generation `scheduler=` value,
+    and how inversion noises (issue 9 item 8)."""
+    modes = {t.params.get("mode") for t in trials}
+    requested = {t.params.get("scheduler", "auto") for t in trials if t.params.get("mode") == "generation"}
+    out = {f"generation scheduler={req}": scheduler_name(cfg.model.as_dict(), req) for req in sorted(requested)}
+    if "inversion" in modes:
+        out["inversion"] = "q(x_t|x_0): DDIMScheduler.add_noise over the model's alphas_cumprod"
     return out
 
 

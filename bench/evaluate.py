@@ -16,7 +16,7 @@ import torch
 from bench.data import require_generation_gt
 from bench.data.base import Sample, SegDataset
 from bench.forward import run_traced
-from bench.metrics import intersect_and_union
+from bench.metrics import image_histograms
 from bench.plan import ForwardGroup, Trial, group_trials  # noqa: F401  (re-exported: callers group and evaluate)
 from bench.trace import Trace, TraceRequest
 from methods.base import ClassQuery, Method
@@ -73,7 +73,8 @@ def trace_samples(method: Method, dataset: SegDataset, samples: list[Sample], pa
 def evaluate_batch(method: Method, dataset: SegDataset, samples: list[Sample], group: ForwardGroup,
                    req: TraceRequest | None = None, resolution: int = 0,
                    on_predictions: Callable | None = None) -> tuple[list[np.ndarray], int]:
-    """Histograms (len(samples) x len(group.trials), each (4, C)) in sample-major order, and image-passes.
+    """Histograms (len(samples) x len(group.trials), each (8, C): both metric protocols, see
+    bench.metrics.image_histograms) in sample-major order, and image-passes.
     on_predictions(k, sample, query, prompt, predictions) sees every image's predictions (qualitative figures)."""
     params0 = group.trials[0].params
     batch = trace_samples(method, dataset, samples, params0, group.seed, req or group_request(method, group),
@@ -84,6 +85,6 @@ def evaluate_batch(method: Method, dataset: SegDataset, samples: list[Sample], g
         predictions = method.predict_many(trace, query, configs, tuple(sample.label.shape))
         if on_predictions is not None:
             on_predictions(k, sample, query, prompt, predictions)
-        hists.extend(intersect_and_union(p.labels.numpy(), sample.label, len(dataset.classes))
+        hists.extend(image_histograms(p.labels.numpy(), sample.label, len(dataset.classes))
                      for p in predictions)
     return hists, batch.image_passes

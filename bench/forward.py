@@ -1,9 +1,11 @@
 """The two ways of running the UNet under a tracer.
 
-Inversion (real images): VAE posterior mean x scaling factor -> `scheduler.add_noise` at a fixed t with a
-fixed seed -> one UNet pass with the prompt, no guidance (iSeg Eq. 3; OVAM/DAAM on real images).
-Generation: full DDIM denoising with classifier-free guidance; the UNet batch is [uncond, cond] and the
-tracer records the conditional half unless `branch` says otherwise.
+Inversion (real images): VAE posterior mean x scaling factor -> q(x_t | x_0) at a fixed t with a fixed seed
+(DDIM's add_noise over the folder's alphas) -> one UNet pass with the prompt, no guidance (iSeg Eq. 3;
+OVAM/DAAM on real images).
+Generation: full denoising with classifier-free guidance by the folder's own scheduler (`scheduler=auto`, what
+the papers ran) or a named one; the UNet batch is [uncond, cond] and the tracer records the conditional half
+unless `branch` says otherwise.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ class ForwardSetting:
     mode: str = "inversion"  # inversion | generation
     timestep: int = 100  # inversion: the noise level t
     seed: int = 0  # inversion: noise seed shared by every image; generation: base of per-image seeds
-    steps: int = 50  # generation: DDIM steps
+    steps: int = 50  # generation: denoising steps
+    scheduler: str = "auto"  # generation: the folder's own scheduler, or a bench.models.SCHEDULERS name
     guidance: float = 7.5  # generation: classifier-free guidance scale
     branch: str = "cond"  # generation: which half of the batch to record: cond | uncond | both
     size: int = 0  # image size fed to the VAE; 0 = the backbone's native resolution
@@ -89,16 +92,19 @@ def _invert(backbone: Backbone, images, text, setting: ForwardSetting) -> int:
     generator = torch.Generator().manual_seed(setting.seed)
     noise = torch.randn(latents.shape[1:], generator=generator).to(latents.device, latents.dtype)
     t = torch.tensor([setting.timestep], device=latents.device, dtype=torch.long)
-    noisy = backbone.scheduler.add_noise(latents, noise.expand_as(latents), t)
+    noisy = backbone.noising_scheduler().add_noise(latents, noise.expand_as(latents), t)
     backbone.unet(noisy, t, encoder_hidden_states=text)
     return 1
 
 
 def _generate(backbone: Backbone, text_pair, setting: ForwardSetting, seeds: list[int], x0=None):
-    from diffusers import DDIMScheduler
+    import inspect
 
-    scheduler = DDIMScheduler.from_config(backbone.scheduler.config)
+    scheduler = backbone.make_scheduler(setting.scheduler)
     scheduler.set_timesteps(setting.steps)
+    # stochastic samplers (DDPM, Euler ancestral) draw their noise from a seeded generator: runs repeat
+    step_kw = {"generator": torch.Generator().manual_seed(seeds[0])} \
+        if "generator" in inspect.signature(scheduler.step).parameters else {}
     size = setting.size or backbone.resolution
     factor = 2 ** (len(backbone.vae.config.block_out_channels) - 1)
     shape = (backbone.unet.config.in_channels, size // factor, size // factor)
@@ -111,7 +117,7 @@ def _generate(backbone: Backbone, text_pair, setting: ForwardSetting, seeds: lis
         model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
         uncond, cond = backbone.unet(model_in, t, encoder_hidden_states=text_pair).sample.chunk(2)
         guided = uncond + setting.guidance * (cond - uncond)
-        latents = scheduler.step(guided, t, latents).prev_sample
+        latents = scheduler.step(guided, t, latents, **step_kw).prev_sample
     if x0 is not None:
         return None, len(scheduler.timesteps)
     decoded = backbone.vae.decode(latents / backbone.vae.config.scaling_factor).sample

@@ -1,12 +1,19 @@
-"""Segmentation metrics computed exactly as MMSegmentation's IoUMetric does.
+"""Segmentation metrics, each protocol exactly as its reference computes it.
 
-Per image: `intersect_and_union` -> four per-class pixel histograms (intersection, union, prediction,
-label), ignoring label 255. Histograms are summed over the dataset, then
-IoU_c = I_c / U_c, Acc_c = I_c / L_c, aAcc = sum I / sum L, reported in percent.
-Protocols:
-- "mmseg": mean over classes with U_c > 0 (a class absent from ground truth and predictions is NaN and
-  excluded; predicted but absent from ground truth counts as IoU 0).
-- "iseg": mean over classes that have ground-truth pixels (L_c > 0) only (iSeg's released evaluation).
+Per image, four per-class pixel histograms [intersection, union, prediction, label]; histograms are summed over
+the dataset, then IoU_c = I_c / U_c, Acc_c = I_c / L_c, aAcc = sum I / sum L, reported in percent.
+Protocols (references in methods/README.md):
+- "mmseg": MMSegmentation's IoUMetric (intersect_and_union + total_area_to_metrics). Pixels labelled 255 are
+  dropped; a pixel whose label is another value outside [0, C) is kept: its prediction counts in the prediction
+  histogram (a false positive), its label in none. The mean runs over classes with U_c > 0 (absent from ground
+  truth and prediction: NaN, excluded; predicted but absent from ground truth: IoU 0).
+- "iseg": iSeg's released evaluation (util/miou.py ShowSegmentResult, wsss/iSeg.py test_step). Only pixels
+  with 0 <= label < C count (255 and every other out-of-range label are dropped, prediction included); an
+  image whose ground truth holds a single value once 255 is read as background (no foreground class, or no
+  background) is skipped; the mean runs over classes with ground-truth pixels only.
+
+`image_histograms` stores both (8, C): rows 0-3 are mmseg's, rows 4-7 iseg's; `protocol_rows` picks one.
+Older 4-row histograms are read as mmseg's for either protocol.
 """
 
 from __future__ import annotations
@@ -16,29 +23,51 @@ import numpy as np
 from bench.data.base import IGNORE_INDEX
 
 PROTOCOLS = ("mmseg", "iseg")
+ROWS = 4
 
 
 def intersect_and_union(pred: np.ndarray, label: np.ndarray, num_classes: int,
-                        ignore_index: int = IGNORE_INDEX) -> np.ndarray:
-    """(4, C) int64 histograms [intersect, union, pred, label] of one image."""
+                        ignore_index: int = IGNORE_INDEX, protocol: str = "mmseg") -> np.ndarray:
+    """(4, C) int64 histograms [intersect, union, pred, label] of one image under `protocol`."""
+    _check(protocol)
     pred = np.asarray(pred).ravel().astype(np.int64)
     label = np.asarray(label).ravel().astype(np.int64)
     if pred.shape != label.shape:
         raise ValueError(f"prediction has {pred.size} pixels, label {label.size}")
-    keep = label != ignore_index
+    if protocol == "iseg":
+        values = np.unique(np.where(label == ignore_index, 0, label))
+        if len(values) <= 1:  # iSeg test_step returns before scoring: no foreground class (or no background)
+            return np.zeros((ROWS, num_classes), dtype=np.int64)
+        keep = (label >= 0) & (label < num_classes)
+    else:
+        keep = label != ignore_index
     pred, label = pred[keep], label[keep]
     intersect = pred[pred == label]
-    area_i = np.bincount(intersect, minlength=num_classes)[:num_classes]
+    area_i = np.bincount(intersect[(intersect >= 0) & (intersect < num_classes)], minlength=num_classes)[:num_classes]
     area_p = np.bincount(pred[(pred >= 0) & (pred < num_classes)], minlength=num_classes)[:num_classes]
-    area_l = np.bincount(label[label < num_classes], minlength=num_classes)[:num_classes]
+    area_l = np.bincount(label[(label >= 0) & (label < num_classes)], minlength=num_classes)[:num_classes]
     return np.stack([area_i, area_p + area_l - area_i, area_p, area_l]).astype(np.int64)
 
 
+def image_histograms(pred: np.ndarray, label: np.ndarray, num_classes: int,
+                     ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+    """(8, C): the mmseg histograms (rows 0-3) and the iseg ones (rows 4-7) of one image."""
+    return np.concatenate([intersect_and_union(pred, label, num_classes, ignore_index, p) for p in PROTOCOLS])
+
+
+def protocol_rows(hist: np.ndarray, protocol: str) -> np.ndarray:
+    """The 4 rows of `protocol` along axis -2 of (..., 8, C) histograms; (..., 4, C) ones are mmseg's."""
+    _check(protocol)
+    hist = np.asarray(hist)
+    if hist.shape[-2] == ROWS:
+        return hist
+    start = ROWS * PROTOCOLS.index(protocol)
+    return hist[..., start:start + ROWS, :]
+
+
 def summarize(hist: np.ndarray, class_names: list[str], protocol: str = "mmseg") -> dict[str, float]:
-    """Dataset totals (4, C) -> {"mIoU", "aAcc", "mAcc", "IoU/<class>", "Acc/<class>"} in percent."""
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown metric protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
-    area_i, area_u, _, area_l = (hist[k].astype(np.float64) for k in range(4))
+    """Dataset totals (8 or 4, C) -> {"mIoU", "aAcc", "mAcc", "IoU/<class>", "Acc/<class>"} in percent."""
+    area_i, area_u, _, area_l = (r.astype(np.float64) for r in protocol_rows(hist, protocol))
     with np.errstate(divide="ignore", invalid="ignore"):
         iou = np.where(area_u > 0, area_i / area_u, np.nan)
         acc = np.where(area_l > 0, area_i / area_l, np.nan)
@@ -50,6 +79,11 @@ def summarize(hist: np.ndarray, class_names: list[str], protocol: str = "mmseg")
     for name, value in zip(class_names, acc):
         out[f"Acc/{name}"] = value * 100
     return out
+
+
+def _check(protocol: str) -> None:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown metric protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
 
 
 def _nanmean(values: np.ndarray) -> float:

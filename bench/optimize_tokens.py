@@ -29,7 +29,7 @@ from tqdm import tqdm
 from bench.data import build_dataset
 from bench.env import quiet_environment
 from bench.errors import BenchError, cli_exit
-from bench.models import load_backbone, validate_model_config
+from bench.models import SCHEDULER_CHOICES, load_backbone, validate_model_config
 from methods.postprocess import BLOCK_CHOICES, save_tokens
 from methods.tokens import TokenSettings, fit_class
 
@@ -61,11 +61,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--images-per-class", type=int, default=d.images_per_class, help="annotated images per class")
     p.add_argument("--mode", choices=("inversion", "generation"), default=d.mode)
     p.add_argument("--timestep", type=int, default=d.timestep, help="inversion noise level")
-    p.add_argument("--steps", type=int, default=d.steps, help="generation DDIM steps")
+    p.add_argument("--steps", type=int, default=d.steps, help="generation: denoising steps (the model's own scheduler)")
+    p.add_argument("--scheduler", choices=SCHEDULER_CHOICES, default=d.scheduler,
+                   help="generation: auto (the model folder's own) or a named diffusers scheduler")
     p.add_argument("--guidance", type=float, default=d.guidance)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--branch", choices=("cond", "uncond"), default=d.branch, help="generation: query branch")
-    p.add_argument("--blocks", choices=BLOCK_CHOICES, default=d.blocks, help="attn2 resolutions (OVAM's blocks=)")
+    p.add_argument("--blocks", choices=BLOCK_CHOICES, default=d.blocks,
+                   help="attn2 blocks (OVAM's blocks=): all, or SD resolution names such as 64+16")
     p.add_argument("--template", default=d.template, help="prompt / attribution prompt")
     p.add_argument("--loss", choices=("bce", "ce"), default=d.loss, help="bce (paper Eq. 7) or ce (released code)")
     p.add_argument("--epochs", type=int, default=d.epochs, help="paper: 500 (released code: 800)")

@@ -29,7 +29,7 @@ def t_interval(values, confidence: float = CONFIDENCE) -> tuple[float, float, fl
 
 def metrics_from_totals(totals: np.ndarray, protocol: str) -> dict[str, np.ndarray]:
     """`bench.metrics.summarize` (the one home of the metric formulas) over a batch of dataset totals
-    (B, 4, C) -> mIoU, aAcc, mAcc (B,)."""
+    (B, 8 or 4, C) -> mIoU, aAcc, mAcc (B,)."""
     names = [str(c) for c in range(totals.shape[-1])]
     rows = [summarize(t, names, protocol) for t in totals]
     return {k: np.array([r[k] for r in rows], dtype=np.float64) for k in ("mIoU", "aAcc", "mAcc")}
@@ -39,7 +39,7 @@ def bootstrap_intervals(per_image: np.ndarray, protocol: str, draws: int, seed: 
                         confidence: float = CONFIDENCE) -> dict[str, tuple[float, float]]:
     """Percentile intervals of mIoU, aAcc and mAcc over images resampled with replacement.
 
-    per_image: (n, 4, C) per-image histograms of one configuration and seed. The dataset metric is computed
+    per_image: (n, 8 or 4, C) per-image histograms of one configuration and seed. The dataset metric is computed
     from summed histograms (as the reported number is), so each draw re-sums a multiset of images.
     Fewer than two images or no draws: NaN intervals."""
     per_image = np.asarray(per_image)

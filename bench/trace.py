@@ -64,7 +64,8 @@ def request(cross=(), self_attn=(), queries=(), **kw) -> TraceRequest:
 
 
 def attention_layers(unet: torch.nn.Module) -> dict[str, str]:
-    """{module name: "self" | "cross"} for every diffusers Attention in the UNet, in forward order."""
+    """{module name: "self" | "cross"} for every diffusers Attention in the UNet, in module registration order
+    (diffusers registers up_blocks before mid_block; `bench.models.layers.LayerMap` has the forward order)."""
     from diffusers.models.attention_processor import Attention
 
     return {name: ("cross" if module.is_cross_attention else "self")
@@ -82,7 +83,7 @@ def resolve_layers(patterns, layers: dict[str, str], kind: str) -> list[str]:
             raise BenchError(f"layer {pattern!r} matches no {kind}-attention layer of this UNet "
                              f"(e.g. {example}); list them with bench.trace.attention_layers(unet)")
         chosen.extend(h for h in hits if h not in chosen)
-    return [n for n in names if n in chosen]  # forward order
+    return [n for n in names if n in chosen]  # registration order
 
 
 @dataclass

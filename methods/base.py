@@ -10,7 +10,8 @@ which train setting a configuration needs (`train_setting`) and learn it in `fit
 once per train setting on Ray Train (bench.stages.fit) and tests run in-process (bench.fitting).
 
 Resolved parameters are a frozen dataclass per method (`Method.resolve`), read as `cfg["lambda"]` or
-`cfg.iterations`; field names that are Python keywords get a trailing underscore as attributes.
+`cfg.iterations`; names that are Python keywords or mapping methods (`keys`) get a trailing underscore as
+attributes.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 
 from bench.errors import BenchError
 from bench.forward import ForwardSetting
+from bench.models import SCHEDULER_CHOICES
 from bench.registry import Registry, unknown_name_message
 from bench.trace import Trace, TraceRequest
 
@@ -103,7 +105,9 @@ COMMON_PARAMS: dict[str, Param] = {
     "mode": Param("inversion", "trace mode: inversion (real images) or generation (images from prompts)",
                   kind="forward", choices=("inversion", "generation")),
     "timestep": Param(100, "inversion: noise level t of the single UNet pass", kind="forward"),
-    "steps": Param(50, "generation: DDIM denoising steps", kind="forward"),
+    "steps": Param(50, "generation: denoising steps", kind="forward"),
+    "scheduler": Param("auto", "generation: the model folder's own scheduler (auto, what the papers ran) or a "
+                       "named diffusers scheduler", kind="forward", choices=SCHEDULER_CHOICES),
     "guidance": Param(7.5, "generation: classifier-free guidance scale", kind="forward"),
     "classes": Param("gt", "which classes to segment per image: gt (image-level labels, the WSSS protocol) "
                      "or all (every dataset class)", kind="forward", choices=("gt", "all")),
@@ -112,7 +116,9 @@ COMMON_PARAMS: dict[str, Param] = {
 
 # -- typed parameters ----------------------------------------------------------------------------------------------
 def attribute_name(key: str) -> str:
-    return key + "_" if keyword.iskeyword(key) else key
+    """The dataclass field of a parameter: its name, with a trailing underscore where that is a Python keyword
+    (`lambda`) or a mapping method (`keys`, `values`, `get`, ...)."""
+    return key + "_" if keyword.iskeyword(key) or hasattr(ParamsBase, key) else key
 
 
 class ParamsBase(Mapping):
@@ -243,7 +249,7 @@ class Method:
 
     def forward_setting(self, cfg: Mapping, seed: int) -> ForwardSetting:
         return ForwardSetting(mode=cfg["mode"], timestep=cfg["timestep"], seed=seed, steps=cfg["steps"],
-                              guidance=cfg["guidance"])
+                              guidance=cfg["guidance"], scheduler=cfg.get("scheduler", "auto"))
 
     # -- what to run -----------------------------------------------------------------------------------------
     def trace_request(self, cfg: Mapping) -> TraceRequest:

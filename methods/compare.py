@@ -11,7 +11,7 @@ method, trained ones included (they are fitted once on the fit stage):
 
 The trace is the union of the compared methods' trace requests (one forward group); the prompt is the
 dataset's generation prompt (generation mode) or the caption / template (inversion, as DAAM's `prompt`).
-Forward parameters stay common (mode, timestep, steps, guidance, classes, prompt, template), so per-method
+Forward parameters stay common (mode, timestep, steps, scheduler, guidance, classes, prompt, template), so per-method
 forward choices are fixed: iSeg runs without Cat-Cross (gamma = 1: its keys would change the pass), OVAM
 reads the conditional branch, Attn2Mask takes step 0.5 of the common schedule.
 """
@@ -25,7 +25,7 @@ from methods.base import METHODS, ClassQuery, Method, Param, TrainSetting, regis
 from methods.prompts import PROMPT_PARAMS, build_prompt
 
 FIXED = {"iseg": {"gamma": 1.0}}  # forward choices the shared trace imposes
-COMMON = ("mode", "timestep", "steps", "guidance", "classes")
+COMMON = ("mode", "timestep", "steps", "guidance", "scheduler", "classes")
 
 
 def comparable() -> list[str]:

@@ -1,22 +1,28 @@
 """iSeg (Sun et al., "iSeg: An Iterative Refinement-based Framework for Training-free Segmentation").
 
-Inversion at t = 100 with the prompt "A photograph of [CLS A] and [CLS B] and other objects and background";
-Cat-Cross (Eq. 8-9) weights the class tokens' keys by gamma inside the UNet; the initial cross-attention map
-fuses the decoder's 16x16 and 32x32 layers (Table 6a); the self-attention map is the last decoder layer's
-(Table 6b); Ent-Self (Eq. 5-7) lowers its entropy; Algorithm 1 refines the class maps N times (Eq. 4) with a
-normalisation before every product and after the last.
+Inversion at t = 100 with the prompt "A photograph of [CLS A] and [CLS B] and other objects and background"
+plus background categories; Cat-Cross (Eq. 8-9) weights the class tokens' keys by gamma inside the UNet; the
+initial cross-attention map fuses the decoder's 16x16 and 32x32 layers (Table 6a); the self-attention map is
+the last decoder layer's (Table 6b); Ent-Self (Eq. 5-7) lowers its entropy; Algorithm 1 refines the class maps
+N times (Eq. 4) with a normalisation before every product and after the last.
 
-The math works on plain tensors: `from methods.iseg import ent_self, refine, entropy`.
+Ent-Self scale (`ent_scale`, the paper variant). Eq. 7 is one gradient step A + lambda (1 + log A) against the
+entropy of Eq. 5, and the paper's analysis of it reads: "The entropy-reduced operation makes the value of
+A_sa^ij near to one becomes larger, and makes the value of A_sa^ij near to zero becomes smaller" (Sec. 3,
+"Analysis on effectiveness"). That presumes attention on a scale where values near one exist; raw
+row-stochastic 64x64 attention has entries ~2e-4, where the step is ~ -0.07 for every entry, every entry goes
+negative and the class maps converge to one map (`ent_scale=literal`, kept only to show that). By default
+(`row_max`) each query's attention distribution (a row: the pmf of Eq. 5) is divided by its maximum, so its
+strongest response is exactly one and its ranking of keys is unchanged; Eq. 7 is applied there (exact zeros
+stay zero: their entropy gradient is unbounded and they carry no mass), negative results are clamped to zero
+(the weak, irrelevant responses the step suppresses) and each row is renormalised to sum to one, so A_ent is
+again a non-negative row-stochastic attention and Eq. 4 mixes class maps convexly. lambda = 0 gives back A.
+`col_max` divides each key column by its maximum instead, which is what the released code does.
 
-Paper vs released code (`variant`, paper by default; code: linsun449/iseg.code):
-  paper  Ent-Self A + lambda (1 + log A) (Eq. 7); self-attention of the last decoder layer, mean over heads;
-         cross-attention of the decoder's 16x16 / 32x32 layers averaged (Table 6a).
-  code   Ent-Self: A /= column max; A <- A + lambda log10(e A) where A > 0; clamp at 0; row-normalise
-         (`ent_self_code`); self-attention of up_blocks.3.attentions.1, heads 1 and 2 only; cross-attention of
-         down1.attn1, down2.attn0/1, up1.attn0/1/2, up2.attn0/1, each token map divided by its spatial sum,
-         bilinear to the self-attention size, fused 0.7 (16x16) + 0.3 (32x32); optional KL k-means
-         clustering of the per-pixel token vectors (`kmeans`, on in the code). Cat-Cross stays the key
-         weighting of Eq. 9 in both (the code scales the text embeddings, keys and values alike).
+Paper vs released code (`variant`, and the options listed in methods/README.md with their defaults): the
+code variant reproduces linsun449/iseg.code (Ent-Self in log10 units on the column-max scale, its layers,
+heads, token choice, normalisation order and KL clustering); both variants share the release's final
+resize order (`resize`). The math works on plain tensors: `from methods.iseg import ent_self, refine`.
 
 Classes absent from the prompt (generation mode, where the dataset's prompt is used) get OVAM attribution
 maps from stored queries with a padded "A photograph of a <name>" prompt (see methods.postprocess).
@@ -28,105 +34,172 @@ import math
 
 import torch
 
+from bench.errors import BenchError
+from bench.models.layers import layer_map
 from bench.trace import Trace, TraceRequest, request
 from methods.base import ClassQuery, Method, Param, Prediction, register_method
 from methods.postprocess import AttributionSource, labels_from_scores, minmax, resize_maps, token_indices
 
-CROSS_LEVELS = {  # decoder cross-attention layers by resolution at 512 px (SD block layout)
-    "16": ["up_blocks.1.attentions.0.transformer_blocks.0.attn2", "up_blocks.1.attentions.1.transformer_blocks.0.attn2",
-           "up_blocks.1.attentions.2.transformer_blocks.0.attn2"],
-    "32": ["up_blocks.2.attentions.0.transformer_blocks.0.attn2", "up_blocks.2.attentions.1.transformer_blocks.0.attn2",
-           "up_blocks.2.attentions.2.transformer_blocks.0.attn2"],
-}
-CROSS_LEVELS["both"] = CROSS_LEVELS["16"] + CROSS_LEVELS["32"]
-SELF_LAYERS = {  # Table 6(b): #-1 is the last decoder layer
-    -1: "up_blocks.3.attentions.2.transformer_blocks.0.attn1",
-    -2: "up_blocks.3.attentions.1.transformer_blocks.0.attn1",
-    -3: "up_blocks.3.attentions.0.transformer_blocks.0.attn1",
-}
-CODE_CROSS = {  # released code's cross-attention layers and fusion weights
-    "16": (0.7, ["down_blocks.2.attentions.0", "down_blocks.2.attentions.1", "up_blocks.1.attentions.0",
-                 "up_blocks.1.attentions.1", "up_blocks.1.attentions.2"]),
-    "32": (0.3, ["down_blocks.1.attentions.1", "up_blocks.2.attentions.0", "up_blocks.2.attentions.1"]),
-}
-CODE_SELF = "up_blocks.3.attentions.1.transformer_blocks.0.attn1"
+# Layers by role (bench.models.layers), named as the paper names them on SD at 512 px. Table 6(a): decoder
+# cross-attention at "16" (rank 0: the coarsest decoder attention level, up_blocks.1 on SD) and "32" (rank 1,
+# up_blocks.2). Table 6(b): #-1 is the last decoder self-attention layer (up_blocks.3.attentions.2 on SD).
+CROSS_LEVELS = {"16": ("16",), "32": ("32",), "both": ("16", "32")}
+# Released code's cross-attention (SD names: down_blocks.2.attentions.0/1 + up_blocks.1.attentions.0/1/2 at 16,
+# down_blocks.1.attentions.1 + up_blocks.2.attentions.0/1 at 32) and fusion weights, as (weight, rank,
+# down-block attention indices, up-block attention indices); its self-attention is decoder layer #-2.
+CODE_CROSS = {"16": (0.7, 0, None, None), "32": (0.3, 1, (1,), (0, 1))}
+CODE_SELF_INDEX = -2
 CODE_HEADS = (1, 2)
-LOG_EPS = 1e-12  # log(A) of entries that underflowed to exactly 0
+# `cross_heads=voc_release`: the release's VOC configuration (att_mean=False) averages these (layer, head)
+# pairs, indexed into the concatenation of every CODE_CROSS layer's heads of a resolution in forward order
+# (SD2.1-base: 5 layers x 20 heads at 16x16, 3 layers x 10 heads at 32x32). linsun449/iseg.code
+# wsss/iSeg.py, iSeg.__init__ (self.index).
+RELEASE_VOC_HEADS = {
+    "32": (22, 5, 21, 13, 8, 27, 28, 6, 25),
+    "16": (76, 1, 43, 17, 81, 6, 44, 27, 2, 8, 22, 20, 60, 78, 12, 83, 94, 47, 88, 96, 3, 33, 46, 52, 77, 93, 51,
+           58, 0, 13, 14, 19, 34, 41, 59, 87, 16, 24, 28, 30, 32),
+}
+# Background categories appended to the prompt ("add the background categories, similar to CLIP-ES", iSeg
+# Sec. 4.1). The release's VOC list continues with "river, sea, railway, ..." on separate lines that Python
+# parses as discarded string statements, so only these nine reach the prompt (wsss/iSeg.py, prepare_data_name).
+RELEASE_BACKGROUND = "ground, land, grass, tree, building, wall, sky, lake, water"
+# Multi-token VOC names for which the release keeps one word's token only (data/voc/voc_name20.py).
+RELEASE_CLASS_WORD = {"potted plant": "plant", "tv monitor": "monitor"}
 
 
+# -- Ent-Self (Eq. 5-7) ---------------------------------------------------------------------------------------
 def entropy(attn: torch.Tensor) -> torch.Tensor:
-    """Self-attention entropy E = -sum_ij A_ij log A_ij (iSeg Eq. 5); 0 log 0 = 0."""
-    return -(attn * torch.log(attn.clamp_min(LOG_EPS))).sum()
+    """Self-attention entropy E = -sum_ij A_ij log A_ij (iSeg Eq. 5), with 0 log 0 = 0."""
+    return -torch.special.xlogy(attn, attn).sum()
 
 
-def ent_self(attn: torch.Tensor, lam: float) -> torch.Tensor:
-    """Entropy-reduced self-attention, one gradient step against Eq. 6: A + lambda (1 + log A) (iSeg Eq. 7)."""
-    if lam == 0:
-        return attn
-    return attn + lam * (1 + torch.log(attn.clamp_min(LOG_EPS)))
+def _entropy_step(a: torch.Tensor, lam: float) -> torch.Tensor:
+    """a + lam (1 + log a) where a > 0 (iSeg Eq. 7, the negative gradient of Eq. 6); exact zeros stay zero."""
+    positive = a > 0
+    return torch.where(positive, a + lam * (1 + torch.log(torch.where(positive, a, 1.0))), a)
+
+
+def ent_self(attn: torch.Tensor, lam: float, scale: str = "row_max") -> torch.Tensor:
+    """Entropy-reduced self-attention (iSeg Eq. 7) of a row-query attention (HW, HW); see the module
+    docstring for the scale. row_max / col_max: divide each row / column by its maximum, Eq. 7, clamp at 0,
+    renormalise rows to sum 1. literal: Eq. 7 on the raw probabilities, nothing else (collapses, see above)."""
+    if scale == "literal":
+        return attn if lam == 0 else _entropy_step(attn, lam)
+    if scale not in ("row_max", "col_max"):
+        raise BenchError(f"ent_scale={scale!r} is not one of row_max, col_max, literal")
+    peak = attn.amax(1 if scale == "row_max" else 0, keepdim=True)
+    a = attn / torch.where(peak > 0, peak, 1.0)
+    if lam:
+        a = _entropy_step(a, lam).clamp_min(0)
+    total = a.sum(1, keepdim=True)
+    return a / torch.where(total > 0, total, 1.0)
 
 
 def ent_self_code(attn: torch.Tensor, lam: float) -> torch.Tensor:
-    """Released code's Ent-Self: divide each column by its maximum, A + lambda log10(e A) where A > 0, clamp
-    at 0, row-normalise (rows are queries)."""
-    a = attn / attn.max(0, keepdim=True).values.clamp_min(LOG_EPS)
-    if lam:
-        a = torch.where(a > 0, a + lam * torch.log10(math.e * a.clamp_min(LOG_EPS)), a)
-    a = a.clamp_min(0)
-    return a / a.sum(1, keepdim=True).clamp_min(LOG_EPS)
+    """Released code's Ent-Self: each column divided by its maximum, A + lambda log10(e A) where A > 0, clamp
+    at 0, rows renormalised. Since log10(e A) = (1 + ln A) / ln 10 this is Eq. 7 on the column-max scale with
+    lambda / ln 10 (the release's lambda is in log10 units)."""
+    return ent_self(attn, lam / math.log(10), "col_max")
 
 
-def kl_kmeans(vectors: torch.Tensor, k: int, iterations: int = 10, seed: int = 0) -> torch.Tensor:
-    """K-means of per-pixel token distributions (HW, T) under the KL divergence KL(p || centre); returns the
-    cluster-mean vectors assigned back to every pixel (HW, T) (released code's optional smoothing)."""
-    p = vectors.clamp_min(LOG_EPS)
-    p = p / p.sum(1, keepdim=True)
-    g = torch.Generator().manual_seed(seed)
-    centres = p[torch.randperm(p.shape[0], generator=g)[:k]]
-    for _ in range(iterations):
-        kl = (p * p.log()).sum(1, keepdim=True) - p @ centres.log().T  # (HW, k)
-        assign = kl.argmin(1)
-        for j in range(centres.shape[0]):
-            members = p[assign == j]
-            if len(members):
-                centres[j] = members.mean(0)
-    return centres[assign]
-
-
+# -- iterative refinement (Eq. 4, Algorithm 1) --------------------------------------------------------------
 def normalize(maps: torch.Tensor) -> torch.Tensor:
     """Normalisation of Algorithm 1 (lines 13, 18) on (HW, K) maps: shift each class map to a minimum of 0
     and scale it to unit sum. The paper does not spell it out; this is the released code's choice."""
     shifted = maps - maps.min(0, keepdim=True).values
-    return shifted / shifted.sum(0, keepdim=True).clamp_min(1e-12)
+    total = shifted.sum(0, keepdim=True)
+    return shifted / torch.where(total > 0, total, 1.0)
 
 
 def refine(attn_ent: torch.Tensor, cross: torch.Tensor, iterations: int) -> torch.Tensor:
     """Algorithm 1 lines 12-18 / Eq. 4: C^n = A_ent C^(n-1), normalised before each product and at the end.
     attn_ent: (HW, HW) row-query self-attention; cross: (HW, K)."""
-    maps = cross
+    return refine_steps(attn_ent, cross, [iterations])[iterations]
+
+
+def refine_steps(attn_ent: torch.Tensor, cross: torch.Tensor, iterations: list[int]) -> dict[int, torch.Tensor]:
+    """`refine` for several N at once: one chain of products, each requested N read off on the way."""
+    wanted, last, maps, out = set(iterations), max(iterations, default=0), cross, {}
+    for n in range(last + 1):
+        if n in wanted:
+            out[n] = normalize(maps)
+        if n < last:
+            maps = attn_ent @ normalize(maps)
+    return out
+
+
+# -- the released code's initial cross-attention (wsss/iSeg.py process_cross_att) ---------------------------
+def release_cross(levels: dict[str, torch.Tensor], size: tuple[int, int],
+                  heads: dict[str, tuple[int, ...]] | None = None) -> torch.Tensor:
+    """levels[res]: (L*H, h, w, T) every (layer, head) map of one resolution, concatenated in forward order.
+    Per resolution: mean over the (layer, head) maps (or the `heads` subset), each token map divided by its
+    spatial sum, bilinear to `size`; weighted sum 0.7 (16x16) + 0.3 (32x32). Returns (T, *size)."""
+    fused = 0
+    for res, maps in levels.items():
+        if heads is not None:
+            if max(heads[res]) >= maps.shape[0]:
+                raise BenchError(f"cross_heads=voc_release indexes {max(heads[res]) + 1} layer-heads at {res}x{res} "
+                                 f"(SD2.1-base); this UNet has {maps.shape[0]}: use cross_heads=all")
+            maps = maps[list(heads[res])]
+        mean = maps.mean(0).permute(2, 0, 1)  # (T, h, w)
+        total = mean.sum(dim=(1, 2), keepdim=True)
+        fused = fused + CODE_CROSS[res][0] * resize_maps(mean / torch.where(total > 0, total, 1.0), size)
+    return fused
+
+
+def kl_cluster_means(vectors: torch.Tensor, grid_shape: tuple[int, int], clusters: int = 32,
+                     iterations: int = 20) -> torch.Tensor:
+    """The release's KL k-means (wsss/featurecluster.py DFC_KL + its use in process_cross_att): per-pixel token
+    vectors (HW, T) as they are (not normalised), exact zeros set to 1e-6; initial centres on a regular grid of
+    pixels (step = side // sqrt(clusters): 6 x 6 for 32 on 64 x 64); `iterations` rounds of assigning each pixel
+    to the centre at the smallest symmetric KL 0.5 (KL(c||p) + KL(p||c)) and replacing the centres by their
+    members' means (emptied clusters disappear). Returns every pixel's cluster mean of the original vectors.
+
+    The distance is computed as the release does (util/attn.py kl_dis): in fp16, both sides + 1e-5. Fused token
+    maps are ~1e-4 per pixel, in fp16's subnormal range, so its rounding decides many assignments; float32 or
+    float64 distances give other clusters (measured: a minority of pixels keep the same cluster), hence the
+    release's arithmetic is kept."""
+    h, w = grid_shape
+    root = clusters ** 0.5
+    rows = torch.arange(0, h, h // root).long()
+    cols = torch.arange(0, w, w // root).long()
+    x = torch.where(vectors == 0, 1e-6, vectors).float()
+    centres = x[(rows[:, None] * w + cols[None, :]).flatten()]
+    pixels = x.half() + 1e-5
+    assign = None
     for _ in range(iterations):
-        maps = attn_ent @ normalize(maps)
-    return normalize(maps)
+        c = centres.half()[:, None] + 1e-5  # (k, 1, T)
+        quotient = c.log() - pixels.log()[None]  # (k, HW, T)
+        dist = (c * quotient).sum(-1) * 0.5 - (pixels[None] * quotient).sum(-1) * 0.5
+        assign = dist.argmin(0)
+        centres = torch.stack([x[assign == k].mean(0) for k in assign.unique()])
+    onehot = torch.nn.functional.one_hot(assign, int(assign.max()) + 1).to(vectors.dtype)  # (HW, k)
+    sums = onehot.T @ vectors
+    counts = onehot.sum(0)[:, None]
+    return (sums / torch.where(counts > 0, counts, 1.0))[assign]
 
 
-def refine_sweep(attn: torch.Tensor, log_attn: torch.Tensor | None, cross: torch.Tensor, lams: list[float],
-                 iterations: list[int]) -> list[torch.Tensor]:
-    """`refine(ent_self(A, lam_j), C, N_j)` for many configurations in one pass over A.
+def release_upsample(maps: torch.Tensor, mid_size: tuple[int, int], out_size: tuple[int, int]) -> torch.Tensor:
+    """The release's final maps (wsss/iSeg.py get_att_map, util/cam.py cam_to_label): bilinear to the image
+    size fed to the UNet (test_mask_size, 512), min-max, bilinear to the label size, min-max again (+1e-6)."""
+    up = minmax(resize_maps(maps, mid_size), eps=1e-12)
+    flat = resize_maps(up, out_size).flatten(1)
+    flat = flat - flat.amin(1, keepdim=True)
+    return (flat / (flat.amax(1, keepdim=True) + 1e-6)).view(-1, *out_size)
 
-    By Eq. 7, ent_self(A, lam) C = A C + lam (1^T C + log(A) C), so every configuration shares the products
-    with A and log A: each iteration reads the two HW x HW matrices once, whatever the number of configs.
-    """
-    k = cross.shape[1]
-    maps = cross.repeat(1, len(lams))  # (HW, K * configs)
-    lam_cols = torch.tensor(lams, dtype=cross.dtype).repeat_interleave(k)
-    for n in range(max(iterations, default=0)):
-        active = torch.tensor([n < it for it in iterations]).repeat_interleave(k)
-        normed = normalize(maps)
-        step = attn @ normed
-        if log_attn is not None and bool((lam_cols != 0).any()):
-            step = step + lam_cols * (normed.sum(0, keepdim=True) + log_attn @ normed)
-        maps = torch.where(active, step, maps)
-    return list(normalize(maps).split(k, dim=1))
+
+def class_token_positions(tokenizer, token_ids: list[int], name: str, mode: str) -> list[int]:
+    """Prompt positions of a class name's tokens: every sub-token (all) or, for the names in
+    RELEASE_CLASS_WORD, that word's tokens only (release)."""
+    hits = token_indices(tokenizer, token_ids, name)
+    word = RELEASE_CLASS_WORD.get(name) if mode == "release" else None
+    if not word or not hits:
+        return hits
+    name_ids = tokenizer(name, add_special_tokens=False).input_ids
+    word_ids = tokenizer(word, add_special_tokens=False).input_ids
+    offset = next((i for i in range(len(name_ids) - len(word_ids) + 1) if name_ids[i:i + len(word_ids)] == word_ids), 0)
+    starts = hits[::len(name_ids)]
+    return [s + offset + j for s in starts for j in range(len(word_ids))]
 
 
 @register_method("iseg")
@@ -137,8 +210,15 @@ class ISeg(Method):
                        forward=True),
         "template": Param("A photograph of {classes} and other objects and background",
                           "prompt; {classes} becomes the class names joined by ' and '", forward=True),
+        "background_words": Param(RELEASE_BACKGROUND, "background categories appended to the prompt after ', ' "
+                                  "(Sec. 4.1, 'similar to CLIP-ES'; default: the release's VOC list); '' = none",
+                                  forward=True),
         "iterations": Param(10, "N, refinement iterations (Eq. 4, Table 5a)"),
         "lambda": Param(0.01, "Ent-Self updating factor (Eq. 7, Table 5b); 0 = naive iteration"),
+        "ent_scale": Param("row_max", "paper variant: scale Eq. 7 is applied on (row_max: each query's "
+                           "attention / its maximum; col_max: each key column / its maximum, as the release; "
+                           "literal: raw probabilities, collapses the class maps)",
+                           choices=("row_max", "col_max", "literal")),
         "cross_levels": Param("both", "decoder cross-attention levels fused (Table 6a)", choices=("16", "32", "both")),
         "self_layer": Param(-1, "decoder self-attention layer, -1 = last (Table 6b)", choices=(-1, -2, -3)),
         "background": Param("power", "background rule: power ((1 - max)^p competes) or threshold",
@@ -146,8 +226,20 @@ class ISeg(Method):
         "bg_power": Param(2.0, "exponent p of the background score (1 - max)^p (released code: 2)"),
         "bg_threshold": Param(0.45, "background where max class score < this (background=threshold)"),
         "variant": Param("paper", "paper (Eq. 7, Tables 6a/6b) or code (released code's Ent-Self, layers, "
-                         "heads and fusion; see the module docstring)", choices=("paper", "code")),
-        "kmeans": Param(0, "code variant: KL k-means clusters of the per-pixel token vectors (0 = off)"),
+                         "heads, token choice, normalisation and clustering; see methods/README.md)",
+                         choices=("paper", "code")),
+        "kmeans": Param(None, "code variant: the release's KL k-means of the fused token vectors, number of "
+                        "clusters asked for (release: 32, a 6 x 6 grid); 0 = off; default: 32", type=int,
+                        nullable=True),
+        "cross_heads": Param("all", "code variant: heads averaged per resolution: all (release's att_mean=True) "
+                             "or voc_release (its hand-picked VOC subset, SD2.1-base only)",
+                             choices=("all", "voc_release")),
+        "class_tokens": Param("auto", "tokens of a multi-token class name: all (their mean), release (the "
+                              "release's VOC choice: 'plant', 'monitor'), auto (paper: all, code: release)",
+                              choices=("auto", "all", "release")),
+        "resize": Param("code", "final maps: code (to the traced image size, min-max, to the label size, "
+                        "min-max; the release) or direct (min-max at the attention size, one resize)",
+                        choices=("code", "direct")),
         "modules": Param("custom", "Table 4 rows, overriding iterations/lambda/gamma: baseline (one refinement, "
                          "no Ent-Self, no Cat-Cross), naive (N iterations without Ent-Self, Fig. 1f), ent_self "
                          "(+ Ent-Self), full (+ Ent-Self + Cat-Cross); custom = the parameters as given",
@@ -163,97 +255,155 @@ class ISeg(Method):
         return {**cfg, **row}
 
     @staticmethod
-    def cross_layers(cfg: dict) -> list[str]:
-        if cfg.get("variant", "paper") == "code":
-            return [f"{b}.transformer_blocks.0.attn2" for _, blocks in CODE_CROSS.values() for b in blocks]
-        return CROSS_LEVELS[cfg["cross_levels"]]
+    def is_code(cfg: dict) -> bool:
+        return cfg.get("variant", "paper") == "code"
+
+    def cross_layers(self, cfg: dict) -> list[str]:
+        layers = layer_map(self.backbone)
+        if self.is_code(cfg):
+            return [n for _, blocks in self.code_cross(layers) for n in blocks]
+        return [n for res in CROSS_LEVELS[cfg["cross_levels"]] for n in layers.sd_resolution("cross", res, ("up",))]
 
     @staticmethod
-    def self_layer(cfg: dict) -> str:
-        return CODE_SELF if cfg.get("variant", "paper") == "code" else SELF_LAYERS[cfg["self_layer"]]
+    def code_cross(layers) -> list[tuple[float, list[str]]]:
+        """The released code's (fusion weight, layers) per resolution (CODE_CROSS order), resolved on this UNet."""
+        out = []
+        for weight, rank, down, up in CODE_CROSS.values():
+            names = layers.ranked("cross", ("down",), (rank,), down) + layers.ranked("cross", ("up",), (rank,), up)
+            out.append((weight, names))
+        return out
+
+    def self_layer(self, cfg: dict) -> str:
+        return layer_map(self.backbone).decoder_self(CODE_SELF_INDEX if self.is_code(cfg) else cfg["self_layer"])
 
     def trace_request(self, cfg: dict) -> TraceRequest:
         cross = self.cross_layers(cfg)
         # generation uses the dataset's prompt, which may lack a class: keep queries for attribution keys
         queries = cross if cfg.get("mode") == "generation" else ()
-        code = cfg.get("variant", "paper") == "code"
+        code = self.is_code(cfg)
         return request(cross=cross, self_attn=[self.self_layer(cfg)], queries=queries, per_head=code,
                        self_per_head=code, sum_self_steps=True)
 
     def self_attention(self, trace: Trace, cfg: dict) -> torch.Tensor:
         """(HW, HW) self-attention: mean over steps and heads (code variant: heads 1 and 2, those that exist)."""
         attn = trace.step_mean("self_attn", self.self_layer(cfg)).float()  # (H, HW, HW)
-        if cfg.get("variant", "paper") == "code" and attn.shape[0] > 1:
+        if self.is_code(cfg) and attn.shape[0] > 1:
             heads = [h for h in CODE_HEADS if h < attn.shape[0]] or list(range(attn.shape[0]))
             attn = attn[heads]
         return attn.mean(0)
 
     def prompt(self, query: ClassQuery, caption: str | None, cfg: dict) -> str:
-        return cfg["template"].format(classes=" and ".join(query.names))
+        text = cfg["template"].format(classes=" and ".join(query.names))
+        words = cfg.get("background_words") or ""
+        return f"{text}, {words}" if words.strip() else text
 
     def key_weights(self, token_ids: list[int], query: ClassQuery, cfg: dict) -> torch.Tensor | None:
         cfg = self.effective(cfg)
         if cfg["gamma"] == 1:
             return None
         weights = torch.ones(len(token_ids))
-        for name in query.names:  # Eq. 8: W[j] = gamma for tokens of the given categories
-            weights[token_indices(self.backbone.tokenizer, token_ids, name)] = cfg["gamma"]
+        # Eq. 8: W[j] = gamma for every token of the given categories. `class_tokens` only chooses which maps are
+        # read afterwards: it is not a forward parameter, so it cannot move the weights of the shared UNet pass
+        for name in query.names:
+            weights[class_token_positions(self.backbone.tokenizer, token_ids, name, "all")] = cfg["gamma"]
         return weights
 
+    @classmethod
+    def token_mode(cls, cfg: dict) -> str:
+        mode = cfg.get("class_tokens", "auto")
+        return ("release" if cls.is_code(cfg) else "all") if mode == "auto" else mode
+
     def class_maps(self, trace: Trace, query: ClassQuery, cfg: dict, size: tuple[int, int]) -> torch.Tensor:
-        """Initial cross-attention A_ca^0 (K, h, w): per class the mean of its tokens, per layer upsampled
-        (bilinear) to the self-attention size, then averaged over the chosen decoder layers and heads."""
+        """Initial cross-attention A_ca^0 (K, h, w). Paper: per class the mean of its tokens, per layer upsampled
+        (bilinear) to the self-attention size, averaged over the chosen decoder layers and heads. Code: the
+        release's fusion (`release_cross`), optional clustering, then per class the mean of its tokens."""
         source = AttributionSource(self.backbone, pad=True)
-        if cfg.get("variant", "paper") == "code":
-            fused = 0
-            for weight, blocks in CODE_CROSS.values():
-                level = []
-                for block in blocks:
-                    maps = source.layer_maps(trace, [f"{block}.transformer_blocks.0.attn2"], query.names)[0]
-                    maps = maps.float().mean(dim=(1, 2))  # (K, h, w)
-                    maps = maps / maps.sum(dim=(1, 2), keepdim=True).clamp_min(LOG_EPS)  # per-token spatial sum
-                    level.append(resize_maps(maps, size))
-                fused = fused + weight * torch.stack(level).mean(0)
-            if cfg.get("kmeans"):
-                flat = fused.flatten(1).T  # (HW, K) per-pixel token vectors
-                fused = kl_kmeans(flat, int(cfg["kmeans"])).T.reshape(fused.shape)
-            return fused
-        fused = []
-        for layer in self.cross_layers(cfg):
-            per_class = source.layer_maps(trace, [layer], query.names)[0].float().mean(dim=(1, 2))  # (K, h, w)
-            fused.append(resize_maps(per_class, size))
-        return torch.stack(fused).mean(0)
+        mode = self.token_mode(cfg)
+        if not self.is_code(cfg):
+            fused = []
+            for layer in self.cross_layers(cfg):
+                # (n_tokens, S, H, h, w) per class -> mean over tokens, steps and heads
+                maps = torch.stack([self._tokens(source, trace, layer, n, mode).float().mean(dim=(0, 1, 2))
+                                    for n in query.names])
+                fused.append(resize_maps(maps, size))
+            return torch.stack(fused).mean(0)
+        positions, absent = {}, []
+        for name in query.names:
+            idx = class_token_positions(self.backbone.tokenizer, trace.token_ids, name, mode)
+            positions[name] = idx or [len(trace.token_ids) + len(absent)]  # absent: an extra re-keyed column
+            absent += [] if idx else [name]
+        levels = {}
+        for res, (_, layers) in zip(CODE_CROSS, self.code_cross(layer_map(self.backbone))):
+            per_layer = []
+            for layer in layers:
+                cols = [trace.step_mean("cross", layer).float()]  # (H, h, w, T)
+                cols += [source.class_maps(trace, layer, n).float().mean(0)[..., None] for n in absent]
+                per_layer.append(torch.cat(cols, -1))
+            levels[res] = torch.cat(per_layer)  # (L*H, h, w, T')
+        heads = RELEASE_VOC_HEADS if cfg.get("cross_heads") == "voc_release" else None
+        fused = release_cross(levels, size, heads)  # (T', h, w)
+        clusters = 32 if cfg.get("kmeans") is None else int(cfg["kmeans"])
+        if clusters > 0:
+            fused = kl_cluster_means(fused.flatten(1).T, size, clusters).T.reshape(fused.shape)
+        return torch.stack([fused[positions[n]].mean(0) for n in query.names])
+
+    def _tokens(self, source: AttributionSource, trace: Trace, layer: str, name: str, mode: str) -> torch.Tensor:
+        """(n_tokens, S, H, h, w) maps of a class's selected tokens on one layer."""
+        idx = class_token_positions(self.backbone.tokenizer, trace.token_ids, name, mode)
+        if idx and layer in trace.cross:
+            return trace.cross[layer][..., idx].movedim(-1, 0)
+        return source.class_maps(trace, layer, name)[None]
 
     def predict(self, trace: Trace, query: ClassQuery, cfg: dict, out_size: tuple[int, int]) -> Prediction:
         return self.predict_many(trace, query, [cfg], out_size)[0]
 
+    def traced_image_size(self, trace: Trace) -> tuple[int, int]:
+        """The image size the UNet saw (the release's test_mask_size): latent size x the VAE's factor."""
+        vae = getattr(self.backbone, "vae", None)
+        factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+        return trace.latent_size[0] * factor, trace.latent_size[1] * factor
+
     def predict_many(self, trace: Trace, query: ClassQuery, cfgs: list[dict],
                      out_size: tuple[int, int]) -> list[Prediction]:
-        """All configurations of one trace, sharing the self-attention products (see refine_sweep)."""
+        """All configurations of one trace: the maps and A_ent are shared by the configurations that agree on
+        them, and one chain of products serves every N."""
         cfgs = [self.effective(cfg) for cfg in cfgs]
+        for cfg in cfgs:
+            if not self.is_code(cfg) and cfg.get("kmeans"):
+                raise BenchError("kmeans clusters the released code's fused token vectors: use it with variant=code")
         results: list[Prediction | None] = [None] * len(cfgs)
         if not query.ids:
             empty = Prediction(torch.zeros(0, 1, 1), torch.zeros(out_size, dtype=torch.long))
             return [empty for _ in cfgs]
         groups: dict[tuple, list[int]] = {}
         for i, cfg in enumerate(cfgs):
-            key = (cfg.get("variant", "paper"), cfg["self_layer"], cfg["cross_levels"], cfg.get("kmeans", 0))
+            code = self.is_code(cfg)
+            key = (code, self.self_layer(cfg), tuple(self.cross_layers(cfg)), self.token_mode(cfg),
+                   cfg.get("kmeans") if code else None, cfg.get("cross_heads") if code else None)
             groups.setdefault(key, []).append(i)
-        for (variant, *_), members in groups.items():
+        for (code, *_), members in groups.items():
             first = cfgs[members[0]]
             attn = self.self_attention(trace, first)  # (HW, HW)
             size = trace.spatial_size(self.self_layer(first))
             cross = self.class_maps(trace, query, first, size).flatten(1).T  # (HW, K)
-            lams = [cfgs[i]["lambda"] for i in members]
-            if variant == "code":
-                refined = [refine(ent_self_code(attn, cfgs[i]["lambda"]), cross, cfgs[i]["iterations"])
-                           for i in members]
-            else:
-                log_attn = torch.log(attn.clamp_min(LOG_EPS)) if any(lams) else None
-                refined = refine_sweep(attn, log_attn, cross, lams, [cfgs[i]["iterations"] for i in members])
-            for i, maps in zip(members, refined):
-                scores = minmax(maps.T.reshape(-1, *size))
-                labels = labels_from_scores(scores, query.ids, out_size, cfgs[i]["background"],
-                                            cfgs[i]["bg_power"], cfgs[i]["bg_threshold"])
-                results[i] = Prediction(scores, labels)
+            by_ent: dict[tuple, list[int]] = {}
+            for i in members:
+                lam = cfgs[i]["lambda"]
+                by_ent.setdefault((lam, "code" if code else cfgs[i].get("ent_scale", "row_max")), []).append(i)
+            for (lam, scale), same in by_ent.items():
+                attn_ent = ent_self_code(attn, lam) if scale == "code" else ent_self(attn, lam, scale)
+                refined = refine_steps(attn_ent, cross, [cfgs[i]["iterations"] for i in same])
+                for i in same:
+                    results[i] = self._prediction(refined[cfgs[i]["iterations"]], size, trace, query, cfgs[i],
+                                                  out_size)
         return results
+
+    def _prediction(self, maps: torch.Tensor, size, trace, query, cfg, out_size) -> Prediction:
+        maps = maps.T.reshape(-1, *size)
+        if cfg.get("resize", "code") == "code":
+            scores = release_upsample(maps, self.traced_image_size(trace), out_size)
+        else:
+            scores = minmax(maps)
+        labels = labels_from_scores(scores, query.ids, out_size, cfg["background"], cfg["bg_power"],
+                                    cfg["bg_threshold"])
+        return Prediction(scores, labels)

@@ -32,17 +32,18 @@ class LinearProbe(Method):
     version = "1"
     params = {
         **{k: PROMPT_PARAMS[k] for k in ("prompt", "template")},
-        "blocks": Param("64+32+16", "attn2 resolutions whose cross-attention are the features (one per layer)",
-                        choices=BLOCK_CHOICES, kind="train"),
+        "blocks": Param("all", "attn2 blocks whose cross-attention are the features, one per layer: all (every "
+                        "level but the mid block) or SD resolution names such as 32+16", choices=BLOCK_CHOICES,
+                        kind="train"),
         "train_images": Param(16, "training images: the first of the training split", kind="train"),
         "epochs": Param(60, "full-batch Adam steps", kind="train"),
         "lr": Param(0.05, "Adam learning rate", kind="train"),
         "threshold": Param(0.5, "background where the most probable class is below this probability"),
     }
-    fit_reads = ("mode", "timestep", "steps", "guidance", "prompt", "template")
+    fit_reads = ("mode", "timestep", "steps", "scheduler", "guidance", "prompt", "template")
 
     def trace_request(self, cfg: Mapping) -> TraceRequest:
-        layers = attn_layers(cfg["blocks"])
+        layers = attn_layers(cfg["blocks"], backbone=self.backbone)
         # classes absent from the prompt are re-keyed from stored queries (OVAM's attribution, as DAAM's)
         absent = cfg["classes"] == "all" or cfg["mode"] == "generation"
         return request(cross=layers, queries=layers if absent else ())
@@ -53,7 +54,7 @@ class LinearProbe(Method):
     def features(self, trace: Trace, query: ClassQuery, cfg: Mapping) -> torch.Tensor:
         """(K, L, h, w) per-class, per-layer attention maps at the latent size."""
         source = AttributionSource(self.backbone, pad=True)
-        maps = source.layer_maps(trace, attn_layers(cfg["blocks"]), query.names)
+        maps = source.layer_maps(trace, attn_layers(cfg["blocks"], backbone=self.backbone), query.names)
         per_layer = [minmax(resize_maps(m.float().mean(dim=(1, 2)), trace.latent_size)) for m in maps]
         return torch.stack(per_layer, dim=1)
 
@@ -75,7 +76,7 @@ class LinearProbe(Method):
             feats.append(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]))
             targets.append(F.interpolate(masks, size=trace.latent_size, mode="area").reshape(-1))
             valid.append(F.interpolate(known, size=trace.latent_size, mode="area").reshape(-1))
-        layers = len(attn_layers(cfg["blocks"]))
+        layers = len(attn_layers(cfg["blocks"], backbone=self.backbone))
         x = torch.cat(feats) if feats else torch.zeros(0, layers)
         y = torch.cat(targets) if targets else torch.zeros(0)
         w = torch.cat(valid) if valid else torch.zeros(0)

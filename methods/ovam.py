@@ -19,8 +19,8 @@ then a dense CRF (methods.crf). tau/alpha default to the paper's 0.4/0.85 for cl
 for optimised tokens (`tokens=`, see bench.optimize_tokens). Where several classes pass, the pixel takes the
 class with the highest A_alpha . D_k / M_k.
 
-Paper vs code: `branch=cond` (paper; the conditional half like DAAM) or `uncond` (released code stores the
-unconditional branch's queries; generation only, inversion has a single branch).
+Where the released code differs (binarisation `binarise`, query `branch`, thresholds, token-optimisation loss)
+both forms are options; methods/README.md lists them with their defaults.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from bench.forward import ForwardSetting
 from bench.trace import Trace, TraceRequest, request
 from methods.base import ClassQuery, Method, Param, Prediction, register_method
 from methods.crf import CRF_PARAMS, CRFParams, crf_labels
+from bench.models.layers import layer_map
 from methods.postprocess import (BLOCK_CHOICES, AttributionSource, aggregate_sum, attn_layers,
                                 empty_prediction, labels_from_threshold, maxnorm, minmax, rekey,
                                 resize_maps)
@@ -50,20 +51,34 @@ def select_steps(num_steps: int, mode: str, n: int) -> list[int]:
             "from": list(range(n - 1, num_steps))}[mode]
 
 
-def self_attention_map(self_attn: list[torch.Tensor], size: tuple[int, int], alpha: float) -> torch.Tensor:
-    """Eq. 8: self-attention maps (S, H, hw, hw) of the highest-resolution blocks, summed over blocks, steps and
-    heads, reduced to the attention each pixel receives, resized to `size`, min-max scaled to [alpha, 1]."""
+def received_attention(self_attn: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    """Self-attention maps (S, H, hw, hw) of the highest-resolution blocks, summed over blocks, steps and heads
+    and reduced to the attention each pixel receives, at `size` (h, w)."""
     received = None
     for attn in self_attn:
         r = attn.float().sum(dim=(0, 1)).sum(0)  # (hw,) sum over steps, heads, then over queries
         side = int(round(r.numel() ** 0.5))
         r = resize_maps(r.view(1, side, -1), size)[0]
         received = r if received is None else received + r
+    return received
+
+
+def alpha_scale(received: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Eq. 8's norm_[alpha, 1]: min-max scaled to [alpha, 1]."""
     return alpha + (1 - alpha) * minmax(received[None])[0]
 
 
-def binarise(heat: torch.Tensor, a_alpha: torch.Tensor | None) -> torch.Tensor:
-    """A_alpha . D_k / M_k (K, h, w): the quantity Eq. 9 compares with tau."""
+def self_attention_map(self_attn: list[torch.Tensor], size: tuple[int, int], alpha: float) -> torch.Tensor:
+    """Eq. 8: A_alpha at `size`."""
+    return alpha_scale(received_attention(self_attn, size), alpha)
+
+
+def binarise(heat: torch.Tensor, a_alpha: torch.Tensor | None, form: str = "paper") -> torch.Tensor:
+    """The quantity compared with tau (K, h, w). paper (Eq. 9): (A_alpha . D_k) / max(A_alpha . D_k);
+    code (released evaluation): (D_k / max D_k) . A_alpha."""
+    if form == "code":
+        scores = maxnorm(heat.clamp_min(0))
+        return scores if a_alpha is None else scores * a_alpha
     fused = heat if a_alpha is None else heat * a_alpha
     return maxnorm(fused.clamp_min(0))
 
@@ -75,7 +90,8 @@ class OVAM(AutoTokens, Method):
         "attribution": Param("A photograph of a {name}", "attribution prompt X' per class ({name}: class name, "
                              "{prompt}: the generation prompt); the map is that of the class name's tokens"),
         "pad": Param(False, "pad X' to the model length (softmax over 77 tokens like DAAM); paper: no padding"),
-        "blocks": Param("64+32+16", "attn2 resolutions in Eq. 5 (Table 5)", choices=BLOCK_CHOICES),
+        "blocks": Param("all", "attn2 blocks in Eq. 5 (Table 5): all (the paper's 64+32+16 "
+                        "on SD) or SD resolution names such as 64+16", choices=BLOCK_CHOICES),
         "branch": Param("cond", "generation: queries of the conditional (paper, as DAAM) or unconditional "
                         "(released code) branch", forward=True, choices=("cond", "uncond")),
         "t_select": Param("all", "timesteps in Eq. 5 (Fig. 6): all, single (step t_step), upto (1..t_step), "
@@ -86,6 +102,9 @@ class OVAM(AutoTokens, Method):
                        "tokens 0.95", type=float, nullable=True),
         "tau": Param(None, "threshold relative to the maximum (Eq. 9); default: paper 0.4, optimised tokens 0.8",
                      type=float, nullable=True),
+        "binarise": Param("paper", "paper: Eq. 9, (A_alpha D)/max(A_alpha D) >= tau at the latent size; code: the "
+                          "released evaluation, (D/max D) A_alpha > tau at the image size",
+                          choices=("paper", "code")),
         "crf": Param(True, "dense CRF on the binarised masks (Sec. 3.4)"),
         **CRF_PARAMS,
     }
@@ -94,10 +113,11 @@ class OVAM(AutoTokens, Method):
         return replace(super().forward_setting(cfg, seed), branch=cfg["branch"])
 
     def trace_request(self, cfg: dict) -> TraceRequest:
-        self_layers = attn_layers("64", "attn1") if cfg["refine"] else ()
+        self_layers = layer_map(self.backbone).finest("self") if cfg["refine"] else ()
         # queries are stored per head whatever per_head says; Eq. 8 sums self-attention over heads and steps,
         # so it is averaged over heads and summed over steps at capture (64x64 maps are large)
-        return request(queries=attn_layers(cfg["blocks"]), self_attn=self_layers, sum_self_steps=True)
+        return request(queries=attn_layers(cfg["blocks"], backbone=self.backbone), self_attn=self_layers,
+                       sum_self_steps=True)
 
     def prompt(self, query: ClassQuery, caption: str | None, cfg: dict) -> str:
         return build_prompt(query, caption, cfg)
@@ -111,7 +131,7 @@ class OVAM(AutoTokens, Method):
         tokens = self.tokens_for(cfg)
         source = AttributionSource(self.backbone, cfg["attribution"], pad=cfg["pad"], tokens=tokens,
                                    recorded=False)
-        layers = attn_layers(cfg["blocks"])
+        layers = attn_layers(cfg["blocks"], backbone=self.backbone)
         steps = select_steps(trace.queries[layers[0]].shape[0], cfg["t_select"], cfg["t_step"])
         with torch.no_grad():
             maps = source.layer_maps(trace, layers, query.names, steps=steps)
@@ -124,21 +144,24 @@ class OVAM(AutoTokens, Method):
         if not query.ids:
             return [empty_prediction(out_size) for _ in cfgs]
         heat_cache: dict[tuple, torch.Tensor] = {}
-        self_cache: dict[float, torch.Tensor] = {}
+        received: dict[tuple, torch.Tensor] = {}
         out = []
         for cfg in cfgs:
             key = (cfg["tokens"], cfg["attribution"], cfg["pad"], cfg["blocks"], cfg["t_select"], cfg["t_step"])
             if key not in heat_cache:
                 heat_cache[key] = self.heatmaps(trace, query, cfg)
             tau, alpha = self.thresholds(cfg)
+            code = cfg.get("binarise", "paper") == "code"
+            size = out_size if code else trace.latent_size  # the release binarises at the image size
+            heat = resize_maps(heat_cache[key], size) if code else heat_cache[key]
             a_alpha = None
             if cfg["refine"]:
-                if alpha not in self_cache:
-                    maps = [trace.self_attn[n] for n in attn_layers("64", "attn1")]
-                    self_cache[alpha] = self_attention_map(maps, trace.latent_size, alpha)
-                a_alpha = self_cache[alpha]
-            scores = binarise(heat_cache[key], a_alpha)
-            labels = labels_from_threshold(scores, query.ids, out_size, tau, strict=False)
+                if size not in received:
+                    maps = [trace.self_attn[n] for n in layer_map(self.backbone).finest("self")]
+                    received[size] = resize_maps(received_attention(maps, trace.latent_size)[None], size)[0]
+                a_alpha = alpha_scale(received[size], alpha)
+            scores = binarise(heat, a_alpha, "code" if code else "paper")
+            labels = labels_from_threshold(scores, query.ids, out_size, tau, strict=code)
             if cfg["crf"]:
                 if trace.image is None:
                     raise ValueError("crf=true needs the image (trace.image)")
@@ -164,13 +187,16 @@ def token_maps(trace: Trace, layers: list[str], emb: torch.Tensor, size: tuple[i
 def token_loss(maps_mean: torch.Tensor, maps_sum: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
     """Eq. 7 for X' = [background, class] against the class mask `target` (h, w) in [0, 1].
     bce (paper): sum over tokens of BCE(D_k, G_k) with G = [1 - target, target], D the per-map mean;
-    ce (released code): cross-entropy over the token axis of the summed maps vs [1 - target, target]."""
+    ce (released code, ovam/optimize/optimize.py optimize_embedding with apply_min_max): the summed maps
+    min-max scaled over all tokens and pixels at once, then cross-entropy over the token axis (the scaled maps
+    as logits) against [1 - target, target]."""
     goal = torch.stack([1 - target, target])
     if loss == "bce":
         d = maps_mean.clamp(1e-6, 1 - 1e-6)
         return sum(torch.nn.functional.binary_cross_entropy(d[k], goal[k]) for k in range(2))
     if loss == "ce":
-        return torch.nn.functional.cross_entropy(maps_sum[None], goal[None])
+        scaled = (maps_sum - maps_sum.min()) / (maps_sum.max() - maps_sum.min())
+        return torch.nn.functional.cross_entropy(scaled[None], goal[None])
     raise ValueError(f"unknown loss {loss!r}")
 
 

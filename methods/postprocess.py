@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from bench.models.layers import layer_map
+
 
 def word_token_ids(tokenizer, word: str) -> list[int]:
     """Token ids of `word` as it appears inside a prompt (no SOS/EOS)."""
@@ -64,23 +66,16 @@ def labels_from_scores(scores: torch.Tensor, class_ids: list[int], out_size: tup
 
 
 # -- shared by DAAM, Attn2Mask and OVAM ------------------------------------------------------------------------------
-# attn2 layers of the SD UNet by their resolution at 512 px (latent 64): down0/up3 = 64, down1/up2 = 32,
-# down2/up1 = 16, mid = 8. The same names exist in the embedded backbone.
-ATTN_BLOCKS = {
-    "64": ["down_blocks.0.attentions.0", "down_blocks.0.attentions.1", "up_blocks.3.attentions.0",
-           "up_blocks.3.attentions.1", "up_blocks.3.attentions.2"],
-    "32": ["down_blocks.1.attentions.0", "down_blocks.1.attentions.1", "up_blocks.2.attentions.0",
-           "up_blocks.2.attentions.1", "up_blocks.2.attentions.2"],
-    "16": ["down_blocks.2.attentions.0", "down_blocks.2.attentions.1", "up_blocks.1.attentions.0",
-           "up_blocks.1.attentions.1", "up_blocks.1.attentions.2"],
-    "8": ["mid_block.attentions.0"],
-}
-BLOCK_CHOICES = ("64", "32", "16", "64+32", "64+16", "32+16", "64+32+16", "64+32+16+8")
+# Block specs by the papers' SD resolution names at 512 px (latent 64): "64" = down0/up3, "32" = down1/up2,
+# "16" = down2/up1, "8" = mid; "all" = every down/up attention level (mid dropped, DAAM Sec. 3), which is
+# "64+32+16" on SD and whatever levels another layout has (bench.models.layers resolves them by role).
+BLOCK_CHOICES = ("all", "64", "32", "16", "64+32", "64+16", "32+16", "64+32+16", "64+32+16+8")
 
 
-def attn_layers(blocks: str, kind: str = "attn2") -> list[str]:
-    """Module names of the attn2 (cross) or attn1 (self) layers of the resolutions in `blocks`, e.g. "64+16"."""
-    return [f"{b}.transformer_blocks.0.{kind}" for res in blocks.split("+") for b in ATTN_BLOCKS[res]]
+def attn_layers(blocks: str, kind: str = "attn2", backbone=None) -> list[str]:
+    """Module names of the attn2 (cross) or attn1 (self) layers of the block spec (e.g. "64+16" or "all") in the
+    backbone's UNet (SD's layout without a backbone)."""
+    return layer_map(backbone).blocks(blocks, "cross" if kind == "attn2" else "self")
 
 
 def attribution_embedding(backbone, text: str, pad: bool = False) -> tuple[torch.Tensor, list[int]]:
@@ -219,15 +214,19 @@ class AttributionSource:
         return name in self.tokens
 
     def class_maps(self, trace, layer: str, name: str, steps=None) -> torch.Tensor:
-        """(S, H, h, w) map of one class on one layer."""
+        """(S, H, h, w) map of one class on one layer: the mean of its token maps."""
+        return self.token_maps(trace, layer, name, steps).mean(0)
+
+    def token_maps(self, trace, layer: str, name: str, steps=None) -> torch.Tensor:
+        """(n_tokens, S, H, h, w) maps of each of a class's tokens on one layer (one map for optimised tokens)."""
         tok = self.backbone.tokenizer
         if name in self.tokens:
-            return rekey(trace, layer, self.tokens[name].to(self.backbone.device), steps)[..., 1]
+            return rekey(trace, layer, self.tokens[name].to(self.backbone.device), steps)[..., 1][None]
         if self.recorded and layer in trace.cross:
             idx = token_indices(tok, trace.token_ids, name)
             if idx:
                 cross = trace.cross[layer] if steps is None else trace.cross[layer][steps]
-                return cross[..., idx].float().mean(-1)
+                return cross[..., idx].float().movedim(-1, 0)
         if layer not in trace.queries:
             raise KeyError(f"class {name!r} is not in the prompt {trace.prompt!r} and no queries were recorded "
                            f"for {layer}; enable open-vocabulary attribution")
@@ -237,7 +236,7 @@ class AttributionSource:
         if not idx:  # the template does not contain the name (e.g. "{prompt}" without it): name alone
             emb, ids = self.embedding(name)
             idx = token_indices(tok, ids, name)
-        return rekey(trace, layer, emb, steps)[..., idx].mean(-1)
+        return rekey(trace, layer, emb, steps)[..., idx].movedim(-1, 0)
 
     def layer_maps(self, trace, layers: list[str], names: list[str], steps=None) -> list[torch.Tensor]:
         """[(K, S, H, h, w) per layer]. When recorded maps were averaged over heads at capture time and

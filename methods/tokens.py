@@ -31,10 +31,11 @@ class TokenSettings:
     mode: str = "inversion"
     timestep: int = 100
     steps: int = 50
+    scheduler: str = "auto"  # generation: the model folder's own scheduler, or a named one
     guidance: float = 7.5
     seed: int = 0
     branch: str = "cond"  # generation: which half of the CFG batch gives the queries
-    blocks: str = "64+32+16"
+    blocks: str = "all"  # every down/up attention level (SD: 64+32+16, the paper's)
     template: str = "A photograph of a {name}"  # prompt (inversion) and attribution prompt
     loss: str = "bce"  # bce (paper Eq. 7) or ce (released code)
     epochs: int = 500
@@ -57,7 +58,7 @@ def training_examples(backbone, dataset, cid: int, s: TokenSettings, layers: lis
     """(trace, class mask at the latent size) for the first images that contain class `cid`."""
     name = dataset.classes[cid]
     setting = ForwardSetting(mode=s.mode, timestep=s.timestep, seed=s.seed, steps=s.steps, guidance=s.guidance,
-                             branch=s.branch, size=s.resolution)
+                             scheduler=s.scheduler, branch=s.branch, size=s.resolution)
     gen_gt = require_generation_gt(dataset, s.mode)
     out = []
     for index in range(len(dataset)):
@@ -90,7 +91,7 @@ def fit_class(backbone, dataset, name: str, s: TokenSettings, progress: Callable
     # methods.ovam imports AutoTokens from this module, so its optimiser is imported when first needed
     from methods.ovam import optimize_tokens
 
-    layers = attn_layers(s.blocks)
+    layers = attn_layers(s.blocks, backbone=backbone)
     examples = training_examples(backbone, dataset, dataset.classes.index(name), s, layers)
     if not examples:
         return ClassFit(name, None)
@@ -111,7 +112,7 @@ class AutoTokens:
     the training split (one image per class, AUTO_EPOCHS epochs; OVAM Sec. 4.1 protocol, shortened) once per
     forward setting it depends on, shared by every method of a `compare` sweep."""
 
-    fit_reads = ("mode", "timestep", "steps", "guidance")  # the fit traces its training images with these
+    fit_reads = ("mode", "timestep", "steps", "scheduler", "guidance")  # the fit traces its images with these
 
     def train_setting(self, cfg: Mapping) -> TrainSetting | None:
         if cfg["tokens"] != "auto":
@@ -125,8 +126,8 @@ class AutoTokens:
     def fit(self, ctx) -> dict[str, torch.Tensor]:
         """Classes are shared out over the workers round by round; a checkpoint after every round."""
         v = ctx.values
-        s = TokenSettings(mode=v["mode"], timestep=v["timestep"], steps=v["steps"], guidance=v["guidance"],
-                          epochs=AUTO_EPOCHS, resolution=ctx.resolution)
+        s = TokenSettings(mode=v["mode"], timestep=v["timestep"], steps=v["steps"], scheduler=v["scheduler"],
+                          guidance=v["guidance"], epochs=AUTO_EPOCHS, resolution=ctx.resolution)
         names = ctx.dataset.classes[1:]
         rounds = math.ceil(len(names) / ctx.world_size)
         ctx.start(rounds)

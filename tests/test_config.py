@@ -8,6 +8,7 @@ import pytest
 from bench.config import compose
 from bench.plan import expand_trials
 from bench.errors import BenchError
+from bench.metrics import protocol_rows
 from bench.evaluate import evaluate_batch, group_trials
 from methods import METHODS
 
@@ -79,8 +80,10 @@ def test_batched_images_score_like_single_images(tiny):
         evaluate_batch(method, dataset, [samples[1]], group, resolution=0)[0]
     assert passes == 2 and len(together) == 2 * len(trials)
     for x, y in zip(together, alone):
-        # equal up to float rounding of batched kernels, which may flip a few boundary pixels
-        assert np.abs(x - y).sum() <= 0.01 * y[3].sum(), (x, y)
+        # equal up to float rounding of batched kernels, which may flip a few boundary pixels (<= 1%): each
+        # flipped pixel moves one count between classes of the prediction row
+        x, y = protocol_rows(x, "mmseg"), protocol_rows(y, "mmseg")
+        assert np.abs(x[2] - y[2]).sum() / 2 <= 0.01 * y[3].sum(), (x, y)
 
 
 def write_tmp():

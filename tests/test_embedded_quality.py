@@ -48,7 +48,7 @@ def miou(backbone, name: str, configs: dict[str, dict]) -> dict[str, float]:
     trials = [Trial(key, cls.resolve(cfg), cfg) for key, cfg in configs.items()]
     out = {}
     for group in group_trials(cls, trials, [0]):
-        totals = np.zeros((len(group.trials), 4, len(dataset.classes)), dtype=np.int64)
+        totals = [0] * len(group.trials)
         for start in range(0, len(dataset), 10):
             samples = [dataset[i] for i in range(start, min(len(dataset), start + 10))]
             hists, _ = evaluate_batch(method, dataset, samples, group)
@@ -80,6 +80,9 @@ def test_raw_cross_attention_is_well_above_trivial_baselines(scores):
     assert scores["daam"] >= max(scores["whole_image"], scores["centre_blob"]) + 10, scores
 
 
+# v2 weights, 40 images: the refined default (N = 10) 48.2 against the raw fused map 60.8; one Ent-Self iteration
+# (70.0) does beat it. The last decoder self-attention (16x16) spreads the maps with every further product.
+@NOT_REACHED
 def test_refinement_beats_the_raw_map_it_starts_from(scores):
     assert scores["iseg/default"] > scores["iseg/raw"], scores
 
@@ -89,18 +92,37 @@ def test_refined_maps_beat_raw_cross_attention_of_daam(scores):
     assert scores["iseg/default"] > scores["daam"], scores
 
 
-def test_ent_self_improves_with_iterations_and_beats_naive_iteration(scores):
+@NOT_REACHED  # v2 weights: N = 10 48.2 < N = 1 70.0 (40 images)
+def test_ent_self_improves_with_iterations(scores):
     """iSeg Fig. 1(f), Ent-Self curve."""
     assert scores["iseg/default"] > scores["iseg/ent_self_n1"], scores
+
+
+# This passed on the v1 weights while Ent-Self collapsed every class map into one (issue 9 item 1: the class maps
+# differed by ~1e-5, so it compared foreground/background masks). With Ent-Self on the row-max scale: v1 weights
+# 15.0 (lambda = 0.01) against 15.3 (naive, N = 10); v2 weights 48.2 against 49.5, on these 40 images.
+@NOT_REACHED
+def test_ent_self_beats_naive_iteration(scores):
+    """iSeg Fig. 1(f): Ent-Self above naive iteration at N = 10."""
     assert scores["iseg/default"] > scores["iseg/naive_n10"], scores
 
 
-@NOT_REACHED
 def test_naive_iteration_degrades(scores):
     """iSeg Fig. 1(f), naive curve."""
     assert scores["iseg/naive_n10"] < scores["iseg/naive_n1"], scores
 
 
+def test_generations_pass_the_caption_check(shipped):
+    """>= 70% of images sampled from test-split captions (DDIM 25 steps, guidance 4) pass
+    `generated_ground_truth`, so generation-mode protocols can score freely generated images."""
+    from bench.embedded import shipped_folder
+    from bench.embedded.evaluate import generation_check
+
+    report = generation_check(shipped_folder(), num_images=32)
+    assert report["accepted"] >= 0.7, report["reasons"]
+
+
+# v2 weights: 0.74 by total mass; by mean attention per object pixel (which a uniform map leaves at chance) 0.98.
 @NOT_REACHED
 def test_class_words_bind_to_their_own_objects(shipped):
     """In two-object images, each shape word's cross-attention has more mass on its own object than on the

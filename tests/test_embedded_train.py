@@ -14,16 +14,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
 from bench.data.shapes import CLASSES, ShapesDataset  # noqa: E402
+from bench.models.layers import LayerMap  # noqa: E402
 from bench.data.shapes_gt import check_generated, generated_ground_truth, object_masks, parse_caption  # noqa: E402
-
-LAYERS = [
-    *(f"down_blocks.{b}.attentions.{a}.transformer_blocks.0.attn{k}" for b in range(3) for a in range(2)
-      for k in (1, 2)),
-    "mid_block.attentions.0.transformer_blocks.0.attn1", "mid_block.attentions.0.transformer_blocks.0.attn2",
-    *(f"up_blocks.{b}.attentions.{a}.transformer_blocks.0.attn{k}" for b in (1, 2, 3) for a in range(3)
-      for k in (1, 2)),
-]
-
 
 TINY = ["--seed", "0", "--size", "16", "--num-train-images", "16", "--vae-steps", "2", "--vae-batch", "4",
         "--steps", "2", "--batch", "4", "--channels", "8", "16", "16", "16"]
@@ -50,8 +42,11 @@ def test_trained_folder_loads_through_load_pipeline_folder(tiny_model):
     cfg = json.loads((tiny_model / "train_config.json").read_text())
     assert bb.resolution == 16 and bb.unet.config.sample_size == 16 // cfg["vae_factor"]
     assert bb.scheduler.config.prediction_type == "v_prediction"
-    names = {n for n, _ in bb.unet.named_modules()}
-    assert set(LAYERS) <= names
+    # Layout: attention only at levels 1 and 2 (--attention-levels default); the methods' roles resolve on it.
+    layers = LayerMap(bb.unet)
+    assert layers.levels("up") == layers.levels("down") == [2, 1] and layers.mid("cross")
+    assert layers.decoder_self(-1) == "up_blocks.2.attentions.2.transformer_blocks.0.attn1"
+    assert layers.sd_resolution("cross", "16", ("up",))[0].startswith("up_blocks.1.")
     captions = ["a red circle and a blue square", "an orange star", "a photograph of a dog", ""]
     ref = build_tokenizer(cfg["max_length"])
     assert bb.max_length == cfg["max_length"] == bb.text_encoder.config.max_position_embeddings

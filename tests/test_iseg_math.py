@@ -1,9 +1,11 @@
 """iSeg's equations on plain tensors (Eq. 4-7, Algorithm 1) and Cat-Cross (Eq. 8-9) in the UNet."""
 
+import math
+
 import pytest
 import torch
 
-from methods.iseg import LOG_EPS, ent_self, entropy, normalize, refine, refine_sweep
+from methods.iseg import ent_self, ent_self_code, entropy, normalize, refine, refine_steps
 
 
 def random_row_stochastic(n: int, seed: int = 0) -> torch.Tensor:
@@ -14,23 +16,78 @@ def random_row_stochastic(n: int, seed: int = 0) -> torch.Tensor:
 
 def test_ent_self_with_lambda_zero_is_identity():
     a = random_row_stochastic(32)
-    assert torch.equal(ent_self(a, 0.0), a)
+    assert torch.equal(ent_self(a, 0.0, "literal"), a)
+    # row_max rescales and renormalises each row: A again, so lambda = 0 is naive iteration (Table 5b). The
+    # release's column scaling is not: with lambda = 0 it still reweights keys by 1 / column max.
+    torch.testing.assert_close(ent_self(a, 0.0), a)
+    assert not torch.allclose(ent_self(a, 0.0, "col_max"), a)
 
 
 @pytest.mark.parametrize("lam", [1e-5, 1e-4])
-def test_ent_self_lowers_entropy(lam):
+def test_literal_ent_self_lowers_entropy_for_tiny_steps(lam):
     a = random_row_stochastic(64, seed=1)
-    reduced = ent_self(a, lam)
+    reduced = ent_self(a, lam, "literal")
     assert (reduced > 0).all(), "step small enough to keep a distribution"
     assert entropy(reduced) < entropy(a)
-    renormalised = reduced / reduced.sum(1, keepdim=True)
-    row_entropy = lambda m: -(m * m.log()).sum(1)  # noqa: E731
-    assert (row_entropy(renormalised) < row_entropy(a)).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("scale", ["row_max", "col_max"])
+@pytest.mark.parametrize("lam", [0.01, 0.1])
+def test_rescaled_ent_self_is_a_sharper_attention(scale, lam):
+    """Eq. 7 on the max-normalised scale: a non-negative row-stochastic attention whose rows have lower
+    entropy (sharper) than the input's, at the paper's lambdas."""
+    a = random_row_stochastic(64, seed=1)
+    out = ent_self(a, lam, scale)
+    assert (out >= 0).all()
+    torch.testing.assert_close(out.sum(1), torch.ones(64))
+    row_entropy = lambda m: -torch.special.xlogy(m, m).sum(1)  # noqa: E731
+    assert (row_entropy(out) < row_entropy(a)).all()
 
 
 def test_ent_self_follows_eq7():
     a = random_row_stochastic(8)
-    assert torch.allclose(ent_self(a, 0.01), a + 0.01 * (1 + torch.log(a)))
+    assert torch.allclose(ent_self(a, 0.01, "literal"), a + 0.01 * (1 + torch.log(a)))
+    b = a / a.max(1, keepdim=True).values  # row_max: Eq. 7 on each query's attention divided by its maximum
+    c = (b + 0.01 * (1 + torch.log(b))).clamp_min(0)
+    torch.testing.assert_close(ent_self(a, 0.01), c / c.sum(1, keepdim=True))
+
+
+def test_ent_self_keeps_exact_zeros_and_touches_nothing_else():
+    """Only exact zeros are special (no epsilon clamp of tiny entries): a zero stays zero, an entry of 1e-30
+    takes the Eq. 7 step like any other."""
+    a = random_row_stochastic(8)
+    a[0, 1], a[0, 2] = 0.0, 1e-30
+    out = ent_self(a, 0.01, "literal")
+    assert out[0, 1] == 0
+    assert torch.isclose(out[0, 2], torch.tensor(1e-30 + 0.01 * (1 + math.log(1e-30))))
+
+
+def peaky_attention(n: int, seed: int = 0) -> torch.Tensor:
+    """Softmax attention with SD-like magnitudes: entries ~1/n, a few strong keys per query."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, n, generator=g) * 2).softmax(1)
+
+
+def test_literal_eq7_collapses_the_class_maps_and_the_default_does_not():
+    """Issue 9 item 1: Eq. 7 on raw attention (entries ~1/HW) pushes every entry negative and N = 10
+    refinements make every class map the same; on the row-max scale the maps stay distinct."""
+    from methods.postprocess import minmax
+
+    a = peaky_attention(1024)
+    assert (ent_self(a, 0.01, "literal") < 0).float().mean() > 0.99  # all but the few strongest keys
+    g = torch.Generator().manual_seed(1)
+    cross = torch.rand(1024, 2, generator=g)
+    literal = minmax(refine(ent_self(a, 0.01, "literal"), cross, 10).T)
+    default = minmax(refine(ent_self(a, 0.01), cross, 10).T)
+    assert (literal[0] - literal[1]).abs().max() < 1e-3
+    assert (default[0] - default[1]).abs().max() > 0.1
+
+
+def test_code_ent_self_is_eq7_in_log10_units_on_the_column_scale():
+    a = random_row_stochastic(16)
+    col = a / a.max(0, keepdim=True).values
+    want = (col + 0.015 * torch.log10(math.e * col)).clamp_min(0)
+    torch.testing.assert_close(ent_self_code(a, 0.015), want / want.sum(1, keepdim=True))
 
 
 def ground_truth_self_attention(mask: torch.Tensor) -> torch.Tensor:
@@ -58,14 +115,15 @@ def test_refinement_with_ground_truth_self_attention_recovers_the_mask():
     assert torch.equal(labels, mask)
 
 
-def test_refine_sweep_matches_per_config_refinement():
+def test_one_chain_of_products_serves_every_n():
     a = random_row_stochastic(128, seed=2)
     cross = torch.rand(128, 3, generator=torch.Generator().manual_seed(3))
-    lams, iters = [0.0, 0.001, 0.01, 0.1], [10, 4, 10, 1]
-    batched = refine_sweep(a, torch.log(a.clamp_min(LOG_EPS)), cross, lams, iters)
-    for lam, n, got in zip(lams, iters, batched):
-        want = refine(ent_self(a.double(), lam), cross.double(), n)
-        assert torch.allclose(got.double(), want, atol=1e-6), (lam, n)
+    chain = refine_steps(a, cross, [0, 1, 4, 10])
+    for n, got in chain.items():
+        maps = cross
+        for _ in range(n):
+            maps = a @ normalize(maps)
+        torch.testing.assert_close(got, normalize(maps))
 
 
 def test_normalize_gives_unit_sum_nonnegative_columns():

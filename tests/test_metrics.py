@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from bench.metrics import intersect_and_union, summarize
+from bench.metrics import image_histograms, intersect_and_union, protocol_rows, summarize
 
 CLASSES = ["background", "a", "b", "c"]
 
@@ -54,3 +54,37 @@ def test_histograms_sum_over_images_before_division():
 def test_unknown_protocol_is_rejected():
     with pytest.raises(ValueError, match="protocol"):
         summarize(np.zeros((4, 2), dtype=np.int64), ["x", "y"], "coco")
+
+
+def test_out_of_range_labels_follow_each_protocol():
+    """Issue 9 item 9. A ground-truth value >= C other than 255: MMSegmentation keeps the pixel (its prediction is
+    a false positive, its label counts nowhere); iSeg's release drops the pixel."""
+    label = np.array([[0, 1, 7, 7]])
+    pred = np.array([[0, 1, 1, 0]])
+    mm = intersect_and_union(pred, label, 4, protocol="mmseg")
+    isg = intersect_and_union(pred, label, 4, protocol="iseg")
+    assert mm[2].tolist() == [2, 2, 0, 0] and mm[3].tolist() == [1, 1, 0, 0]  # pred counted at the 7s
+    assert isg[2].tolist() == [1, 1, 0, 0] and isg[3].tolist() == [1, 1, 0, 0]
+    assert summarize(mm, CLASSES, "mmseg")["mIoU"] == pytest.approx(50.0)  # IoU 1/2 for both classes
+    assert summarize(np.concatenate([mm, isg]), CLASSES, "iseg")["mIoU"] == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize("label", [np.array([[0, 0, 255, 0]]), np.array([[2, 2, 2, 2]]), np.array([[255, 255]])])
+def test_iseg_protocol_skips_images_with_a_single_ground_truth_value(label):
+    """iSeg's test_step returns before scoring when the ground truth (255 read as 0) holds one value: no
+    foreground class, or a single class and no background. MMSegmentation scores every image."""
+    pred = np.ones_like(label)
+    hist = image_histograms(pred, label, 4)
+    assert not protocol_rows(hist, "iseg").any()
+    assert protocol_rows(hist, "mmseg")[2].sum() == (label != 255).sum()
+
+
+def test_both_protocols_travel_in_one_histogram_and_old_ones_read_as_mmseg():
+    labels = [np.array([[0, 1, 1, 9]]), np.array([[0, 0, 0, 0]])]
+    preds = [np.array([[1, 1, 1, 2]]), np.array([[0, 3, 0, 0]])]
+    total = sum(image_histograms(p, l, 4) for p, l in zip(preds, labels))
+    for protocol in ("mmseg", "iseg"):
+        want = sum(intersect_and_union(p, l, 4, protocol=protocol) for p, l in zip(preds, labels))
+        assert summarize(total, CLASSES, protocol) == pytest.approx(summarize(want, CLASSES, protocol), nan_ok=True)
+    mm = sum(intersect_and_union(p, l, 4) for p, l in zip(preds, labels))
+    assert np.array_equal(protocol_rows(mm, "iseg"), mm)

@@ -48,6 +48,38 @@ def test_pickle_weights_are_refused(tiny_pipeline_folder, tmp_path):
         load_backbone({"path": str(copy), "device": "cpu"})
 
 
+def test_generation_uses_the_folders_own_scheduler(tiny_pipeline_folder, tmp_path):
+    """Issue 9 item 8: a folder saved with PNDM (SD 1.x) generates with PNDM unless `scheduler=` names another;
+    the provenance helper names the class without loading weights."""
+    import shutil
+
+    from diffusers import PNDMScheduler
+
+    from bench.forward import ForwardSetting, run_traced
+    from bench.models import scheduler_name
+    from bench.trace import request
+
+    folder, parts = tiny_pipeline_folder
+    copy = tmp_path / "pndm"
+    shutil.copytree(folder, copy)
+    PNDMScheduler.from_config(parts["scheduler"].config, skip_prk_steps=True).save_pretrained(copy / "scheduler")
+    backbone = load_backbone({"path": str(copy), "device": "cpu"})
+    assert type(backbone.scheduler).__name__ == "PNDMScheduler"
+    assert scheduler_name({"path": str(copy)}) == "PNDMScheduler"
+    assert scheduler_name({"path": str(copy)}, "ddim") == "DDIMScheduler"
+    req = request(cross=["up_blocks.1.attentions.0.transformer_blocks.0.attn2"])
+    runs = {}
+    for name in ("auto", "pndm", "ddim"):
+        setting = ForwardSetting(mode="generation", steps=3, size=64, scheduler=name)
+        runs[name] = run_traced(backbone, req, setting, ["a red circle"]).traces[0].timesteps
+    want = PNDMScheduler.from_config(parts["scheduler"].config, skip_prk_steps=True)  # as SD 1.5 saves it
+    want.set_timesteps(3)
+    assert runs["auto"] == runs["pndm"] == [int(t) for t in want.timesteps]
+    assert runs["ddim"] != runs["auto"]
+    with pytest.raises(BenchError, match="scheduler"):
+        backbone.make_scheduler("nonsense")
+
+
 def test_missing_weights_folder_names_where_weights_are_expected(tmp_path):
     with pytest.raises(BenchError, match="model_index.json"):
         validate_model_config({"path": str(tmp_path / "nope")})

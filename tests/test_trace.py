@@ -1,4 +1,5 @@
-"""Tracing on the embedded model: shapes and layer names in both modes; other layers untouched."""
+"""Tracing on the embedded model: shapes and layer names in both modes; other layers untouched. Layers are
+named by role (bench.models.layers), so the tests hold on the embedded layout and on SD's."""
 
 import numpy as np
 import pytest
@@ -6,25 +7,33 @@ import torch
 
 from bench.errors import BenchError
 from bench.forward import ForwardSetting, run_traced
+from bench.models.layers import LayerMap
 from bench.trace import AttentionTracer, attention_layers, request
 
-CROSS = "up_blocks.2.attentions.1.transformer_blocks.0.attn2"
-SELF = "up_blocks.3.attentions.2.transformer_blocks.0.attn1"
-QUERY = "down_blocks.1.attentions.0.transformer_blocks.0.attn2"
+
+@pytest.fixture(scope="module")
+def layers(backbone):
+    """CROSS, SELF, QUERY: a decoder cross-attention layer and an encoder one at the second-coarsest attention
+    level (up_blocks.2 / down_blocks.1 on SD and on the embedded model), the last decoder self-attention."""
+    m = LayerMap(backbone.unet)
+    return (m.sd_resolution("cross", "32", ("up",))[1], m.decoder_self(-1),
+            m.sd_resolution("cross", "32", ("down",))[0], m)
 
 
 def processors(unet):
     return {name: type(m.processor).__name__ for name, m in unet.named_modules() if hasattr(m, "processor")}
 
 
-def test_sd_layer_names_exist(backbone):
-    layers = attention_layers(backbone.unet)
-    assert layers["up_blocks.3.attentions.2.transformer_blocks.0.attn1"] == "self"
-    assert layers["mid_block.attentions.0.transformer_blocks.0.attn2"] == "cross"
-    assert sum(k == "cross" for k in layers.values()) == 16
+def test_role_layers_exist_in_forward_order(backbone, layers):
+    found = attention_layers(backbone.unet)
+    cross, self_layer, query, m = layers
+    assert found[self_layer] == "self" and found[cross] == found[query] == "cross"
+    assert found[m.mid("cross")[0]] == "cross"
+    assert {a.name for a in m.layers} == set(found)  # LayerMap places every attention layer
 
 
-def test_inversion_trace_shapes(backbone):
+def test_inversion_trace_shapes(backbone, layers):
+    CROSS, SELF, QUERY, _ = layers
     image = np.random.default_rng(0).integers(0, 255, (100, 80, 3), dtype=np.uint8)
     size = 64
     req = request(cross=[CROSS], self_attn=[SELF], queries=[QUERY])
@@ -38,18 +47,20 @@ def test_inversion_trace_shapes(backbone):
         assert (h, w) == (latent, latent)
     assert set(trace.cross) == {CROSS} and set(trace.self_attn) == {SELF} and set(trace.queries) == {QUERY}
     assert trace.cross[CROSS].shape == (1, 1, h // 2, w // 2, backbone.max_length)
-    assert trace.self_attn[SELF].shape == (1, 1, h * w, h * w)
+    s = trace.spatial_size(SELF)
+    assert trace.self_attn[SELF].shape == (1, 1, s[0] * s[1], s[0] * s[1])
     heads = backbone.unet.get_submodule(QUERY).heads
     assert trace.queries[QUERY].shape[:3] == (1, heads, (h // 2) * (w // 2))
     assert trace.timesteps == [100]
     probs = trace.cross[CROSS]
     assert torch.allclose(probs.sum(-1), torch.ones_like(probs.sum(-1)), atol=1e-4)
-    assert torch.allclose(trace.self_attn[SELF].sum(-1), torch.ones(1, 1, h * w), atol=1e-4)
+    assert torch.allclose(trace.self_attn[SELF].sum(-1), torch.ones(1, 1, s[0] * s[1]), atol=1e-4)
     # same noise for every image of the batch: identical images give identical traces
     assert torch.allclose(result.traces[1].cross[CROSS], probs)
 
 
-def test_generation_trace_keeps_each_step_and_the_conditional_branch(backbone):
+def test_generation_trace_keeps_each_step_and_the_conditional_branch(backbone, layers):
+    CROSS, SELF, QUERY, _ = layers
     req = request(cross=[CROSS], per_head=True)
     result = run_traced(backbone, req, ForwardSetting(mode="generation", steps=3, size=64),
                         ["a red circle", "a blue star"])
@@ -61,14 +72,16 @@ def test_generation_trace_keeps_each_step_and_the_conditional_branch(backbone):
     assert trace.image.shape == (64, 64, 3) and trace.image.dtype == np.uint8
 
 
-def test_summed_steps(backbone):
+def test_summed_steps(backbone, layers):
+    CROSS, SELF, QUERY, _ = layers
     req = request(cross=[CROSS], sum_steps=True)
     trace = run_traced(backbone, req, ForwardSetting(mode="generation", steps=2, size=64), ["a star"]).traces[0]
     assert trace.cross[CROSS].shape[0] == 1
     assert torch.allclose(trace.cross[CROSS].sum(-1), torch.full_like(trace.cross[CROSS].sum(-1), 2.0), atol=1e-4)
 
 
-def test_unselected_layers_keep_their_processors(backbone):
+def test_unselected_layers_keep_their_processors(backbone, layers):
+    CROSS, SELF, QUERY, _ = layers
     before = processors(backbone.unet)
     req = request(cross=[CROSS], self_attn=[SELF])
     with AttentionTracer(backbone.unet, req):
@@ -78,12 +91,14 @@ def test_unselected_layers_keep_their_processors(backbone):
     assert processors(backbone.unet) == before
 
 
-def test_cat_cross_weights_reach_every_cross_layer_but_record_none_extra(backbone):
+def test_cat_cross_weights_reach_every_cross_layer_but_record_none_extra(backbone, layers):
+    CROSS, SELF, QUERY, _ = layers
     req = request(cross=[CROSS])
     with AttentionTracer(backbone.unet, req, weight_keys=True):
         during = processors(backbone.unet)
     weighted = {n for n, p in during.items() if p == "WeightedKeyProcessor"}
-    assert len(weighted) == 15 and CROSS not in weighted
+    n_cross = sum(k == "cross" for k in attention_layers(backbone.unet).values())
+    assert len(weighted) == n_cross - 1 and CROSS not in weighted
 
 
 def test_unknown_layer_is_a_clear_error(backbone):
@@ -91,7 +106,8 @@ def test_unknown_layer_is_a_clear_error(backbone):
         AttentionTracer(backbone.unet, request(cross=["up_blocks.9.*"]))
 
 
-def test_union_keeps_self_attention_small_when_another_method_wants_heads(backbone):
+def test_union_keeps_self_attention_small_when_another_method_wants_heads(backbone, layers):
+    CROSS, SELF, QUERY, _ = layers
     """A per-head, per-step cross-attention method must not force per-head, per-step HW x HW self-attention."""
     daam_like = request(cross=[CROSS], per_head=True)
     ovam_like = request(self_attn=[SELF], sum_self_steps=True)

@@ -8,7 +8,7 @@ head-averaged cross-attention map of its shape word (its own token position in t
 summed over the cross-attention layers at the two finest attention resolutions, is compared with the
 object's pixel mask:
   raw      thresholded at 0.4 x max (and the best of a few fixed thresholds, chosen on the whole set);
-  refined  the same map propagated by the last decoder self-attention (up_blocks.3.attentions.2...attn1);
+  refined  the same map propagated by the last decoder self-attention (`LayerMap.decoder_self(-1)`);
 baselines: the whole image; a centred disk (best radius of a few).
 Binding rate: in two-object images, the share of objects whose word map puts more mass on its own object
 than on the other one. Attention is recorded with the bench's own tracer (`bench.trace.AttentionTracer`).
@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 log = logging.getLogger("bench.embedded.evaluate")
-SELF_LAYER = "up_blocks.3.attentions.2.transformer_blocks.0.attn1"
 THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
 
@@ -62,12 +61,14 @@ def evaluate(model: Path, num_images: int = 100, t: int = 200, seed: int = 0, da
     from bench.data.shapes import ShapesDataset
     from bench.data.shapes_gt import object_masks
     from bench.models import load_pipeline_folder
+    from bench.models.layers import LayerMap
     from bench.trace import AttentionTracer, attention_layers, request
 
     bb = load_pipeline_folder(Path(model), torch.device("cpu"), torch.float32, name="embedded-eval")
     size = bb.resolution
     cross_layers = [n for n, kind in attention_layers(bb.unet).items() if kind == "cross"]
-    req = request(cross=cross_layers, self_attn=[SELF_LAYER])
+    self_layer = LayerMap(bb.unet).decoder_self(-1)
+    req = request(cross=cross_layers, self_attn=[self_layer])
     ds = ShapesDataset(num_images=num_images, size=size, seed=data_seed, split="val")
     gen = torch.Generator().manual_seed(seed)
     yy, xx = np.mgrid[0:size, 0:size] + 0.5
@@ -102,7 +103,7 @@ def evaluate(model: Path, num_images: int = 100, t: int = 200, seed: int = 0, da
                 cross_finest += up
             m_fine = F.interpolate(m, size=(finest[0], finest[0]), mode="bilinear", align_corners=False)
             cross_native = m_fine if cross_native is None else cross_native + m_fine
-        self_attn = trace.self_attn[SELF_LAYER][0, 0]  # (N, N) rows: queries
+        self_attn = trace.self_attn[self_layer][0, 0]  # (N, N) rows: queries
         n_fine = int(round(self_attn.shape[0] ** 0.5))
         a = cross_native[:, 0].reshape(cross_native.shape[0], -1)  # (T, N)
         refined = (self_attn @ a.T).T.reshape(-1, 1, n_fine, n_fine)

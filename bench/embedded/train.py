@@ -1,13 +1,14 @@
 """Train the embedded backbone: a small text-to-image latent diffusion model of the shapes world.
 
-    python -m bench.embedded.train --seed 0 --out bench/embedded/weights
+    python -m bench.embedded.train --seed 0 --out DIR            # the CPU recipe (defaults), about 2 h
+    python -m bench.embedded.train --device cuda ... --out DIR   # the shipped weights: bench/embedded/README.md
 
-Two stages, both deterministic given --seed (single-threaded CPU):
-  1. a small AutoencoderKL on rendered shapes images (downsampling factor 1 by default: one level, so the
-     latents are a learned 4-channel re-coding of the pixels; --vae-factor 2 adds a level);
-  2. the UNet (SD block layout: CrossAttnDownBlock2D x3 + DownBlock2D, UpBlock2D + CrossAttnUpBlock2D x3,
-     layers_per_block=2) jointly with a from-scratch CLIPTextModel, v-prediction, caption dropout for
-     classifier-free guidance, on VAE latents of a pre-rendered training set.
+Two stages, deterministic given --seed on a single CPU thread (CUDA runs are not bit-reproducible):
+  1. a small AutoencoderKL on rendered shapes images (downsampling factor 2 by default: two levels;
+     --vae-factor 1 gives pixel-like latents);
+  2. the UNet (SD's block classes and four levels, attention only at --attention-levels, 1 and 2 by default:
+     no attention at the finest level; layers_per_block=2) jointly with a from-scratch CLIPTextModel,
+     v-prediction, caption dropout for classifier-free guidance, on VAE latents of a pre-rendered training set.
 The result is saved as a standard diffusers pipeline folder (safetensors, fp16): model_index.json, unet/,
 vae/, text_encoder/, tokenizer/, scheduler/, plus train_config.json with the exact arguments.
 """
@@ -37,26 +38,33 @@ TEMPLATES = ("A photograph of {classes} and other objects and background", "A ph
              "a {classes}")
 
 DEFAULTS = {
-    "size": 32,  # native image size; latent = size / vae_factor
-    "vae_factor": 1,  # VAE downsampling factor: 1 (one level, pixel-like latents) or 2 (two levels)
+    "size": 64,  # native image size; latent = size / vae_factor
+    "vae_factor": 2,  # VAE downsampling factor: 1 (one level, pixel-like latents) or 2 (two levels)
     "max_length": 16,  # tokenizer model_max_length = text encoder positions (longest shapes caption: 13)
-    "vae_steps": 500,
+    "vae_steps": 1000,
     "vae_batch": 16,
     "vae_lr": 2e-3,
-    "num_train_images": 20000,
-    "steps": 1100,
+    "num_train_images": 50000,
+    "steps": 3000,
     "batch": 32,
     "lr": 1e-3,
-    "warmup": 50,
+    "warmup": 100,
     "cfg_dropout": 0.1,
-    "template_prob": 0.0,  # share of steps' captions replaced by a class-name prompt template (see TEMPLATES)
-    "same_colour_prob": 0.3,
-    "ema_decay": 0.995,
+    "template_prob": 0.3,  # share of steps' captions replaced by a class-name prompt template (see TEMPLATES)
+    "same_colour_prob": 0.5,
+    "ema_decay": 0.998,
     "min_snr_gamma": 0.0,  # > 0: min-SNR-gamma loss weighting; 0: plain v-prediction MSE
     "channels": [32, 64, 64, 64],
-    "heads": 2,
+    # UNet levels (0 = finest) whose blocks have attention; [0, 1, 2] is SD's layout. Without attention at the
+    # finest level (the costliest layer, and the one whose self-attention stayed uniform in v1) the decoder's
+    # last self-attention is at latent/2.
+    "attention_levels": [1, 2],
+    "heads": 4,
+    "device": "auto",  # auto: cuda when available, else cpu (single-threaded, bit-reproducible)
+    "render_workers": 1,  # processes rendering the training set (images depend only on their index)
     "init": "",  # continue from a pipeline folder saved by this script (its unet, text encoder and VAE)
     "checkpoint_every": 0,  # also save the EMA pipeline to OUT/checkpoints/step-N every N steps
+    "stop_after": 0,  # > 0: end after this many steps (the schedule still spans --steps), saving as if finished
 }
 
 
@@ -93,23 +101,58 @@ def template_prompt(objects: list[dict], rng: np.random.Generator) -> str:
     return TEMPLATES[int(rng.integers(len(TEMPLATES)))].format(classes=" and ".join(names))
 
 
-def render_all(ds, seed: int) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
-    """Images (N, S, S, 3) uint8, foreground masks (N, S, S) bool, captions, template prompts."""
+_RENDER_DS = None  # the dataset rendered by forked workers (set before the pool forks; nothing is pickled)
+
+
+def _render_range(bounds: tuple[int, int]) -> list[tuple[np.ndarray, np.ndarray, str, list[dict]]]:
+    out = []
+    for i in range(*bounds):
+        s = _RENDER_DS[i]
+        out.append((s.image, s.label > 0, s.caption, s.extra["objects"]))
+    return out
+
+
+def render_all(ds, seed: int, workers: int = 1) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """Images (N, S, S, 3) uint8, foreground masks (N, S, S) bool, captions, template prompts.
+
+    Image i depends only on (seed, i), so rendering in `workers` forked processes gives the same arrays."""
+    global _RENDER_DS
     images = np.empty((len(ds), ds.size, ds.size, 3), dtype=np.uint8)
     foreground = np.empty((len(ds), ds.size, ds.size), dtype=bool)
     captions, templated = [], []
     rng = np.random.default_rng([seed, 11])
-    for i in tqdm(range(len(ds)), desc="render", unit="img", mininterval=2.0):
-        s = ds[i]
-        images[i] = s.image
-        foreground[i] = s.label > 0
-        captions.append(s.caption)
-        templated.append(template_prompt(s.extra["objects"], rng))
+    chunk = 500
+    ranges = [(i, min(i + chunk, len(ds))) for i in range(0, len(ds), chunk)]
+    _RENDER_DS = ds
+    try:
+        if workers > 1:
+            import multiprocessing
+
+            pool = multiprocessing.get_context("fork").Pool(workers)
+            parts = pool.imap(_render_range, ranges)
+        else:
+            pool, parts = None, map(_render_range, ranges)
+        bar = tqdm(total=len(ds), desc="render", unit="img", mininterval=2.0)
+        i = 0
+        for part in parts:
+            for image, fg, caption, objects in part:
+                images[i], foreground[i] = image, fg
+                captions.append(caption)
+                templated.append(template_prompt(objects, rng))
+                i += 1
+            bar.update(len(part))
+        bar.close()
+        if pool is not None:
+            pool.close()
+    finally:
+        _RENDER_DS = None
     return images, foreground, captions, templated
 
 
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+def to_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(images)
+    return images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -117,6 +160,11 @@ def config_error(cfg: dict) -> str | None:
     """What is wrong with the training arguments, as one line naming the flag; None if nothing."""
     if cfg["vae_factor"] not in (1, 2) or cfg["size"] % cfg["vae_factor"]:
         return f"--vae-factor must be 1 or 2 and divide --size ({cfg['size']}); got {cfg['vae_factor']}"
+    levels = cfg["attention_levels"]
+    if not levels or len(set(levels)) != len(levels) or not all(0 <= k <= 3 for k in levels):
+        return f"--attention-levels takes distinct UNet levels among 0 1 2 3; got {' '.join(map(str, levels))}"
+    if cfg["device"] not in ("auto", "cpu", "cuda"):
+        return f"--device must be auto, cpu or cuda; got {cfg['device']}"
     if not 0 <= cfg["template_prob"] <= 1:
         return f"--template-prob is a probability in [0, 1]; got {cfg['template_prob']}"
     return None
@@ -136,12 +184,13 @@ def build_models(cfg: dict, tokenizer) -> dict:
         raise ValueError(error)
     latent = cfg["size"] // cfg["vae_factor"]
     vae_channels = (32,) if cfg["vae_factor"] == 1 else (16, 32)
+    down = tuple("CrossAttnDownBlock2D" if k in cfg["attention_levels"] else "DownBlock2D" for k in range(4))
+    up = tuple("CrossAttnUpBlock2D" if k in cfg["attention_levels"] else "UpBlock2D" for k in reversed(range(4)))
     unet = UNet2DConditionModel(
         sample_size=latent, in_channels=4, out_channels=4, layers_per_block=2,
         block_out_channels=tuple(cfg["channels"]), norm_num_groups=8, cross_attention_dim=HIDDEN,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=cfg["heads"])
+        down_block_types=down, up_block_types=up,
+        attention_head_dim=cfg["heads"])  # diffusers' legacy name: this is the number of heads
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=vae_channels,
         down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
@@ -169,15 +218,17 @@ def lr_lambda(warmup: int, total: int):
 def train_vae(vae, images: np.ndarray, foreground: np.ndarray, cfg: dict, gen: torch.Generator) -> None:
     """L1 + MSE reconstruction (object pixels weighted 5x: they are few but carry colour and shape) + tiny KL."""
     vae.train().requires_grad_(True)
+    dev = gen.device
+    images, foreground = torch.from_numpy(images).to(dev), torch.from_numpy(foreground).to(dev)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg["vae_lr"], weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(50, cfg["vae_steps"]))
     bar = tqdm(range(cfg["vae_steps"]), desc="vae", unit="step", mininterval=2.0)
     for step in bar:
-        idx = torch.randint(len(images), (cfg["vae_batch"],), generator=gen)
-        x = to_tensor(images[idx.numpy()])
-        w = 1.0 + 4.0 * torch.from_numpy(foreground[idx.numpy()]).float()[:, None]
+        idx = torch.randint(len(images), (cfg["vae_batch"],), generator=gen, device=dev)
+        x = to_tensor(images[idx])
+        w = 1.0 + 4.0 * foreground[idx].float()[:, None]
         post = vae.encode(x).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen, device=dev)
         rec = vae.decode(z).sample
         l1 = (rec - x).abs().mean()
         kl = post.kl().mean() / x[0].numel()
@@ -196,8 +247,9 @@ def train_vae(vae, images: np.ndarray, foreground: np.ndarray, cfg: dict, gen: t
 @torch.no_grad()
 def encode_all(vae, images: np.ndarray, batch: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
     means, stds = [], []
+    dev = next(vae.parameters()).device
     for i in tqdm(range(0, len(images), batch), desc="encode", unit="batch", mininterval=2.0):
-        post = vae.encode(to_tensor(images[i:i + batch])).latent_dist
+        post = vae.encode(to_tensor(images[i:i + batch]).to(dev)).latent_dist
         means.append(post.mean)
         stds.append(post.std)
     return torch.cat(means), torch.cat(stds)
@@ -214,8 +266,9 @@ def train_unet(models: dict, tokenizer, latents: tuple[torch.Tensor, torch.Tenso
         return tokenizer(texts, padding="max_length", max_length=cfg["max_length"], truncation=True,
                          return_tensors="pt").input_ids
 
-    ids_all, ids_templated, empty_ids = tokenize(captions), tokenize(templated), tokenize([""])
-    alphas = scheduler.alphas_cumprod
+    dev = gen.device
+    ids_all, ids_templated, empty_ids = (tokenize(x).to(dev) for x in (captions, templated, [""]))
+    alphas = scheduler.alphas_cumprod.to(dev)
     snr_all = alphas / (1 - alphas)
 
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -231,16 +284,16 @@ def train_unet(models: dict, tokenizer, latents: tuple[torch.Tensor, torch.Tenso
     bar = tqdm(range(cfg["steps"]), desc="unet", unit="step", mininterval=5.0)
     running, t0 = None, time.time()
     for step in bar:
-        idx = torch.randint(len(mean), (cfg["batch"],), generator=gen)
-        x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * sf
+        idx = torch.randint(len(mean), (cfg["batch"],), generator=gen, device=dev)
+        x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen, device=dev)) * sf
         ids = ids_all[idx].clone()
         if cfg["template_prob"] > 0:  # (no random draw when off: the generator stream stays as without templates)
-            use_template = torch.rand(cfg["batch"], generator=gen) < cfg["template_prob"]
+            use_template = torch.rand(cfg["batch"], generator=gen, device=dev) < cfg["template_prob"]
             ids[use_template] = ids_templated[idx][use_template]
-        drop = torch.rand(cfg["batch"], generator=gen) < cfg["cfg_dropout"]
+        drop = torch.rand(cfg["batch"], generator=gen, device=dev) < cfg["cfg_dropout"]
         ids[drop] = empty_ids
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg["batch"],), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen, device=dev)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg["batch"],), generator=gen, device=dev)
         xt = scheduler.add_noise(x0, noise, t)
         target = scheduler.get_velocity(x0, noise, t)
         cond = text_encoder(ids)[0]
@@ -266,6 +319,9 @@ def train_unet(models: dict, tokenizer, latents: tuple[torch.Tensor, torch.Tenso
             log.info("unet step %d loss %.4f (%.1f s)", step, running, time.time() - t0)
         if checkpoint is not None and (step + 1) % cfg["checkpoint_every"] == 0:
             checkpoint(step + 1, ema_unet, ema_text)
+        if cfg["stop_after"] and step + 1 >= cfg["stop_after"]:
+            log.info("stopping after step %d of a %d-step schedule (--stop-after)", step + 1, cfg["steps"])
+            break
     return ema_unet, ema_text
 
 
@@ -307,22 +363,32 @@ def load_init(folder: Path) -> dict:
 def train(cfg: dict, out: Path) -> None:
     from bench.embedded import build_tokenizer
 
-    set_single_thread()
+    dev = torch.device("cuda" if cfg["device"] == "auto" and torch.cuda.is_available() else
+                       "cpu" if cfg["device"] == "auto" else cfg["device"])
+    if dev.type == "cpu":  # bit-reproducible on one thread; CUDA runs are not (atomics in the backward pass)
+        set_single_thread()
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest convolutions
     torch.manual_seed(cfg["seed"])
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    gen = torch.Generator().manual_seed(cfg["seed"])
+    gen = torch.Generator(dev).manual_seed(cfg["seed"])
     tokenizer = build_tokenizer(cfg["max_length"])
     models = build_models(cfg, tokenizer)
     if cfg["init"]:
         models.update(load_init(Path(cfg["init"])))
         log.info("initialised unet, text encoder and vae from %s", cfg["init"])
+    for key in ("unet", "vae", "text_encoder"):
+        models[key].to(dev)
+    log.info("device %s", dev)
     log.info("config %s", json.dumps(cfg, sort_keys=True))
     log.info("parameters: unet %d, vae %d, text_encoder %d", n_params(models["unet"]), n_params(models["vae"]),
              n_params(models["text_encoder"]))
 
     t0 = time.time()
     ds = training_dataset(cfg["num_train_images"], cfg["size"], cfg["seed"], cfg["same_colour_prob"])
-    images, foreground, captions, templated = render_all(ds, cfg["seed"])
+    images, foreground, captions, templated = render_all(ds, cfg["seed"], cfg["render_workers"])
     log.info("rendered %d training images at %d px in %.0f s", len(images), cfg["size"], time.time() - t0)
 
     if cfg["vae_steps"] > 0:

@@ -21,6 +21,13 @@ log = logging.getLogger(__name__)
 
 MODELS: Registry = Registry("model", "model.name")
 PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# `scheduler=` values of the generation mode: auto = the folder's own (what the papers ran: PNDM for SD 1.x,
+# DDIM / Euler ... as saved), else one of these diffusers classes built from the folder's scheduler config.
+SCHEDULERS = {"ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "ddpm": "DDPMScheduler",
+              "euler": "EulerDiscreteScheduler", "euler_ancestral": "EulerAncestralDiscreteScheduler",
+              "dpm_multistep": "DPMSolverMultistepScheduler", "lms": "LMSDiscreteScheduler",
+              "unipc": "UniPCMultistepScheduler", "heun": "HeunDiscreteScheduler"}
+SCHEDULER_CHOICES = ("auto", *SCHEDULERS)
 
 
 @dataclass
@@ -67,7 +74,25 @@ class Backbone:
 
     def describe(self) -> dict:
         return {"name": self.name, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
-                "unet_parameters": sum(p.numel() for p in self.unet.parameters()), **self.info}
+                "unet_parameters": sum(p.numel() for p in self.unet.parameters()),
+                "scheduler": type(self.scheduler).__name__, **self.info}
+
+    def make_scheduler(self, name: str = "auto"):
+        """A fresh scheduler for one generation (set_timesteps mutates it): the folder's own class (auto) or
+        the named one (SCHEDULERS), configured from the folder's scheduler config."""
+        import diffusers
+
+        if name != "auto" and name not in SCHEDULERS:
+            raise BenchError(f"scheduler={name!r} is not one of {', '.join(SCHEDULER_CHOICES)}")
+        cls = type(self.scheduler) if name == "auto" else getattr(diffusers, SCHEDULERS[name])
+        return cls.from_config(self.scheduler.config)
+
+    def noising_scheduler(self):
+        """q(x_t | x_0) of the inversion pass: DDIM's add_noise over the folder's alphas_cumprod, whatever the
+        folder's sampler (iSeg's release builds a DDIMScheduler for it; sigma-based samplers would scale x_t)."""
+        from diffusers import DDIMScheduler
+
+        return DDIMScheduler.from_config(self.scheduler.config)
 
 
 def choose_device(requested: str = "auto") -> torch.device:
@@ -115,8 +140,39 @@ def resolve_hub_id(model_id: str) -> Path:
                          f"or pass model.path=<diffusers folder> ({type(err).__name__})") from None
 
 
+def folder_scheduler_class(folder: Path):
+    """The scheduler class a pipeline folder was saved with (scheduler_config.json's _class_name); DDIM when it
+    names none diffusers knows (logged)."""
+    import json
+
+    import diffusers
+
+    config = folder / "scheduler" / "scheduler_config.json"
+    name = json.loads(config.read_text()).get("_class_name") if config.is_file() else None
+    cls = getattr(diffusers, name, None) if name else None
+    if cls is None or not hasattr(cls, "from_config"):
+        log.warning("scheduler %r of %s is unknown to diffusers; using DDIMScheduler", name, folder)
+        return diffusers.DDIMScheduler
+    return cls
+
+
+def scheduler_name(model_cfg: dict, requested: str = "auto") -> str:
+    """The scheduler class a generation with `scheduler=requested` uses on this model (driver side, no weights
+    loaded): for provenance."""
+    if requested != "auto":
+        return SCHEDULERS.get(requested, requested)
+    kind = model_kind(model_cfg)
+    if kind == "embedded":
+        from bench.embedded import shipped_folder
+
+        folder = None if model_cfg.get("random") else shipped_folder()
+        return folder_scheduler_class(folder).__name__ if folder is not None else "DDIMScheduler"
+    folder = Path(model_cfg["path"]) if model_cfg.get("path") else resolve_hub_id(model_cfg["id"])
+    return folder_scheduler_class(folder).__name__
+
+
 def load_pipeline_folder(folder: Path, device: torch.device, dtype: torch.dtype, name: str) -> Backbone:
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     folder = check_pipeline_folder(folder)
@@ -126,7 +182,7 @@ def load_pipeline_folder(folder: Path, device: torch.device, dtype: torch.dtype,
         text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", use_safetensors=True,
                                                      torch_dtype=dtype)
         tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
-        scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
+        scheduler = folder_scheduler_class(folder).from_pretrained(folder, subfolder="scheduler")
     except (OSError, EnvironmentError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise BenchError(f"cannot load weights from {folder}: {first} (only safetensors weights are loaded; "
