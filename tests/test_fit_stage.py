@@ -1,8 +1,9 @@
 """The fit stage end to end with the trained toy method (methods/linear_probe.py, sweeps/linear_probe.yaml) on
-tiny random components: one fit for a 6-value post-processing sweep, on 2 Ray Train workers, resumed after a
-failure mid-fit from its last checkpoint; its artefacts in the run; reused by `fit.from=` in a `compare` sweep.
-A real SIGKILL of the command mid-fit, resumed by the next invocation without refitting the finished fit and
-ending bit-identical to undisturbed fits: slow set."""
+tiny random components: one fit for a 6-value post-processing sweep, on 2 Ray Train workers; its artefacts in
+the run; reused by `fit.from=` in a `compare` sweep. Slow set: a failed attempt restarted from its last
+checkpoint, and a real SIGKILL of the command mid-fit, resumed by the next invocation without refitting the
+finished fit and ending bit-identical to undisturbed fits (resumption of the fit function itself is in the
+fast method tester)."""
 
 import contextlib
 import json
@@ -45,45 +46,59 @@ def local_fit(model: Path, values: dict) -> dict[str, torch.Tensor]:
     return method.fit(LocalFitContext(setting, dataset, backbone))
 
 
-@pytest.fixture(scope="module")
-def probe_run(tmp_path_factory, tiny_model, ray_session):
-    """sweeps/linear_probe.yaml on 2 workers; the fit's first attempt fails after its first checkpoint (fault
-    injection) and Ray Train restarts the workers from that checkpoint (train.max_failures=1); the Ray Data
-    actor that traces the evaluation images receives the fit. A killed command that resumes on the next
-    invocation is the slow test below."""
-    out = tmp_path_factory.mktemp("probe") / "run"
-    os.environ[FAULT_ENV] = "fit:1:1:raise"
-    try:
-        code = main([str(ROOT / "sweeps/linear_probe.yaml"), *probe_overrides(tiny_model), "train.num_workers=2",
-                     "train.max_failures=1", f"output_dir={out}"])
-    finally:
-        del os.environ[FAULT_ENV]
-    assert code == 0
+def run_probe(out: Path, model: Path, *extra: str) -> Path:
+    assert main([str(ROOT / "sweeps/linear_probe.yaml"), *probe_overrides(model), "train.num_workers=2", *extra,
+                 f"output_dir={out}"]) == 0
     return out
 
 
-def test_one_fit_for_six_thresholds_resumed_on_two_workers(probe_run, tiny_model):
-    run = json.loads((probe_run / "run.json").read_text())
+def check_probe_run(out: Path, model: Path, resumed_from: int | None) -> None:
+    """One fit for six thresholds on two workers, its artefacts in the run and its loss curve in the report;
+    the weights those of one process (DDP averages the workers' gradients of the split global batch)."""
+    run = json.loads((out / "run.json").read_text())
     assert run["fits"] == 1 and run["fits_trained"] == 1 and run["fits_reused"] == 0
-    frame = pd.read_parquet(probe_run / "results.parquet")
+    frame = pd.read_parquet(out / "results.parquet")
     assert sorted(frame["threshold"]) == [0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
     assert frame["fit"].nunique() == 1 and (frame["unet_passes"] == 2).all()
-    fit_dir = probe_run / "fit" / frame["fit"].iloc[0]
+    fit_dir = out / "fit" / frame["fit"].iloc[0]
     assert sorted(p.name for p in fit_dir.iterdir()) == ["done", "loss.csv", "train_config.json",
                                                         "weights.safetensors"]
     config = json.loads((fit_dir / "train_config.json").read_text())
-    assert config["world_size"] == 2 and config["resumed_from"] == 10 and config["steps"] == 20
+    assert config["world_size"] == 2 and config["resumed_from"] == resumed_from and config["steps"] == 20
     assert config["data"]["split"] == "train" and config["setting"]["values"]["epochs"] == 20
     curve = pd.read_csv(fit_dir / "loss.csv", keep_default_na=False)
-    assert curve["step"].tolist() == list(range(1, 21))  # the resumed fit continues its curve
+    assert curve["step"].tolist() == list(range(1, 21))  # a resumed fit continues its curve
     assert curve["loss"].iloc[-1] < curve["loss"].iloc[0]
-    report = (probe_run / "report.md").read_text()
-    assert "## Fits" in report and "resumed at step 10" in report and (probe_run / "fit_loss.png").is_file()
-    # two workers split the global batch (DDP averages their gradients): the fit of one process, up to rounding
+    report = (out / "report.md").read_text()
+    origin = f"resumed at step {resumed_from}" if resumed_from else "fitted"
+    assert "## Fits" in report and origin in report and (out / "fit_loss.png").is_file()
     weights = load_file(fit_dir / "weights.safetensors")
-    alone = local_fit(tiny_model, PROBE)
+    alone = local_fit(model, PROBE)
     for name in ("weight", "bias"):
         torch.testing.assert_close(weights[name], alone[name], atol=1e-4, rtol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def probe_run(tmp_path_factory, tiny_model, ray_session):
+    """sweeps/linear_probe.yaml fitted on 2 Ray Train workers; the Ray Data actor that traces the evaluation
+    images receives the fit."""
+    return run_probe(tmp_path_factory.mktemp("probe") / "run", tiny_model)
+
+
+def test_one_fit_for_six_thresholds_on_two_workers(probe_run, tiny_model):
+    check_probe_run(probe_run, tiny_model, resumed_from=None)
+
+
+@pytest.mark.slow
+def test_a_failed_attempt_restarts_from_its_last_checkpoint(tmp_path, tiny_model, ray_session):
+    """The fit's first attempt fails after its first checkpoint (fault injection); Ray Train restarts the
+    workers from that checkpoint (train.max_failures=1) and the run completes."""
+    os.environ[FAULT_ENV] = "fit:1:1:raise"
+    try:
+        out = run_probe(tmp_path / "run", tiny_model, "train.max_failures=1", LOCAL)
+    finally:
+        del os.environ[FAULT_ENV]
+    check_probe_run(out, tiny_model, resumed_from=10)
 
 
 def test_fit_from_lends_the_fit_to_a_compare_sweep(probe_run, tiny_model, tmp_path, capsys):
