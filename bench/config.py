@@ -1,4 +1,4 @@
-"""Sweep files: Hydra composition of `SWEEP.yaml` + `key=value` overrides, then strict validation.
+"""Sweep files: Hydra composition of `SWEEP.yaml` + `key=value` overrides into a typed, validated `SweepConfig`.
 
 A sweep file names only registered methods, datasets and models; every key is checked, and the swept and
 fixed parameters are checked against the method's declared parameters. Nothing here imports by path.
@@ -14,52 +14,192 @@ fixed parameters are checked against the method's declared parameters. Nothing h
     seeds: [0]                        # noise / generation seeds (each one is a forward setting)
     metric: {protocol: mmseg}         # mmseg | iseg
     paper: {table: "iSeg Table 5(b)", param: lambda, metric: mIoU, values: {0: 69.1, ...}}
+    ray: {num_actors: 1, batch_size: 1}   # tracing actors (0: trace in this process), images per batch
+    train: {num_workers: 1, use_gpu: false, split: train, max_failures: 0}   # trained methods: Ray Train
+    fit: {from: null}                 # trained methods: reuse the fits of another run (or one fit directory)
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.errors import HydraException
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from bench.data import dataset_options
 from bench.errors import BenchError
 from bench.metrics import PROTOCOLS
+from bench.models import validate_model_config
 from bench.registry import unknown_name_message
+from methods import METHODS
 
-DEFAULTS: dict = {
-    "name": None,
-    "description": "",
-    "method": None,
-    "model": {"name": "embedded", "path": None, "id": None, "device": "auto", "dtype": "auto", "random": False,
-              "resolution": 0},
-    "data": {"name": "shapes", "limit": None},
-    "params": {},
-    "sweep": {},
-    "num_samples": 1,
-    "search_seed": 0,
-    "seeds": [0],
-    "metric": {"protocol": "mmseg", "main": "mIoU"},
-    "paper": {},
-    "ray": {"address": None, "num_actors": 1, "batch_size": 1, "object_store_mb": 256, "quiet": True},
-    "report": {"bootstrap": 200, "qualitative": 4},
-    "output_dir": None,
-}
-SECTION_KEYS = {"model": set(DEFAULTS["model"]), "metric": set(DEFAULTS["metric"]), "ray": set(DEFAULTS["ray"]),
-                "report": set(DEFAULTS["report"]),
-                "paper": {"table": None, "param": None, "metric": None, "values": None, "note": None}.keys()}
 SPACE_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 
 
-def compose(path: str | Path, overrides: list[str]) -> dict:
-    """Compose the sweep file with Hydra (no output folder, no chdir), overlay on DEFAULTS, validate."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
+class Section:
+    """A typed config section: `from_dict` checks names (did you mean) and value types."""
 
+    KEY_NAMES: dict[str, str] = {}  # YAML key -> attribute name where they differ (`from` is a keyword)
+
+    @classmethod
+    def yaml_keys(cls) -> list[str]:
+        inverse = {v: k for k, v in cls.KEY_NAMES.items()}
+        return [inverse.get(f.name, f.name) for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, raw, section: str):
+        if not isinstance(raw, dict):
+            raise BenchError(f"{section} must be a mapping (e.g. {section}: {{{cls.yaml_keys()[0]}: ...}})")
+        known = cls.yaml_keys()
+        values = {}
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        for key, value in raw.items():
+            if key not in known:
+                raise BenchError(unknown_name_message(f"{section} key", key, sorted(known), section))
+            attr = cls.KEY_NAMES.get(key, key)
+            values[attr] = _check_type(f"{section}.{key}", value, types[attr])
+        return cls(**values)
+
+    def as_dict(self) -> dict:
+        inverse = {v: k for k, v in self.KEY_NAMES.items()}
+        return {inverse.get(f.name, f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def _check_type(name: str, value, annotation: str):
+    """Check `value` against a simple annotation ("int", "str | None", "bool", "float"); ints pass as floats."""
+    allowed = [a.strip() for a in str(annotation).split("|")]
+    if value is None:
+        if "None" in allowed:
+            return None
+        raise BenchError(f"{name} must not be empty")
+    for kind in allowed:
+        if kind == "bool" and isinstance(value, bool):
+            return value
+        if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind == "str" and isinstance(value, str):
+            return value
+    raise BenchError(f"{name}={value!r} must be {' or '.join(a for a in allowed if a != 'None')}")
+
+
+@dataclass
+class ModelConfig(Section):
+    name: str = "embedded"
+    path: str | None = None
+    id: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    random: bool = False
+    resolution: int = 0
+
+
+@dataclass
+class MetricConfig(Section):
+    protocol: str = "mmseg"
+    main: str = "mIoU"
+
+
+@dataclass
+class RayConfig(Section):
+    address: str | None = None
+    num_actors: int = 1
+    batch_size: int = 1
+    object_store_mb: int = 256
+    quiet: bool = True
+
+
+@dataclass
+class ReportConfig(Section):
+    bootstrap: int = 200
+    qualitative: int = 4
+
+
+@dataclass
+class TrainConfig(Section):
+    """How trained methods fit (bench.stages.fit): Ray Train workers, GPUs, and the split they learn from."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    split: str = "train"
+    max_failures: int = 0  # worker-group restarts from the last checkpoint before a fit fails (preemption)
+
+
+@dataclass
+class FitConfig(Section):
+    KEY_NAMES = {"from": "source"}
+    source: str | None = None  # `fit.from`: a run directory or one fit directory whose fits are reused
+
+
+PAPER_KEYS = ("table", "param", "metric", "values", "note")
+
+
+@dataclass
+class SweepConfig:
+    name: str
+    method: str
+    description: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: dict = field(default_factory=lambda: {"name": "shapes", "limit": None})
+    params: dict = field(default_factory=dict)
+    sweep: dict = field(default_factory=dict)
+    num_samples: int = 1
+    search_seed: int = 0
+    seeds: list = field(default_factory=lambda: [0])
+    metric: MetricConfig = field(default_factory=MetricConfig)
+    paper: dict = field(default_factory=dict)
+    ray: RayConfig = field(default_factory=RayConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    fit: FitConfig = field(default_factory=FitConfig)
+    output_dir: str | None = None
+    overrides: list = field(default_factory=list)
+    sweep_file: str | None = None
+
+    SECTIONS = {"model": ModelConfig, "metric": MetricConfig, "ray": RayConfig, "report": ReportConfig,
+                "train": TrainConfig, "fit": FitConfig}
+
+    def as_dict(self) -> dict:
+        """Plain data (config.yaml): sections as mappings, in declaration order."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = value.as_dict() if isinstance(value, Section) else copy.deepcopy(value)
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "SweepConfig":
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in raw:
+            if key not in known:
+                raise BenchError(unknown_name_message("sweep key", key, sorted(k for k in known
+                                                                              if k not in ("overrides", "sweep_file")),
+                                                      "the sweep file"))
+        values = dict(raw)
+        for name, section in cls.SECTIONS.items():
+            if name in values:
+                values[name] = section.from_dict(values[name] if values[name] is not None else {}, name)
+        for name in ("data", "params", "sweep", "paper"):
+            if name in values and values[name] is None:
+                values[name] = {}
+        return cls(**values)
+
+
+def defaults() -> dict:
+    return {k: v for k, v in SweepConfig(name=None, method=None).as_dict().items()
+            if k not in ("overrides", "sweep_file")}
+
+
+def compose(path: str | Path, overrides: list[str]) -> SweepConfig:
+    """Compose the sweep file with Hydra (no output folder, no chdir), overlay on the defaults, validate."""
     path = Path(path)
     if path.suffix not in (".yaml", ".yml"):
         raise BenchError(f"{path} is not a .yaml sweep file; see sweeps/ for examples")
@@ -85,57 +225,62 @@ def compose(path: str | Path, overrides: list[str]) -> dict:
     except (HydraException, OmegaConfBaseException, ValueError) as err:
         first = str(err).strip().splitlines()[0]
         raise BenchError(f"cannot apply overrides {overrides}: {first}") from None
-    merged = OmegaConf.merge(OmegaConf.create(copy.deepcopy(DEFAULTS)), composed)
-    cfg = OmegaConf.to_container(merged, resolve=True)
-    cfg["name"] = cfg["name"] or path.stem
-    cfg["overrides"] = list(overrides)
-    cfg["sweep_file"] = str(path)
+    try:
+        merged = OmegaConf.merge(OmegaConf.create(defaults()), composed)
+    except OmegaConfBaseException as err:
+        raise BenchError(f"{path}: {str(err).strip().splitlines()[0]}") from None
+    data = OmegaConf.to_container(merged, resolve=True)
+    data["name"] = data["name"] or path.stem
+    data["overrides"] = list(overrides)
+    data["sweep_file"] = str(path)
+    cfg = SweepConfig.from_dict(data)
     validate(cfg)
     return cfg
 
 
-def validate(cfg: dict) -> None:
-    from bench.models import validate_model_config
-    from methods import METHODS
-
-    known = set(DEFAULTS) | {"overrides", "sweep_file"}
-    for key in cfg:
-        if key not in known:
-            raise BenchError(unknown_name_message("sweep key", key, sorted(known), "the sweep file"))
-    for section, keys in SECTION_KEYS.items():
-        if not isinstance(cfg[section], dict):
-            raise BenchError(f"{section} must be a mapping")
-        for key in cfg[section]:
-            if key not in keys:
-                raise BenchError(unknown_name_message(f"{section} key", key, sorted(keys), section))
-    if not cfg["method"]:
+def validate(cfg: SweepConfig) -> None:
+    if not cfg.method:
         raise BenchError(f"the sweep file names no method; add method: <one of {', '.join(METHODS.names())}>")
-    method = METHODS.get(cfg["method"])
-    if not isinstance(cfg["data"], dict) or not cfg["data"].get("name"):
+    method = METHODS.get(cfg.method)
+    if not isinstance(cfg.data, dict) or not cfg.data.get("name"):
         raise BenchError("data.name is missing; e.g. data: {name: shapes}")
-    dataset_options(cfg["data"])
-    validate_model_config(cfg["model"])
-    if cfg["metric"]["protocol"] not in PROTOCOLS:
-        raise BenchError(f"metric.protocol={cfg['metric']['protocol']!r} is not one of {', '.join(PROTOCOLS)}")
-    if not isinstance(cfg["params"], dict) or not isinstance(cfg["sweep"], dict):
+    dataset_options(cfg.data)
+    validate_model_config(cfg.model.as_dict())
+    if cfg.metric.protocol not in PROTOCOLS:
+        raise BenchError(f"metric.protocol={cfg.metric.protocol!r} is not one of {', '.join(PROTOCOLS)}")
+    if not isinstance(cfg.params, dict) or not isinstance(cfg.sweep, dict):
         raise BenchError("params and sweep must be mappings of method parameters")
+    if not isinstance(cfg.paper, dict):
+        raise BenchError("paper must be a mapping (table, param, metric, values, note)")
+    for key in cfg.paper:
+        if key not in PAPER_KEYS:
+            raise BenchError(unknown_name_message("paper key", key, sorted(PAPER_KEYS), "paper"))
     spec = method.all_params()
-    for name, space in cfg["sweep"].items():
+    for name, space in cfg.sweep.items():
         if name not in spec:
-            raise BenchError(unknown_name_message(f"parameter of method {cfg['method']}", name, sorted(spec),
+            raise BenchError(unknown_name_message(f"parameter of method {cfg.method}", name, sorted(spec),
                                                   "sweep"))
         kind, values = space_kind(name, space)
         for value in values if kind in ("grid", "choice") else []:
             spec[name].coerce(name, value)
-    method.resolve(cfg["params"])
-    seeds = cfg["seeds"]
+    method.resolve(cfg.params)
+    # the method's default sweep (compare: every training-free method) becomes part of the resolved config
+    for name, space in getattr(method, "default_sweep", dict)().items():
+        if name not in cfg.sweep and name not in cfg.params:
+            cfg.sweep[name] = space
+    seeds = cfg.seeds
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise BenchError(f"seeds={seeds!r} must be a non-empty list of integers")
-    if int(cfg["num_samples"]) < 1:
-        raise BenchError("num_samples must be >= 1")
-    paper = cfg["paper"]
-    if paper and paper.get("param") and paper["param"] not in cfg["sweep"]:
-        raise BenchError(f"paper.param={paper['param']!r} is not a swept parameter ({', '.join(cfg['sweep'])})")
+    if not isinstance(cfg.num_samples, int) or cfg.num_samples < 1:
+        raise BenchError("num_samples must be an integer >= 1")
+    for name, value, low in (("ray.num_actors", cfg.ray.num_actors, 0), ("ray.batch_size", cfg.ray.batch_size, 1),
+                             ("train.num_workers", cfg.train.num_workers, 1),
+                             ("train.max_failures", cfg.train.max_failures, 0)):
+        if value < low:
+            raise BenchError(f"{name}={value} must be >= {low}")
+    paper = cfg.paper
+    if paper and paper.get("param") and paper["param"] not in cfg.sweep:
+        raise BenchError(f"paper.param={paper['param']!r} is not a swept parameter ({', '.join(cfg.sweep)})")
 
 
 def space_kind(name: str, space) -> tuple[str, list]:
@@ -150,3 +295,9 @@ def space_kind(name: str, space) -> tuple[str, list]:
     if kind in ("uniform", "loguniform", "randint") and len(values) != 2:
         raise BenchError(f"sweep.{name}.{kind} needs [low, high]")
     return kind, values
+
+
+def train_data_config(cfg: SweepConfig) -> dict:
+    """The dataset a fit learns from: the evaluated dataset's options with the training split, all images."""
+    return {**cfg.data, "split": cfg.train.split, "limit": None}
+

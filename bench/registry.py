@@ -14,10 +14,19 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str, config_key: str):
+    """`loader`, if given, is called once before the first lookup to import every entry's module (auto-discovery
+    at first use, so importing one entry's module never imports all the others)."""
+
+    def __init__(self, kind: str, config_key: str, loader: Callable[[], object] | None = None):
         self.kind = kind
         self.config_key = config_key
         self._entries: dict[str, T] = {}
+        self._loader = loader
+
+    def _load(self) -> None:
+        loader, self._loader = self._loader, None  # before calling: entries' modules may look names up
+        if loader is not None:
+            loader()
 
     def register(self, name: str) -> Callable[[T], T]:
         def add(obj: T) -> T:
@@ -29,14 +38,17 @@ class Registry(Generic[T]):
         return add
 
     def get(self, name: str) -> T:
+        self._load()
         if name not in self._entries:
             raise BenchError(unknown_name_message(self.kind, name, self.names(), self.config_key))
         return self._entries[name]
 
     def names(self) -> list[str]:
+        self._load()
         return sorted(self._entries)
 
     def __contains__(self, name: object) -> bool:
+        self._load()
         return name in self._entries
 
     def __iter__(self) -> Iterator[str]:

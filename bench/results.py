@@ -1,10 +1,19 @@
-"""The run directory: config.yaml, results.parquet/.csv, run.json (provenance), report.md/.html, plots."""
+"""The run directory's schema: config.yaml, results.parquet/.csv, run.json (provenance), fit/<hash>/.
+
+`SCHEMA_VERSION` is written to run.json; readers (bench.reporting) check it instead of guessing from columns.
+  1  (no schema_version) results with unet_passes, forward_setting; shards/ and tune/ left in the run
+  2  run.json: schema_version, method_versions, fits / fits_trained / fits_reused; results: `fit` (the fit
+     directory of the row's train setting, "" for none); fit/<hash>/ folders; no working folders
+This module holds what both the engine and the reports need (hashes, the paper-value lookup) and imports
+neither.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import math
 import platform
 import subprocess
 from pathlib import Path
@@ -13,8 +22,11 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from bench.stats import bootstrap_intervals
 
 log = logging.getLogger(__name__)
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)
 
 
 def git_sha() -> str:
@@ -32,6 +44,7 @@ def git_sha() -> str:
 
 
 def versions() -> dict[str, str]:
+    # imported here: reports import this module and need none of these (torch alone takes seconds)
     import diffusers
     import ray
     import torch
@@ -50,23 +63,45 @@ def devices() -> list[str]:
 
 
 def config_hash(cfg: dict) -> str:
+    """sha256 of the resolved config (as in config.yaml) without output_dir, first 16 hex digits."""
     text = json.dumps({k: v for k, v in cfg.items() if k != "output_dir"}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def bootstrap_ci(per_image: np.ndarray, class_names: list[str], protocol: str, draws: int,
-                 seed: int = 0) -> tuple[float, float]:
-    """95% percentile interval of mIoU over images resampled with replacement; per_image is (n, 4, C)."""
-    from bench.reporting.stats import bootstrap_intervals
+# -- the paper's numbers --------------------------------------------------------------------------------------------
+def is_number(value) -> bool:
+    if isinstance(value, (bool, np.bool_)) or value is None:
+        return False
+    try:
+        float(value)
+        return True
+    except (TypeError, ValueError):
+        return False
 
-    return bootstrap_intervals(per_image, protocol, draws, seed)["mIoU"]
+
+def paper_table(cfg: dict) -> tuple[str | None, dict]:
+    """(swept parameter, {value: the paper's number}) of the sweep's `paper:` section; keys numeric or text."""
+    paper = cfg.get("paper") or {}
+    values = paper.get("values") or {}
+    if not paper.get("param") or not values:
+        return None, {}
+    return paper["param"], {float(k) if is_number(k) else str(k): v for k, v in values.items()}
 
 
+def paper_value(cfg: dict, swept: dict) -> float:
+    """The paper's number for one configuration (NaN where the paper has none)."""
+    param, table = paper_table(cfg)
+    if param is None or param not in swept:
+        return math.nan
+    v = swept[param]
+    got = table.get(float(v) if is_number(v) else str(v))
+    return float(got) if is_number(got) else math.nan
+
+
+# -- writing a run ---------------------------------------------------------------------------------------------------
 def results_frame(cfg: dict, rows: list[dict], stats: dict) -> pd.DataFrame:
     """One row per (configuration, seed). With per-image histograms, 95% bootstrap intervals over images
     (`<metric>_ci_low/_ci_high` for mIoU, mAcc, aAcc); with the paper's values, `paper_<metric>`."""
-    from bench.reporting.stats import bootstrap_intervals
-
     frame = pd.DataFrame(rows)
     per_image = stats.get("per_image")
     if per_image is not None and len(frame):
@@ -78,33 +113,36 @@ def results_frame(cfg: dict, rows: list[dict], stats: dict) -> pd.DataFrame:
         for metric in ("mIoU", "mAcc", "aAcc"):
             frame[f"{metric}_ci_low"] = [ci[metric][0] for ci in cis]
             frame[f"{metric}_ci_high"] = [ci[metric][1] for ci in cis]
-    paper = cfg.get("paper") or {}
-    if paper.get("param") and paper.get("values"):
-        values = {float(k) if _is_number(k) else k: v for k, v in paper["values"].items()}
-        column = frame[paper["param"]].map(lambda v: values.get(float(v) if _is_number(v) else v, np.nan))
-        frame[f"paper_{paper.get('metric', 'mIoU')}"] = column.astype(float)
+    param, _ = paper_table(cfg)
+    if param is not None and len(frame):
+        metric = (cfg.get("paper") or {}).get("metric", "mIoU")
+        frame[f"paper_{metric}"] = [paper_value(cfg, {param: v}) for v in frame[param]]
     return frame
 
 
-def _is_number(value) -> bool:
-    try:
-        float(value)
-        return not isinstance(value, bool)
-    except (TypeError, ValueError):
-        return False
-
-
-def write_run(cfg: dict, rows: list[dict], stats: dict, work: Path) -> None:
-    from bench.report import write_report
-
+def write_run(cfg: dict, rows: list[dict], stats: dict, work: Path) -> tuple[pd.DataFrame, dict]:
+    """config.yaml, run.json, results.parquet/.csv; returns the results frame and the provenance."""
     frame = results_frame(cfg, rows, stats)
     stats = {k: v for k, v in stats.items() if k != "per_image"}
-    provenance = {"config_hash": config_hash(cfg), "overrides": cfg.get("overrides", []), "git_sha": git_sha(),
-                  "versions": versions(), "devices": devices(), "metric_protocol": cfg["metric"]["protocol"],
-                  "seeds": cfg["seeds"], "bootstrap_draws": int(cfg["report"]["bootstrap"]),
-                  "platform": platform.platform(), **stats}
-    (work / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    (work / "run.json").write_text(json.dumps(provenance, indent=2, default=str))
-    frame.to_parquet(work / "results.parquet", index=False)
-    frame.to_csv(work / "results.csv", index=False)
-    write_report(work, cfg, frame, provenance)
+    provenance = {"schema_version": SCHEMA_VERSION, "config_hash": config_hash(cfg),
+                  "overrides": cfg.get("overrides", []), "git_sha": git_sha(), "versions": versions(),
+                  "devices": devices(),
+                  "metric_protocol": cfg["metric"]["protocol"], "seeds": cfg["seeds"],
+                  "bootstrap_draws": int(cfg["report"]["bootstrap"]), "platform": platform.platform(), **stats}
+    _write_text(work / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+    _write_text(work / "run.json", json.dumps(provenance, indent=2, default=str))
+    frame.to_parquet(work / ".results.parquet", index=False)
+    (work / ".results.parquet").rename(work / "results.parquet")
+    frame.to_csv(work / ".results.csv", index=False)
+    (work / ".results.csv").rename(work / "results.csv")
+    return frame, provenance
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def schema_version(provenance: dict) -> int:
+    return int(provenance.get("schema_version", 1))

@@ -1,13 +1,26 @@
-"""The `Method` interface every segmentation method implements, and its registry.
+"""The `Method` interface every segmentation method implements, its typed parameters, and its registry.
 
-A method is pure post-processing of a trace: it declares its parameters (which of them change the UNet pass),
-what to record (`trace_request`), how to build the prompt for an image (`prompt`), and turns a `Trace` plus
-class names into per-class score maps and a label map (`predict`). Methods that are trained first (FreeGen,
-DEDOS) also implement `fit`, which the engine calls once before evaluation.
+A method declares its parameters, each of one kind:
+  train    changes what is fitted (a trained method's fit runs once per distinct train setting)
+  forward  changes the UNet pass (prompt, timestep, Cat-Cross ...): one pass per image and forward setting
+  post     post-processing of a trace (thresholds, N, lambda, layer choice among captured layers ...)
+It says what to record (`trace_request`), how to build the prompt for an image (`prompt`), and turns a
+`Trace` plus class names into per-class score maps and a label map (`predict`). Trained methods also say
+which train setting a configuration needs (`train_setting`) and learn it in `fit(ctx)`, which the engine runs
+once per train setting on Ray Train (bench.stages.fit) and tests run in-process (bench.fitting).
+
+Resolved parameters are a frozen dataclass per method (`Method.resolve`), read as `cfg["lambda"]` or
+`cfg.iterations`; names that are Python keywords or mapping methods (`keys`) get a trailing underscore as
+attributes.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import keyword
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -19,13 +32,23 @@ from bench.models import SCHEDULER_CHOICES
 from bench.registry import Registry, unknown_name_message
 from bench.trace import Trace, TraceRequest
 
-METHODS: Registry = Registry("method", "method")
+def _discover() -> None:
+    import methods  # the package discovers every method module (methods/__init__.py)
+
+    methods.discover()
+
+
+METHODS: Registry = Registry("method", "method", loader=_discover)
+KINDS = ("train", "forward", "post")
 
 
 def register_method(name: str):
-    """Class decorator: `@register_method("iseg")` (timm's `@register_model`)."""
+    """Class decorator: `@register_method("iseg")` (timm's `@register_model`). Only `Method` subclasses."""
 
     def add(cls):
+        if not (isinstance(cls, type) and issubclass(cls, Method)):
+            raise TypeError(f"@register_method({name!r}) decorates {cls!r}, which is not a subclass of "
+                            f"methods.base.Method; derive it from Method")
         cls.name = name
         return METHODS.register(name)(cls)
 
@@ -36,15 +59,27 @@ def register_method(name: str):
 class Param:
     default: Any
     help: str = ""
-    forward: bool = False  # True: changes the UNet pass (prompt, timestep, Cat-Cross ...)
+    forward: bool = False  # shorthand for kind="forward" (older declarations)
     choices: tuple | None = None
     type: type | None = None  # defaults to type(default)
     nullable: bool = False
+    kind: str = ""  # train | forward | post; empty: forward if `forward` else post
+
+    def __post_init__(self):
+        kind = self.kind or ("forward" if self.forward else "post")
+        if kind not in KINDS:
+            raise ValueError(f"Param kind {kind!r} is not one of {', '.join(KINDS)}")
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "forward", kind == "forward")
+
+    @property
+    def value_type(self) -> type:
+        return self.type or type(self.default)
 
     def coerce(self, name: str, value: Any) -> Any:
         if value is None and (self.nullable or self.default is None):
             return None
-        kind = self.type or type(self.default)
+        kind = self.value_type
         try:
             if kind is bool:
                 if isinstance(value, str):
@@ -68,15 +103,79 @@ class Param:
 # Parameters every method has: they describe the forward pass. A method overrides defaults by redeclaring.
 COMMON_PARAMS: dict[str, Param] = {
     "mode": Param("inversion", "trace mode: inversion (real images) or generation (images from prompts)",
-                  forward=True, choices=("inversion", "generation")),
-    "timestep": Param(100, "inversion: noise level t of the single UNet pass", forward=True),
-    "steps": Param(50, "generation: denoising steps", forward=True),
+                  kind="forward", choices=("inversion", "generation")),
+    "timestep": Param(100, "inversion: noise level t of the single UNet pass", kind="forward"),
+    "steps": Param(50, "generation: denoising steps", kind="forward"),
     "scheduler": Param("auto", "generation: the model folder's own scheduler (auto, what the papers ran) or a "
-                       "named diffusers scheduler", forward=True, choices=SCHEDULER_CHOICES),
-    "guidance": Param(7.5, "generation: classifier-free guidance scale", forward=True),
+                       "named diffusers scheduler", kind="forward", choices=SCHEDULER_CHOICES),
+    "guidance": Param(7.5, "generation: classifier-free guidance scale", kind="forward"),
     "classes": Param("gt", "which classes to segment per image: gt (image-level labels, the WSSS protocol) "
-                     "or all (every dataset class)", forward=True, choices=("gt", "all")),
+                     "or all (every dataset class)", kind="forward", choices=("gt", "all")),
 }
+
+
+# -- typed parameters ----------------------------------------------------------------------------------------------
+def attribute_name(key: str) -> str:
+    """The dataclass field of a parameter: its name, with a trailing underscore where that is a Python keyword
+    (`lambda`) or a mapping method (`keys`, `values`, `get`, ...)."""
+    return key + "_" if keyword.iskeyword(key) or hasattr(ParamsBase, key) else key
+
+
+class ParamsBase(Mapping):
+    """Base of every method's resolved-parameter dataclass: a read-only mapping of parameter name -> value
+    (so `cfg["lambda"]`, `{**cfg}` and `cfg.get` work) with typed attributes."""
+
+    _method: ClassVar[str] = ""
+    _keys: ClassVar[tuple[str, ...]] = ()
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._keys:
+            raise KeyError(key)
+        return getattr(self, attribute_name(key))
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def as_dict(self) -> dict:
+        return {k: self[k] for k in self._keys}
+
+    def replace(self, **changes) -> "ParamsBase":
+        """A copy with some values changed (re-validated by the method)."""
+        return METHODS.get(self._method).resolve({**self.as_dict(), **changes})
+
+    def __reduce__(self):  # rebuilt through the registry, so the generated class need not be importable
+        return _rebuild_params, (self._method, self.as_dict())
+
+    def __repr__(self) -> str:
+        return f"{self._method}.Params({', '.join(f'{k}={v!r}' for k, v in self.items())})"
+
+
+def _rebuild_params(method: str, values: dict) -> ParamsBase:
+    return METHODS.get(method).resolve(values)
+
+
+# -- trained methods ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainSetting:
+    """What one fit learns: the fitter (which code trains), its version, and the values it reads.
+
+    Configurations with equal settings share one fit. `key` identifies the setting within a run; the fit
+    directory's hash adds what the whole run fixes (model, training data), see bench.plan."""
+
+    fitter: str
+    version: str
+    values: tuple[tuple[str, Any], ...]
+
+    @property
+    def key(self) -> str:
+        text = json.dumps([self.fitter, self.version, self.values], sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def as_dict(self) -> dict:
+        return {"fitter": self.fitter, "version": self.version, "values": dict(self.values)}
 
 
 @dataclass
@@ -95,11 +194,14 @@ class Prediction:
 
 class Method:
     name: ClassVar[str] = "base"
+    version: ClassVar[str] = "1"  # bump when a change alters what the method outputs for the same inputs
     params: ClassVar[dict[str, Param]] = {}
-    needs_fit: ClassVar[bool] = False
+    # Parameters of other kinds (usually forward) that `fit` reads: part of the train setting.
+    fit_reads: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, backbone=None):
         self.backbone = backbone
+        self.fitted: dict[str, dict[str, torch.Tensor]] = {}  # TrainSetting.key -> artefact tensors
 
     # -- parameters ----------------------------------------------------------------------------------------
     @classmethod
@@ -107,42 +209,99 @@ class Method:
         return {**COMMON_PARAMS, **cls.params}
 
     @classmethod
-    def resolve(cls, given: dict) -> dict:
-        """Defaults overlaid with `given`; unknown names and bad values are BenchErrors."""
+    def params_type(cls) -> type[ParamsBase]:
+        """The frozen dataclass of this method's parameters (built once per parameter set)."""
+        spec = cls.all_params()
+        cached = cls.__dict__.get("_params_type")
+        if cached is not None and cached._keys == tuple(spec):
+            return cached
+        fields = [(attribute_name(k), p.value_type if not p.nullable else p.value_type | None)
+                  for k, p in spec.items()]
+        made = dataclasses.make_dataclass(f"{cls.__name__}Params", fields, bases=(ParamsBase,), frozen=True,
+                                          eq=True, namespace={"_method": cls.name, "_keys": tuple(spec)})
+        made.__module__ = cls.__module__
+        cls._params_type = made
+        return made
+
+    @classmethod
+    def resolve(cls, given: Mapping) -> ParamsBase:
+        """Defaults overlaid with `given`, coerced and checked; unknown names and bad values are BenchErrors."""
         spec = cls.all_params()
         for key in given:
             if key not in spec:
                 raise BenchError(unknown_name_message(f"parameter of method {cls.name}", key, sorted(spec),
                                                       "params/sweep"))
-        return {k: p.coerce(k, given.get(k, p.default)) for k, p in spec.items()}
+        values = {attribute_name(k): p.coerce(k, given.get(k, p.default)) for k, p in spec.items()}
+        return cls.params_type()(**values)
+
+    @classmethod
+    def keys_of(cls, kind: str) -> list[str]:
+        return sorted(k for k, p in cls.all_params().items() if p.kind == kind)
 
     @classmethod
     def forward_keys(cls) -> list[str]:
-        return sorted(k for k, p in cls.all_params().items() if p.forward)
+        return cls.keys_of("forward")
 
-    def forward_setting(self, cfg: dict, seed: int) -> ForwardSetting:
+    @classmethod
+    def train_keys(cls) -> list[str]:
+        """Everything a fit may read: train parameters and `fit_reads`."""
+        return sorted({*cls.keys_of("train"), *cls.fit_reads})
+
+    def forward_setting(self, cfg: Mapping, seed: int) -> ForwardSetting:
         return ForwardSetting(mode=cfg["mode"], timestep=cfg["timestep"], seed=seed, steps=cfg["steps"],
                               guidance=cfg["guidance"], scheduler=cfg.get("scheduler", "auto"))
 
     # -- what to run -----------------------------------------------------------------------------------------
-    def trace_request(self, cfg: dict) -> TraceRequest:
+    def trace_request(self, cfg: Mapping) -> TraceRequest:
         raise NotImplementedError
 
-    def prompt(self, query: ClassQuery, caption: str | None, cfg: dict) -> str:
+    def prompt(self, query: ClassQuery, caption: str | None, cfg: Mapping) -> str:
         raise NotImplementedError
 
-    def key_weights(self, token_ids: list[int], query: ClassQuery, cfg: dict) -> torch.Tensor | None:
+    def key_weights(self, token_ids: list[int], query: ClassQuery, cfg: Mapping) -> torch.Tensor | None:
         """Per-token key weights for the UNet pass (Cat-Cross), or None for unmodified attention."""
         return None
 
-    def fit(self, dataset, cfg: dict) -> None:
-        """Trained methods learn their parameters here; training-free methods need nothing."""
+    # -- training (trained methods) ------------------------------------------------------------------------------
+    @classmethod
+    def is_trained(cls) -> bool:
+        """Whether the method's default configuration needs a fit (training-free methods: no; methods with an
+        optional fit, such as OVAM's tokens=auto, count as training-free)."""
+        return cls().train_setting(cls.resolve({})) is not None
+
+    def train_setting(self, cfg: Mapping) -> TrainSetting | None:
+        """The fit this configuration needs, or None. Default: one fit per value of `train_keys()`."""
+        if not self.keys_of("train"):
+            return None
+        return TrainSetting(self.name, self.version, tuple((k, cfg[k]) for k in self.train_keys()))
+
+    def can_fit(self, setting: TrainSetting) -> bool:
+        return setting.fitter == self.name
+
+    def fit(self, ctx) -> dict[str, torch.Tensor]:
+        """Learn `ctx.setting` on `ctx.dataset` (the training split; never the evaluation data) and return the
+        artefact as named tensors (saved as safetensors). `ctx` is a bench.fitting.FitContext: rank and world
+        size, `prepare(model)` (DDP), `checkpoint`/`restore`, `log(step, loss)`, `shard(items)`."""
+        raise NotImplementedError(f"method {self.name} declares train parameters but does not implement fit")
+
+    def load_fit(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Make a finished fit's artefact available to `predict` (see `artefact`)."""
+        self.fitted[key] = tensors
+
+    def artefact(self, cfg: Mapping) -> dict[str, torch.Tensor]:
+        setting = self.train_setting(cfg)
+        if setting is None:
+            raise ValueError(f"method {self.name}: this configuration needs no fit")
+        if setting.key not in self.fitted:
+            raise RuntimeError(f"method {self.name}: the fit {setting.key} was not loaded; the engine loads "
+                               f"fits before predicting (Method.load_fit)")
+        return self.fitted[setting.key]
 
     # -- post-processing ---------------------------------------------------------------------------------------
-    def predict(self, trace: Trace, query: ClassQuery, cfg: dict, out_size: tuple[int, int]) -> Prediction:
+    def predict(self, trace: Trace, query: ClassQuery, cfg: Mapping, out_size: tuple[int, int]) -> Prediction:
         raise NotImplementedError
 
-    def predict_many(self, trace: Trace, query: ClassQuery, cfgs: list[dict],
+    def predict_many(self, trace: Trace, query: ClassQuery, cfgs: list[Mapping],
                      out_size: tuple[int, int]) -> list[Prediction]:
         """Every configuration of a forward group on one trace; override to share work between them."""
         return [self.predict(trace, query, cfg, out_size) for cfg in cfgs]

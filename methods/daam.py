@@ -24,29 +24,10 @@ import torch
 
 from bench.trace import Trace, TraceRequest, request
 from methods.base import ClassQuery, Method, Param, Prediction, register_method
-from methods.postprocess import (BLOCK_CHOICES, AttributionSource, AutoTokens, aggregate_daam, attn_layers,
+from methods.postprocess import (BLOCK_CHOICES, AttributionSource, aggregate_daam, attn_layers,
                                 empty_prediction, labels_from_threshold, maxnorm, resize_maps)
-
-PROMPT_PARAMS = {
-    "prompt": Param("caption", "inversion prompt: caption (the dataset's caption, the template when there is "
-                    "none) or template; generation always uses the dataset's generation prompt", forward=True,
-                    choices=("caption", "template")),
-    "template": Param("A photograph of a {classes}", "prompt template; {classes} = class names joined by ' and '",
-                      forward=True),
-    "attribution": Param("A photograph of a {name}", "attribution prompt for classes absent from the prompt "
-                         "({name}: class name, {prompt}: the generation prompt)"),
-    "open_vocab": Param(True, "record queries so classes absent from the prompt get attribution maps; False "
-                        "records cross-attention only (absent classes then fail)"),
-    "tokens": Param(None, "optimised-token file from bench.optimize_tokens (OVAM Table 2; classes it holds use "
-                    "their [background, class] tokens), or auto (optimise on the dataset's train split first)",
-                    type=str, nullable=True),
-}
-
-
-def build_prompt(query: ClassQuery, caption: str | None, cfg: dict) -> str:
-    if cfg["prompt"] == "caption" and caption:
-        return caption
-    return cfg["template"].format(classes=" and ".join(query.names))
+from methods.prompts import PROMPT_PARAMS, build_prompt
+from methods.tokens import AutoTokens
 
 
 @register_method("daam")

@@ -33,11 +33,12 @@ from bench.forward import ForwardSetting
 from bench.trace import Trace, TraceRequest, request
 from methods.base import ClassQuery, Method, Param, Prediction, register_method
 from methods.crf import CRF_PARAMS, CRFParams, crf_labels
-from methods.daam import PROMPT_PARAMS, build_prompt
 from bench.models.layers import layer_map
-from methods.postprocess import (BLOCK_CHOICES, AttributionSource, AutoTokens, aggregate_sum, attn_layers,
+from methods.postprocess import (BLOCK_CHOICES, AttributionSource, aggregate_sum, attn_layers,
                                 empty_prediction, labels_from_threshold, maxnorm, minmax, rekey,
                                 resize_maps)
+from methods.prompts import PROMPT_PARAMS, build_prompt
+from methods.tokens import AutoTokens
 
 PAPER_THRESHOLDS = {False: (0.4, 0.85), True: (0.8, 0.95)}  # optimised tokens? -> (tau, alpha)
 

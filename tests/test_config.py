@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from bench.config import compose
-from bench.engine import expand_trials
+from bench.plan import expand_trials
 from bench.errors import BenchError
+from bench.metrics import protocol_rows
 from bench.evaluate import evaluate_batch, group_trials
 from methods import METHODS
 
@@ -23,9 +24,11 @@ def write(tmp_path, text):
 def test_overrides_reach_any_key_and_defaults_fill_the_rest(tmp_path):
     cfg = compose(ROOT / "sweeps" / "iseg_lambda.yaml",
                   ["data.limit=3", "ray.address=auto", "output_dir=x/y", "params.iterations=4", "model.dtype=float32"])
-    assert cfg["data"]["limit"] == 3 and cfg["ray"]["address"] == "auto" and cfg["output_dir"] == "x/y"
-    assert cfg["params"]["iterations"] == 4 and cfg["model"]["name"] == "embedded"
-    assert cfg["overrides"][0] == "data.limit=3"
+    assert cfg.data["limit"] == 3 and cfg.ray.address == "auto" and cfg.output_dir == "x/y"
+    assert cfg.params["iterations"] == 4 and cfg.model.name == "embedded" and cfg.model.dtype == "float32"
+    assert cfg.overrides[0] == "data.limit=3"
+    assert cfg.train.num_workers == 1 and cfg.fit.source is None
+    assert cfg.as_dict()["fit"] == {"from": None}  # config.yaml keeps the YAML spelling
     assert not (Path.cwd() / "outputs").exists()
 
 
@@ -63,22 +66,24 @@ def test_invalid_sweeps(tmp_path, text, message):
         compose(write(tmp_path, text), [])
 
 
-def test_batched_images_score_like_single_images(random_backbone):
+def test_batched_images_score_like_single_images(tiny):
     from bench.data import build_dataset
 
-    dataset = build_dataset({"name": "shapes", "size": 64, "limit": 2})
+    dataset = build_dataset({"name": "shapes", "size": 32, "limit": 2})
     iseg = METHODS.get("iseg")
     trials = expand_trials(compose(write_tmp(), []))
     (group,) = group_trials(iseg, trials, [0])
-    method = iseg(random_backbone)
+    method = iseg(tiny)
     samples = [dataset[0], dataset[1]]
-    together, passes = evaluate_batch(method, dataset, samples, group, resolution=64)
-    alone = evaluate_batch(method, dataset, [samples[0]], group, resolution=64)[0] + \
-        evaluate_batch(method, dataset, [samples[1]], group, resolution=64)[0]
+    together, passes = evaluate_batch(method, dataset, samples, group, resolution=0)
+    alone = evaluate_batch(method, dataset, [samples[0]], group, resolution=0)[0] + \
+        evaluate_batch(method, dataset, [samples[1]], group, resolution=0)[0]
     assert passes == 2 and len(together) == 2 * len(trials)
     for x, y in zip(together, alone):
-        # equal up to float rounding of batched kernels, which may flip a few boundary pixels
-        assert np.abs(x - y).sum() <= 0.01 * y[3].sum(), (x, y)
+        # equal up to float rounding of batched kernels, which may flip a few boundary pixels (<= 1%): each
+        # flipped pixel moves one count between classes of the prediction row
+        x, y = protocol_rows(x, "mmseg"), protocol_rows(y, "mmseg")
+        assert np.abs(x[2] - y[2]).sum() / 2 <= 0.01 * y[3].sum(), (x, y)
 
 
 def write_tmp():

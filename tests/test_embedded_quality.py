@@ -18,6 +18,8 @@ from bench.metrics import summarize  # noqa: E402
 from methods import METHODS  # noqa: E402
 
 torch.set_num_threads(1)
+# The quality bar of the shipped model: slow, and CI runs it as its own step (.ci/run).
+pytestmark = [pytest.mark.slow, pytest.mark.quality, pytest.mark.timeout(1800)]
 N_IMAGES = 40
 ISEG_CONFIGS = {  # name -> overrides of iSeg's defaults (N = 10, lambda = 0.01, ...)
     "default": {},

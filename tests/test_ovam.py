@@ -1,11 +1,11 @@
 """OVAM: attribution keys reproduce the UNet's cross-attention (paper Sec. 3.2), token optimisation (Sec. 3.3),
-and the dense CRF."""
+and the dense CRF. Mechanics on tiny random components; that optimised tokens help needs trained weights
+(quality set)."""
 
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,32 +21,32 @@ from methods.postprocess import (AttributionSource, aggregate_daam, aggregate_su
                                  token_indices)
 
 torch.set_num_threads(1)
-SIZE = 64  # image and model resolution
+SIZE = 64  # image resolution (the backbone sees images at its own)
 
 
 @pytest.fixture(scope="module")
-def generated(backbone):
+def generated(tiny):
     """A 3-step guided generation of a shapes caption, recording cross-attention AND queries per head."""
     sample = build_dataset({"name": "shapes", "size": SIZE})[0]
-    layers = attn_layers("all", backbone=backbone)
+    layers = attn_layers("all", backbone=tiny)
     req = request(cross=layers, queries=layers, per_head=True)
-    setting = ForwardSetting(mode="generation", steps=3, size=SIZE)
-    trace = run_traced(backbone, req, setting, [sample.caption]).traces[0]
+    setting = ForwardSetting(mode="generation", steps=3)
+    trace = run_traced(tiny, req, setting, [sample.caption]).traces[0]
     names = [o["shape"] for o in sample.extra["objects"]]
     return trace, layers, names
 
 
-def test_attribution_with_the_generation_prompt_is_the_unet_cross_attention(backbone, generated):
+def test_attribution_with_the_generation_prompt_is_the_unet_cross_attention(tiny, generated):
     """X' = X (padded like the generation prompt): A(Q, K') equals the recorded probabilities, per layer,
     step and head (OVAM Sec. 3.2)."""
     trace, layers, _ = generated
-    emb, ids = attribution_embedding(backbone, trace.prompt, pad=True)
+    emb, ids = attribution_embedding(tiny, trace.prompt, pad=True)
     assert ids == trace.token_ids
     for layer in layers:
         torch.testing.assert_close(rekey(trace, layer, emb), trace.cross[layer].float(), atol=1e-5, rtol=1e-4)
 
 
-def test_ovam_maps_equal_daam_maps_under_matching_normalisation(backbone, generated):
+def test_ovam_maps_equal_daam_maps_under_matching_normalisation(tiny, generated):
     """Method level: OVAM with attribution "{prompt}" (padded) gives DAAM's maps for the prompt's words, with
     the same aggregation; and without padding the softmax renormalises over X' only (the paper's)."""
     from methods.daam import DAAM
@@ -54,45 +54,44 @@ def test_ovam_maps_equal_daam_maps_under_matching_normalisation(backbone, genera
 
     trace, layers, names = generated
     query = ClassQuery(list(range(1, len(names) + 1)), names)
-    ovam = OVAM(backbone)
+    ovam = OVAM(tiny)
     cfg = OVAM.resolve({"attribution": "{prompt}", "pad": True, "mode": "generation"})
-    recorded = AttributionSource(backbone, recorded=True).layer_maps(trace, layers, names)
+    recorded = AttributionSource(tiny, recorded=True).layer_maps(trace, layers, names)
     torch.testing.assert_close(ovam.heatmaps(trace, query, cfg), aggregate_sum(recorded, trace.latent_size),
                                atol=1e-4, rtol=1e-4)
-    daam = DAAM(backbone)
+    daam = DAAM(tiny)
     dcfg = DAAM.resolve({"mode": "generation"})
     # DAAM clamps each token's (each occurrence's) aggregated map before the word mean (castorini/daam
     # GlobalHeatMap.compute_word_heat_map), so the re-keyed maps are aggregated per token too
-    src = AttributionSource(backbone, "{prompt}", pad=True, recorded=False)
+    src = AttributionSource(tiny, "{prompt}", pad=True, recorded=False)
     rekeyed = torch.stack([aggregate_daam([src.token_maps(trace, layer, n) for layer in layers],
                                           trace.latent_size).mean(0) for n in names])
     torch.testing.assert_close(minmax(daam.heatmaps(trace, query, dcfg)), minmax(rekeyed), atol=1e-4, rtol=1e-4)
     # paper normalisation: softmax over the unpadded X' = renormalised recorded probabilities
-    emb, ids = attribution_embedding(backbone, trace.prompt, pad=False)
+    emb, ids = attribution_embedding(tiny, trace.prompt, pad=False)
     layer = layers[0]
     rec = trace.cross[layer][..., :len(ids)].float()
     torch.testing.assert_close(rekey(trace, layer, emb), rec / rec.sum(-1, keepdim=True), atol=1e-5, rtol=1e-4)
 
 
-def test_classes_absent_from_the_prompt_get_attribution_maps(backbone, generated):
+def test_classes_absent_from_the_prompt_get_attribution_maps(tiny, generated):
     trace, layers, names = generated
-    source = AttributionSource(backbone, "A photograph of a {name}", pad=True)
+    source = AttributionSource(tiny, "A photograph of a {name}", pad=True)
     absent = next(n for n in ("circle", "square", "triangle", "star", "cross") if n not in names)
-    assert not token_indices(backbone.tokenizer, trace.token_ids, absent)
+    assert not token_indices(tiny.tokenizer, trace.token_ids, absent)
     maps = source.layer_maps(trace, layers, [absent])
     assert all(torch.isfinite(m).all() and m.shape[0] == 1 for m in maps)
 
 
-def _training(backbone, name, images=1, epochs=60, loss="bce"):
-    from bench.optimize_tokens import initial_tokens, training_examples
+def _training(backbone, name, images=1, epochs=60, loss="bce", resolution=0):
     from methods.ovam import optimize_tokens
+    from methods.tokens import TokenSettings, initial_tokens, training_examples
 
     train = build_dataset({"name": "shapes", "split": "train", "size": SIZE})
-    args = SimpleNamespace(mode="inversion", timestep=100, seed=0, steps=50, guidance=7.5, branch="cond",
-                           resolution=SIZE, images_per_class=images, template="A photograph of a {name}")
+    settings = TokenSettings(resolution=resolution, images_per_class=images)
     layers = attn_layers("all", backbone=backbone)
-    examples = training_examples(backbone, train, train.classes.index(name), args, layers)
-    init = initial_tokens(backbone, name, args.template)
+    examples = training_examples(backbone, train, train.classes.index(name), settings, layers)
+    init = initial_tokens(backbone, name, settings.template)
     with torch.enable_grad():
         best, curve = optimize_tokens(examples, init, layers, loss, epochs, 100.0)
     return best, curve, examples
@@ -131,6 +130,9 @@ def _iou(method, backbone, cfg, sample, cid, name):
     return (pred & gt).sum() / max((pred | gt).sum(), 1)
 
 
+@pytest.mark.slow
+@pytest.mark.quality
+@pytest.mark.timeout(900)
 @pytest.mark.xfail(strict=True, reason="v2 embedded weights: the optimised 'circle' token drops held-out OVAM IoU "
                    "from 0.83 to 0.0 (200 epochs, lr 100); not understood yet, see the issue note")
 def test_optimised_tokens_raise_heldout_iou(backbone, tmp_path):
@@ -143,7 +145,7 @@ def test_optimised_tokens_raise_heldout_iou(backbone, tmp_path):
     from methods.ovam import OVAM
 
     name = "circle"
-    best, _, _ = _training(backbone, name, epochs=200)
+    best, _, _ = _training(backbone, name, epochs=200, resolution=SIZE)
     path = tmp_path / "tokens.safetensors"
     save_tokens(path, {name: best})
     val = build_dataset({"name": "shapes", "split": "val", "size": SIZE})
@@ -175,22 +177,39 @@ def test_dense_crf_sharpens_a_blurred_mask_toward_the_true_edge():
     assert (labels != truth).float().mean() < before
 
 
-def test_ovam_reads_the_branch_it_is_told(backbone):
+def test_ovam_reads_the_branch_it_is_told(tiny):
     """branch=cond (paper) vs uncond (released code): different queries, both give finite maps."""
-    from dataclasses import replace
-
     from methods.ovam import OVAM
 
     sample = build_dataset({"name": "voc_sim", "size": SIZE})[0]
-    method = OVAM(backbone)
+    method = OVAM(tiny)
     query = ClassQuery(sample.present_class_ids(), [build_dataset({"name": "voc_sim"}).classes[i]
                                                     for i in sample.present_class_ids()])
     traces = {}
     for branch in ("cond", "uncond"):
         cfg = OVAM.resolve({"mode": "generation", "steps": 2, "branch": branch, "crf": False})
-        setting = replace(method.forward_setting(cfg, 0), size=SIZE)
+        setting = method.forward_setting(cfg, 0)
         assert setting.branch == branch
-        traces[branch] = run_traced(backbone, method.trace_request(cfg), setting, [sample.caption]).traces[0]
+        traces[branch] = run_traced(tiny, method.trace_request(cfg), setting, [sample.caption]).traces[0]
         assert torch.isfinite(method.predict(traces[branch], query, cfg, sample.label.shape).scores).all()
-    layer = attn_layers("16", backbone=backbone)[0]
+    layer = attn_layers("16", backbone=tiny)[0]
     assert not torch.allclose(traces["cond"].queries[layer], traces["uncond"].queries[layer])
+
+
+def test_optimize_tokens_cli_is_the_fit_function_and_refuses_bad_input(tiny_model, tmp_path, capsys):
+    from bench.optimize_tokens import main
+
+    out = tmp_path / "tokens"
+    common = ["--model", f"path={tiny_model}", "device=cpu", "--data", "name=shapes", "split=train", "size=32",
+              "--epochs", "3", "--no-progress"]
+    assert main(["--out", str(out), *common, "--classes", "circle"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(out / "tokens.safetensors")
+    assert sorted(p.name for p in out.iterdir()) == ["loss.csv", "loss.png", "summary.json", "tokens.safetensors"]
+    assert load_tokens(str(out / "tokens.safetensors"))["circle"].shape == (2, 16)
+    for args, message in ((["--out", str(tmp_path / "x"), *common, "--classes", "hexagon"], "not classes of"),
+                          (["--out", str(out), *common], "exists and is not empty"),
+                          (["--out", str(tmp_path / "x"), *common, "--blocks", "7"], "invalid choice")):
+        assert main(args) == 2
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and message in lines[0]
+    assert not (tmp_path / "x").exists()

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +12,13 @@ import pandas as pd
 import pytest
 import yaml
 
+from bench.errors import BenchError
 from bench.metrics import summarize
 from bench.reporting import load_run, save_qualitative, summarize_run, write_report
 from bench.reporting.cli import main as report_main
 from bench.reporting.model import RunData
-from bench.reporting.stats import bootstrap_intervals, metrics_from_totals, t_interval
 from bench.reporting.tables import main_table
+from bench.stats import bootstrap_intervals, metrics_from_totals, t_interval
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["background", "circle", "square"]
@@ -272,7 +271,7 @@ def test_cli_regenerates_one_report_in_place_and_flags_edited_config(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing", "not a run", "partial", "out exists", "same twice", "no args"])
-def test_cli_bad_input_is_one_line_nonzero_and_writes_nothing(case, tmp_path):
+def test_cli_bad_input_is_one_line_nonzero_and_writes_nothing(case, tmp_path, capsys, monkeypatch):
     a, b = two_runs(tmp_path)
     (tmp_path / "empty").mkdir()
     (tmp_path / "x.partial").mkdir()
@@ -285,14 +284,25 @@ def test_cli_bad_input_is_one_line_nonzero_and_writes_nothing(case, tmp_path):
                "partial": "interrupted run", "out exists": "choose another --out", "same twice": "twice",
                "no args": "python -m bench.report"}[case]
     before = sorted(str(p) for p in tmp_path.rglob("*"))
-    proc = subprocess.run([sys.executable, "-m", "bench.report", *args], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=120, env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-                                                       "PATH": "/usr/bin:/bin"})
-    assert proc.returncode == 2
-    assert "Traceback" not in proc.stderr
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert report_main(args) == 2  # in-process through the CLI's main
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
     if case != "no args":
-        lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], proc.stderr
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], err
     else:
-        assert message in proc.stdout
+        assert message in out
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+def test_a_run_of_a_newer_schema_is_refused(tmp_path):
+    cfg = make_cfg()
+    prov = {**make_prov(cfg), "schema_version": 99}
+    run = make_run_dir(tmp_path / "run", cfg, make_frame({0: [70.0], 0.01: [72.5], 0.1: [71.0]}), prov)
+    with pytest.raises(BenchError, match="run schema 99"):
+        load_run(run)
+    old = make_run_dir(tmp_path / "old", cfg, make_frame({0: [70.0], 0.01: [72.5], 0.1: [71.0]}),
+                       {k: v for k, v in make_prov(cfg).items() if k != "schema_version"})
+    assert load_run(old).prov.get("schema_version") is None  # runs from before schema versions still load

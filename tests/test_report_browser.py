@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bench.reporting import save_qualitative
-from bench.reporting.browser import INSTALL_HINT, check_page, find_chromium
+from browser import INSTALL_HINT, check_page, find_chromium
 from test_report import HOSTILE_CLASSES, hostile_report, make_cfg, make_frame, make_prov, make_run_dir, two_runs
 
 pytestmark = pytest.mark.skipif(find_chromium() is None, reason=f"no Chromium on this machine; {INSTALL_HINT}")

@@ -21,12 +21,12 @@ SD_LAYOUT_ONLY = {"ovam_blocks": ["model.random=true"]}
 @pytest.mark.parametrize("path", SWEEPS, ids=[p.stem for p in SWEEPS])
 def test_sweep_file_validates(path):
     cfg = compose(path, [])
-    assert cfg["name"] == path.stem
-    paper = cfg["paper"]
+    assert cfg.name == path.stem
+    paper = cfg.paper
     assert paper.get("table"), "every sweep cites the paper's table or figure"
     if paper.get("values"):
-        spec = METHODS.get(cfg["method"]).all_params()[paper["param"]]
-        swept = [spec.coerce(paper["param"], v) for v in cfg["sweep"][paper["param"]]["grid"]]
+        spec = METHODS.get(cfg.method).all_params()[paper["param"]]
+        swept = [spec.coerce(paper["param"], v) for v in cfg.sweep[paper["param"]]["grid"]]
         for key in paper["values"]:
             assert spec.coerce(paper["param"], key) in swept, f"paper value {key} is not swept"
 
@@ -39,6 +39,7 @@ def test_sweep_files_cover_the_ablations():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)
 @pytest.mark.parametrize("path", SWEEPS, ids=[p.stem for p in SWEEPS])
 def test_sweep_runs_end_to_end(path, tmp_path):
     out = tmp_path / "run"

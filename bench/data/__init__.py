@@ -89,4 +89,22 @@ def build_dataset(cfg: dict) -> SegDataset:
     return dataset
 
 
-__all__ = ["DATASETS", "IGNORE_INDEX", "Sample", "SegDataset", "build_dataset", "dataset_options"]
+def generation_gt(dataset: SegDataset) -> str | None:
+    """How a dataset gives ground truth for generated images ("replay", "labels"), or None."""
+    return getattr(getattr(dataset, "base", dataset), "generation_gt", None)
+
+
+def require_generation_gt(dataset: SegDataset, mode: str) -> str | None:
+    """The one check that mode=generation has ground truth; None in inversion mode."""
+    if mode != "generation":
+        return None
+    kind = generation_gt(dataset)
+    if not kind:
+        raise BenchError(f"mode=generation needs ground truth for generated images, which dataset "
+                         f"{dataset.name} does not provide; use mode=inversion or a generation dataset "
+                         f"(data.name=voc_sim | coco_cap)")
+    return kind
+
+
+__all__ = ["DATASETS", "IGNORE_INDEX", "Sample", "SegDataset", "build_dataset", "dataset_options",
+           "generation_gt", "require_generation_gt"]

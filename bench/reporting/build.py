@@ -9,11 +9,13 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from bench.reporting.fits import fits_table, load_fits, loss_figure
 from bench.reporting.model import PROTOCOL_TEXT, RunData, fmt_value, summarize_run
 from bench.reporting.plots import Figure, class_bars, figures_for_run, overlay_plot
 from bench.reporting.qualitative import qualitative_figure
 from bench.reporting.render import Code, Defs, Heading, Para, to_html, to_markdown
 from bench.reporting.tables import combined_class_table, combined_table, details_table, main_table, per_class_table
+from bench.results import config_hash
 
 
 def _get(d: dict, *keys, default="–"):
@@ -47,6 +49,10 @@ def provenance_pairs(run: RunData) -> list[tuple[str, str]]:
         ("seeds", ", ".join(fmt_value(s) for s in (prov.get("seeds") or cfg.get("seeds") or [])) or "–"),
         ("configurations / forward settings", f"{prov.get('num_trials', '–')} / {prov.get('num_forward_settings', '–')}"),
         ("UNet passes", str(prov.get("unet_passes", "–"))),
+        ("fits (trained / reused)", f"{prov['fits']} ({prov.get('fits_trained', 0)} / {prov.get('fits_reused', 0)})"
+                                    if "fits" in prov else "–"),
+        ("method versions", ", ".join(f"{k} {v}" for k, v in (prov.get("method_versions") or {}).items()) or "–"),
+        ("run schema", str(prov.get("schema_version", 1))),
         ("wall time", f"{wall} s" if wall is not None else "–"),
         ("tracing time", f"{trace} s, {per_img}, {prov.get('images_per_second', '–')} image-passes/s "
                          f"(images × forward settings)" if trace else "–"),
@@ -69,8 +75,6 @@ def provenance_pairs(run: RunData) -> list[tuple[str, str]]:
 
 def _hash_check(run: RunData) -> str | None:
     """A warning when config.yaml no longer matches the hash recorded at run time."""
-    from bench.results import config_hash
-
     recorded = run.prov.get("config_hash")
     if not recorded or not run.extra.get("loaded"):
         return None
@@ -114,6 +118,13 @@ def run_blocks(run: RunData, out: Path, prefix: str = "", level: int = 1, summar
     if qual:
         blocks.append(Heading(h + 1, "Qualitative results" if h == 1 else f"Qualitative results ({run.label})"))
         blocks.append(Figure(qual[0], "qualitative results", qual[1]))
+    fits = load_fits(run.path)
+    if fits:
+        blocks.append(Heading(h + 1, "Fits" if h == 1 else f"Fits ({run.label})"))
+        blocks.append(fits_table(run, fits))
+        curves = loss_figure(fits, out / f"{prefix}fit_loss.png")
+        if curves:
+            blocks.append(curves)
     blocks.append(Heading(h + 1, "All metrics" if h == 1 else f"All metrics ({run.label})"))
     blocks.append(details_table(run, s))
     blocks.append(Heading(h + 1, "Provenance" if h == 1 else f"Provenance ({run.label})"))

@@ -17,6 +17,7 @@ import tempfile
 from datetime import datetime
 from pathlib import Path
 
+from bench.env import quiet_environment
 from bench.errors import BenchError, cli_exit
 
 USAGE = "python -m bench.report RUN_DIR [RUN_DIR ...] [--out DIR]"
@@ -89,7 +90,7 @@ def make(run_dirs: list[str], out: str | None = None, qualitative: int | None = 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    quiet_environment()
     if not argv or "-h" in argv or "--help" in argv:
         print(__doc__.strip())
         return 0 if argv else 2

@@ -12,7 +12,8 @@ import pandas as pd
 import yaml
 
 from bench.errors import BenchError
-from bench.reporting.stats import t_interval
+from bench.results import READABLE_SCHEMAS, is_number, paper_value, schema_version
+from bench.stats import t_interval
 
 PROTOCOL_TEXT = {
     "mmseg": "MMSegmentation IoUMetric: per-class IoU from dataset-summed histograms, label 255 ignored; "
@@ -101,17 +102,10 @@ def load_run(path: str | Path) -> RunData:
     if not isinstance(cfg, dict) or not isinstance(prov, dict) or "mIoU" not in frame.columns:
         raise BenchError(f"{path} does not hold a bench run (config.yaml/run.json/results.parquet of another "
                          f"version?); re-run the sweep")
+    if schema_version(prov) not in READABLE_SCHEMAS:
+        raise BenchError(f"{path} was written with run schema {schema_version(prov)}, which this version cannot "
+                         f"read (it reads {', '.join(map(str, READABLE_SCHEMAS))}); update diffseg-bench")
     return RunData(cfg=cfg, frame=frame, prov=prov, path=path, label=path.name, extra={"loaded": True})
-
-
-def is_number(value) -> bool:
-    if isinstance(value, (bool, np.bool_)) or value is None:
-        return False
-    try:
-        float(value)
-        return True
-    except (TypeError, ValueError):
-        return False
 
 
 def fmt_value(value) -> str:
@@ -136,27 +130,6 @@ def fmt_num(value, digits: int = 1) -> str:
 
 def setting_label(swept: dict) -> str:
     return ", ".join(f"{k}={fmt_value(v)}" for k, v in swept.items())
-
-
-def _paper_lookup(cfg: dict):
-    paper = cfg.get("paper") or {}
-    values = paper.get("values") or {}
-    if not paper.get("param") or not values:
-        return None, None
-    table = {}
-    for k, v in values.items():
-        table[float(k) if is_number(k) else str(k)] = v
-    return paper["param"], table
-
-
-def paper_value(cfg: dict, swept: dict) -> float:
-    param, table = _paper_lookup(cfg)
-    if param is None or param not in swept:
-        return math.nan
-    v = swept[param]
-    key = float(v) if is_number(v) else str(v)
-    got = table.get(key)
-    return float(got) if is_number(got) else math.nan
 
 
 def summarize_run(run: RunData) -> pd.DataFrame:

@@ -1,10 +1,14 @@
-"""Uncertainty of a cell: a t-interval over noise seeds, or a bootstrap interval over images (one seed)."""
+"""Uncertainty of a result (the run's results and the reports): a t-interval over noise seeds, or a bootstrap
+interval over images (one seed)."""
 
 from __future__ import annotations
 
 import math
 
 import numpy as np
+from scipy.stats import t as student_t
+
+from bench.metrics import summarize
 
 CONFIDENCE = 0.95
 
@@ -18,36 +22,17 @@ def t_interval(values, confidence: float = CONFIDENCE) -> tuple[float, float, fl
     mean = float(x.mean())
     if len(x) < 2:
         return mean, math.nan, math.nan, math.nan
-    from scipy.stats import t
-
     std = float(x.std(ddof=1))
-    half = float(t.ppf(0.5 + confidence / 2, len(x) - 1)) * std / math.sqrt(len(x))
+    half = float(student_t.ppf(0.5 + confidence / 2, len(x) - 1)) * std / math.sqrt(len(x))
     return mean, std, mean - half, mean + half
 
 
 def metrics_from_totals(totals: np.ndarray, protocol: str) -> dict[str, np.ndarray]:
-    """Vectorised `bench.metrics.summarize` over a batch of dataset totals (B, 8 or 4, C) -> mIoU, aAcc, mAcc
-    (B,)."""
-    from bench.metrics import protocol_rows
-
-    rows = protocol_rows(totals, protocol)
-    area_i, area_u, _, area_l = (rows[:, k].astype(np.float64) for k in range(4))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        iou = np.where(area_u > 0, area_i / area_u, np.nan)
-        acc = np.where(area_l > 0, area_i / area_l, np.nan)
-        l_sum = area_l.sum(1)
-        a_acc = np.where(l_sum > 0, area_i.sum(1) / np.where(l_sum > 0, l_sum, 1), np.nan)
-    if protocol == "iseg":
-        iou = np.where(area_l > 0, iou, np.nan)
-    return {"mIoU": _nanmean_rows(iou) * 100, "aAcc": a_acc * 100, "mAcc": _nanmean_rows(acc) * 100}
-
-
-def _nanmean_rows(x: np.ndarray) -> np.ndarray:
-    finite = np.isfinite(x)
-    count = finite.sum(1)
-    total = np.where(finite, x, 0).sum(1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+    """`bench.metrics.summarize` (the one home of the metric formulas) over a batch of dataset totals
+    (B, 8 or 4, C) -> mIoU, aAcc, mAcc (B,)."""
+    names = [str(c) for c in range(totals.shape[-1])]
+    rows = [summarize(t, names, protocol) for t in totals]
+    return {k: np.array([r[k] for r in rows], dtype=np.float64) for k in ("mIoU", "aAcc", "mAcc")}
 
 
 def bootstrap_intervals(per_image: np.ndarray, protocol: str, draws: int, seed: int = 0,

@@ -1,6 +1,6 @@
 """Open a report in a real headless Chromium over the DevTools protocol (--remote-debugging-pipe, stdlib only):
 collect console errors, uncaught exceptions and every network request, evaluate a DOM query, take a
-screenshot and print to PDF. Used by the tests; `python -m bench.reporting.browser REPORT.html [OUT.png]`."""
+screenshot and print to PDF. Used by the tests; `python tests/browser.py REPORT.html [OUT.png]`."""
 
 from __future__ import annotations
 
@@ -201,7 +201,7 @@ def check_page(html_path: str | Path, expression: str = "null", width: int = 128
 
 def main(argv: list[str]) -> int:
     if not argv:
-        print("usage: python -m bench.reporting.browser REPORT.html [SCREENSHOT.png]", file=sys.stderr)
+        print("usage: python tests/browser.py REPORT.html [SCREENSHOT.png]", file=sys.stderr)
         return 2
     check = check_page(argv[0], "document.querySelectorAll('table').length + ' tables, ' + "
                                 "document.images.length + ' images'")

@@ -1,0 +1,130 @@
+"""The plan of a sweep: configurations grouped train setting > forward setting > post-processing.
+
+- A `Trial` is one configuration: the method's resolved parameters, the swept subset and the train setting it
+  needs (None for training-free configurations).
+- A `FitUnit` is one train setting: fitted once (bench.stages.fit) for every trial that needs it, stored in
+  `<run>/fit/<hash>/`. The hash covers the setting and what the run fixes for it (model, training data), so
+  another run with the same hash can lend its fit (`fit.from=`).
+- A `ForwardGroup` is one UNet pass per image: the trials that share forward parameters and seed. Fits do not
+  change the pass, so trials of different train settings may share a group.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+from ray import tune
+
+from bench.config import SweepConfig, space_kind, train_data_config
+from methods import METHODS
+from methods.base import Method, ParamsBase, TrainSetting
+
+FIT_HASH_VERSION = 1  # bump when what the hash covers changes
+
+
+@dataclass
+class Trial:
+    """One configuration of the sweep: the method's full parameters, the swept subset, the fit it needs."""
+
+    trial_id: str
+    params: ParamsBase
+    swept: dict
+    train: TrainSetting | None = None
+
+
+@dataclass
+class FitUnit:
+    setting: TrainSetting
+    hash: str  # the fit directory's name
+    trial_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ForwardGroup:
+    seed: int
+    forward: tuple  # ((name, value), ...) of the method's forward parameters
+    trials: list[Trial] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        return f"seed={self.seed}," + ",".join(f"{k}={v}" for k, v in self.forward)
+
+
+@dataclass
+class Plan:
+    trials: list[Trial]
+    fits: list[FitUnit]
+    groups: list[ForwardGroup]
+
+
+# -- search space ------------------------------------------------------------------------------------------------
+_SAMPLERS = {"choice": lambda v: tune.choice(v), "uniform": lambda v: tune.uniform(*v),
+             "loguniform": lambda v: tune.loguniform(*v), "randint": lambda v: tune.randint(v[0], v[1] + 1)}
+
+
+def expand_trials(cfg: SweepConfig) -> list[Trial]:
+    """Grid parameters form a cartesian product; random ones (choice/uniform/...) are drawn `num_samples`
+    times per grid point with Ray Tune's samplers and a fixed `search_seed`, so a resumed run sees the same."""
+    method_cls = METHODS.get(cfg.method)
+    method = method_cls()
+    grid, random = {}, {}
+    for name, space in cfg.sweep.items():
+        kind, values = space_kind(name, space)
+        if kind == "grid":
+            grid[name] = values
+        else:
+            random[name] = _SAMPLERS[kind](values)
+    rng = np.random.default_rng(cfg.search_seed)
+    trials: list[Trial] = []
+    samples = int(cfg.num_samples) if random else 1
+    for point in itertools.product(*grid.values()):
+        for _ in range(samples):
+            swept = dict(zip(grid, point))
+            swept.update({k: _plain(d.sample(random_state=rng)) for k, d in random.items()})
+            params = method_cls.resolve({**cfg.params, **swept})
+            trials.append(Trial(f"t{len(trials):04d}", params, {k: params[k] for k in swept},
+                                method.train_setting(params)))
+    return trials
+
+
+def _plain(value):
+    return value.item() if hasattr(value, "item") else value
+
+
+# -- grouping ------------------------------------------------------------------------------------------------------
+def group_trials(method_cls: type[Method], trials: list[Trial], seeds: list[int]) -> list[ForwardGroup]:
+    groups: dict[tuple, ForwardGroup] = {}
+    keys = method_cls.forward_keys()
+    for seed in seeds:
+        for trial in trials:
+            forward = tuple((k, trial.params[k]) for k in keys)
+            groups.setdefault((seed, forward), ForwardGroup(seed, forward)).trials.append(trial)
+    return list(groups.values())
+
+
+def fit_hash(setting: TrainSetting, cfg: SweepConfig) -> str:
+    """The fit directory's name: the setting plus what the run fixes for it (model, training data). Not
+    covered: workers, devices and retries (`train.num_workers`, `train.use_gpu`, `train.max_failures`), which
+    change how a fit runs, not what it learns (the global batch is split across workers)."""
+    model = {k: v for k, v in cfg.model.as_dict().items() if k != "device"}
+    text = json.dumps({"v": FIT_HASH_VERSION, "setting": setting.as_dict(), "model": model,
+                       "data": train_data_config(cfg)}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def group_fits(trials: list[Trial], cfg: SweepConfig) -> list[FitUnit]:
+    units: dict[TrainSetting, FitUnit] = {}
+    for trial in trials:
+        if trial.train is not None:
+            unit = units.setdefault(trial.train, FitUnit(trial.train, fit_hash(trial.train, cfg)))
+            unit.trial_ids.append(trial.trial_id)
+    return list(units.values())
+
+
+def make_plan(cfg: SweepConfig) -> Plan:
+    trials = expand_trials(cfg)
+    return Plan(trials, group_fits(trials, cfg), group_trials(METHODS.get(cfg.method), trials, cfg.seeds))

@@ -1,0 +1,1 @@
+"""Stages of a sweep run: fit (Ray Train), trace (Ray Data actors), score (in process)."""

@@ -1,0 +1,364 @@
+"""The fit stage: one Ray Train run (TorchTrainer, DDP) per train setting, artefacts in `<run>/fit/<hash>/`.
+
+    fit/<hash>/weights.safetensors   the artefact (named tensors the method's predict reads)
+              train_config.json      the resolved setting, model, training data, workers, steps, timings
+              loss.csv               series, step, loss (plotted in the report)
+              ray/                   Ray Train's checkpoints while fitting (removed once done)
+              done                   written last: a fit directory without it is unfinished
+
+A finished fit (`done`) is never refitted: a resumed run, or `fit.from=<run or fit dir>`, reuses it. An
+unfinished one resumes from its last Ray Train checkpoint (same storage folder and run name), so a killed
+run loses at most the steps since that checkpoint. Workers never see the evaluation split: they build the
+training split themselves (bench.config.train_data_config).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from bench.config import SweepConfig, train_data_config
+from bench.data import build_dataset
+from bench.errors import BenchError
+from bench.fitting import FitContext, InjectedFault, LossPoint, pack_state, unpack_state
+from bench.models import load_backbone
+from bench.plan import FitUnit, Plan
+from methods import METHODS
+
+log = logging.getLogger(__name__)
+
+ARTEFACT, CONFIG, LOSS, DONE = "weights.safetensors", "train_config.json", "loss.csv", "done"
+FAULT_ENV = "BENCH_FAULT"  # fault injection for tests of resumption, see parse_fault
+
+
+# -- fault injection ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Fault:
+    """`BENCH_FAULT=fit:<n>:<k>:<raise|kill>`: in the n-th fit this process trains, right after the k-th
+    checkpoint of an attempt that started from scratch, raise in the workers (a failed attempt: the fit fails,
+    or restarts from that checkpoint with train.max_failures > 0) or SIGKILL the driver (a killed run)."""
+
+    fit: int
+    checkpoint: int
+    action: str
+    driver_pid: int = 0
+
+
+def parse_fault(text: str | None) -> Fault | None:
+    if not text:
+        return None
+    parts = text.split(":")
+    if len(parts) != 4 or parts[0] != "fit" or parts[3] not in ("raise", "kill"):
+        raise BenchError(f"{FAULT_ENV}={text!r} is not fit:<n>:<checkpoint>:<raise|kill>; unset it")
+    return Fault(int(parts[1]), int(parts[2]), parts[3], os.getpid())
+
+
+# -- inside a Ray Train worker --------------------------------------------------------------------------------------
+class RayFitContext(FitContext):
+    """A fit on Ray Train: DDP through `prepare`, collectives through torch.distributed, checkpoints and the
+    final artefact reported with `ray.train.report` into the fit directory."""
+
+    def __init__(self, setting, dataset, backbone, resolution, fit_dir: Path, fault: Fault | None):
+        super().__init__(setting, dataset, backbone, resolution)
+        self.train_ctx = ray.train.get_context()
+        self.fit_dir = fit_dir
+        self.fault = fault
+        self.checkpoints = 0
+        self._last_progress = 0.0
+        self._step = 0
+        self.resumed_from: int | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.train_ctx.get_world_rank()
+
+    @property
+    def world_size(self) -> int:
+        return self.train_ctx.get_world_size()
+
+    def prepare(self, model):
+        return ray.train.torch.prepare_model(model)
+
+    def all_sum(self, value):
+        if self.world_size > 1:
+            value = value.clone()
+            dist.all_reduce(value)
+        return value
+
+    def gather(self, obj):
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def log(self, step, loss, series=""):
+        super().log(step, loss, series)
+        if not series:
+            self._progress(step, loss)
+
+    def _progress(self, step: int, loss: float | None, force: bool = False) -> None:
+        """Rank 0 leaves its progress in the fit directory for the driver's bar (polled, at most 2 per s)."""
+        self._step = step
+        now = time.time()
+        if self.rank != 0 or (not force and now - self._last_progress < 0.5):
+            return
+        self._last_progress = now
+        _write_json(self.fit_dir / "progress.json", {"step": step, "total": self.total_steps, "loss": loss})
+
+    def checkpoint(self, step, state):
+        metrics = {"step": step, "loss": self.curve[-1].loss if self.curve else None}
+        if self.rank == 0:
+            tensors, meta = pack_state(state)
+            with tempfile.TemporaryDirectory() as tmp:
+                save_file(tensors, os.path.join(tmp, "state.safetensors"))
+                _write_json(Path(tmp) / "meta.json", {"step": step, "state": meta,
+                                                     "curve": [asdict(p) for p in self.curve]})
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics)
+        self.checkpoints += 1
+        self._progress(step, metrics["loss"], force=True)
+        if self.fault and self.checkpoints == self.fault.checkpoint and self.resumed_from is None:
+            if self.fault.action == "kill" and self.rank == 0:
+                os.kill(self.fault.driver_pid, signal.SIGKILL)
+                time.sleep(60)  # the driver's death takes this worker down
+            raise InjectedFault(f"injected failure after checkpoint {self.checkpoints} (step {step})")
+
+    def restore(self):
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as folder:
+            meta = json.loads((Path(folder) / "meta.json").read_text())
+            tensors = load_file(os.path.join(folder, "state.safetensors"))
+        self.curve = [LossPoint(**p) for p in meta["curve"]]
+        self.resumed_from = meta["step"]
+        return meta["step"], unpack_state(tensors, meta["state"])
+
+    def finish(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Report the artefact and the loss curve as the last checkpoint."""
+        info = {"world_size": self.world_size, "resumed_from": self.resumed_from,
+                "steps": self._step}
+        if self.rank == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                          os.path.join(tmp, ARTEFACT))
+                _write_json(Path(tmp) / "final.json", {"curve": [asdict(p) for p in self.curve], **info})
+                ray.train.report({"final": True}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report({"final": True})
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train's `train_loop_per_worker`: build the backbone, the training split and the method; fit."""
+    cfg: SweepConfig = config["cfg"]
+    if not torch.cuda.is_available():
+        torch.set_num_threads(1)
+    logging.getLogger().setLevel(logging.WARNING)
+    model_cfg = cfg.model.as_dict()
+    model_cfg["device"] = str(ray.train.torch.get_device()) if cfg.train.use_gpu else "cpu"
+    backbone = load_backbone(model_cfg)
+    dataset = build_dataset(train_data_config(cfg))
+    method = METHODS.get(cfg.method)(backbone)
+    ctx = RayFitContext(config["setting"], dataset, backbone, int(cfg.model.resolution or 0),
+                        Path(config["fit_dir"]), config["fault"])
+    ctx.finish(method.fit(ctx))
+
+
+# -- on the driver ----------------------------------------------------------------------------------------------------
+@dataclass
+class FitStats:
+    fits: int = 0  # train settings of the plan
+    trained: int = 0  # fitted (or finished after a resume) by this invocation
+    reused: int = 0  # finished before (resumed run) or lent by fit.from
+    seconds: float = 0.0
+    dirs: dict[str, str] = field(default_factory=dict)  # TrainSetting.key -> fit directory name
+
+    def as_dict(self) -> dict:
+        return {"fits": self.fits, "fits_trained": self.trained, "fits_reused": self.reused,
+                "fit_seconds": round(self.seconds, 3)}
+
+
+def fit_source(cfg: SweepConfig, unit: FitUnit) -> Path:
+    """Where `fit.from=` keeps the finished fit of `unit` (a run directory or one fit directory)."""
+    source = Path(cfg.fit.source)
+    if (source / DONE).is_file():
+        recorded = json.loads((source / CONFIG).read_text()).get("hash")
+        if recorded != unit.hash:
+            raise BenchError(f"fit.from={source} holds fit {recorded}, but this sweep needs {unit.hash} "
+                             f"({unit.setting.fitter} {dict(unit.setting.values)}); pass the run directory or "
+                             f"the matching fit directory")
+        return source
+    found = source / "fit" / unit.hash
+    if not (found / DONE).is_file():
+        raise BenchError(f"fit.from={source} has no finished fit {unit.hash} ({unit.setting.fitter} "
+                         f"{dict(unit.setting.values)}); fit it with a run without fit.from, or pass another run")
+    return found
+
+
+def check_fit_sources(cfg: SweepConfig, plan: Plan) -> None:
+    """Driver-side checks of `fit.from` before anything runs."""
+    if cfg.fit.source is None:
+        return
+    source = Path(cfg.fit.source)
+    if not source.is_dir():
+        raise BenchError(f"fit.from={source} does not exist; pass a run directory or one of its fit/<hash>/ "
+                         f"directories")
+    if not plan.fits:
+        raise BenchError(f"fit.from={source} is given, but no configuration of this sweep needs a fit; drop it")
+    for unit in plan.fits:
+        fit_source(cfg, unit)
+
+
+def run_fits(cfg: SweepConfig, plan: Plan, work: Path) -> tuple[FitStats, dict[str, Path]]:
+    """Fit every train setting of the plan that `work/fit/` does not hold finished; returns statistics and
+    TrainSetting.key -> finished fit directory."""
+    stats = FitStats(fits=len(plan.fits))
+    done: dict[str, Path] = {}
+    fault = parse_fault(os.environ.get(FAULT_ENV))
+    start = time.time()
+    for unit in plan.fits:
+        fit_dir = work / "fit" / unit.hash
+        stats.dirs[unit.setting.key] = unit.hash
+        if (fit_dir / DONE).is_file():
+            log.info("fit %s (%s) is finished; reused", unit.hash, unit.setting.fitter)
+            stats.reused += 1
+        elif cfg.fit.source is not None:
+            copy_fit(fit_source(cfg, unit), fit_dir)
+            stats.reused += 1
+        else:
+            stats.trained += 1
+            this_fault = fault if fault and fault.fit == stats.trained else None
+            train_one(cfg, unit, fit_dir, this_fault)
+        done[unit.setting.key] = fit_dir
+    stats.seconds = time.time() - start
+    return stats, done
+
+
+def copy_fit(source: Path, fit_dir: Path) -> None:
+    tmp = fit_dir.with_name(fit_dir.name + ".copy")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in (ARTEFACT, CONFIG, LOSS):
+        shutil.copy2(source / name, tmp / name)
+    config = json.loads((tmp / CONFIG).read_text())
+    config["copied_from"] = str(source.resolve())
+    _write_json(tmp / CONFIG, config)
+    (tmp / DONE).write_text(config.get("hash", fit_dir.name) + "\n")
+    shutil.rmtree(fit_dir, ignore_errors=True)
+    tmp.rename(fit_dir)
+
+
+def train_one(cfg: SweepConfig, unit: FitUnit, fit_dir: Path, fault: Fault | None) -> None:
+    fit_dir.mkdir(parents=True, exist_ok=True)
+    storage = (fit_dir / "ray").resolve()
+    resuming = storage.is_dir() and any(storage.rglob("checkpoint_*"))
+    log.info("%s fit %s (%s %s) on %d worker(s)", "resuming" if resuming else "starting", unit.hash,
+             unit.setting.fitter, dict(unit.setting.values), cfg.train.num_workers)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": cfg, "setting": unit.setting, "fit_dir": str(fit_dir.resolve()), "fault": fault},
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
+        run_config=RunConfig(name="train", storage_path=str(storage),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures)))
+    started = time.time()
+    result = _fit_with_progress(trainer, fit_dir, f"fit {unit.hash[:8]}")
+    if getattr(result, "error", None) is not None:
+        raise result.error
+    with result.checkpoint.as_directory() as folder:
+        final = json.loads((Path(folder) / "final.json").read_text())
+        tensors = load_file(os.path.join(folder, ARTEFACT))
+    write_fit(fit_dir, unit, cfg, tensors, [LossPoint(**p) for p in final["curve"]],
+              {**{k: v for k, v in final.items() if k != "curve"}, "fit_seconds": round(time.time() - started, 3)})
+    shutil.rmtree(storage, ignore_errors=True)
+    (fit_dir / "progress.json").unlink(missing_ok=True)
+
+
+def _fit_with_progress(trainer: TorchTrainer, fit_dir: Path, label: str):
+    """trainer.fit() with a tqdm bar (steps, loss) fed by the rank-0 worker's progress file."""
+    box: dict = {}
+    thread = threading.Thread(target=lambda: box.update(result=_catch(trainer.fit)), daemon=True)
+    thread.start()
+    progress = fit_dir / "progress.json"
+    seen = None
+    with tqdm(desc=label, unit="step", dynamic_ncols=True, total=None) as bar:
+        while thread.is_alive():
+            thread.join(0.5)
+            try:
+                state = json.loads(progress.read_text())
+            except (OSError, ValueError):
+                continue
+            if state == seen:
+                continue
+            seen = state
+            if state.get("total") and bar.total != state["total"]:
+                bar.total = state["total"]
+            bar.n = state.get("step") or 0
+            if state.get("loss") is not None:
+                bar.set_postfix(loss=f"{state['loss']:.4g}", refresh=False)
+            bar.refresh()
+    outcome = box["result"]
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
+
+
+def _catch(fn):
+    try:
+        return fn()
+    except BaseException as err:  # noqa: BLE001  (re-raised on the driver's main thread)
+        return err
+
+
+def write_fit(fit_dir: Path, unit: FitUnit, cfg: SweepConfig, tensors: dict, curve: list[LossPoint],
+              info: dict) -> None:
+    """The fit directory's files, each written under a temporary name and renamed; `done` last."""
+    meta = {"fitter": unit.setting.fitter, "version": unit.setting.version, "hash": unit.hash,
+            "key": unit.setting.key}
+    tmp = fit_dir / f".{ARTEFACT}"
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    tmp.rename(fit_dir / ARTEFACT)
+    config = {**meta, "setting": unit.setting.as_dict(), "method": cfg.method, "model": cfg.model.as_dict(),
+              "data": train_data_config(cfg), "train": cfg.train.as_dict(), **info,
+              "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "versions": {"torch": torch.__version__, "ray": ray.__version__}}
+    _write_json(fit_dir / CONFIG, config)
+    with open(fit_dir / f".{LOSS}", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["series", "step", "loss"])
+        writer.writerows([p.series, p.step, f"{p.loss:.8g}"] for p in curve)
+    (fit_dir / f".{LOSS}").rename(fit_dir / LOSS)
+    (fit_dir / DONE).write_text(unit.hash + "\n")
+
+
+def load_fits(done: dict[str, Path]) -> dict[str, bytes]:
+    """TrainSetting.key -> the artefact's safetensors bytes (what evaluation actors receive)."""
+    return {key: (folder / ARTEFACT).read_bytes() for key, folder in done.items()}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(path)

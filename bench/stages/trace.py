@@ -1,0 +1,137 @@
+"""The trace stage: every image traced once per forward setting on a Ray Data actor pool; each forward
+group's configurations scored on that trace; per-image histograms sharded to `<work>/shards/` as batches
+finish (a resumed run re-traces only the images no shard holds)."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+from safetensors.torch import load as load_safetensors
+from tqdm import tqdm
+
+from bench.config import SweepConfig
+from bench.data import build_dataset
+from bench.evaluate import evaluate_batch, group_request
+from bench.models import load_backbone
+from bench.plan import ForwardGroup
+from bench.reporting.qualitative import save_qualitative
+from methods import METHODS
+
+log = logging.getLogger(__name__)
+
+
+class SweepWorker:
+    """Ray Data actor: holds the backbone, the method and its finished fits; traces each image once per
+    forward group."""
+
+    def __init__(self, cfg: SweepConfig, groups: list[ForwardGroup], fits: dict[str, bytes],
+                 qualitative_dir: str | None = None, own_process: bool = True):
+        if own_process:  # an actor's process: one thread per CPU actor, warnings only
+            if not torch.cuda.is_available():
+                torch.set_num_threads(1)
+            logging.getLogger().setLevel(logging.WARNING)
+        self.dataset = build_dataset(cfg.data)
+        self.method = METHODS.get(cfg.method)(load_backbone(cfg.model.as_dict()))
+        for key, blob in fits.items():
+            self.method.load_fit(key, load_safetensors(blob))
+        self.groups = groups
+        self.resolution = int(cfg.model.resolution or 0)
+        self.qualitative_dir = Path(qualitative_dir) if qualitative_dir else None
+        self.qualitative_images = int(cfg.report.qualitative)
+        self.requests = [group_request(self.method, g) for g in groups]
+
+    def __call__(self, batch: dict) -> dict:
+        indices = [int(i) for i in batch["index"]]
+        samples = [self.dataset[i] for i in indices]
+        rows = {"index": [], "group": [], "trial": [], "hist": [], "passes": []}
+        for g, (group, req) in enumerate(zip(self.groups, self.requests)):
+            keep = self._qualitative_saver(indices, g, group)
+            hists, passes = evaluate_batch(self.method, self.dataset, samples, group, req, self.resolution, keep)
+            per_image = passes // len(samples)
+            for k, hist in enumerate(hists):
+                rows["index"].append(indices[k // len(group.trials)])
+                rows["group"].append(g)
+                rows["trial"].append(group.trials[k % len(group.trials)].trial_id)
+                rows["hist"].append(hist)
+                rows["passes"].append(per_image if k % len(group.trials) == 0 else 0)
+        return {"index": np.array(rows["index"], dtype=np.int64), "group": np.array(rows["group"], dtype=np.int64),
+                "trial": np.array(rows["trial"]), "hist": np.stack(rows["hist"]),
+                "passes": np.array(rows["passes"], dtype=np.int64)}
+
+    def _qualitative_saver(self, indices: list[int], g: int, group: ForwardGroup):
+        """Keeps the maps of the first `report.qualitative` images for the report's qualitative figure."""
+        if self.qualitative_dir is None or min(indices) >= self.qualitative_images:
+            return None
+
+        def keep(k, sample, query, prompt, predictions):
+            if indices[k] < self.qualitative_images:
+                save_qualitative(self.qualitative_dir, sample, self.dataset.classes,
+                                 [t.trial_id for t in group.trials], predictions, query.ids, group.seed,
+                                 group=g, prompt=prompt)
+
+        return keep
+
+
+def trace_and_score(cfg: SweepConfig, groups: list[ForwardGroup], num_images: int, shards: Path,
+                    fits: dict[str, bytes], qualitative_dir: Path | None) -> None:
+    """Stream the images that no shard holds yet through the actor pool; shard results to disk."""
+    shards.mkdir(parents=True, exist_ok=True)
+    done = set()
+    for path in sorted(shards.glob("shard-*.npz")):
+        with np.load(path, allow_pickle=False) as shard:
+            done.update(int(i) for i in shard["index"])
+    todo = [i for i in range(num_images) if i not in done]
+    if done:
+        log.info("resuming: %d of %d images already scored", len(done), num_images)
+    if not todo:
+        return
+    kwargs = {"cfg": cfg, "groups": groups, "fits": fits,
+              "qualitative_dir": str(qualitative_dir.resolve()) if qualitative_dir else None}
+    batches = _local_batches(todo, kwargs) if cfg.ray.num_actors == 0 else _ray_batches(todo, kwargs)
+    next_shard = len(list(shards.glob("shard-*.npz")))
+    with tqdm(total=num_images, initial=len(done), desc=f"{cfg.name} images", unit="img",
+              dynamic_ncols=True) as bar:
+        for batch in batches:
+            tmp = shards / f".shard-{next_shard:05d}.npz"
+            batch["trial"] = batch["trial"].astype(str)  # object arrays would need pickle
+            with open(tmp, "wb") as fh:
+                np.savez(fh, **batch)
+            tmp.rename(shards / f"shard-{next_shard:05d}.npz")
+            next_shard += 1
+            bar.update(len(np.unique(batch["index"])))
+
+
+def _ray_batches(todo: list[int], kwargs: dict):
+    """Result batches of the Ray Data actor pool (ray.num_actors actors, one GPU each where there are GPUs)."""
+    cfg = kwargs["cfg"]
+    use_gpu = torch.cuda.is_available() and cfg.model.device != "cpu"
+    ds = ray.data.from_items([{"index": i} for i in todo], override_num_blocks=max(1, len(todo)))
+    with warnings.catch_warnings():
+        # max_restarts=0: a crashed actor fails the run (finished shards are kept) instead of silently
+        # retrying; Ray only offers it through the deprecated ray_remote_args path.
+        warnings.simplefilter("ignore")
+        ds = ds.map_batches(SweepWorker, fn_constructor_kwargs=kwargs, batch_size=int(cfg.ray.batch_size),
+                            compute=ray.data.ActorPoolStrategy(size=int(cfg.ray.num_actors)),
+                            num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1, max_restarts=0)
+    yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+
+
+def _local_batches(todo: list[int], kwargs: dict):
+    """ray.num_actors=0: the same worker in this process (debuggers, small runs; no actor start-up)."""
+    worker = SweepWorker(**kwargs, own_process=False)
+    size = int(kwargs["cfg"].ray.batch_size)
+    for start in range(0, len(todo), size):
+        yield worker({"index": np.array(todo[start:start + size], dtype=np.int64)})
+
+
+def load_shards(shards: Path) -> dict[str, np.ndarray]:
+    parts = []
+    for path in sorted(shards.glob("shard-*.npz")):
+        with np.load(path, allow_pickle=False) as shard:
+            parts.append({k: shard[k] for k in shard.files})
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

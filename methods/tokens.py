@@ -1,0 +1,162 @@
+"""OVAM token optimisation (Marcos-Manchon et al. 2024, Sec. 3.3) as a fit: `tokens=auto` on the fit stage, and
+the function behind `python -m bench.optimize_tokens`.
+
+For each class: trace the first image(s) of the training split that contain it (queries of the attn2 layers,
+stored), initialise X' = [<SoT> of the attribution prompt, the class name's token] (post-encoder embeddings),
+and minimise the loss between the OVAM maps D(X') and [1 - mask, mask] by SGD (methods.ovam.optimize_tokens).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from bench.data import require_generation_gt
+from bench.forward import ForwardSetting, run_traced
+from bench.trace import request
+from methods.base import TrainSetting
+from methods.postprocess import attn_layers, attribution_embedding, load_tokens, token_indices
+
+TOKENS_FITTER = "ovam-tokens"
+TOKENS_FIT_VERSION = "1"
+AUTO_EPOCHS = 100  # tokens=auto: OVAM Sec. 4.1's protocol, shortened from 500 epochs
+
+
+@dataclass(frozen=True)
+class TokenSettings:
+    mode: str = "inversion"
+    timestep: int = 100
+    steps: int = 50
+    scheduler: str = "auto"  # generation: the model folder's own scheduler, or a named one
+    guidance: float = 7.5
+    seed: int = 0
+    branch: str = "cond"  # generation: which half of the CFG batch gives the queries
+    blocks: str = "all"  # every down/up attention level (SD: 64+32+16, the paper's)
+    template: str = "A photograph of a {name}"  # prompt (inversion) and attribution prompt
+    loss: str = "bce"  # bce (paper Eq. 7) or ce (released code)
+    epochs: int = 500
+    lr: float = 100.0
+    step_size: int = 120
+    lr_gamma: float = 0.7
+    images_per_class: int = 1
+    resolution: int = 0  # image size fed to the model (0 = native)
+
+
+@dataclass
+class ClassFit:
+    name: str
+    tokens: torch.Tensor | None  # (2, D) [background, class]; None: no training image of the class
+    curve: list[float] = field(default_factory=list)
+    images: list[str] = field(default_factory=list)
+
+
+def training_examples(backbone, dataset, cid: int, s: TokenSettings, layers: list[str]) -> list:
+    """(trace, class mask at the latent size) for the first images that contain class `cid`."""
+    name = dataset.classes[cid]
+    setting = ForwardSetting(mode=s.mode, timestep=s.timestep, seed=s.seed, steps=s.steps, guidance=s.guidance,
+                             scheduler=s.scheduler, branch=s.branch, size=s.resolution)
+    gen_gt = require_generation_gt(dataset, s.mode)
+    out = []
+    for index in range(len(dataset)):
+        sample = dataset[index]
+        if cid not in sample.present_class_ids():
+            continue
+        if gen_gt:
+            prompt, images = sample.caption, ([sample.image] if gen_gt == "replay" else None)
+            seeds = [int(sample.extra.get("seed", index))]
+        else:
+            prompt, images, seeds = s.template.format(name=name), [sample.image], None
+        trace = run_traced(backbone, request(queries=layers, per_head=True), setting, [prompt], images=images,
+                           image_seeds=seeds).traces[0]
+        mask = torch.from_numpy((sample.label == cid).astype("float32"))[None, None]
+        target = F.interpolate(mask, size=trace.latent_size, mode="area")[0, 0]
+        out.append((trace, target))
+        if len(out) == s.images_per_class:
+            break
+    return out
+
+
+def initial_tokens(backbone, name: str, template: str) -> torch.Tensor:
+    """X' = [SoT of the attribution prompt, mean of the class name's tokens] (post-encoder)."""
+    emb, ids = attribution_embedding(backbone, template.format(name=name), pad=False)
+    idx = token_indices(backbone.tokenizer, ids, name)
+    return torch.stack([emb[0], emb[idx].mean(0)]).float()
+
+
+def fit_class(backbone, dataset, name: str, s: TokenSettings, progress: Callable | None = None) -> ClassFit:
+    # methods.ovam imports AutoTokens from this module, so its optimiser is imported when first needed
+    from methods.ovam import optimize_tokens
+
+    layers = attn_layers(s.blocks, backbone=backbone)
+    examples = training_examples(backbone, dataset, dataset.classes.index(name), s, layers)
+    if not examples:
+        return ClassFit(name, None)
+    with torch.enable_grad():
+        best, curve = optimize_tokens(examples, initial_tokens(backbone, name, s.template), layers, s.loss,
+                                      s.epochs, s.lr, s.step_size, s.lr_gamma, progress=progress)
+    return ClassFit(name, best, curve, [t.prompt for t, _ in examples])
+
+
+def fit_tokens(backbone, dataset, s: TokenSettings, classes: list[str] | None = None,
+               progress: Callable | None = None) -> list[ClassFit]:
+    """Optimised tokens of every class (default: every dataset class), in one process."""
+    return [fit_class(backbone, dataset, name, s, progress) for name in (classes or dataset.classes[1:])]
+
+
+class AutoTokens:
+    """Mixin for methods taking `tokens=`: a file of optimised tokens, or `auto`, which the fit stage learns on
+    the training split (one image per class, AUTO_EPOCHS epochs; OVAM Sec. 4.1 protocol, shortened) once per
+    forward setting it depends on, shared by every method of a `compare` sweep."""
+
+    fit_reads = ("mode", "timestep", "steps", "scheduler", "guidance")  # the fit traces its images with these
+
+    def train_setting(self, cfg: Mapping) -> TrainSetting | None:
+        if cfg["tokens"] != "auto":
+            return None
+        values = tuple((k, cfg[k]) for k in self.fit_reads)
+        return TrainSetting(TOKENS_FITTER, TOKENS_FIT_VERSION, values)
+
+    def can_fit(self, setting: TrainSetting) -> bool:
+        return setting.fitter == TOKENS_FITTER
+
+    def fit(self, ctx) -> dict[str, torch.Tensor]:
+        """Classes are shared out over the workers round by round; a checkpoint after every round."""
+        v = ctx.values
+        s = TokenSettings(mode=v["mode"], timestep=v["timestep"], steps=v["steps"], scheduler=v["scheduler"],
+                          guidance=v["guidance"], epochs=AUTO_EPOCHS, resolution=ctx.resolution)
+        names = ctx.dataset.classes[1:]
+        rounds = math.ceil(len(names) / ctx.world_size)
+        ctx.start(rounds)
+        tokens: dict[str, torch.Tensor] = {}
+        start = 0
+        restored = ctx.restore()
+        if restored is not None:
+            start, state = restored
+            tokens = dict(state["tokens"])
+        for r in range(start, rounds):
+            k = r * ctx.world_size + ctx.rank
+            mine = fit_class(ctx.backbone, ctx.dataset, names[k], s) if k < len(names) else None
+            for got in ctx.gather(None if mine is None else (mine.name, mine.tokens, mine.curve)):
+                if got is None:
+                    continue
+                name, best, curve = got
+                if best is not None:
+                    tokens[name] = best
+                for epoch, value in enumerate(curve, 1):
+                    ctx.log(epoch, value, series=name)
+            ctx.checkpoint(r + 1, {"tokens": tokens})
+        if not tokens:
+            raise RuntimeError("tokens=auto: no class has a training image in the training split")
+        return tokens
+
+    def tokens_for(self, cfg: Mapping) -> dict | None:
+        spec = cfg["tokens"]
+        if not spec:
+            return None
+        if spec == "auto":
+            return self.artefact(cfg)
+        return load_tokens(spec)

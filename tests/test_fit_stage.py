@@ -1,0 +1,147 @@
+"""The fit stage end to end with the trained toy method (methods/linear_probe.py, sweeps/linear_probe.yaml) on
+tiny random components: one fit for a 6-value post-processing sweep, on 2 Ray Train workers, resumed after a
+failure mid-fit from its last checkpoint; its artefacts in the run; reused by `fit.from=` in a `compare` sweep.
+A real SIGKILL of the command mid-fit, resumed by the next invocation without refitting the finished fit and
+ending bit-identical to undisturbed fits: slow set."""
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bench.data import build_dataset
+from bench.fitting import LocalFitContext
+from bench.models import load_backbone
+from bench.run import main
+from bench.stages.fit import FAULT_ENV
+from methods import METHODS
+
+ROOT = Path(__file__).resolve().parents[1]
+PROBE = {"train_images": 4, "epochs": 20}  # two checkpoints (every 10 steps)
+SMALL = ["data.limit=2", "data.size=32", "report.bootstrap=20"]
+LOCAL = "ray.num_actors=0"  # trace in the test process (the probe run below uses the actor pool)
+
+
+def probe_overrides(model: Path) -> list[str]:
+    return [*SMALL, f"model.path={model}", *(f"params.{k}={v}" for k, v in PROBE.items())]
+
+
+def local_fit(model: Path, values: dict) -> dict[str, torch.Tensor]:
+    """The same fit, undisturbed, in this process (bench.fitting.LocalFitContext)."""
+    backbone = load_backbone({"path": str(model), "device": "cpu"})
+    cls = METHODS.get("linear_probe")
+    method = cls(backbone)
+    setting = method.train_setting(cls.resolve(values))
+    dataset = build_dataset({"name": "shapes", "size": 32, "split": "train"})
+    return method.fit(LocalFitContext(setting, dataset, backbone))
+
+
+@pytest.fixture(scope="module")
+def probe_run(tmp_path_factory, tiny_model, ray_session):
+    """sweeps/linear_probe.yaml on 2 workers; the fit's first attempt fails after its first checkpoint (fault
+    injection) and Ray Train restarts the workers from that checkpoint (train.max_failures=1); the Ray Data
+    actor that traces the evaluation images receives the fit. A killed command that resumes on the next
+    invocation is the slow test below."""
+    out = tmp_path_factory.mktemp("probe") / "run"
+    os.environ[FAULT_ENV] = "fit:1:1:raise"
+    try:
+        code = main([str(ROOT / "sweeps/linear_probe.yaml"), *probe_overrides(tiny_model), "train.num_workers=2",
+                     "train.max_failures=1", f"output_dir={out}"])
+    finally:
+        del os.environ[FAULT_ENV]
+    assert code == 0
+    return out
+
+
+def test_one_fit_for_six_thresholds_resumed_on_two_workers(probe_run, tiny_model):
+    run = json.loads((probe_run / "run.json").read_text())
+    assert run["fits"] == 1 and run["fits_trained"] == 1 and run["fits_reused"] == 0
+    frame = pd.read_parquet(probe_run / "results.parquet")
+    assert sorted(frame["threshold"]) == [0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
+    assert frame["fit"].nunique() == 1 and (frame["unet_passes"] == 2).all()
+    fit_dir = probe_run / "fit" / frame["fit"].iloc[0]
+    assert sorted(p.name for p in fit_dir.iterdir()) == ["done", "loss.csv", "train_config.json",
+                                                        "weights.safetensors"]
+    config = json.loads((fit_dir / "train_config.json").read_text())
+    assert config["world_size"] == 2 and config["resumed_from"] == 10 and config["steps"] == 20
+    assert config["data"]["split"] == "train" and config["setting"]["values"]["epochs"] == 20
+    curve = pd.read_csv(fit_dir / "loss.csv", keep_default_na=False)
+    assert curve["step"].tolist() == list(range(1, 21))  # the resumed fit continues its curve
+    assert curve["loss"].iloc[-1] < curve["loss"].iloc[0]
+    report = (probe_run / "report.md").read_text()
+    assert "## Fits" in report and "resumed at step 10" in report and (probe_run / "fit_loss.png").is_file()
+    # two workers split the global batch (DDP averages their gradients): the fit of one process, up to rounding
+    weights = load_file(fit_dir / "weights.safetensors")
+    alone = local_fit(tiny_model, PROBE)
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(weights[name], alone[name], atol=1e-4, rtol=1e-3)
+
+
+def test_fit_from_lends_the_fit_to_a_compare_sweep(probe_run, tiny_model, tmp_path, capsys):
+    """The trained method appears in `method=compare` when listed, and `fit.from=<run>` evaluates it without
+    training."""
+    sweep = tmp_path / "compare.yaml"
+    sweep.write_text("method: compare\nsweep: {method: [daam, linear_probe]}\n"
+                     + "params: {" + ", ".join(f"linear_probe__{k}: {v}" for k, v in PROBE.items()) + "}\n")
+    base = [str(sweep), *SMALL, LOCAL, f"model.path={tiny_model}"]
+    out = tmp_path / "run"
+    assert main([*base, f"fit.from={probe_run}", f"output_dir={out}"]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["fits"] == 1 and run["fits_trained"] == 0 and run["fits_reused"] == 1
+    frame = pd.read_parquet(out / "results.parquet").set_index("method")
+    (fitted,) = (probe_run / "fit").iterdir()
+    assert frame.loc["linear_probe", "fit"] == fitted.name and frame.loc["daam", "fit"] == ""
+    assert frame["unet_passes"].tolist() == [2, 2]  # one pass per image serves both methods
+    copied = out / "fit" / fitted.name
+    assert (copied / "weights.safetensors").read_bytes() == (fitted / "weights.safetensors").read_bytes()
+    assert json.loads((copied / "train_config.json").read_text())["copied_from"] == str(fitted.resolve())
+    # a setting the source never fitted is refused before anything runs
+    capsys.readouterr()
+    code = main([*base, "params.linear_probe__epochs=21", f"fit.from={probe_run}", f"output_dir={tmp_path / 'x'}"])
+    assert code == 2 and "has no finished fit" in capsys.readouterr().err
+    assert not (tmp_path / "x.partial").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_killed_run_resumes_without_refitting_finished_settings(tmp_path, tiny_model):
+    """Two train settings; the command is SIGKILLed after the second fit's first checkpoint. The same command
+    reuses the first fit as it is and resumes the second from its checkpoint; both equal undisturbed fits."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "bench.run", str(ROOT / "sweeps/linear_probe.yaml"), *probe_overrides(tiny_model), LOCAL,
+           "sweep.lr.grid=[0.05,0.1]", "sweep.threshold.grid=[0.4,0.6]", f"output_dir={out}"]
+    ray_tmp = tempfile.mkdtemp(prefix="rk-")  # short: Ray's socket paths must stay under 108 bytes
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_TMPDIR": ray_tmp}
+    killed = subprocess.Popen(cmd, env={**env, FAULT_ENV: "fit:2:1:kill"}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = killed.communicate(timeout=900)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(killed.pid, signal.SIGKILL)  # whatever of the killed run's Ray outlived its driver
+    assert killed.returncode == -signal.SIGKILL, stderr[-3000:]
+    fits = out.with_name("run.partial") / "fit"
+    finished = [d for d in fits.iterdir() if (d / "done").is_file()]
+    assert len(finished) == 1 and len(list(fits.iterdir())) == 2
+    before = (finished[0] / "train_config.json").read_text()
+    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    run = json.loads((out / "run.json").read_text())
+    assert run["fits"] == 2 and run["fits_trained"] == 1 and run["fits_reused"] == 1
+    assert (out / "fit" / finished[0].name / "train_config.json").read_text() == before  # not refitted
+    for fit_dir in (out / "fit").iterdir():
+        config = json.loads((fit_dir / "train_config.json").read_text())
+        if fit_dir.name != finished[0].name:
+            assert config["resumed_from"] == 10
+        weights = load_file(fit_dir / "weights.safetensors")
+        alone = local_fit(tiny_model, {**PROBE, "lr": config["setting"]["values"]["lr"]})
+        assert all(torch.equal(weights[k], alone[k]) for k in ("weight", "bias"))  # bit for bit
