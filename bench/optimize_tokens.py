@@ -30,8 +30,8 @@ from bench.data import build_dataset
 from bench.env import quiet_environment
 from bench.errors import BenchError, cli_exit
 from bench.models import SCHEDULER_CHOICES, load_backbone, validate_model_config
-from methods.postprocess import BLOCK_CHOICES, save_tokens
-from methods.tokens import TokenSettings, fit_class
+from methods.attribution import BLOCK_CHOICES
+from methods.tokens import TokenSettings, fit_class, save_tokens
 
 USAGE = "python -m bench.optimize_tokens --out DIR [--data k=v ...] [--model k=v ...] [--classes ...]"
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -150,7 +150,11 @@ class _Recorder:
 
 
 class CaptureProcessor:
-    """diffusers `AttnProcessor` semantics with the probabilities exposed (and optional key weighting)."""
+    """diffusers `AttnProcessor` semantics with the probabilities exposed (and optional key weighting).
+
+    Mirrors `diffusers.models.attention_processor.AttnProcessor` of diffusers 0.42 (group norm, spatial norm,
+    residual, rescale, `get_attention_scores` softmax); `tests/test_method_contract.py` checks that it gives
+    that processor's output exactly and SDPA's within rounding."""
 
     def __init__(self, recorder: _Recorder, name: str, kinds: set[str]):
         self.recorder, self.name, self.kinds = recorder, name, kinds
@@ -207,7 +211,9 @@ class CaptureProcessor:
 
 
 class WeightedKeyProcessor:
-    """SDPA cross-attention with Cat-Cross key weights (iSeg Eq. 8-9); used on layers nobody records."""
+    """SDPA cross-attention with Cat-Cross key weights (iSeg Eq. 8-9); used on layers nobody records.
+    Mirrors `AttnProcessor2_0` of diffusers 0.42 on cross-attention without group or spatial norm (SD's
+    transformer blocks), with the keys scaled before the product."""
 
     def __init__(self, recorder: _Recorder):
         self.recorder = recorder

@@ -2,7 +2,7 @@
 
 Every module and package in this folder is imported when the registry (`METHODS`) is first asked for a
 method, so adding a method is adding its file: nothing to list. Helper modules (base, prompts, tokens,
-postprocess, crf) register nothing and are imported too.
+maps, attribution, crf) register nothing and are imported too.
 """
 
 import importlib

@@ -22,8 +22,8 @@ from bench.forward import ForwardSetting
 from bench.trace import Trace, TraceRequest, request
 from methods.base import ClassQuery, Method, Param, Prediction, register_method
 from methods.crf import CRF_PARAMS, CRFParams, crf_labels
-from methods.postprocess import (BLOCK_CHOICES, AttributionSource, aggregate_daam, aggregate_sum,
-                                attn_layers, empty_prediction, minmax, resize_maps)
+from methods.attribution import BLOCK_CHOICES, AttributionSource, aggregate_daam, aggregate_sum, attn_layers
+from methods.maps import empty_prediction, minmax, resize_maps
 from methods.prompts import PROMPT_PARAMS, build_prompt
 from methods.tokens import AutoTokens
 

@@ -12,7 +12,7 @@ import torch
 from bench.trace import TraceRequest, request
 from methods.base import ClassQuery, Method, Param, Prediction, register_method
 from methods.prompts import PROMPT_PARAMS, build_prompt
-from methods.postprocess import empty_prediction
+from methods.maps import empty_prediction
 
 
 class _Baseline(Method):

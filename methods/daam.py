@@ -24,8 +24,8 @@ import torch
 
 from bench.trace import Trace, TraceRequest, request
 from methods.base import ClassQuery, Method, Param, Prediction, register_method
-from methods.postprocess import (BLOCK_CHOICES, AttributionSource, aggregate_daam, attn_layers,
-                                empty_prediction, labels_from_threshold, maxnorm, resize_maps)
+from methods.attribution import BLOCK_CHOICES, AttributionSource, aggregate_daam, attn_layers
+from methods.maps import empty_prediction, labels_from_threshold, maxnorm, resize_maps
 from methods.prompts import PROMPT_PARAMS, build_prompt
 from methods.tokens import AutoTokens
 

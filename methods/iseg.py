@@ -25,7 +25,7 @@ heads, token choice, normalisation order and KL clustering); both variants share
 resize order (`resize`). The math works on plain tensors: `from methods.iseg import ent_self, refine`.
 
 Classes absent from the prompt (generation mode, where the dataset's prompt is used) get OVAM attribution
-maps from stored queries with a padded "A photograph of a <name>" prompt (see methods.postprocess).
+maps from stored queries with a padded "A photograph of a <name>" prompt (see methods.attribution).
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ from bench.errors import BenchError
 from bench.models.layers import layer_map
 from bench.trace import Trace, TraceRequest, request
 from methods.base import ClassQuery, Method, Param, Prediction, register_method
-from methods.postprocess import AttributionSource, labels_from_scores, minmax, resize_maps, token_indices
+from methods.attribution import AttributionSource, token_indices
+from methods.maps import labels_from_scores, minmax, resize_maps
 
 # Layers by role (bench.models.layers), named as the paper names them on SD at 512 px. Table 6(a): decoder
 # cross-attention at "16" (rank 0: the coarsest decoder attention level, up_blocks.1 on SD) and "32" (rank 1,

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from bench.evaluate import trace_samples
 from bench.trace import Trace, TraceRequest, request
 from methods.base import ClassQuery, Method, Param, Prediction, register_method
-from methods.postprocess import (BLOCK_CHOICES, AttributionSource, attn_layers, empty_prediction,
-                                 labels_from_scores, minmax, resize_maps)
+from methods.attribution import BLOCK_CHOICES, AttributionSource, attn_layers
+from methods.maps import empty_prediction, labels_from_scores, minmax, resize_maps
 from methods.prompts import PROMPT_PARAMS, build_prompt
 
 CHECKPOINT_EVERY = 10  # Adam steps between checkpoints (a killed fit loses at most this many)

@@ -34,9 +34,8 @@ from bench.trace import Trace, TraceRequest, request
 from methods.base import ClassQuery, Method, Param, Prediction, register_method
 from methods.crf import CRF_PARAMS, CRFParams, crf_labels
 from bench.models.layers import layer_map
-from methods.postprocess import (BLOCK_CHOICES, AttributionSource, aggregate_sum, attn_layers,
-                                empty_prediction, labels_from_threshold, maxnorm, minmax, rekey,
-                                resize_maps)
+from methods.attribution import BLOCK_CHOICES, AttributionSource, aggregate_sum, attn_layers, rekey
+from methods.maps import empty_prediction, labels_from_threshold, maxnorm, minmax, resize_maps
 from methods.prompts import PROMPT_PARAMS, build_prompt
 from methods.tokens import AutoTokens
 

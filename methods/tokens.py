@@ -19,11 +19,48 @@ from bench.data import require_generation_gt
 from bench.forward import ForwardSetting, run_traced
 from bench.trace import request
 from methods.base import TrainSetting
-from methods.postprocess import attn_layers, attribution_embedding, load_tokens, token_indices
+from methods.attribution import attn_layers, attribution_embedding, token_indices
 
 TOKENS_FITTER = "ovam-tokens"
 TOKENS_FIT_VERSION = "1"
 AUTO_EPOCHS = 100  # tokens=auto: OVAM Sec. 4.1's protocol, shortened from 500 epochs
+
+
+# -- optimised-token files (OVAM Sec. 3.3) ---------------------------------------------------------------------
+TOKENS_FORMAT = "ovam-tokens/1"
+
+
+def save_tokens(path, tokens: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    """{class name: (2, D) [background, class] post-encoder embeddings} -> safetensors file."""
+    from safetensors.torch import save_file
+
+    meta = {"format": TOKENS_FORMAT, **{k: str(v) for k, v in (metadata or {}).items()}}
+    save_file({name: t.detach().float().cpu().contiguous() for name, t in tokens.items()}, str(path), metadata=meta)
+
+
+_TOKEN_CACHE: dict[str, dict[str, torch.Tensor]] = {}
+
+
+def load_tokens(path: str) -> dict[str, torch.Tensor]:
+    """Optimised [background, class] embeddings by class name from a file written by save_tokens."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from bench.errors import BenchError
+
+    if path in _TOKEN_CACHE:
+        return _TOKEN_CACHE[path]
+    if not Path(path).is_file():
+        raise BenchError(f"tokens={path} not found; write one with python -m bench.optimize_tokens")
+    with safe_open(path, framework="pt") as fh:
+        meta = fh.metadata() or {}
+        if meta.get("format") != TOKENS_FORMAT:
+            raise BenchError(f"tokens={path} is not an optimised-token file ({TOKENS_FORMAT})")
+        tokens = {k: fh.get_tensor(k) for k in fh.keys()}
+    _TOKEN_CACHE[path] = tokens
+    return tokens
+
 
 
 @dataclass(frozen=True)

@@ -71,7 +71,7 @@ def peaky_attention(n: int, seed: int = 0) -> torch.Tensor:
 def test_literal_eq7_collapses_the_class_maps_and_the_default_does_not():
     """Issue 9 item 1: Eq. 7 on raw attention (entries ~1/HW) pushes every entry negative and N = 10
     refinements make every class map the same; on the row-max scale the maps stay distinct."""
-    from methods.postprocess import minmax
+    from methods.maps import minmax
 
     a = peaky_attention(1024)
     assert (ent_self(a, 0.01, "literal") < 0).float().mean() > 0.99  # all but the few strongest keys
@@ -98,7 +98,7 @@ def ground_truth_self_attention(mask: torch.Tensor) -> torch.Tensor:
 
 
 def test_refinement_with_ground_truth_self_attention_recovers_the_mask():
-    from methods.postprocess import labels_from_scores, minmax
+    from methods.maps import labels_from_scores, minmax
 
     mask = torch.zeros(16, 16, dtype=torch.long)
     mask[2:8, 3:9] = 1

@@ -8,7 +8,7 @@ from diffusers import UNet2DConditionModel
 from bench.errors import BenchError
 from bench.models.layers import LayerMap, sd_layer_map
 from methods.iseg import ISeg
-from methods.postprocess import attn_layers
+from methods.attribution import attn_layers
 
 
 def names(blocks, kind):

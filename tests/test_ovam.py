@@ -16,9 +16,10 @@ from bench.data import build_dataset
 from bench.forward import ForwardSetting, run_traced
 from bench.trace import request
 from methods.base import ClassQuery
-from methods.postprocess import (AttributionSource, aggregate_daam, aggregate_sum, attn_layers,
-                                 attribution_embedding, load_tokens, minmax, rekey, save_tokens,
-                                 token_indices)
+from methods.attribution import (AttributionSource, aggregate_daam, aggregate_sum, attn_layers,
+    attribution_embedding, rekey, token_indices)
+from methods.maps import minmax
+from methods.tokens import load_tokens, save_tokens
 
 torch.set_num_threads(1)
 SIZE = 64  # image resolution (the backbone sees images at its own)

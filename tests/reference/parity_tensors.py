@@ -92,7 +92,7 @@ def sd15_world(backbone: StandInBackbone, prompt: str, steps: int, latent: int =
     (text width 768 -> inner dim) and the cross-attention the UNet computes from them with the padded prompt."""
     from bench.models.layers import sd_layer_map
     from bench.trace import Trace
-    from methods.postprocess import attribution_embedding
+    from methods.attribution import attribution_embedding
 
     g = torch.Generator().manual_seed(seed)
     emb, ids = attribution_embedding(backbone, prompt, pad=True)

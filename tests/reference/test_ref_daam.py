@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from methods.attn2mask import Attn2Mask, step_index
 from methods.base import ClassQuery
 from methods.daam import DAAM
-from methods.postprocess import attn_layers
+from methods.attribution import attn_layers
 from parity_tensors import agreement, relative_error
 
 IMAGE = (512, 512)
@@ -99,7 +99,7 @@ def test_step_half_of_a_hundred_is_the_index_ovam_reads():
 
 def test_attn2mask_unpadded_keys_equal_ovams_reimplementation(stand_in):
     """One class per image ("a photograph of a <class>", VOC-sim), the step at 0.5 of the schedule."""
-    from methods.postprocess import attribution_embedding
+    from methods.attribution import attribution_embedding
     from parity_tensors import sd15_world
 
     trace = sd15_world(stand_in, "a photograph of a dog", steps=2, seed=1)

@@ -1,11 +1,12 @@
-"""Post-processing shared by methods: token lookup, map fusion, normalisation, label assignment."""
+"""Attribution shared by DAAM, Attn2Mask, OVAM and iSeg: a word's token positions, the attention layers of a
+block spec, re-keying stored queries with any text (OVAM Eq. 3-4), per-class layer maps and their aggregation."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from bench.models.layers import layer_map
+from methods.maps import resize_maps
 
 
 def word_token_ids(tokenizer, word: str) -> list[int]:
@@ -26,46 +27,6 @@ def token_indices(tokenizer, token_ids: list[int], word: str) -> list[int]:
     return hits
 
 
-def resize_maps(maps: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
-    """(..., h, w) -> (..., H, W)."""
-    if tuple(maps.shape[-2:]) == tuple(size):
-        return maps
-    lead = maps.shape[:-2]
-    flat = maps.reshape(-1, 1, *maps.shape[-2:]).float()
-    out = F.interpolate(flat, size=size, mode=mode, align_corners=False if mode != "nearest" else None)
-    return out.reshape(*lead, *size)
-
-
-def minmax(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Per-map min-max scaling of (K, ...) to [0, 1]."""
-    flat = maps.flatten(1)
-    lo, hi = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
-    return ((flat - lo) / (hi - lo).clamp_min(eps)).view_as(maps)
-
-
-def labels_from_scores(scores: torch.Tensor, class_ids: list[int], out_size: tuple[int, int],
-                       background: str = "power", bg_power: float = 2.0, bg_threshold: float = 0.45) -> torch.Tensor:
-    """Per-class scores in [0, 1] (K, h, w) -> dataset label map (H, W), 0 = background.
-
-    background="power": background score (1 - max_k s_k)^p competes in the argmax (iSeg code, p = 2);
-    background="threshold": background wherever max_k s_k < bg_threshold (iSeg code for COCO, 0.45).
-    """
-    if not class_ids:
-        return torch.zeros(out_size, dtype=torch.long)
-    up = resize_maps(scores, out_size).clamp(0, 1)
-    best, arg = up.max(0)
-    ids = torch.tensor(class_ids, dtype=torch.long)
-    labels = ids[arg]
-    if background == "power":
-        labels[(1 - best) ** bg_power > best] = 0
-    elif background == "threshold":
-        labels[best < bg_threshold] = 0
-    else:
-        raise ValueError(f"unknown background rule {background!r}")
-    return labels
-
-
-# -- shared by DAAM, Attn2Mask and OVAM ------------------------------------------------------------------------------
 # Block specs by the papers' SD resolution names at 512 px (latent 64): "64" = down0/up3, "32" = down1/up2,
 # "16" = down2/up1, "8" = mid; "all" = every down/up attention level (mid dropped, DAAM Sec. 3), which is
 # "64+32+16" on SD and whatever levels another layout has (bench.models.layers resolves them by role).
@@ -122,67 +83,6 @@ def aggregate_daam(layer_maps: list[torch.Tensor], size: tuple[int, int]) -> tor
 def aggregate_sum(layer_maps: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
     """OVAM Eq. 5: bilinear resize of every (layer, step, head) map to `size`, summed -> (K, *size)."""
     return torch.stack([resize_maps(m, size, mode="bilinear").sum(dim=(1, 2)) for m in layer_maps]).sum(0)
-
-
-def maxnorm(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Per-map division by the maximum (DAAM as applied by the OVAM paper: map / max > tau)."""
-    flat = maps.flatten(1)
-    return (flat / flat.max(1, keepdim=True).values.clamp_min(eps)).view_as(maps)
-
-
-def labels_from_threshold(scores: torch.Tensor, class_ids: list[int], out_size: tuple[int, int],
-                          tau: float, strict: bool = True) -> torch.Tensor:
-    """Per-class normalised maps (K, h, w) -> label map: class k where its map passes tau (DAAM: > tau; OVAM
-    Eq. 9: >= tau), the strongest class where several do, background elsewhere."""
-    if not class_ids:
-        return torch.zeros(out_size, dtype=torch.long)
-    up = resize_maps(scores, out_size)
-    best, arg = up.max(0)
-    labels = torch.tensor(class_ids, dtype=torch.long)[arg]
-    labels[(best <= tau) if strict else (best < tau)] = 0
-    return labels
-
-
-def empty_prediction(out_size: tuple[int, int]):
-    from methods.base import Prediction
-
-    return Prediction(torch.zeros(0, 1, 1), torch.zeros(out_size, dtype=torch.long))
-
-
-# -- optimised tokens (OVAM Sec. 3.3) ------------------------------------------------------------------------------
-TOKENS_FORMAT = "ovam-tokens/1"
-
-
-def save_tokens(path, tokens: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
-    """{class name: (2, D) [background, class] post-encoder embeddings} -> safetensors file."""
-    from safetensors.torch import save_file
-
-    meta = {"format": TOKENS_FORMAT, **{k: str(v) for k, v in (metadata or {}).items()}}
-    save_file({name: t.detach().float().cpu().contiguous() for name, t in tokens.items()}, str(path), metadata=meta)
-
-
-_TOKEN_CACHE: dict[str, dict[str, torch.Tensor]] = {}
-
-
-def load_tokens(path: str) -> dict[str, torch.Tensor]:
-    """Optimised [background, class] embeddings by class name from a file written by save_tokens."""
-    from pathlib import Path
-
-    from safetensors import safe_open
-
-    from bench.errors import BenchError
-
-    if path in _TOKEN_CACHE:
-        return _TOKEN_CACHE[path]
-    if not Path(path).is_file():
-        raise BenchError(f"tokens={path} not found; write one with python -m bench.optimize_tokens")
-    with safe_open(path, framework="pt") as fh:
-        meta = fh.metadata() or {}
-        if meta.get("format") != TOKENS_FORMAT:
-            raise BenchError(f"tokens={path} is not an optimised-token file ({TOKENS_FORMAT})")
-        tokens = {k: fh.get_tensor(k) for k in fh.keys()}
-    _TOKEN_CACHE[path] = tokens
-    return tokens
 
 
 class AttributionSource:

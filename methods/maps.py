@@ -1,0 +1,70 @@
+"""Map helpers shared by methods: resizing, normalisation, label assignment."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def resize_maps(maps: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    """(..., h, w) -> (..., H, W)."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    lead = maps.shape[:-2]
+    flat = maps.reshape(-1, 1, *maps.shape[-2:]).float()
+    out = F.interpolate(flat, size=size, mode=mode, align_corners=False if mode != "nearest" else None)
+    return out.reshape(*lead, *size)
+
+
+def minmax(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Per-map min-max scaling of (K, ...) to [0, 1]."""
+    flat = maps.flatten(1)
+    lo, hi = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
+    return ((flat - lo) / (hi - lo).clamp_min(eps)).view_as(maps)
+
+
+def labels_from_scores(scores: torch.Tensor, class_ids: list[int], out_size: tuple[int, int],
+                       background: str = "power", bg_power: float = 2.0, bg_threshold: float = 0.45) -> torch.Tensor:
+    """Per-class scores in [0, 1] (K, h, w) -> dataset label map (H, W), 0 = background.
+
+    background="power": background score (1 - max_k s_k)^p competes in the argmax (iSeg code, p = 2);
+    background="threshold": background wherever max_k s_k < bg_threshold (iSeg code for COCO, 0.45).
+    """
+    if not class_ids:
+        return torch.zeros(out_size, dtype=torch.long)
+    up = resize_maps(scores, out_size).clamp(0, 1)
+    best, arg = up.max(0)
+    ids = torch.tensor(class_ids, dtype=torch.long)
+    labels = ids[arg]
+    if background == "power":
+        labels[(1 - best) ** bg_power > best] = 0
+    elif background == "threshold":
+        labels[best < bg_threshold] = 0
+    else:
+        raise ValueError(f"unknown background rule {background!r}")
+    return labels
+
+
+def maxnorm(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Per-map division by the maximum (DAAM as applied by the OVAM paper: map / max > tau)."""
+    flat = maps.flatten(1)
+    return (flat / flat.max(1, keepdim=True).values.clamp_min(eps)).view_as(maps)
+
+
+def labels_from_threshold(scores: torch.Tensor, class_ids: list[int], out_size: tuple[int, int],
+                          tau: float, strict: bool = True) -> torch.Tensor:
+    """Per-class normalised maps (K, h, w) -> label map: class k where its map passes tau (DAAM: > tau; OVAM
+    Eq. 9: >= tau), the strongest class where several do, background elsewhere."""
+    if not class_ids:
+        return torch.zeros(out_size, dtype=torch.long)
+    up = resize_maps(scores, out_size)
+    best, arg = up.max(0)
+    labels = torch.tensor(class_ids, dtype=torch.long)[arg]
+    labels[(best <= tau) if strict else (best < tau)] = 0
+    return labels
+
+
+def empty_prediction(out_size: tuple[int, int]):
+    from methods.base import Prediction
+
+    return Prediction(torch.zeros(0, 1, 1), torch.zeros(out_size, dtype=torch.long))
