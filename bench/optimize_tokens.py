@@ -17,15 +17,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import shutil
 import sys
-import tempfile
 from dataclasses import asdict, fields
 from pathlib import Path
 
 import yaml
 from tqdm import tqdm
 
+from bench.atomic import staged_dir
 from bench.data import build_dataset
 from bench.env import quiet_environment
 from bench.errors import BenchError, cli_exit
@@ -130,9 +129,7 @@ def run(args: argparse.Namespace) -> Path:
     fits = [f for f in fits if f.tokens is not None]
     if not fits:
         raise BenchError("no class had a training image; check --data and --classes")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_dir(out, "--out DIR") as tmp:
         meta = {"model": backbone.name, "blocks": settings.blocks, "loss": settings.loss, "mode": settings.mode,
                 "template": settings.template}
         save_tokens(tmp / "tokens.safetensors", {f.name: f.tokens for f in fits}, meta)
@@ -147,12 +144,6 @@ def run(args: argparse.Namespace) -> Path:
         (tmp / "summary.json").write_text(json.dumps({"settings": asdict(settings), "model": backbone.describe(),
                                                       "dataset": dataset.describe(), "classes": summary},
                                                      indent=2, default=str))
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out / "tokens.safetensors"
 
 

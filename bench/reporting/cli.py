@@ -17,6 +17,7 @@ import tempfile
 from datetime import datetime
 from pathlib import Path
 
+from bench.atomic import staged_dir
 from bench.env import quiet_environment
 from bench.errors import BenchError, cli_exit
 
@@ -59,28 +60,28 @@ def make(run_dirs: list[str], out: str | None = None, qualitative: int | None = 
         target = Path(out) if out else Path("reports") / f"combined-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
         if target.exists() and (not target.is_dir() or any(target.iterdir())):
             raise BenchError(f"--out {target} already exists and is not empty; choose another --out or remove it")
-    parent = target if in_place else target.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{target.name}.report-", dir=parent))
-    except OSError as err:
-        raise BenchError(f"cannot write to {parent}: {err.strerror}; choose a writable --out DIR") from None
-    try:
+    def write(work: Path) -> None:
         if len(runs) == 1:
             write_single(runs[0], work, 4 if qualitative is None else qualitative)
         else:
             write_combined(runs, work, 2 if qualitative is None else qualitative)
-        if in_place:
-            for f in sorted(work.iterdir()):  # each file replaced atomically; figures first, reports last
-                if f.name not in ("report.md", "report.html"):
-                    os.replace(f, target / f.name)
-            for name in ("report.md", "report.html"):
-                os.replace(work / name, target / name)
-            work.rmdir()
-        else:
-            if target.exists():
-                target.rmdir()  # empty, checked above
-            work.rename(target)
+
+    if not in_place:
+        with staged_dir(target, "--out DIR", "report-") as work:
+            write(work)
+        return target
+    try:
+        work = Path(tempfile.mkdtemp(prefix=f".{target.name}.report-", dir=target))
+    except OSError as err:
+        raise BenchError(f"cannot write to {target}: {err.strerror}; choose a writable --out DIR") from None
+    try:  # in place: each file replaced atomically; figures first, reports last
+        write(work)
+        for f in sorted(work.iterdir()):
+            if f.name not in ("report.md", "report.html"):
+                os.replace(f, target / f.name)
+        for name in ("report.md", "report.html"):
+            os.replace(work / name, target / name)
+        work.rmdir()
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
