@@ -140,13 +140,24 @@ class _Recorder:
         self.timesteps: list[int] = []
         self.data: dict[str, dict[str, list[torch.Tensor]]] = {"cross": {}, "self_attn": {}, "queries": {}}
 
-    def add(self, kind: str, layer: str, value: torch.Tensor) -> None:
-        value = value[self.keep].to(self.dtype).detach()
+    def add(self, kind: str, layer: str, value: torch.Tensor, selected: bool = False) -> None:
+        """Record `value` (batch first); `selected`: already restricted to the recorded branch."""
+        value = (value if selected else value[self.keep]).to(self.dtype).detach()
         steps = self.data[kind].setdefault(layer, [])
         if (self.request.sum_steps or (kind == "self_attn" and self.request.sum_self_steps)) and steps:
             steps[0] += value
         else:
             steps.append(value)
+
+
+# Bytes of attention scores computed at once by a capturing layer; the softmax holds about twice this.
+SCORE_BLOCK_BYTES = 64 * 2**20
+
+
+def _row_block(batch_heads: int, rows: int, keys: int, element_size: int) -> int:
+    """Query rows per block so that a block of scores (batch_heads, block, keys) stays within the budget."""
+    per_row = batch_heads * keys * max(element_size, 4)  # get_attention_scores may upcast to fp32
+    return max(1, min(rows, SCORE_BLOCK_BYTES // per_row))
 
 
 class CaptureProcessor:
@@ -185,8 +196,20 @@ class CaptureProcessor:
             key = key * rec.key_weights[:, :, None].to(key.dtype)  # iSeg Eq. 9: W . K
         heads = attn.heads
         query, key, value = (attn.head_to_batch_dim(x) for x in (query, key, value))  # (B*heads, L, d)
-        probs = attn.get_attention_scores(query, key, attention_mask)
-        out = torch.bmm(probs, value)
+        # Probabilities for a block of query rows at a time: the full (B*heads, L, T) matrix (168 MiB per image
+        # for SD2.1's 64x64 self-attention in fp16, twice that while the softmax runs) never exists at once;
+        # only what is recorded (usually the head mean) is kept. One block when it fits: AttnProcessor exactly.
+        rows = _row_block(query.shape[0], query.shape[1], key.shape[1], query.element_size())
+        outs, recorded = [], []
+        for start in range(0, query.shape[1], rows):
+            block = slice(start, start + rows)
+            mask = attention_mask if attention_mask is None or attention_mask.shape[1] == 1 \
+                else attention_mask[:, block]
+            probs = attn.get_attention_scores(query[:, block], key, mask)
+            outs.append(torch.bmm(probs, value))
+            recorded.append(self._reduce(probs, heads))
+            del probs
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
         out = attn.batch_to_head_dim(out)
         out = attn.to_out[1](attn.to_out[0](out))
         if input_ndim == 4:
@@ -194,20 +217,32 @@ class CaptureProcessor:
         if attn.residual_connection:
             out = out + residual
         out = out / attn.rescale_output_factor
-        self._record(probs, query, heads, hidden_states.shape[1])
+        self._record(recorded, query, heads, hidden_states.shape[1])
         return out
 
-    def _record(self, probs, query, heads, seq_len):
+    def _reduce(self, probs, heads) -> dict[str, torch.Tensor]:
+        """What is kept of one row block of probabilities (B*heads, rows, T): the rows of the recorded
+        branch, per head or head-averaged, in the trace's dtype."""
         rec = self.recorder
-        probs = probs.unflatten(0, (-1, heads))  # (B, heads, L, T)
+        probs = probs.unflatten(0, (-1, heads))[rec.keep]  # (B_kept, heads, rows, T)
+        kept = {}
+        if "cross" in self.kinds:
+            kept["cross"] = probs if rec.request.per_head else probs.mean(1, keepdim=True)
+        if "self_attn" in self.kinds:
+            kept["self_attn"] = probs if rec.request.self_per_head else probs.mean(1, keepdim=True)
+        return {kind: value.to(rec.dtype) for kind, value in kept.items()}
+
+    def _record(self, recorded: list[dict[str, torch.Tensor]], query, heads, seq_len):
+        rec = self.recorder
         if "queries" in self.kinds:
             rec.add("queries", self.name, query.unflatten(0, (-1, heads)))
+        whole = {kind: blocks[0] if len(blocks) == 1 else torch.cat(blocks, 2)
+                 for kind in recorded[0] for blocks in [[r[kind] for r in recorded]]}
         if "cross" in self.kinds:
             h, w = grid_size(seq_len, rec.latent_size)
-            cross = probs if rec.request.per_head else probs.mean(1, keepdim=True)
-            rec.add("cross", self.name, cross.unflatten(2, (h, w)))
+            rec.add("cross", self.name, whole["cross"].unflatten(2, (h, w)), selected=True)
         if "self_attn" in self.kinds:
-            rec.add("self_attn", self.name, probs if rec.request.self_per_head else probs.mean(1, keepdim=True))
+            rec.add("self_attn", self.name, whole["self_attn"], selected=True)
 
 
 class WeightedKeyProcessor:

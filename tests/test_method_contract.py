@@ -301,3 +301,35 @@ def test_capture_processors_give_diffusers_outputs(tiny):
 def test_class_query_all_lists_every_foreground_class():
     dataset = build_dataset(DATA["inversion"])
     assert class_query(dataset[0], dataset, "all").ids == list(range(1, len(dataset.classes)))
+
+
+def test_capture_in_row_blocks_equals_one_block(tiny, monkeypatch):
+    """Probabilities computed a block of query rows at a time (the capture-memory bound) give the same UNet
+    output and the same recorded attention as one block."""
+    import bench.trace as trace_mod
+    from bench.trace import AttentionTracer, attention_layers, request
+
+    unet = tiny.unet
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    text = tiny.encode_text(["a red circle", "a blue square"])
+    t = torch.tensor([100])
+    layers = attention_layers(unet)
+    req = request(cross=[n for n, k in layers.items() if k == "cross"],
+                  self_attn=[n for n, k in layers.items() if k == "self"], per_head=True)
+
+    def traced():
+        with torch.no_grad(), AttentionTracer(unet, req) as tracer:
+            tracer.set_branch(slice(1, 2))
+            out = unet(x, t, encoder_hidden_states=text).sample
+        return out, tracer.traces(["b"], torch.zeros(1, 4, dtype=torch.long))[0]
+
+    whole_out, whole = traced()
+    monkeypatch.setattr(trace_mod, "SCORE_BLOCK_BYTES", 1)  # one query row per block
+    block_out, blocks = traced()
+    torch.testing.assert_close(block_out, whole_out, atol=1e-6, rtol=1e-5)
+    for kind in ("cross", "self_attn"):
+        mine, ref = getattr(blocks, kind), getattr(whole, kind)
+        assert mine.keys() == ref.keys() and mine
+        for layer in ref:
+            assert mine[layer].shape == ref[layer].shape
+            torch.testing.assert_close(mine[layer], ref[layer], atol=1e-6, rtol=1e-5)
