@@ -30,3 +30,10 @@ def staged_dir(target: Path, option: str, tag: str = "") -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a file whole or not at all: a hidden temporary name beside it, renamed when written."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

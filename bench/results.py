@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from bench.atomic import write_text
 from bench.stats import bootstrap_intervals
 
 log = logging.getLogger(__name__)
@@ -129,19 +130,13 @@ def write_run(cfg: dict, rows: list[dict], stats: dict, work: Path) -> tuple[pd.
                   "devices": devices(),
                   "metric_protocol": cfg["metric"]["protocol"], "seeds": cfg["seeds"],
                   "bootstrap_draws": int(cfg["report"]["bootstrap"]), "platform": platform.platform(), **stats}
-    _write_text(work / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
-    _write_text(work / "run.json", json.dumps(provenance, indent=2, default=str))
+    write_text(work / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+    write_text(work / "run.json", json.dumps(provenance, indent=2, default=str))
     frame.to_parquet(work / ".results.parquet", index=False)
     (work / ".results.parquet").rename(work / "results.parquet")
     frame.to_csv(work / ".results.csv", index=False)
     (work / ".results.csv").rename(work / "results.csv")
     return frame, provenance
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def schema_version(provenance: dict) -> int:

@@ -209,6 +209,16 @@ def load_embedded(cfg: dict, device: torch.device, dtype: torch.dtype) -> Backbo
                     device, dtype, {"source": "built in-process from configs (random weights, seeded)"})
 
 
+@MODELS.register("sd21-base-arch")
+def load_sd21_base_arch(cfg: dict, device: torch.device, dtype: torch.dtype) -> Backbone:
+    """SD2.1-base's architecture with seeded random weights (bench.models.reference): for timing and memory."""
+    from bench.models.reference import build_sd21_base_arch
+
+    c = build_sd21_base_arch(device, dtype, seed=int(cfg.get("seed", 0)))
+    return Backbone("sd21-base-arch", c["unet"], c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler"],
+                    device, dtype, {"source": "SD2.1-base configs, random weights (timing only)"})
+
+
 @MODELS.register("diffusers")
 def load_diffusers(cfg: dict, device: torch.device, dtype: torch.dtype) -> Backbone:
     if cfg.get("path"):

@@ -1,0 +1,276 @@
+"""`python -m bench.perf [--model embedded|sd21-base-arch] [--device auto] [--dtype auto] [--out reports/perf]`:
+what a sweep's per-image work costs on this machine, in one run.
+
+Measured, each as the median of interleaved repeats after a warm-up (CUDA synchronised around every timing):
+  iseg            the whole per-image cost of iSeg with its defaults (text + VAE encoding, the traced UNet pass
+                  with Cat-Cross key weights, ten Ent-Self refinements, labels and histograms): images/s per
+                  batch size; the paper reports 0.16 s/image (RTX 3090, fp16, batch 1).
+  forward         the traced inversion forward (iSeg's trace request) against the plain one (same VAE + text +
+                  UNet pass, diffusers' default SDPA processors everywhere): the capture overhead.
+  generation      DAAM's traced generation (50 DDIM steps, classifier-free guidance, decode) against diffusers'
+                  own StableDiffusionPipeline on the same components and scheduler.
+  memory          (CUDA) peak allocated memory of iSeg at batch 1, of the plain forward, and the bytes of the
+                  trace that iSeg keeps: capture must cost at most twice what it keeps.
+`sd21-base-arch` is SD2.1-base's architecture with random weights (bench.models.reference): a real checkpoint
+costs the same. The report (JSON + Markdown, device line, versions, batch sizes) is written atomically to
+`--out/<model>-<device kind>.{json,md}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import replace
+from importlib.metadata import version
+from pathlib import Path
+
+from bench.env import quiet_environment
+
+quiet_environment()
+
+import torch  # noqa: E402
+
+from bench.errors import BenchError, cli_exit  # noqa: E402
+
+log = logging.getLogger(__name__)
+TARGETS = {"iseg_images_per_second_gpu": 100.0, "traced_over_plain": 1.3, "generation_over_pipeline": 1.25,
+           "peak_gb_batch1": 5.0}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(fns: dict, device: torch.device, repeats: int, warmup: int = 1) -> dict[str, dict]:
+    """Median / min seconds of each function, the functions alternating within every round (A B A B ...), so
+    drift of the machine (clocks, other load) falls on all of them alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: {"median_s": statistics.median(t), "min_s": min(t), "repeats": len(t)} for name, t in times.items()}
+
+
+def _iseg_setup(backbone, batch: int):
+    """iSeg with its defaults over `batch` shapes images at the backbone's native size."""
+    from bench.data import build_dataset
+    from bench.evaluate import group_request
+    from bench.plan import ForwardGroup, Trial
+    from methods import METHODS
+
+    method = METHODS.get("iseg")(backbone)
+    params = method.resolve({})
+    group = ForwardGroup(seed=0, forward=tuple((k, params[k]) for k in method.forward_keys()),
+                         trials=[Trial("iseg-default", params, {})])
+    dataset = build_dataset({"name": "shapes", "num_images": batch, "size": backbone.resolution, "split": "val"})
+    return method, params, group, dataset, [dataset[i] for i in range(batch)], group_request(method, group)
+
+
+def measure_inversion(backbone, batches: list[int], repeats: int) -> list[dict]:
+    rows = []
+    for batch in batches:
+        try:
+            row = _measure_batch(backbone, batch, repeats)
+        except torch.OutOfMemoryError:
+            log.warning("batch %d does not fit in memory; stopping the batch sweep", batch)
+            torch.cuda.empty_cache()
+            break
+        rows.append(row)
+        log.info("batch %d: %s", batch, row)
+    return rows
+
+
+def _measure_batch(backbone, batch: int, repeats: int) -> dict:
+    from bench.evaluate import evaluate_batch, trace_samples
+    from bench.forward import run_traced
+    from bench.trace import request
+
+    method, params, group, dataset, samples, req = _iseg_setup(backbone, batch)
+    setting = replace(method.forward_setting(params, 0), size=backbone.resolution)
+    prompts = [f"a photograph of a {s.caption or 'shape'}" for s in samples]
+    images = [s.image for s in samples]
+    timings = interleaved({
+        "plain": lambda: run_traced(backbone, request(), setting, prompts, images=images),
+        "traced": lambda: trace_samples(method, dataset, samples, params, 0, req, backbone.resolution),
+        "iseg": lambda: evaluate_batch(method, dataset, samples, group, req, backbone.resolution),
+    }, backbone.device, repeats)
+    row = {"batch": batch, **{f"{k}_s_per_batch": round(v["median_s"], 5) for k, v in timings.items()}}
+    row["iseg_images_per_second"] = round(batch / timings["iseg"]["median_s"], 3)
+    row["iseg_s_per_image"] = round(timings["iseg"]["median_s"] / batch, 5)
+    row["traced_over_plain"] = round(timings["traced"]["median_s"] / timings["plain"]["median_s"], 3)
+    return row
+
+
+def measure_generation(backbone, steps: int, repeats: int) -> dict:
+    from diffusers import StableDiffusionPipeline
+
+    from bench.forward import ForwardSetting, run_traced
+    from methods import METHODS
+
+    daam = METHODS.get("daam")(backbone)
+    req = daam.trace_request(daam.resolve({"mode": "generation"}))
+    scheduler = type(backbone.scheduler).from_config(backbone.scheduler.config)
+    pipe = StableDiffusionPipeline(vae=backbone.vae, text_encoder=backbone.text_encoder,
+                                   tokenizer=backbone.tokenizer, unet=backbone.unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    prompt = "a photograph of a red circle"
+    setting = ForwardSetting(mode="generation", steps=steps, scheduler="auto", guidance=7.5)
+    generator = torch.Generator(backbone.device).manual_seed(0)
+    timings = interleaved({
+        "pipeline": lambda: pipe(prompt, num_inference_steps=steps, guidance_scale=7.5, output_type="np",
+                                 generator=generator),
+        "traced": lambda: run_traced(backbone, req, setting, [prompt]),
+    }, backbone.device, repeats)
+    return {"steps": steps, "batch": 1, **{f"{k}_s": round(v["median_s"], 4) for k, v in timings.items()},
+            "traced_over_pipeline": round(timings["traced"]["median_s"] / timings["pipeline"]["median_s"], 3)}
+
+
+def measure_memory(backbone) -> dict:
+    """Peak CUDA memory (allocated, beyond what the weights hold) of iSeg at batch 1 against the plain forward,
+    and the bytes of the trace iSeg keeps."""
+    from bench.evaluate import evaluate_batch, trace_samples
+    from bench.forward import run_traced
+    from bench.trace import request
+
+    device = backbone.device
+    method, params, group, dataset, samples, req = _iseg_setup(backbone, 1)
+    setting = replace(method.forward_setting(params, 0), size=backbone.resolution)
+    images = [samples[0].image]
+
+    def peak(fn) -> tuple[int, object]:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        out = fn()
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) - base, out
+
+    weights = torch.cuda.memory_allocated(device)
+    plain, _ = peak(lambda: run_traced(backbone, request(), setting, ["a photograph of a shape"], images=images))
+    traced, batch = peak(lambda: trace_samples(method, dataset, samples, params, 0, req, backbone.resolution))
+    trace = batch.traces[0]
+    kept = sum(t.numel() * t.element_size() for kind in ("cross", "self_attn", "queries")
+               for t in getattr(trace, kind).values())
+    del batch, trace
+    whole, _ = peak(lambda: evaluate_batch(method, dataset, samples, group, req, backbone.resolution))
+    gb = 2**30
+    return {"weights_gb": round(weights / gb, 3), "plain_forward_peak_gb": round(plain / gb, 3),
+            "traced_forward_peak_gb": round(traced / gb, 3), "trace_kept_gb": round(kept / gb, 3),
+            "iseg_batch1_peak_gb": round((weights + whole) / gb, 3),
+            "capture_within_bound": bool(traced <= plain + 2 * kept)}
+
+
+def device_line(device: torch.device) -> str:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"{props.name}, {props.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}"
+    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def versions() -> dict[str, str]:
+    return {name: version(name) for name in ("torch", "diffusers", "transformers")}
+
+
+def run_perf(model: str, device: str, dtype: str, batches: list[int], repeats: int, steps: int,
+             out_dir: Path) -> Path:
+    from bench.atomic import write_text
+    from bench.models import MODELS, load_backbone
+
+    MODELS.get(model)  # unknown names: one line with a suggestion, before anything loads
+    started = time.time()
+    backbone = load_backbone({"name": model, "device": device, "dtype": dtype})
+    log.info("loaded %s on %s (%s) in %.1f s", model, backbone.device, backbone.dtype, time.time() - started)
+    result = {"model": model, "device": device_line(backbone.device), "device_kind": backbone.device.type,
+              "dtype": str(backbone.dtype).replace("torch.", ""), "resolution": backbone.resolution,
+              "versions": versions(), "repeats": repeats, "inversion": measure_inversion(backbone, batches, repeats),
+              "generation": measure_generation(backbone, steps, repeats), "targets": TARGETS}
+    if backbone.device.type == "cuda":
+        result["memory"] = measure_memory(backbone)
+    result["seconds"] = round(time.time() - started, 1)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"{model}-{backbone.device.type}"
+    write_text(stem.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
+    write_text(stem.with_suffix(".md"), render_markdown(result))
+    return stem.with_suffix(".md")
+
+
+def render_markdown(r: dict) -> str:
+    inv = r["inversion"]
+    best = max(inv, key=lambda row: row["iseg_images_per_second"]) if inv else None
+    lines = [f"# Per-image cost: {r['model']} ({r['dtype']}, {r['resolution']} px)", "",
+             f"Device: {r['device']}. Versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items())
+             + f". Medians of {r['repeats']} interleaved repeats after a warm-up.", "",
+             "## iSeg with its defaults (inversion, one traced UNet pass, Cat-Cross, N = 10 Ent-Self)", "",
+             "| batch | iSeg images/s | iSeg s/image | plain forward s/batch | traced forward s/batch | traced / plain |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for row in inv:
+        lines.append(f"| {row['batch']} | {row['iseg_images_per_second']:.2f} | {row['iseg_s_per_image']:.4f} | "
+                     f"{row['plain_s_per_batch']:.4f} | {row['traced_s_per_batch']:.4f} | {row['traced_over_plain']:.2f} |")
+    gen = r["generation"]
+    lines += ["", "Paper (iSeg Sec. 4): 0.16 s/image on an RTX 3090, fp16, batch 1.", ""]
+    if best:
+        lines.append(f"Best: {best['iseg_images_per_second']:.1f} images/s at batch {best['batch']}"
+                     + (f" (target >= {TARGETS['iseg_images_per_second_gpu']:.0f} on a GPU)." if r["device_kind"] == "cuda" else "."))
+        worst = max(row["traced_over_plain"] for row in inv)
+        lines.append(f"Capture overhead, traced / plain forward: at most {worst:.2f}x over the batch sizes "
+                     f"(target <= {TARGETS['traced_over_plain']}x).")
+    lines += ["", f"## Generation ({gen['steps']} DDIM steps, guidance 7.5, batch 1)", "",
+              f"diffusers StableDiffusionPipeline {gen['pipeline_s']:.3f} s, DAAM's traced generation "
+              f"{gen['traced_s']:.3f} s: {gen['traced_over_pipeline']:.2f}x (target <= {TARGETS['generation_over_pipeline']}x)."]
+    if "memory" in r:
+        m = r["memory"]
+        lines += ["", "## Memory (CUDA, batch 1)", "",
+                  f"Weights {m['weights_gb']} GB; peak beyond the weights: plain forward {m['plain_forward_peak_gb']} GB, "
+                  f"traced forward {m['traced_forward_peak_gb']} GB, trace kept {m['trace_kept_gb']} GB "
+                  f"(capture within plain + 2 x kept: {'yes' if m['capture_within_bound'] else 'NO'}). "
+                  f"iSeg at batch 1 peaks at {m['iseg_batch1_peak_gb']} GB in all (paper: 5 GB; target <= {TARGETS['peak_gb_batch1']} GB)."]
+    lines += ["", f"Measured in {r['seconds']} s by `python -m bench.perf --model {r['model']}`.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.perf", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="embedded", help="embedded | sd21-base-arch (random weights)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--batches", default="", help="comma-separated batch sizes (default: 1,4,16 on CPU; "
+                        "1,8,16,32,64 on CUDA)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=50, help="generation steps")
+    parser.add_argument("--out", default="reports/perf")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+    def go() -> Path:
+        try:
+            batches = [int(b) for b in args.batches.split(",") if b.strip()]
+        except ValueError:
+            raise BenchError(f"--batches={args.batches!r} must be comma-separated integers, e.g. 1,8,32") from None
+        if any(b < 1 for b in batches) or args.repeats < 1 or args.steps < 1:
+            raise BenchError("--batches, --repeats and --steps must be positive")
+        cuda = torch.cuda.is_available() and args.device != "cpu"
+        batches = batches or ([1, 8, 16, 32, 64] if cuda else [1, 4, 16])
+        if not cuda:
+            torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        return run_perf(args.model, args.device, args.dtype, batches, args.repeats, args.steps, Path(args.out))
+
+    return cli_exit(go)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
