@@ -19,12 +19,14 @@ costs the same. The report (JSON + Markdown, device line, versions, batch sizes)
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
 import platform
 import statistics
 import sys
+import threading
 import time
 from dataclasses import replace
 from importlib.metadata import version
@@ -40,7 +42,7 @@ from bench.errors import BenchError, cli_exit  # noqa: E402
 
 log = logging.getLogger(__name__)
 TARGETS = {"iseg_images_per_second_gpu": 100.0, "traced_over_plain": 1.3, "generation_over_pipeline": 1.25,
-           "peak_gb_batch1": 5.0}
+           "peak_mib_batch1": 5120.0}
 
 
 def _sync(device: torch.device) -> None:
@@ -140,9 +142,59 @@ def measure_generation(backbone, steps: int, repeats: int) -> dict:
             "traced_over_pipeline": round(timings["traced"]["median_s"] / timings["pipeline"]["median_s"], 3)}
 
 
+class RssPeak:
+    """Peak resident memory of this process above its level at entry, sampled every half millisecond from
+    /proc/self/statm (CPU runs: torch keeps no allocator statistics there). Large tensors are mmapped by the
+    allocator and unmapped when freed, so the resident size follows them."""
+
+    def __init__(self):
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.peak = self.base = 0
+        self._stop = threading.Event()
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * self.page
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.0005)
+
+    def __enter__(self) -> "RssPeak":
+        gc.collect()
+        self.base = self.peak = self._rss()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+    @property
+    def extra(self) -> int:
+        return self.peak - self.base
+
+
+def _peak(device: torch.device, fn) -> tuple[int, object]:
+    """Peak memory `fn` needs beyond what is held before it (CUDA: allocated bytes; CPU: resident bytes)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        out = fn()
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) - base, out
+    with RssPeak() as rss:
+        out = fn()
+    return rss.extra, out
+
+
 def measure_memory(backbone) -> dict:
-    """Peak CUDA memory (allocated, beyond what the weights hold) of iSeg at batch 1 against the plain forward,
-    and the bytes of the trace iSeg keeps."""
+    """Peak memory (beyond what the weights hold) of the traced forward of iSeg at batch 1 against the plain
+    forward, and the bytes of the trace iSeg keeps: capture must cost at most twice what it keeps."""
     from bench.evaluate import evaluate_batch, trace_samples
     from bench.forward import run_traced
     from bench.trace import request
@@ -151,28 +203,27 @@ def measure_memory(backbone) -> dict:
     method, params, group, dataset, samples, req = _iseg_setup(backbone, 1)
     setting = replace(method.forward_setting(params, 0), size=backbone.resolution)
     images = [samples[0].image]
-
-    def peak(fn) -> tuple[int, object]:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        out = fn()
-        _sync(device)
-        return torch.cuda.max_memory_allocated(device) - base, out
-
-    weights = torch.cuda.memory_allocated(device)
-    plain, _ = peak(lambda: run_traced(backbone, request(), setting, ["a photograph of a shape"], images=images))
-    traced, batch = peak(lambda: trace_samples(method, dataset, samples, params, 0, req, backbone.resolution))
+    for _ in range(2):  # warm: first calls allocate caches (cuDNN/oneDNN workspaces, tokenizer) once
+        run_traced(backbone, request(), setting, ["a photograph of a shape"], images=images)
+        trace_samples(method, dataset, samples, params, 0, req, backbone.resolution)
+    plain, _ = _peak(device, lambda: run_traced(backbone, request(), setting, ["a photograph of a shape"],
+                                                images=images))
+    traced, batch = _peak(device, lambda: trace_samples(method, dataset, samples, params, 0, req,
+                                                        backbone.resolution))
     trace = batch.traces[0]
     kept = sum(t.numel() * t.element_size() for kind in ("cross", "self_attn", "queries")
                for t in getattr(trace, kind).values())
     del batch, trace
-    whole, _ = peak(lambda: evaluate_batch(method, dataset, samples, group, req, backbone.resolution))
-    gb = 2**30
-    return {"weights_gb": round(weights / gb, 3), "plain_forward_peak_gb": round(plain / gb, 3),
-            "traced_forward_peak_gb": round(traced / gb, 3), "trace_kept_gb": round(kept / gb, 3),
-            "iseg_batch1_peak_gb": round((weights + whole) / gb, 3),
-            "capture_within_bound": bool(traced <= plain + 2 * kept)}
+    mib = 2**20
+    out = {"how": "CUDA max_memory_allocated" if device.type == "cuda" else "resident memory sampled every 0.5 ms",
+           "plain_forward_peak_mib": round(plain / mib, 1), "traced_forward_peak_mib": round(traced / mib, 1),
+           "trace_kept_mib": round(kept / mib, 1), "capture_within_bound": bool(traced <= plain + 2 * kept)}
+    if device.type == "cuda":
+        weights = torch.cuda.memory_allocated(device)
+        whole, _ = _peak(device, lambda: evaluate_batch(method, dataset, samples, group, req, backbone.resolution))
+        out["weights_mib"] = round(weights / mib, 1)
+        out["iseg_batch1_peak_mib"] = round((weights + whole) / mib, 1)
+    return out
 
 
 def device_line(device: torch.device) -> str:
@@ -186,8 +237,11 @@ def versions() -> dict[str, str]:
     return {name: version(name) for name in ("torch", "diffusers", "transformers")}
 
 
+PARTS = ("inversion", "generation", "memory")
+
+
 def run_perf(model: str, device: str, dtype: str, batches: list[int], repeats: int, steps: int,
-             out_dir: Path) -> Path:
+             out_dir: Path, parts: tuple[str, ...] = PARTS) -> Path:
     from bench.atomic import write_text
     from bench.models import MODELS, load_backbone
 
@@ -197,48 +251,59 @@ def run_perf(model: str, device: str, dtype: str, batches: list[int], repeats: i
     log.info("loaded %s on %s (%s) in %.1f s", model, backbone.device, backbone.dtype, time.time() - started)
     result = {"model": model, "device": device_line(backbone.device), "device_kind": backbone.device.type,
               "dtype": str(backbone.dtype).replace("torch.", ""), "resolution": backbone.resolution,
-              "versions": versions(), "repeats": repeats, "inversion": measure_inversion(backbone, batches, repeats),
-              "generation": measure_generation(backbone, steps, repeats), "targets": TARGETS}
-    if backbone.device.type == "cuda":
+              "versions": versions(), "repeats": repeats, "targets": TARGETS}
+    if "inversion" in parts:
+        result["inversion"] = measure_inversion(backbone, batches, repeats)
+    if "generation" in parts:
+        result["generation"] = measure_generation(backbone, steps, repeats)
+    if "memory" in parts:
         result["memory"] = measure_memory(backbone)
     result["seconds"] = round(time.time() - started, 1)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"{model}-{backbone.device.type}"
+    stem = out_dir / f"{model}-{backbone.device.type}" if parts == PARTS else \
+        out_dir / f"{model}-{backbone.device.type}-{'-'.join(parts)}"
     write_text(stem.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
     write_text(stem.with_suffix(".md"), render_markdown(result))
     return stem.with_suffix(".md")
 
 
 def render_markdown(r: dict) -> str:
-    inv = r["inversion"]
-    best = max(inv, key=lambda row: row["iseg_images_per_second"]) if inv else None
     lines = [f"# Per-image cost: {r['model']} ({r['dtype']}, {r['resolution']} px)", "",
              f"Device: {r['device']}. Versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items())
-             + f". Medians of {r['repeats']} interleaved repeats after a warm-up.", "",
-             "## iSeg with its defaults (inversion, one traced UNet pass, Cat-Cross, N = 10 Ent-Self)", "",
-             "| batch | iSeg images/s | iSeg s/image | plain forward s/batch | traced forward s/batch | traced / plain |",
-             "|---:|---:|---:|---:|---:|---:|"]
-    for row in inv:
-        lines.append(f"| {row['batch']} | {row['iseg_images_per_second']:.2f} | {row['iseg_s_per_image']:.4f} | "
-                     f"{row['plain_s_per_batch']:.4f} | {row['traced_s_per_batch']:.4f} | {row['traced_over_plain']:.2f} |")
-    gen = r["generation"]
-    lines += ["", "Paper (iSeg Sec. 4): 0.16 s/image on an RTX 3090, fp16, batch 1.", ""]
-    if best:
-        lines.append(f"Best: {best['iseg_images_per_second']:.1f} images/s at batch {best['batch']}"
-                     + (f" (target >= {TARGETS['iseg_images_per_second_gpu']:.0f} on a GPU)." if r["device_kind"] == "cuda" else "."))
+             + f". Medians of {r['repeats']} interleaved repeats after a warm-up.", ""]
+    gpu = r["device_kind"] == "cuda"
+    if r.get("inversion"):
+        inv = r["inversion"]
+        lines += ["## iSeg with its defaults (inversion, one traced UNet pass, Cat-Cross, N = 10 Ent-Self)", "",
+                  "| batch | iSeg images/s | iSeg s/image | plain forward s/batch | traced forward s/batch "
+                  "| traced / plain |", "|---:|---:|---:|---:|---:|---:|"]
+        for row in inv:
+            lines.append(f"| {row['batch']} | {row['iseg_images_per_second']:.2f} | {row['iseg_s_per_image']:.4f} "
+                         f"| {row['plain_s_per_batch']:.4f} | {row['traced_s_per_batch']:.4f} "
+                         f"| {row['traced_over_plain']:.2f} |")
+        best = max(inv, key=lambda row: row["iseg_images_per_second"])
+        target = f" (target >= {TARGETS['iseg_images_per_second_gpu']:.0f} on a GPU)" if gpu else ""
         worst = max(row["traced_over_plain"] for row in inv)
-        lines.append(f"Capture overhead, traced / plain forward: at most {worst:.2f}x over the batch sizes "
-                     f"(target <= {TARGETS['traced_over_plain']}x).")
-    lines += ["", f"## Generation ({gen['steps']} DDIM steps, guidance 7.5, batch 1)", "",
-              f"diffusers StableDiffusionPipeline {gen['pipeline_s']:.3f} s, DAAM's traced generation "
-              f"{gen['traced_s']:.3f} s: {gen['traced_over_pipeline']:.2f}x (target <= {TARGETS['generation_over_pipeline']}x)."]
-    if "memory" in r:
+        lines += ["", "Paper (iSeg Sec. 4): 0.16 s/image on an RTX 3090, fp16, batch 1.", "",
+                  f"Best: {best['iseg_images_per_second']:.1f} images/s at batch {best['batch']}{target}.",
+                  f"Capture overhead, traced / plain forward: at most {worst:.2f}x over the batch sizes "
+                  f"(target <= {TARGETS['traced_over_plain']}x)."]
+    if r.get("generation"):
+        gen = r["generation"]
+        lines += ["", f"## Generation ({gen['steps']} DDIM steps, guidance 7.5, batch 1)", "",
+                  f"diffusers StableDiffusionPipeline {gen['pipeline_s']:.3f} s, DAAM's traced generation "
+                  f"{gen['traced_s']:.3f} s: {gen['traced_over_pipeline']:.2f}x "
+                  f"(target <= {TARGETS['generation_over_pipeline']}x)."]
+    if r.get("memory"):
         m = r["memory"]
-        lines += ["", "## Memory (CUDA, batch 1)", "",
-                  f"Weights {m['weights_gb']} GB; peak beyond the weights: plain forward {m['plain_forward_peak_gb']} GB, "
-                  f"traced forward {m['traced_forward_peak_gb']} GB, trace kept {m['trace_kept_gb']} GB "
-                  f"(capture within plain + 2 x kept: {'yes' if m['capture_within_bound'] else 'NO'}). "
-                  f"iSeg at batch 1 peaks at {m['iseg_batch1_peak_gb']} GB in all (paper: 5 GB; target <= {TARGETS['peak_gb_batch1']} GB)."]
+        within = "yes" if m["capture_within_bound"] else "NO"
+        lines += ["", f"## Memory (batch 1; {m['how']})", "",
+                  f"Peak beyond the weights: plain forward {m['plain_forward_peak_mib']} MiB, traced forward "
+                  f"{m['traced_forward_peak_mib']} MiB, trace kept {m['trace_kept_mib']} MiB (traced within plain + "
+                  f"2 x kept: {within})."]
+        if "iseg_batch1_peak_mib" in m:
+            lines.append(f"Weights {m['weights_mib']} MiB; iSeg at batch 1 peaks at {m['iseg_batch1_peak_mib']} MiB in "
+                         f"all (paper: 5 GB; target <= {TARGETS['peak_mib_batch1']:.0f} MiB).")
     lines += ["", f"Measured in {r['seconds']} s by `python -m bench.perf --model {r['model']}`.", ""]
     return "\n".join(lines)
 
@@ -253,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=50, help="generation steps")
     parser.add_argument("--out", default="reports/perf")
+    parser.add_argument("--parts", default=",".join(PARTS), help="what to measure: " + ", ".join(PARTS))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
@@ -263,11 +329,15 @@ def main(argv: list[str] | None = None) -> int:
             raise BenchError(f"--batches={args.batches!r} must be comma-separated integers, e.g. 1,8,32") from None
         if any(b < 1 for b in batches) or args.repeats < 1 or args.steps < 1:
             raise BenchError("--batches, --repeats and --steps must be positive")
+        parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
+        if not parts or set(parts) - set(PARTS):
+            raise BenchError(f"--parts={args.parts!r}: choose among {', '.join(PARTS)}, comma-separated")
         cuda = torch.cuda.is_available() and args.device != "cpu"
         batches = batches or ([1, 8, 16, 32, 64] if cuda else [1, 4, 16])
         if not cuda:
             torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        return run_perf(args.model, args.device, args.dtype, batches, args.repeats, args.steps, Path(args.out))
+        return run_perf(args.model, args.device, args.dtype, batches, args.repeats, args.steps, Path(args.out),
+                        tuple(p for p in PARTS if p in parts))
 
     return cli_exit(go)
 

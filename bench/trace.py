@@ -150,14 +150,17 @@ class _Recorder:
             steps.append(value)
 
 
-# Bytes of attention scores computed at once by a capturing layer; the softmax holds about twice this.
-SCORE_BLOCK_BYTES = 64 * 2**20
+# Attention scores computed at once by a capturing layer: a quarter of what the layer keeps, at least this many
+# bytes. The softmax holds scores and probabilities together, so a layer's peak stays within what it keeps plus
+# half of it (issue 12: traced peak <= plain peak + 2x the trace kept), in few enough blocks to stay fast.
+MIN_SCORE_BLOCK_BYTES = 16 * 2**20
 
 
-def _row_block(batch_heads: int, rows: int, keys: int, element_size: int) -> int:
+def _row_block(batch_heads: int, rows: int, keys: int, element_size: int, kept_bytes: int) -> int:
     """Query rows per block so that a block of scores (batch_heads, block, keys) stays within the budget."""
     per_row = batch_heads * keys * max(element_size, 4)  # get_attention_scores may upcast to fp32
-    return max(1, min(rows, SCORE_BLOCK_BYTES // per_row))
+    budget = max(MIN_SCORE_BLOCK_BYTES, kept_bytes // 4)
+    return max(1, min(rows, budget // per_row))
 
 
 class CaptureProcessor:
@@ -199,7 +202,8 @@ class CaptureProcessor:
         # Probabilities for a block of query rows at a time: the full (B*heads, L, T) matrix (168 MiB per image
         # for SD2.1's 64x64 self-attention in fp16, twice that while the softmax runs) never exists at once;
         # only what is recorded (usually the head mean) is kept. One block when it fits: AttnProcessor exactly.
-        rows = _row_block(query.shape[0], query.shape[1], key.shape[1], query.element_size())
+        rows = _row_block(query.shape[0], query.shape[1], key.shape[1], query.element_size(),
+                          self._kept_bytes(query.shape[0] // heads, heads, query.shape[1], key.shape[1]))
         outs, recorded = [], []
         for start in range(0, query.shape[1], rows):
             block = slice(start, start + rows)
@@ -219,6 +223,15 @@ class CaptureProcessor:
         out = out / attn.rescale_output_factor
         self._record(recorded, query, heads, hidden_states.shape[1])
         return out
+
+    def _kept_bytes(self, batch: int, heads: int, rows: int, keys: int) -> int:
+        """Bytes of probabilities this layer records for one call (the recorded branch, its heads)."""
+        rec = self.recorder
+        kept_batch = len(range(batch)[rec.keep])
+        per_head = {"cross": rec.request.per_head, "self_attn": rec.request.self_per_head}
+        size = torch.empty((), dtype=rec.dtype).element_size()
+        return sum(kept_batch * (heads if per_head[kind] else 1) * rows * keys * size
+                   for kind in ("cross", "self_attn") if kind in self.kinds)
 
     def _reduce(self, probs, heads) -> dict[str, torch.Tensor]:
         """What is kept of one row block of probabilities (B*heads, rows, T): the rows of the recorded

@@ -324,7 +324,7 @@ def test_capture_in_row_blocks_equals_one_block(tiny, monkeypatch):
         return out, tracer.traces(["b"], torch.zeros(1, 4, dtype=torch.long))[0]
 
     whole_out, whole = traced()
-    monkeypatch.setattr(trace_mod, "SCORE_BLOCK_BYTES", 1)  # one query row per block
+    monkeypatch.setattr(trace_mod, "MIN_SCORE_BLOCK_BYTES", 1)  # tiny layers keep little: many blocks
     block_out, blocks = traced()
     torch.testing.assert_close(block_out, whole_out, atol=1e-6, rtol=1e-5)
     for kind in ("cross", "self_attn"):
