@@ -196,12 +196,12 @@ def check_prompts(cfg: SweepConfig, plan: Plan, dataset: SegDataset, samples: li
             if prompt in seen:
                 continue
             seen.add(prompt)
-            length = len(tokenizer(prompt).input_ids)
+            length = len(tokenizer(prompt, verbose=False).input_ids)
             if length <= limit:
                 continue
             ends = {name: prompt.rfind(name) + len(name) for name in query.names if name in prompt}
             for name, end in sorted(ends.items(), key=lambda item: -item[1]):
-                if len(tokenizer(prompt[:end]).input_ids) > limit:
+                if len(tokenizer(prompt[:end], verbose=False).input_ids) > limit:
                     raise BenchError(f"the prompt of image {sample.image_id} is {length} tokens, over the tokenizer's "
                                      f"limit of {limit}, and cuts off class '{name}': {prompt!r}; shorten the "
                                      f"template, segment fewer classes (classes=gt) or use a model with longer prompts")

@@ -10,6 +10,7 @@ written; a failure while running (here or in a Ray worker) is one line too, with
 from __future__ import annotations
 
 import logging
+import re
 import shlex
 import shutil
 import sys
@@ -93,7 +94,13 @@ def _one_line(err: BaseException, work: Path, resume: str) -> BenchError:
     not Ray's wrapper, and how to resume when something is kept. The full traceback goes to a file beside the
     kept work (or nowhere, when nothing is kept: the run directory is removed)."""
     cause = root_cause(err)
-    text = str(cause) if isinstance(cause, BenchError) else f"{type(cause).__name__}: {first_line(cause)}"
+    carried = remote_original(err) if not isinstance(cause, BenchError) else None
+    if carried is not None:  # raised in a Ray worker: only its text crossed the process boundary
+        kind, message = carried
+        cause = BenchError(message) if kind.split(".")[-1] == "BenchError" else RuntimeError(message)
+        text = message if isinstance(cause, BenchError) else f"{kind.split('.')[-1]}: {message}"
+    else:
+        text = str(cause) if isinstance(cause, BenchError) else f"{type(cause).__name__}: {first_line(cause)}"
     if has_progress(work):
         log_file = work / WORK / "error.log"
         try:
@@ -118,6 +125,31 @@ def root_cause(err: BaseException) -> BaseException:
         if isinstance(item, BenchError):
             return item
     return chain[-1]
+
+
+CHAINED = "The above exception was the direct cause of the following exception:"
+EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Warning|Fault)\w*): (.+)$")
+
+
+def remote_original(err: BaseException) -> tuple[str, str] | None:
+    """(exception type, message) of the exception a Ray Data worker raised, read from Ray's wrapper text (Ray
+    Data's UserCodeException keeps the original only as the formatted traceback), or None."""
+    chain, seen = [], set()
+    while err is not None and id(err) not in seen and len(chain) < 20:
+        seen.add(id(err))
+        chain.append(err)
+        err = getattr(err, "cause", None) or err.__cause__
+    for item in chain:
+        if not type(item).__module__.startswith("ray"):
+            continue
+        text = str(item)
+        if CHAINED not in text:
+            continue
+        for line in reversed(text.split(CHAINED)[0].strip().splitlines()):
+            match = EXCEPTION_LINE.match(line.strip("\x1b[0m "))
+            if match and not line.startswith(" "):
+                return match.group(1), match.group(2).strip()
+    return None
 
 
 def first_line(err: BaseException) -> str:

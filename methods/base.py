@@ -70,6 +70,7 @@ class Param:
     high: float | None = None  # inclusive upper bound
     positive: bool = False  # strictly > 0 (scales, counts of steps)
     fields: tuple[str, ...] | None = None  # a str.format template: the only {fields} it may name
+    required_fields: tuple[str, ...] = ()  # ... and those it must name (iSeg reads class maps off the prompt)
 
     def __post_init__(self):
         kind = self.kind or ("forward" if self.forward else "post")
@@ -128,6 +129,10 @@ class Param:
                 if field_name.split(".")[0].split("[")[0] not in self.fields:
                     raise BenchError(f"parameter {name}={value!r} names {{{field_name}}}, which is not one of "
                                      f"{allowed}; fix the template")
+            for field_name in self.required_fields:
+                if field_name not in named:
+                    raise BenchError(f"parameter {name}={value!r} must contain {{{field_name}}} (the method reads "
+                                     f"its maps off those tokens of the prompt); fix the template")
 
     def _range_hint(self) -> str:
         return f" (range [{self.low}, {self.high}])" if self.low is not None and self.high is not None else ""

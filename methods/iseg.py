@@ -211,7 +211,7 @@ class ISeg(Method):
                        forward=True, positive=True),
         "template": Param("A photograph of {classes} and other objects and background",
                           "prompt; {classes} becomes the class names joined by ' and '", forward=True,
-                          fields=("classes",)),
+                          fields=("classes",), required_fields=("classes",)),
         "background_words": Param(RELEASE_BACKGROUND, "background categories appended to the prompt after ', ' "
                                   "(Sec. 4.1, 'similar to CLIP-ES'; default: the release's VOC list); '' = none",
                                   forward=True),
