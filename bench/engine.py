@@ -51,6 +51,10 @@ def run_engine(cfg: SweepConfig, run_dir: Path, plan: Plan | None = None) -> tup
                     run_dir / "qualitative")
     trace_seconds = time.time() - start
     scores = load_shards(run_dir / WORK / "shards")
+    # shards arrive in completion order, which a retried batch, a resumed run or several actors change: one
+    # order (image, forward setting, configuration) makes everything derived from them (bootstrap) identical
+    order = np.lexsort((scores["trial"], scores["group"], scores["index"]))
+    scores = {k: v[order] for k, v in scores.items()}
     by_id = {t.trial_id: t for t in plan.trials}
     group_of = group_index(plan.groups)
     metric_keys = _metric_keys(dataset.classes)

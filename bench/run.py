@@ -62,6 +62,16 @@ def _run_claimed(cfg: SweepConfig, plan, held: Claim, final: Path, resume: str) 
     before = scored_images(shards)
     try:
         rows, stats = run_engine(cfg, work, plan)
+        held.finish_invocation(stats["trace_seconds"], scored_images(shards) - before)
+        totals = held.totals()
+        stats.update(invocations=totals["invocations"], invocation_log=totals["invocation_log"],
+                     wall_seconds=totals["wall_seconds"], trace_seconds=totals["trace_seconds"],
+                     images_per_second=round(totals["images_traced"] * stats["num_forward_settings"]
+                                             / max(totals["trace_seconds"], 1e-9), 4))
+        stats["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        data = cfg.as_dict()
+        frame, provenance = write_run(data, rows, stats, work)
+        write_report(work, data, frame, provenance)
     except KeyboardInterrupt:
         held.finish_invocation()
         log.error("interrupted; finished fits and images are kept in %s; resume with: %s", work, resume)
@@ -69,17 +79,6 @@ def _run_claimed(cfg: SweepConfig, plan, held: Claim, final: Path, resume: str) 
     except Exception as err:  # noqa: BLE001 (every failure becomes one line; the traceback goes to a file)
         held.finish_invocation()
         raise _one_line(err, work, resume) from None
-    held.finish_invocation(stats["trace_seconds"], scored_images(shards) - before)
-    totals = held.totals()
-    passes_per_image = stats["num_forward_settings"]
-    stats.update(invocations=totals["invocations"], invocation_log=totals["invocation_log"],
-                 wall_seconds=totals["wall_seconds"], trace_seconds=totals["trace_seconds"],
-                 images_per_second=round(totals["images_traced"] * passes_per_image
-                                         / max(totals["trace_seconds"], 1e-9), 4))
-    stats["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    data = cfg.as_dict()
-    frame, provenance = write_run(data, rows, stats, work)
-    write_report(work, data, frame, provenance)
     # shards, the started configuration, the lock: only needed to resume. Moved out first, so no reader sees a
     # finished run with them; a process that finds the .partial meanwhile is refused (it is not empty)
     trash = work.with_name(f".{work.name}.done-{held.lock_fd}-{time.time_ns()}")
