@@ -1,7 +1,9 @@
 """Sweep files: Hydra composition of `SWEEP.yaml` + `key=value` overrides into a typed, validated `SweepConfig`.
 
 A sweep file names only registered methods, datasets and models; every key is checked, and the swept and
-fixed parameters are checked against the method's declared parameters. Nothing here imports by path.
+fixed parameters are checked against the method's declared parameters (types, choices, bounds, template
+fields). Nothing here imports by path. A key given twice and any resolver interpolation (`${oc.env:...}`:
+values from outside the file) are errors; `${other.key}` references resolve.
 
     name: iseg_lambda                 # run directory prefix
     method: iseg                      # registered method
@@ -14,7 +16,8 @@ fixed parameters are checked against the method's declared parameters. Nothing h
     seeds: [0]                        # noise / generation seeds (each one is a forward setting)
     metric: {protocol: mmseg}         # mmseg | iseg
     paper: {table: "iSeg Table 5(b)", param: lambda, metric: mIoU, values: {0: 69.1, ...}}
-    ray: {num_actors: 1, batch_size: 1}   # tracing actors (0: trace in this process), images per batch
+    ray: {num_actors: 1, batch_size: 1, max_retries: 3}   # tracing actors (0: trace in this process), images
+                                      # per batch, restarts of a dead actor (its batch retried)
     train: {num_workers: 1, use_gpu: false, split: train, max_failures: 0}   # trained methods: Ray Train
     fit: {from: null}                 # trained methods: reuse the fits of another run (or one fit directory)
 """

@@ -33,7 +33,10 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 def preflight(cfg: SweepConfig) -> Plan:
-    """Checks the sweep against the data, the fits it needs, the model and the machine; returns its plan."""
+    """Checks the sweep against the data, the fits it needs, the model and the machine; returns its plan.
+    Warnings (nothing wrong, but worth knowing) are logged only once every check has passed, so that a failure
+    is the one line on stderr."""
+    check_output_dir(cfg)
     dataset = build_dataset(cfg.data)
     plan = make_plan(cfg)
     for mode in sorted({t.params["mode"] for t in plan.trials}):
@@ -49,10 +52,11 @@ def preflight(cfg: SweepConfig) -> Plan:
     if folder is not None:
         check_weights_format(folder, _model_option(cfg))
         check_model_fit(cfg, plan, folder)
-    check_prompts(cfg, plan, dataset, samples, load_tokenizer(cfg, folder))
-    check_output_dir(cfg)
+    warnings = check_prompts(cfg, plan, dataset, samples, load_tokenizer(cfg, folder))
     parse_fault(os.environ.get(FAULT_ENV))
     trace_fault(None)
+    for text in warnings:
+        log.warning("%s", text)
     return plan
 
 
@@ -175,16 +179,17 @@ def load_tokenizer(cfg: SweepConfig, folder: Path | None):
                          f"needs tokenizer/vocab.json and merges.txt") from None
 
 
-def check_prompts(cfg: SweepConfig, plan: Plan, dataset: SegDataset, samples: list, tokenizer) -> None:
+def check_prompts(cfg: SweepConfig, plan: Plan, dataset: SegDataset, samples: list, tokenizer) -> list[str]:
     """Every prompt of every (image, forward setting), tokenised against the tokenizer's limit. A class name
     cut off by the limit would have no tokens to attend to: refused. Text after the last class name (iSeg's
-    background words, the rest of a template) that does not fit is cut by the model as it always is: a warning."""
+    background words, the rest of a template) that does not fit is cut by the model as it always is: a warning
+    (returned)."""
     from bench.evaluate import class_query
 
     limit = int(tokenizer.model_max_length)
     method = METHODS.get(cfg.method)()
     gen_gt = {mode: require_generation_gt(dataset, mode) for mode in {g.trials[0].params["mode"] for g in plan.groups}}
-    seen, warned = set(), False
+    seen, warnings = set(), []
     for group in plan.groups:
         params = group.trials[0].params
         for sample in samples:
@@ -205,10 +210,10 @@ def check_prompts(cfg: SweepConfig, plan: Plan, dataset: SegDataset, samples: li
                     raise BenchError(f"the prompt of image {sample.image_id} is {length} tokens, over the tokenizer's "
                                      f"limit of {limit}, and cuts off class '{name}': {prompt!r}; shorten the "
                                      f"template, segment fewer classes (classes=gt) or use a model with longer prompts")
-            if not warned:
-                log.warning("prompts are longer than the tokenizer's %d tokens; the text after the class names is "
-                            "cut, e.g. %r (%d tokens)", limit, prompt, length)
-                warned = True
+            if not warnings:
+                warnings.append(f"prompts are longer than the tokenizer's {limit} tokens; the text after the class "
+                                f"names is cut, e.g. {prompt!r} ({length} tokens)")
+    return warnings
 
 
 # -- output -------------------------------------------------------------------------------------------------------------
@@ -224,7 +229,8 @@ def check_output_dir(cfg: SweepConfig) -> None:
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise BenchError(f"{existing} is not a folder, so {target} cannot be created; choose another {option}")
+        raise BenchError(f"{existing} is not a folder, so the run cannot be written under {target}; choose "
+                         f"another {option}")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise BenchError(f"{existing} is not writable, so the run cannot be written under {target}; choose a "
                          f"writable {option}")

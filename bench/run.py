@@ -59,8 +59,8 @@ def run(sweep_path: str, overrides: list[str]) -> Path:
 
 def _run_claimed(cfg: SweepConfig, plan, held: Claim, final: Path, resume: str) -> Path:
     work, shards = held.work, held.work / WORK / "shards"
-    before = scored_images(shards)
     try:
+        before = scored_images(shards)
         rows, stats = run_engine(cfg, work, plan)
         held.finish_invocation(stats["trace_seconds"], scored_images(shards) - before)
         totals = held.totals()

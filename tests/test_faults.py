@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -31,6 +34,16 @@ ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ROOT / "sweeps" / "iseg_lambda.yaml"
 SMALL = ["data.limit=3", "data.size=32", "report.bootstrap=20", "report.qualitative=1"]
 LOCAL = "ray.num_actors=0"
+
+
+class Payload:
+    """Unpickling it creates a file: the proof that something was unpickled."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
 
 
 def cli(capsys, *args) -> tuple[int, str, str]:
@@ -83,13 +96,29 @@ def test_interrupted_run_resumes_by_the_printed_command_and_refuses_a_changed_co
         assert f"differs in: {key}" in lines[0], lines[0]
     assert json.loads((partial / WORK / STARTED).read_text()) == started
 
-    # where and how parallel it runs may change: the printed command with ray.num_actors spelled differently
+    # a tampered .partial cannot execute code: a pickle planted where Ray Tune kept its state is never read, and
+    # a shard holding pickled objects is refused (one line), not loaded
+    marker = tmp_path / "payload-ran"
+    payload = pickle.dumps(Payload(str(marker)))
+    (partial / "tune").mkdir()
+    (partial / "tune" / "tuner.pkl").write_bytes(payload)
+    evil = partial / WORK / "shards" / "shard-99999.npz"
+    np.savez(evil, index=np.array([Payload(str(marker))], dtype=object))
+    code, _, stderr = cli(capsys, *command[3:])
+    lines = [line for line in stderr.strip().splitlines() if line.startswith("error:")]
+    assert code == 1 and len(lines) == 1 and "allow_pickle=False" in lines[0], stderr[-2000:]
+    assert f"resume with: python -m bench.run {SWEEP}" in lines[0]
+    assert not marker.exists()
+    evil.unlink()
+    shutil.rmtree(partial / "tune")
+
+    # where and how parallel it runs may change: the printed command with ray.batch_size spelled differently
     code, stdout, stderr = cli(capsys, *command[3:], "ray.batch_size=2")
     assert code == 0, stderr[-3000:]
     assert stdout.strip().splitlines()[-1] == str(out) and not partial.exists()
     pd.testing.assert_frame_equal(results(out), results(undisturbed))
     run = json.loads((out / "run.json").read_text())
-    assert run["invocations"] == 2 and len(run["invocation_log"]) == 2
+    assert run["invocations"] == 3 and len(run["invocation_log"]) == 3  # interrupted, refused shard, finished
     assert run["wall_seconds"] == pytest.approx(sum(r["wall_seconds"] for r in run["invocation_log"]), abs=1e-2)
     assert run["images_per_second"] > 0 and run["trace_seconds"] > 0
     assert run["config_hash"] == config_hash(yaml.safe_load((out / "config.yaml").read_text()))
@@ -227,6 +256,7 @@ def _wait_for_shard(partial: Path, proc: subprocess.Popen, timeout: float = 300)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 @pytest.mark.parametrize("how", ["SIGINT", "SIGKILL"])
 def test_driver_killed_mid_run_resumes_to_the_undisturbed_result(how, tmp_path, tiny_model, undisturbed):
     out = tmp_path / "run"
@@ -250,12 +280,13 @@ def test_driver_killed_mid_run_resumes_to_the_undisturbed_result(how, tmp_path, 
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_a_node_lost_mid_run_heals_on_a_two_node_cluster(tmp_path, tiny_model, undisturbed, capsys):
     """Head (no CPUs: it only drives) + two one-CPU worker nodes; the node running the tracing actor is removed
     after its first batch; the actor restarts on the other node and the results equal the undisturbed run."""
     import ray
     from ray.cluster_utils import Cluster
-    from ray.util.state import list_actors
+    from ray._private.state import available_resources_per_node
 
     ray.shutdown()  # this test needs its own cluster, not the shared local session
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
@@ -269,12 +300,14 @@ def test_a_node_lost_mid_run_heals_on_a_two_node_cluster(tmp_path, tiny_model, u
         deadline = time.time() + 300
         while not any((partial / WORK / "shards").glob("shard-*.npz")) and time.time() < deadline:
             time.sleep(0.1)
-        for actor in list_actors(address=cluster.address, filters=[("state", "=", "ALIVE")]):
-            if "MapWorker" in actor.class_name:
-                node = next(n for n in nodes if n.node_id == actor.node_id)
-                cluster.remove_node(node)
-                removed.append(node)
+        # the tracing actor holds its node's one CPU: that node has none available
+        for _ in range(100):
+            busy = [n for n in nodes if available_resources_per_node().get(n.node_id, {}).get("CPU", 0) < 1]
+            if len(busy) == 1:
+                cluster.remove_node(busy[0])
+                removed.append(busy[0])
                 return
+            time.sleep(0.1)
 
     watcher = threading.Thread(target=remove_the_tracing_node)
     try:
