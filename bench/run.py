@@ -81,6 +81,9 @@ def _run_claimed(cfg: SweepConfig, plan, held: Claim, final: Path, resume: str) 
         raise _one_line(err, work, resume) from None
     # shards, the started configuration, the lock: only needed to resume. Moved out first, so no reader sees a
     # finished run with them; a process that finds the .partial meanwhile is refused (it is not empty)
+    if final.exists():
+        raise BenchError(f"{final} was created by another process while this run worked; the finished run stays "
+                         f"in {work}")
     trash = work.with_name(f".{work.name}.done-{held.lock_fd}-{time.time_ns()}")
     (work / WORK).rename(trash)
     work.rename(final)

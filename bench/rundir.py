@@ -111,7 +111,12 @@ class Claim:
                 "trace_seconds": round(trace, 3), "images_traced": sum(r["images_traced"] for r in timed)}
 
     def release(self) -> None:
-        (self.work / WORK / LOCK).unlink(missing_ok=True)
+        path = self.work / WORK / LOCK
+        try:
+            if os.stat(path).st_ino == os.fstat(self.lock_fd).st_ino:  # ours, not a later run's at this path
+                path.unlink()
+        except OSError:
+            pass
         os.close(self.lock_fd)
 
 
@@ -121,7 +126,10 @@ def _lock(work: Path) -> int | None:
     fd = os.open(work / WORK / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        same = os.stat(work / WORK / LOCK).st_ino == os.fstat(fd).st_ino
+    except (BlockingIOError, FileNotFoundError):
+        same = None
+    if not same:  # held by another process, or unlinked by its holder between our open and flock
         os.close(fd)
         return None
     os.ftruncate(fd, 0)

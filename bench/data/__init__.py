@@ -87,8 +87,9 @@ def _check_option(key: str, value, default) -> None:
     if value is None:
         return
     expected = str if default is None else type(default)
+    accepted = (int, float) if expected is float else expected  # an int is a valid float
     if expected is int and (not isinstance(value, int) or isinstance(value, bool)) or \
-            expected is not int and not isinstance(value, expected):
+            expected is not int and not isinstance(value, accepted):
         raise BenchError(f"data.{key}={value!r} must be {expected.__name__}"
                          + (" (a whole number)" if expected is int else ""))
     if key in POSITIVE_OPTIONS and value < 1:
