@@ -1,7 +1,9 @@
 """Sweep files: Hydra composition of `SWEEP.yaml` + `key=value` overrides into a typed, validated `SweepConfig`.
 
 A sweep file names only registered methods, datasets and models; every key is checked, and the swept and
-fixed parameters are checked against the method's declared parameters. Nothing here imports by path.
+fixed parameters are checked against the method's declared parameters (types, choices, bounds, template
+fields). Nothing here imports by path. A key given twice and any resolver interpolation (`${oc.env:...}`:
+values from outside the file) are errors; `${other.key}` references resolve.
 
     name: iseg_lambda                 # run directory prefix
     method: iseg                      # registered method
@@ -14,7 +16,8 @@ fixed parameters are checked against the method's declared parameters. Nothing h
     seeds: [0]                        # noise / generation seeds (each one is a forward setting)
     metric: {protocol: mmseg}         # mmseg | iseg
     paper: {table: "iSeg Table 5(b)", param: lambda, metric: mIoU, values: {0: 69.1, ...}}
-    ray: {num_actors: 1, batch_size: 1}   # tracing actors (0: trace in this process), images per batch
+    ray: {num_actors: 1, batch_size: 1, max_retries: 3}   # tracing actors (0: trace in this process), images
+                                      # per batch, restarts of a dead actor (its batch retried)
     train: {num_workers: 1, use_gpu: false, split: train, max_failures: 0}   # trained methods: Ray Train
     fit: {from: null}                 # trained methods: reuse the fits of another run (or one fit directory)
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +45,40 @@ from bench.registry import unknown_name_message
 from methods import METHODS
 
 SPACE_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # a run name is one path component, no escape
+# `${oc.env:HOME}`, `${oc.decode:...}`, any `${resolver:...}`: values from outside the sweep file (environment
+# secrets would be copied into config.yaml and reports). References to other keys (`${data.size}`) stay.
+RESOLVER = re.compile(r"\$\{\s*[A-Za-z_][\w.]*\s*:")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def _refuse_resolvers(value, where: str) -> None:
+    """No environment (or any resolver) interpolation anywhere in a sweep file or override."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_resolvers(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list):
+        for k, item in enumerate(value):
+            _refuse_resolvers(item, f"{where}[{k}]")
+    elif isinstance(value, str) and RESOLVER.search(value):
+        raise BenchError(f"{where}={value!r} uses a resolver interpolation (${{oc.env:...}} and the like are not "
+                         f"allowed in sweep files); write the value itself")
 
 
 class Section:
@@ -115,6 +153,9 @@ class RayConfig(Section):
     batch_size: int = 1
     object_store_mb: int = 256
     quiet: bool = True
+    # a dead tracing actor is restarted and its batch retried this many times (worker crash, node loss);
+    # finished batches are kept, a re-executed batch is written once (shards are per image, idempotent)
+    max_retries: int = 3
 
 
 @dataclass
@@ -206,16 +247,19 @@ def compose(path: str | Path, overrides: list[str]) -> SweepConfig:
     if not path.is_file():
         raise BenchError(f"sweep file {path} not found; see sweeps/ for examples")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise BenchError(f"malformed YAML in {path}{where}: {getattr(err, 'problem', err)}; fix the file") from None
     if not isinstance(raw, dict):
         raise BenchError(f"{path} must hold a mapping of sweep keys (name, method, data, sweep, ...)")
+    _refuse_resolvers(raw, "")
     for item in overrides:
         if "=" not in item:
             raise BenchError(f"override {item!r} is not key=value (e.g. data.limit=8)")
+        key, value = item.split("=", 1)
+        _refuse_resolvers(value, key.lstrip("+~"))
     # "++" adds or replaces, so overrides may name keys the file leaves to the defaults; validation below
     # rejects keys that exist nowhere.
     forced = [o if o.startswith("+") or o.startswith("~") else "++" + o for o in overrides]
@@ -229,7 +273,11 @@ def compose(path: str | Path, overrides: list[str]) -> SweepConfig:
         merged = OmegaConf.merge(OmegaConf.create(defaults()), composed)
     except OmegaConfBaseException as err:
         raise BenchError(f"{path}: {str(err).strip().splitlines()[0]}") from None
-    data = OmegaConf.to_container(merged, resolve=True)
+    try:
+        data = OmegaConf.to_container(merged, resolve=True)
+    except OmegaConfBaseException as err:
+        first = str(err).strip().splitlines()[0]
+        raise BenchError(f"{path}: {first}; fix the interpolation (only ${{other.key}} references resolve)") from None
     data["name"] = data["name"] or path.stem
     data["overrides"] = list(overrides)
     data["sweep_file"] = str(path)
@@ -239,6 +287,9 @@ def compose(path: str | Path, overrides: list[str]) -> SweepConfig:
 
 
 def validate(cfg: SweepConfig) -> None:
+    if not isinstance(cfg.name, str) or not NAME_PATTERN.match(cfg.name):
+        raise BenchError(f"name={cfg.name!r} must be one folder name (letters, digits, '.', '_', '-'; at most 100, "
+                         f"not starting with '.'); use output_dir= to choose where the run goes")
     if not cfg.method:
         raise BenchError(f"the sweep file names no method; add method: <one of {', '.join(METHODS.names())}>")
     method = METHODS.get(cfg.method)
@@ -261,8 +312,12 @@ def validate(cfg: SweepConfig) -> None:
             raise BenchError(unknown_name_message(f"parameter of method {cfg.method}", name, sorted(spec),
                                                   "sweep"))
         kind, values = space_kind(name, space)
-        for value in values if kind in ("grid", "choice") else []:
+        for value in values:  # grid and choice values, and both ends of a range, within the declared bounds
             spec[name].coerce(name, value)
+        if kind in ("uniform", "loguniform", "randint") and not values[0] < values[1]:
+            raise BenchError(f"sweep.{name}.{kind}={values} needs low < high")
+        if kind == "loguniform" and values[0] <= 0:
+            raise BenchError(f"sweep.{name}.loguniform={values} needs low > 0")
     method.resolve(cfg.params)
     # the method's default sweep (compare: every training-free method) becomes part of the resolved config
     for name, space in getattr(method, "default_sweep", dict)().items():
@@ -273,9 +328,16 @@ def validate(cfg: SweepConfig) -> None:
         raise BenchError(f"seeds={seeds!r} must be a non-empty list of integers")
     if not isinstance(cfg.num_samples, int) or cfg.num_samples < 1:
         raise BenchError("num_samples must be an integer >= 1")
+    if any(s < 0 for s in seeds) or not isinstance(cfg.search_seed, int) or cfg.search_seed < 0:
+        raise BenchError(f"seeds={seeds!r} and search_seed={cfg.search_seed!r} must be integers >= 0")
     for name, value, low in (("ray.num_actors", cfg.ray.num_actors, 0), ("ray.batch_size", cfg.ray.batch_size, 1),
+                             ("ray.object_store_mb", cfg.ray.object_store_mb, 64),
+                             ("ray.max_retries", cfg.ray.max_retries, 0),
                              ("train.num_workers", cfg.train.num_workers, 1),
-                             ("train.max_failures", cfg.train.max_failures, 0)):
+                             ("train.max_failures", cfg.train.max_failures, 0),
+                             ("model.resolution", cfg.model.resolution, 0),
+                             ("report.bootstrap", cfg.report.bootstrap, 0),
+                             ("report.qualitative", cfg.report.qualitative, 0)):
         if value < low:
             raise BenchError(f"{name}={value} must be >= {low}")
     paper = cfg.paper

@@ -27,13 +27,13 @@ from bench.data import build_dataset
 from bench.env import init_ray
 from bench.models import scheduler_name
 from bench.plan import Plan, make_plan
+from bench.rundir import WORK
 from bench.stages.fit import check_fit_sources, load_fits, run_fits
 from bench.stages.score import group_index, score
 from bench.stages.trace import load_shards, trace_and_score
 from methods import METHODS
 
 log = logging.getLogger(__name__)
-WORK = "work"  # the run directory's working subfolder (shards, the configuration it was started with)
 
 
 def run_engine(cfg: SweepConfig, run_dir: Path, plan: Plan | None = None) -> tuple[list[dict], dict]:
@@ -51,6 +51,10 @@ def run_engine(cfg: SweepConfig, run_dir: Path, plan: Plan | None = None) -> tup
                     run_dir / "qualitative")
     trace_seconds = time.time() - start
     scores = load_shards(run_dir / WORK / "shards")
+    # shards arrive in completion order, which a retried batch, a resumed run or several actors change: one
+    # order (image, forward setting, configuration) makes everything derived from them (bootstrap) identical
+    order = np.lexsort((scores["trial"], scores["group"], scores["index"]))
+    scores = {k: v[order] for k, v in scores.items()}
     by_id = {t.trial_id: t for t in plan.trials}
     group_of = group_index(plan.groups)
     metric_keys = _metric_keys(dataset.classes)

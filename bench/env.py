@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import tempfile
 
 import ray
@@ -24,9 +25,28 @@ QUIET_ENV = {
 NOISY_LOGGERS = ("ray", "ray.data", "ray.tune", "ray.train", "filelock", "urllib3", "diffusers", "transformers")
 
 
+def private_temp_dir(name: str) -> str:
+    """`<tmp>/<name>-<uid>`, created 0700 and owned by this user: never a predictable shared path another user
+    could create first (and so read or plant files in). When a folder of that name is owned by someone else or
+    open to others, a fresh mkdtemp folder is used instead. Kept short: Ray puts unix sockets under it (a path limit of ~107 bytes)."""
+    path = os.path.join(tempfile.gettempdir(), f"{name}-{os.getuid()}")
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        # taken by someone else (or opened up): a fresh unpredictable folder of our own instead
+        fresh = tempfile.mkdtemp(prefix=f"{name}-{os.getuid()}-")
+        logging.getLogger(__name__).warning("%s is not a private folder of this user; using %s", path, fresh)
+        return fresh
+    return path
+
+
 def quiet_environment(ray_tmp: str = "ray-bench") -> None:
     """Environment defaults (never overriding what the user set): one thread, offline, a private Ray temp dir."""
-    os.environ.setdefault("RAY_TMPDIR", os.path.join(tempfile.gettempdir(), ray_tmp))
+    if "RAY_TMPDIR" not in os.environ:
+        os.environ["RAY_TMPDIR"] = private_temp_dir(ray_tmp)
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
 

@@ -1,32 +1,98 @@
-"""Every check of user input that can fail, on the driver, before Ray starts or anything is written."""
+"""Every check of user input that can fail, on the driver, before Ray starts or anything is written.
+
+Each failure is one BenchError line that names the file or key and the fix. In order: the data (every image and
+mask opened once: readable, mask matched to its image in size and values), the fits a sweep needs, the weights
+(safetensors present, a pickle checkpoint refused), the configuration against the model (timestep within the
+scheduler's training timesteps, model.resolution a size the UNet accepts), every prompt tokenised against the
+tokenizer's limit, and the output directory.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from bench.config import SweepConfig, train_data_config
 from bench.data import build_dataset, dataset_options, require_generation_gt
+from bench.data.base import IGNORE_INDEX, SegDataset
 from bench.errors import BenchError
+from bench.faults import trace_fault
+from bench.models import model_kind, resolve_hub_id
 from bench.plan import Plan, make_plan
 from bench.stages.fit import FAULT_ENV, check_fit_sources, parse_fault
+from methods import METHODS
+
+log = logging.getLogger(__name__)
+WEIGHT_PARTS = ("unet", "vae", "text_encoder")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 def preflight(cfg: SweepConfig) -> Plan:
-    """Checks the sweep against the data, the fits it needs and the machine; returns its plan."""
+    """Checks the sweep against the data, the fits it needs, the model and the machine; returns its plan.
+    Warnings (nothing wrong, but worth knowing) are logged only once every check has passed, so that a failure
+    is the one line on stderr."""
+    check_output_dir(cfg)
     dataset = build_dataset(cfg.data)
     plan = make_plan(cfg)
     for mode in sorted({t.params["mode"] for t in plan.trials}):
         require_generation_gt(dataset, mode)
+    samples = check_images(dataset, cfg.data)
     if plan.fits:
         check_training_data(cfg)
         if cfg.train.use_gpu and not cfg.ray.address and not torch.cuda.is_available():
             raise BenchError("train.use_gpu=true but this machine has no CUDA GPU; use train.use_gpu=false or "
                              "ray.address=<a cluster with GPUs>")
     check_fit_sources(cfg, plan)
+    folder = model_folder(cfg)
+    if folder is not None:
+        check_weights_format(folder, _model_option(cfg))
+        check_model_fit(cfg, plan, folder)
+    warnings = check_prompts(cfg, plan, dataset, samples, load_tokenizer(cfg, folder))
     parse_fault(os.environ.get(FAULT_ENV))
+    trace_fault(None)
+    for text in warnings:
+        log.warning("%s", text)
     return plan
+
+
+# -- data ---------------------------------------------------------------------------------------------------------------
+def check_images(dataset: SegDataset, data_cfg: dict) -> list:
+    """Open every image once: it must decode, and its mask must be a 2-D label map of the image's size whose
+    values are class ids (or 255, ignored). Returns the samples (their classes and captions build the prompts)."""
+    where = f"data.name={data_cfg.get('name')}" + (f" data.root={data_cfg['root']}" if data_cfg.get("root") else "")
+    num_classes = len(dataset.classes)
+    samples = []
+    for index in range(len(dataset)):
+        try:
+            sample = dataset[index]
+        except BenchError:
+            raise
+        except (OSError, ValueError, SyntaxError, KeyError) as err:  # PIL: OSError/SyntaxError on corrupt files
+            text = " ".join(str(err).split()) or type(err).__name__
+            raise BenchError(f"image {index} of {where} cannot be read ({type(err).__name__}: {text}); replace the "
+                             f"file or remove the image from the split list") from None
+        image, label = np.asarray(sample.image), np.asarray(sample.label)
+        name = f"image {sample.image_id} ({where})"
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise BenchError(f"{name} is not an RGB image (shape {image.shape}, {image.dtype}); convert it to RGB")
+        if label.ndim != 2:
+            raise BenchError(f"the mask of {name} has shape {label.shape}, not a single-channel label map; save "
+                             f"it as a palette (P) or grey (L) PNG of class ids")
+        if label.shape != image.shape[:2]:
+            raise BenchError(f"the mask of {name} is {label.shape[1]}x{label.shape[0]} but the image is "
+                             f"{image.shape[1]}x{image.shape[0]}; masks must have their image's size")
+        values = np.unique(label)
+        bad = [int(v) for v in values if not (0 <= v < num_classes or v == IGNORE_INDEX)]
+        if bad:
+            raise BenchError(f"the mask of {name} holds values {bad[:5]} that are no class id of "
+                             f"{dataset.name} (0..{num_classes - 1}, {IGNORE_INDEX} = ignore); fix the mask")
+        samples.append(sample)
+    return samples
 
 
 def check_training_data(cfg: SweepConfig) -> None:
@@ -40,3 +106,131 @@ def check_training_data(cfg: SweepConfig) -> None:
         raise BenchError(f"method {cfg.method} would be fitted on the evaluated split ({name} {evaluated}); "
                          f"evaluate another split (data.split=val) or fit on another (train.split=train)")
     build_dataset(train_data_config(cfg))
+
+
+# -- model ----------------------------------------------------------------------------------------------------------------
+def _model_option(cfg: SweepConfig) -> str:
+    return f"model.path={cfg.model.path}" if cfg.model.path else f"model.id={cfg.model.id}" if cfg.model.id \
+        else "model=embedded"
+
+
+def model_folder(cfg: SweepConfig) -> Path | None:
+    """The diffusers folder the backbone loads from; None for the in-process random-weight model."""
+    model = cfg.model.as_dict()
+    if model_kind(model) == "diffusers":
+        return Path(model["path"]).expanduser() if model.get("path") else resolve_hub_id(model["id"])
+    if model.get("random"):
+        return None
+    from bench.embedded import shipped_folder
+
+    return shipped_folder()
+
+
+def check_weights_format(folder: Path, option: str) -> None:
+    """Weights load from safetensors only: a part with only a pickle checkpoint (.bin, .ckpt ...) is refused here,
+    before any worker starts, instead of after the workers' loading fails."""
+    for part in WEIGHT_PARTS:
+        files = [p for p in (folder / part).glob("*") if p.is_file()]
+        if any(p.suffix == ".safetensors" for p in files):
+            continue
+        pickled = [p.name for p in files if p.suffix in PICKLE_SUFFIXES]
+        if pickled:
+            raise BenchError(f"{option}: {part}/{pickled[0]} is a pickle checkpoint, which is never loaded; convert "
+                             f"the folder to safetensors (pipe.save_pretrained(DIR, safe_serialization=True))")
+        raise BenchError(f"{option}: {part}/ holds no .safetensors weights; save the pipeline with "
+                         f"pipe.save_pretrained(DIR, safe_serialization=True)")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def check_model_fit(cfg: SweepConfig, plan: Plan, folder: Path) -> None:
+    """Values that only make sense against the model: the inversion timestep within the scheduler's training
+    timesteps, and model.resolution a size whose latent survives every UNet downsampling."""
+    steps = int(_read_json(folder / "scheduler" / "scheduler_config.json").get("num_train_timesteps", 1000))
+    for trial in plan.trials:
+        if trial.params["mode"] == "inversion" and trial.params["timestep"] >= steps:
+            raise BenchError(f"parameter timestep={trial.params['timestep']} must be < {steps}, the model's "
+                             f"training timesteps ({folder / 'scheduler'})")
+    if cfg.model.resolution:
+        vae = _read_json(folder / "vae" / "config.json").get("block_out_channels") or [0]
+        unet = _read_json(folder / "unet" / "config.json").get("down_block_types") or [0]
+        multiple = 2 ** (len(vae) - 1) * 2 ** (len(unet) - 1)
+        if cfg.model.resolution % multiple:
+            raise BenchError(f"model.resolution={cfg.model.resolution} must be 0 (the model's native size) or a "
+                             f"multiple of {multiple} (VAE and UNet downsampling of this model)")
+
+
+def load_tokenizer(cfg: SweepConfig, folder: Path | None):
+    from transformers import CLIPTokenizer
+
+    if folder is None:
+        from bench.embedded import build_tokenizer
+
+        return build_tokenizer()
+    try:
+        return CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+    except (OSError, ValueError) as err:
+        raise BenchError(f"{_model_option(cfg)}: cannot load its tokenizer ({type(err).__name__}); the folder "
+                         f"needs tokenizer/vocab.json and merges.txt") from None
+
+
+def check_prompts(cfg: SweepConfig, plan: Plan, dataset: SegDataset, samples: list, tokenizer) -> list[str]:
+    """Every prompt of every (image, forward setting), tokenised against the tokenizer's limit. A class name
+    cut off by the limit would have no tokens to attend to: refused. Text after the last class name (iSeg's
+    background words, the rest of a template) that does not fit is cut by the model as it always is: a warning
+    (returned)."""
+    from bench.evaluate import class_query
+
+    limit = int(tokenizer.model_max_length)
+    method = METHODS.get(cfg.method)()
+    gen_gt = {mode: require_generation_gt(dataset, mode) for mode in {g.trials[0].params["mode"] for g in plan.groups}}
+    seen, warnings = set(), []
+    for group in plan.groups:
+        params = group.trials[0].params
+        for sample in samples:
+            query = class_query(sample, dataset, params["classes"])
+            if gen_gt[params["mode"]]:
+                prompt = sample.caption or ""
+            else:
+                prompt = method.prompt(query, sample.caption, params)
+            if prompt in seen:
+                continue
+            seen.add(prompt)
+            length = len(tokenizer(prompt, verbose=False).input_ids)
+            if length <= limit:
+                continue
+            ends = {name: prompt.rfind(name) + len(name) for name in query.names if name in prompt}
+            for name, end in sorted(ends.items(), key=lambda item: -item[1]):
+                if len(tokenizer(prompt[:end], verbose=False).input_ids) > limit:
+                    raise BenchError(f"the prompt of image {sample.image_id} is {length} tokens, over the tokenizer's "
+                                     f"limit of {limit}, and cuts off class '{name}': {prompt!r}; shorten the "
+                                     f"template, segment fewer classes (classes=gt) or use a model with longer prompts")
+            if not warnings:
+                warnings.append(f"prompts are longer than the tokenizer's {limit} tokens; the text after the class "
+                                f"names is cut, e.g. {prompt!r} ({length} tokens)")
+    return warnings
+
+
+# -- output -------------------------------------------------------------------------------------------------------------
+def check_output_dir(cfg: SweepConfig) -> None:
+    """The run directory's parent must be creatable and writable (nothing is created here)."""
+    if not cfg.output_dir:
+        target = Path("reports") / "runs"
+        option = "output_dir= (or run from a writable folder)"
+    else:
+        target = Path(cfg.output_dir).expanduser().absolute().parent
+        option = "output_dir="
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise BenchError(f"{existing} is not a folder, so the run cannot be written under {target}; choose "
+                         f"another {option}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise BenchError(f"{existing} is not writable, so the run cannot be written under {target}; choose a "
+                         f"writable {option}")

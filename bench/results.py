@@ -4,6 +4,9 @@
   1  (no schema_version) results with unet_passes, forward_setting; shards/ and tune/ left in the run
   2  run.json: schema_version, method_versions, fits / fits_trained / fits_reused; results: `fit` (the fit
      directory of the row's train setting, "" for none); fit/<hash>/ folders; no working folders
+  3  config_hash leaves out the overrides' spelling and the sweep file's path (equal configs, equal hashes);
+     run.json: invocations (how many processes worked on the run) and invocation_log; wall_seconds,
+     trace_seconds and images_per_second summed over invocations
 This module holds what both the engine and the reports need (hashes, the paper-value lookup) and imports
 neither.
 """
@@ -26,8 +29,8 @@ from bench.atomic import write_text
 from bench.stats import bootstrap_intervals
 
 log = logging.getLogger(__name__)
-SCHEMA_VERSION = 2
-READABLE_SCHEMAS = (1, 2)
+SCHEMA_VERSION = 3
+READABLE_SCHEMAS = (1, 2, 3)
 
 
 def git_sha() -> str:
@@ -63,9 +66,15 @@ def devices() -> list[str]:
     return [f"cpu ({platform.processor() or platform.machine()})"]
 
 
-def config_hash(cfg: dict) -> str:
-    """sha256 of the resolved config (as in config.yaml) without output_dir, first 16 hex digits."""
-    text = json.dumps({k: v for k, v in cfg.items() if k != "output_dir"}, sort_keys=True, default=str)
+HASH_EXCLUDED = ("output_dir", "overrides", "sweep_file")  # where a run is written and how it was spelled
+
+
+def config_hash(cfg: dict, schema: int = SCHEMA_VERSION) -> str:
+    """sha256 of the resolved config (as in config.yaml) without output_dir, the overrides' spelling and the
+    sweep file's path, first 16 hex digits: identical configurations have identical hashes. `schema` < 3: the
+    hash as runs of those schemas recorded it (overrides and sweep file included)."""
+    excluded = HASH_EXCLUDED if schema >= 3 else ("output_dir",)
+    text = json.dumps({k: v for k, v in cfg.items() if k not in excluded}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -2,17 +2,20 @@
 
 The run directory appears complete or not at all: everything is written under `<run>.partial/` and renamed
 at the end. An interrupted run keeps `<run>.partial/`; the same command with `output_dir=<run>` resumes it
-(finished fits and images are kept; a changed configuration is refused). The last line on stdout is the run
-directory's path.
+(finished fits and images are kept; a changed configuration is refused, naming the keys that differ). The
+last line on stdout is the run directory's path. Bad input is one `error:` line and exit 2 before anything is
+written; a failure while running (here or in a Ray worker) is one line too, with the command that resumes.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import re
+import shlex
 import shutil
 import sys
 import time
+import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -21,87 +24,144 @@ from bench.env import NOISY_LOGGERS, quiet_environment
 quiet_environment()  # before torch is imported below: its thread count is read at import
 
 from bench.config import SweepConfig, compose  # noqa: E402
-from bench.engine import WORK, run_engine  # noqa: E402
-from bench.errors import BenchError, cli_exit  # noqa: E402
+from bench.engine import run_engine  # noqa: E402
+from bench.errors import BenchError, RunFailed, cli_exit  # noqa: E402
 from bench.preflight import preflight  # noqa: E402
 from bench.reporting import write_report  # noqa: E402
-from bench.results import config_hash, write_run  # noqa: E402
+from bench.results import write_run  # noqa: E402
+from bench.rundir import WORK, Claim, claim, has_progress, scored_images, unique_default_dir  # noqa: E402
 
 log = logging.getLogger("bench")
-STARTED = "started.json"  # in <run>.partial/work/: the configuration an interrupted run was started with
 
 
-def default_run_dir(cfg: SweepConfig) -> Path:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("reports") / "runs" / f"{cfg.name}-{stamp}"
-
-
-def resume_hash(cfg: SweepConfig) -> str:
-    """What must not change between an interrupted run and its resumption: everything but the overrides'
-    spelling, output_dir, `ray` and the fit's workers and devices (where and how parallel it runs, not what
-    it computes; as for the fit directories' hash, bench.plan.fit_hash)."""
-    data = {k: v for k, v in cfg.as_dict().items() if k not in ("overrides", "ray")}
-    data["train"] = {k: v for k, v in data["train"].items() if k not in ("num_workers", "use_gpu", "max_failures")}
-    return config_hash(data)
+def resume_command(sweep_path: str, overrides: list[str], final: Path) -> str:
+    """The exact command that resumes this run: the same sweep and overrides, output_dir= the run."""
+    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "output_dir"]
+    return shlex.join(["python", "-m", "bench.run", sweep_path, *kept, f"output_dir={final}"])
 
 
 def run(sweep_path: str, overrides: list[str]) -> Path:
     cfg = compose(sweep_path, overrides)  # validation: nothing is written before this and preflight pass
     plan = preflight(cfg)
-    final = Path(cfg.output_dir) if cfg.output_dir else default_run_dir(cfg)
+    final = Path(cfg.output_dir) if cfg.output_dir else unique_default_dir(Path("reports") / "runs", cfg.name)
     if final.exists():
         raise BenchError(f"run directory {final} already exists; choose another output_dir=")
     work = final.with_name(final.name + ".partial")
     cfg.output_dir = str(final)
-    started_file = work / WORK / STARTED
-    if started_file.is_file():
-        before = json.loads(started_file.read_text()).get("hash")
-        if before != resume_hash(cfg):
-            raise BenchError(f"the interrupted run in {work} was started with another configuration; resume it "
-                             f"with the same sweep and overrides, or choose another output_dir=")
+    held = claim(work, cfg)  # exclusive: a concurrent start or a changed configuration stops here
+    if held.resumed:
         log.info("resuming the interrupted run in %s", work)
-    (work / WORK).mkdir(parents=True, exist_ok=True)
-    started_file.write_text(json.dumps({"hash": resume_hash(cfg), "config": cfg.as_dict()}, default=str))
-    started = time.time()
     try:
+        return _run_claimed(cfg, plan, held, final, resume_command(sweep_path, overrides, final))
+    finally:
+        held.release()
+
+
+def _run_claimed(cfg: SweepConfig, plan, held: Claim, final: Path, resume: str) -> Path:
+    work, shards = held.work, held.work / WORK / "shards"
+    try:
+        before = scored_images(shards)
         rows, stats = run_engine(cfg, work, plan)
+        held.finish_invocation(stats["trace_seconds"], scored_images(shards) - before)
+        totals = held.totals()
+        stats.update(invocations=totals["invocations"], invocation_log=totals["invocation_log"],
+                     wall_seconds=totals["wall_seconds"], trace_seconds=totals["trace_seconds"],
+                     images_per_second=round(totals["images_traced"] * stats["num_forward_settings"]
+                                             / max(totals["trace_seconds"], 1e-9), 4))
+        stats["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        data = cfg.as_dict()
+        frame, provenance = write_run(data, rows, stats, work)
+        write_report(work, data, frame, provenance)
     except KeyboardInterrupt:
-        log.error("interrupted; finished fits and images are kept in %s; resume with: python -m bench.run %s %s",
-                  work, sweep_path, " ".join([*overrides, f"output_dir={final}"]))
+        held.finish_invocation()
+        log.error("interrupted; finished fits and images are kept in %s; resume with: %s", work, resume)
         raise
-    except Exception as err:
-        if _has_progress(work):
-            log.error("failed; finished fits and images are kept in %s and are reused by the same command", work)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-        cause = _bench_cause(err)
-        if cause is not None:
-            raise cause from None
-        raise
-    stats["wall_seconds"] = round(time.time() - started, 3)
-    stats["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    data = cfg.as_dict()
-    frame, provenance = write_run(data, rows, stats, work)
-    write_report(work, data, frame, provenance)
-    shutil.rmtree(work / WORK)  # shards: only needed to resume
+    except Exception as err:  # noqa: BLE001 (every failure becomes one line; the traceback goes to a file)
+        held.finish_invocation()
+        raise _one_line(err, work, resume) from None
+    # shards, the started configuration, the lock: only needed to resume. Moved out first, so no reader sees a
+    # finished run with them; a process that finds the .partial meanwhile is refused (it is not empty)
+    if final.exists():
+        raise BenchError(f"{final} was created by another process while this run worked; the finished run stays "
+                         f"in {work}")
+    trash = work.with_name(f".{work.name}.done-{held.lock_fd}-{time.time_ns()}")
+    (work / WORK).rename(trash)
     work.rename(final)
+    shutil.rmtree(trash, ignore_errors=True)
     return final
 
 
-def _has_progress(work: Path) -> bool:
-    """Whether an interrupted run holds anything worth resuming (finished images, fits or checkpoints)."""
-    return any((work / WORK / "shards").glob("shard-*.npz")) or any((work / "fit").glob("*/*"))
+def _one_line(err: BaseException, work: Path, resume: str) -> BenchError:
+    """A failure of the engine (here or inside a Ray worker) as one line: the original exception's own text,
+    not Ray's wrapper, and how to resume when something is kept. The full traceback goes to a file beside the
+    kept work (or nowhere, when nothing is kept: the run directory is removed)."""
+    cause = root_cause(err)
+    carried = remote_original(err) if not isinstance(cause, BenchError) else None
+    if carried is not None:  # raised in a Ray worker: only its text crossed the process boundary
+        kind, message = carried
+        cause = BenchError(message) if kind.split(".")[-1] == "BenchError" else RuntimeError(message)
+        text = message if isinstance(cause, BenchError) else f"{kind.split('.')[-1]}: {message}"
+    else:
+        text = str(cause) if isinstance(cause, BenchError) else f"{type(cause).__name__}: {first_line(cause)}"
+    if has_progress(work):
+        log_file = work / WORK / "error.log"
+        try:
+            log_file.write_text("".join(traceback.format_exception(err)))
+        except OSError:
+            pass
+        text = f"{text}; finished fits and images are kept in {work} (traceback in {log_file}); resume with: {resume}"
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    return BenchError(text) if isinstance(cause, BenchError) else RunFailed(text)
 
 
-def _bench_cause(err: BaseException) -> BenchError | None:
-    """A BenchError raised inside a Ray actor reaches the driver wrapped; unwrap it."""
-    seen = 0
-    while err is not None and seen < 10:
-        if isinstance(err, BenchError):
-            return err
+def root_cause(err: BaseException) -> BaseException:
+    """The exception a Ray task or actor raised, unwrapped from Ray's and Ray Data's wrappers (RayTaskError
+    keeps it as `.cause`, UserCodeException as `__cause__`); a BenchError anywhere in the chain wins."""
+    chain, seen = [], set()
+    while err is not None and id(err) not in seen and len(chain) < 20:
+        seen.add(id(err))
+        chain.append(err)
         err = getattr(err, "cause", None) or err.__cause__
-        seen += 1
+    for item in chain:
+        if isinstance(item, BenchError):
+            return item
+    return chain[-1]
+
+
+CHAINED = "The above exception was the direct cause of the following exception:"
+EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Warning|Fault)\w*): (.+)$")
+
+
+def remote_original(err: BaseException) -> tuple[str, str] | None:
+    """(exception type, message) of the exception a Ray Data worker raised, read from Ray's wrapper text (Ray
+    Data's UserCodeException keeps the original only as the formatted traceback), or None."""
+    chain, seen = [], set()
+    while err is not None and id(err) not in seen and len(chain) < 20:
+        seen.add(id(err))
+        chain.append(err)
+        err = getattr(err, "cause", None) or err.__cause__
+    for item in chain:
+        if not type(item).__module__.startswith("ray"):
+            continue
+        text = str(item)
+        if CHAINED not in text:
+            continue
+        for line in reversed(text.split(CHAINED)[0].strip().splitlines()):
+            match = EXCEPTION_LINE.match(line.strip("\x1b[0m "))
+            if match and not line.startswith(" "):
+                return match.group(1), match.group(2).strip()
     return None
+
+
+def first_line(err: BaseException) -> str:
+    """The message of an exception; for Ray's wrappers without a cause, the line that holds the original."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if not lines:
+        return "(no message)"
+    from ray.exceptions import RayError
+
+    return lines[-1] if isinstance(err, RayError) and len(lines) > 1 else lines[0]
 
 
 def main(argv: list[str] | None = None) -> int:

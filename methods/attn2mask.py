@@ -47,11 +47,12 @@ def background_argmax(scores: torch.Tensor, class_ids: list[int], out_size: tupl
 class Attn2Mask(AutoTokens, Method):
     params = {
         **PROMPT_PARAMS,
-        "steps": Param(100, "generation: DDIM denoising steps (OVAM's re-implementation: 100)", forward=True),
-        "step": Param(0.5, "which denoising step, as a fraction of the schedule (0.5 = step 50 of 100)"),
+        "steps": Param(100, "generation: DDIM denoising steps (OVAM's re-implementation: 100)", forward=True,
+                       low=1),
+        "step": Param(0.5, "which denoising step, as a fraction of the schedule (0.5 = step 50 of 100)", low=0, high=1),
         "blocks": Param("all", "attn2 blocks aggregated: all (every level but the mid "
                         "block) or SD resolution names such as 64+16", choices=BLOCK_CHOICES),
-        "beta": Param(0.2, "background offset: background score = 1 - h - beta"),
+        "beta": Param(0.2, "background offset: background score = 1 - h - beta", low=-1, high=1),
         "keys": Param("recorded", "recorded: the UNet's own cross-attention (softmax over the padded prompt, DAAM "
                       "aggregation); unpadded: the prompt re-keyed without padding and aggregated as OVAM does "
                       "(sum of bilinear maps), as OVAM's re-implementation script", choices=("recorded", "unpadded")),

@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import keyword
+import string
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -64,6 +65,12 @@ class Param:
     type: type | None = None  # defaults to type(default)
     nullable: bool = False
     kind: str = ""  # train | forward | post; empty: forward if `forward` else post
+    # Declared ranges, checked wherever a value is resolved (sweep files, overrides, search spaces):
+    low: float | None = None  # inclusive lower bound
+    high: float | None = None  # inclusive upper bound
+    positive: bool = False  # strictly > 0 (scales, counts of steps)
+    fields: tuple[str, ...] | None = None  # a str.format template: the only {fields} it may name
+    required_fields: tuple[str, ...] = ()  # ... and those it must name (iSeg reads class maps off the prompt)
 
     def __post_init__(self):
         kind = self.kind or ("forward" if self.forward else "post")
@@ -97,18 +104,50 @@ class Param:
             raise BenchError(f"parameter {name}={value!r} must be of type {kind.__name__}") from None
         if self.choices is not None and value not in self.choices:
             raise BenchError(f"parameter {name}={value!r} is not one of {', '.join(map(str, self.choices))}")
+        self.check_range(name, value)
         return value
+
+    def check_range(self, name: str, value: Any) -> None:
+        """The declared bounds (`low`, `high`, `positive`) and template fields; BenchError naming the fix."""
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if value != value or value in (float("inf"), float("-inf")):
+                raise BenchError(f"parameter {name}={value!r} must be a finite number")
+            if self.positive and value <= 0:
+                raise BenchError(f"parameter {name}={value!r} must be > 0")
+            if self.low is not None and value < self.low:
+                raise BenchError(f"parameter {name}={value!r} must be >= {self.low}{self._range_hint()}")
+            if self.high is not None and value > self.high:
+                raise BenchError(f"parameter {name}={value!r} must be <= {self.high}{self._range_hint()}")
+        if self.fields is not None and isinstance(value, str):
+            allowed = ", ".join("{" + f + "}" for f in self.fields)
+            try:
+                named = [f for _, f, _, _ in string.Formatter().parse(value) if f is not None]
+            except ValueError as err:
+                raise BenchError(f"parameter {name}={value!r} is not a valid template ({err}); use {allowed} and "
+                                 f"write literal braces as {{{{ }}}}") from None
+            for field_name in named:
+                if field_name.split(".")[0].split("[")[0] not in self.fields:
+                    raise BenchError(f"parameter {name}={value!r} names {{{field_name}}}, which is not one of "
+                                     f"{allowed}; fix the template")
+            for field_name in self.required_fields:
+                if field_name not in named:
+                    raise BenchError(f"parameter {name}={value!r} must contain {{{field_name}}} (the method reads "
+                                     f"its maps off those tokens of the prompt); fix the template")
+
+    def _range_hint(self) -> str:
+        return f" (range [{self.low}, {self.high}])" if self.low is not None and self.high is not None else ""
 
 
 # Parameters every method has: they describe the forward pass. A method overrides defaults by redeclaring.
 COMMON_PARAMS: dict[str, Param] = {
     "mode": Param("inversion", "trace mode: inversion (real images) or generation (images from prompts)",
                   kind="forward", choices=("inversion", "generation")),
-    "timestep": Param(100, "inversion: noise level t of the single UNet pass", kind="forward"),
-    "steps": Param(50, "generation: denoising steps", kind="forward"),
+    "timestep": Param(100, "inversion: noise level t of the single UNet pass (below the model's training "
+                      "timesteps, 1000 on SD)", kind="forward", low=0),
+    "steps": Param(50, "generation: denoising steps", kind="forward", low=1),
     "scheduler": Param("auto", "generation: the model folder's own scheduler (auto, what the papers ran) or a "
                        "named diffusers scheduler", kind="forward", choices=SCHEDULER_CHOICES),
-    "guidance": Param(7.5, "generation: classifier-free guidance scale", kind="forward"),
+    "guidance": Param(7.5, "generation: classifier-free guidance scale", kind="forward", low=0),
     "classes": Param("gt", "which classes to segment per image: gt (image-level labels, the WSSS protocol) "
                      "or all (every dataset class)", kind="forward", choices=("gt", "all")),
 }

@@ -44,7 +44,8 @@ class WholeImage(_Baseline):
 
 @register_method("centre_blob")
 class CentreBlob(_Baseline):
-    params = {**_Baseline.params, "radius": Param(0.3, "disk radius as a fraction of the shorter image side")}
+    params = {**_Baseline.params, "radius": Param(0.3, "disk radius as a fraction of the shorter image side",
+                                                                low=0, high=1)}
 
     def mask(self, size, cfg):
         h, w = size

@@ -18,6 +18,7 @@ reads the conditional branch, Attn2Mask takes step 0.5 of the common schedule.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 from bench.trace import TraceRequest
@@ -50,8 +51,7 @@ class Compare(Method):
         for name in names:
             for key, p in METHODS.get(name).params.items():
                 if p.kind != "forward" and key != "tokens":
-                    own[f"{name}__{key}"] = Param(p.default, f"{name}: {p.help}", choices=p.choices, type=p.type,
-                                                  nullable=p.nullable, kind=p.kind)
+                    own[f"{name}__{key}"] = dataclasses.replace(p, help=f"{name}: {p.help}")  # bounds kept
         return {**super().all_params(), **own}
 
     @classmethod

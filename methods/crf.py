@@ -37,14 +37,14 @@ class CRFParams:
 
 # Method parameters exposing the CRF (released OVAM code's values).
 CRF_PARAMS: dict[str, Param] = {
-    "crf_w1": Param(10.0, "dCRF bilateral kernel weight w1"),
-    "crf_alpha": Param(80.0, "dCRF bilateral spatial std alpha (pixels)"),
-    "crf_beta": Param(13.0, "dCRF bilateral colour std beta"),
-    "crf_w2": Param(3.0, "dCRF smoothness kernel weight w2"),
-    "crf_gamma": Param(3.0, "dCRF smoothness spatial std gamma (pixels)"),
-    "crf_iterations": Param(5, "dCRF mean-field iterations"),
+    "crf_w1": Param(10.0, "dCRF bilateral kernel weight w1", low=0),
+    "crf_alpha": Param(80.0, "dCRF bilateral spatial std alpha (pixels)", positive=True),
+    "crf_beta": Param(13.0, "dCRF bilateral colour std beta", positive=True),
+    "crf_w2": Param(3.0, "dCRF smoothness kernel weight w2", low=0),
+    "crf_gamma": Param(3.0, "dCRF smoothness spatial std gamma (pixels)", positive=True),
+    "crf_iterations": Param(5, "dCRF mean-field iterations", low=0),
     "crf_gt_prob": Param(0.9, "dCRF unary: probability given to the binarised mask's label (pydensecrf "
-                              "unary_from_labels)"),
+                              "unary_from_labels)", low=0, high=1),
 }
 
 

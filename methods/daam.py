@@ -38,7 +38,7 @@ class DAAM(AutoTokens, Method):
                         "DAAM Sec. 3) or SD resolution names such as 64+16", choices=BLOCK_CHOICES),
         "norm": Param("minmax", "heat-map normalisation: minmax (DAAM) or max (map / max, OVAM's baseline)",
                       choices=("minmax", "max")),
-        "tau": Param(0.4, "binarisation threshold on the normalised map (mask = map > tau)"),
+        "tau": Param(0.4, "binarisation threshold on the normalised map (mask = map > tau)", low=0, high=1),
         "resize": Param("code", "code: bicubic to the image size, then normalise (the release's expand_as); "
                         "direct: normalise at the latent size, bilinear to the image size",
                         choices=("code", "direct")),

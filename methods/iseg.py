@@ -206,16 +206,17 @@ def class_token_positions(tokenizer, token_ids: list[int], name: str, mode: str)
 @register_method("iseg")
 class ISeg(Method):
     params = {
-        "timestep": Param(100, "noise level t of the inversion pass (Table 6c)", forward=True),
+        "timestep": Param(100, "noise level t of the inversion pass (Table 6c)", forward=True, low=0),
         "gamma": Param(1.6, "Cat-Cross weight of the class tokens' keys (Eq. 8-9, Table 5c); 1 = off",
-                       forward=True),
+                       forward=True, positive=True),
         "template": Param("A photograph of {classes} and other objects and background",
-                          "prompt; {classes} becomes the class names joined by ' and '", forward=True),
+                          "prompt; {classes} becomes the class names joined by ' and '", forward=True,
+                          fields=("classes",), required_fields=("classes",)),
         "background_words": Param(RELEASE_BACKGROUND, "background categories appended to the prompt after ', ' "
                                   "(Sec. 4.1, 'similar to CLIP-ES'; default: the release's VOC list); '' = none",
                                   forward=True),
-        "iterations": Param(10, "N, refinement iterations (Eq. 4, Table 5a)"),
-        "lambda": Param(0.01, "Ent-Self updating factor (Eq. 7, Table 5b); 0 = naive iteration"),
+        "iterations": Param(10, "N, refinement iterations (Eq. 4, Table 5a)", low=0),
+        "lambda": Param(0.01, "Ent-Self updating factor (Eq. 7, Table 5b); 0 = naive iteration", low=0),
         "ent_scale": Param("row_max", "paper variant: scale Eq. 7 is applied on (row_max: each query's "
                            "attention / its maximum; col_max: each key column / its maximum, as the release; "
                            "literal: raw probabilities, collapses the class maps)",
@@ -224,14 +225,14 @@ class ISeg(Method):
         "self_layer": Param(-1, "decoder self-attention layer, -1 = last (Table 6b)", choices=(-1, -2, -3)),
         "background": Param("power", "background rule: power ((1 - max)^p competes) or threshold",
                             choices=("power", "threshold")),
-        "bg_power": Param(2.0, "exponent p of the background score (1 - max)^p (released code: 2)"),
-        "bg_threshold": Param(0.45, "background where max class score < this (background=threshold)"),
+        "bg_power": Param(2.0, "exponent p of the background score (1 - max)^p (released code: 2)", positive=True),
+        "bg_threshold": Param(0.45, "background where max class score < this (background=threshold)", low=0, high=1),
         "variant": Param("paper", "paper (Eq. 7, Tables 6a/6b) or code (released code's Ent-Self, layers, "
                          "heads, token choice, normalisation and clustering; see methods/README.md)",
                          choices=("paper", "code")),
         "kmeans": Param(None, "code variant: the release's KL k-means of the fused token vectors, number of "
                         "clusters asked for (release: 32, a 6 x 6 grid); 0 = off; default: 32", type=int,
-                        nullable=True),
+                        nullable=True, low=0),
         "cross_heads": Param("all", "code variant: heads averaged per resolution: all (release's att_mean=True) "
                              "or voc_release (its hand-picked VOC subset, SD2.1-base only)",
                              choices=("all", "voc_release")),

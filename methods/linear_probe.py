@@ -35,10 +35,11 @@ class LinearProbe(Method):
         "blocks": Param("all", "attn2 blocks whose cross-attention are the features, one per layer: all (every "
                         "level but the mid block) or SD resolution names such as 32+16", choices=BLOCK_CHOICES,
                         kind="train"),
-        "train_images": Param(16, "training images: the first of the training split", kind="train"),
-        "epochs": Param(60, "full-batch Adam steps", kind="train"),
-        "lr": Param(0.05, "Adam learning rate", kind="train"),
-        "threshold": Param(0.5, "background where the most probable class is below this probability"),
+        "train_images": Param(16, "training images: the first of the training split", kind="train", low=1),
+        "epochs": Param(60, "full-batch Adam steps", kind="train", low=1),
+        "lr": Param(0.05, "Adam learning rate", kind="train", positive=True),
+        "threshold": Param(0.5, "background where the most probable class is below this probability",
+                           low=0, high=1),
     }
     fit_reads = ("mode", "timestep", "steps", "scheduler", "guidance", "prompt", "template")
 

@@ -87,7 +87,8 @@ class OVAM(AutoTokens, Method):
     params = {
         **{k: PROMPT_PARAMS[k] for k in ("prompt", "template", "tokens")},
         "attribution": Param("A photograph of a {name}", "attribution prompt X' per class ({name}: class name, "
-                             "{prompt}: the generation prompt); the map is that of the class name's tokens"),
+                             "{prompt}: the generation prompt); the map is that of the class name's tokens",
+                             fields=("name", "prompt")),
         "pad": Param(False, "pad X' to the model length (softmax over 77 tokens like DAAM); paper: no padding"),
         "blocks": Param("all", "attn2 blocks in Eq. 5 (Table 5): all (the paper's 64+32+16 "
                         "on SD) or SD resolution names such as 64+16", choices=BLOCK_CHOICES),
@@ -95,12 +96,12 @@ class OVAM(AutoTokens, Method):
                         "(released code) branch", forward=True, choices=("cond", "uncond")),
         "t_select": Param("all", "timesteps in Eq. 5 (Fig. 6): all, single (step t_step), upto (1..t_step), "
                           "from (t_step..S)", choices=("all", "single", "upto", "from")),
-        "t_step": Param(1, "1-based denoising step for t_select (1 = the noisiest)"),
+        "t_step": Param(1, "1-based denoising step for t_select (1 = the noisiest)", low=1),
         "refine": Param(True, "self-attention refinement (Eq. 8)"),
         "alpha": Param(None, "lower bound of the self-attention map (Eq. 8); default: paper 0.85, optimised "
-                       "tokens 0.95", type=float, nullable=True),
+                       "tokens 0.95", type=float, nullable=True, low=0, high=1),
         "tau": Param(None, "threshold relative to the maximum (Eq. 9); default: paper 0.4, optimised tokens 0.8",
-                     type=float, nullable=True),
+                     type=float, nullable=True, low=0, high=1),
         "binarise": Param("paper", "paper: Eq. 9, (A_alpha D)/max(A_alpha D) >= tau at the latent size; code: the "
                           "released evaluation, (D/max D) A_alpha > tau at the image size",
                           choices=("paper", "code")),

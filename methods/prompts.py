@@ -11,9 +11,10 @@ PROMPT_PARAMS = {
                     "none) or template; generation always uses the dataset's generation prompt", kind="forward",
                     choices=("caption", "template")),
     "template": Param("A photograph of a {classes}", "prompt template; {classes} = class names joined by ' and '",
-                      kind="forward"),
+                      kind="forward", fields=("classes",)),
     "attribution": Param("A photograph of a {name}", "attribution prompt for classes absent from the prompt "
-                         "({name}: class name, {prompt}: the generation prompt)"),
+                         "({name}: class name, {prompt}: the generation prompt)",
+                         fields=("name", "prompt")),
     "open_vocab": Param(True, "record queries so classes absent from the prompt get attribution maps; False "
                         "records cross-attention only (absent classes then fail)"),
     "tokens": Param(None, "optimised-token file from bench.optimize_tokens (OVAM Table 2; classes it holds use "

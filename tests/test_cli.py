@@ -46,7 +46,7 @@ def test_lambda_sweep_end_to_end(tmp_path, tiny_model, capsys, monkeypatch, capl
     assert "75.2" in report and "iSeg Table 5(b)" in report
     assert pd.read_csv(out / "results.csv").shape[0] == 6
     run = yaml.safe_load((out / "run.json").read_text())
-    assert run["schema_version"] == 2 and run["fits"] == 0 and run["method_versions"] == {"iseg": "1"}
+    assert run["schema_version"] == 3 and run["fits"] == 0 and run["method_versions"] == {"iseg": "1"}
 
     # Resume: a run interrupted after tracing (Ctrl-C while writing results) keeps its shards; with one
     # image's shard lost, the same command completes it, re-tracing only that image, with the same numbers.

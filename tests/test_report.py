@@ -40,9 +40,10 @@ def make_cfg(sweep=None, seeds=(0,), paper=True, model="embedded", classes=CLASS
 
 
 def make_prov(cfg, classes=CLASSES):
-    from bench.results import config_hash
+    from bench.results import SCHEMA_VERSION, config_hash
 
-    return {"config_hash": config_hash(cfg), "overrides": cfg["overrides"], "git_sha": "abc123",
+    return {"schema_version": SCHEMA_VERSION, "config_hash": config_hash(cfg), "overrides": cfg["overrides"],
+            "git_sha": "abc123",
             "versions": {"python": "3.11", "torch": "2.x"}, "devices": ["cpu (x86_64)"], "metric_protocol": "iseg",
             "seeds": cfg["seeds"], "num_images": 4, "num_trials": 3, "num_forward_settings": 1,
             "unet_passes": 4, "trace_seconds": 2.0, "images_per_second": 2.0, "wall_seconds": 5.0,

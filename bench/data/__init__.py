@@ -73,16 +73,40 @@ def dataset_options(cfg: dict) -> dict:
         if key not in defaults:
             raise BenchError(unknown_name_message(f"option of dataset {cfg['name']}", key,
                                                   sorted([*defaults, "name", "limit"]), "data"))
+    for key, value in [("limit", cfg.get("limit")), *options.items()]:
+        _check_option(key, value, defaults.get(key, 1))
     return {**defaults, **{k: v for k, v in options.items() if v is not None}}
+
+
+# Options that count something (images, pixels, objects): a positive integer.
+POSITIVE_OPTIONS = ("limit", "size", "num_images", "seeds_per_class", "min_objects", "max_objects")
+
+
+def _check_option(key: str, value, default) -> None:
+    """`data.<key>` against the type of its default (paths and templates are text); counts are >= 1."""
+    if value is None:
+        return
+    expected = str if default is None else type(default)
+    accepted = (int, float) if expected is float else expected  # an int is a valid float
+    if expected is int and (not isinstance(value, int) or isinstance(value, bool)) or \
+            expected is not int and not isinstance(value, accepted):
+        raise BenchError(f"data.{key}={value!r} must be {expected.__name__}"
+                         + (" (a whole number)" if expected is int else ""))
+    if key in POSITIVE_OPTIONS and value < 1:
+        raise BenchError(f"data.{key}={value} must be >= 1")
+    if key in ("seed", "seed_offset") and value < 0:
+        raise BenchError(f"data.{key}={value} must be >= 0")
 
 
 def build_dataset(cfg: dict) -> SegDataset:
     _, builder = DATASETS.get(cfg.get("name"))
-    dataset = builder(dataset_options(cfg))
+    try:
+        dataset = builder(dataset_options(cfg))
+    except ValueError as err:  # a builder's own consistency check (e.g. shapes min_objects <= max_objects)
+        raise BenchError(f"data ({cfg.get('name')}): {err}; fix the data options") from None
     limit = cfg.get("limit")
     if limit is not None:
-        if int(limit) < 1:
-            raise BenchError(f"data.limit={limit} must be a positive number of images")
+        _check_option("limit", limit, 1)
         dataset = Subset(dataset, int(limit))
     if len(dataset) == 0:
         raise BenchError(f"dataset {cfg.get('name')} has no images; check data.root and data.split")

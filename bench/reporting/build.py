@@ -14,7 +14,7 @@ from bench.reporting.plots import Figure, class_bars, figures_for_run, overlay_p
 from bench.reporting.qualitative import qualitative_figure
 from bench.reporting.render import Code, Defs, Heading, Para, to_html, to_markdown
 from bench.reporting.tables import combined_class_table, combined_table, details_table, main_table, per_class_table
-from bench.results import config_hash
+from bench.results import config_hash, schema_version
 
 
 def _get(d: dict, *keys, default="–"):
@@ -78,7 +78,7 @@ def _hash_check(run: RunData) -> str | None:
     if not recorded or not run.extra.get("loaded"):
         return None
     try:
-        now = config_hash(run.cfg)
+        now = config_hash(run.cfg, schema_version(run.prov))
     except Exception:  # noqa: BLE001
         return None
     if now != recorded:

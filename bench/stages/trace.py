@@ -17,6 +17,7 @@ from tqdm import tqdm
 from bench.config import SweepConfig
 from bench.data import build_dataset
 from bench.evaluate import evaluate_batch, group_request
+from bench.faults import TraceFault, maybe_exit, trace_fault
 from bench.models import load_backbone
 from bench.plan import ForwardGroup
 from bench.reporting.qualitative import save_qualitative
@@ -30,7 +31,7 @@ class SweepWorker:
     forward group."""
 
     def __init__(self, cfg: SweepConfig, groups: list[ForwardGroup], fits: dict[str, bytes],
-                 qualitative_dir: str | None = None, own_process: bool = True):
+                 qualitative_dir: str | None = None, own_process: bool = True, fault: TraceFault | None = None):
         if own_process:  # an actor's process: one thread per CPU actor, warnings only
             if not torch.cuda.is_available():
                 torch.set_num_threads(1)
@@ -44,9 +45,11 @@ class SweepWorker:
         self.qualitative_dir = Path(qualitative_dir) if qualitative_dir else None
         self.qualitative_images = int(cfg.report.qualitative)
         self.requests = [group_request(self.method, g) for g in groups]
+        self.fault = fault  # tests only (bench.faults)
 
     def __call__(self, batch: dict) -> dict:
         indices = [int(i) for i in batch["index"]]
+        maybe_exit(self.fault, indices)
         samples = [self.dataset[i] for i in indices]
         rows = {"index": [], "group": [], "trial": [], "hist": [], "passes": []}
         for g, (group, req) in enumerate(zip(self.groups, self.requests)):
@@ -66,6 +69,8 @@ class SweepWorker:
     def _qualitative_saver(self, indices: list[int], g: int, group: ForwardGroup):
         """Keeps the maps of the first `report.qualitative` images for the report's qualitative figure."""
         if self.qualitative_dir is None or min(indices) >= self.qualitative_images:
+            return None
+        if not self.qualitative_dir.parent.is_dir():  # the driver removed the run: never re-create it
             return None
 
         def keep(k, sample, query, prompt, predictions):
@@ -90,13 +95,23 @@ def trace_and_score(cfg: SweepConfig, groups: list[ForwardGroup], num_images: in
         log.info("resuming: %d of %d images already scored", len(done), num_images)
     if not todo:
         return
+    if qualitative_dir is not None:
+        qualitative_dir.mkdir(exist_ok=True)  # here, so that workers only ever write into existing folders
     kwargs = {"cfg": cfg, "groups": groups, "fits": fits,
-              "qualitative_dir": str(qualitative_dir.resolve()) if qualitative_dir else None}
+              "qualitative_dir": str(qualitative_dir.resolve()) if qualitative_dir else None,
+              "fault": trace_fault(shards.parent)}
     batches = _local_batches(todo, kwargs) if cfg.ray.num_actors == 0 else _ray_batches(todo, kwargs)
     next_shard = len(list(shards.glob("shard-*.npz")))
     with tqdm(total=num_images, initial=len(done), desc=f"{cfg.name} images", unit="img",
               dynamic_ncols=True) as bar:
         for batch in batches:
+            # a batch re-executed after a worker died (or a lost node's block rebuilt) may repeat images that
+            # are already sharded: each image is written once
+            fresh = ~np.isin(batch["index"], np.fromiter(done, dtype=np.int64, count=len(done)))
+            if not fresh.any():
+                continue
+            batch = {k: v[fresh] for k, v in batch.items()}
+            done.update(int(i) for i in batch["index"])
             tmp = shards / f".shard-{next_shard:05d}.npz"
             batch["trial"] = batch["trial"].astype(str)  # object arrays would need pickle
             with open(tmp, "wb") as fh:
@@ -111,19 +126,21 @@ def _ray_batches(todo: list[int], kwargs: dict):
     cfg = kwargs["cfg"]
     use_gpu = torch.cuda.is_available() and cfg.model.device != "cpu"
     ds = ray.data.from_items([{"index": i} for i in todo], override_num_blocks=max(1, len(todo)))
+    retries = int(cfg.ray.max_retries)
     with warnings.catch_warnings():
-        # max_restarts=0: a crashed actor fails the run (finished shards are kept) instead of silently
-        # retrying; Ray only offers it through the deprecated ray_remote_args path.
+        # A dead actor (crash, OOM kill, lost node) is restarted and its batch retried `ray.max_retries` times,
+        # then the run fails (finished shards are kept); Ray only offers these through ray_remote_args.
         warnings.simplefilter("ignore")
         ds = ds.map_batches(SweepWorker, fn_constructor_kwargs=kwargs, batch_size=int(cfg.ray.batch_size),
                             compute=ray.data.ActorPoolStrategy(size=int(cfg.ray.num_actors)),
-                            num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1, max_restarts=0)
+                            num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1,
+                            max_restarts=retries, max_task_retries=retries)
     yield from ds.iter_batches(batch_size=None, batch_format="numpy")
 
 
 def _local_batches(todo: list[int], kwargs: dict):
     """ray.num_actors=0: the same worker in this process (debuggers, small runs; no actor start-up)."""
-    worker = SweepWorker(**kwargs, own_process=False)
+    worker = SweepWorker(**{**kwargs, "fault": None}, own_process=False)  # never exit the driver
     size = int(kwargs["cfg"].ray.batch_size)
     for start in range(0, len(todo), size):
         yield worker({"index": np.array(todo[start:start + size], dtype=np.int64)})

@@ -1,0 +1,226 @@
+"""A run directory's life: claimed exclusively, locked while a process works in it, resumable only with the
+configuration it was started with, and timed over every invocation that worked on it.
+
+    <run>.partial/work/started.json   written first: the resolved configuration (without output_dir, the
+                                      overrides' spelling and where/how parallel it runs), its hash, and one
+                                      record per invocation (start, wall and trace seconds, images traced)
+    <run>.partial/work/lock           flock()ed by the invocation working in the directory
+
+A new run creates `<run>.partial/` with mkdir (atomic: of two concurrent starts exactly one succeeds) and locks
+it before it writes started.json; a second process that finds the directory waits for started.json, then
+fails to take the lock (in use) or compares configurations (resume). A `.partial` without started.json whose
+lock is free and which holds nothing resumable is stale (a start killed within milliseconds): it is reset.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from bench.config import SweepConfig
+from bench.errors import BenchError
+from bench.results import config_hash
+
+log = logging.getLogger(__name__)
+WORK = "work"  # the run directory's working subfolder (shards, the configuration, the lock); not in a result
+STARTED = "started.json"
+LOCK = "lock"
+STARTED_WAIT_SECONDS = 5.0  # how long a second process waits for a fresh run's started.json
+# Where and how parallel a run works, not what it computes: may change between invocations.
+RUNTIME_KEYS = ("output_dir", "overrides", "sweep_file", "ray")
+RUNTIME_TRAIN_KEYS = ("num_workers", "use_gpu", "max_failures")
+
+
+def resume_config(cfg: SweepConfig) -> dict:
+    """What must not change between an interrupted run and its resumption: the resolved configuration without
+    output_dir, the overrides' spelling, the sweep file's path, `ray` and the fit's workers and devices (as for
+    the fit directories' hash, bench.plan.fit_hash)."""
+    data = {k: v for k, v in cfg.as_dict().items() if k not in RUNTIME_KEYS}
+    data["train"] = {k: v for k, v in data["train"].items() if k not in RUNTIME_TRAIN_KEYS}
+    return json.loads(json.dumps(data, default=str))  # plain JSON types, as read back from started.json
+
+
+def differing_keys(before: dict, now: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested mappings."""
+    out = []
+    for key in sorted(set(before) | set(now), key=str):
+        a, b = before.get(key, "<absent>"), now.get(key, "<absent>")
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(differing_keys(a, b, name + "."))
+        elif a != b:
+            out.append(name)
+    return out
+
+
+def unique_default_dir(base: Path, name: str) -> Path:
+    """`<base>/<name>-<date>-<time>-<microseconds>`, not taken by a finished or an unfinished run."""
+    while True:
+        final = base / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S-%f')}"
+        if not final.exists() and not final.with_name(final.name + ".partial").exists():
+            return final
+        time.sleep(1e-6)
+
+
+@dataclass
+class Claim:
+    """A run directory held by this process (its lock fd open until `release`)."""
+
+    work: Path  # <run>.partial
+    resumed: bool
+    state: dict
+    lock_fd: int
+    started: float = field(default_factory=time.time)
+
+    @property
+    def started_file(self) -> Path:
+        return self.work / WORK / STARTED
+
+    def save(self) -> None:
+        tmp = self.started_file.with_name(f".{STARTED}.tmp")
+        tmp.write_text(json.dumps(self.state, indent=1, default=str))
+        tmp.replace(self.started_file)
+
+    def finish_invocation(self, trace_seconds: float | None = None, images_traced: int | None = None) -> None:
+        """Close this invocation's record (on success, failure and Ctrl-C alike)."""
+        record = self.state["invocations"][-1]
+        record["wall_seconds"] = round(time.time() - self.started, 3)
+        if trace_seconds is not None:
+            record["trace_seconds"] = round(trace_seconds, 3)
+        if images_traced is not None:
+            record["images_traced"] = int(images_traced)
+        if self.started_file.parent.is_dir():
+            self.save()
+
+    def totals(self) -> dict:
+        """run.json's timing over every invocation: a killed invocation's wall time is estimated from the
+        newest file it left (it could not record its end)."""
+        records = self.state["invocations"]
+        wall = sum(r.get("wall_seconds", 0.0) for r in records)
+        timed = [r for r in records if r.get("trace_seconds") is not None and r.get("images_traced") is not None]
+        trace = sum(r["trace_seconds"] for r in timed)
+        return {"invocations": len(records), "invocation_log": records, "wall_seconds": round(wall, 3),
+                "trace_seconds": round(trace, 3), "images_traced": sum(r["images_traced"] for r in timed)}
+
+    def release(self) -> None:
+        path = self.work / WORK / LOCK
+        try:
+            if os.stat(path).st_ino == os.fstat(self.lock_fd).st_ino:  # ours, not a later run's at this path
+                path.unlink()
+        except OSError:
+            pass
+        os.close(self.lock_fd)
+
+
+def _lock(work: Path) -> int | None:
+    """An exclusive non-blocking flock on <work>/work/lock; None when another process holds it."""
+    (work / WORK).mkdir(parents=True, exist_ok=True)
+    fd = os.open(work / WORK / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        same = os.stat(work / WORK / LOCK).st_ino == os.fstat(fd).st_ino
+    except (BlockingIOError, FileNotFoundError):
+        same = None
+    if not same:  # held by another process, or unlinked by its holder between our open and flock
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
+def _holder(work: Path) -> str:
+    try:
+        return f" (pid {(work / WORK / LOCK).read_text().strip()})"
+    except OSError:
+        return ""
+
+
+def has_progress(work: Path) -> bool:
+    """Whether an interrupted run holds anything worth resuming (finished images, fits or checkpoints)."""
+    return any((work / WORK / "shards").glob("shard-*.npz")) or any((work / "fit").glob("*/*"))
+
+
+def scored_images(shards: Path) -> int:
+    """How many distinct images the shards hold (images traced by an invocation: the difference)."""
+    done = set()
+    for path in shards.glob("shard-*.npz"):
+        with np.load(path, allow_pickle=False) as shard:
+            done.update(int(i) for i in shard["index"])
+    return len(done)
+
+
+def _estimate_end(work: Path, since: float) -> float:
+    newest = since
+    for path in work.rglob("*"):
+        try:
+            newest = max(newest, path.stat().st_mtime)
+        except OSError:
+            pass
+    return newest
+
+
+def claim(work: Path, cfg: SweepConfig) -> Claim:
+    """Create or resume `work` (<run>.partial) for `cfg`, exclusively; BenchError naming the fix otherwise."""
+    config = resume_config(cfg)
+    digest = config_hash(config)
+    try:
+        work.parent.mkdir(parents=True, exist_ok=True)
+        work.mkdir()
+        fresh = True
+    except FileExistsError:
+        fresh = False
+    except OSError as err:
+        raise BenchError(f"cannot create {work}: {err.strerror}; choose a writable output_dir=") from None
+    started_file = work / WORK / STARTED
+    if not fresh:
+        if not work.is_dir():
+            raise BenchError(f"{work} exists and is not a run folder; remove it or choose another output_dir=")
+        deadline = time.time() + STARTED_WAIT_SECONDS
+        while not started_file.is_file() and time.time() < deadline and (work / WORK / LOCK).is_file():
+            time.sleep(0.05)  # a concurrent start between its mkdir and started.json
+    fd = _lock(work)
+    if fd is None:
+        raise BenchError(f"the run in {work} is in use by another process{_holder(work)}; wait for it to finish "
+                         f"or choose another output_dir=")
+    try:
+        if fresh or not started_file.is_file():
+            if not fresh:
+                if has_progress(work) or any(c.name != WORK for c in work.iterdir()):
+                    raise BenchError(f"{work} holds files but no record of the configuration they came from; "
+                                     f"remove it or choose another output_dir=")
+                log.warning("%s was left by a start that stopped before it began; starting it afresh", work)
+            state = {"hash": digest, "config": config, "invocations": []}
+            resumed = False
+        else:
+            try:
+                state = json.loads(started_file.read_text())
+            except (OSError, ValueError):
+                raise BenchError(f"{started_file} is unreadable; remove {work} or choose another output_dir=") from None
+            before = state.get("config") if isinstance(state, dict) else None
+            if not isinstance(before, dict) or state.get("hash") != digest:
+                keys = differing_keys(before, config) if isinstance(before, dict) else ["(no recorded config)"]
+                raise BenchError(f"the interrupted run in {work} was started with another configuration (differs "
+                                 f"in: {', '.join(keys) or 'its hash'}); resume it with the same sweep and "
+                                 f"overrides, or choose another output_dir=")
+            resumed = True
+            state.setdefault("invocations", [])
+            last = state["invocations"][-1] if state["invocations"] else None
+            if last is not None and "wall_seconds" not in last:  # killed: no end recorded
+                last["wall_seconds"] = round(_estimate_end(work, last["started"]) - last["started"], 3)
+                last["estimated"] = True
+        result = Claim(work, resumed, state, fd)
+        state["invocations"].append({"started": result.started, "pid": os.getpid()})
+        result.save()
+        return result
+    except BaseException:
+        os.close(fd)
+        raise

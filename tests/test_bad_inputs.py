@@ -1,0 +1,228 @@
+"""The bad-input matrix: every kind of bad input is exit 2, exactly one `error:` line on stderr naming the key or
+file and the fix, no traceback, and nothing written (no run directory, no .partial, the inputs untouched).
+In-process through `bench.run.main`: every kind fails in composition or preflight, before Ray starts."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bench.config import compose
+from bench.faults import TRACE_FAULT_ENV
+from bench.preflight import preflight
+from bench.run import main
+
+ROOT = Path(__file__).resolve().parents[1]
+ISEG = "method: iseg\ndata: {name: shapes, limit: 2, size: 32}\n"
+VOC_GOOD = ["2007_000001", "2007_000002"]
+
+
+# -- fixtures written per case ---------------------------------------------------------------------------------------
+def write_voc(root: Path, defect: str | None = None) -> Path:
+    """A two-image VOCdevkit/VOC2012 with 64x64 images whose masks hold class 8 (cat); `defect` breaks one."""
+    voc = root / "VOCdevkit" / "VOC2012"
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (voc / sub).mkdir(parents=True)
+    palette = [v for i in range(256) for v in (i, 255 - i, (7 * i) % 256)]
+    for k, image_id in enumerate(VOC_GOOD):
+        Image.fromarray(np.full((64, 64, 3), 60 + 40 * k, np.uint8)).save(voc / "JPEGImages" / f"{image_id}.jpg")
+        label = np.zeros((64, 64), np.uint8)
+        label[16:48, 16:48] = 8
+        png = Image.fromarray(label, mode="P")
+        png.putpalette(palette)
+        png.save(voc / "SegmentationClass" / f"{image_id}.png")
+    (voc / "ImageSets" / "Segmentation" / "val.txt").write_text("\n".join(VOC_GOOD) + "\n")
+    bad = VOC_GOOD[1]
+    if defect == "corrupt jpeg":
+        (voc / "JPEGImages" / f"{bad}.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    elif defect == "missing mask":
+        (voc / "SegmentationClass" / f"{bad}.png").unlink()
+    elif defect == "rgb mask":
+        Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(voc / "SegmentationClass" / f"{bad}.png")
+    elif defect == "small mask":
+        png = Image.fromarray(np.zeros((32, 32), np.uint8), mode="P")
+        png.putpalette(palette)
+        png.save(voc / "SegmentationClass" / f"{bad}.png")
+    elif defect == "mask values":
+        label = np.full((64, 64), 100, np.uint8)
+        png = Image.fromarray(label, mode="P")
+        png.putpalette(palette)
+        png.save(voc / "SegmentationClass" / f"{bad}.png")
+    return root / "VOCdevkit"
+
+
+def voc_sweep(inputs: Path, defect: str | None, extra: str = "") -> str:
+    root = write_voc(inputs, defect)
+    return f"method: iseg\ndata: {{name: voc2012, root: {root}}}\nparams: {{background_words: ''{extra}}}\n"
+
+
+def pickle_weights(inputs: Path, tiny_model: Path) -> str:
+    """The tiny pipeline with its UNet saved as a pickle checkpoint (.bin) instead of safetensors."""
+    import shutil
+
+    folder = inputs / "sd-bin"
+    shutil.copytree(tiny_model, folder)
+    for f in (folder / "unet").glob("*.safetensors"):
+        f.unlink()
+    (folder / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"not loaded: only its name is checked")
+    return str(folder)
+
+
+def no_weights(inputs: Path, tiny_model: Path) -> str:
+    import shutil
+
+    folder = inputs / "sd-empty"
+    shutil.copytree(tiny_model, folder)
+    for f in (folder / "vae").glob("*.safetensors"):
+        f.unlink()
+    return str(folder)
+
+
+# kind -> (sweep text or a builder(inputs, tiny_model) -> text, overrides, the message the line must contain)
+CASES: dict[str, tuple] = {
+    # YAML and composition
+    "malformed yaml": ("name: x\nmethod: [iseg\n", [], "malformed YAML"),
+    "duplicate yaml key": ("method: iseg\nmethod: daam\n", [], "duplicate key 'method'"),
+    "unknown reference": (ISEG + "description: ${nope}\n", [], "nope"),
+    "oc.env in the file": (ISEG + "description: ${oc.env:HOME}\n", [], "resolver interpolation"),
+    "oc.env nested in a list": (ISEG + "seeds: [0]\npaper: {note: ['${oc.env:HOME}']}\n", [],
+                                "resolver interpolation"),
+    "oc.env in an override": (ISEG, ["description=${oc.env:HOME}"], "resolver interpolation"),
+    "oc.decode in the file": (ISEG + "description: '${oc.decode:1}'\n", [], "resolver interpolation"),
+    "name escapes reports/runs": (ISEG + "name: ../../x\n", [], "one folder name"),
+    "absolute name": (ISEG + "name: /tmp/x\n", [], "one folder name"),
+    "hidden name": (ISEG, ["name=.x"], "one folder name"),
+    # config types and ranges of sections
+    "data.limit=abc": (ISEG, ["data.limit=abc"], "data.limit='abc' must be int"),
+    "data.limit=0": (ISEG, ["data.limit=0"], "data.limit=0 must be >= 1"),
+    "data.size=0": (ISEG, ["data.size=0"], "data.size=0 must be >= 1"),
+    "data.size=abc": (ISEG, ["data.size=abc"], "data.size='abc' must be int"),
+    "data.num_images=-4": (ISEG, ["data.num_images=-4"], "data.num_images=-4 must be >= 1"),
+    "data.seed=-1": (ISEG, ["data.seed=-1"], "data.seed=-1 must be >= 0"),
+    "shapes objects inverted": (ISEG, ["data.min_objects=3", "data.max_objects=1"], "min_objects"),
+    "ray.num_actors=-1": (ISEG, ["ray.num_actors=-1"], "ray.num_actors=-1 must be >= 0"),
+    "ray.batch_size=0": (ISEG, ["ray.batch_size=0"], "ray.batch_size=0 must be >= 1"),
+    "ray.object_store_mb=1": (ISEG, ["ray.object_store_mb=1"], "ray.object_store_mb=1 must be >= 64"),
+    "ray.max_retries=-1": (ISEG, ["ray.max_retries=-1"], "ray.max_retries=-1 must be >= 0"),
+    "model.resolution=7": (ISEG, ["model.resolution=7"], "model.resolution=7 must be 0"),
+    "model.resolution=-64": (ISEG, ["model.resolution=-64"], "model.resolution=-64 must be >= 0"),
+    "report.bootstrap=-5": (ISEG, ["report.bootstrap=-5"], "report.bootstrap=-5 must be >= 0"),
+    "report.qualitative=-1": (ISEG, ["report.qualitative=-1"], "report.qualitative=-1 must be >= 0"),
+    "negative seed": (ISEG + "seeds: [-1]\n", [], "must be integers >= 0"),
+    "num_samples=0": (ISEG, ["num_samples=0"], "num_samples must be an integer >= 1"),
+    # method parameters: declared bounds (Param low/high/positive) and templates
+    "timestep=5000": (ISEG, ["params.timestep=5000"], "timestep=5000 must be < 1000"),
+    "timestep=-1": (ISEG, ["params.timestep=-1"], "timestep=-1 must be >= 0"),
+    "lambda=-1": (ISEG, ["params.lambda=-1"], "lambda=-1.0 must be >= 0"),
+    "iterations=-1": (ISEG, ["params.iterations=-1"], "iterations=-1 must be >= 0"),
+    "bg_threshold=2.0": (ISEG, ["params.bg_threshold=2.0"], "bg_threshold=2.0 must be <= 1"),
+    "gamma=0": (ISEG, ["params.gamma=0"], "gamma=0.0 must be > 0"),
+    "lambda=nan": (ISEG, ["params.lambda=nan"], "must be a finite number"),
+    "swept value out of bounds": (ISEG + "sweep: {lambda: [0, -0.1]}\n", [], "lambda=-0.1 must be >= 0"),
+    "uniform range reversed": (ISEG + "sweep: {lambda: {uniform: [0.5, 0.1]}}\n", [], "needs low < high"),
+    "uniform range out of bounds": (ISEG + "sweep: {bg_threshold: {uniform: [0, 2]}}\n", [],
+                                    "bg_threshold=2.0 must be <= 1"),
+    "loguniform from 0": (ISEG + "sweep: {lambda: {loguniform: [0, 0.1]}}\n", [], "needs low > 0"),
+    "template typo {klasses}": (ISEG, ["params.template='A photo of {klasses}'"], "names {klasses}"),
+    "template unbalanced brace": (ISEG + "params: {template: 'A photo of {classes'}\n", [], "not a valid template"),
+    "template without {classes}": (ISEG + "params: {template: 'A photo of {{classes}}'}\n", [],
+                                   "must contain {classes}"),
+    "daam tau=1.5": ("method: daam\n", ["params.tau=1.5"], "tau=1.5 must be <= 1"),
+    "ovam attribution {nme}": ("method: ovam\n", ["params.attribution='a {nme}'"], "names {nme}"),
+    "ovam crf_gt_prob=1.5": ("method: ovam\n", ["params.crf_gt_prob=1.5"], "crf_gt_prob=1.5 must be <= 1"),
+    "attn2mask step=2": ("method: attn2mask\n", ["params.step=2"], "step=2.0 must be <= 1"),
+    "linear_probe lr=0": ("method: linear_probe\n", ["params.lr=0"], "lr=0.0 must be > 0"),
+    # prompts against the tokenizer's limit (16 tokens on the embedded and tiny models)
+    "class name cut by the prompt limit": (ISEG + "params: {background_words: '', template: '" + "and " * 14
+                                           + "{classes}'}\n", [], "cuts off class"),
+    "classes=all longer than the limit": (lambda i, m: voc_sweep(i, None), ["params.classes=all"],
+                                          "cuts off class"),
+    # data: every image opened once, masks matched to images
+    "corrupt jpeg": (lambda i, m: voc_sweep(i, "corrupt jpeg"), [], "cannot be read"),
+    "image without mask": (lambda i, m: voc_sweep(i, "missing mask"), [], "cannot be read"),
+    "rgb mask": (lambda i, m: voc_sweep(i, "rgb mask"), [], "not a palette PNG"),
+    "mask smaller than its image": (lambda i, m: voc_sweep(i, "small mask"), [], "masks must have their image's size"),
+    "mask values no class ids": (lambda i, m: voc_sweep(i, "mask values"), [], "no class id"),
+    "missing dataset root": ("method: iseg\ndata: {name: voc2012, root: /nonexistent/voc}\n", [], "VOC 2012"),
+    # weights
+    "pickle (.bin) weights": (lambda i, m: ISEG + f"model: {{path: {pickle_weights(i, m)}}}\n", [],
+                              "pickle checkpoint"),
+    "no weights in a part": (lambda i, m: ISEG + f"model: {{path: {no_weights(i, m)}}}\n", [],
+                             "vae/ holds no .safetensors"),
+    "missing weights folder": (ISEG, ["model.path=/nonexistent/sd"], "model_index.json"),
+    # output
+    "output_dir under a file": (ISEG, ["output_dir={inputs}/a-file/run"], "is not a folder"),
+    "output_dir exists": (ISEG, ["output_dir={inputs}"], "already exists"),
+    # the test-only fault hook, malformed
+    "malformed fault hook": (ISEG, [], f"{TRACE_FAULT_ENV}='abc'"),
+}
+
+
+def snapshot(folder: Path) -> dict[str, float]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("kind", sorted(CASES))
+def test_bad_input_is_one_line_exit_2_and_nothing_written(kind, tmp_path, tiny_model, capsys, monkeypatch):
+    text, overrides, message = CASES[kind]
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    (inputs / "a-file").write_text("not a folder")
+    if kind == "malformed fault hook":
+        monkeypatch.setenv(TRACE_FAULT_ENV, "abc")
+    sweep = inputs / "sweep.yaml"
+    sweep.write_text(text(inputs, tiny_model) if callable(text) else text)
+    overrides = [o.replace("{inputs}", str(inputs)) for o in overrides]
+    if not any(o.startswith("output_dir=") for o in overrides):
+        overrides.append(f"output_dir={tmp_path / 'out' / 'run'}")
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(inputs)
+    code = main([str(sweep), *overrides])
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert code == 2, captured.err[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error:"), captured.err[-2000:]
+    assert message.lower() in lines[0].lower(), lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inputs"]  # no run directory, no .partial, no reports/
+    assert snapshot(inputs) == before
+
+
+def test_the_matrix_covers_at_least_40_kinds():
+    assert len(CASES) >= 40
+
+
+@pytest.mark.parametrize("extra", ["", ", classes: gt"])
+def test_the_good_inputs_behind_the_matrix_pass_preflight(extra, tmp_path, tiny_model):
+    """The fixtures without their defect pass, so each case fails for its own defect only."""
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(voc_sweep(tmp_path, None, extra))
+    plan = preflight(compose(sweep, [f"output_dir={tmp_path / 'out'}"]))
+    assert plan.trials
+    sweep.write_text(ISEG)
+    preflight(compose(sweep, [f"model.path={tiny_model}", "model.resolution=64", "params.timestep=999"]))
+
+
+def test_prompt_whose_tail_is_cut_runs_with_a_warning(tmp_path, caplog):
+    """iSeg's background words after the class names do not fit the embedded model's 16 tokens: the model cuts
+    them as it always cuts prompts; preflight says so once and lets the run go on."""
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(ISEG)
+    caplog.set_level("WARNING")
+    preflight(compose(sweep, []))
+    assert "text after the class names is cut" in caplog.text
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into any folder")
+def test_unwritable_output_dir(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(ISEG)
+    code = main([str(sweep), f"output_dir={locked / 'run'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "not writable" in err[0]
+    assert list(locked.iterdir()) == []
