@@ -24,7 +24,7 @@ import torch
 
 from bench.trace import Trace, TraceRequest, request
 from methods.attribution import AttributionSource, attn_layers
-from methods.base import COMMON_PARAMS, ClassQuery, Method, Param, Prediction, register_method
+from methods.base import ClassQuery, Method, Param, Prediction, register_method
 from methods.freegen.rectify import (adaptive_self_attention, normalise, one_hot, pseudo_label,
                                      rectified_attention, temporal_fluctuation, uniform_steps)
 from methods.maps import empty_prediction, resize_maps
@@ -47,12 +47,11 @@ class SyntheticMask:
 class FreeGen(Method):
     version = "1"
     params = {
-        "mode": Param("generation", COMMON_PARAMS["mode"].help, kind="forward", choices=("inversion", "generation")),
         **{k: PROMPT_PARAMS[k] for k in ("prompt", "template", "attribution")},
         "cross_blocks": Param("16+32", "cross-attention layers whose class maps are rectified (SD resolution "
                               "names; Dataset Diffusion: 16 and 32)", choices=RESOLUTIONS),
-        "self_blocks": Param("32", "self-attention layers of the adaptive weight map A_s (SD resolution names; "
-                             "Dataset Diffusion: 32)", choices=RESOLUTIONS),
+        "self_blocks": Param("32", "self-attention layers of the adaptive weight map A_s, one SD resolution name "
+                             "(its layers are averaged; Dataset Diffusion: 32)", choices=("16", "32", "64")),
         "self_power": Param(1, "power of A_s in A_* = A_s^p . A_c: 1 (FreeGen Eq. 3) or 4 (Dataset Diffusion)"),
         "mask_step": Param("last", "which denoising step the mask comes from: last (FreeGen's Training "
                            "Strategy) or mean (mean of A_* over every step, Dataset Diffusion)",
@@ -98,8 +97,9 @@ class FreeGen(Method):
         source = AttributionSource(self.backbone, cfg["attribution"], pad=True)
         per_layer = []
         for layer in self.cross_layers(cfg):
-            maps = torch.stack([source.class_maps(trace, layer, n, steps) for n in query.names])  # (K,S',H,h,w)
-            per_layer.append(resize_maps(maps.float().mean(2), grid))  # (K, S', gh, gw)
+            # mean over heads per class (recorded maps are head-averaged, re-keyed ones are not)
+            maps = torch.stack([source.class_maps(trace, layer, n, steps).float().mean(1) for n in query.names])
+            per_layer.append(resize_maps(maps, grid))  # (K, S', gh, gw)
         a_c = torch.stack(per_layer).mean(0)  # (K, S', gh, gw)
         if a_s.shape[0] != a_c.shape[1]:  # self-attention summed over steps at capture time: one entry
             a_s = a_s.expand(a_c.shape[1], -1, -1)
