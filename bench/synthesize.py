@@ -218,11 +218,13 @@ def synthesize(sweep_path: str, overrides: list[str]) -> Path:
     todo = [i for i in range(len(dataset)) if i not in done]
     shard = len(list((work / SHARDS).glob("shard-*.json")))
     t0 = time.time()
+    finished_at: list[tuple[float, int]] = []  # (time, images) per batch: steady-state throughput
     try:
         with tqdm(total=len(dataset), initial=len(done), desc=f"{cfg.name} synthesis", unit="img",
                   dynamic_ncols=True) as bar:
             for batch in _batches(cfg, todo) if todo else []:
                 write_batch(work, cfg, dataset, batch, shard)
+                finished_at.append((time.time(), len(batch["index"])))
                 shard += 1
                 bar.update(len(batch["index"]))
     except KeyboardInterrupt:
@@ -232,6 +234,9 @@ def synthesize(sweep_path: str, overrides: list[str]) -> Path:
     seconds = time.time() - t0
     records = read_shards(work)
     card = dataset_card(cfg, params, dataset, records, seconds, len(todo))
+    if len(finished_at) > 2:  # after the first batch: without start-up (Ray, model load, warm-up)
+        images = sum(n for _, n in finished_at[1:])
+        card["throughput"]["steady_images_per_second"] = round(images / (finished_at[-1][0] - finished_at[0][0]), 4)
     split_dir = work / "ImageSets" / "Segmentation"
     kept = [r["id"] for r in records if r["id"] in set(card["kept_ids"])]
     (split_dir / "train.txt").write_text("".join(f"{i}\n" for i in kept))

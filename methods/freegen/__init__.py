@@ -52,6 +52,8 @@ class FreeGen(Method):
                               "names; Dataset Diffusion: 16 and 32)", choices=RESOLUTIONS),
         "self_blocks": Param("32", "self-attention layers of the adaptive weight map A_s, one SD resolution name "
                              "(its layers are averaged; Dataset Diffusion: 32)", choices=("16", "32", "64")),
+        "rectify": Param(True, "A_* = A_s . A_c (Eq. 3); false: the cross-attention alone (Table 6's all-off row, "
+                         "the raw attention masks)"),
         "self_power": Param(1, "power of A_s in A_* = A_s^p . A_c: 1 (FreeGen Eq. 3) or 4 (Dataset Diffusion)"),
         "mask_step": Param("last", "which denoising step the mask comes from: last (FreeGen's Training "
                            "Strategy) or mean (mean of A_* over every step, Dataset Diffusion)",
@@ -103,6 +105,8 @@ class FreeGen(Method):
         a_c = torch.stack(per_layer).mean(0)  # (K, S', gh, gw)
         if a_s.shape[0] != a_c.shape[1]:  # self-attention summed over steps at capture time: one entry
             a_s = a_s.expand(a_c.shape[1], -1, -1)
+        if not cfg["rectify"]:
+            return a_c.transpose(0, 1)
         a_star = rectified_attention(a_s, a_c.flatten(2).permute(1, 2, 0), cfg["self_power"])  # (S', N, K)
         return a_star.permute(0, 2, 1).unflatten(2, grid)
 
