@@ -70,8 +70,9 @@ def test_strongest_far_points():
     score[2, 3] = 1.0
     score[2, 4] = 0.95  # strong but adjacent
     score[8, 8] = 0.6  # weaker but far
-    points = strongest_far_points(score, 2)
-    assert points[0] == (3, 2) and points[1] == (8, 8)
+    points = strongest_far_points(score, 3, min_score=0.5)
+    assert points == [(3, 2), (8, 8), (4, 2)]  # strongest, then the farthest confident pixels
+    assert strongest_far_points(score, 3, min_score=0.99) == [(3, 2)]  # nothing else is confident
 
 
 def test_synthetic_mask_on_a_tiny_generation_trace(tiny):
@@ -91,3 +92,18 @@ def test_synthetic_mask_on_a_tiny_generation_trace(tiny):
         assert mask.scores.shape == (len(query.ids), 32, 32)
     # the last step against the mean over steps: both valid, and K=1 has nothing to fluctuate
     assert method.synthetic_mask(batch.traces[0], batch.queries[0], cfg.replace(tff_k=1), (32, 32)).tff == 0.0
+
+
+def test_sam_pseudo_masks_on_a_tiny_trace(tiny):
+    from bench.data import build_dataset
+    from bench.evaluate import trace_samples
+    from methods import METHODS
+
+    method = METHODS.get("freegen")(tiny)
+    cfg = method.resolve({"mode": "generation", "steps": 2, "pseudo_masks": "sam"})
+    data = build_dataset({"name": "voc_sim", "seeds_per_class": 1, "size": 32, "limit": 1})
+    batch = trace_samples(method, data, [data[0]], cfg, 0, method.trace_request(cfg))
+    mask = method.synthetic_mask(batch.traces[0], batch.queries[0], cfg, (32, 32))
+    assert set(np.unique(mask.label)) <= {0, *batch.queries[0].ids}  # SAM's masks: no ignore band
+    pred = method.predict(batch.traces[0], batch.queries[0], cfg, (32, 32))
+    assert torch.equal(pred.labels, torch.from_numpy(mask.label.astype(np.int64)))

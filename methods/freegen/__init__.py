@@ -26,7 +26,8 @@ from bench.trace import Trace, TraceRequest, request
 from methods.attribution import AttributionSource, attn_layers
 from methods.base import ClassQuery, Method, Param, Prediction, register_method
 from methods.freegen.rectify import (adaptive_self_attention, normalise, one_hot, pseudo_label,
-                                     rectified_attention, temporal_fluctuation, uniform_steps)
+                                     rectified_attention, strongest_far_points, temporal_fluctuation,
+                                     uniform_steps)
 from methods.maps import empty_prediction, resize_maps
 from methods.prompts import PROMPT_PARAMS, build_prompt
 
@@ -62,12 +63,22 @@ class FreeGen(Method):
                               "Diffusion 0.6; the paper gives none)"),
         "ignore_threshold": Param(0.5, "synthetic masks: ignore (255) between this and fg_threshold, "
                                   "background below (Dataset Diffusion 0.5)"),
+        "pseudo_masks": Param("attention", "masks from: attention (A_* thresholded) or sam (SAM prompted with the "
+                              "sam_points strongest / farthest points of each class map of A_*: the paper's G_*, "
+                              "Eq. 5's targets)", choices=("attention", "sam")),
+        "sam": Param("embedded", "SAM for pseudo_masks=sam: embedded (bench/embedded/sam/), a local transformers "
+                     "folder or a hub id in the local cache"),
+        "sam_points": Param(3, "point prompts per class map (the paper: 3)"),
         "tff": Param(True, "filter synthetic samples by the Temporal Fluctuation Factor (Eq. 4)"),
         "tff_k": Param(4, "K uniformly spaced denoising steps of Eq. 4 (the paper: 4)"),
         "tff_threshold": Param(0.05, "synthetic samples with TFF above this are filtered (the paper's value is "
                                "in its supplement, which is not available; ours, from the TFF distribution "
                                "of the embedded model)"),
     }
+
+    def __init__(self, backbone=None):
+        super().__init__(backbone)
+        self._sams: dict = {}  # SAM models by source, loaded on first use
 
     # -- what to run ---------------------------------------------------------------------------------------
     def cross_layers(self, cfg: Mapping) -> list[str]:
@@ -128,7 +139,10 @@ class FreeGen(Method):
                        ) -> SyntheticMask:
         """The sample's pseudo-label and its TFF (Eq. 4 over one-hot masks at tff_k uniformly spaced steps)."""
         scores = self.class_scores(trace, query, cfg, out_size)
-        label = pseudo_label(scores, query.ids, cfg["fg_threshold"], cfg["ignore_threshold"])
+        if cfg["pseudo_masks"] == "sam":
+            label = self.sam_labels(trace, query, cfg, scores).numpy().astype(np.uint8)
+        else:
+            label = pseudo_label(scores, query.ids, cfg["fg_threshold"], cfg["ignore_threshold"])
         tff = 0.0
         if self._per_step(trace) and query.ids:
             steps = uniform_steps(len(trace.timesteps), cfg["tff_k"])
@@ -146,7 +160,33 @@ class FreeGen(Method):
         if not query.ids:
             return empty_prediction(out_size)
         scores = self.class_scores(trace, query, cfg, out_size)
+        if cfg["pseudo_masks"] == "sam":
+            return Prediction(scores, self.sam_labels(trace, query, cfg, scores))
         best, arg = scores.max(0)
         labels = torch.tensor(query.ids, dtype=torch.long)[arg]
         labels[best < cfg["fg_threshold"]] = 0
         return Prediction(scores, labels)
+
+    def sam_labels(self, trace: Trace, query: ClassQuery, cfg: Mapping, scores: torch.Tensor) -> torch.Tensor:
+        """G_* (FreeGen Sec. 3, Training Strategy): per class, SAM prompted with the `sam_points` strongest /
+        farthest points of its map; a pixel takes the class whose SAM mask logit is highest among those > 0,
+        background elsewhere. scores: (K, H, W) at the output size."""
+        if trace.image is None:
+            raise ValueError("pseudo_masks=sam needs the traced image")
+        from bench.models.sam import load_sam
+
+        if cfg["sam"] not in self._sams:
+            self._sams[cfg["sam"]] = load_sam(cfg["sam"], str(self.backbone.device) if self.backbone else "cpu")
+        sam = self._sams[cfg["sam"]]
+        image = np.asarray(trace.image, dtype=np.uint8)
+        h, w = scores.shape[-2:]
+        sy, sx = image.shape[0] / h, image.shape[1] / w
+        logits = []
+        for k in range(len(query.ids)):
+            points = [((x + 0.5) * sx, (y + 0.5) * sy) for x, y in strongest_far_points(scores[k], cfg["sam_points"],
+                                                                                   cfg["fg_threshold"])]
+            logits.append(resize_maps(sam.logits(image, points), (h, w)))
+        best, arg = torch.stack(logits).max(0)
+        labels = torch.tensor(query.ids, dtype=torch.long)[arg]
+        labels[best <= 0] = 0
+        return labels

@@ -102,23 +102,22 @@ def temporal_fluctuation(masks: torch.Tensor) -> float:
     return float((masks - masks.mean(0, keepdim=True)).abs().mean())
 
 
-def strongest_far_points(score: torch.Tensor, n: int = 3, min_distance: float = 0.0) -> list[tuple[int, int]]:
-    """SAM point prompts from one class map (h, w): the strongest pixel, then repeatedly the pixel that
-    maximises score x distance to the points chosen so far ("the strongest response and the farthest
-    distance", FreeGen Sec. 3, Training Strategy). Returns (x, y) pixel coordinates."""
+def strongest_far_points(score: torch.Tensor, n: int = 3, min_score: float = 0.6) -> list[tuple[int, int]]:
+    """SAM point prompts from one normalised class map (h, w): "the strongest response and the farthest
+    distance" (FreeGen Sec. 3, Training Strategy): the strongest pixel, then repeatedly the pixel of the
+    confident region (score >= min_score) farthest from the points chosen so far. Returns (x, y) pixels."""
     h, w = score.shape
     flat = score.flatten().float()
     ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     coords = torch.stack([xs.flatten(), ys.flatten()], 1).float()
     first = int(flat.argmax())
+    candidates = flat >= min(min_score, float(flat[first]))
     chosen = [first]
     nearest = (coords - coords[first]).norm(dim=1)
     for _ in range(n - 1):
-        gain = flat.clamp_min(0) * nearest
-        if min_distance > 0:
-            gain[nearest < min_distance] = -1
-        nxt = int(gain.argmax())
-        if gain[nxt] <= 0:
+        reach = torch.where(candidates, nearest, torch.full_like(nearest, -1.0))
+        nxt = int(reach.argmax())
+        if reach[nxt] <= 0:  # the confident region is a single pixel
             break
         chosen.append(nxt)
         nearest = torch.minimum(nearest, (coords - coords[nxt]).norm(dim=1))
