@@ -256,7 +256,16 @@ def dataset_card(cfg: SweepConfig, params, dataset, records: list[dict], seconds
     kept = [r for r in records if r["id"] not in dropped]
     classes = list(dataset.classes)
     quality = {}
+    per_image = {}
     if generation_gt(dataset) == "replay":
+        from scipy.stats import spearmanr
+
+        per_image = {r["id"]: summarize(np.asarray(r["hist"]), classes)["mIoU"] for r in records}
+        if len(records) > 2:
+            rho = spearmanr([r["tff"] for r in records], [per_image[r["id"]] for r in records])
+            quality["tff_vs_mIoU_spearman"] = {"rho": round(float(rho.statistic), 3),
+                                               "p": round(float(rho.pvalue), 4),
+                                               "note": "Eq. 4's premise: a high TFF marks a worse mask (rho < 0)"}
         for name, subset in (("all", records), ("kept", kept), ("filtered", filtered)):
             if subset:
                 hist = np.sum([np.asarray(r["hist"]) for r in subset], axis=0)
@@ -280,8 +289,9 @@ def dataset_card(cfg: SweepConfig, params, dataset, records: list[dict], seconds
                        "images_per_second": round(generated / seconds, 4) if generated and seconds else None,
                        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                        "actors": int(cfg.ray.num_actors), "batch_size": int(cfg.ray.batch_size)},
-        "samples": [{k: r[k] for k in ("id", "prompt", "seed", "tff", "unet_passes")} | {"kept": r["id"] not in dropped}
-                    for r in records],
+        "samples": [{k: r[k] for k in ("id", "prompt", "seed", "tff", "unet_passes")}
+                    | {"kept": r["id"] not in dropped, "ignored": round(r["ignored"], 4)}
+                    | ({"mIoU": round(per_image[r["id"]], 2)} if per_image else {}) for r in records],
         "kept_ids": [r["id"] for r in kept], "filtered_ids": [r["id"] for r in filtered],
         "overrides": cfg.overrides, "sweep_file": cfg.sweep_file,
     }
