@@ -13,6 +13,7 @@ scored by its Temporal Fluctuation Factor. The result is a PASCAL VOC-layout fol
     ImageSets/Segmentation/all.txt     every synthesised sample; filtered.txt: the dropped ones
     dataset.json                   the card: prompts, seeds, model, counts, TFF per sample, what was filtered,
                                    and the pseudo-masks' mIoU against exact ground truth where the dataset has it
+    samples.png                    the first samples with their masks (filtered ones marked red)
 
 It is written under `<out>.partial/` and renamed when complete; each finished batch is a shard, so the same
 command with `output_dir=<out>` resumes an interrupted synthesis without regenerating finished images (a
@@ -53,6 +54,7 @@ SHARDS = ".shards"  # in <out>.partial/: one JSON record per finished batch (rem
 STARTED = "started.json"
 CARD = "dataset.json"
 JPEG_QUALITY = 95
+SAMPLE_GRID = 8  # samples shown in samples.png
 
 
 def voc_palette(num_colours: int = 256) -> list[int]:
@@ -179,6 +181,22 @@ def write_batch(work: Path, cfg: SweepConfig, dataset, batch: dict, shard: int) 
     tmp.rename(work / SHARDS / f"shard-{shard:05d}.json")
 
 
+def sample_grid(folder: Path, ids: list[str], card: dict | None = None, cell: int = 128) -> Path:
+    """samples.png: each sample's image above its mask (VOC colours, ignore white), a red bar under filtered
+    samples; `cell` pixels per tile."""
+    kept = set((card or {}).get("kept_ids", ids))
+    grid = Image.new("RGB", (cell * len(ids), 2 * cell + 6), (255, 255, 255))
+    for k, image_id in enumerate(ids):
+        image = Image.open(folder / "JPEGImages" / f"{image_id}.jpg").convert("RGB")
+        mask = Image.open(folder / "SegmentationClass" / f"{image_id}.png").convert("RGB")
+        grid.paste(image.resize((cell, cell), Image.NEAREST), (k * cell, 0))
+        grid.paste(mask.resize((cell, cell), Image.NEAREST), (k * cell, cell))
+        if image_id not in kept:
+            grid.paste((220, 40, 40), (k * cell, 2 * cell, (k + 1) * cell, 2 * cell + 6))
+    grid.save(folder / "samples.png")
+    return folder / "samples.png"
+
+
 def read_shards(work: Path) -> list[dict]:
     records = []
     for path in sorted((work / SHARDS).glob("shard-*.json")):
@@ -243,6 +261,8 @@ def synthesize(sweep_path: str, overrides: list[str]) -> Path:
     (split_dir / "all.txt").write_text("".join(f"{r['id']}\n" for r in records))
     (split_dir / "filtered.txt").write_text("".join(f"{i}\n" for i in card["filtered_ids"]))
     (work / CARD).write_text(json.dumps(card, indent=1))
+    if records:
+        sample_grid(work, [r["id"] for r in records[:SAMPLE_GRID]], card)
     shutil.rmtree(work / SHARDS)
     work.rename(final)
     return final
