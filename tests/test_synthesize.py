@@ -52,7 +52,7 @@ def test_synthesis_writes_a_voc_dataset_the_loader_reads(tmp_path, tiny_model, c
     assert card["pseudo_mask_quality"]["all"]["images"] == 5 and 0 <= card["pseudo_mask_quality"]["all"]["mIoU"] <= 100
     assert card["throughput"]["images_per_second"] > 0
     voc = build_dataset({"name": "voc2012", "root": str(out), "split": "train"})
-    assert len(voc) == 5
+    assert len(voc) == 5 and voc.classes[:2] == ["background", "circle"]  # the card's classes, not VOC's
     sample = voc[0]
     assert sample.image.shape == (32, 32, 3) and sample.label.shape == (32, 32)
     assert set(np.unique(sample.label)) <= {0, 1, 2, 3, 4, 5, 255}
