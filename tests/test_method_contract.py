@@ -246,7 +246,11 @@ def test_every_method_file_is_discovered():
     import methods
 
     folder = Path(methods.__file__).parent
-    registering = {p.stem for p in folder.glob("*.py") if re.search(r"^@register_method\(", p.read_text(), re.M)}
+    def registers(path) -> bool:
+        return re.search(r"^@register_method\(", path.read_text(), re.M) is not None
+
+    registering = {p.stem for p in folder.glob("*.py") if registers(p)}
+    registering |= {p.parent.name for p in folder.glob("*/*.py") if registers(p)}  # packages: methods/<name>/
     modules = {METHODS.get(n).__module__.split(".")[1] for n in NAMES}
     assert registering == modules and "linear_probe" in NAMES
 

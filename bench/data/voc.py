@@ -41,6 +41,13 @@ class VOCDataset(SegDataset):
         if not list_file.is_file():
             raise BenchError(f"split file {list_file} not found; use data.split=train|val|trainval")
         self.ids = [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
+        card = self.root / "dataset.json"  # a synthetic dataset (bench.synthesize) names its own classes
+        if card.is_file():
+            import json
+
+            classes = json.loads(card.read_text()).get("classes")
+            if isinstance(classes, list) and all(isinstance(c, str) for c in classes):
+                self.classes = classes
 
     def __len__(self) -> int:
         return len(self.ids)

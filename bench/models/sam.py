@@ -1,0 +1,96 @@
+"""Point-prompted SAM (transformers `SamModel`) for FreeGen's pseudo-masks.
+
+`load_sam(source)`: "embedded" (the tiny SAM trained on the shapes world, bench/embedded/sam/, by
+`python -m bench.embedded.sam`), a local transformers folder, or a hub id resolved from the local cache only
+(e.g. facebook/sam-vit-base). Weights load from safetensors only.
+
+`SamSegmenter.mask(image, points)` follows SAM's preprocessing: the longest side resized to the model's input
+size, padded at the bottom/right, ImageNet normalisation; points (x, y) in image pixels are scaled the same
+way; the mask logits are cropped and resized back, mask = logit > 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from bench.errors import BenchError
+
+IMAGE_MEAN = (0.485, 0.456, 0.406)
+IMAGE_STD = (0.229, 0.224, 0.225)
+EMBEDDED_SAM = Path(__file__).resolve().parent.parent / "embedded" / "sam"
+
+
+@dataclass
+class SamSegmenter:
+    model: torch.nn.Module
+    source: str
+
+    @property
+    def input_size(self) -> int:
+        return int(self.model.config.vision_config.image_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _prepare(self, image: np.ndarray) -> tuple[torch.Tensor, float, tuple[int, int]]:
+        h, w = image.shape[:2]
+        scale = self.input_size / max(h, w)
+        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+        resized = np.asarray(Image.fromarray(np.asarray(image, np.uint8)).resize((nw, nh), Image.BILINEAR))
+        x = torch.from_numpy(resized.copy()).float().div(255).permute(2, 0, 1)
+        x = (x - torch.tensor(IMAGE_MEAN)[:, None, None]) / torch.tensor(IMAGE_STD)[:, None, None]
+        padded = torch.zeros(3, self.input_size, self.input_size)
+        padded[:, :nh, :nw] = x
+        return padded, scale, (nh, nw)
+
+    @torch.no_grad()
+    def logits(self, image: np.ndarray, points: list[tuple[float, float]], labels: list[int] | None = None
+               ) -> torch.Tensor:
+        """Single-mask logits (H, W) at the image's size for one prompt of `points` (x, y) (labels: 1
+        foreground, 0 background; default all foreground)."""
+        if not points:
+            raise ValueError("SAM needs at least one prompt point")
+        pv, scale, (nh, nw) = self._prepare(image)
+        pts = torch.tensor(points, dtype=torch.float32)[None, None] * scale
+        lab = torch.tensor(labels if labels is not None else [1] * len(points), dtype=torch.long)[None, None]
+        out = self.model(pixel_values=pv[None].to(self.device), input_points=pts.to(self.device),
+                         input_labels=lab.to(self.device), multimask_output=False)
+        low = out.pred_masks[0, 0, :1].float()  # (1, h, w) over the padded input
+        full = F.interpolate(low[None], size=(self.input_size, self.input_size), mode="bilinear",
+                             align_corners=False)[0, :, :nh, :nw]
+        return F.interpolate(full[None], size=image.shape[:2], mode="bilinear", align_corners=False)[0, 0].cpu()
+
+    def mask(self, image: np.ndarray, points: list[tuple[float, float]], labels: list[int] | None = None
+             ) -> np.ndarray:
+        return (self.logits(image, points, labels) > 0).numpy()
+
+
+def load_sam(source: str = "embedded", device: str = "cpu") -> SamSegmenter:
+    from transformers import SamModel
+
+    if source == "embedded":
+        folder = EMBEDDED_SAM
+        if not (folder / "config.json").is_file():
+            raise BenchError(f"the embedded SAM is not in {folder}; train it with python -m bench.embedded.sam")
+        where = str(folder)
+    elif Path(source).expanduser().exists():
+        folder = Path(source).expanduser()
+        if not (folder / "config.json").is_file():
+            raise BenchError(f"sam={source} is not a transformers SAM folder (no config.json); give a folder "
+                             f"written by SamModel.save_pretrained or a cached hub id")
+        where = str(folder)
+    else:
+        where = source
+    try:
+        model = SamModel.from_pretrained(where, local_files_only=True, use_safetensors=True)
+    except OSError:
+        raise BenchError(f"SAM {source!r} is neither a local folder nor in the local Hugging Face cache; "
+                         f"download it first or use sam=embedded") from None
+    return SamSegmenter(model.to(device).eval(), source)

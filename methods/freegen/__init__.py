@@ -1,0 +1,192 @@
+"""FreeGen (Wang et al., AAAI 2025): text-to-data synthesis with rectified attention.
+
+Stage 1 (the equations are in `rectify.py`): per class, the cross-attention of its tokens at the
+`cross_blocks` layers (mean over layers and heads, resized to the self-attention grid) is propagated by the
+adaptive self-attention map of the `self_blocks` layers (Eq. 1-3, A_* = A_s . A_c), min-max normalised and
+turned into a pseudo-mask (strongest class >= fg_threshold, an ignore band down to ignore_threshold). The mask
+comes from the last denoising step (the paper's Training Strategy: "we use only A_{*,t} from the last
+timestep") or from the mean over steps (`mask_step`). The Temporal Fluctuation Factor (Eq. 4) is the mean
+absolute deviation of the masks at `tff_k` uniformly spaced steps from their mean; `python -m
+bench.synthesize` drops samples whose TFF exceeds `tff_threshold` when `tff` is on.
+
+With W = 1/H and Upsilon = I (their initialisations) ASR reduces to the head-mean self-attention times the
+UNet's own cross-attention: what this method computes (Table 6's "ASR off" rows; with self_power=4 and mean
+over steps it is Dataset Diffusion's rule). Options and their sources are listed in methods/README.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from bench.trace import Trace, TraceRequest, request
+from methods.attribution import AttributionSource, attn_layers
+from methods.base import ClassQuery, Method, Param, Prediction, register_method
+from methods.freegen.rectify import (adaptive_self_attention, normalise, one_hot, pseudo_label,
+                                     rectified_attention, strongest_far_points, temporal_fluctuation,
+                                     uniform_steps)
+from methods.maps import empty_prediction, resize_maps
+from methods.prompts import PROMPT_PARAMS, build_prompt
+
+RESOLUTIONS = ("16", "32", "16+32", "64", "32+64", "16+32+64", "all")
+
+
+@dataclass
+class SyntheticMask:
+    """One synthetic sample's annotation: the pseudo-label (IGNORE_INDEX in the uncertain band), its
+    Temporal Fluctuation Factor, and the normalised class maps it came from."""
+
+    label: np.ndarray  # (H, W) uint8
+    tff: float
+    scores: torch.Tensor  # (K, H, W) in [0, 1]
+
+
+@register_method("freegen")
+class FreeGen(Method):
+    version = "1"
+    params = {
+        **{k: PROMPT_PARAMS[k] for k in ("prompt", "template", "attribution")},
+        "cross_blocks": Param("16+32", "cross-attention layers whose class maps are rectified (SD resolution "
+                              "names; Dataset Diffusion: 16 and 32)", choices=RESOLUTIONS),
+        "self_blocks": Param("32", "self-attention layers of the adaptive weight map A_s, one SD resolution name "
+                             "(its layers are averaged; Dataset Diffusion: 32)", choices=("16", "32", "64")),
+        "rectify": Param(True, "A_* = A_s . A_c (Eq. 3); false: the cross-attention alone (Table 6's all-off row, "
+                         "the raw attention masks)"),
+        "self_power": Param(1, "power of A_s in A_* = A_s^p . A_c: 1 (FreeGen Eq. 3) or 4 (Dataset Diffusion)"),
+        "mask_step": Param("last", "which denoising step the mask comes from: last (FreeGen's Training "
+                           "Strategy) or mean (mean of A_* over every step, Dataset Diffusion)",
+                           choices=("last", "mean")),
+        "fg_threshold": Param(0.6, "foreground where the strongest normalised class map is >= this (Dataset "
+                              "Diffusion 0.6; the paper gives none)"),
+        "ignore_threshold": Param(0.5, "synthetic masks: ignore (255) between this and fg_threshold, "
+                                  "background below (Dataset Diffusion 0.5)"),
+        "pseudo_masks": Param("attention", "masks from: attention (A_* thresholded) or sam (SAM prompted with the "
+                              "sam_points strongest / farthest points of each class map of A_*: the paper's G_*, "
+                              "Eq. 5's targets)", choices=("attention", "sam")),
+        "sam": Param("embedded", "SAM for pseudo_masks=sam: embedded (bench/embedded/sam/), a local transformers "
+                     "folder or a hub id in the local cache"),
+        "sam_points": Param(3, "point prompts per class map (the paper: 3)"),
+        "tff": Param(True, "filter synthetic samples by the Temporal Fluctuation Factor (Eq. 4)"),
+        "tff_k": Param(4, "K uniformly spaced denoising steps of Eq. 4 (the paper: 4)"),
+        "tff_threshold": Param(0.05, "synthetic samples with TFF above this are filtered (the paper's value is "
+                               "in its supplement, which is not available; ours, from the TFF distribution "
+                               "of the embedded model)"),
+    }
+
+    def __init__(self, backbone=None):
+        super().__init__(backbone)
+        self._sams: dict = {}  # SAM models by source, loaded on first use
+
+    # -- what to run ---------------------------------------------------------------------------------------
+    def cross_layers(self, cfg: Mapping) -> list[str]:
+        return attn_layers(cfg["cross_blocks"], "attn2", backbone=self.backbone)
+
+    def self_layers(self, cfg: Mapping) -> list[str]:
+        return attn_layers(cfg["self_blocks"], "attn1", backbone=self.backbone)
+
+    def trace_request(self, cfg: Mapping) -> TraceRequest:
+        cross = self.cross_layers(cfg)
+        # classes absent from the prompt are re-keyed from stored queries (OVAM's attribution)
+        absent = cfg["classes"] == "all" or cfg["mode"] == "inversion" and cfg["prompt"] == "caption"
+        return request(cross=cross, queries=cross if absent else (), self_attn=self.self_layers(cfg))
+
+    def prompt(self, query: ClassQuery, caption: str | None, cfg: Mapping) -> str:
+        return build_prompt(query, caption, cfg)
+
+    # -- Stage 1 ---------------------------------------------------------------------------------------------
+    def rectified(self, trace: Trace, query: ClassQuery, cfg: Mapping, steps: list[int] | None = None
+                  ) -> torch.Tensor:
+        """A_* (Eq. 3) per recorded step: (S', K, h, w) at the self-attention grid, un-normalised; `steps`
+        selects recorded steps (None: all)."""
+        self_names = self.self_layers(cfg)
+        grid = trace.spatial_size(self_names[0])
+        selfs = [trace.self_attn[n] for n in self_names]  # (S, H, N, N) each
+        if steps is not None:
+            selfs = [s[steps] for s in selfs]
+        a_s = torch.stack([adaptive_self_attention(s) for s in selfs]).mean(0)  # (S', N, N)
+        source = AttributionSource(self.backbone, cfg["attribution"], pad=True)
+        per_layer = []
+        for layer in self.cross_layers(cfg):
+            # mean over heads per class (recorded maps are head-averaged, re-keyed ones are not)
+            maps = torch.stack([source.class_maps(trace, layer, n, steps).float().mean(1) for n in query.names])
+            per_layer.append(resize_maps(maps, grid))  # (K, S', gh, gw)
+        a_c = torch.stack(per_layer).mean(0)  # (K, S', gh, gw)
+        if a_s.shape[0] != a_c.shape[1]:  # self-attention summed over steps at capture time: one entry
+            a_s = a_s.expand(a_c.shape[1], -1, -1)
+        if not cfg["rectify"]:
+            return a_c.transpose(0, 1)
+        a_star = rectified_attention(a_s, a_c.flatten(2).permute(1, 2, 0), cfg["self_power"])  # (S', N, K)
+        return a_star.permute(0, 2, 1).unflatten(2, grid)
+
+    def class_scores(self, trace: Trace, query: ClassQuery, cfg: Mapping, out_size: tuple[int, int]) -> torch.Tensor:
+        """Normalised class maps (K, H, W) of the mask step."""
+        if cfg["mask_step"] == "last":
+            maps = self.rectified(trace, query, cfg, [len(trace.timesteps) - 1])[0] \
+                if self._per_step(trace) else self.rectified(trace, query, cfg)[0]
+        else:
+            maps = self.rectified(trace, query, cfg).mean(0)
+        return normalise(resize_maps(maps, out_size)).clamp(0, 1)
+
+    @staticmethod
+    def _per_step(trace: Trace) -> bool:
+        some = next(iter(trace.self_attn.values()))
+        return some.shape[0] == len(trace.timesteps) > 1
+
+    def synthetic_mask(self, trace: Trace, query: ClassQuery, cfg: Mapping, out_size: tuple[int, int]
+                       ) -> SyntheticMask:
+        """The sample's pseudo-label and its TFF (Eq. 4 over one-hot masks at tff_k uniformly spaced steps)."""
+        scores = self.class_scores(trace, query, cfg, out_size)
+        if cfg["pseudo_masks"] == "sam":
+            label = self.sam_labels(trace, query, cfg, scores).numpy().astype(np.uint8)
+        else:
+            label = pseudo_label(scores, query.ids, cfg["fg_threshold"], cfg["ignore_threshold"])
+        tff = 0.0
+        if self._per_step(trace) and query.ids:
+            steps = uniform_steps(len(trace.timesteps), cfg["tff_k"])
+            maps = self.rectified(trace, query, cfg, steps)
+            local = list(range(1, len(query.ids) + 1))
+            masks = []
+            for m in maps:
+                lab = torch.from_numpy(pseudo_label(normalise(resize_maps(m, out_size)).clamp(0, 1), local,
+                                                    cfg["fg_threshold"], cfg["ignore_threshold"]).astype(np.int64))
+                masks.append(one_hot(lab, len(local) + 1))
+            tff = temporal_fluctuation(torch.stack(masks))
+        return SyntheticMask(label, tff, scores)
+
+    def predict(self, trace: Trace, query: ClassQuery, cfg: Mapping, out_size: tuple[int, int]) -> Prediction:
+        if not query.ids:
+            return empty_prediction(out_size)
+        scores = self.class_scores(trace, query, cfg, out_size)
+        if cfg["pseudo_masks"] == "sam":
+            return Prediction(scores, self.sam_labels(trace, query, cfg, scores))
+        best, arg = scores.max(0)
+        labels = torch.tensor(query.ids, dtype=torch.long)[arg]
+        labels[best < cfg["fg_threshold"]] = 0
+        return Prediction(scores, labels)
+
+    def sam_labels(self, trace: Trace, query: ClassQuery, cfg: Mapping, scores: torch.Tensor) -> torch.Tensor:
+        """G_* (FreeGen Sec. 3, Training Strategy): per class, SAM prompted with the `sam_points` strongest /
+        farthest points of its map; a pixel takes the class whose SAM mask logit is highest among those > 0,
+        background elsewhere. scores: (K, H, W) at the output size."""
+        if trace.image is None:
+            raise ValueError("pseudo_masks=sam needs the traced image")
+        from bench.models.sam import load_sam
+
+        if cfg["sam"] not in self._sams:
+            self._sams[cfg["sam"]] = load_sam(cfg["sam"], str(self.backbone.device) if self.backbone else "cpu")
+        sam = self._sams[cfg["sam"]]
+        image = np.asarray(trace.image, dtype=np.uint8)
+        h, w = scores.shape[-2:]
+        sy, sx = image.shape[0] / h, image.shape[1] / w
+        logits = []
+        for k in range(len(query.ids)):
+            points = [((x + 0.5) * sx, (y + 0.5) * sy) for x, y in strongest_far_points(scores[k], cfg["sam_points"],
+                                                                                   cfg["fg_threshold"])]
+            logits.append(resize_maps(sam.logits(image, points), (h, w)))
+        best, arg = torch.stack(logits).max(0)
+        labels = torch.tensor(query.ids, dtype=torch.long)[arg]
+        labels[best <= 0] = 0
+        return labels

@@ -1,0 +1,109 @@
+"""FreeGen's Stage-1 equations on plain tensors (methods/freegen/rectify.py) and the method on a tiny trace."""
+
+import numpy as np
+import pytest
+import torch
+
+from methods.freegen.rectify import (adaptive_self_attention, head_mean_weights, normalise, one_hot,
+                                     pseudo_label, rectified_attention, rekeyed_cross, strongest_far_points,
+                                     temporal_fluctuation, uniform_steps)
+
+
+def test_eq1_head_mean_initialisation_is_the_mean_over_heads():
+    probs = torch.rand(3, 4, 6, 6).softmax(-1)  # (S, H, N, N)
+    w = head_mean_weights(4, 6)
+    assert torch.allclose(adaptive_self_attention(probs, w), probs.mean(1), atol=1e-6)
+    assert torch.allclose(adaptive_self_attention(probs), probs.mean(1))
+    # W_h weights the rows of head h: one head only, rows scaled
+    one = torch.zeros(4, 6)
+    one[2] = torch.arange(6.0)
+    assert torch.allclose(adaptive_self_attention(probs, one), probs[:, 2] * torch.arange(6.0)[:, None])
+
+
+def test_eq3_identity_self_attention_keeps_the_cross_attention_and_propagates_otherwise():
+    cross = torch.rand(5, 2)
+    assert torch.allclose(rectified_attention(torch.eye(5), cross), cross)
+    uniform = torch.full((5, 5), 0.2)
+    assert torch.allclose(rectified_attention(uniform, cross), cross.mean(0).expand(5, 2), atol=1e-6)
+    a = torch.rand(5, 5).softmax(-1)
+    assert torch.allclose(rectified_attention(a, cross, power=4), torch.linalg.matrix_power(a, 4) @ cross, atol=1e-5)
+
+
+def test_eq2_identity_key_map_is_the_unets_attention():
+    q, k = torch.randn(2, 7, 4), torch.randn(2, 5, 4)
+    plain = (q @ k.transpose(1, 2) * 0.5).softmax(-1)
+    eye = torch.eye(4).expand(2, 4, 4)
+    assert torch.allclose(rekeyed_cross(q, k, 0.5, eye, [1, 2]), plain, atol=1e-6)
+    assert torch.allclose(rekeyed_cross(q, k, 0.5), plain, atol=1e-6)
+    doubled = rekeyed_cross(q, k, 0.5, 2 * eye, [1])
+    assert not torch.allclose(doubled, plain)
+    assert torch.allclose(doubled.sum(-1), torch.ones(2, 7))
+
+
+def test_eq4_temporal_fluctuation():
+    masks = torch.zeros(4, 2, 3, 3)
+    masks[:, 0] = 1
+    assert temporal_fluctuation(masks) == 0.0
+    flip = masks.clone()
+    flip[3, 0, 0, 0], flip[3, 1, 0, 0] = 0, 1  # one pixel changes class at one of 4 steps
+    # that pixel, both channels: |1 - 0.75| x 3 steps + |0 - 0.75| x 1 = 1.5 per channel; over 4*2*9 entries
+    assert temporal_fluctuation(flip) == pytest.approx(2 * 1.5 / (4 * 2 * 9))
+
+
+def test_uniform_steps_include_the_last():
+    assert uniform_steps(50, 4) == [0, 16, 33, 49]
+    assert uniform_steps(50, 1) == [49]
+    assert uniform_steps(3, 8) == [0, 1, 2]
+
+
+def test_pseudo_label_bands_and_one_hot():
+    scores = torch.tensor([[[0.9, 0.55, 0.1]], [[0.2, 0.3, 0.05]]])  # (K=2, 1, 3)
+    label = pseudo_label(scores, [3, 5], 0.6, 0.5)
+    assert label.tolist() == [[3, 255, 0]]
+    hot = one_hot(torch.from_numpy(label.astype(np.int64)), 6)
+    assert hot[:, 0, 1].sum() == 0 and hot[3, 0, 0] == 1 and hot[0, 0, 2] == 1
+    assert torch.allclose(normalise(torch.tensor([[1.0, 3.0]])), torch.tensor([[0.0, 1.0]]))
+
+
+def test_strongest_far_points():
+    score = torch.zeros(10, 10)
+    score[2, 3] = 1.0
+    score[2, 4] = 0.95  # strong but adjacent
+    score[8, 8] = 0.6  # weaker but far
+    points = strongest_far_points(score, 3, min_score=0.5)
+    assert points == [(3, 2), (8, 8), (4, 2)]  # strongest, then the farthest confident pixels
+    assert strongest_far_points(score, 3, min_score=0.99) == [(3, 2)]  # nothing else is confident
+
+
+def test_synthetic_mask_on_a_tiny_generation_trace(tiny):
+    from bench.data import build_dataset
+    from bench.evaluate import trace_samples
+    from methods import METHODS
+
+    method = METHODS.get("freegen")(tiny)
+    cfg = method.resolve({"mode": "generation", "steps": 4})
+    data = build_dataset({"name": "voc_sim", "seeds_per_class": 1, "size": 32, "limit": 2})
+    batch = trace_samples(method, data, [data[0], data[1]], cfg, 0, method.trace_request(cfg))
+    for sample, query, trace in zip([data[0], data[1]], batch.queries, batch.traces):
+        mask = method.synthetic_mask(trace, query, cfg, (32, 32))
+        assert mask.label.shape == (32, 32) and mask.label.dtype == np.uint8
+        assert set(np.unique(mask.label)) <= {0, 255, *query.ids}
+        assert 0.0 <= mask.tff <= 1.0
+        assert mask.scores.shape == (len(query.ids), 32, 32)
+    # the last step against the mean over steps: both valid, and K=1 has nothing to fluctuate
+    assert method.synthetic_mask(batch.traces[0], batch.queries[0], cfg.replace(tff_k=1), (32, 32)).tff == 0.0
+
+
+def test_sam_pseudo_masks_on_a_tiny_trace(tiny):
+    from bench.data import build_dataset
+    from bench.evaluate import trace_samples
+    from methods import METHODS
+
+    method = METHODS.get("freegen")(tiny)
+    cfg = method.resolve({"mode": "generation", "steps": 2, "pseudo_masks": "sam"})
+    data = build_dataset({"name": "voc_sim", "seeds_per_class": 1, "size": 32, "limit": 1})
+    batch = trace_samples(method, data, [data[0]], cfg, 0, method.trace_request(cfg))
+    mask = method.synthetic_mask(batch.traces[0], batch.queries[0], cfg, (32, 32))
+    assert set(np.unique(mask.label)) <= {0, *batch.queries[0].ids}  # SAM's masks: no ignore band
+    pred = method.predict(batch.traces[0], batch.queries[0], cfg, (32, 32))
+    assert torch.equal(pred.labels, torch.from_numpy(mask.label.astype(np.int64)))
