@@ -38,14 +38,14 @@ ZERO_SHOT_TEMPLATES = ("a photo of a {}", "a {}")
 DEFAULTS = {
     "size": 64,
     "patch": 8,
-    "width": 96,  # vision and text hidden size
-    "layers": 4,  # vision layers (text: 2)
+    "width": 64,  # vision and text hidden size
+    "layers": 3,  # vision layers (text: 2)
     "heads": 4,
     "projection": 64,
     "max_length": 16,
-    "num_train_images": 40000,
-    "steps": 1000,
-    "batch": 128,
+    "num_train_images": 30000,
+    "steps": 800,
+    "batch": 96,
     "lr": 1e-3,
     "warmup": 100,
     "weight_decay": 0.1,
@@ -60,7 +60,7 @@ def shipped_clip() -> Path | None:
     return CLIP_DIR if (CLIP_DIR / "config.json").is_file() else None
 
 
-def build_clip(size: int = 64, patch: int = 8, width: int = 96, layers: int = 4, heads: int = 4,
+def build_clip(size: int = 64, patch: int = 8, width: int = 64, layers: int = 3, heads: int = 4,
                projection: int = 64, max_length: int = 16, seed: int = 0, text_layers: int = 2):
     """(CLIPModel with seeded random weights, its tokenizer): the tiny architecture (also used by tests)."""
     from transformers import CLIPConfig, CLIPModel

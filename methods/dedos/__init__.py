@@ -162,7 +162,7 @@ class Dedos(Method):
                                    "Q) or kernels (Eq. 6-8 on the learned kernels)", choices=("memory", "kernels")),
     }
     # The method tester's fits on tiny components (tests/test_method_contract.py): a few steps, small sizes.
-    tester_params = {"train_steps": 3, "n": 8, "c": 16, "kernel_n": 2, "kernel_c": 2, "heads": 2,
+    tester_params = {"train_steps": 3, "iterations": 2, "n": 8, "c": 16, "kernel_n": 2, "kernel_c": 2, "heads": 2,
                      "decoder_dim": 16, "decoder_layers": 3, "batch": 2}
 
     def __init__(self, backbone=None):
