@@ -44,7 +44,7 @@ DEFAULTS = {
     "projection": 64,
     "max_length": 16,
     "num_train_images": 30000,
-    "steps": 800,
+    "steps": 500,
     "batch": 96,
     "lr": 1e-3,
     "warmup": 100,
@@ -172,7 +172,8 @@ def train(args: argparse.Namespace, out: Path) -> dict:
         tokenizer.save_pretrained(work)
         CLIPImageProcessor(size={"shortest_edge": args.size}, crop_size={"height": args.size, "width": args.size},
                            image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)).save_pretrained(work)
-        record = {"args": vars(args), "minutes": round(minutes, 1), "final_loss": float(np.mean(curve[-100:])),
+        arguments = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        record = {"args": arguments, "minutes": round(minutes, 1), "final_loss": float(np.mean(curve[-100:])),
                   "torch": torch.__version__, "threads": torch.get_num_threads()}
         (work / "train_config.json").write_text(json.dumps(record, indent=2) + "\n")
     log.info("saved %s (%.1f min, final loss %.3f)", out, minutes, record["final_loss"])

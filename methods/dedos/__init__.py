@@ -138,7 +138,7 @@ class Dedos(Method):
                               kind="train"),
         "n": Param(100, "number of proxy queries (Fig. 4)", kind="train"),
         "c": Param(256, "proxy query dimension (Fig. 4)", kind="train"),
-        "kernel_n": Param(4, "rows n2 of the per-timestep diffusion kernel (Eq. 6; not given by the paper)",
+        "kernel_n": Param(5, "rows n2 of the per-timestep diffusion kernel (Eq. 6; not given by the paper)",
                           kind="train"),
         "kernel_c": Param(4, "columns c2 of the per-timestep diffusion kernel (Eq. 6; not given by the paper)",
                           kind="train"),
