@@ -52,6 +52,7 @@ DEFAULTS = {
     "template_prob": 0.25,  # share of captions replaced by a class-name template of one shape in the image
     "drop_colour_prob": 0.3,  # share of captions without colour words
     "seed": 0,
+    "multi_positive": 0,  # 1: captions repeated within a batch count as positives of each other
 }
 
 
@@ -118,10 +119,16 @@ def normalise(images_uint8: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD) -> torch
 
 # ---------------------------------------------------------------------------------------------------- train
 def contrastive_loss(model, pixel_values: torch.Tensor, input_ids: torch.Tensor,
-                     attention_mask: torch.Tensor) -> torch.Tensor:
-    """CLIP's symmetric cross-entropy over the batch's image-text similarities (learned temperature)."""
+                     attention_mask: torch.Tensor, multi_positive: bool = False) -> torch.Tensor:
+    """CLIP's symmetric cross-entropy over the batch's image-text similarities (learned temperature).
+    multi_positive: a small world repeats captions within a batch ("a star"); every pair with the same caption
+    counts as a positive (soft targets spread over them) instead of being pushed apart."""
     out = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values)
-    targets = torch.arange(len(pixel_values))
+    if multi_positive:
+        same = (input_ids[:, None, :] == input_ids[None, :, :]).all(-1).float()
+        targets = same / same.sum(1, keepdim=True)
+    else:
+        targets = torch.arange(len(pixel_values), device=pixel_values.device)
     return 0.5 * (F.cross_entropy(out.logits_per_image, targets) + F.cross_entropy(out.logits_per_text, targets))
 
 
@@ -154,7 +161,7 @@ def train(args: argparse.Namespace, out: Path) -> dict:
         captions = [caption_variants(layouts[int(i)], rng, args.template_prob, args.drop_colour_prob) for i in idx]
         tok = tokenizer(captions, padding="max_length", max_length=args.max_length, truncation=True,
                         return_tensors="pt")
-        loss = contrastive_loss(model, normalise(batch), tok.input_ids, tok.attention_mask)
+        loss = contrastive_loss(model, normalise(batch), tok.input_ids, tok.attention_mask, bool(args.multi_positive))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -9,7 +9,6 @@ network). Weights from safetensors only. The image normalisation comes from the 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,7 +78,7 @@ def _folder(spec: str) -> Path:
             raise BenchError(f"CLIP folder {path} has no config.json; save one with CLIPModel.save_pretrained(DIR) "
                              f"and its tokenizer beside it")
         return path
-    if os.sep in spec or spec.startswith("."):
+    if spec.startswith(("/", ".", "~")) or spec.count("/") != 1:  # a path, not an owner/name hub id
         raise BenchError(f"CLIP folder {path} does not exist; pass a saved CLIPModel folder or a cached hub id")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError

@@ -92,12 +92,12 @@ class DedosModel(nn.Module):
                                     cfg["heads"], n, text_interaction=self.components == "full")
         self.register_buffer("memory", torch.zeros(n, c))  # running mean of training Q (inference_queries)
 
-    def segment(self, pixels: torch.Tensor, queries: torch.Tensor, text: torch.Tensor):
+    def segment(self, pixels: torch.Tensor, queries: torch.Tensor, text: torch.Tensor, final_only: bool = False):
         """Decoder outputs for a batch: queries (B, n, c) or (n, c); text (K, P) normalised embeddings."""
         queries = queries.expand(len(pixels), -1, -1) if queries.ndim == 2 else queries
         q_hat = self.refiner.mlp(queries) if self.refiner is not None else None
         _, taps = clip_tokens(self.vision, pixels, self.refiner, q_hat, self.taps)
-        return self.decoder(queries, taps, self.grid, text)
+        return self.decoder(queries, taps, self.grid, text, final_only)
 
     def forward(self, pixels, text, features=None, keep: float = 0.7, generator=None, clip_before=None,
                 clip_after=None):
@@ -340,7 +340,7 @@ class Dedos(Method):
         clip = self.clip(cfg)
         pixels = clip.pixels(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None], model.size)
         class_logits, mask_logits = model.segment(pixels, model.inference_queries(cfg["inference_queries"]),
-                                                  self.text(cfg, names))[-1]
+                                                  self.text(cfg, names), final_only=True)[-1]
         sem = semantic_scores(class_logits, mask_logits)
         sem = F.interpolate(sem, size=out_size, mode="bilinear", align_corners=False)[0]
         return (sem / sem.sum(0, keepdim=True).clamp_min(1e-8)).cpu()

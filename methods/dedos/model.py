@@ -234,9 +234,9 @@ class DedosDecoder(nn.Module):
         return torch.cat([sim, self.no_object.expand(*sim.shape[:2], 1)], dim=-1)
 
     def forward(self, queries: torch.Tensor, taps: list[torch.Tensor], grid: tuple[int, int],
-                text: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                text: torch.Tensor, final_only: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """[(class logits (B, n, K+1), mask logits (B, n, H, W))] after every decoder layer (the last is the
-        prediction, the others deep supervision)."""
+        prediction, the others deep supervision; `final_only`: the last alone, as inference needs)."""
         scales, mask_features = self.pixel(taps, grid)
         b = queries.shape[0]
         memory, positions = [], []
@@ -262,6 +262,8 @@ class DedosDecoder(nn.Module):
                            query_position_embeddings=query_pos, encoder_hidden_states=memory,
                            encoder_attention_mask=attn)[0]
             attn = predict(hidden, scales[(i + 1) % 3].shape[-2:])
+        if final_only:
+            outputs = outputs[-1:]
         return [(self.classify(obj, text), masks) for obj, masks in outputs]
 
 
