@@ -262,7 +262,7 @@ class Dedos(Method):
                     cache[i] = (s.image, s.label)
             images = [cache[i][0] for i in pick]
             targets = [self.target(cache[i][1], class_ids, mask_size, clip.device) for i in pick]
-            before = torch.stack([torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1) for im in images])
+            before = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in images])
             pixels = clip.pixels(before, model.size)
             features = fb = fa = None
             if diffusion:
@@ -338,7 +338,7 @@ class Dedos(Method):
         """(K, H, W) per-class probabilities (each pixel's distribution over `names`), CLIP + queries only."""
         model = self.fitted_model(cfg)
         clip = self.clip(cfg)
-        pixels = clip.pixels(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None], model.size)
+        pixels = clip.pixels(torch.from_numpy(np.array(image)).permute(2, 0, 1)[None], model.size)
         class_logits, mask_logits = model.segment(pixels, model.inference_queries(cfg["inference_queries"]),
                                                   self.text(cfg, names), final_only=True)[-1]
         sem = semantic_scores(class_logits, mask_logits)
