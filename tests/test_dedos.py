@@ -177,3 +177,30 @@ def test_registered_with_train_and_post_knobs():
     assert {"components", "timesteps", "iterations", "n", "c", "train_steps"} <= set(cls.keys_of("train"))
     assert cls.keys_of("post") == ["inference_queries"]
     assert cls.resolve({}).classes == "all"  # open vocabulary: every dataset class is scored
+
+
+# -- the bar (committed report of sweeps/dedos_openvocab.yaml on the embedded default) ------------------------------
+REPORT = Path(__file__).resolve().parents[1] / "reports/embedded/dedos_openvocab"
+
+
+def committed_results():
+    import pandas as pd
+
+    frame = pd.concat([pd.read_csv(REPORT / arm / "results.csv") for arm in ("baseline", "full")])
+    return {row["components"]: row for _, row in frame.iterrows()}
+
+
+def test_committed_report_has_seen_and_unseen_intervals():
+    rows = committed_results()
+    for arm in ("baseline", "full"):
+        for part in ("seen", "unseen"):
+            row = rows[arm]
+            assert row[f"mIoU_{part}_ci_low"] <= row[f"mIoU_{part}"] <= row[f"mIoU_{part}_ci_high"]
+
+
+@pytest.mark.xfail(strict=True, reason="100 CPU steps per arm (the session's budget) leave both arms untrained: "
+                   "unseen mIoU full 0.94 [0.48, 1.32] vs baseline 0.63 [0.45, 0.81] (overlapping); seen 14.7 vs "
+                   "6.2; and the shipped tiny CLIP barely tells shapes apart (28.4% zero-shot)")
+def test_dedos_beats_its_baseline_on_unseen_classes():
+    rows = committed_results()
+    assert rows["full"]["mIoU_unseen_ci_low"] > rows["baseline"]["mIoU_unseen_ci_high"]

@@ -254,7 +254,9 @@ def test_every_method_file_is_discovered():
     import methods
 
     folder = Path(methods.__file__).parent
-    registering = {p.stem for p in folder.glob("*.py") if re.search(r"^@register_method\(", p.read_text(), re.M)}
+    files = [*folder.glob("*.py"), *folder.glob("*/__init__.py")]  # modules and packages (methods/dedos/)
+    registering = {p.parent.name if p.name == "__init__.py" else p.stem for p in files
+                   if re.search(r"^@register_method\(", p.read_text(), re.M)}
     modules = {METHODS.get(n).__module__.split(".")[1] for n in NAMES}
     assert registering == modules and "linear_probe" in NAMES
 
