@@ -204,3 +204,12 @@ def test_committed_report_has_seen_and_unseen_intervals():
 def test_dedos_beats_its_baseline_on_unseen_classes():
     rows = committed_results()
     assert rows["full"]["mIoU_unseen_ci_low"] > rows["baseline"]["mIoU_unseen_ci_high"]
+
+
+def test_bad_train_settings_are_one_line_errors_before_fitting():
+    method = Dedos()
+    for bad, match in (({"n": 101}, "multiple of kernel_n"), ({"c": 250, "kernel_c": 4}, "multiple of kernel_c"),
+                       ({"heads": 7}, "multiples of heads"), ({"timesteps": "0+5000"}, "1..999"),
+                       ({"key_keep": 0.0}, "key_keep")):
+        with pytest.raises(BenchError, match=match):
+            method.train_setting(Dedos.resolve(bad))

@@ -178,6 +178,26 @@ class Dedos(Method):
     def prompt(self, query: ClassQuery, caption: str | None, cfg: Mapping) -> str:
         return ""
 
+    def train_setting(self, cfg: Mapping):
+        """One fit per train setting; the setting's values are checked here, on the driver, before Ray starts
+        (the plan asks for every trial's setting)."""
+        checks = [(cfg["n"] % cfg["kernel_n"] == 0, f"n={cfg['n']} is not a multiple of kernel_n={cfg['kernel_n']} "
+                   f"(Eq. 6: n = n1 x n2)"),
+                  (cfg["c"] % cfg["kernel_c"] == 0, f"c={cfg['c']} is not a multiple of kernel_c={cfg['kernel_c']} "
+                   f"(Eq. 6: c = c1 x c2)"),
+                  (cfg["c"] % cfg["heads"] == 0 and cfg["decoder_dim"] % cfg["heads"] == 0,
+                   f"c={cfg['c']} and decoder_dim={cfg['decoder_dim']} must be multiples of heads={cfg['heads']}"),
+                  (0 < cfg["key_keep"] <= 1, f"key_keep={cfg['key_keep']} must be in (0, 1]"),
+                  (cfg["train_steps"] >= 1 and cfg["batch"] >= 1, "train_steps and batch must be positive")]
+        for ok, message in checks:
+            if not ok:
+                raise BenchError(f"dedos: {message}; change the parameter in params/sweep")
+        try:
+            parse_timesteps(cfg["timesteps"], cfg["iterations"])
+        except ValueError as err:
+            raise BenchError(f"dedos: {err}") from None
+        return super().train_setting(cfg)
+
     def load_fit(self, key, tensors):
         super().load_fit(key, tensors)
         self._models.pop(key, None)
