@@ -98,7 +98,7 @@ def load_clip(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype 
     try:
         model = CLIPModel.from_pretrained(folder, use_safetensors=True, torch_dtype=dtype, local_files_only=True)
         tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
-    except (OSError, EnvironmentError) as err:
+    except OSError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise BenchError(f"cannot load CLIP from {folder}: {first} (only safetensors weights are loaded)") from None
     mean, std = OPENAI_MEAN, OPENAI_STD

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from bench.errors import BenchError
 from bench.trace import Trace, TraceRequest, request
-from methods.base import COMMON_PARAMS, ClassQuery, Method, Param, Prediction, register_method
+from methods.base import ClassQuery, Method, Param, Prediction, register_method
 from methods.dedos.frontend import block_channels, denoise, parse_timesteps, random_unet
 from methods.dedos.losses import WEIGHTS, seg_loss
 from methods.dedos.model import (CLIPRefiner, DedosDecoder, ProxyQueries, clip_tokens, consistency_loss,

@@ -34,7 +34,7 @@ class QueryLayer(nn.Module):
         """q (B, n, c); feats (B, L, C); keep (B, L) bool key mask M_i or None (all keys)."""
         b, n, c = q.shape
         f = self.norm(feats)
-        split = lambda x: x.view(b, x.shape[1], self.heads, c // self.heads).transpose(1, 2)  # noqa: E731
+        split = lambda x: x.view(b, x.shape[1], self.heads, c // self.heads).transpose(1, 2)
         mask = None if keep is None else keep[:, None, None, :]
         attended = F.scaled_dot_product_attention(split(self.to_q(q)), split(self.to_k(f)), split(self.to_v(f)),
                                                   attn_mask=mask)
@@ -183,7 +183,7 @@ class LinearAttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         t = self.norm_t(text).expand(b, -1, -1)
-        heads = lambda y: y.view(b, y.shape[1], self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
+        heads = lambda y: y.view(b, y.shape[1], self.heads, d // self.heads).transpose(1, 2)
         q = F.elu(heads(self.q(self.norm_q(x)))) + 1
         k = F.elu(heads(self.k(t))) + 1
         v = heads(self.v(t))
