@@ -162,6 +162,9 @@ class RayConfig(Section):
 class ReportConfig(Section):
     bootstrap: int = 200
     qualitative: int = 4
+    # open-vocabulary protocol: dataset classes joined by + reported apart as unseen (results: mIoU_seen,
+    # mIoU_unseen and their intervals; every other class, background included, is seen)
+    unseen: str = ""
 
 
 @dataclass

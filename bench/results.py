@@ -123,11 +123,32 @@ def results_frame(cfg: dict, rows: list[dict], stats: dict) -> pd.DataFrame:
         for metric in ("mIoU", "mAcc", "aAcc"):
             frame[f"{metric}_ci_low"] = [ci[metric][0] for ci in cis]
             frame[f"{metric}_ci_high"] = [ci[metric][1] for ci in cis]
+    unseen = [c.strip() for c in str((cfg.get("report") or {}).get("unseen") or "").split("+") if c.strip()]
+    if unseen and len(frame):
+        _seen_unseen(cfg, frame, rows, per_image, unseen)
     param, _ = paper_table(cfg)
     if param is not None and len(frame):
         metric = (cfg.get("paper") or {}).get("metric", "mIoU")
         frame[f"paper_{metric}"] = [paper_value(cfg, {param: v}) for v in frame[param]]
     return frame
+
+
+def _seen_unseen(cfg: dict, frame: pd.DataFrame, rows: list[dict], per_image, unseen: list[str]) -> None:
+    """mIoU over seen and over unseen classes (report.unseen), with bootstrap intervals over images."""
+    classes = [c[len("IoU/"):] for c in frame.columns if c.startswith("IoU/")]
+    draws, protocol = int(cfg["report"]["bootstrap"]), cfg["metric"]["protocol"]
+    for part, names in (("seen", [c for c in classes if c not in unseen]), ("unseen", [c for c in classes if c in unseen])):
+        frame[f"mIoU_{part}"] = frame[[f"IoU/{c}" for c in names]].mean(axis=1, skipna=True) if names else math.nan
+        if per_image is None or not names:
+            continue
+        cols = [classes.index(c) for c in names]
+        lows, highs = [], []
+        for row in rows:
+            keep = (per_image["trial"] == row["trial"]) & (per_image["seed_of_group"] == row["seed"])
+            ci = bootstrap_intervals(np.asarray(per_image["hist"][keep])[..., cols], protocol, draws)["mIoU"]
+            lows.append(ci[0])
+            highs.append(ci[1])
+        frame[f"mIoU_{part}_ci_low"], frame[f"mIoU_{part}_ci_high"] = lows, highs
 
 
 def write_run(cfg: dict, rows: list[dict], stats: dict, work: Path) -> tuple[pd.DataFrame, dict]:

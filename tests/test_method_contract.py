@@ -7,6 +7,9 @@ by adding it, with no test code. Mechanics only; quality is the slow set's busin
 - `predict_many` equals `predict` per configuration; post-processing sweeps share one forward setting;
 - a trained method fits, saves (safetensors), reloads and predicts identically, and a fit resumed from a
   checkpoint ends bit-identical to an undisturbed one.
+
+A trained method whose default fit is long (DEDOS) names small train parameters for these tests in its
+`tester_params` class attribute; every configuration here that may fit starts from them.
 """
 
 import pickle
@@ -65,6 +68,11 @@ def variants(cls, kinds: tuple[str, ...], base: dict) -> list[tuple[str, dict]]:
     return out
 
 
+def resolved(cls, values: dict):
+    """`cls.resolve(values)` over the method's `tester_params` (a few steps of a long fit)."""
+    return cls.resolve({**getattr(cls, "tester_params", {}), **values})
+
+
 def fit_config(cls) -> dict | None:
     """Parameters under which the method fits (its defaults, or tokens=auto), or None for no fit."""
     if cls.is_trained():
@@ -114,7 +122,7 @@ def test_parameters_are_typed_and_versioned(name):
 def test_runs_in_both_modes(tiny, name, mode):
     cls = METHODS.get(name)
     method = cls(tiny)
-    params = cls.resolve({"mode": mode, "steps": STEPS, "classes": "all"})
+    params = resolved(cls, {"mode": mode, "steps": STEPS, "classes": "all"})
     fitted(method, params)
     sample, query, trace = traced(method, params, mode)
     pred = method.predict(trace, query, params, tuple(sample.label.shape))
@@ -177,7 +185,7 @@ def test_non_train_parameters_never_change_the_fit(name):
 def test_predict_many_equals_predict(tiny, name):
     cls = METHODS.get(name)
     method = cls(tiny)
-    configs = [cls.resolve(c) for _, c in [("defaults", {}), *variants(cls, ("post",), {})]]
+    configs = [resolved(cls, c) for _, c in [("defaults", {}), *variants(cls, ("post",), {})]]
     for params in configs:
         fitted(method, params)
     (group,) = group_trials(cls, [Trial(f"t{i}", c, {}) for i, c in enumerate(configs)], [0])
@@ -195,7 +203,7 @@ def test_predict_many_equals_predict(tiny, name):
 def test_a_post_processing_sweep_shares_one_forward_setting(tiny, name):
     cls = METHODS.get(name)
     method = cls(tiny)
-    trials = [Trial(f"t{i}", cls.resolve(c), {}) for i, (_, c) in enumerate(variants(cls, ("post",), {})[:4])]
+    trials = [Trial(f"t{i}", resolved(cls, c), {}) for i, (_, c) in enumerate(variants(cls, ("post",), {})[:4])]
     if not trials:
         pytest.skip(f"{name} has no post-processing parameter")
     (group,) = group_trials(cls, trials, [0])
@@ -212,7 +220,7 @@ _RESUMED: set[str] = set()  # fitters whose resumption has been checked (methods
 @pytest.mark.parametrize("name", [n for n in NAMES if fit_config(METHODS.get(n)) is not None])
 def test_trained_method_fits_saves_reloads_and_predicts_identically(tiny, name):
     cls = METHODS.get(name)
-    params = cls.resolve(fit_config(cls))
+    params = resolved(cls, fit_config(cls))
     method = cls(tiny)
     setting = method.train_setting(params)
     fitted(method, params)

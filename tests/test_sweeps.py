@@ -16,6 +16,8 @@ FAST = ["data.limit=2", "data.size=64"]  # the backbone's native resolution
 # Sweeps over layers that only SD's layout has (attention at the finest level, "64"): mechanics on the seeded
 # random SD-layout pipeline; on the embedded default they stop with a one-line error (test below).
 SD_LAYOUT_ONLY = {"ovam_blocks": ["model.random=true"]}
+# Trained sweeps whose fits take minutes each at their own settings: mechanics with a few steps here.
+SHORT_FITS = {p.stem: ["params.train_steps=2", "data.num_images=8"] for p in SWEEPS if p.stem.startswith("dedos_")}
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=[p.stem for p in SWEEPS])
@@ -44,7 +46,7 @@ def test_sweep_files_cover_the_ablations():
 def test_sweep_runs_end_to_end(path, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    extra = SD_LAYOUT_ONLY.get(path.stem, [])
+    extra = SD_LAYOUT_ONLY.get(path.stem, []) + SHORT_FITS.get(path.stem, [])
     proc = subprocess.run([sys.executable, "-m", "bench.run", str(path), *FAST, *extra, f"output_dir={out}"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]

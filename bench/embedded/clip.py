@@ -1,0 +1,235 @@
+"""A tiny CLIP of the shapes world: the embedded stand-in for OpenAI's CLIP (DEDOS's vision-language model).
+
+    python -m bench.embedded.clip --out bench/embedded/clip     # train (CPU defaults, one thread, seeded)
+    python -m bench.embedded.clip --evaluate                    # zero-shot shape accuracy of the shipped folder
+
+A transformers `CLIPModel` (ViT image tower with 8 px patches on 64 px images, a small text transformer over
+the embedded diffusion model's tokenizer) trained contrastively (CLIP's symmetric InfoNCE with a learned
+temperature) on rendered shapes images and their captions from the shapes world's own renderer and captioner.
+Captions are varied so that class-name prompts stay in distribution: objects shuffled, colour words dropped
+for a share of captions, and a share of captions are bare class-name templates ("a photo of a star").
+
+Saved as a standard transformers folder (`save_pretrained`, safetensors) with its tokenizer and a
+`preprocessor_config.json` (image size, mean, std), loaded by `bench.models.clip.load_clip` exactly as a real
+CLIP folder is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+log = logging.getLogger("bench.embedded.clip")
+CLIP_DIR = Path(__file__).parent / "clip"
+# OpenAI CLIP's image normalisation (what a real CLIP folder's preprocessor_config.json carries)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+ZERO_SHOT_TEMPLATES = ("a photo of a {}", "a {}")
+
+DEFAULTS = {
+    "size": 64,
+    "patch": 8,
+    "width": 64,  # vision and text hidden size
+    "layers": 3,  # vision layers (text: 2)
+    "heads": 4,
+    "projection": 64,
+    "max_length": 16,
+    "num_train_images": 30000,
+    "steps": 500,
+    "batch": 96,
+    "lr": 1e-3,
+    "warmup": 100,
+    "weight_decay": 0.1,
+    "template_prob": 0.25,  # share of captions replaced by a class-name template of one shape in the image
+    "drop_colour_prob": 0.3,  # share of captions without colour words
+    "seed": 0,
+    "multi_positive": 0,  # 1: captions repeated within a batch count as positives of each other
+}
+
+
+def shipped_clip() -> Path | None:
+    """The trained tiny CLIP folder shipped in the package, if it has been trained and committed."""
+    return CLIP_DIR if (CLIP_DIR / "config.json").is_file() else None
+
+
+def build_clip(size: int = 64, patch: int = 8, width: int = 64, layers: int = 3, heads: int = 4,
+               projection: int = 64, max_length: int = 16, seed: int = 0, text_layers: int = 2):
+    """(CLIPModel with seeded random weights, its tokenizer): the tiny architecture (also used by tests)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from bench.embedded import build_tokenizer
+
+    tokenizer = build_tokenizer(max_length=max_length)
+    text = dict(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
+                num_hidden_layers=text_layers, num_attention_heads=heads, max_position_embeddings=max_length,
+                bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=projection)
+    vision = dict(image_size=size, patch_size=patch, hidden_size=width, intermediate_size=2 * width,
+                  num_hidden_layers=layers, num_attention_heads=heads, projection_dim=projection)
+    torch.manual_seed(seed)
+    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection)
+    return CLIPModel(config), tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------- data
+def caption_variants(objects: list[dict], rng: np.random.Generator, template_prob: float,
+                     drop_colour_prob: float) -> str:
+    """One training caption of a scene: the shapes captioner's phrase per object, shuffled, colours sometimes
+    dropped; or a class-name template of one of its shapes."""
+    from bench.data.shapes import article
+
+    if rng.random() < template_prob:
+        obj = objects[int(rng.integers(len(objects)))]
+        return ZERO_SHOT_TEMPLATES[int(rng.integers(len(ZERO_SHOT_TEMPLATES)))].format(obj["shape"])
+    order = rng.permutation(len(objects))
+    colour = rng.random() >= drop_colour_prob
+    words = [f"{article(objects[i]['colour'])} {objects[i]['colour']} {objects[i]['shape']}" if colour
+             else f"a {objects[i]['shape']}" for i in order]
+    return " and ".join(words)
+
+
+def render_pool(num_images: int, size: int, seed: int, split: str = "train", min_objects: int = 1,
+                max_objects: int = 3) -> tuple[torch.Tensor, list[list[dict]]]:
+    """(N, 3, size, size) uint8 images and their scene layouts, from the shapes world's own renderer."""
+    from bench.data.shapes import ShapesDataset
+
+    ds = ShapesDataset(num_images=num_images, size=size, seed=seed, split=split, min_objects=min_objects,
+                       max_objects=max_objects)
+    images = np.empty((num_images, size, size, 3), dtype=np.uint8)
+    layouts = []
+    for i in tqdm(range(num_images), desc="render", unit="img", mininterval=5, leave=False):
+        objects = ds.layout(i)
+        images[i], _ = ds.render(objects, i)
+        layouts.append(objects)
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), layouts
+
+
+def normalise(images_uint8: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+    x = images_uint8.float() / 255.0
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+# ---------------------------------------------------------------------------------------------------- train
+def contrastive_loss(model, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+                     attention_mask: torch.Tensor, multi_positive: bool = False) -> torch.Tensor:
+    """CLIP's symmetric cross-entropy over the batch's image-text similarities (learned temperature).
+    multi_positive: a small world repeats captions within a batch ("a star"); every pair with the same caption
+    counts as a positive (soft targets spread over them) instead of being pushed apart."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values)
+    if multi_positive:
+        same = (input_ids[:, None, :] == input_ids[None, :, :]).all(-1).float()
+        targets = same / same.sum(1, keepdim=True)
+    else:
+        targets = torch.arange(len(pixel_values), device=pixel_values.device)
+    return 0.5 * (F.cross_entropy(out.logits_per_image, targets) + F.cross_entropy(out.logits_per_text, targets))
+
+
+def train(args: argparse.Namespace, out: Path) -> dict:
+    from transformers import CLIPImageProcessor, get_cosine_schedule_with_warmup
+
+    from bench.atomic import staged_dir
+
+    torch.set_num_threads(1)
+    model, tokenizer = build_clip(args.size, args.patch, args.width, args.layers, args.heads, args.projection,
+                                  args.max_length, args.seed)
+    started = time.time()
+    images, layouts = render_pool(args.num_train_images, args.size, args.seed)
+    log.info("rendered %d training images in %.0f s", len(images), time.time() - started)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": rest, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
+    sched = get_cosine_schedule_with_warmup(opt, args.warmup, args.steps)
+    rng = np.random.default_rng(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    curve = []
+    model.train()
+    bar = tqdm(range(args.steps), desc="clip", unit="step", mininterval=10)
+    for step in bar:
+        idx = torch.randint(len(images), (args.batch,), generator=gen)
+        batch = images[idx]
+        flip = torch.rand(args.batch, generator=gen) < 0.5  # shapes are mirror-symmetric classes
+        batch = torch.where(flip.view(-1, 1, 1, 1), batch.flip(-1), batch)
+        captions = [caption_variants(layouts[int(i)], rng, args.template_prob, args.drop_colour_prob) for i in idx]
+        tok = tokenizer(captions, padding="max_length", max_length=args.max_length, truncation=True,
+                        return_tensors="pt")
+        loss = contrastive_loss(model, normalise(batch), tok.input_ids, tok.attention_mask, bool(args.multi_positive))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, np.log(100.0))  # CLIP clips the temperature at 100
+        curve.append(float(loss))
+        if step % 100 == 0:
+            bar.set_postfix(loss=f"{np.mean(curve[-100:]):.3f}")
+    minutes = (time.time() - started) / 60
+    model.eval()
+    with staged_dir(out, "--out DIR", tag="clip") as work:
+        model.save_pretrained(work, safe_serialization=True)
+        tokenizer.save_pretrained(work)
+        CLIPImageProcessor(size={"shortest_edge": args.size}, crop_size={"height": args.size, "width": args.size},
+                           image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)).save_pretrained(work)
+        arguments = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        record = {"args": arguments, "minutes": round(minutes, 1), "final_loss": float(np.mean(curve[-100:])),
+                  "torch": torch.__version__, "threads": torch.get_num_threads()}
+        (work / "train_config.json").write_text(json.dumps(record, indent=2) + "\n")
+    log.info("saved %s (%.1f min, final loss %.3f)", out, minutes, record["final_loss"])
+    return record
+
+
+# ------------------------------------------------------------------------------------------------- evaluate
+@torch.no_grad()
+def zero_shot_accuracy(clip, num_images: int = 500, seed: int = 0) -> dict:
+    """Zero-shot shape classification of held-out single-object images (shapes test split, never trained on):
+    the class whose prompt-ensembled text embedding (ZERO_SHOT_TEMPLATES) is most similar to the image's."""
+    from bench.data.shapes import SHAPES
+
+    images, layouts = render_pool(num_images, clip.image_size, seed, split="test", min_objects=1, max_objects=1)
+    truth = torch.tensor([SHAPES.index(objs[0]["shape"]) for objs in layouts])
+    text = clip.class_embeddings(SHAPES, ZERO_SHOT_TEMPLATES)
+    feats = torch.cat([clip.image_embeddings(images[i:i + 256]) for i in range(0, num_images, 256)])
+    predicted = (feats @ text.T).argmax(-1)
+    per_class = {name: float((predicted[truth == k] == k).float().mean()) for k, name in enumerate(SHAPES)}
+    return {"accuracy": float((predicted == truth).float().mean()), "per_class": per_class,
+            "images": num_images, "split": "test", "seed": seed, "chance": 1 / len(SHAPES)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench.errors import BenchError, cli_exit
+
+    parser = argparse.ArgumentParser(prog="python -m bench.embedded.clip", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=CLIP_DIR, help="folder to write (absent or empty)")
+    parser.add_argument("--evaluate", action="store_true", help="measure zero-shot accuracy of --model instead")
+    parser.add_argument("--model", default=None, help="CLIP folder or cached hub id to evaluate (default: shipped)")
+    parser.add_argument("--eval-images", type=int, default=500)
+    for key, value in DEFAULTS.items():
+        parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    def work():
+        from bench.models.clip import load_clip
+
+        if args.evaluate:
+            result = zero_shot_accuracy(load_clip(args.model or str(CLIP_DIR)), args.eval_images)
+            return json.dumps(result)
+        if args.out.exists() and any(args.out.iterdir()):
+            raise BenchError(f"--out {args.out} is not empty; remove it or choose another folder")
+        train(args, args.out)
+        return str(args.out)
+
+    return cli_exit(work)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""The shipped tiny CLIP of the shapes world loads like a real CLIP folder and classifies held-out shapes."""
+
+import json
+
+import pytest
+import torch
+
+from bench.embedded.clip import shipped_clip, zero_shot_accuracy
+from bench.errors import BenchError
+from bench.models.clip import load_clip
+
+# Measured (bench/embedded/README.md): 28.4% on 500 held-out images, 30.0% on the 150 drawn here; chance is
+# 20%. The floor checks that the shipped folder is the trained one (random weights score about chance); the
+# bar a useful open-vocabulary CLIP would reach is the strict xfail below.
+ACCURACY_FLOOR = 0.26
+USEFUL_ACCURACY = 0.6
+
+
+def test_shipped_clip_is_a_standard_transformers_folder():
+    folder = shipped_clip()
+    assert folder is not None, "bench/embedded/clip/ is missing: python -m bench.embedded.clip"
+    assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "clip"
+    clip = load_clip(str(folder))
+    assert clip.image_size == 64 and clip.mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))
+    assert sum(p.numel() for p in clip.model.parameters()) < 2_000_000
+
+
+def test_shipped_clip_zero_shot_accuracy_above_floor():
+    result = zero_shot_accuracy(load_clip(str(shipped_clip())), num_images=150)
+    assert result["accuracy"] >= ACCURACY_FLOOR, result
+
+
+@pytest.mark.xfail(strict=True, reason="the shipped tiny CLIP (500 CPU steps) matches colours, not shapes: "
+                   "28.4% zero-shot on 500 held-out images (circle 73%, triangle 45%, star 21%, square 10%, "
+                   "cross 4%)")
+def test_shipped_clip_recognises_every_shape():
+    result = zero_shot_accuracy(load_clip(str(shipped_clip())), num_images=150)
+    assert result["accuracy"] >= USEFUL_ACCURACY and min(result["per_class"].values()) >= 0.3, result
+
+
+def test_clip_embeddings_are_normalised():
+    clip = load_clip(str(shipped_clip()))
+    with torch.no_grad():
+        text = clip.class_embeddings(["circle", "star"], ("a {}",))
+        image = clip.image_embeddings(torch.zeros(2, 3, 48, 48, dtype=torch.uint8))  # resized to 64
+    assert text.shape[0] == 2 and image.shape == (2, text.shape[1])
+    torch.testing.assert_close(image.norm(dim=-1), torch.ones(2))
+
+
+def test_bad_clip_specs_are_one_line_errors(tmp_path):
+    with pytest.raises(BenchError, match="does not exist"):
+        load_clip(str(tmp_path / "missing") + "/")
+    with pytest.raises(BenchError, match="no config.json"):
+        load_clip(str(tmp_path))
+    with pytest.raises(BenchError, match="not in the local Hugging Face cache"):
+        load_clip("nobody/no-such-clip")

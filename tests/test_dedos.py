@@ -1,0 +1,215 @@
+"""DEDOS mechanics on tiny seeded random components (tests/tiny.py and a tiny random CLIP folder): the shape
+of every stage, the loss decreasing on a fixed batch, save/reload, inference without diffusion, and the
+equations' pieces against their definitions. Quality is measured by the committed report (bench/embedded)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from bench.data import build_dataset
+from bench.errors import BenchError
+from bench.evaluate import trace_samples
+from bench.fitting import LocalFitContext
+from methods import METHODS
+from methods.dedos import Dedos, tap_layers
+from methods.dedos.frontend import block_channels, denoise, parse_timesteps, transformer_blocks
+from methods.dedos.losses import seg_loss
+from methods.dedos.model import ProxyQueries, consistency_loss, semantic_scores
+
+SMALL = {**Dedos.tester_params, "train_steps": 2, "train_classes": "circle+square+triangle"}
+TRAIN = {"name": "shapes", "size": 32, "split": "train", "num_images": 8}
+
+
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory) -> Path:
+    from bench.embedded.clip import build_clip
+
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    model, tokenizer = build_clip(size=32, patch=8, width=32, layers=2, heads=2, projection=16)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def config(clip_folder, **kw):
+    return Dedos.resolve({**SMALL, "clip": str(clip_folder), **kw})
+
+
+def test_timesteps_and_taps():
+    assert parse_timesteps("50+100+200", 3) == [200, 100, 50]  # denoising runs from the largest
+    assert parse_timesteps("50+100+200", 5) == [200, 162, 125, 88, 50]  # Table 5: spread evenly
+    assert parse_timesteps("100,50", 2) == [100, 50]
+    with pytest.raises(ValueError, match="1..999"):
+        parse_timesteps("0+2000", 2)
+    assert tap_layers(24) == (7, 11, 15, 23)  # the release's ViT-L taps
+    assert len(tap_layers(2)) == 4
+
+
+def test_front_end_shapes(tiny):
+    images = [build_dataset({**TRAIN, "num_images": 2})[i].image for i in range(2)]
+    out = denoise(tiny, tiny.unet, images, [200, 100, 50], torch.Generator().manual_seed(0))
+    blocks = transformer_blocks(tiny.unet)
+    assert len(out.features) == 3 and all(len(f) == len(blocks) for f in out.features)
+    assert [f.shape[-1] for f in out.features[0]] == block_channels(tiny.unet)
+    assert all(f.shape[0] == 2 and f.ndim == 3 for f in out.features[0])
+    assert out.after.shape == (2, 3, tiny.resolution, tiny.resolution) and out.after.dtype == torch.uint8
+
+
+def test_proxy_queries_follow_eq_6_to_8():
+    torch.manual_seed(0)
+    proxy = ProxyQueries(n=8, c=16, feature_dims=[6, 10], steps=3, heads=2, kernel_n=2, kernel_c=4)
+    q = proxy.initial()
+    assert len(q) == 3 and q[0].shape == (8, 16)
+    assert torch.equal(q[1], torch.kron(proxy.basic, proxy.kernels[1]))  # Eq. 6
+    feats = [[torch.randn(2, 5, 6), torch.randn(2, 7, 10)] for _ in range(3)]
+    gen = torch.Generator().manual_seed(0)
+    out = proxy(feats, keep_prob=0.7, generator=gen)
+    assert out.shape == (2, 8, 16) and torch.isfinite(out).all()
+    # Eq. 7-8 on identical per-step queries: max = mean = each step
+    same = [torch.ones(8, 16)] * 3
+    want = proxy.fuse(torch.ones(8, 16 * 5))
+    torch.testing.assert_close(proxy.combine(same), want)
+    # the key mask: keep_prob 1 attends everywhere, deterministic
+    assert torch.equal(proxy(feats, 1.0), proxy(feats, 1.0))
+    once = ProxyQueries(n=8, c=16, feature_dims=[6], steps=1, heads=2, progressive=False)
+    assert once.initial()[0].shape == (8, 16)
+
+
+def test_consistency_loss_is_zero_when_projections_keep_similarities():
+    torch.manual_seed(0)
+    f = torch.randn(1, 6, 4)
+    q = torch.eye(4)[None]  # n = c = 4: the queries span the feature space
+    identity = torch.nn.Identity()
+    assert consistency_loss(q, f, f, identity, identity).item() < 1e-10
+    assert consistency_loss(q, f, torch.randn(1, 6, 4), identity, identity).item() < 1e-10  # same map
+    assert consistency_loss(q[:, :1], f, f.flip(1), identity, identity).item() > 0
+
+
+def test_every_stage_has_its_shape_and_the_loss_falls_on_a_fixed_batch(tiny, clip_folder):
+    method = Dedos(tiny)
+    cfg = config(clip_folder)
+    model = method.build(cfg)
+    names = ["background", "circle", "square", "triangle"]
+    text = method.text(cfg, names)
+    ds = build_dataset({**TRAIN, "num_images": 2})
+    images = [ds[i].image for i in range(2)]
+    clip = method.clip(cfg)
+    pixels = clip.pixels(torch.stack([torch.from_numpy(im.copy()).permute(2, 0, 1) for im in images]), model.size)
+    den = denoise(tiny, tiny.unet, images, method.schedule(cfg), torch.Generator().manual_seed(0))
+    size = tuple(4 * g for g in model.grid)
+    targets = [method.target(ds[i].label, [0, 1, 2, 3], size, "cpu") for i in range(2)]
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(8):
+        outputs, queries, consist = model(pixels, text, den.features, 1.0, None, *[torch.randn(2, 16, 32)] * 2)
+        assert queries.shape == (2, cfg["n"], cfg["c"]) and consist.ndim == 0
+        assert len(outputs) == cfg["decoder_layers"] + 1
+        cls_logits, masks = outputs[-1]
+        assert cls_logits.shape == (2, cfg["n"], len(names) + 1) and masks.shape == (2, cfg["n"], *size)
+        assert semantic_scores(cls_logits, masks).shape == (2, len(names), *size)
+        loss = sum(seg_loss(c, m, targets) for c, m in outputs)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_unseen_classes_are_not_supervised():
+    label = np.zeros((8, 8), dtype=np.uint8)
+    label[:4] = 4  # a star: unseen when the fit sees background, circle, square, triangle
+    label[6:, :2] = 255
+    tgt = Dedos.target(label, [0, 1, 2, 3], (8, 8), "cpu")
+    assert tgt["classes"].tolist() == [0] and tgt["valid"][:4].sum() == 0 and tgt["valid"][6:, :2].sum() == 0
+    assert tgt["masks"].shape == (1, 8, 8) and tgt["masks"][0, 4:6].all()
+    with pytest.raises(BenchError, match="train_classes names hexagon"):
+        Dedos.train_names(Dedos.resolve({"train_classes": "circle+hexagon"}), ["background", "circle"])
+
+
+@pytest.mark.parametrize("components", ["full", "baseline"])
+def test_fit_saves_reloads_and_inference_never_touches_the_diffusion_model(tiny, clip_folder, tmp_path,
+                                                                         components):
+    cfg = config(clip_folder, components=components)
+    method = Dedos(tiny)
+    setting = method.train_setting(cfg)
+    ctx = LocalFitContext(setting, build_dataset(TRAIN), tiny)
+    tensors = method.fit(ctx)
+    assert len(ctx.curve) == cfg["train_steps"]
+    assert ("proxy.basic" in tensors) == (components != "baseline")
+    save_file(tensors, tmp_path / "weights.safetensors")
+    reloaded = Dedos(tiny)
+    reloaded.load_fit(setting.key, load_file(tmp_path / "weights.safetensors"))
+    method.load_fit(setting.key, tensors)
+    ds = build_dataset({"name": "shapes", "size": 32, "limit": 1})
+    trace = trace_samples(method, ds, [ds[0]], cfg, 0, method.trace_request(cfg)).traces[0]
+    query = trace_samples(method, ds, [ds[0]], cfg, 0, method.trace_request(cfg)).queries[0]
+    calls = []
+    hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for m in (tiny.unet, tiny.vae, tiny.text_encoder)]
+    try:
+        a = method.predict(trace, query, cfg, (32, 32))
+        b = reloaded.predict(trace, query, cfg, (32, 32))
+        kernels = method.predict(trace, query, cfg.replace(inference_queries="kernels"), (32, 32))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert not calls, "inference ran the UNet, VAE or SD text encoder"
+    assert torch.equal(a.scores, b.scores) and torch.equal(a.labels, b.labels)
+    assert a.scores.shape == (5, 32, 32) and torch.all((a.scores >= 0) & (a.scores <= 1))
+    assert kernels.scores.shape == a.scores.shape
+
+
+def test_table_4_control_uses_a_random_unet(tiny, clip_folder):
+    from methods.dedos.frontend import random_unet
+
+    fresh = random_unet(tiny.unet, 0)
+    assert fresh is not tiny.unet and fresh.config == tiny.unet.config
+    assert not torch.equal(next(fresh.parameters()), next(tiny.unet.parameters()))
+    cfg = config(clip_folder, unet_weights="random")
+    assert Dedos(tiny).train_setting(cfg) != Dedos(tiny).train_setting(config(clip_folder))
+
+
+def test_registered_with_train_and_post_knobs():
+    cls = METHODS.get("dedos")
+    assert cls.is_trained()
+    assert {"components", "timesteps", "iterations", "n", "c", "train_steps"} <= set(cls.keys_of("train"))
+    assert cls.keys_of("post") == ["inference_queries"]
+    assert cls.resolve({}).classes == "all"  # open vocabulary: every dataset class is scored
+
+
+# -- the bar (committed report of sweeps/dedos_openvocab.yaml on the embedded default) ------------------------------
+REPORT = Path(__file__).resolve().parents[1] / "reports/embedded/dedos_openvocab"
+
+
+def committed_results():
+    import pandas as pd
+
+    frame = pd.concat([pd.read_csv(REPORT / arm / "results.csv") for arm in ("baseline", "full")])
+    return {row["components"]: row for _, row in frame.iterrows()}
+
+
+def test_committed_report_has_seen_and_unseen_intervals():
+    rows = committed_results()
+    for arm in ("baseline", "full"):
+        for part in ("seen", "unseen"):
+            row = rows[arm]
+            assert row[f"mIoU_{part}_ci_low"] <= row[f"mIoU_{part}"] <= row[f"mIoU_{part}_ci_high"]
+
+
+@pytest.mark.xfail(strict=True, reason="100 CPU steps per arm (the session's budget) leave both arms untrained: "
+                   "unseen mIoU full 0.94 [0.48, 1.32] vs baseline 0.63 [0.45, 0.81] (overlapping); seen 14.7 vs "
+                   "6.2; and the shipped tiny CLIP barely tells shapes apart (28.4% zero-shot)")
+def test_dedos_beats_its_baseline_on_unseen_classes():
+    rows = committed_results()
+    assert rows["full"]["mIoU_unseen_ci_low"] > rows["baseline"]["mIoU_unseen_ci_high"]
+
+
+def test_bad_train_settings_are_one_line_errors_before_fitting():
+    method = Dedos()
+    for bad, match in (({"n": 101}, "multiple of kernel_n"), ({"c": 250, "kernel_c": 4}, "multiple of kernel_c"),
+                       ({"heads": 7}, "multiples of heads"), ({"timesteps": "0+5000"}, "1..999"),
+                       ({"key_keep": 0.0}, "key_keep")):
+        with pytest.raises(BenchError, match=match):
+            method.train_setting(Dedos.resolve(bad))
