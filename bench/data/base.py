@@ -16,11 +16,12 @@ class Sample:
     label: np.ndarray  # (H, W) uint8 class ids, IGNORE_INDEX = not evaluated
     caption: str | None = None
     extra: dict = field(default_factory=dict)
+    ignore_index: int = IGNORE_INDEX  # 65535 for the uint16 label maps of layouts with more than 255 classes
 
     def present_class_ids(self) -> list[int]:
         """Image-level labels (foreground classes with ground-truth pixels), as the WSSS protocol uses."""
         ids = np.unique(self.label)
-        return [int(i) for i in ids if i != 0 and i != IGNORE_INDEX]
+        return [int(i) for i in ids if i != 0 and i != self.ignore_index]
 
 
 class SegDataset:
@@ -28,6 +29,10 @@ class SegDataset:
 
     name: str = "base"
     classes: list[str] = []
+    # False: the layout has no background class; id 0 is a slot that never occurs in the ground truth and the
+    # metrics leave out of their means (bench.data.layout).
+    has_background: bool = True
+    ignore_index: int = IGNORE_INDEX
 
     def __len__(self) -> int:
         raise NotImplementedError
