@@ -42,4 +42,5 @@ class SegDataset:
 
     def describe(self) -> dict:
         """Provenance for reports."""
-        return {"name": self.name, "num_images": len(self), "classes": list(self.classes)}
+        return {"name": self.name, "num_images": len(self), "classes": list(self.classes),
+                "has_background": self.has_background}

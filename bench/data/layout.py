@@ -123,8 +123,7 @@ class FileListDataset(SegDataset):
         return Sample(image_id=image_id, image=image, label=self.read_label(index), ignore_index=self.ignore_index)
 
     def describe(self) -> dict:
-        return {**super().describe(), "root": str(self.root), "split": self.split,
-                "has_background": self.has_background, "ignore_index": self.ignore_index}
+        return {**super().describe(), "root": str(self.root), "split": self.split, "ignore_index": self.ignore_index}
 
 
 def read_split_file(path: Path, name: str, prepare: str) -> list[str]:
