@@ -22,7 +22,8 @@ Protocols (references in methods/README.md):
   `hungarian_match_dataset` is the other convention (IIC / PiCIE / STEGO): one matching of the summed histogram.
 
 `image_histograms` stores all three (12, C): rows 0-3 are mmseg's, 4-7 iseg's, 8-11 hungarian's; `protocol_rows`
-picks one. Older 4-row histograms are read as mmseg's for mmseg and iseg; 8-row ones lack hungarian's.
+picks one. 4-row histograms are one protocol's rows, read as they are (older runs stored mmseg's); 8-row ones
+(mmseg, iseg) lack hungarian's.
 
 Layouts without a background class (`SegDataset.has_background` False) keep id 0 as an empty slot: with
 `first_class=1` the slot's column is zeroed (never in a mean, never a false positive) and Hungarian matching
@@ -85,7 +86,7 @@ def protocol_rows(hist: np.ndarray, protocol: str) -> np.ndarray:
     """The 4 rows of `protocol` along axis -2 of (..., 12, C) histograms; (..., 4, C) ones are mmseg's."""
     _check(protocol)
     hist = np.asarray(hist)
-    if hist.shape[-2] == ROWS and protocol != "hungarian":
+    if hist.shape[-2] == ROWS:  # one protocol's rows (one image's, or older runs' mmseg rows)
         return hist
     start = ROWS * PROTOCOLS.index(protocol)
     if hist.shape[-2] < start + ROWS:
