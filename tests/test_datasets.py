@@ -166,3 +166,34 @@ def test_voc20_and_voc20b_differ_only_in_the_background(tmp_path):
     np.testing.assert_array_equal(a, c)
     np.testing.assert_array_equal(b, np.where(a == 0, 255, a))
     assert voc[0].present_class_ids() == v20[0].present_class_ids() == v20b[0].present_class_ids()
+
+
+@pytest.mark.parametrize("name", ["voc20b", "context459", "cityscapes"])
+def test_check_says_what_a_layout_holds(name, tmp_path, capsys):
+    from bench.data.__main__ import main
+
+    write_fixture(name, tmp_path, num_images=3)
+    assert main(["check", name, f"data.root={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert "3 listed,       3 images,       3 label maps   <- checked" in out
+    assert "most frequent classes" in out and "person" in out and len(out.splitlines()) < 25
+
+
+@pytest.mark.parametrize("name", FIXTURE_LAYOUTS)
+def test_check_of_a_missing_layout_is_one_line_and_exit_2(name, tmp_path, capsys):
+    from bench.data.__main__ import main
+
+    assert main(["check", name, f"data.root={tmp_path}"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and "not found at" in err and "prepare it with" in err
+
+
+def test_check_rejects_unknown_names_and_options(tmp_path, capsys):
+    from bench.data.__main__ import main
+
+    assert main(["check", "ade15", f"data.root={tmp_path}"]) == 2
+    assert "Did you mean 'ade150'" in capsys.readouterr().err
+    assert main(["check", "ade150", f"data.rot={tmp_path}"]) == 2
+    assert "unknown option of dataset ade150 'rot'" in capsys.readouterr().err
