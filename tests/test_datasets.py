@@ -13,7 +13,7 @@ from bench.data.layout import class_names
 from bench.errors import BenchError
 
 # name -> (len(classes) including the id-0 slot, has a background class)
-EXPECTED = {"voc2012": (21, True), "voc20": (21, False), "voc20b": (21, True), "context59": (60, False),
+EXPECTED = {"voc2012": (21, True), "voc20": (21, False), "voc20b": (21, True), "context59": (60, False), "context60": (60, True),
             "context459": (460, False), "coco_stuff171": (172, False), "coco_stuff27": (28, False),
             "coco_object": (81, True), "cityscapes": (20, False), "ade150": (151, False), "ade847": (848, False)}
 
@@ -32,7 +32,7 @@ def expected_internal(name: str, raw: np.ndarray) -> np.ndarray:
     out = np.empty_like(raw)
     for value in np.unique(raw):
         v = int(value)
-        if name in ("voc2012", "voc20b", "coco_object"):
+        if name in ("voc2012", "voc20b", "coco_object", "context60"):
             new = v  # ids kept, 255 void
         elif name == "voc20":
             new = 255 if v == 0 else v

@@ -16,7 +16,8 @@ from bench.errors import BenchError
 
 # The splits each layout may hold (the first one that exists is enough for `check` to succeed).
 SPLITS = {"voc2012": ("train", "val", "trainval", "aug"), "voc20": ("train", "val", "trainval", "aug"),
-          "voc20b": ("train", "val", "trainval", "aug"), "context59": ("train", "val"), "context459": ("val",),
+          "voc20b": ("train", "val", "trainval", "aug"), "context59": ("train", "val"),
+          "context60": ("train", "val"), "context459": ("val",),
           "coco_stuff171": ("train", "val"), "coco_stuff27": ("train", "val"), "coco_object": ("train", "val"),
           "cityscapes": ("train", "val", "test"), "ade150": ("train", "val"), "ade847": ("val",)}
 

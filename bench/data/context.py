@@ -13,6 +13,10 @@ run on trainval_merged.json):
   (MMSegmentation's CLASSES tuple for this dataset lists the names in another, VOC-first order; the ids its
   converter writes follow the sorted order, which is what the names here follow.)
 
+`context60` -- the same files with background as a class (MMSegmentation's PascalContextDataset, 60 classes,
+  reduce_zero_label=False: 0 = background, k = class k): the "Context" column of the training-free
+  open-vocabulary papers (GroupViT, TCL, OVDiff, CaR; iSeg Table 2 compares with them), which score background.
+
 `context459` -- CAT-Seg's datasets/prepare_pascal_context_459.py (the full 459-class labels, val only):
 
     VOCdevkit/VOC2010/JPEGImages/<id>.jpg
@@ -25,7 +29,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench.data.layout import (WIDE_IGNORE, FileListDataset, class_names, files_with_suffix, missing,
+from bench.data.base import IGNORE_INDEX
+from bench.data.layout import (WIDE_IGNORE, FileListDataset, class_names, files_with_suffix, lookup_table, missing,
                                read_split_file, shifted_table)
 from bench.errors import BenchError
 
@@ -64,6 +69,17 @@ class Context59Dataset(FileListDataset):
         super().__init__(voc, split, items, shifted_table(59, first=1),
                          class_names("context59", names, background=True),
                          class_names("context59", "official", background=True))
+
+
+class Context60Dataset(Context59Dataset):
+    """`context60`: PASCAL-Context 59 classes plus background as a scored class (iSeg Table 2 / 4 "Context")."""
+
+    name = "context60"
+    has_background = True
+
+    def __init__(self, root: str, split: str = "val", names: str = "prompt"):
+        super().__init__(root, split, names)
+        self.table = lookup_table(256, {k: k for k in range(60)}, IGNORE_INDEX, np.uint8)
 
 
 class Context459Dataset(FileListDataset):

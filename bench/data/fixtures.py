@@ -24,6 +24,7 @@ RAW_CLASSES: dict[str, tuple[int, int | None, tuple[int, ...]]] = {
     "voc20": (0, 255, (15, 8, 12, 7, 3)),
     "voc20b": (0, 255, (15, 8, 12, 7, 3)),
     "context59": (0, None, (37, 15, 23, 14, 59)),      # 0 = background; person, cat, dog, car, wood
+    "context60": (0, None, (37, 15, 23, 14, 59)),      # 0 = background, scored
     "context459": (188, 65535, (283, 64, 112, 58, 458)),  # ground; person, cat, dog, car, wool (0-based)
     "coco_stuff171": (112, 255, (0, 15, 16, 2, 14)),   # grass; person, cat, dog, car, bird
     "coco_stuff27": (112, 255, (0, 15, 16, 2, 137)),   # grass; person, cat, dog, car, road
@@ -100,7 +101,7 @@ def _write_one(name: str, root: Path, split: str, i: int, image: np.ndarray, raw
         voc = root / "VOCdevkit" / "VOC2012"
         _save_image(image, voc / "JPEGImages" / f"{image_id}.jpg")
         _save_png(raw, voc / "SegmentationClass" / f"{image_id}.png", palette=True)
-    elif name == "context59":
+    elif name in ("context59", "context60"):
         image_id = f"2008_{i:06d}"
         voc = root / "VOCdevkit" / "VOC2010"
         _save_image(image, voc / "JPEGImages" / f"{image_id}.jpg")
@@ -143,7 +144,7 @@ def _write_lists(name: str, root: Path, split: str, ids: list[str]) -> None:
     """The split files the layout reads its image ids from (VOC, Context-59)."""
     if name.startswith("voc"):
         folder = root / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation"
-    elif name == "context59":
+    elif name in ("context59", "context60"):
         folder = root / "VOCdevkit" / "VOC2010" / "ImageSets" / "SegmentationContext"
     else:
         return
