@@ -13,8 +13,8 @@ from bench.data.layout import class_names
 from bench.errors import BenchError
 
 # name -> (len(classes) including the id-0 slot, has a background class)
-EXPECTED = {"voc2012": (21, True), "voc20": (21, False), "voc20b": (21, True), "context59": (60, False), "context60": (60, True),
-            "context459": (460, False), "coco_stuff171": (172, False), "coco_stuff27": (28, False),
+EXPECTED = {"voc2012": (21, True), "voc20": (21, False), "voc20b": (21, True), "context59": (60, False),
+            "context60": (60, True), "context459": (460, False), "coco_stuff171": (172, False), "coco_stuff27": (28, False),
             "coco_object": (81, True), "cityscapes": (20, False), "ade150": (151, False), "ade847": (848, False)}
 
 

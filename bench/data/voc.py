@@ -34,13 +34,13 @@ PREPARE = ("MMSegmentation's dataset preparation: VOCtrainval_11-May-2012.tar un
            "(+ tools/dataset_converters/voc_aug.py for split=aug)")
 
 
-def find_voc_root(root: str | Path) -> Path:
+def find_voc_root(root: str | Path, name: str = "voc2012") -> Path:
     root = Path(root).expanduser()
     for candidate in (root, root / "VOC2012", root / "VOCdevkit" / "VOC2012"):
         if (candidate / "JPEGImages").is_dir() and (candidate / "SegmentationClass").is_dir():
             return candidate
-    raise BenchError(f"dataset voc2012 not found at {root} (data.root: a VOC 2012 folder, VOCdevkit/VOC2012 with "
-                     f"JPEGImages/, SegmentationClass/ and ImageSets/Segmentation/<split>.txt); prepare it with {PREPARE}")
+    raise BenchError(f"dataset {name} not found at {root} (data.root: a VOC 2012 folder, VOCdevkit/VOC2012 with "
+                     f"JPEGImages/, SegmentationClass/, ImageSets/Segmentation/<split>.txt); prepare it with {PREPARE}")
 
 
 class VOCDataset(SegDataset):
@@ -82,7 +82,7 @@ class VOC20Dataset(FileListDataset):
     def __init__(self, root: str, split: str = "val", names: str = "prompt"):
         if not root:
             raise BenchError(f"data={self.name} needs data.root=<path to VOCdevkit/VOC2012>")
-        voc = find_voc_root(root)
+        voc = find_voc_root(root, self.name)
         ids = read_split_file(voc / "ImageSets" / "Segmentation" / f"{split}.txt", self.name, PREPARE)
         labels = voc / ("SegmentationClassAug" if split == "aug" else "SegmentationClass")
         items = [(i, voc / "JPEGImages" / f"{i}.jpg", labels / f"{i}.png") for i in ids]
