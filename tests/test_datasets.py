@@ -14,8 +14,9 @@ from bench.errors import BenchError
 
 # name -> (len(classes) including the id-0 slot, has a background class)
 EXPECTED = {"voc2012": (21, True), "voc20": (21, False), "voc20b": (21, True), "context59": (60, False),
-            "context60": (60, True), "context459": (460, False), "coco_stuff171": (172, False), "coco_stuff27": (28, False),
-            "coco_object": (81, True), "cityscapes": (20, False), "ade150": (151, False), "ade847": (848, False)}
+            "context60": (60, True), "context459": (460, False), "coco_stuff171": (172, False),
+            "coco_stuff27": (28, False), "coco_object": (81, True), "cityscapes": (20, False),
+            "cityscapes27": (28, False), "ade150": (151, False), "ade847": (848, False)}
 
 
 def _coarse(train_id: int) -> int:
@@ -42,6 +43,8 @@ def expected_internal(name: str, raw: np.ndarray) -> np.ndarray:
             new = 65535 if v == 65535 else v + 1
         elif name in ("coco_stuff171", "cityscapes"):  # train ids -> k + 1, 255 ignored
             new = 255 if v == 255 else v + 1
+        elif name == "cityscapes27":  # label ids 7..33 -> 1..27, 0..6 ignored
+            new = v - 6 if 7 <= v <= 33 else 255
         elif name == "coco_stuff27":
             new = 255 if v == 255 else _coarse(v) + 1
         out[raw == v] = new

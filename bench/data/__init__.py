@@ -42,11 +42,13 @@ DATASETS.register("shapes")(({"num_images": 100, "size": 512, "seed": 0, "split"
 DATASETS.register("voc2012")(({"root": None, "split": "val"}, _voc))
 # The papers' real datasets in MMSegmentation's layouts (CAT-Seg's for PC-459 and ADE-847): one module per
 # layout, each docstring states its paths and label encodings; class lists in bench/data/classes/.
-_LAYOUTS = {"voc20": "voc:VOC20Dataset", "voc20b": "voc:VOC20bDataset", "context59": "context:Context59Dataset",
-            "context60": "context:Context60Dataset",
-            "context459": "context:Context459Dataset", "coco_stuff171": "coco:COCOStuff171Dataset",
-            "coco_stuff27": "coco:COCOStuff27Dataset", "coco_object": "coco:COCOObjectDataset",
-            "cityscapes": "cityscapes:CityscapesDataset", "ade150": "ade:ADE150Dataset", "ade847": "ade:ADE847Dataset"}
+_LAYOUTS = {"voc20": "voc:VOC20Dataset", "voc20b": "voc:VOC20bDataset",
+            "context59": "context:Context59Dataset", "context60": "context:Context60Dataset",
+            "context459": "context:Context459Dataset",
+            "coco_stuff171": "coco:COCOStuff171Dataset", "coco_stuff27": "coco:COCOStuff27Dataset",
+            "coco_object": "coco:COCOObjectDataset",
+            "cityscapes": "cityscapes:CityscapesDataset", "cityscapes27": "cityscapes:Cityscapes27Dataset",
+            "ade150": "ade:ADE150Dataset", "ade847": "ade:ADE847Dataset"}
 
 
 def _layout_builder(target: str):

@@ -17,9 +17,9 @@ from bench.errors import BenchError
 # The splits each layout may hold (the first one that exists is enough for `check` to succeed).
 SPLITS = {"voc2012": ("train", "val", "trainval", "aug"), "voc20": ("train", "val", "trainval", "aug"),
           "voc20b": ("train", "val", "trainval", "aug"), "context59": ("train", "val"),
-          "context60": ("train", "val"), "context459": ("val",),
-          "coco_stuff171": ("train", "val"), "coco_stuff27": ("train", "val"), "coco_object": ("train", "val"),
-          "cityscapes": ("train", "val", "test"), "ade150": ("train", "val"), "ade847": ("val",)}
+          "context60": ("train", "val"), "context459": ("val",), "coco_stuff171": ("train", "val"),
+          "coco_stuff27": ("train", "val"), "coco_object": ("train", "val"), "cityscapes": ("train", "val", "test"),
+          "cityscapes27": ("train", "val", "test"), "ade150": ("train", "val"), "ade847": ("val",)}
 
 
 def parse_overrides(items: list[str]) -> dict:

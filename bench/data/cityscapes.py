@@ -9,8 +9,11 @@ cityscapesscripts' json2labelImg with "trainIds"):
 Without the converter's output, the dataset's own <..>_gtFine_labelIds.png are read through the official
 id -> train id table (cityscapesscripts labels.py: 7 road, 8 sidewalk, 11 building, ... 33 bicycle; every other
 id, including the void ones, is ignored). No background: internal ids 1..19 = train id + 1 (bench.data.layout).
-Note: the unsupervised benchmarks of iSeg Table 3 (from DiffSeg / STEGO) report Cityscapes with 27 classes;
-this layout is the standard 19-class one.
+
+`cityscapes27`: the 27-class evaluation of the unsupervised benchmarks (STEGO, DiffSeg's benchmarks.ipynb; iSeg
+Table 3 reports DiffSeg's protocol): the <..>_gtFine_labelIds.png maps, ids 7..33 (road .. bicycle, including
+parking, rail track, guard rail, bridge, tunnel, polegroup, caravan, trailer) -> classes 1..27 (DiffSeg: id - 7),
+ids 0..6 (unlabeled, ego vehicle, rectification border, out of roi, static, dynamic, ground) ignored.
 """
 
 from __future__ import annotations
@@ -67,3 +70,28 @@ class CityscapesDataset(FileListDataset):
 
     def describe(self) -> dict:
         return {**super().describe(), "labels": "labelIds" if self.label_ids else "labelTrainIds"}
+
+
+class Cityscapes27Dataset(FileListDataset):
+    """`cityscapes27`: label ids 7..33 as 27 classes, no background (iSeg Table 3 / DiffSeg "Cityscapes")."""
+
+    name = "cityscapes27"
+    has_background = False
+    prepare = "the Cityscapes download as is (leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip)"
+
+    def __init__(self, root: str, split: str = "val", names: str = "prompt"):
+        if not root:
+            raise BenchError("data=cityscapes27 needs data.root=<path to the cityscapes folder>")
+        base = Path(root).expanduser()
+        city = next((c for c in (base, base / "cityscapes") if (c / "leftImg8bit").is_dir()), None)
+        if city is None or not (city / "leftImg8bit" / split).is_dir():
+            raise missing(self.name, (city or base / "cityscapes") / "leftImg8bit" / split, self.prepare)
+        items = []
+        for path in sorted((city / "leftImg8bit" / split).glob(f"*/*{IMAGE_SUFFIX}")):
+            stem = path.name[: -len(IMAGE_SUFFIX)]
+            items.append((stem, path, city / "gtFine" / split / path.parent.name / f"{stem}_gtFine_labelIds.png"))
+        if items and not items[0][2].is_file():
+            raise missing(self.name, items[0][2], self.prepare)
+        super().__init__(city, split, items, shifted_table(27, first=7),
+                         class_names("cityscapes27", names, background=True),
+                         class_names("cityscapes27", "official", background=True))

@@ -30,6 +30,7 @@ RAW_CLASSES: dict[str, tuple[int, int | None, tuple[int, ...]]] = {
     "coco_stuff27": (112, 255, (0, 15, 16, 2, 137)),   # grass; person, cat, dog, car, road
     "coco_object": (0, 255, (1, 16, 17, 3, 15)),       # background; person, cat, dog, car, bird (train id + 1)
     "cityscapes": (0, 255, (11, 13, 18, 2, 10)),       # road; person, car, bicycle, building, sky
+    "cityscapes27": (7, 0, (24, 26, 33, 11, 23)),      # label ids: road; person, car, bicycle, building, sky
     "ade150": (0, None, (13, 21, 3, 5, 150)),          # 0 = other; person, car, sky, tree, flag
     "ade847": (0, 65535, (11, 14, 2, 3, 846)),         # wall; person, car, sky, tree, the last class
 }
@@ -119,12 +120,13 @@ def _write_one(name: str, root: Path, split: str, i: int, image: np.ndarray, raw
             _save_png(raw, coco / "annotations" / folder / f"{image_id}_instanceTrainIds.png")
         else:
             _save_png(raw, coco / "annotations" / folder / f"{image_id}_labelTrainIds.png")
-    elif name == "cityscapes":
+    elif name.startswith("cityscapes"):
         city = ["aachen", "lindau"][i % 2]
         image_id = f"{city}_000000_{i:06d}"
         base = root / "cityscapes"
         _save_image(image, base / "leftImg8bit" / split / city / f"{image_id}_leftImg8bit.png")
-        _save_png(raw, base / "gtFine" / split / city / f"{image_id}_gtFine_labelTrainIds.png")
+        kind = "labelIds" if name == "cityscapes27" else "labelTrainIds"
+        _save_png(raw, base / "gtFine" / split / city / f"{image_id}_gtFine_{kind}.png")
     elif name == "ade150":
         image_id = f"ADE_{split}_{i + 1:08d}"
         ade, folder = root / "ADEChallengeData2016", SPLIT_DIRS["ade"][split]
