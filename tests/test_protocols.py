@@ -47,7 +47,7 @@ def test_hungarian_protocol_matches_diffsegs_evaluation():
         preds.append(pred)
         labels.append(label)
     acc, miou = diffseg_reference(preds, labels, n_class)
-    hist = sum(image_histograms(p, l, n_class) for p, l in zip(preds, labels))
+    hist = sum(image_histograms(p, lab, n_class) for p, lab in zip(preds, labels))
     ours = summarize(hist, [str(c) for c in range(n_class)], "hungarian")
     assert ours["aAcc"] == pytest.approx(acc) and ours["mIoU"] == pytest.approx(miou)
     assert acc < 99 and miou < 99  # the case is not trivial
@@ -67,8 +67,8 @@ def test_dataset_level_matching_differs_from_per_image_matching():
     """IIC / PiCIE / STEGO match cluster ids once for the dataset: a segment id must mean one class everywhere."""
     labels = [np.array([[0, 1]]), np.array([[0, 1]])]
     preds = [np.array([[0, 1]]), np.array([[1, 0]])]  # image 2 swaps the ids
-    per_image = sum(hungarian_histograms(p, l, 2) for p, l in zip(preds, labels))
-    once = hungarian_match_dataset([segment_class_histogram(p, l, 2) for p, l in zip(preds, labels)])
+    per_image = sum(hungarian_histograms(p, lab, 2) for p, lab in zip(preds, labels))
+    once = hungarian_match_dataset([segment_class_histogram(p, lab, 2) for p, lab in zip(preds, labels)])
     names = ["a", "b"]
     assert summarize(per_image, names, "hungarian")["aAcc"] == 100
     assert summarize(once, names, "hungarian")["aAcc"] == 50

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.data.layout import WIDE_IGNORE, FileListDataset, class_names, files_with_suffix, missing, shifted_table
+from bench.data.layout import (WIDE_IGNORE, FileListDataset, class_names, files_with_suffix, missing, shifted_table,
+                               under)
 from bench.errors import BenchError
 
 PREPARE_150 = ("MMSegmentation's dataset preparation for ADE20K (ADEChallengeData2016.zip from "
@@ -39,7 +40,7 @@ def find_folder(root: str | None, folder: str, marker: str, name: str, prepare: 
     for candidate in (base, base / folder):
         if (candidate / marker).is_dir():
             return candidate
-    raise missing(name, base / folder / marker, prepare)
+    raise missing(name, under(base, folder) / marker, prepare)
 
 
 class ADE150Dataset(FileListDataset):

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.data.base import IGNORE_INDEX
-from bench.data.layout import FileListDataset, class_names, lookup_table, missing, shifted_table
+from bench.data.layout import FileListDataset, class_names, lookup_table, missing, shifted_table, under
 from bench.errors import BenchError
 
 PREPARE = ("MMSegmentation's tools/dataset_converters/cityscapes.py (leftImg8bit_trainvaltest.zip and "
@@ -47,7 +47,7 @@ class CityscapesDataset(FileListDataset):
         base = Path(root).expanduser()
         city = next((c for c in (base, base / "cityscapes") if (c / "leftImg8bit").is_dir()), None)
         if city is None:
-            raise missing(self.name, base / "cityscapes" / "leftImg8bit", self.prepare)
+            raise missing(self.name, under(base, "cityscapes") / "leftImg8bit", self.prepare)
         images = city / "leftImg8bit" / split
         if not images.is_dir():
             raise missing(self.name, images, self.prepare)
@@ -85,7 +85,7 @@ class Cityscapes27Dataset(FileListDataset):
         base = Path(root).expanduser()
         city = next((c for c in (base, base / "cityscapes") if (c / "leftImg8bit").is_dir()), None)
         if city is None or not (city / "leftImg8bit" / split).is_dir():
-            raise missing(self.name, (city or base / "cityscapes") / "leftImg8bit" / split, self.prepare)
+            raise missing(self.name, (city or under(base, "cityscapes")) / "leftImg8bit" / split, self.prepare)
         items = []
         for path in sorted((city / "leftImg8bit" / split).glob(f"*/*{IMAGE_SUFFIX}")):
             stem = path.name[: -len(IMAGE_SUFFIX)]

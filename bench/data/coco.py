@@ -29,7 +29,7 @@ import numpy as np
 
 from bench.data.base import IGNORE_INDEX
 from bench.data.layout import (CLASSES_DIR, FileListDataset, class_names, files_with_suffix, lookup_table, missing,
-                               shifted_table)
+                               shifted_table, under)
 from bench.errors import BenchError
 
 PREPARE = ("MMSegmentation's tools/dataset_converters/coco_stuff164k.py (train2017.zip, val2017.zip and "
@@ -46,7 +46,7 @@ def find_coco_root(root: str | None, name: str, prepare: str) -> Path:
     for candidate in (base, base / "coco_stuff164k"):
         if (candidate / "images").is_dir() and (candidate / "annotations").is_dir():
             return candidate
-    raise missing(name, base / "coco_stuff164k", prepare)
+    raise missing(name, under(base, "coco_stuff164k") / "images", prepare)
 
 
 def coco_items(root: str | None, split: str, suffix: str, name: str, prepare: str, image_list: str | None):

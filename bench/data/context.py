@@ -49,7 +49,8 @@ def find_voc2010(root: str, name: str, prepare: str):
     for candidate in (base, base / "VOC2010", base / "VOCdevkit" / "VOC2010"):
         if (candidate / "JPEGImages").is_dir():
             return candidate
-    raise missing(name, base / "VOCdevkit" / "VOC2010", prepare)
+    raise missing(name, (base / "VOC2010" if base.name == "VOCdevkit" else base / "VOCdevkit" / "VOC2010")
+                  / "JPEGImages", prepare)
 
 
 class Context59Dataset(FileListDataset):

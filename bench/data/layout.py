@@ -66,6 +66,11 @@ def shifted_table(num_classes: int, ignore: int = IGNORE_INDEX, first: int = 0, 
     return lookup_table(size, {first + k: k + 1 for k in range(num_classes)}, ignore, dtype)
 
 
+def under(base: Path, folder: str) -> Path:
+    """`base/folder`, or `base` itself when it already is that folder (for the expected path of an error)."""
+    return base if base.name == folder else base / folder
+
+
 def missing(name: str, path: Path, prepare: str) -> BenchError:
     """The one-line error for a layout that is not on disk."""
     return BenchError(f"dataset {name} not found at {path}; prepare it with {prepare}")
