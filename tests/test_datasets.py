@@ -200,3 +200,79 @@ def test_check_rejects_unknown_names_and_options(tmp_path, capsys):
     assert "Did you mean 'ade150'" in capsys.readouterr().err
     assert main(["check", "ade150", f"data.rot={tmp_path}"]) == 2
     assert "unknown option of dataset ade150 'rot'" in capsys.readouterr().err
+
+
+# -- sweep files of the papers' dataset tables ------------------------------------------------------------------------
+def _dataset_sweeps():
+    import yaml
+
+    from bench.config import compose  # noqa: F401  (fail at collection if the config module breaks)
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1] / "sweeps"
+    return [p for p in sorted(root.glob("*.yaml")) if (yaml.safe_load(p.read_text()).get("data") or {}).get("root")]
+
+
+DATASET_SWEEPS = _dataset_sweeps()
+
+
+def test_the_papers_dataset_tables_have_sweeps():
+    names = {p.stem for p in DATASET_SWEEPS}
+    assert {"iseg_voc_wsss", "iseg_coco_wsss", "iseg_voc_ov", "iseg_context_ov", "iseg_coco_object_ov",
+            "iseg_cityscapes_unsup", "iseg_coco_stuff27_unsup", "dedos_context459_ov", "dedos_ade150_ov",
+            "dedos_context59_ov", "dedos_voc20_ov", "dedos_voc20b_ov"} <= names
+
+
+@pytest.mark.parametrize("path", DATASET_SWEEPS, ids=[p.stem for p in DATASET_SWEEPS])
+def test_dataset_sweep_without_its_data_fails_before_ray_with_one_line(path, tmp_path, monkeypatch):
+    from bench.config import compose
+    from bench.preflight import preflight
+
+    monkeypatch.chdir(tmp_path)  # the sweeps' data.root is relative (MMSegmentation's data/ convention)
+    cfg = compose(path, [])
+    assert cfg.paper.get("table") and (cfg.paper.get("values") or cfg.paper.get("note"))
+    with pytest.raises(BenchError) as err:
+        preflight(cfg)
+    message = str(err.value)
+    assert message.startswith(f"dataset {cfg.data['name']} not found at {cfg.data['root']}") and \
+        "prepare it with" in message and "\n" not in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dataset_sweep_cli_exits_2_with_the_line_and_writes_nothing(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    proc = subprocess.run([sys.executable, "-m", "bench.run", str(repo / "sweeps" / "iseg_context_ov.yaml")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: dataset context60 not found at data/VOCdevkit/VOC2010/JPEGImages; prepare it with")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+@pytest.mark.parametrize("path", DATASET_SWEEPS, ids=[p.stem for p in DATASET_SWEEPS])
+def test_dataset_sweep_runs_on_its_layout_fixture(path, tmp_path):
+    """Each dataset sweep end to end on the embedded model, on a shapes scene written in its layout."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    data = yaml.safe_load(path.read_text())["data"]
+    write_fixture(data["name"], tmp_path / "data", split=data.get("split", "val"), num_images=1, size=64)
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "bench.run", str(path), f"data.root={tmp_path / 'data'}",
+                           "ray.num_actors=0", "report.bootstrap=10", f"output_dir={out}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "report.md").is_file() and (out / "results.csv").is_file()
