@@ -72,6 +72,9 @@ def test_layout_reads_back_what_the_fixture_wrote(name, tmp_path):
             assert 0 not in np.unique(sample.label), "a layout without background never labels the id-0 slot"
         assert all(0 < c < num_classes for c in sample.present_class_ids())
     assert ds.describe()["has_background"] is has_background
+    limited = build_dataset({"name": name, "root": str(tmp_path), "limit": 2})
+    assert len(limited) == 2 and limited.has_background is has_background
+    assert limited.ignore_index == ds.ignore_index
 
 
 @pytest.mark.parametrize("name", FIXTURE_LAYOUTS)

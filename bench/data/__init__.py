@@ -77,6 +77,7 @@ class Subset(SegDataset):
     def __init__(self, base: SegDataset, limit: int):
         self.base, self.limit = base, min(limit, len(base))
         self.name, self.classes = base.name, base.classes
+        self.has_background, self.ignore_index = base.has_background, base.ignore_index
         self.generation_gt = getattr(base, "generation_gt", None)  # generation-mode ground truth, if any
 
     def __len__(self) -> int:

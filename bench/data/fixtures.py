@@ -76,7 +76,7 @@ def _save_tif(array: np.ndarray, path: Path) -> None:
 
 def _save_image(image: np.ndarray, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path, quality=95) if path.suffix == ".jpg" else Image.fromarray(image).save(path)
+    Image.fromarray(image).save(path, **({"quality": 95} if path.suffix == ".jpg" else {}))
 
 
 def write_fixture(name: str, root: str | Path, split: str = "val", num_images: int = 3, size: int = 40,
