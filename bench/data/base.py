@@ -13,7 +13,7 @@ IGNORE_INDEX = 255
 class Sample:
     image_id: str
     image: np.ndarray  # (H, W, 3) uint8 RGB
-    label: np.ndarray  # (H, W) uint8 class ids, IGNORE_INDEX = not evaluated
+    label: np.ndarray  # (H, W) uint8 class ids (uint16 past 255 classes), ignore_index = not evaluated
     caption: str | None = None
     extra: dict = field(default_factory=dict)
     ignore_index: int = IGNORE_INDEX  # 65535 for the uint16 label maps of layouts with more than 255 classes
