@@ -279,3 +279,12 @@ def test_dataset_sweep_runs_on_its_layout_fixture(path, tmp_path):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "report.md").is_file() and (out / "results.csv").is_file()
+
+
+def test_check_options_are_typed_like_overrides():
+    from bench.data.check import parse_overrides
+
+    assert parse_overrides(["data.num_images=3", "root=/data/2012", "data.split=val"]) == \
+        {"num_images": 3, "root": "/data/2012", "split": "val"}
+    with pytest.raises(BenchError, match="key=value"):
+        parse_overrides(["data.root"])

@@ -9,6 +9,7 @@ one-line error ("dataset X not found at PATH; prepare it with ..."), exit 2.
 from __future__ import annotations
 
 import numpy as np
+import yaml
 
 from bench.data import DATASETS, build_dataset, dataset_options
 from bench.data.layout import FileListDataset
@@ -22,14 +23,18 @@ SPLITS = {"voc2012": ("train", "val", "trainval", "aug"), "voc20": ("train", "va
           "cityscapes27": ("train", "val", "test"), "ade150": ("train", "val"), "ade847": ("val",)}
 
 
+TEXT_OPTIONS = ("root", "split", "names", "image_list", "captions", "template")  # kept as written (paths, names)
+
+
 def parse_overrides(items: list[str]) -> dict:
-    """`data.root=/x data.split=val` (the `data.` prefix is optional) -> {"root": "/x", "split": "val"}."""
+    """`data.root=/x data.limit=8` (the `data.` prefix is optional) -> {"root": "/x", "limit": 8}."""
     options = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
             raise BenchError(f"argument {item!r} is not key=value (e.g. data.root=/datasets/VOCdevkit)")
-        options[key.removeprefix("data.")] = value
+        key = key.removeprefix("data.")
+        options[key] = value if key in TEXT_OPTIONS else yaml.safe_load(value)  # numbers typed, as overrides are
     return options
 
 
