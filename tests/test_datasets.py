@@ -146,7 +146,7 @@ def test_splits_select_their_folders(tmp_path):
 
 def test_coco_image_list_restricts_the_images(tmp_path):
     fx = write_fixture("coco_stuff27", tmp_path, num_images=3)
-    (tmp_path / "curated.txt").write_text(f"{fx.ids[2]}.jpg\n{fx.ids[0]}\n")
+    (tmp_path / "curated.txt").write_text(f"{fx.ids[2]}.jpg\nCOCO_val2014_{fx.ids[0]}\n")
     ds = build_dataset({"name": "coco_stuff27", "root": str(tmp_path), "image_list": str(tmp_path / "curated.txt")})
     assert [ds[i].image_id for i in range(len(ds))] == [fx.ids[0], fx.ids[2]]
 

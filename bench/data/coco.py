@@ -9,7 +9,8 @@ MMSegmentation (docs/en/user_guides/2_dataset_prepare.md, tools/dataset_converte
 The converter maps the raw stuffthingmaps ids (0..181 with eleven unused thing ids) to contiguous train ids
 0..170 in MMSegmentation's COCOStuffDataset order (classes/coco_stuff171.txt). data.split=train|val selects
 train2017|val2017 (the folder names are accepted too). Every image of the folder is listed (names only);
-`image_list=<file>` restricts it to the ids in a text file (one id or file name per line), e.g. a curated subset.
+`image_list=<file>` restricts it to the ids in a text file (one id or file name per line, COCO 2014 names such as
+COCO_val2014_000000182611 match by their number), e.g. a curated subset.
 
 - `coco_stuff171` (DEDOS's training set, COCO-Stuff-171): no background; internal ids 1..171 = train id + 1.
 - `coco_stuff27` (iSeg Table 3 "COCO-Stuff-27", unsupervised): the same label files, each train id mapped to its
@@ -60,7 +61,8 @@ def coco_items(root: str | None, split: str, suffix: str, name: str, prepare: st
         path = Path(image_list).expanduser()
         if not path.is_file():
             raise BenchError(f"data.image_list={image_list} not found; give a text file of image ids, one per line")
-        wanted = {Path(line.strip()).stem for line in path.read_text().splitlines() if line.strip()}
+        # ids, file names, or COCO 2014 names (COCO_val2014_000000182611): the 12-digit id is what 2017 uses
+        wanted = {Path(line.strip()).stem.split("_")[-1] for line in path.read_text().splitlines() if line.strip()}
         items = [item for item in items if item[0] in wanted]
     return coco, items
 
