@@ -73,7 +73,7 @@ def trace_samples(method: Method, dataset: SegDataset, samples: list[Sample], pa
 def evaluate_batch(method: Method, dataset: SegDataset, samples: list[Sample], group: ForwardGroup,
                    req: TraceRequest | None = None, resolution: int = 0,
                    on_predictions: Callable | None = None) -> tuple[list[np.ndarray], int]:
-    """Histograms (len(samples) x len(group.trials), each (8, C): both metric protocols, see
+    """Histograms (len(samples) x len(group.trials), each (12, C): every metric protocol, see
     bench.metrics.image_histograms) in sample-major order, and image-passes.
     on_predictions(k, sample, query, prompt, predictions) sees every image's predictions (qualitative figures)."""
     params0 = group.trials[0].params
@@ -85,6 +85,7 @@ def evaluate_batch(method: Method, dataset: SegDataset, samples: list[Sample], g
         predictions = method.predict_many(trace, query, configs, tuple(sample.label.shape))
         if on_predictions is not None:
             on_predictions(k, sample, query, prompt, predictions)
-        hists.extend(image_histograms(p.labels.numpy(), sample.label, len(dataset.classes))
+        hists.extend(image_histograms(p.labels.numpy(), sample.label, len(dataset.classes), sample.ignore_index,
+                                      first_class=0 if getattr(dataset, "has_background", True) else 1)
                      for p in predictions)
     return hists, batch.image_passes

@@ -12,8 +12,25 @@ Protocols (references in methods/README.md):
   image whose ground truth holds a single value once 255 is read as background (no foreground class, or no
   background) is skipped; the mean runs over classes with ground-truth pixels only.
 
-`image_histograms` stores both (8, C): rows 0-3 are mmseg's, rows 4-7 iseg's; `protocol_rows` picks one.
-Older 4-row histograms are read as mmseg's for either protocol.
+- "hungarian": the unsupervised protocol of iSeg Table 3, which takes DiffSeg's evaluation (google/diffseg
+  benchmarks.ipynb, diffseg/utils.py hungarian_matching): predicted ids are segments without class names; per
+  image, the (class x segment) pixel histogram of the pixels with 0 <= label < C is matched one-to-one by
+  scipy.optimize.linear_sum_assignment (maximising matched pixels); TP_c = pixels of the segment matched to c,
+  FN_c = c's other pixels, FP_c = the matched segment's other pixels (unmatched segments count for no class).
+  Summed over images: ACC = sum TP / valid pixels (reported as aAcc), IoU_c = TP / (TP + FP + FN), mIoU = the
+  mean over classes with TP + FP + FN > 0; the (intersect, union, pred, label) rows carry exactly these.
+  `hungarian_match_dataset` is the other convention (IIC / PiCIE / STEGO): one matching of the summed histogram.
+
+`image_histograms` stores all three (12, C): rows 0-3 are mmseg's, 4-7 iseg's, 8-11 hungarian's; `protocol_rows`
+picks one. 4-row histograms are one protocol's rows, read as they are (older runs stored mmseg's); 8-row ones
+(mmseg, iseg) lack hungarian's.
+
+Layouts without a background class (`SegDataset.has_background` False) keep id 0 as an empty slot: with
+`first_class=1` the slot's column is zeroed (never in a mean, never a false positive) and Hungarian matching
+runs over the real classes only.
+
+Open-vocabulary reporting by seen / unseen classes (`seen_classes`, `seen_unseen`): DEDOS trains on
+COCO-Stuff-171 and evaluates on other datasets; classes whose names are COCO-Stuff classes are "seen".
 """
 
 from __future__ import annotations
@@ -22,7 +39,7 @@ import numpy as np
 
 from bench.data.base import IGNORE_INDEX
 
-PROTOCOLS = ("mmseg", "iseg")
+PROTOCOLS = ("mmseg", "iseg", "hungarian")
 ROWS = 4
 
 
@@ -34,6 +51,8 @@ def intersect_and_union(pred: np.ndarray, label: np.ndarray, num_classes: int,
     label = np.asarray(label).ravel().astype(np.int64)
     if pred.shape != label.shape:
         raise ValueError(f"prediction has {pred.size} pixels, label {label.size}")
+    if protocol == "hungarian":
+        return hungarian_histograms(pred, label, num_classes, ignore_index)
     if protocol == "iseg":
         values = np.unique(np.where(label == ignore_index, 0, label))
         if len(values) <= 1:  # iSeg test_step returns before scoring: no foreground class (or no background)
@@ -50,18 +69,29 @@ def intersect_and_union(pred: np.ndarray, label: np.ndarray, num_classes: int,
 
 
 def image_histograms(pred: np.ndarray, label: np.ndarray, num_classes: int,
-                     ignore_index: int = IGNORE_INDEX) -> np.ndarray:
-    """(8, C): the mmseg histograms (rows 0-3) and the iseg ones (rows 4-7) of one image."""
+                     ignore_index: int = IGNORE_INDEX, first_class: int = 0) -> np.ndarray:
+    """(12, C): the mmseg (rows 0-3), iseg (4-7) and hungarian (8-11) histograms of one image. first_class=1:
+    the layout has no background class; its id-0 slot is left out (module docstring)."""
+    if first_class:
+        pred, label = np.asarray(pred), np.asarray(label)
+        hists = [intersect_and_union(pred, label, num_classes, ignore_index, p) for p in PROTOCOLS[:2]]
+        hists.append(hungarian_histograms(pred, label, num_classes, ignore_index, first_class))
+        out = np.concatenate(hists)
+        out[:, :first_class] = 0
+        return out
     return np.concatenate([intersect_and_union(pred, label, num_classes, ignore_index, p) for p in PROTOCOLS])
 
 
 def protocol_rows(hist: np.ndarray, protocol: str) -> np.ndarray:
-    """The 4 rows of `protocol` along axis -2 of (..., 8, C) histograms; (..., 4, C) ones are mmseg's."""
+    """The 4 rows of `protocol` along axis -2 of (..., 12, C) histograms; (..., 4, C) ones are mmseg's."""
     _check(protocol)
     hist = np.asarray(hist)
-    if hist.shape[-2] == ROWS:
+    if hist.shape[-2] == ROWS:  # one protocol's rows (one image's, or older runs' mmseg rows)
         return hist
     start = ROWS * PROTOCOLS.index(protocol)
+    if hist.shape[-2] < start + ROWS:
+        raise ValueError(f"these histograms ({hist.shape[-2]} rows) predate metric protocol {protocol!r}; "
+                         f"score the run again")
     return hist[..., start:start + ROWS, :]
 
 
@@ -72,7 +102,7 @@ def summarize(hist: np.ndarray, class_names: list[str], protocol: str = "mmseg")
         iou = np.where(area_u > 0, area_i / area_u, np.nan)
         acc = np.where(area_l > 0, area_i / area_l, np.nan)
         a_acc = area_i.sum() / area_l.sum() if area_l.sum() > 0 else np.nan
-    counted = iou if protocol == "mmseg" else np.where(area_l > 0, iou, np.nan)
+    counted = np.where(area_l > 0, iou, np.nan) if protocol == "iseg" else iou
     out = {"mIoU": _nanmean(counted) * 100, "aAcc": a_acc * 100, "mAcc": _nanmean(acc) * 100}
     for name, value in zip(class_names, iou):
         out[f"IoU/{name}"] = value * 100
@@ -88,3 +118,68 @@ def _check(protocol: str) -> None:
 
 def _nanmean(values: np.ndarray) -> float:
     return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+
+
+# -- unsupervised: Hungarian matching of predicted segments to classes (iSeg Table 3, DiffSeg's evaluation) --------
+def segment_class_histogram(pred: np.ndarray, label: np.ndarray, num_classes: int,
+                            ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+    """(C, K) pixel counts of class c (rows) under segment k (columns) over pixels with 0 <= label < C and
+    label != ignore_index; K = max(C, largest segment id + 1). Negative segment ids are dropped."""
+    pred = np.asarray(pred).ravel().astype(np.int64)
+    label = np.asarray(label).ravel().astype(np.int64)
+    keep = (label >= 0) & (label < num_classes) & (label != ignore_index) & (pred >= 0)
+    pred, label = pred[keep], label[keep]
+    k = max(num_classes, int(pred.max(initial=-1)) + 1)
+    return np.bincount(label * k + pred, minlength=num_classes * k).reshape(num_classes, k)
+
+
+def hungarian_rows(confusion: np.ndarray, first_class: int = 0) -> np.ndarray:
+    """(4, C) [TP, TP + FP + FN, TP + FP, TP + FN] of one (C, K) class x segment histogram after the one-to-one
+    matching that maximises matched pixels (rows before `first_class` take no part)."""
+    from scipy.optimize import linear_sum_assignment
+
+    num_classes = confusion.shape[0]
+    sub = confusion[first_class:]
+    rows, cols = linear_sum_assignment(sub, maximize=True)
+    tp, fp = np.zeros(num_classes, np.int64), np.zeros(num_classes, np.int64)
+    tp[rows + first_class] = sub[rows, cols]
+    fp[rows + first_class] = sub[:, cols].sum(0) - sub[rows, cols]
+    fn = confusion.sum(1) - tp
+    if first_class:
+        fn[:first_class] = 0
+    return np.stack([tp, tp + fp + fn, tp + fp, tp + fn]).astype(np.int64)
+
+
+def hungarian_histograms(pred: np.ndarray, label: np.ndarray, num_classes: int, ignore_index: int = IGNORE_INDEX,
+                         first_class: int = 0) -> np.ndarray:
+    """(4, C) rows of the "hungarian" protocol for one image: its own matching (DiffSeg's per-image evaluation)."""
+    return hungarian_rows(segment_class_histogram(pred, label, num_classes, ignore_index), first_class)
+
+
+def hungarian_match_dataset(confusions: list[np.ndarray] | np.ndarray, first_class: int = 0) -> np.ndarray:
+    """(4, C) rows of ONE matching of the summed (C, K) histograms (IIC / PiCIE / STEGO: segment ids are cluster
+    ids shared by every image). Histograms of different widths are padded with empty segments."""
+    confusions = [np.asarray(c) for c in confusions]
+    width = max(c.shape[1] for c in confusions)
+    total = sum(np.pad(c, ((0, 0), (0, width - c.shape[1]))) for c in confusions)
+    return hungarian_rows(total, first_class)
+
+
+# -- seen / unseen classes (open-vocabulary reporting: classes of the training set vs new ones) -----------------------
+def seen_classes(classes: list[str], training_classes: list[str]) -> list[bool]:
+    """Per class of the evaluated dataset: is its name (case and spacing folded) a class of the training set?"""
+    fold = {" ".join(str(c).lower().replace("-", " ").split()) for c in training_classes}
+    return [" ".join(str(c).lower().replace("-", " ").split()) in fold for c in classes]
+
+
+def seen_unseen(metrics: dict[str, float], classes: list[str], seen: list[bool]) -> dict[str, float]:
+    """mIoU over the seen and the unseen classes (from the `IoU/<class>` entries of `summarize`, NaN ones left
+    out) and their harmonic mean hIoU = 2 s u / (s + u), the zero-shot segmentation summary (ZS3Net, ZegCLIP)."""
+    def mean(flag: bool) -> float:
+        values = [metrics.get(f"IoU/{c}", np.nan) for c, s in zip(classes, seen) if s == flag]
+        values = np.asarray([v for v in values if v is not None], dtype=np.float64)
+        return _nanmean(values) if len(values) else float("nan")
+
+    s, u = mean(True), mean(False)
+    h = 2 * s * u / (s + u) if np.isfinite(s) and np.isfinite(u) and s + u > 0 else float("nan")
+    return {"mIoU/seen": s, "mIoU/unseen": u, "hIoU": h}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 from bench.data.base import IGNORE_INDEX, Sample, SegDataset
 from bench.errors import BenchError
 from bench.registry import Registry, unknown_name_message
@@ -38,6 +40,30 @@ def _coco_cap(options: dict) -> SegDataset:
 DATASETS.register("shapes")(({"num_images": 100, "size": 512, "seed": 0, "split": "val", "min_objects": 1,
                               "max_objects": 3}, _shapes))
 DATASETS.register("voc2012")(({"root": None, "split": "val"}, _voc))
+# The papers' real datasets in MMSegmentation's layouts (CAT-Seg's for PC-459 and ADE-847): one module per
+# layout, each docstring states its paths and label encodings; class lists in bench/data/classes/.
+_LAYOUTS = {"voc20": "voc:VOC20Dataset", "voc20b": "voc:VOC20bDataset",
+            "context59": "context:Context59Dataset", "context60": "context:Context60Dataset",
+            "context459": "context:Context459Dataset",
+            "coco_stuff171": "coco:COCOStuff171Dataset", "coco_stuff27": "coco:COCOStuff27Dataset",
+            "coco_object": "coco:COCOObjectDataset",
+            "cityscapes": "cityscapes:CityscapesDataset", "cityscapes27": "cityscapes:Cityscapes27Dataset",
+            "ade150": "ade:ADE150Dataset", "ade847": "ade:ADE847Dataset"}
+
+
+def _layout_builder(target: str):
+    def build(options: dict) -> SegDataset:
+        module, cls = target.split(":")
+        return getattr(importlib.import_module(f"bench.data.{module}"), cls)(**options)
+
+    return build
+
+
+for _name, _target in _LAYOUTS.items():
+    _options = {"root": None, "split": "val", "names": "prompt"}
+    if _name.startswith("coco"):
+        _options["image_list"] = None
+    DATASETS.register(_name)((_options, _layout_builder(_target)))
 # Generation-mode datasets (OVAM Sec. 4.1); see bench.data.synthetic.
 DATASETS.register("voc_sim")(({"root": None, "seeds_per_class": 30, "seed_offset": 0,
                                "template": "A photograph of a {name}", "size": 512, "split": "val"}, _voc_sim))
@@ -51,6 +77,7 @@ class Subset(SegDataset):
     def __init__(self, base: SegDataset, limit: int):
         self.base, self.limit = base, min(limit, len(base))
         self.name, self.classes = base.name, base.classes
+        self.has_background, self.ignore_index = base.has_background, base.ignore_index
         self.generation_gt = getattr(base, "generation_gt", None)  # generation-mode ground truth, if any
 
     def __len__(self) -> int:

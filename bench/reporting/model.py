@@ -20,6 +20,9 @@ PROTOCOL_TEXT = {
              "mIoU = mean over classes present in ground truth or predictions",
     "iseg": "iSeg's released evaluation: per-class IoU from dataset-summed histograms, label 255 ignored; "
             "mIoU = mean over classes with ground-truth pixels only",
+    "hungarian": "unsupervised (DiffSeg's evaluation, iSeg Table 3): predicted segments matched to classes per "
+                 "image by Hungarian matching; ACC (aAcc) = matched pixels / labelled pixels; "
+                 "mIoU = mean of TP / (TP + FP + FN) over classes with any",
 }
 
 
