@@ -26,6 +26,7 @@ import pandas as pd
 import yaml
 
 from bench.atomic import write_text
+from bench.metrics import seen_unseen
 from bench.stats import bootstrap_intervals
 
 log = logging.getLogger(__name__)
@@ -137,8 +138,12 @@ def _seen_unseen(cfg: dict, frame: pd.DataFrame, rows: list[dict], per_image, un
     """mIoU over seen and over unseen classes (report.unseen), with bootstrap intervals over images."""
     classes = [c[len("IoU/"):] for c in frame.columns if c.startswith("IoU/")]
     draws, protocol = int(cfg["report"]["bootstrap"]), cfg["metric"]["protocol"]
+    seen = [c not in unseen for c in classes]
+    parts = [seen_unseen(record, classes, seen) for record in frame.to_dict("records")]
+    for part in ("seen", "unseen"):
+        frame[f"mIoU_{part}"] = [p[f"mIoU/{part}"] for p in parts]
+    frame["hIoU"] = [p["hIoU"] for p in parts]
     for part, names in (("seen", [c for c in classes if c not in unseen]), ("unseen", [c for c in classes if c in unseen])):
-        frame[f"mIoU_{part}"] = frame[[f"IoU/{c}" for c in names]].mean(axis=1, skipna=True) if names else math.nan
         if per_image is None or not names:
             continue
         cols = [classes.index(c) for c in names]

@@ -132,3 +132,17 @@ def test_eight_row_histograms_predate_the_hungarian_protocol():
     assert protocol_rows(old, "iseg").shape == (4, 3)
     with pytest.raises(ValueError, match="predate"):
         protocol_rows(old, "hungarian")
+
+
+def test_results_report_seen_unseen_and_their_harmonic_mean():
+    """report.unseen names the unseen classes; results carry mIoU_seen / mIoU_unseen / hIoU from the same
+    definition as bench.metrics.seen_unseen (NaN classes left out)."""
+    from bench.results import results_frame
+
+    cfg = {"report": {"bootstrap": 0, "unseen": "star+cross"}, "metric": {"protocol": "mmseg"}}
+    rows = [{"trial": "t0", "seed": 0, "mIoU": 50.0, "IoU/background": 80.0, "IoU/circle": 60.0,
+             "IoU/star": 20.0, "IoU/cross": float("nan")}]
+    frame = results_frame(cfg, rows, {})
+    assert frame.loc[0, "mIoU_seen"] == pytest.approx(70.0)
+    assert frame.loc[0, "mIoU_unseen"] == pytest.approx(20.0)
+    assert frame.loc[0, "hIoU"] == pytest.approx(2 * 70 * 20 / 90)
