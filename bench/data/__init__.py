@@ -78,15 +78,30 @@ def dataset_options(cfg: dict) -> dict:
 
 def build_dataset(cfg: dict) -> SegDataset:
     _, builder = DATASETS.get(cfg.get("name"))
-    dataset = builder(dataset_options(cfg))
+    options = dataset_options(cfg)
+    dataset = builder(options)
     limit = cfg.get("limit")
     if limit is not None:
         if int(limit) < 1:
             raise BenchError(f"data.limit={limit} must be a positive number of images")
+        if int(limit) > len(dataset):
+            dataset = _grown(cfg, options, builder, int(limit), len(dataset))
         dataset = Subset(dataset, int(limit))
     if len(dataset) == 0:
         raise BenchError(f"dataset {cfg.get('name')} has no images; check data.root and data.split")
     return dataset
+
+
+def _grown(cfg: dict, options: dict, builder, limit: int, size: int) -> SegDataset:
+    """data.limit beyond the dataset: a generated dataset whose size the user left to its default grows to the
+    limit (any prefix of it is the same images); otherwise the run is refused, never silently capped."""
+    name = cfg.get("name")
+    if "num_images" in options and cfg.get("num_images") is None:
+        dataset = builder({**options, "num_images": limit})
+        if len(dataset) >= limit:
+            return dataset
+    fix = f"data.num_images={limit} or " if "num_images" in options else ""
+    raise BenchError(f"data.limit={limit} but dataset {name} has only {size} images; use {fix}data.limit<={size}")
 
 
 def generation_gt(dataset: SegDataset) -> str | None:
