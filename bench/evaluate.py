@@ -16,7 +16,7 @@ import torch
 from bench.data import require_generation_gt
 from bench.data.base import Sample, SegDataset
 from bench.forward import run_traced
-from bench.metrics import image_histograms
+from bench.metrics import ImageScorer
 from bench.plan import ForwardGroup, Trial, group_trials  # noqa: F401  (re-exported: callers group and evaluate)
 from bench.trace import Trace, TraceRequest
 from methods.base import ClassQuery, Method
@@ -85,6 +85,6 @@ def evaluate_batch(method: Method, dataset: SegDataset, samples: list[Sample], g
         predictions = method.predict_many(trace, query, configs, tuple(sample.label.shape))
         if on_predictions is not None:
             on_predictions(k, sample, query, prompt, predictions)
-        hists.extend(image_histograms(p.labels.numpy(), sample.label, len(dataset.classes))
-                     for p in predictions)
+        # the ground truth is read once per image; identical label maps are counted once
+        hists.extend(ImageScorer(sample.label, len(dataset.classes)).histograms([p.labels.numpy() for p in predictions]))
     return hists, batch.image_passes
