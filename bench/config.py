@@ -14,7 +14,7 @@ fixed parameters are checked against the method's declared parameters. Nothing h
     seeds: [0]                        # noise / generation seeds (each one is a forward setting)
     metric: {protocol: mmseg}         # mmseg | iseg
     paper: {table: "iSeg Table 5(b)", param: lambda, metric: mIoU, values: {0: 69.1, ...}}
-    ray: {num_actors: 1, batch_size: 1}   # tracing actors (0: trace in this process), images per batch
+    ray: {num_actors: auto, batch_size: 1}   # tracing actors (auto: one per GPU or CPU core; 0: in this process)
     train: {num_workers: 1, use_gpu: false, split: train, max_failures: 0}   # trained methods: Ray Train
     fit: {from: null}                 # trained methods: reuse the fits of another run (or one fit directory)
 """
@@ -111,7 +111,7 @@ class MetricConfig(Section):
 @dataclass
 class RayConfig(Section):
     address: str | None = None
-    num_actors: int = 1
+    num_actors: int | str = "auto"  # auto: one per GPU, or one per CPU core (bench.env.auto_num_actors)
     batch_size: int = 1
     object_store_mb: int = 256
     quiet: bool = True
@@ -273,7 +273,10 @@ def validate(cfg: SweepConfig) -> None:
         raise BenchError(f"seeds={seeds!r} must be a non-empty list of integers")
     if not isinstance(cfg.num_samples, int) or cfg.num_samples < 1:
         raise BenchError("num_samples must be an integer >= 1")
-    for name, value, low in (("ray.num_actors", cfg.ray.num_actors, 0), ("ray.batch_size", cfg.ray.batch_size, 1),
+    if isinstance(cfg.ray.num_actors, str) and cfg.ray.num_actors != "auto":
+        raise BenchError(f"ray.num_actors={cfg.ray.num_actors!r} must be a number of actors or auto")
+    actors = 1 if cfg.ray.num_actors == "auto" else cfg.ray.num_actors
+    for name, value, low in (("ray.num_actors", actors, 0), ("ray.batch_size", cfg.ray.batch_size, 1),
                              ("train.num_workers", cfg.train.num_workers, 1),
                              ("train.max_failures", cfg.train.max_failures, 0)):
         if value < low:

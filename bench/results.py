@@ -22,7 +22,6 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from bench.stats import bootstrap_intervals
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 2
@@ -44,14 +43,9 @@ def git_sha() -> str:
 
 
 def versions() -> dict[str, str]:
-    # imported here: reports import this module and need none of these (torch alone takes seconds)
-    import diffusers
-    import ray
-    import torch
-    import transformers
+    from bench.env import package_versions  # package metadata: nothing is imported (diffusers alone takes seconds)
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "ray": ray.__version__}
+    return package_versions()
 
 
 def devices() -> list[str]:
@@ -102,6 +96,8 @@ def paper_value(cfg: dict, swept: dict) -> float:
 def results_frame(cfg: dict, rows: list[dict], stats: dict) -> pd.DataFrame:
     """One row per (configuration, seed). With per-image histograms, 95% bootstrap intervals over images
     (`<metric>_ci_low/_ci_high` for mIoU, mAcc, aAcc); with the paper's values, `paper_<metric>`."""
+    from bench.stats import bootstrap_intervals  # scipy: imported when results are written, not by the engine
+
     frame = pd.DataFrame(rows)
     per_image = stats.get("per_image")
     if per_image is not None and len(frame):

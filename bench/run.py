@@ -24,7 +24,6 @@ from bench.config import SweepConfig, compose  # noqa: E402
 from bench.engine import WORK, run_engine  # noqa: E402
 from bench.errors import BenchError, cli_exit  # noqa: E402
 from bench.preflight import preflight  # noqa: E402
-from bench.reporting import write_report  # noqa: E402
 from bench.results import config_hash, write_run  # noqa: E402
 
 log = logging.getLogger("bench")
@@ -82,6 +81,8 @@ def run(sweep_path: str, overrides: list[str]) -> Path:
     stats["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     data = cfg.as_dict()
     frame, provenance = write_run(data, rows, stats, work)
+    from bench.reporting import write_report  # matplotlib and scipy: imported once there is a report to write
+
     write_report(work, data, frame, provenance)
     shutil.rmtree(work / WORK)  # shards: only needed to resume
     work.rename(final)

@@ -19,7 +19,6 @@ from bench.data import build_dataset
 from bench.evaluate import evaluate_batch, group_request
 from bench.models import load_backbone
 from bench.plan import ForwardGroup
-from bench.reporting.qualitative import save_qualitative
 from methods import METHODS
 
 log = logging.getLogger(__name__)
@@ -67,6 +66,8 @@ class SweepWorker:
         """Keeps the maps of the first `report.qualitative` images for the report's qualitative figure."""
         if self.qualitative_dir is None or min(indices) >= self.qualitative_images:
             return None
+        # imported only where a figure is kept: the reporting package (pandas, scipy) is not an actor's concern
+        from bench.reporting.qualitative import save_qualitative
 
         def keep(k, sample, query, prompt, predictions):
             if indices[k] < self.qualitative_images:
