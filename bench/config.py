@@ -17,6 +17,7 @@ fixed parameters are checked against the method's declared parameters. Nothing h
     ray: {num_actors: auto, batch_size: 1}   # tracing actors (auto: one per GPU or CPU core; 0: in this process)
     train: {num_workers: 1, use_gpu: false, split: train, max_failures: 0}   # trained methods: Ray Train
     fit: {from: null}                 # trained methods: reuse the fits of another run (or one fit directory)
+    search: {algo: optuna, num_samples: 16}   # adaptive search of post-processing parameters (bench.search)
 """
 
 from __future__ import annotations
@@ -139,6 +140,18 @@ class FitConfig(Section):
     source: str | None = None  # `fit.from`: a run directory or one fit directory whose fits are reused
 
 
+@dataclass
+class SearchConfig(Section):
+    """Adaptive search over the sweep's post-processing parameters (bench.search); off without `algo`."""
+
+    algo: str | None = None  # optuna | hyperopt | random
+    num_samples: int = 16  # configurations sampled
+    grace_images: int = 2  # ASHA: images every configuration scores before it can be stopped
+    reduction_factor: int = 3  # ASHA: 1 / reduction_factor of the configurations go on at each rung
+    cache_mb: int = 2048  # trace cache bound (<run>/work/trace_cache)
+    trial_cpus: float = 0.5  # CPUs per trial (scoring is light: several trials share a core)
+
+
 PAPER_KEYS = ("table", "param", "metric", "values", "note")
 
 
@@ -160,12 +173,13 @@ class SweepConfig:
     report: ReportConfig = field(default_factory=ReportConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     fit: FitConfig = field(default_factory=FitConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     output_dir: str | None = None
     overrides: list = field(default_factory=list)
     sweep_file: str | None = None
 
     SECTIONS = {"model": ModelConfig, "metric": MetricConfig, "ray": RayConfig, "report": ReportConfig,
-                "train": TrainConfig, "fit": FitConfig}
+                "train": TrainConfig, "fit": FitConfig, "search": SearchConfig}
 
     def as_dict(self) -> dict:
         """Plain data (config.yaml): sections as mappings, in declaration order."""
@@ -281,6 +295,10 @@ def validate(cfg: SweepConfig) -> None:
                              ("train.max_failures", cfg.train.max_failures, 0)):
         if value < low:
             raise BenchError(f"{name}={value} must be >= {low}")
+    if cfg.search.algo is not None:
+        from bench.search import check_searchable
+
+        check_searchable(cfg)
     paper = cfg.paper
     if paper and paper.get("param") and paper["param"] not in cfg.sweep:
         raise BenchError(f"paper.param={paper['param']!r} is not a swept parameter ({', '.join(cfg.sweep)})")
