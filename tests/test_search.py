@@ -82,3 +82,33 @@ def test_search_run_writes_searched_rows(tmp_path, tiny_model, ray_session):
     assert run["search"]["pairs_scored"] == frame["images_scored"].sum() and run["unet_passes"] == 4
     assert "configurations searched" in (out / "report.md").read_text()
     assert not (out / "work").exists()
+
+
+def search_against_grid(grid_dir: Path, search_dir: Path) -> dict:
+    """The bar's numbers from two finished runs of the same sweep and images: the grid's best mIoU, the best
+    configuration the search scored on every image, and the share of (configuration x image) pairs it scored."""
+    grid = pd.read_parquet(grid_dir / "results.parquet")
+    search = pd.read_parquet(search_dir / "results.parquet")
+    images = json.loads((grid_dir / "run.json").read_text())["num_images"]
+    finished = search[search["images_scored"] == images]
+    best = finished.loc[finished["mIoU"].idxmax()]
+    return {"grid_best_mIoU": float(grid["mIoU"].max()), "search_best_mIoU": float(best["mIoU"]),
+            "grid_pairs": len(grid) * images, "search_pairs": int(search["images_scored"].sum()),
+            "pair_share": float(search["images_scored"].sum() / (len(grid) * images)), "images": images}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_search_reaches_the_grid_best_with_a_quarter_of_the_pairs(tmp_path, ray_session):
+    """daam_threshold on the embedded default, 40 images: the grid (5 tau) against daam_threshold_search (Optuna
+    over tau in [0.2, 0.6] with ASHA: 8 samples, grace 2 images, reduction factor 3). Bar: within 0.5 mIoU of the grid's best,
+    <= 25% of its (configuration x image) pairs."""
+    from bench.run import run
+
+    sweep = str(ROOT / "sweeps/daam_threshold.yaml")
+    common = ["data.limit=40", "report.bootstrap=20"]
+    grid = run(sweep, [*common, "ray.num_actors=0", f"output_dir={tmp_path / 'grid'}"])
+    search = run(str(ROOT / "sweeps/daam_threshold_search.yaml"), [*common, f"output_dir={tmp_path / 'search'}"])
+    got = search_against_grid(grid, search)
+    assert got["search_best_mIoU"] >= got["grid_best_mIoU"] - 0.5, got
+    assert got["pair_share"] <= 0.25, got
