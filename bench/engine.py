@@ -44,7 +44,7 @@ def run_engine(cfg: SweepConfig, run_dir: Path, plan: Plan | None = None) -> tup
     dataset = build_dataset(cfg.data)
     log.info("%d configurations x %d seeds in %d forward settings and %d train settings over %d images",
              len(plan.trials), len(cfg.seeds), len(plan.groups), len(plan.fits), len(dataset))
-    if cfg.ray.num_actors != 0 or plan.fits:  # tracing in this process without fits needs no Ray
+    if cfg.ray.num_actors != 0 or plan.fits or cfg.search.algo:  # tracing in this process without fits needs no Ray
         init_ray(cfg.ray.address, cfg.ray.object_store_mb, cfg.ray.quiet)
     if cfg.ray.num_actors == "auto":  # resolved here, so config.yaml and run.json say what auto picked
         cfg.ray.num_actors = auto_num_actors(len(dataset), torch.cuda.is_available() and cfg.model.device != "cpu")
