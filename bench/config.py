@@ -16,10 +16,11 @@ values from outside the file) are errors; `${other.key}` references resolve.
     seeds: [0]                        # noise / generation seeds (each one is a forward setting)
     metric: {protocol: mmseg}         # mmseg | iseg
     paper: {table: "iSeg Table 5(b)", param: lambda, metric: mIoU, values: {0: 69.1, ...}}
-    ray: {num_actors: 1, batch_size: 1, max_retries: 3}   # tracing actors (0: trace in this process), images
-                                      # per batch, restarts of a dead actor (its batch retried)
+    ray: {num_actors: auto, batch_size: 1, max_retries: 3}   # tracing actors (auto: one per GPU or CPU core;
+                                      # 0: in this process), images per batch, restarts of a dead actor
     train: {num_workers: 1, use_gpu: false, split: train, max_failures: 0}   # trained methods: Ray Train
     fit: {from: null}                 # trained methods: reuse the fits of another run (or one fit directory)
+    search: {algo: optuna, num_samples: 16}   # adaptive search of post-processing parameters (bench.search)
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ class MetricConfig(Section):
 @dataclass
 class RayConfig(Section):
     address: str | None = None
-    num_actors: int = 1
+    num_actors: int | str = "auto"  # auto: one per GPU, or one per CPU core (bench.env.auto_num_actors)
     batch_size: int = 1
     object_store_mb: int = 256
     quiet: bool = True
@@ -183,6 +184,18 @@ class FitConfig(Section):
     source: str | None = None  # `fit.from`: a run directory or one fit directory whose fits are reused
 
 
+@dataclass
+class SearchConfig(Section):
+    """Adaptive search over the sweep's post-processing parameters (bench.search); off without `algo`."""
+
+    algo: str | None = None  # optuna | hyperopt | random
+    num_samples: int = 16  # configurations sampled
+    grace_images: int = 2  # ASHA: images every configuration scores before it can be stopped
+    reduction_factor: int = 3  # ASHA: 1 / reduction_factor of the configurations go on at each rung
+    cache_mb: int = 2048  # trace cache bound (<run>/work/trace_cache)
+    trial_cpus: float = 0.5  # CPUs per trial (scoring is light: several trials share a core)
+
+
 PAPER_KEYS = ("table", "param", "metric", "values", "note")
 
 
@@ -204,12 +217,13 @@ class SweepConfig:
     report: ReportConfig = field(default_factory=ReportConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     fit: FitConfig = field(default_factory=FitConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     output_dir: str | None = None
     overrides: list = field(default_factory=list)
     sweep_file: str | None = None
 
     SECTIONS = {"model": ModelConfig, "metric": MetricConfig, "ray": RayConfig, "report": ReportConfig,
-                "train": TrainConfig, "fit": FitConfig}
+                "train": TrainConfig, "fit": FitConfig, "search": SearchConfig}
 
     def as_dict(self) -> dict:
         """Plain data (config.yaml): sections as mappings, in declaration order."""
@@ -333,7 +347,10 @@ def validate(cfg: SweepConfig) -> None:
         raise BenchError("num_samples must be an integer >= 1")
     if any(s < 0 for s in seeds) or not isinstance(cfg.search_seed, int) or cfg.search_seed < 0:
         raise BenchError(f"seeds={seeds!r} and search_seed={cfg.search_seed!r} must be integers >= 0")
-    for name, value, low in (("ray.num_actors", cfg.ray.num_actors, 0), ("ray.batch_size", cfg.ray.batch_size, 1),
+    if isinstance(cfg.ray.num_actors, str) and cfg.ray.num_actors != "auto":
+        raise BenchError(f"ray.num_actors={cfg.ray.num_actors!r} must be a number of actors or auto")
+    actors = 1 if cfg.ray.num_actors == "auto" else cfg.ray.num_actors
+    for name, value, low in (("ray.num_actors", actors, 0), ("ray.batch_size", cfg.ray.batch_size, 1),
                              ("ray.object_store_mb", cfg.ray.object_store_mb, 64),
                              ("ray.max_retries", cfg.ray.max_retries, 0),
                              ("train.num_workers", cfg.train.num_workers, 1),
@@ -343,6 +360,10 @@ def validate(cfg: SweepConfig) -> None:
                              ("report.qualitative", cfg.report.qualitative, 0)):
         if value < low:
             raise BenchError(f"{name}={value} must be >= {low}")
+    if cfg.search.algo is not None:
+        from bench.search import check_searchable
+
+        check_searchable(cfg)
     paper = cfg.paper
     if paper and paper.get("param") and paper["param"] not in cfg.sweep:
         raise BenchError(f"paper.param={paper['param']!r} is not a swept parameter ({', '.join(cfg.sweep)})")

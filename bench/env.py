@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import stat
 import tempfile
-
-import ray
-from ray.data import DataContext
+from importlib import metadata
 
 QUIET_ENV = {
     # Attention code runs several times slower with 2 torch threads on 2 cores.
@@ -53,6 +52,9 @@ def quiet_environment(ray_tmp: str = "ray-bench") -> None:
 
 def init_ray(address: str | None = None, object_store_mb: int = 256, quiet: bool = True) -> None:
     """Start (or join, with `address`) Ray once per process, without dashboard, logs kept off the driver."""
+    import ray  # here, not at module top: tools that never start Ray do not pay for importing it
+    from ray.data import DataContext
+
     if ray.is_initialized():
         return
     quiet_environment()
@@ -71,3 +73,28 @@ def init_ray(address: str | None = None, object_store_mb: int = 256, quiet: bool
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.verbose_stats_logs = False
+
+
+VERSIONED = ("torch", "diffusers", "transformers", "ray")
+
+
+def package_versions(names=VERSIONED) -> dict[str, str]:
+    """{"python": ..., package: version} from the installed packages' metadata, without importing them
+    (importing diffusers and transformers alone takes seconds)."""
+    out = {"python": platform.python_version()}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def auto_num_actors(num_images: int, use_gpu: bool) -> int:
+    """`ray.num_actors=auto` (after Ray started): one actor per GPU of the cluster where the backbone runs on
+    GPUs, else one single-threaded actor per CPU; never more actors than images."""
+    import ray
+
+    resources = ray.cluster_resources()
+    slots = int(resources.get("GPU", 0)) if use_gpu else int(resources.get("CPU", 1))
+    return max(1, min(slots, num_images))

@@ -16,7 +16,7 @@ import torch
 from bench.data import require_generation_gt
 from bench.data.base import Sample, SegDataset
 from bench.forward import run_traced
-from bench.metrics import image_histograms
+from bench.metrics import ImageScorer
 from bench.plan import ForwardGroup, Trial, group_trials  # noqa: F401  (re-exported: callers group and evaluate)
 from bench.trace import Trace, TraceRequest
 from methods.base import ClassQuery, Method
@@ -72,9 +72,9 @@ def trace_samples(method: Method, dataset: SegDataset, samples: list[Sample], pa
 @torch.no_grad()
 def evaluate_batch(method: Method, dataset: SegDataset, samples: list[Sample], group: ForwardGroup,
                    req: TraceRequest | None = None, resolution: int = 0,
-                   on_predictions: Callable | None = None) -> tuple[list[np.ndarray], int]:
-    """Histograms (len(samples) x len(group.trials), each (12, C): every metric protocol, see
-    bench.metrics.image_histograms) in sample-major order, and image-passes.
+                   on_predictions: Callable | None = None, protocol: str = "mmseg") -> tuple[list[np.ndarray], int]:
+    """Histograms (len(samples) x len(group.trials), each (8, C): the mmseg and iseg protocols' rows, (12, C)
+    with protocol="hungarian", see bench.metrics.ImageScorer) in sample-major order, and image-passes.
     on_predictions(k, sample, query, prompt, predictions) sees every image's predictions (qualitative figures)."""
     params0 = group.trials[0].params
     batch = trace_samples(method, dataset, samples, params0, group.seed, req or group_request(method, group),
@@ -85,7 +85,8 @@ def evaluate_batch(method: Method, dataset: SegDataset, samples: list[Sample], g
         predictions = method.predict_many(trace, query, configs, tuple(sample.label.shape))
         if on_predictions is not None:
             on_predictions(k, sample, query, prompt, predictions)
-        hists.extend(image_histograms(p.labels.numpy(), sample.label, len(dataset.classes), sample.ignore_index,
-                                      first_class=0 if getattr(dataset, "has_background", True) else 1)
-                     for p in predictions)
+        # the ground truth is read once per image; identical label maps are counted once
+        scorer = ImageScorer(sample.label, len(dataset.classes), sample.ignore_index,
+                             first_class=0 if getattr(dataset, "has_background", True) else 1)
+        hists.extend(scorer.histograms([p.labels.numpy() for p in predictions], hungarian=protocol == "hungarian"))
     return hists, batch.image_passes

@@ -183,3 +183,76 @@ def seen_unseen(metrics: dict[str, float], classes: list[str], seen: list[bool])
     s, u = mean(True), mean(False)
     h = 2 * s * u / (s + u) if np.isfinite(s) and np.isfinite(u) and s + u > 0 else float("nan")
     return {"mIoU/seen": s, "mIoU/unseen": u, "hIoU": h}
+
+
+class ImageScorer:
+    """Histograms of many predictions of one image: the ground truth is read once, every prediction costs one
+    bincount of a joint (label, prediction) code, and identical label maps are counted once.
+
+    Equal to `image_histograms` for each prediction: the joint counts J[l, p] over label codes (0..C-1, C = any
+    other value but the ignore index, C + 1 = ignored) and prediction codes (0..C-1, C = out of range) give
+    both protocols' rows (mmseg: every label code but the ignored one; iseg: label codes 0..C-1)."""
+
+    def __init__(self, label: np.ndarray, num_classes: int, ignore_index: int = IGNORE_INDEX, first_class: int = 0):
+        label = np.asarray(label).ravel().astype(np.int64)
+        c = self.num_classes = num_classes
+        self.label, self.ignore_index, self.first_class = label, ignore_index, first_class
+        in_range = (label >= 0) & (label < c)
+        code = np.where(in_range, label, np.where(label == ignore_index, c + 1, c))
+        self.size = label.size
+        self._base = code * (c + 1)  # the label part of the joint code
+        values = np.unique(np.where(label == ignore_index, 0, label))
+        self._iseg_skipped = len(values) <= 1  # see intersect_and_union (iSeg test_step)
+
+    def joint_counts(self, preds: np.ndarray) -> np.ndarray:
+        """(K, P) predictions -> (K, C + 2, C + 1) joint counts, in one bincount."""
+        c = self.num_classes
+        preds = np.asarray(preds).reshape(len(preds), -1)
+        if preds.shape[1] != self.size:
+            raise ValueError(f"prediction has {preds.shape[1]} pixels, label {self.size}")
+        if len(preds) and (preds.min() < 0 or preds.max() >= c):
+            preds = np.where((preds >= 0) & (preds < c), preds, c)
+        cells = (c + 2) * (c + 1)
+        codes = preds + self._base + (np.arange(len(preds), dtype=np.int64) * cells)[:, None]
+        return np.bincount(codes.ravel(), minlength=len(preds) * cells).reshape(len(preds), c + 2, c + 1)
+
+    def histograms(self, preds: list[np.ndarray], hungarian: bool = False) -> np.ndarray:
+        """(K, 8, C) int64 (mmseg, iseg rows) of each prediction, (K, 12, C) with `hungarian` (its matching costs
+        a linear assignment per distinct label map: asked for only when that protocol is scored); identical
+        label maps are counted once."""
+        c = self.num_classes
+        rows = 3 * ROWS if hungarian else 2 * ROWS
+        if not preds:
+            return np.zeros((0, rows, c), dtype=np.int64)
+        first, distinct = {}, []
+        index = []
+        for pred in preds:
+            pred = np.ascontiguousarray(pred, dtype=np.int64)
+            key = (pred.shape, hash(pred.tobytes()))
+            if key not in first or not np.array_equal(distinct[first[key]], pred):
+                first[key] = len(distinct)
+                distinct.append(pred)
+            index.append(first[key])
+        joint = self.joint_counts(np.stack(distinct))
+        classes = np.arange(c)
+        area_i = joint[:, classes, classes]
+        area_l = joint[:, :c, :].sum(2)
+        pred_mmseg = joint[:, :c + 1, :c].sum(1)
+        pred_iseg = joint[:, :c, :c].sum(1)
+        mmseg = np.stack([area_i, pred_mmseg + area_l - area_i, pred_mmseg, area_l], 1)
+        iseg = np.stack([area_i, pred_iseg + area_l - area_i, pred_iseg, area_l], 1)
+        if self._iseg_skipped:
+            iseg = np.zeros_like(iseg)
+        parts = [mmseg, iseg]
+        if hungarian:
+            parts.append(np.stack([self._hungarian(pred, joint[k]) for k, pred in enumerate(distinct)]))
+        out = np.concatenate(parts, 1).astype(np.int64)
+        if self.first_class:
+            out[:, :, :self.first_class] = 0
+        return out[index]
+
+    def _hungarian(self, pred: np.ndarray, joint: np.ndarray) -> np.ndarray:
+        c = self.num_classes
+        if pred.min(initial=0) < 0 or pred.max(initial=0) >= c:  # segments beyond the class ids: count them apart
+            return hungarian_histograms(pred, self.label, c, self.ignore_index, self.first_class)
+        return hungarian_rows(joint[:c, :c], self.first_class)

@@ -17,7 +17,6 @@ import json
 from dataclasses import dataclass, field
 
 import numpy as np
-from ray import tune
 
 from bench.config import SweepConfig, space_kind, train_data_config
 from methods import METHODS
@@ -62,8 +61,12 @@ class Plan:
 
 
 # -- search space ------------------------------------------------------------------------------------------------
-_SAMPLERS = {"choice": lambda v: tune.choice(v), "uniform": lambda v: tune.uniform(*v),
-             "loguniform": lambda v: tune.loguniform(*v), "randint": lambda v: tune.randint(v[0], v[1] + 1)}
+def sampler(kind: str, values: list):
+    """Ray Tune's sampler of a non-grid sweep entry (imported when a sweep has one: ray.tune takes a second)."""
+    from ray import tune
+
+    return {"choice": lambda v: tune.choice(v), "uniform": lambda v: tune.uniform(*v),
+            "loguniform": lambda v: tune.loguniform(*v), "randint": lambda v: tune.randint(v[0], v[1] + 1)}[kind](values)
 
 
 def expand_trials(cfg: SweepConfig) -> list[Trial]:
@@ -77,7 +80,7 @@ def expand_trials(cfg: SweepConfig) -> list[Trial]:
         if kind == "grid":
             grid[name] = values
         else:
-            random[name] = _SAMPLERS[kind](values)
+            random[name] = sampler(kind, values)
     rng = np.random.default_rng(cfg.search_seed)
     trials: list[Trial] = []
     samples = int(cfg.num_samples) if random else 1

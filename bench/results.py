@@ -27,7 +27,6 @@ import yaml
 
 from bench.atomic import write_text
 from bench.metrics import seen_unseen
-from bench.stats import bootstrap_intervals
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 3
@@ -49,14 +48,9 @@ def git_sha() -> str:
 
 
 def versions() -> dict[str, str]:
-    # imported here: reports import this module and need none of these (torch alone takes seconds)
-    import diffusers
-    import ray
-    import torch
-    import transformers
+    from bench.env import package_versions  # package metadata: nothing is imported (diffusers alone takes seconds)
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "ray": ray.__version__}
+    return package_versions()
 
 
 def devices() -> list[str]:
@@ -113,6 +107,8 @@ def paper_value(cfg: dict, swept: dict) -> float:
 def results_frame(cfg: dict, rows: list[dict], stats: dict) -> pd.DataFrame:
     """One row per (configuration, seed). With per-image histograms, 95% bootstrap intervals over images
     (`<metric>_ci_low/_ci_high` for mIoU, mAcc, aAcc); with the paper's values, `paper_<metric>`."""
+    from bench.stats import bootstrap_intervals  # scipy: imported when results are written, not by the engine
+
     frame = pd.DataFrame(rows)
     per_image = stats.get("per_image")
     if per_image is not None and len(frame):
@@ -136,6 +132,7 @@ def results_frame(cfg: dict, rows: list[dict], stats: dict) -> pd.DataFrame:
 
 def _seen_unseen(cfg: dict, frame: pd.DataFrame, rows: list[dict], per_image, unseen: list[str]) -> None:
     """mIoU over seen and over unseen classes (report.unseen), with bootstrap intervals over images."""
+    from bench.stats import bootstrap_intervals  # scipy: imported when results are written
     classes = [c[len("IoU/"):] for c in frame.columns if c.startswith("IoU/")]
     draws, protocol = int(cfg["report"]["bootstrap"]), cfg["metric"]["protocol"]
     seen = [c not in unseen for c in classes]

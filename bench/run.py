@@ -27,7 +27,6 @@ from bench.config import SweepConfig, compose  # noqa: E402
 from bench.engine import run_engine  # noqa: E402
 from bench.errors import BenchError, RunFailed, cli_exit  # noqa: E402
 from bench.preflight import preflight  # noqa: E402
-from bench.reporting import write_report  # noqa: E402
 from bench.results import write_run  # noqa: E402
 from bench.rundir import WORK, Claim, claim, has_progress, scored_images, unique_default_dir  # noqa: E402
 
@@ -71,6 +70,8 @@ def _run_claimed(cfg: SweepConfig, plan, held: Claim, final: Path, resume: str) 
         stats["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         data = cfg.as_dict()
         frame, provenance = write_run(data, rows, stats, work)
+        from bench.reporting import write_report  # matplotlib and scipy: imported once there is a report to write
+
         write_report(work, data, frame, provenance)
     except KeyboardInterrupt:
         held.finish_invocation()

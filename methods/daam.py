@@ -73,16 +73,22 @@ class DAAM(AutoTokens, Method):
         if not query.ids:
             return [empty_prediction(out_size) for _ in cfgs]
         cache: dict[tuple, torch.Tensor] = {}
+        normalised: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         out = []
         for cfg in cfgs:  # the heat maps depend only on blocks, tokens and attribution: share them
             key = (cfg["blocks"], cfg["tokens"], cfg["attribution"])
             if key not in cache:
                 cache[key] = self.heatmaps(trace, query, cfg)
-            raw = cache[key]
-            if cfg.get("resize", "code") == "code":
-                raw = resize_maps(raw, out_size, mode="bicubic")
-            scores = expand_norm(raw) if cfg["norm"] == "minmax" else maxnorm(raw.clamp_min(0))
-            out.append(Prediction(scores, labels_from_threshold(scores, query.ids, out_size, cfg["tau"])))
+            # resized and normalised once per (maps, resize, norm); only tau differs between the rest
+            norm_key = (key, cfg.get("resize", "code"), cfg["norm"])
+            if norm_key not in normalised:
+                raw = cache[key]
+                if norm_key[1] == "code":
+                    raw = resize_maps(raw, out_size, mode="bicubic")
+                scores = expand_norm(raw) if cfg["norm"] == "minmax" else maxnorm(raw.clamp_min(0))
+                normalised[norm_key] = scores, resize_maps(scores, out_size)
+            scores, upsampled = normalised[norm_key]
+            out.append(Prediction(scores, labels_from_threshold(upsampled, query.ids, out_size, cfg["tau"])))
         return out
 
 

@@ -39,7 +39,7 @@ from bench.models.layers import layer_map
 from bench.trace import Trace, TraceRequest, request
 from methods.base import ClassQuery, Method, Param, Prediction, register_method
 from methods.attribution import AttributionSource, token_indices
-from methods.maps import labels_from_scores, minmax, resize_maps
+from methods.maps import labels_from_scores_many, minmax, resize_maps
 
 # Layers by role (bench.models.layers), named as the paper names them on SD at 512 px. Table 6(a): decoder
 # cross-attention at "16" (rank 0: the coarsest decoder attention level, up_blocks.1 on SD) and "32" (rank 1,
@@ -392,20 +392,30 @@ class ISeg(Method):
             for i in members:
                 lam = cfgs[i]["lambda"]
                 by_ent.setdefault((lam, "code" if code else cfgs[i].get("ent_scale", "row_max")), []).append(i)
+            maps: dict[int, torch.Tensor] = {}
             for (lam, scale), same in by_ent.items():
                 attn_ent = ent_self_code(attn, lam) if scale == "code" else ent_self(attn, lam, scale)
+                # one chain of products per A_ent, every requested N read off it
                 refined = refine_steps(attn_ent, cross, [cfgs[i]["iterations"] for i in same])
-                for i in same:
-                    results[i] = self._prediction(refined[cfgs[i]["iterations"]], size, trace, query, cfgs[i],
-                                                  out_size)
+                maps.update({i: refined[cfgs[i]["iterations"]].T.reshape(-1, *size) for i in same})
+            by_resize: dict[str, list[int]] = {}
+            for i in members:
+                by_resize.setdefault(cfgs[i].get("resize", "code"), []).append(i)
+            for resize, same in by_resize.items():
+                for i, pred in zip(same, self._predictions(torch.stack([maps[i] for i in same]), resize, trace,
+                                                           query, [cfgs[i] for i in same], out_size)):
+                    results[i] = pred
         return results
 
-    def _prediction(self, maps: torch.Tensor, size, trace, query, cfg, out_size) -> Prediction:
-        maps = maps.T.reshape(-1, *size)
-        if cfg.get("resize", "code") == "code":
-            scores = release_upsample(maps, self.traced_image_size(trace), out_size)
+    def _predictions(self, maps: torch.Tensor, resize: str, trace, query, cfgs, out_size) -> list[Prediction]:
+        """Final maps and labels of N configurations (N, K, h, w), upsampled and labelled in one call each."""
+        n, k = maps.shape[:2]
+        flat = maps.reshape(n * k, *maps.shape[2:])
+        if resize == "code":
+            scores = release_upsample(flat, self.traced_image_size(trace), out_size)
         else:
-            scores = minmax(maps)
-        labels = labels_from_scores(scores, query.ids, out_size, cfg["background"], cfg["bg_power"],
-                                    cfg["bg_threshold"])
-        return Prediction(scores, labels)
+            scores = minmax(flat)
+        scores = scores.reshape(n, k, *scores.shape[1:])
+        labels = labels_from_scores_many(scores, query.ids, out_size,
+                                         [(c["background"], c["bg_power"], c["bg_threshold"]) for c in cfgs])
+        return [Prediction(scores[j], labels[j]) for j in range(n)]

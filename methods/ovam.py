@@ -153,7 +153,9 @@ class OVAM(AutoTokens, Method):
             tau, alpha = self.thresholds(cfg)
             code = cfg.get("binarise", "paper") == "code"
             size = out_size if code else trace.latent_size  # the release binarises at the image size
-            heat = resize_maps(heat_cache[key], size) if code else heat_cache[key]
+            if code and (key, size) not in heat_cache:  # resized once per heat map
+                heat_cache[(key, size)] = resize_maps(heat_cache[key], size)
+            heat = heat_cache[(key, size)] if code else heat_cache[key]
             a_alpha = None
             if cfg["refine"]:
                 if size not in received:

@@ -146,3 +146,23 @@ def test_results_report_seen_unseen_and_their_harmonic_mean():
     assert frame.loc[0, "mIoU_seen"] == pytest.approx(70.0)
     assert frame.loc[0, "mIoU_unseen"] == pytest.approx(20.0)
     assert frame.loc[0, "hIoU"] == pytest.approx(2 * 70 * 20 / 90)
+
+
+def test_image_scorer_hungarian_rows_equal_the_protocol_function():
+    """The shared-forward scorer derives the hungarian rows from its joint counts: equal to
+    hungarian_histograms per prediction, with and without a background slot, and for segment ids beyond the
+    classes (counted apart)."""
+    from bench.metrics import ImageScorer, hungarian_histograms
+
+    rng = np.random.default_rng(0)
+    label = rng.integers(0, 5, (16, 16))
+    label[0, :4] = 255
+    preds = [rng.integers(0, 5, (16, 16)), np.roll(label, 1, 0).clip(0, 4), rng.integers(0, 9, (16, 16))]
+    for first in (0, 1):
+        rows = ImageScorer(label, 5, 255, first_class=first).histograms(preds, hungarian=True)
+        assert rows.shape == (3, 12, 5)
+        for k, pred in enumerate(preds):
+            want = hungarian_histograms(pred, label, 5, 255, first)
+            want[:, :first] = 0
+            np.testing.assert_array_equal(rows[k, 8:], want)
+    assert ImageScorer(label, 5, 255).histograms(preds).shape == (3, 8, 5)

@@ -127,17 +127,32 @@ def _check_option(key: str, value, default) -> None:
 
 def build_dataset(cfg: dict) -> SegDataset:
     _, builder = DATASETS.get(cfg.get("name"))
+    options = dataset_options(cfg)
     try:
-        dataset = builder(dataset_options(cfg))
+        dataset = builder(options)
     except ValueError as err:  # a builder's own consistency check (e.g. shapes min_objects <= max_objects)
         raise BenchError(f"data ({cfg.get('name')}): {err}; fix the data options") from None
     limit = cfg.get("limit")
     if limit is not None:
         _check_option("limit", limit, 1)
+        if int(limit) > len(dataset):
+            dataset = _grown(cfg, options, builder, int(limit), len(dataset))
         dataset = Subset(dataset, int(limit))
     if len(dataset) == 0:
         raise BenchError(f"dataset {cfg.get('name')} has no images; check data.root and data.split")
     return dataset
+
+
+def _grown(cfg: dict, options: dict, builder, limit: int, size: int) -> SegDataset:
+    """data.limit beyond the dataset: a generated dataset whose size the user left to its default grows to the
+    limit (any prefix of it is the same images); otherwise the run is refused, never silently capped."""
+    name = cfg.get("name")
+    if "num_images" in options and cfg.get("num_images") is None:
+        dataset = builder({**options, "num_images": limit})
+        if len(dataset) >= limit:
+            return dataset
+    fix = f"data.num_images={limit} or " if "num_images" in options else ""
+    raise BenchError(f"data.limit={limit} but dataset {name} has only {size} images; use {fix}data.limit<={size}")
 
 
 def generation_gt(dataset: SegDataset) -> str | None:

@@ -65,6 +65,12 @@ def provenance_pairs(run: RunData) -> list[tuple[str, str]]:
         ("platform", str(prov.get("platform", "–"))),
         ("finished", str(prov.get("finished", "–"))),
     ]
+    search = prov.get("search")
+    if search:  # adaptive search (bench.search): every row is a searched configuration
+        pairs.insert(11, ("search", f"{search.get('algo')} with ASHA over images (grace {search.get('grace_images')}, "
+                                    f"reduction factor {search.get('reduction_factor')}): {prov.get('num_trials')} "
+                                    f"configurations searched, {search.get('pairs_scored')} (configuration × image) "
+                                    f"pairs scored; each row's metrics cover its images_scored images"))
     if run.path is not None:
         # While the engine writes the report the run still lives under <run>.partial; name the final place.
         final = run.cfg.get("output_dir") if run.path.name.endswith(".partial") else None

@@ -20,7 +20,6 @@ from bench.evaluate import evaluate_batch, group_request
 from bench.faults import TraceFault, maybe_exit, trace_fault
 from bench.models import load_backbone
 from bench.plan import ForwardGroup
-from bench.reporting.qualitative import save_qualitative
 from methods import METHODS
 
 log = logging.getLogger(__name__)
@@ -42,6 +41,7 @@ class SweepWorker:
             self.method.load_fit(key, load_safetensors(blob))
         self.groups = groups
         self.resolution = int(cfg.model.resolution or 0)
+        self.protocol = cfg.metric.protocol
         self.qualitative_dir = Path(qualitative_dir) if qualitative_dir else None
         self.qualitative_images = int(cfg.report.qualitative)
         self.requests = [group_request(self.method, g) for g in groups]
@@ -54,7 +54,8 @@ class SweepWorker:
         rows = {"index": [], "group": [], "trial": [], "hist": [], "passes": []}
         for g, (group, req) in enumerate(zip(self.groups, self.requests)):
             keep = self._qualitative_saver(indices, g, group)
-            hists, passes = evaluate_batch(self.method, self.dataset, samples, group, req, self.resolution, keep)
+            hists, passes = evaluate_batch(self.method, self.dataset, samples, group, req, self.resolution, keep,
+                                          self.protocol)
             per_image = passes // len(samples)
             for k, hist in enumerate(hists):
                 rows["index"].append(indices[k // len(group.trials)])
@@ -72,6 +73,8 @@ class SweepWorker:
             return None
         if not self.qualitative_dir.parent.is_dir():  # the driver removed the run: never re-create it
             return None
+        # imported only where a figure is kept: the reporting package (pandas, scipy) is not an actor's concern
+        from bench.reporting.qualitative import save_qualitative
 
         def keep(k, sample, query, prompt, predictions):
             if indices[k] < self.qualitative_images:
