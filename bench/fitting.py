@@ -81,6 +81,17 @@ class FitContext:
         """(steps done, state) of the last checkpoint of this train setting, or None to start afresh."""
         return None
 
+    def resume(self, **stateful) -> int:
+        """Load the last checkpoint's `state[name]` into each named object (model=, optimizer=, scheduler=: all
+        with load_state_dict); the number of steps already done (0 when starting afresh)."""
+        restored = self.restore()
+        if restored is None:
+            return 0
+        start, state = restored
+        for name, obj in stateful.items():
+            obj.load_state_dict(state[name])
+        return start
+
 
 class LocalFitContext(FitContext):
     """One process, no Ray. Checkpoints stay in memory (`checkpoints`); `resume_from` replays one, and

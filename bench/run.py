@@ -119,15 +119,22 @@ def _one_line(err: BaseException, work: Path, resume: str) -> BenchError:
 def root_cause(err: BaseException) -> BaseException:
     """The exception a Ray task or actor raised, unwrapped from Ray's and Ray Data's wrappers (RayTaskError
     keeps it as `.cause`, UserCodeException as `__cause__`); a BenchError anywhere in the chain wins."""
+    chain = cause_chain(err)
+    for item in chain:
+        if isinstance(item, BenchError):
+            return item
+    return chain[-1]
+
+
+def cause_chain(err: BaseException) -> list[BaseException]:
+    """`err` and what caused it, outermost first (RayTaskError keeps the cause as `.cause`, others as
+    `__cause__`); cycles and runaway chains stop at 20."""
     chain, seen = [], set()
     while err is not None and id(err) not in seen and len(chain) < 20:
         seen.add(id(err))
         chain.append(err)
         err = getattr(err, "cause", None) or err.__cause__
-    for item in chain:
-        if isinstance(item, BenchError):
-            return item
-    return chain[-1]
+    return chain
 
 
 CHAINED = "The above exception was the direct cause of the following exception:"
@@ -137,12 +144,7 @@ EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt
 def remote_original(err: BaseException) -> tuple[str, str] | None:
     """(exception type, message) of the exception a Ray Data worker raised, read from Ray's wrapper text (Ray
     Data's UserCodeException keeps the original only as the formatted traceback), or None."""
-    chain, seen = [], set()
-    while err is not None and id(err) not in seen and len(chain) < 20:
-        seen.add(id(err))
-        chain.append(err)
-        err = getattr(err, "cause", None) or err.__cause__
-    for item in chain:
+    for item in cause_chain(err):
         if not type(item).__module__.startswith("ray"):
             continue
         text = str(item)
@@ -166,15 +168,22 @@ def first_line(err: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return sweep_command(argv, __doc__, "python -m bench.run SWEEP.yaml [key=value ...]   (e.g. data.limit=8 "
+                         "output_dir=runs/x)", run)
+
+
+def sweep_command(argv: list[str] | None, doc: str, usage: str, work) -> int:
+    """The shell of a `SWEEP.yaml [key=value ...]` command (bench.run, bench.synthesize): logging set up once,
+    -h / no arguments print the usage, `work(sweep, overrides)` runs under cli_exit (one-line errors, exit 2)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.strip().splitlines()[0])
-        print("usage: python -m bench.run SWEEP.yaml [key=value ...]   (e.g. data.limit=8 output_dir=runs/x)")
+        print(doc.strip().splitlines()[0])
+        print(f"usage: {usage}")
         return 0 if argv else 2
-    return cli_exit(lambda: run(argv[0], argv[1:]))
+    return cli_exit(lambda: work(argv[0], argv[1:]))
 
 
 if __name__ == "__main__":

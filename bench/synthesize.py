@@ -31,7 +31,7 @@ import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench.env import NOISY_LOGGERS, quiet_environment
+from bench.env import quiet_environment
 
 quiet_environment()  # before torch is imported below
 
@@ -43,7 +43,7 @@ from tqdm import tqdm  # noqa: E402
 from bench.config import SweepConfig, compose  # noqa: E402
 from bench.data import build_dataset, generation_gt  # noqa: E402
 from bench.data.base import IGNORE_INDEX  # noqa: E402
-from bench.errors import BenchError, cli_exit  # noqa: E402
+from bench.errors import BenchError  # noqa: E402
 from bench.metrics import image_histograms, summarize  # noqa: E402
 from bench.preflight import preflight  # noqa: E402
 from bench.results import config_hash  # noqa: E402
@@ -318,16 +318,10 @@ def dataset_card(cfg: SweepConfig, params, dataset, records: list[dict], seconds
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in NOISY_LOGGERS:
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.strip().splitlines()[0])
-        print("usage: python -m bench.synthesize SWEEP.yaml [key=value ...]   (e.g. data.seeds_per_class=4 "
-              "output_dir=synthetic/x)")
-        return 0 if argv else 2
-    return cli_exit(lambda: synthesize(argv[0], argv[1:]))
+    from bench.run import sweep_command
+
+    return sweep_command(argv, __doc__, "python -m bench.synthesize SWEEP.yaml [key=value ...]   "
+                         "(e.g. data.seeds_per_class=4 output_dir=synthetic/x)", synthesize)
 
 
 if __name__ == "__main__":

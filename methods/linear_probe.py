@@ -87,12 +87,7 @@ class LinearProbe(Method):
         torch.nn.init.zeros_(probe.bias)
         model = ctx.prepare(probe)
         opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
-        start = 0
-        restored = ctx.restore()
-        if restored is not None:
-            start, state = restored
-            probe.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
+        start = ctx.resume(model=probe, optimizer=opt)
         ctx.start(cfg["epochs"])
         for epoch in range(start, cfg["epochs"]):
             opt.zero_grad()

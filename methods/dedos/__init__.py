@@ -261,13 +261,7 @@ class Dedos(Method):
         trained = ctx.prepare(model)
         opt = torch.optim.AdamW(groups, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg["train_steps"]))
-        start = 0
-        restored = ctx.restore()
-        if restored is not None:
-            start, state = restored
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
+        start = ctx.resume(model=model, optimizer=opt, scheduler=sched)
         indices = ctx.shard(list(range(len(dataset))))
         cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         mask_size = tuple(4 * g for g in model.grid)
