@@ -361,8 +361,6 @@ def validate(cfg: SweepConfig) -> None:
         if value < low:
             raise BenchError(f"{name}={value} must be >= {low}")
     if cfg.search.algo is not None:
-        from bench.search import check_searchable
-
         check_searchable(cfg)
     paper = cfg.paper
     if paper and paper.get("param") and paper["param"] not in cfg.sweep:
@@ -387,3 +385,27 @@ def train_data_config(cfg: SweepConfig) -> dict:
     """The dataset a fit learns from: the evaluated dataset's options with the training split, all images."""
     return {**cfg.data, "split": cfg.train.split, "limit": None}
 
+
+SEARCH_ALGOS = ("optuna", "hyperopt", "random")  # bench.search's Ray Tune search algorithms
+
+
+def check_searchable(cfg: SweepConfig) -> None:
+    """Before Ray starts: the algorithm exists and every searched parameter is a post-processing one
+    (bench.search runs it)."""
+    algo = cfg.search.algo
+    if algo not in SEARCH_ALGOS:
+        raise BenchError(f"search.algo={algo!r} is not one of {', '.join(SEARCH_ALGOS)}")
+    if algo in ("optuna", "hyperopt"):
+        try:
+            __import__(algo)
+        except ImportError:
+            raise BenchError(f"search.algo={algo} needs the {algo} package; pip install {algo}") from None
+    params = METHODS.get(cfg.method).all_params()
+    for name in cfg.sweep:
+        if params[name].kind != "post":
+            raise BenchError(f"search covers post-processing parameters only; {name} is a {params[name].kind} "
+                             f"parameter: fix it in params or run the grid without search")
+    if len(cfg.seeds) != 1:
+        raise BenchError("search runs on one forward setting; give one seed (seeds: [0])")
+    if cfg.search.num_samples < 1 or cfg.search.grace_images < 1 or cfg.search.reduction_factor < 2:
+        raise BenchError("search needs num_samples >= 1, grace_images >= 1 and reduction_factor >= 2")

@@ -30,13 +30,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bench.config import SweepConfig, space_kind
-from bench.errors import BenchError
 from bench.metrics import ImageScorer, summarize
 from bench.trace import Trace
 from methods.base import ClassQuery
 
 log = logging.getLogger(__name__)
-ALGOS = ("optuna", "hyperopt", "random")
 CACHE = "trace_cache"
 TRIALS = "search_trials"  # per-trial per-image histograms, written before each report
 KINDS = ("cross", "self_attn", "queries")
@@ -103,29 +101,6 @@ def search_space(cfg: SweepConfig) -> dict:
               "loguniform": lambda v: tune.loguniform(*v), "randint": lambda v: tune.randint(v[0], v[1] + 1)}
     return {name: makers[kind](values) for name, (kind, values) in
             ((n, space_kind(n, s)) for n, s in cfg.sweep.items())}
-
-
-def check_searchable(cfg: SweepConfig) -> None:
-    """Before Ray starts: the algorithm exists and every searched parameter is a post-processing one."""
-    from methods import METHODS
-
-    algo = cfg.search.algo
-    if algo not in ALGOS:
-        raise BenchError(f"search.algo={algo!r} is not one of {', '.join(ALGOS)}")
-    if algo in ("optuna", "hyperopt"):
-        try:
-            __import__(algo)
-        except ImportError:
-            raise BenchError(f"search.algo={algo} needs the {algo} package; pip install {algo}") from None
-    params = METHODS.get(cfg.method).all_params()
-    for name in cfg.sweep:
-        if params[name].kind != "post":
-            raise BenchError(f"search covers post-processing parameters only; {name} is a {params[name].kind} "
-                             f"parameter: fix it in params or run the grid without search")
-    if len(cfg.seeds) != 1:
-        raise BenchError("search runs on one forward setting; give one seed (seeds: [0])")
-    if cfg.search.num_samples < 1 or cfg.search.grace_images < 1 or cfg.search.reduction_factor < 2:
-        raise BenchError("search needs num_samples >= 1, grace_images >= 1 and reduction_factor >= 2")
 
 
 def searcher(algo: str, seed: int):
