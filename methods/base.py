@@ -338,7 +338,11 @@ class Method:
 
     # -- post-processing ---------------------------------------------------------------------------------------
     def predict(self, trace: Trace, query: ClassQuery, cfg: Mapping, out_size: tuple[int, int]) -> Prediction:
-        raise NotImplementedError
+        """One configuration. A method that shares work across configurations overrides only `predict_many`,
+        and this is its first entry; otherwise override this."""
+        if type(self).predict_many is Method.predict_many:
+            raise NotImplementedError(f"{type(self).__name__} must override predict or predict_many")
+        return self.predict_many(trace, query, [cfg], out_size)[0]
 
     def predict_many(self, trace: Trace, query: ClassQuery, cfgs: list[Mapping],
                      out_size: tuple[int, int]) -> list[Prediction]:

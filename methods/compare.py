@@ -107,9 +107,6 @@ class Compare(Method):
     def prompt(self, query: ClassQuery, caption: str | None, cfg: Mapping) -> str:
         return build_prompt(query, caption, cfg)
 
-    def predict(self, trace, query, cfg, out_size):
-        return self.predict_many(trace, query, [cfg], out_size)[0]
-
     def predict_many(self, trace, query, cfgs, out_size):
         results = [None] * len(cfgs)
         by_method: dict[str, list[int]] = {}

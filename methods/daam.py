@@ -66,9 +66,6 @@ class DAAM(AutoTokens, Method):
             out.append(aggregate_daam(per_layer, trace.latent_size).mean(0))
         return torch.stack(out)
 
-    def predict(self, trace: Trace, query: ClassQuery, cfg: dict, out_size: tuple[int, int]) -> Prediction:
-        return self.predict_many(trace, query, [cfg], out_size)[0]
-
     def predict_many(self, trace, query, cfgs, out_size):
         if not query.ids:
             return [empty_prediction(out_size) for _ in cfgs]

@@ -356,9 +356,6 @@ class ISeg(Method):
             return trace.cross[layer][..., idx].movedim(-1, 0)
         return source.class_maps(trace, layer, name)[None]
 
-    def predict(self, trace: Trace, query: ClassQuery, cfg: dict, out_size: tuple[int, int]) -> Prediction:
-        return self.predict_many(trace, query, [cfg], out_size)[0]
-
     def traced_image_size(self, trace: Trace) -> tuple[int, int]:
         """The image size the UNet saw (the release's test_mask_size): latent size x the VAE's factor."""
         vae = getattr(self.backbone, "vae", None)

@@ -107,9 +107,6 @@ class LinearProbe(Method):
         logits = torch.einsum("klhw,l->khw", f, fitted["weight"][0].float()) + fitted["bias"].float()
         return torch.sigmoid(logits)
 
-    def predict(self, trace: Trace, query: ClassQuery, cfg: Mapping, out_size: tuple[int, int]) -> Prediction:
-        return self.predict_many(trace, query, [cfg], out_size)[0]
-
     def predict_many(self, trace, query, cfgs, out_size):
         if not query.ids:
             return [empty_prediction(out_size) for _ in cfgs]

@@ -137,9 +137,6 @@ class OVAM(AutoTokens, Method):
             maps = source.layer_maps(trace, layers, query.names, steps=steps)
         return aggregate_sum(maps, trace.latent_size)
 
-    def predict(self, trace: Trace, query: ClassQuery, cfg: dict, out_size: tuple[int, int]) -> Prediction:
-        return self.predict_many(trace, query, [cfg], out_size)[0]
-
     def predict_many(self, trace, query, cfgs, out_size):
         if not query.ids:
             return [empty_prediction(out_size) for _ in cfgs]
