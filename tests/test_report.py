@@ -307,3 +307,25 @@ def test_a_run_of_a_newer_schema_is_refused(tmp_path):
     old = make_run_dir(tmp_path / "old", cfg, make_frame({0: [70.0], 0.01: [72.5], 0.1: [71.0]}),
                        {k: v for k, v in make_prov(cfg).items() if k != "schema_version"})
     assert load_run(old).prov.get("schema_version") is None  # runs from before schema versions still load
+
+
+def test_qualitative_keeps_class_ids_past_255(tmp_path):
+    """459/847-class layouts label with uint16 and ignore 65535: the saved maps keep ids > 255 (a uint8 cast
+    would wrap id 300 to 44) and the figure treats 65535 as ignored."""
+    from bench.reporting.qualitative import colorize, load_qualitative
+    names = [f"class{i}" for i in range(460)]
+
+    class Sample:
+        image_id, image, ignore_index = "wide", np.zeros((16, 16, 3), np.uint8), 65535
+        label = np.full((16, 16), 300, np.uint16)
+        label[0, :] = 65535
+
+    class Pred:
+        scores = np.zeros((1, 4, 4), np.float32)
+        labels = np.full((16, 16), 458, np.int64)
+
+    save_qualitative(tmp_path / "qualitative", Sample(), names, ["t0000"], [Pred()], query_ids=[300], seed=0)
+    (q,) = load_qualitative(tmp_path)
+    assert q.ignore_index == 65535 and int(q.label[5, 5]) == 300 and int(q.entries[("t0000", 0)][2][0, 0]) == 458
+    rgb = colorize(q.label, len(names), q.ignore_index)
+    assert (rgb[0] == 255).all() and not (rgb[5, 5] == 255).all()

@@ -5,14 +5,15 @@ File format, written by the engine through `save_qualitative` for the first `rep
 write the same file), plain arrays, no pickles:
     image_id         0-d str        the dataset's image id
     image            (H, W, 3) uint8 RGB as fed to the method
-    label            (H, W) uint8   ground truth, 255 = ignored
+    label            (H, W) uint8   ground truth (uint16 when the dataset has more than 255 classes)
+    ignore_index     0-d int64      the label value that is not evaluated (255, or 65535 for uint16 layouts)
     class_names      (C,) str       the dataset's classes, index = class id
     prompt           0-d str        the prompt of this forward group ("" if none)
     seed             0-d int64      the group's noise seed
     trials           (K,) str       trial ids (rows of results.parquet) of the group's configurations
     score_class_ids  (S,) int64     the class id of each score channel (the classes queried for this image)
     scores           (K, S, h, w) float16 per-class score maps in [0, 1]
-    preds            (K, H, W) uint8 predicted label maps (class ids)
+    preds            (K, H, W) uint8 predicted label maps (class ids; uint16 like label)
 """
 
 from __future__ import annotations
@@ -52,10 +53,14 @@ def save_qualitative(directory: str | Path, sample, class_names: list[str], tria
     shape = max((s.shape for s in scores), key=lambda t: t[-1] * t[-2]) if scores else (0, 1, 1)
     scores = np.stack([s if s.shape == shape else _resize_scores(s, shape) for s in scores]) if scores \
         else np.zeros((0, 0, 1, 1), np.float16)
-    preds = np.stack([_numpy(p.labels).astype(np.uint8) for p in predictions]) if predictions \
-        else np.zeros((0, *np.shape(sample.label)), np.uint8)
+    # 459/847-class layouts label with uint16 and ignore 65535: a uint8 cast would wrap their ids
+    ignore = int(getattr(sample, "ignore_index", 255))
+    dtype = np.uint8 if len(class_names) <= 255 and ignore == 255 else np.uint16
+    preds = np.stack([_numpy(p.labels).astype(dtype) for p in predictions]) if predictions \
+        else np.zeros((0, *np.shape(sample.label)), dtype)
     arrays = {"image_id": np.array(str(sample.image_id)), "image": np.asarray(sample.image, dtype=np.uint8),
-              "label": np.asarray(sample.label, dtype=np.uint8), "class_names": np.array([str(c) for c in class_names]),
+              "label": np.asarray(sample.label).astype(dtype), "ignore_index": np.array(ignore, dtype=np.int64),
+              "class_names": np.array([str(c) for c in class_names]),
               "prompt": np.array(str(prompt or "")), "seed": np.array(int(seed), dtype=np.int64),
               "trials": np.array([str(t) for t in trials]), "score_class_ids": np.array(query_ids, dtype=np.int64),
               "scores": scores, "preds": preds}
@@ -82,6 +87,7 @@ class QualImage:
     image: np.ndarray
     label: np.ndarray
     class_names: list[str]
+    ignore_index: int = 255
     prompts: dict = field(default_factory=dict)  # (trial, seed) -> prompt
     entries: dict = field(default_factory=dict)  # (trial, seed) -> (scores (S,h,w), class ids (S,), pred (H,W))
 
@@ -97,7 +103,9 @@ def load_qualitative(run_dir: str | Path) -> list[QualImage]:
         except Exception:  # noqa: BLE001 - a figure is not worth failing a report for
             continue
         image_id = str(d["image_id"])
-        q = images.setdefault(image_id, QualImage(image_id, d["image"], d["label"], [str(c) for c in d["class_names"]]))
+        ignore = int(d["ignore_index"]) if "ignore_index" in d else 255  # files written before it was recorded
+        q = images.setdefault(image_id, QualImage(image_id, d["image"], d["label"], [str(c) for c in d["class_names"]],
+                                                  ignore))
         for k, trial in enumerate(d["trials"]):
             key = (str(trial), int(d["seed"]))
             q.entries[key] = (d["scores"][k].astype(np.float32), d["score_class_ids"], d["preds"][k])
@@ -119,10 +127,12 @@ def palette(n: int) -> np.ndarray:
     return out
 
 
-def colorize(label: np.ndarray, n: int) -> np.ndarray:
-    pal = palette(max(n, int(label[label != 255].max(initial=0)) + 1))
-    out = pal[np.where(label == 255, 0, label)]
-    out[label == 255] = (255, 255, 255)
+def colorize(label: np.ndarray, n: int, ignore_index: int = 255) -> np.ndarray:
+    """RGB image of a label map: VOC colours per id, white where ignored."""
+    ignored = label == ignore_index
+    pal = palette(max(n, int(label[~ignored].max(initial=0)) + 1))
+    out = pal[np.where(ignored, 0, label)]
+    out[ignored] = (255, 255, 255)
     return out
 
 
@@ -155,10 +165,10 @@ def qualitative_figure(run_dir: str | Path, summary, out_path: Path, title: str 
     captions, present = [], set()
     for i, q in enumerate(images):
         n = len(q.class_names)
-        fg = [c for c in np.unique(q.label) if c not in (0, 255)]
-        present.update(int(c) for c in np.unique(q.label) if c != 255)
+        fg = [c for c in np.unique(q.label) if c not in (0, q.ignore_index)]
+        present.update(int(c) for c in np.unique(q.label) if c != q.ignore_index)
         axes[i, 0].imshow(q.image)
-        axes[i, 1].imshow(colorize(q.label, n), interpolation="nearest")
+        axes[i, 1].imshow(colorize(q.label, n, q.ignore_index), interpolation="nearest")
         shown_class = None
         for k, trial in enumerate(trials):
             key = next((kk for kk in sorted(q.entries) if kk[0] == trial), None)
@@ -175,8 +185,8 @@ def qualitative_figure(run_dir: str | Path, summary, out_path: Path, title: str 
                                    ids[0] if ids else None)
             if shown_class is not None and shown_class in ids:
                 ax_s.imshow(scores[ids.index(shown_class)], cmap="jet", vmin=0, vmax=1, interpolation="bilinear")
-            present.update(int(c) for c in np.unique(pred) if c != 255)
-            ax_m.imshow(colorize(pred, n), interpolation="nearest")
+            present.update(int(c) for c in np.unique(pred) if c != q.ignore_index)
+            ax_m.imshow(colorize(pred, n, q.ignore_index), interpolation="nearest")
         cname = q.class_names[shown_class] if shown_class is not None and shown_class < n else "?"
         axes[i, 0].set_ylabel(tx(_short(q.image_id, 14)), fontsize=7)
         prompts = sorted({p for p in q.prompts.values() if p})
