@@ -3,7 +3,7 @@ the function behind `python -m bench.optimize_tokens`.
 
 For each class: trace the first image(s) of the training split that contain it (queries of the attn2 layers,
 stored), initialise X' = [<SoT> of the attribution prompt, the class name's token] (post-encoder embeddings),
-and minimise the loss between the OVAM maps D(X') and [1 - mask, mask] by SGD (methods.ovam.optimize_tokens).
+and minimise the loss between the OVAM maps D(X') and [1 - mask, mask] by SGD (optimize_tokens below).
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ import torch.nn.functional as F
 
 from bench.data import require_generation_gt
 from bench.forward import ForwardSetting, run_traced
-from bench.trace import request
+from bench.trace import Trace, request
 from methods.base import TrainSetting
-from methods.attribution import attn_layers, attribution_embedding, token_indices
+from methods.attribution import attn_layers, attribution_embedding, rekey, token_indices
+from methods.maps import resize_maps
 
 TOKENS_FITTER = "ovam-tokens"
 TOKENS_FIT_VERSION = "1"
@@ -125,9 +126,6 @@ def initial_tokens(backbone, name: str, template: str) -> torch.Tensor:
 
 
 def fit_class(backbone, dataset, name: str, s: TokenSettings, progress: Callable | None = None) -> ClassFit:
-    # methods.ovam imports AutoTokens from this module, so its optimiser is imported when first needed
-    from methods.ovam import optimize_tokens
-
     layers = attn_layers(s.blocks, backbone=backbone)
     examples = training_examples(backbone, dataset, dataset.classes.index(name), s, layers)
     if not examples:
@@ -197,3 +195,64 @@ class AutoTokens:
         if spec == "auto":
             return self.artefact(cfg)
         return load_tokens(spec)
+
+
+# -- the optimisation itself (OVAM Eq. 5-7) -------------------------------------------------------------------
+def token_maps(trace: Trace, layers: list[str], emb: torch.Tensor, size: tuple[int, int],
+               reduce: str = "mean") -> torch.Tensor:
+    """D_X(X') for every token of X' (L', h, w), differentiable in emb: Eq. 5's sum (reduce="sum") or its
+    mean over (layer, step, head) (reduce="mean": each pixel's maps then sum to 1 over X', like a softmax)."""
+    total, count = 0, 0
+    for layer in layers:
+        probs = rekey(trace, layer, emb)  # (S, H, h, w, L')
+        maps = probs.permute(4, 0, 1, 2, 3).flatten(1, 2)  # (L', S*H, h, w)
+        total = total + resize_maps(maps, size).sum(1)
+        count += maps.shape[1]
+    return total / count if reduce == "mean" else total
+
+
+def token_loss(maps_mean: torch.Tensor, maps_sum: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
+    """Eq. 7 for X' = [background, class] against the class mask `target` (h, w) in [0, 1].
+    bce (paper): sum over tokens of BCE(D_k, G_k) with G = [1 - target, target], D the per-map mean;
+    ce (released code, ovam/optimize/optimize.py optimize_embedding with apply_min_max): the summed maps
+    min-max scaled over all tokens and pixels at once, then cross-entropy over the token axis (the scaled maps
+    as logits) against [1 - target, target]."""
+    goal = torch.stack([1 - target, target])
+    if loss == "bce":
+        d = maps_mean.clamp(1e-6, 1 - 1e-6)
+        return sum(torch.nn.functional.binary_cross_entropy(d[k], goal[k]) for k in range(2))
+    if loss == "ce":
+        scaled = (maps_sum - maps_sum.min()) / (maps_sum.max() - maps_sum.min())
+        return torch.nn.functional.cross_entropy(scaled[None], goal[None])
+    raise ValueError(f"unknown loss {loss!r}")
+
+
+def optimize_tokens(examples: list[tuple[Trace, torch.Tensor]], init: torch.Tensor, layers: list[str],
+                    loss: str = "bce", epochs: int = 500, lr: float = 100.0, step_size: int = 120,
+                    gamma: float = 0.7, progress=None) -> tuple[torch.Tensor, list[float]]:
+    """Eq. 6: X* = argmin_X' sum_j L(D_{X_j}(X'), G_{X_j}) by gradient descent on the post-encoder embeddings
+    X' = init (2, D) ([background from SoT, class from the class name]), the queries of each example's trace
+    fixed. SGD with StepLR (released code: lr 100, step 120, gamma 0.7); returns the lowest-loss embedding and
+    the loss per epoch. examples: (trace with stored queries, class mask at the trace's latent size)."""
+    emb = init.detach().clone().float().requires_grad_(True)
+    opt = torch.optim.SGD([emb], lr=lr)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=step_size, gamma=gamma)
+    best, best_loss, curve = emb.detach().clone(), float("inf"), []
+    for _ in range(epochs):
+        opt.zero_grad()
+        total = 0
+        for trace, target in examples:
+            maps_sum = token_maps(trace, layers, emb, trace.latent_size, reduce="sum")
+            n = maps_sum.detach().sum(0).mean().clamp_min(1e-8)  # number of summed maps (softmax sums to 1)
+            total = total + token_loss(maps_sum / n, maps_sum, target, loss)
+        total = total / len(examples)
+        value = total.item()
+        if value < best_loss:
+            best, best_loss = emb.detach().clone(), value
+        total.backward()
+        opt.step()
+        sched.step()
+        curve.append(value)
+        if progress is not None:
+            progress(value)
+    return best, curve

@@ -85,7 +85,7 @@ def test_classes_absent_from_the_prompt_get_attribution_maps(tiny, generated):
 
 
 def _training(backbone, name, images=1, epochs=60, loss="bce", resolution=0):
-    from methods.ovam import optimize_tokens
+    from methods.tokens import optimize_tokens
     from methods.tokens import TokenSettings, initial_tokens, training_examples
 
     train = build_dataset({"name": "shapes", "split": "train", "size": SIZE})

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from bench.trace import Trace
 from methods.base import ClassQuery
-from methods.ovam import OVAM, token_loss
+from methods.ovam import OVAM
+from methods.tokens import token_loss
 from methods.attribution import attn_layers, attribution_embedding
 from parity_tensors import agreement, relative_error, segments, self_attention
 from test_ref_daam import ovam_heatmap
