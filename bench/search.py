@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bench.config import SweepConfig, space_kind
-from bench.metrics import ImageScorer, summarize
+from bench.metrics import ImageScorer, scoring_labels, summarize
 from bench.trace import Trace
 from methods.base import ClassQuery
 
@@ -168,7 +168,7 @@ def score_configuration(config: dict, setup: dict) -> None:
         trace, query = cached_trace(state, index, params, seed)
         label = dataset[index].label
         pred = method.predict(trace, query, params, tuple(label.shape))
-        hists.append(ImageScorer(label, len(dataset.classes)).histograms([pred.labels.numpy()])[0])
+        hists.append(ImageScorer(label, len(dataset.classes)).histograms([scoring_labels(pred)])[0])
         with open(out.with_name(f".{out.name}"), "wb") as fh:  # complete before the report that may stop us
             np.save(fh, np.stack(hists))
         out.with_name(f".{out.name}").replace(out)
