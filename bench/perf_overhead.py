@@ -129,6 +129,13 @@ def render_overhead(o: dict) -> list[str]:
     for actors, m in o["variants"].items():
         lines.append(f"| {actors} | {m['num_actors']} | {m['load']} | {m['total']} | {m['startup']} | {m['engine']} | "
                      f"{m['trace']} | {m['report']} | {m['shutdown']} | {m['fixed_overhead']} |")
+    if len({m["num_actors"] for m in o["variants"].values()}) == 1:
+        lines += ["", f"Every variant ran {next(iter(o['variants'].values()))['num_actors']} actor(s): `auto` leaves one "
+                  "core to the driver on CPU (bench.env.auto_num_actors), so on this machine it is `1`."]
+    high = max(m["load"] for m in o["variants"].values())
+    if high > 2 * o["cpu_count"]:
+        lines += ["", f"The load average reached {high:.0f} on {o['cpu_count']} cores: every phase is inflated by "
+                  "other work, so these figures bound the overhead from above and do not test the target."]
     best = min(o["variants"].values(), key=lambda m: m["fixed_overhead"])
     verdict = "reached" if best["fixed_overhead"] <= o["target_seconds"] else "not reached"
     lines += ["", f"Fixed overhead = total - Ray's own start - the work; target <= {o['target_seconds']:.0f} s: "
