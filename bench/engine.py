@@ -44,8 +44,10 @@ def run_engine(cfg: SweepConfig, run_dir: Path, plan: Plan | None = None) -> tup
     dataset = build_dataset(cfg.data)
     log.info("%d configurations x %d seeds in %d forward settings and %d train settings over %d images",
              len(plan.trials), len(cfg.seeds), len(plan.groups), len(plan.fits), len(dataset))
-    if cfg.search.algo is not None:  # adaptive search of post-processing parameters on a trace cache, in
-        from bench.search import run_search  # this process (scoring a cached trace takes milliseconds: no Ray)
+    if cfg.search.algo is not None:  # adaptive search of post-processing parameters on a trace cache, in this
+        # process: scoring a cached trace takes milliseconds, so the search needs no Ray
+        from bench.search import run_search
+
 
         rows, stats = run_search(cfg, run_dir, len(dataset))
         return rows, {"method_versions": method_versions(cfg.method), "num_actors": 0,

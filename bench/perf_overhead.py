@@ -47,7 +47,7 @@ def one_run(actors: str, out: Path) -> dict:
            f"output_dir={out}"]
     load = os.getloadavg()[0]
     start = time.time()
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, check=False)
     end = time.time()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip().splitlines()[-1:]}")
@@ -120,24 +120,26 @@ def measure_overhead(repeats: int, variants: tuple[str, ...] = ("auto", "1")) ->
 
 
 def render_overhead(o: dict) -> list[str]:
-    lines = [f"## Fixed overhead of `python -m bench.run {o['sweep']}`", "",
-             f"Medians of {o['repeats']} rounds, `ray.num_actors` variants alternating; {o['cpu_count']} CPU cores, "
+    intro = (f"Medians of {o['repeats']} rounds, `ray.num_actors` variants alternating; {o['cpu_count']} CPU cores, "
              f"shared with other work (load average at each start in the table). Ray's own start + stop "
-             f"{o['ray_own_seconds']:.1f} s; the per-image work itself {o['work_seconds']:.1f} s.", "",
-             "| ray.num_actors | actors | load | total s | startup | engine (ray.init, scoring) | trace (actors, "
-             "model, images) | report | shutdown | fixed overhead |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"{o['ray_own_seconds']:.1f} s; the per-image work itself {o['work_seconds']:.1f} s.")
+    header = ("| ray.num_actors | actors | load | total s | startup | engine (ray.init, scoring) | trace (actors, "
+              "model, images) | report | shutdown | fixed overhead |")
+    lines = [f"## Fixed overhead of `python -m bench.run {o['sweep']}`", "", intro, "", header,
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for actors, m in o["variants"].items():
         lines.append(f"| {actors} | {m['num_actors']} | {m['load']} | {m['total']} | {m['startup']} | {m['engine']} | "
                      f"{m['trace']} | {m['report']} | {m['shutdown']} | {m['fixed_overhead']} |")
     if len({m["num_actors"] for m in o["variants"].values()}) == 1:
-        lines += ["", f"Every variant ran {next(iter(o['variants'].values()))['num_actors']} actor(s): `auto` leaves one "
-                  "core to the driver on CPU (bench.env.auto_num_actors), so on this machine it is `1`."]
+        actors = next(iter(o["variants"].values()))["num_actors"]
+        lines += ["", (f"Every variant ran {actors} actor(s): `auto` leaves one core to the driver on CPU "
+                       "(bench.env.auto_num_actors), so on this machine it is `1`.")]
     high = max(m["load"] for m in o["variants"].values())
     if high > 2 * o["cpu_count"]:
-        lines += ["", f"The load average reached {high:.0f} on {o['cpu_count']} cores: every phase is inflated by "
-                  "other work, so these figures bound the overhead from above and do not test the target."]
+        lines += ["", (f"The load average reached {high:.0f} on {o['cpu_count']} cores: every phase is inflated by "
+                       "other work, so these figures bound the overhead from above and do not test the target.")]
     best = min(o["variants"].values(), key=lambda m: m["fixed_overhead"])
     verdict = "reached" if best["fixed_overhead"] <= o["target_seconds"] else "not reached"
-    lines += ["", f"Fixed overhead = total - Ray's own start - the work; target <= {o['target_seconds']:.0f} s: "
-              f"{verdict} (best {best['fixed_overhead']:.1f} s)."]
+    lines += ["", (f"Fixed overhead = total - Ray's own start - the work; target <= {o['target_seconds']:.0f} s: "
+                   f"{verdict} (best {best['fixed_overhead']:.1f} s).")]
     return lines
