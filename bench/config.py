@@ -16,7 +16,7 @@ values from outside the file) are errors; `${other.key}` references resolve.
     seeds: [0]                        # noise / generation seeds (each one is a forward setting)
     metric: {protocol: mmseg}         # mmseg | iseg
     paper: {table: "iSeg Table 5(b)", param: lambda, metric: mIoU, values: {0: 69.1, ...}}
-    ray: {num_actors: auto, batch_size: 1, max_retries: 3}   # tracing actors (auto: one per GPU or CPU core;
+    ray: {num_actors: auto, batch_size: 1, max_retries: 3}   # tracing actors (auto: one per GPU, or CPU cores - 1;
                                       # 0: in this process), images per batch, restarts of a dead actor
     train: {num_workers: 1, use_gpu: false, split: train, max_failures: 0}   # trained methods: Ray Train
     fit: {from: null}                 # trained methods: reuse the fits of another run (or one fit directory)
@@ -150,7 +150,7 @@ class MetricConfig(Section):
 @dataclass
 class RayConfig(Section):
     address: str | None = None
-    num_actors: int | str = "auto"  # auto: one per GPU, or one per CPU core (bench.env.auto_num_actors)
+    num_actors: int | str = "auto"  # auto: one per GPU, or one per CPU core but one (bench.env.auto_num_actors)
     batch_size: int = 1
     object_store_mb: int = 256
     quiet: bool = True
@@ -190,10 +190,9 @@ class SearchConfig(Section):
 
     algo: str | None = None  # optuna | hyperopt | random
     num_samples: int = 16  # configurations sampled
-    grace_images: int = 2  # ASHA: images every configuration scores before it can be stopped
-    reduction_factor: int = 3  # ASHA: 1 / reduction_factor of the configurations go on at each rung
+    grace_images: int = 2  # successive halving: images every configuration scores before it can be stopped
+    reduction_factor: int = 3  # successive halving: the best 1 / reduction_factor go on at each rung
     cache_mb: int = 2048  # trace cache bound (<run>/work/trace_cache)
-    trial_cpus: float = 0.5  # CPUs per trial (scoring is light: several trials share a core)
 
 
 PAPER_KEYS = ("table", "param", "metric", "values", "note")

@@ -44,17 +44,19 @@ def run_engine(cfg: SweepConfig, run_dir: Path, plan: Plan | None = None) -> tup
     dataset = build_dataset(cfg.data)
     log.info("%d configurations x %d seeds in %d forward settings and %d train settings over %d images",
              len(plan.trials), len(cfg.seeds), len(plan.groups), len(plan.fits), len(dataset))
-    if cfg.ray.num_actors != 0 or plan.fits or cfg.search.algo:  # tracing in this process without fits needs no Ray
+    if cfg.search.algo is not None:  # adaptive search of post-processing parameters on a trace cache, in this
+        # process: scoring a cached trace takes milliseconds, so the search needs no Ray
+        from bench.search import run_search
+
+
+        rows, stats = run_search(cfg, run_dir, len(dataset))
+        return rows, {"method_versions": method_versions(cfg.method), "num_actors": 0,
+                      "dataset": dataset.describe(), **stats}
+    if cfg.ray.num_actors != 0 or plan.fits:  # tracing in this process without fits needs no Ray
         init_ray(cfg.ray.address, cfg.ray.object_store_mb, cfg.ray.quiet)
     if cfg.ray.num_actors == "auto":  # resolved here, so config.yaml and run.json say what auto picked
         cfg.ray.num_actors = auto_num_actors(len(dataset), torch.cuda.is_available() and cfg.model.device != "cpu")
         log.info("ray.num_actors=auto: %d tracing actors", cfg.ray.num_actors)
-    if cfg.search.algo is not None:  # adaptive search of post-processing parameters on a trace cache
-        from bench.search import run_search
-
-        rows, stats = run_search(cfg, run_dir, len(dataset))
-        return rows, {"method_versions": method_versions(cfg.method), "num_actors": int(cfg.ray.num_actors),
-                      "dataset": dataset.describe(), **stats}
     fit_stats, finished = run_fits(cfg, plan, run_dir)
     start = time.time()
     trace_and_score(cfg, plan.groups, len(dataset), run_dir / WORK / "shards", load_fits(finished),

@@ -92,9 +92,13 @@ def package_versions(names=VERSIONED) -> dict[str, str]:
 
 def auto_num_actors(num_images: int, use_gpu: bool) -> int:
     """`ray.num_actors=auto` (after Ray started): one actor per GPU of the cluster where the backbone runs on
-    GPUs, else one single-threaded actor per CPU; never more actors than images."""
+    GPUs, else one single-threaded actor per CPU but one, never fewer than one; never more actors than images.
+    Why a core is left on CPU: the driver works too (Ray Data's scheduling, gathering the shards, scoring), and
+    every actor pays its own start-up (Python, diffusers, the weights: 5-15 s of CPU) before its first image,
+    against ~0.1 s per image on the embedded model; on 2 cores a second actor halves neither (measured with 2
+    actors: first image after ~90 s instead of ~41 s, issue 12; reports/perf/overhead-cpu.md)."""
     import ray
 
     resources = ray.cluster_resources()
-    slots = int(resources.get("GPU", 0)) if use_gpu else int(resources.get("CPU", 1))
+    slots = int(resources.get("GPU", 0)) if use_gpu else int(resources.get("CPU", 1)) - 1
     return max(1, min(slots, num_images))

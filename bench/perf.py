@@ -11,6 +11,8 @@ Measured, each as the median of interleaved repeats after a warm-up (CUDA synchr
                   own StableDiffusionPipeline on the same components and scheduler.
   memory          (CUDA) peak allocated memory of iSeg at batch 1, of the plain forward, and the bytes of the
                   trace that iSeg keeps: capture must cost at most twice what it keeps.
+  overhead        (`--parts overhead`, alone) the fixed cost of `bench.run sweeps/iseg_lambda.yaml data.limit=16`
+                  beyond Ray's own start, by phase, ray.num_actors=auto against 1 (bench.perf_overhead).
 `sd21-base-arch` is SD2.1-base's architecture with random weights (bench.models.reference): a real checkpoint
 costs the same. The report (JSON + Markdown, device line, versions, batch sizes) is written atomically to
 `--out/<model>-<device kind>.{json,md}`.
@@ -238,6 +240,7 @@ def versions() -> dict[str, str]:
 
 
 PARTS = ("inversion", "generation", "memory")
+EXTRA_PARTS = ("overhead",)  # asked for by name only: whole `bench.run` processes (bench.perf_overhead)
 
 
 def run_perf(model: str, device: str, dtype: str, batches: list[int], repeats: int, steps: int,
@@ -246,6 +249,8 @@ def run_perf(model: str, device: str, dtype: str, batches: list[int], repeats: i
     from bench.models import MODELS, load_backbone
 
     MODELS.get(model)  # unknown names: one line with a suggestion, before anything loads
+    if parts == ("overhead",):
+        return _run_overhead(repeats, out_dir)
     started = time.time()
     backbone = load_backbone({"name": model, "device": device, "dtype": dtype})
     log.info("loaded %s on %s (%s) in %.1f s", model, backbone.device, backbone.dtype, time.time() - started)
@@ -264,6 +269,25 @@ def run_perf(model: str, device: str, dtype: str, batches: list[int], repeats: i
         out_dir / f"{model}-{backbone.device.type}-{'-'.join(parts)}"
     write_text(stem.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
     write_text(stem.with_suffix(".md"), render_markdown(result))
+    return stem.with_suffix(".md")
+
+
+def _run_overhead(repeats: int, out_dir: Path) -> Path:
+    from bench.atomic import write_text
+    from bench.perf_overhead import measure_overhead, render_overhead
+
+    started = time.time()
+    result = {"device": device_line(torch.device("cpu")), "versions": versions(),
+              "overhead": measure_overhead(repeats)}
+    result["seconds"] = round(time.time() - started, 1)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / "overhead-cpu"
+    write_text(stem.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
+    lines = ["# Fixed overhead of a local run", "", f"Device: {result['device']}. Versions: "
+             + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ".", "",
+             *render_overhead(result["overhead"]), "",
+             f"Measured in {result['seconds']} s by `python -m bench.perf --parts overhead --repeats {repeats}`.", ""]
+    write_text(stem.with_suffix(".md"), "\n".join(lines))
     return stem.with_suffix(".md")
 
 
@@ -318,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=50, help="generation steps")
     parser.add_argument("--out", default="reports/perf")
-    parser.add_argument("--parts", default=",".join(PARTS), help="what to measure: " + ", ".join(PARTS))
+    parser.add_argument("--parts", default=",".join(PARTS), help="what to measure: " + ", ".join(PARTS + EXTRA_PARTS)
+                        + " (overhead: whole bench.run processes, alone)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
@@ -330,8 +355,12 @@ def main(argv: list[str] | None = None) -> int:
         if any(b < 1 for b in batches) or args.repeats < 1 or args.steps < 1:
             raise BenchError("--batches, --repeats and --steps must be positive")
         parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
-        if not parts or set(parts) - set(PARTS):
-            raise BenchError(f"--parts={args.parts!r}: choose among {', '.join(PARTS)}, comma-separated")
+        if not parts or set(parts) - set(PARTS + EXTRA_PARTS):
+            raise BenchError(f"--parts={args.parts!r}: choose among {', '.join(PARTS + EXTRA_PARTS)}, comma-separated")
+        if "overhead" in parts and len(parts) > 1:
+            raise BenchError("--parts=overhead runs whole bench.run processes: ask for it alone")
+        if parts == ("overhead",):
+            return run_perf(args.model, "cpu", args.dtype, [], args.repeats, args.steps, Path(args.out), parts)
         cuda = torch.cuda.is_available() and args.device != "cpu"
         batches = batches or ([1, 8, 16, 32, 64] if cuda else [1, 4, 16])
         if not cuda:

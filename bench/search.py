@@ -1,20 +1,22 @@
 """Adaptive search over a sweep's post-processing parameters (`search: {algo: optuna|hyperopt|random,
-num_samples: N}`), on a trace cache, with ASHA over image rungs.
+num_samples: N}`), on a trace cache, by synchronous successive halving over image rungs.
 
     trace cache   every image traced once for the sweep's forward setting, stored as safetensors in
                   `<run>/work/trace_cache/` (bounded by `search.cache_mb`: beyond it, traces are recomputed)
-    search        Ray Tune: the sweep's entries become a search space (grid/choice -> choice, uniform,
-                  loguniform, randint), sampled `num_samples` times by OptunaSearch, HyperOptSearch or
-                  BasicVariantGenerator (random), seeded by `search_seed`
-    trials        one configuration each, scored image by image on the cached traces; after every image the
-                  running dataset metric is reported with `images` as the time attribute, so the ASHA
-                  scheduler (grace `search.grace_images`, `search.reduction_factor`) stops a bad configuration
-                  after a few images
+    search        the sweep's entries become a Ray Tune search space (grid/choice -> choice, uniform,
+                  loguniform, randint); `num_samples` configurations come from Tune's OptunaSearch or
+                  HyperOptSearch (Searcher API: suggest, then on_trial_complete with each result) or are
+                  sampled from the space (random), seeded by `search_seed`
+    halving       all configurations score the first `search.grace_images` images; at each rung only the best
+                  1 / `search.reduction_factor` go on to reduction_factor times as many images, until one
+                  configuration is left and scores every image (`run_search`)
     results       one row per searched configuration, its metrics over the images it scored
-                  (`images_scored`, `search`), and run.json's `search` block (algorithm, pairs scored, best)
+                  (`images_scored`, `search`), and run.json's `search` block (algorithm, rungs, pairs scored,
+                  best)
 
 Only post-processing parameters are searched: a search over forward or train parameters would need a pass or
-a fit per sample, which is the grid engine's job (bench.engine).
+a fit per sample, which is the grid engine's job (bench.engine). Scoring a configuration on a cached trace
+takes milliseconds, so it is not a Tune trial (issue 12: Tune's trials are the units that cost something).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,13 +33,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bench.config import SweepConfig, space_kind
-from bench.metrics import ImageScorer, summarize
+from bench.metrics import ImageScorer, scoring_labels, summarize
 from bench.trace import Trace
 from methods.base import ClassQuery
 
 log = logging.getLogger(__name__)
 CACHE = "trace_cache"
-TRIALS = "search_trials"  # per-trial per-image histograms, written before each report
 KINDS = ("cross", "self_attn", "queries")
 
 
@@ -104,39 +106,16 @@ def search_space(cfg: SweepConfig) -> dict:
 
 
 def searcher(algo: str, seed: int):
+    """Tune's Searcher for `algo` (optuna: TPE; hyperopt: TPE), seeded."""
     if algo == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
         import optuna
 
         return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=seed))
-    if algo == "hyperopt":
-        from ray.tune.search.hyperopt import HyperOptSearch
+    from ray.tune.search.hyperopt import HyperOptSearch
 
-        return HyperOptSearch(random_state_seed=seed)
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-
-    return BasicVariantGenerator(random_state=seed)
-
-
-# -- one trial: a configuration scored image by image ------------------------------------------------------------------
-_WORKER: dict = {}  # per trial process (actors are reused): the method and dataset of the run
-
-
-def _worker_state(setup: dict):
-    key = setup["run"]
-    if _WORKER.get("run") != key:
-        from bench.data import build_dataset
-        from bench.models import load_backbone
-        from methods import METHODS
-
-        torch.set_num_threads(1)
-        cfg = SweepConfig.from_dict(setup["config"])
-        backbone = load_backbone(cfg.model.as_dict())
-        _WORKER.clear()
-        _WORKER.update(run=key, cfg=cfg, method=METHODS.get(cfg.method)(backbone), dataset=build_dataset(cfg.data),
-                       cache=TraceCache(Path(setup["cache"]), setup["setting"], setup["max_bytes"]))
-    return _WORKER
+    return HyperOptSearch(random_state_seed=seed)
 
 
 def cached_trace(state: dict, index: int, params, seed: int):
@@ -154,35 +133,14 @@ def cached_trace(state: dict, index: int, params, seed: int):
     return batch.traces[0], batch.queries[0]
 
 
-def score_configuration(config: dict, setup: dict) -> None:
-    """Tune's function trainable: the configuration's running metric after every image (time attr `images`)."""
-    from ray import tune
-
-    state = _worker_state(setup)
-    cfg, method, dataset = state["cfg"], state["method"], state["dataset"]
-    params = method.resolve({**cfg.params, **config})
-    seed = cfg.seeds[0]
-    hists = []
-    out = Path(setup["trials"]) / f"{tune.get_context().get_trial_id()}.npy"
-    for index in range(len(dataset)):
-        trace, query = cached_trace(state, index, params, seed)
-        label = dataset[index].label
-        pred = method.predict(trace, query, params, tuple(label.shape))
-        hists.append(ImageScorer(label, len(dataset.classes)).histograms([pred.labels.numpy()])[0])
-        with open(out.with_name(f".{out.name}"), "wb") as fh:  # complete before the report that may stop us
-            np.save(fh, np.stack(hists))
-        out.with_name(f".{out.name}").replace(out)
-        metrics = summarize(np.sum(hists, 0), dataset.classes, cfg.metric.protocol)
-        tune.report({"mIoU": _finite(metrics["mIoU"]), "images": index + 1})
-
-
 def _finite(value: float) -> float:
     return float(value) if np.isfinite(value) else 0.0
 
 
 # -- the search stage ------------------------------------------------------------------------------------------------
-def fill_cache(cfg: SweepConfig, cache: TraceCache, num_images: int) -> int:
-    """Trace every image once for the sweep's forward setting into the cache (before any trial runs)."""
+def fill_cache(cfg: SweepConfig, cache: TraceCache, num_images: int) -> tuple[int, dict]:
+    """Trace every image once for the sweep's forward setting into the cache (before anything is scored);
+    returns the UNet passes and the loaded method, dataset and cache."""
     from tqdm import tqdm
 
     from bench.data import build_dataset
@@ -190,6 +148,7 @@ def fill_cache(cfg: SweepConfig, cache: TraceCache, num_images: int) -> int:
     from bench.models import load_backbone
     from methods import METHODS
 
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     method = METHODS.get(cfg.method)(load_backbone(cfg.model.as_dict()))
     params = method.resolve(cfg.params | {k: v for k, v in _first_point(cfg).items()})
     dataset = build_dataset(cfg.data)
@@ -204,7 +163,7 @@ def fill_cache(cfg: SweepConfig, cache: TraceCache, num_images: int) -> int:
             log.warning("trace cache full (search.cache_mb=%d): later images are traced by the trials",
                         cfg.search.cache_mb)
             break
-    return passes
+    return passes, {"cfg": cfg, "method": method, "dataset": dataset, "cache": cache}
 
 
 def _first_point(cfg: SweepConfig) -> dict:
@@ -216,70 +175,96 @@ def _first_point(cfg: SweepConfig) -> dict:
     return out
 
 
-def run_search(cfg: SweepConfig, run_dir: Path, num_images: int) -> tuple[list[dict], dict]:
-    """The search stage: trace cache, Tune with the search algorithm and ASHA; rows and run statistics."""
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
+def sample_configs(cfg: SweepConfig, count: int) -> tuple[list[dict], object]:
+    """`count` configurations from the search algorithm (Tune's Searcher API: optuna, hyperopt) or sampled
+    from the space (random); returns them and the searcher, to be told the results."""
+    space = search_space(cfg)
+    if cfg.search.algo == "random":
+        rng = np.random.default_rng(cfg.search_seed)
+        return [{k: _plain(dom.sample(random_state=rng)) for k, dom in space.items()} for _ in range(count)], None
+    algo = searcher(cfg.search.algo, cfg.search_seed)
+    algo.set_search_properties("mIoU", "max", space)
+    return [{k: _plain(v) for k, v in algo.suggest(f"s{i:04d}").items()} for i in range(count)], algo
 
+
+def rungs(num_images: int, grace: int, factor: int) -> list[int]:
+    """Image counts at which configurations are compared: grace, grace x factor, ... then every image."""
+    out = [min(grace, num_images)]
+    while out[-1] < num_images:
+        out.append(min(out[-1] * factor, num_images))
+    return out
+
+
+def run_search(cfg: SweepConfig, run_dir: Path, num_images: int) -> tuple[list[dict], dict]:
+    """The search stage: trace cache, then synchronous successive halving (Jamieson & Talwalkar 2016, the
+    bracket Hyperband and ASHA are built from) over image rungs. Every sampled configuration is scored on the
+    first `grace_images` images; at each rung all configurations still running have scored the same images
+    and only the best 1 / reduction_factor (at least one) go on to reduction_factor times as many images,
+    until one is left, which is scored on every image. Rungs are synchronous, so a configuration goes on only
+    by beating the others on the same images (ASHA's asynchronous promotion lets the first arrivals through).
+    Scoring is milliseconds per image on a cached trace, so it runs here: each image's trace is read once per
+    rung and every configuration still running is predicted on it at once (`predict_many`)."""
     from methods import METHODS
 
     search = cfg.search
     method_cls = METHODS.get(cfg.method)
     params0 = method_cls.resolve({**cfg.params, **_first_point(cfg)})
     setting = f"seed={cfg.seeds[0]}," + ",".join(f"{k}={params0[k]}" for k in method_cls.forward_keys())
-    work = (run_dir / "work").resolve()
-    cache = TraceCache(work / CACHE, setting, int(search.cache_mb) * 1024 * 1024)
-    passes = fill_cache(cfg, cache, num_images)
-    trials_dir = work / TRIALS
-    trials_dir.mkdir(parents=True, exist_ok=True)
-    setup = {"run": str(work), "config": {k: v for k, v in cfg.as_dict().items() if k not in ("overrides",
-                                                                                               "sweep_file")},
-             "cache": str(work / CACHE), "setting": setting, "max_bytes": cache.max_bytes,
-             "trials": str(trials_dir)}
-    scheduler = ASHAScheduler(time_attr="images", max_t=num_images, grace_period=min(search.grace_images, num_images),
-                              reduction_factor=search.reduction_factor)
-    tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(score_configuration, setup=setup), {"cpu": search.trial_cpus}),
-        param_space=search_space(cfg),
-        tune_config=tune.TuneConfig(metric="mIoU", mode="max", search_alg=searcher(search.algo, cfg.search_seed),
-                                    scheduler=scheduler, num_samples=search.num_samples,
-                                    reuse_actors=True),
-        run_config=tune.RunConfig(name="search", storage_path=str(work / "tune"), verbose=0))
-    grid = tuner.fit()
+    cache = TraceCache((run_dir / "work").resolve() / CACHE, setting, int(search.cache_mb) * 1024 * 1024)
+    started = time.time()
+    passes, state = fill_cache(cfg, cache, num_images)
+    trace_seconds = time.time() - started
+    method, dataset = state["method"], state["dataset"]
+    configs, algo = sample_configs(cfg, search.num_samples)
+    params = [method.resolve({**cfg.params, **c}) for c in configs]
+    hists: list[list[np.ndarray]] = [[] for _ in configs]
+    running, done, mIoU = list(range(len(configs))), 0, [0.0] * len(configs)
+    classes = dataset.classes
+    for rung in rungs(num_images, search.grace_images, search.reduction_factor):
+        for index in range(done, rung):
+            trace, query = cached_trace(state, index, params0, cfg.seeds[0])
+            label = dataset[index].label
+            preds = method.predict_many(trace, query, [params[i] for i in running], tuple(label.shape))
+            scorer = ImageScorer(label, len(classes), dataset[index].ignore_index,
+                                 first_class=0 if getattr(dataset, "has_background", True) else 1)
+            for i, h in zip(running, scorer.histograms([scoring_labels(p) for p in preds],
+                                                       hungarian=cfg.metric.protocol == "hungarian")):
+                hists[i].append(h)
+        done = rung
+        for i in running:
+            mIoU[i] = _finite(summarize(np.sum(hists[i], 0), classes, cfg.metric.protocol)["mIoU"])
+        log.info("rung of %d images: %d configurations, best mIoU %.1f", rung, len(running),
+                 max(mIoU[i] for i in running))
+        if rung < num_images:  # the best 1 / factor on the same images go on (a stable sort: ties by order)
+            keep = max(1, len(running) // search.reduction_factor)
+            running = sorted(running, key=lambda i: -mIoU[i])[:keep]
+    if algo is not None:
+        for i in range(len(configs)):
+            algo.on_trial_complete(f"s{i:04d}", {"mIoU": mIoU[i], "images": len(hists[i])})
     rows, per_image = [], {"trial": [], "hist": [], "seed_of_group": []}
-    classes = _classes(cfg)
-    for i, result in enumerate(sorted(grid, key=lambda r: r.path)):
-        if result.error:
-            raise RuntimeError(f"search trial failed: {result.error}")
-        hists = _trial_hists(trials_dir, result)
-        if hists is None:
-            continue
-        metrics = summarize(hists.sum(0), classes, cfg.metric.protocol)
-        swept = {k: _plain(result.config[k]) for k in cfg.sweep}
-        rows.append({"trial": f"s{i:04d}", "seed": cfg.seeds[0], **swept,
+    for i, config in enumerate(configs):
+        metrics = summarize(np.sum(hists[i], 0), classes, cfg.metric.protocol)
+        rows.append({"trial": f"s{i:04d}", "seed": cfg.seeds[0], **{k: config[k] for k in cfg.sweep},
                      **{k: v for k, v in metrics.items() if k in ("mIoU", "aAcc", "mAcc") or "/" in k},
-                     "images_scored": len(hists), "search": search.algo, "unet_passes": 0,
+                     "images_scored": len(hists[i]), "search": search.algo, "unet_passes": 0,
                      "forward_setting": setting, "fit": ""})
-        per_image["trial"] += [f"s{i:04d}"] * len(hists)
-        per_image["hist"] += list(hists)
-        per_image["seed_of_group"] += [cfg.seeds[0]] * len(hists)
+        per_image["trial"] += [f"s{i:04d}"] * len(hists[i])
+        per_image["hist"] += hists[i]
+        per_image["seed_of_group"] += [cfg.seeds[0]] * len(hists[i])
     if rows:
         rows[0]["unet_passes"] = passes
     pairs = sum(r["images_scored"] for r in rows)
     best = max(rows, key=lambda r: (r["images_scored"], _finite(r["mIoU"])), default=None)
-    stats = {"search": {"algo": search.algo, "num_samples": search.num_samples, "scheduler": "ASHA",
-                        "time_attr": "images", "grace_images": search.grace_images,
-                        "reduction_factor": search.reduction_factor, "pairs_scored": pairs,
+    stats = {"search": {"algo": search.algo, "num_samples": search.num_samples,
+                        "scheduler": "synchronous successive halving", "time_attr": "images",
+                        "grace_images": search.grace_images, "reduction_factor": search.reduction_factor,
+                        "rungs": rungs(num_images, search.grace_images, search.reduction_factor),
+                        "pairs_scored": pairs,
                         "best": {k: best[k] for k in (*cfg.sweep, "mIoU", "images_scored")} if best else None},
              "unet_passes": passes, "num_images": num_images, "num_trials": len(rows),
+             "trace_seconds": round(trace_seconds, 3), "num_forward_settings": 1,
              "per_image": {k: np.array(v) for k, v in per_image.items()}}
     return rows, stats
-
-
-def _trial_hists(trials_dir: Path, result) -> np.ndarray | None:
-    trial_id = result.metrics.get("trial_id") if result.metrics else None
-    path = trials_dir / f"{trial_id}.npy"
-    return np.load(path, allow_pickle=False) if trial_id and path.is_file() else None
 
 
 def _classes(cfg: SweepConfig) -> list[str]:

@@ -13,6 +13,7 @@ from bench.perf import interleaved, main
     (["--repeats", "0"], "positive"),
     (["--parts", "inversion,speed"], "--parts"),
     (["--model", "sd22"], "model"),
+    (["--parts", "overhead,inversion"], "alone"),
 ])
 def test_bad_arguments_are_one_line(argv, needle, tmp_path, capsys):
     assert main([*argv, "--out", str(tmp_path / "perf")]) == 2
@@ -38,3 +39,20 @@ def test_perf_report_on_the_embedded_model(tmp_path):
     assert all(row["iseg_images_per_second"] > 0 for row in result["inversion"])
     assert result["generation"]["traced_over_pipeline"] > 0 and "memory" in result
     assert "Device: CPU" in (tmp_path / "embedded-cpu.md").read_text()
+
+
+def test_overhead_table_states_load_and_verdict():
+    """The overhead part's Markdown from measured phases: one row per variant, fixed overhead = total - Ray's own
+    start - the work, the verdict against 10 s, and a warning when the machine was loaded."""
+    from bench.perf_overhead import render_overhead
+
+    phases = {"startup": 2.0, "engine": 3.0, "trace": 20.0, "report": 1.0, "shutdown": 2.0}
+    o = {"sweep": "sweeps/iseg_lambda.yaml data.limit=16", "repeats": 3, "ray_own_seconds": 8.0, "work_seconds": 4.0,
+         "cpu_count": 2, "target_seconds": 10.0,
+         "variants": {"auto": {**phases, "total": 20.0, "load": 1.0, "num_actors": 1, "fixed_overhead": 8.0},
+                      "2": {**phases, "total": 30.0, "load": 9.0, "num_actors": 2, "fixed_overhead": 18.0}}}
+    text = "\n".join(render_overhead(o))
+    assert "| auto | 1 | 1.0 | 20.0 |" in text and "| 2 | 2 | 9.0 | 30.0 |" in text
+    assert "reached (best 8.0 s)" in text and "load average reached 9" in text
+    o["variants"]["auto"]["fixed_overhead"] = 12.0
+    assert "not reached (best 12.0 s)" in "\n".join(render_overhead(o))

@@ -64,3 +64,53 @@ def test_image_scorer_equals_the_reference_on_odd_labels():
         want = np.stack([image_histograms(p, label, classes) for p in preds])
         assert got.dtype == np.int64 and (got == want).all()
         assert (ImageScorer(label, classes).histograms(preds) == want[:, :8]).all()
+
+
+def _rules(rng):
+    return [("power", 2.0, 0.45), ("power", float(rng.uniform(0.3, 4)), 0.45),
+            ("threshold", 2.0, float(rng.uniform(0, 1))), ("threshold", 2.0, 0.5)]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_block_labels_equal_the_full_upsample_on_random_maps(seed):
+    """The boundary labeller (exact only near decisions) against every pixel upsampled, normalised and labelled:
+    random sizes (up- and downsampling, non-integer ratios), 1-4 classes, quantised maps (ties between classes
+    and flat regions), thresholds at map values, and the scores read back from its exact min and denominator."""
+    from methods.block_labels import block_labels, full_labels, full_scores
+
+    rng = np.random.default_rng(seed)
+    for _ in range(15):
+        k, h, w = int(rng.integers(1, 5)), int(rng.integers(1, 12)), int(rng.integers(1, 12))
+        size = (int(rng.integers(1, 70)), int(rng.integers(1, 70)))
+        mid = torch.from_numpy(rng.random((4, k, h, w), dtype=np.float32))
+        if rng.random() < 0.5:  # ties: few distinct values, equal classes, constant maps
+            mid = (mid * int(rng.integers(1, 4))).round() / 3
+        if k > 1 and rng.random() < 0.3:
+            mid[:, 1] = mid[:, 0]
+        rules = _rules(rng)
+        if rng.random() < 0.5:  # a threshold exactly at a score the maps reach
+            rules[3] = ("threshold", 2.0, float(full_labels(mid, size, list(range(1, k + 1)), rules)[0].flatten()[0]))
+        ids = [int(i) for i in rng.choice(np.arange(1, 20), size=k, replace=False)]
+        blocks, low, den = block_labels(mid, size, ids, rules)
+        scores, labels = full_labels(mid, size, ids, rules)
+        for n in range(len(mid)):
+            assert torch.equal(blocks[n].dense(), labels[n])
+            assert torch.equal(full_scores(mid[n], size, low[n], den[n]), scores[n])
+
+
+def test_block_histograms_equal_the_dense_ones():
+    """ImageScorer on blocks (square counts + per-pixel blocks) equals it on the dense label maps, with odd
+    ground-truth values (ignored, out of range) and repeated predictions."""
+    from methods.block_labels import block_labels
+
+    rng = np.random.default_rng(1)
+    for _ in range(10):
+        classes = int(rng.integers(2, 6))
+        size = (int(rng.integers(8, 60)), int(rng.integers(8, 60)))
+        label = rng.choice([*range(classes), 255, classes + 2], size=size)
+        mid = torch.from_numpy(rng.random((5, 2, 6, 7), dtype=np.float32))
+        blocks, _, _ = block_labels(mid, size, [1, classes - 1], _rules(rng) + [("power", 2.0, 0.45)])
+        blocks.append(blocks[0])
+        scorer = ImageScorer(label, classes)
+        want = scorer.histograms([b.dense().numpy() for b in blocks], hungarian=True)
+        assert (ImageScorer(label, classes).histograms(blocks, hungarian=True) == want).all()

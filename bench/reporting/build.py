@@ -67,7 +67,7 @@ def provenance_pairs(run: RunData) -> list[tuple[str, str]]:
     ]
     search = prov.get("search")
     if search:  # adaptive search (bench.search): every row is a searched configuration
-        pairs.insert(11, ("search", f"{search.get('algo')} with ASHA over images (grace {search.get('grace_images')}, "
+        pairs.insert(11, ("search", f"{search.get('algo')} with {search.get('scheduler', 'ASHA')} over images (grace {search.get('grace_images')}, "
                                     f"reduction factor {search.get('reduction_factor')}): {prov.get('num_trials')} "
                                     f"configurations searched, {search.get('pairs_scored')} (configuration × image) "
                                     f"pairs scored; each row's metrics cover its images_scored images"))
