@@ -53,6 +53,19 @@ def tiny_sam_config(size: int = 64, width: int = 64):
                      mask_decoder_config=decoder.to_dict(), initializer_range=0.02)
 
 
+def reset_positional_frequencies(model, scale: float = 1.0) -> None:
+    """SAM's random Fourier position encoding (shared by the image's dense positions and the prompt points)
+    draws its frequencies as scale * N(0, 1) with scale = 1 (the released code's `PositionEmbeddingRandom`,
+    a fixed buffer). transformers' `SamVisionConfig` sets scale = hidden_size // 2 (32 at width 64) and makes it
+    a trainable parameter, which only matters when training from scratch: at 32 cycles per unit a 64 px image
+    aliases at one pixel, so a point's encoding says almost nothing about where it is (the 47.7-IoU tiny SAM
+    shipped before had this). Redrawn at `scale` and frozen, as in SAM."""
+    pe = model.shared_image_embedding.positional_embedding
+    with torch.no_grad():
+        pe.copy_(torch.randn(pe.shape) * scale)
+    pe.requires_grad_(False)
+
+
 def pixel_values(images: np.ndarray) -> torch.Tensor:
     """(B, H, W, 3) uint8 -> SAM's normalised (B, 3, H, W) float input."""
     x = torch.from_numpy(np.ascontiguousarray(images)).float().div(255).permute(0, 3, 1, 2)
@@ -60,9 +73,10 @@ def pixel_values(images: np.ndarray) -> torch.Tensor:
     return (x - mean) / std
 
 
-def object_pool(split: str, num_images: int, size: int, seed: int) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
+def object_pool(split: str, num_images: int, size: int, seed: int, min_objects: int = 1
+                ) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
     """Rendered scenes and their objects: images (N, H, W, 3) and [(image index, boolean mask)]."""
-    data = ShapesDataset(num_images=num_images, size=size, seed=seed, split=split)
+    data = ShapesDataset(num_images=num_images, size=size, seed=seed, split=split, min_objects=min_objects)
     images, objects = [], []
     for i in range(num_images):
         layout = data.layout(i)
@@ -122,16 +136,17 @@ def evaluate(model, size: int = 64, num_images: int = 200, seed: int = 0, points
 
 
 def train(out: Path, steps: int = 1500, batch: int = 16, lr: float = 1e-3, train_images: int = 4000,
-          size: int = 64, seed: int = 0) -> dict:
+          size: int = 64, seed: int = 0, pe_scale: float = 1.0, min_objects: int = 1) -> dict:
     torch.manual_seed(seed)
     from transformers import SamModel
 
     model = SamModel(tiny_sam_config(size))
+    reset_positional_frequencies(model, pe_scale)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("tiny SAM: %.2fM parameters; rendering %d training scenes", n_params / 1e6, train_images)
-    images, objects = object_pool("train", train_images, size, seed)
+    images, objects = object_pool("train", train_images, size, seed, min_objects)
     rng = np.random.default_rng(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     model.train()
     curve = []
@@ -153,7 +168,7 @@ def train(out: Path, steps: int = 1500, batch: int = 16, lr: float = 1e-3, train
     seconds = time.time() - started
     result = evaluate(model, size)
     save(model, out, {"steps": steps, "batch": batch, "lr": lr, "train_images": train_images, "size": size,
-                      "seed": seed, "parameters": n_params, "train_seconds": round(seconds, 1),
+                      "seed": seed, "pe_scale": pe_scale, "min_objects": min_objects, "parameters": n_params, "train_seconds": round(seconds, 1),
                       "final_loss_mean_last_100": round(float(np.mean(curve[-100:])), 4),
                       "torch_threads": torch.get_num_threads()}, result)
     return result
@@ -190,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--train-images", type=int, default=4000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pe-scale", type=float, default=1.0,
+                        help="std of the position encoding's random frequencies (SAM: 1; transformers' init: width/2)")
+    parser.add_argument("--min-objects", type=int, default=1,
+                        help="fewest objects per training scene (2: no single-object scene rewards masking everything)")
     parser.add_argument("--evaluate-only", action="store_true", help="measure the folder at --out")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -199,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(json.dumps(evaluate(load_sam(args.out).model), indent=1))
         return 0
-    result = train(Path(args.out), args.steps, args.batch, args.lr, args.train_images, seed=args.seed)
+    result = train(Path(args.out), args.steps, args.batch, args.lr, args.train_images, seed=args.seed,
+                   pe_scale=args.pe_scale, min_objects=args.min_objects)
     print(json.dumps(result, indent=1))
     return 0
 
