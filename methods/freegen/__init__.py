@@ -99,14 +99,14 @@ class FreeGen(Method):
         super().__init__(backbone)
         self._sams: dict = {}  # SAM models by source, loaded on first use
         self._modules: dict[str, AsrModule] = {}  # fitted ASR by train-setting key
-        self._keys: dict[tuple, tuple] = {}  # (prompt, layer) -> (keys, scale)
+        self._keys: dict[tuple, torch.Tensor] = {}  # (text, layer) -> per-head keys
 
     def learned(self, cfg: Mapping) -> bool:
         return cfg["asr"] == "learned" and bool(cfg["rectify"])
 
     def train_setting(self, cfg: Mapping) -> TrainSetting | None:
-        """A fit only for the learned ASR (rectify=false or asr=init need none)."""
-        if not self.learned(cfg):
+        """A fit only for the learned ASR (asr=init needs none; rectify=false ignores it)."""
+        if cfg["asr"] != "learned":
             return None
         return TrainSetting(self.name, self.version, tuple((k, cfg[k]) for k in self.train_keys()))
 
@@ -244,24 +244,30 @@ class FreeGen(Method):
         """One recorded step of a trace as ASR's inputs (per-head self-attention, queries, prompt keys)."""
         self_names = self.self_layers(cfg)
         probs = torch.stack([trace.self_attn[n][step] for n in self_names]).float().mean(0)  # (H, N, N)
-        emb, ids = attribution_embedding(self.backbone, trace.prompt, pad=True)
-        tokens = []
+        texts, tokens = [], []  # per class: the text whose keys it is read from, its token positions there
         for name in query.names:
-            idx = token_indices(self.backbone.tokenizer, ids, name)
+            for text in (trace.prompt, cfg["attribution"].format(name=name, prompt=trace.prompt), name):
+                idx = token_indices(self.backbone.tokenizer, self.backbone.tokenize([text])[0].tolist(), name)
+                if idx:  # in the generation prompt, else re-keyed with the attribution text (OVAM), as ASR-off
+                    break
             if not idx:
-                raise ValueError(f"asr=learned re-keys the generation prompt (Eq. 2) and class {name!r} is not in "
-                                 f"{trace.prompt!r}; use asr=init for classes absent from the prompt")
+                raise ValueError(f"class {name!r} has no token of its own in {text!r}")
+            texts.append(text)
             tokens.append(idx)
         queries, keys, scales, grids = {}, {}, {}, {}
         for layer in self.cross_layers(cfg):
             q = trace.queries[layer][step].float()  # (H, N_l, d)
-            cache = (trace.prompt, layer)
-            if cache not in self._keys:
-                module = trace.modules[layer]
-                self._keys[cache] = (prompt_keys(module, emb, q.shape[0]), float(module.scale))
-            keys[layer], scales[layer] = self._keys[cache]
-            queries[layer], grids[layer] = q, trace.spatial_size(layer)
+            module = trace.modules[layer]
+            keys[layer] = [self.text_keys(text, layer, module, q.shape[0]) for text in texts]
+            queries[layer], grids[layer], scales[layer] = q, trace.spatial_size(layer), float(module.scale)
         return AsrInputs(probs, trace.spatial_size(self_names[0]), queries, keys, scales, grids, tokens)
+
+    def text_keys(self, text: str, layer: str, module, heads: int) -> torch.Tensor:
+        """A layer's per-head keys of a padded text (cached: the same tensor for every class that shares it)."""
+        if (text, layer) not in self._keys:
+            emb, _ = attribution_embedding(self.backbone, text, pad=True)
+            self._keys[(text, layer)] = prompt_keys(module, emb, heads)
+        return self._keys[(text, layer)]
 
     def asr_module(self, cfg: Mapping) -> AsrModule:
         key = self.train_setting(cfg).key
@@ -312,7 +318,7 @@ class FreeGen(Method):
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                running += float(loss)
+                running += float(loss.detach())
             mean = ctx.all_sum(torch.tensor([running / steps])) / ctx.world_size
             ctx.log(epoch + 1, float(mean))
             ctx.checkpoint(epoch + 1, {"model": model.state_dict(), "optimizer": opt.state_dict()})

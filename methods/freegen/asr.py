@@ -33,10 +33,11 @@ class AsrInputs:
     self_probs: torch.Tensor  # (H, N, N) rows are queries; N = gh * gw
     grid: tuple[int, int]  # (gh, gw) of the self-attention layers
     queries: dict[str, torch.Tensor]  # cross layer -> (H, N_l, d)
-    keys: dict[str, torch.Tensor]  # cross layer -> (H, T, d), the whole prompt
+    keys: dict[str, list[torch.Tensor]]  # cross layer -> per class (H, T, d): the keys of the text its tokens
+    # are in (the generation prompt, shared by the classes it names; the attribution text otherwise)
     scales: dict[str, float]  # cross layer -> 1 / sqrt(d)
     grids: dict[str, tuple[int, int]]  # cross layer -> (h, w)
-    class_tokens: list[list[int]]  # per class: its token positions in the prompt
+    class_tokens: list[list[int]]  # per class: its token positions in its text
 
 
 def prompt_keys(module, embedding: torch.Tensor, heads: int) -> torch.Tensor:
@@ -52,9 +53,9 @@ class AsrModule(torch.nn.Module):
     def __init__(self, heads: int, positions: int, cross: dict[str, tuple[int, int]]):
         super().__init__()
         self.weights = torch.nn.Parameter(head_mean_weights(heads, positions))
-        self.layers = list(cross)
+        self.layers = sorted(cross)  # the artefact's order (safetensors sorts names): the same float sums
         self.upsilon = torch.nn.ParameterList(
-            [torch.nn.Parameter(torch.eye(d).expand(h, d, d).clone()) for h, d in cross.values()])
+            [torch.nn.Parameter(torch.eye(cross[n][1]).expand(*cross[n], cross[n][1]).clone()) for n in self.layers])
 
     @classmethod
     def like(cls, inputs: AsrInputs) -> "AsrModule":
@@ -75,18 +76,24 @@ class AsrModule(torch.nn.Module):
         module = cls(w.shape[0], w.shape[1], {n: (u.shape[0], u.shape[-1]) for n, u in layers.items()})
         with torch.no_grad():
             module.weights.copy_(w)
-            for p, u in zip(module.upsilon, layers.values()):
-                p.copy_(u)
+            for name, p in zip(module.layers, module.upsilon):
+                p.copy_(layers[name])
         return module
 
     def cross_maps(self, x: AsrInputs) -> torch.Tensor:
         """Eq. 2: (K, gh, gw) class cross-attention, mean over heads, class sub-tokens and layers."""
-        entity = sorted({i for toks in x.class_tokens for i in toks})
         per_layer = []
         for name, upsilon in zip(self.layers, self.upsilon):
-            probs = rekeyed_cross(x.queries[name], x.keys[name], x.scales[name], upsilon, entity)  # (H, N_l, T)
-            maps = torch.stack([probs[..., toks].mean(-1).mean(0) for toks in x.class_tokens])  # (K, N_l)
-            per_layer.append(resize_maps(maps.unflatten(1, x.grids[name]), x.grid))
+            texts: dict[int, list[int]] = {}  # classes sharing one text share its softmax
+            for k, keys in enumerate(x.keys[name]):
+                texts.setdefault(id(keys), []).append(k)
+            maps: list = [None] * len(x.class_tokens)
+            for members in texts.values():
+                entity = sorted({i for k in members for i in x.class_tokens[k]})  # Upsilon re-projects these keys
+                probs = rekeyed_cross(x.queries[name], x.keys[name][members[0]], x.scales[name], upsilon, entity)
+                for k in members:  # (H, N_l, T) -> mean over the class's sub-tokens and the heads
+                    maps[k] = probs[..., x.class_tokens[k]].mean(-1).mean(0)
+            per_layer.append(resize_maps(torch.stack(maps).unflatten(1, x.grids[name]), x.grid))
         return torch.stack(per_layer).mean(0)
 
     def forward(self, x: AsrInputs) -> torch.Tensor:
