@@ -51,6 +51,8 @@ def test_synthesis_writes_a_voc_dataset_the_loader_reads(tmp_path, tiny_model, c
     assert [s["prompt"] for s in card["samples"]][:2] == ["A photograph of a circle", "A photograph of a square"]
     assert card["pseudo_mask_quality"]["all"]["images"] == 5 and 0 <= card["pseudo_mask_quality"]["all"]["mIoU"] <= 100
     assert card["throughput"]["images_per_second"] > 0
+    assert (out / "fit.safetensors").is_file()  # asr=learned: fitted on the training split before generating
+    assert json.loads((out / "fit.json").read_text())["setting"]["values"]["asr"] == "learned"
     voc = build_dataset({"name": "voc2012", "root": str(out), "split": "train"})
     assert len(voc) == 5 and voc.classes[:2] == ["background", "circle"]  # the card's classes, not VOC's
     sample = voc[0]

@@ -56,6 +56,9 @@ class FreeGen(Method):
         "asr": Param("learned", "Attention Self-Rectification: learned (W and Upsilon fitted with Eq. 5 against SAM "
                      "pseudo-masks, the paper) or init (W = 1/H, Upsilon = I: no fit, Table 6's ASR-off rows)",
                      choices=("learned", "init"), kind="train"),
+        "asr_targets": Param("sam", "G_* of Eq. 5: sam (SAM's masks prompted from A_* without ASR, the paper) or "
+                             "attention (A_* without ASR thresholded at fg_threshold: Table 6's SAM-off row)",
+                             choices=("sam", "attention"), kind="train"),
         "asr_images": Param(48, "training images the ASR fit traces (the first of the training split)",
                             kind="train", low=1),
         "asr_epochs": Param(20, "ASR fit epochs (the paper: 20)", kind="train", low=1),
@@ -296,7 +299,8 @@ class FreeGen(Method):
                 step = len(trace.timesteps) - 1 if self._per_step(trace) else 0
                 with torch.no_grad():
                     scores = self.class_scores(trace, query, plain, size)
-                    targets.append(self.sam_logits(trace, cfg, scores) > 0)
+                    targets.append(self.sam_logits(trace, cfg, scores) > 0 if cfg["asr_targets"] == "sam"
+                                   else scores >= cfg["fg_threshold"])
                 inputs.append(self.asr_inputs(trace, query, cfg, step))
         if not inputs:
             raise RuntimeError("asr=learned: no training image with a class in the training split")
