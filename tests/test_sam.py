@@ -21,7 +21,7 @@ def sam():
 def held_out_iou(sam):
     from bench.embedded.sam import evaluate
 
-    return evaluate(sam.model, num_images=30, points=(3,))["mIoU_3pt"]
+    return evaluate(sam.model, num_images=30, points=(3,), dense_points=sam.dense_points)["mIoU_3pt"]
 
 
 def test_shipped_folder_is_a_transformers_sam(sam):
@@ -56,3 +56,14 @@ def test_missing_sam_is_one_line_error(tmp_path):
         load_sam(str(tmp_path))
     with pytest.raises(BenchError, match="local Hugging Face cache"):
         load_sam("nobody/no-such-sam")
+
+
+def test_dense_point_prompt_peaks_at_each_point():
+    import torch
+
+    from bench.embedded.sam import point_blobs
+
+    blobs = point_blobs(torch.tensor([[[3.0, 5.0], [10.0, 1.0]]]), 16, sigma=1.0)
+    assert blobs.shape == (1, 1, 16, 16)
+    assert blobs[0, 0, 5, 3] == 1 and blobs[0, 0, 1, 10] == 1  # (x, y) -> row y, column x
+    assert blobs[0, 0, 12, 12] < 1e-6 and float(blobs.max()) == 1.0
