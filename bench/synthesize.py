@@ -148,7 +148,8 @@ def fit_if_needed(cfg: SweepConfig, params, work: Path) -> dict | None:
 
     method_cls = METHODS.get(cfg.method)
     setting = method_cls().train_setting(params)
-    if setting is None:
+    # a method may ignore its fit in some configurations (FreeGen's rectify=false): no fit to wait for
+    if setting is None or not getattr(method_cls(), "uses_fit", lambda p: True)(params):
         return None
     path = work / FIT
     if path.is_file():

@@ -124,3 +124,13 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(case, tmp_path, capsys,
 def test_usage(capsys):
     code, stdout, _ = cli(capsys)
     assert code == 2 and "usage: python -m bench.synthesize" in stdout
+
+
+def test_no_fit_where_the_configuration_ignores_it(tmp_path, tiny_model, capsys):
+    """Table 6's all-off row (rectify=false) reads no ASR, so synthesis does not fit one; asr=init needs none."""
+    for name, extra in (("off", "params.rectify=false"), ("init", "params.asr=init")):
+        out = tmp_path / name
+        code, _, stderr = cli(capsys, SWEEP, *SMALL, f"model.path={tiny_model}", "ray.num_actors=0", extra,
+                              "data.limit=2", f"output_dir={out}")
+        assert code == 0, stderr[-3000:]
+        assert (out / "dataset.json").is_file() and not (out / "fit.safetensors").exists()

@@ -107,6 +107,10 @@ class FreeGen(Method):
     def learned(self, cfg: Mapping) -> bool:
         return cfg["asr"] == "learned" and bool(cfg["rectify"])
 
+    def uses_fit(self, cfg: Mapping) -> bool:
+        """Whether predictions read the fit (rectify=false ignores ASR; synthesis skips the fit then)."""
+        return self.learned(cfg)
+
     def train_setting(self, cfg: Mapping) -> TrainSetting | None:
         """A fit only for the learned ASR (asr=init needs none; rectify=false ignores it)."""
         if cfg["asr"] != "learned":
