@@ -15,6 +15,10 @@ scored by its Temporal Fluctuation Factor. The result is a PASCAL VOC-layout fol
                                    and the pseudo-masks' mIoU against exact ground truth where the dataset has it
     samples.png                    the first samples with their masks (filtered ones marked red)
 
+A method configuration that needs a fit (FreeGen's learned ASR, `asr=learned`) is fitted first, in this
+process, on the data's training split (`train.split`), and saved as `fit.safetensors` (+ `fit.json`, its
+train setting and loss curve) in the dataset folder; the actors load it. A resumed synthesis reuses it.
+
 It is written under `<out>.partial/` and renamed when complete; each finished batch is a shard, so the same
 command with `output_dir=<out>` resumes an interrupted synthesis without regenerating finished images (a
 changed configuration is refused). The last line on stdout is the dataset folder.
@@ -91,7 +95,7 @@ class SynthesisWorker:
     """Ray Data actor (or an object in this process): backbone and method loaded once; generates and
     annotates a batch of prompts."""
 
-    def __init__(self, cfg: SweepConfig, own_process: bool = True):
+    def __init__(self, cfg: SweepConfig, own_process: bool = True, fit: dict | None = None):
         if own_process and not torch.cuda.is_available():
             torch.set_num_threads(1)
         from bench.models import load_backbone
@@ -100,6 +104,8 @@ class SynthesisWorker:
         self.dataset = build_dataset(cfg.data)
         self.method = METHODS.get(cfg.method)(load_backbone(cfg.model.as_dict()))
         self.params = self.method.resolve(cfg.params)
+        if fit is not None:
+            self.method.load_fit(self.method.train_setting(self.params).key, fit)
         self.request = self.method.trace_request(self.params)
         self.has_gt = generation_gt(self.dataset) == "replay"
 
@@ -132,10 +138,45 @@ def pseudo_mask_histogram(pseudo: np.ndarray, truth: np.ndarray, num_classes: in
     return image_histograms(pseudo, truth, num_classes)
 
 
-def _batches(cfg: SweepConfig, todo: list[int]):
+FIT, FIT_CARD = "fit.safetensors", "fit.json"
+
+
+def fit_if_needed(cfg: SweepConfig, params, work: Path) -> dict | None:
+    """The configuration's fit (None when it needs none): read from `work` when an earlier, interrupted run
+    finished it, else fitted here on the training split and written (temporary name, then renamed)."""
+    from safetensors.torch import load_file, save_file
+
+    method_cls = METHODS.get(cfg.method)
+    setting = method_cls().train_setting(params)
+    # a method may ignore its fit in some configurations (FreeGen's rectify=false): no fit to wait for
+    if setting is None or not getattr(method_cls(), "uses_fit", lambda p: True)(params):
+        return None
+    path = work / FIT
+    if path.is_file():
+        log.info("reusing the fit in %s", path)
+        return load_file(str(path))
+    from bench.config import train_data_config
+    from bench.fitting import LocalFitContext
+    from bench.models import load_backbone
+
+    method = method_cls(load_backbone(cfg.model.as_dict()))
+    train = build_dataset(train_data_config(cfg))
+    log.info("fitting %s (%s) on %d training images", cfg.method, setting.key, len(train))
+    ctx = LocalFitContext(setting, train, method.backbone, int(cfg.model.resolution or 0),
+                          progress=lambda step, loss, series: log.info("fit step %d: loss %.4f", step, loss))
+    started = time.time()
+    tensors = {k: v.contiguous() for k, v in method.fit(ctx).items()}
+    save_file(tensors, str(work / f".{FIT}"))
+    (work / f".{FIT}").rename(path)
+    (work / FIT_CARD).write_text(json.dumps({"setting": setting.as_dict(), "seconds": round(time.time() - started, 1),
+                                             "loss": [[p.step, p.loss] for p in ctx.curve]}, indent=1, default=str))
+    return tensors
+
+
+def _batches(cfg: SweepConfig, todo: list[int], fit: dict | None = None):
     size = int(cfg.ray.batch_size)
     if cfg.ray.num_actors == 0:
-        worker = SynthesisWorker(cfg, own_process=False)
+        worker = SynthesisWorker(cfg, own_process=False, fit=fit)
         for start in range(0, len(todo), size):
             yield worker({"index": np.array(todo[start:start + size], dtype=np.int64)})
         return
@@ -149,7 +190,7 @@ def _batches(cfg: SweepConfig, todo: list[int]):
     ds = ray.data.from_items([{"index": i} for i in todo], override_num_blocks=blocks)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # max_restarts only through the deprecated ray_remote_args path
-        ds = ds.map_batches(SynthesisWorker, fn_constructor_kwargs={"cfg": cfg}, batch_size=size,
+        ds = ds.map_batches(SynthesisWorker, fn_constructor_kwargs={"cfg": cfg, "fit": fit}, batch_size=size,
                             compute=ray.data.ActorPoolStrategy(size=int(cfg.ray.num_actors)),
                             num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1, max_restarts=0)
     yield from ds.iter_batches(batch_size=None, batch_format="numpy")
@@ -232,6 +273,7 @@ def synthesize(sweep_path: str, overrides: list[str]) -> Path:
     except OSError as err:
         raise BenchError(f"cannot write {work}: {err.strerror}; choose a writable output_dir=") from None
     started.write_text(json.dumps({"hash": _resume_hash(cfg), "config": cfg.as_dict()}, default=str))
+    fit = fit_if_needed(cfg, params, work)
     done = {r["index"] for r in read_shards(work)}
     todo = [i for i in range(len(dataset)) if i not in done]
     shard = len(list((work / SHARDS).glob("shard-*.json")))
@@ -240,7 +282,7 @@ def synthesize(sweep_path: str, overrides: list[str]) -> Path:
     try:
         with tqdm(total=len(dataset), initial=len(done), desc=f"{cfg.name} synthesis", unit="img",
                   dynamic_ncols=True) as bar:
-            for batch in _batches(cfg, todo) if todo else []:
+            for batch in _batches(cfg, todo, fit) if todo else []:
                 write_batch(work, cfg, dataset, batch, shard)
                 finished_at.append((time.time(), len(batch["index"])))
                 shard += 1

@@ -81,7 +81,7 @@ def test_synthetic_mask_on_a_tiny_generation_trace(tiny):
     from methods import METHODS
 
     method = METHODS.get("freegen")(tiny)
-    cfg = method.resolve({"mode": "generation", "steps": 4})
+    cfg = method.resolve({"mode": "generation", "steps": 4, "asr": "init"})
     data = build_dataset({"name": "voc_sim", "seeds_per_class": 1, "size": 32, "limit": 2})
     batch = trace_samples(method, data, [data[0], data[1]], cfg, 0, method.trace_request(cfg))
     for sample, query, trace in zip([data[0], data[1]], batch.queries, batch.traces):
@@ -100,10 +100,81 @@ def test_sam_pseudo_masks_on_a_tiny_trace(tiny):
     from methods import METHODS
 
     method = METHODS.get("freegen")(tiny)
-    cfg = method.resolve({"mode": "generation", "steps": 2, "pseudo_masks": "sam"})
+    cfg = method.resolve({"mode": "generation", "steps": 2, "pseudo_masks": "sam", "asr": "init"})
     data = build_dataset({"name": "voc_sim", "seeds_per_class": 1, "size": 32, "limit": 1})
     batch = trace_samples(method, data, [data[0]], cfg, 0, method.trace_request(cfg))
     mask = method.synthetic_mask(batch.traces[0], batch.queries[0], cfg, (32, 32))
     assert set(np.unique(mask.label)) <= {0, *batch.queries[0].ids}  # SAM's masks: no ignore band
     pred = method.predict(batch.traces[0], batch.queries[0], cfg, (32, 32))
     assert torch.equal(pred.labels, torch.from_numpy(mask.label.astype(np.int64)))
+
+
+# -- learned ASR (methods/freegen/asr.py) ---------------------------------------------------------------------------
+def _toy_inputs(seed: int = 0, heads: int = 2, grid=(4, 4), tokens: int = 5, d: int = 3):
+    from methods.freegen.asr import AsrInputs
+
+    g = torch.Generator().manual_seed(seed)
+    n = grid[0] * grid[1]
+    probs = torch.randn(heads, n, n, generator=g).softmax(-1)
+    q = {"a": torch.randn(heads, n, d, generator=g), "b": torch.randn(heads, 4, d, generator=g)}
+    ka, kb = torch.randn(heads, tokens, d, generator=g), torch.randn(heads, tokens, d, generator=g)
+    k = {"a": [ka, ka], "b": [kb, kb]}  # both classes named by one prompt
+    return AsrInputs(probs, grid, q, k, {"a": 0.5, "b": 0.5}, {"a": grid, "b": (2, 2)}, [[1], [2, 3]])
+
+
+def test_asr_at_initialisation_is_the_head_mean_rule():
+    from methods.freegen.asr import AsrModule
+    from methods.maps import resize_maps
+
+    x = _toy_inputs()
+    a_star = AsrModule.like(x)(x)
+    cross = []
+    for layer in ("a", "b"):
+        probs = rekeyed_cross(x.queries[layer], x.keys[layer][0], 0.5)  # the UNet's own attention
+        maps = torch.stack([probs[..., t].mean(-1).mean(0) for t in x.class_tokens]).unflatten(1, x.grids[layer])
+        cross.append(resize_maps(maps, x.grid))
+    a_c = torch.stack(cross).mean(0).flatten(1).T  # (N, K)
+    want = rectified_attention(x.self_probs.mean(0), a_c).T.unflatten(1, x.grid)
+    assert torch.allclose(a_star, want, atol=1e-6)
+
+
+def test_asr_fit_lowers_eq5_and_round_trips_through_its_artefact():
+    from methods.freegen.asr import AsrModule, asr_loss
+
+    x = _toy_inputs(1)
+    target = torch.zeros(2, 8, 8, dtype=torch.bool)
+    target[0, :4, :4] = True
+    target[1, 4:, 4:] = True
+    model = AsrModule.like(x)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    with torch.no_grad():
+        first = float(asr_loss(model(x), target))
+    for _ in range(60):
+        loss = asr_loss(model(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        assert float(asr_loss(model(x), target)) < 0.8 * first
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())  # W and every Upsilon
+    again = AsrModule.from_tensors(dict(reversed(model.state_tensors().items())))  # matched by name, not order
+    assert torch.equal(again(x), model(x))
+
+
+def test_learned_path_at_initialisation_matches_asr_off_on_a_tiny_trace(tiny):
+    from bench.data import build_dataset
+    from bench.evaluate import trace_samples
+    from methods import METHODS
+    from methods.freegen.asr import AsrModule
+
+    method = METHODS.get("freegen")(tiny)
+    cfg = method.resolve({"mode": "generation", "steps": 3})
+    assert method.train_setting(cfg) is not None and method.train_setting(cfg.replace(asr="init")) is None
+    data = build_dataset({"name": "voc_sim", "seeds_per_class": 1, "size": 32, "limit": 1})
+    batch = trace_samples(method, data, [data[0]], cfg, 0, method.trace_request(cfg))
+    query, trace = batch.queries[0], batch.traces[0]
+    x = method.asr_inputs(trace, query, cfg, 2)
+    plain = method.rectified(trace, query, cfg.replace(asr="init"), [2])[0]
+    assert torch.allclose(AsrModule.like(x)(x), plain, atol=1e-6)
+    method.load_fit(method.train_setting(cfg).key, AsrModule.like(x).state_tensors())
+    assert torch.allclose(method.rectified(trace, query, cfg, [2])[0], plain, atol=1e-6)

@@ -51,6 +51,8 @@ def test_synthesis_writes_a_voc_dataset_the_loader_reads(tmp_path, tiny_model, c
     assert [s["prompt"] for s in card["samples"]][:2] == ["A photograph of a circle", "A photograph of a square"]
     assert card["pseudo_mask_quality"]["all"]["images"] == 5 and 0 <= card["pseudo_mask_quality"]["all"]["mIoU"] <= 100
     assert card["throughput"]["images_per_second"] > 0
+    assert (out / "fit.safetensors").is_file()  # asr=learned: fitted on the training split before generating
+    assert json.loads((out / "fit.json").read_text())["setting"]["values"]["asr"] == "learned"
     voc = build_dataset({"name": "voc2012", "root": str(out), "split": "train"})
     assert len(voc) == 5 and voc.classes[:2] == ["background", "circle"]  # the card's classes, not VOC's
     sample = voc[0]
@@ -122,3 +124,13 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(case, tmp_path, capsys,
 def test_usage(capsys):
     code, stdout, _ = cli(capsys)
     assert code == 2 and "usage: python -m bench.synthesize" in stdout
+
+
+def test_no_fit_where_the_configuration_ignores_it(tmp_path, tiny_model, capsys):
+    """Table 6's all-off row (rectify=false) reads no ASR, so synthesis does not fit one; asr=init needs none."""
+    for name, extra in (("off", "params.rectify=false"), ("init", "params.asr=init")):
+        out = tmp_path / name
+        code, _, stderr = cli(capsys, SWEEP, *SMALL, f"model.path={tiny_model}", "ray.num_actors=0", extra,
+                              "data.limit=2", f"output_dir={out}")
+        assert code == 0, stderr[-3000:]
+        assert (out / "dataset.json").is_file() and not (out / "fit.safetensors").exists()

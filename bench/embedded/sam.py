@@ -37,6 +37,7 @@ log = logging.getLogger("bench.embedded.sam")
 SAM_DIR = Path(__file__).parent / "sam"
 IMAGE_MEAN = (0.485, 0.456, 0.406)  # SAM's image processor normalisation (ImageNet)
 IMAGE_STD = (0.229, 0.224, 0.225)
+POINT_SIGMA = 2.0  # pixels of the dense point prompt's Gaussians at the mask-prompt resolution
 
 
 def tiny_sam_config(size: int = 64, width: int = 64):
@@ -53,6 +54,19 @@ def tiny_sam_config(size: int = 64, width: int = 64):
                      mask_decoder_config=decoder.to_dict(), initializer_range=0.02)
 
 
+def reset_positional_frequencies(model, scale: float = 1.0) -> None:
+    """SAM's random Fourier position encoding (shared by the image's dense positions and the prompt points)
+    draws its frequencies as scale * N(0, 1) with scale = 1 (the released code's `PositionEmbeddingRandom`,
+    a fixed buffer). transformers' `SamVisionConfig` sets scale = hidden_size // 2 (32 at width 64) and makes it
+    a trainable parameter, which only matters when training from scratch: at 32 cycles per unit a 64 px image
+    aliases at one pixel, so a point's encoding says almost nothing about where it is (the 47.7-IoU tiny SAM
+    shipped before had this). Redrawn at `scale` and frozen, as in SAM."""
+    pe = model.shared_image_embedding.positional_embedding
+    with torch.no_grad():
+        pe.copy_(torch.randn(pe.shape) * scale)
+    pe.requires_grad_(False)
+
+
 def pixel_values(images: np.ndarray) -> torch.Tensor:
     """(B, H, W, 3) uint8 -> SAM's normalised (B, 3, H, W) float input."""
     x = torch.from_numpy(np.ascontiguousarray(images)).float().div(255).permute(0, 3, 1, 2)
@@ -60,9 +74,10 @@ def pixel_values(images: np.ndarray) -> torch.Tensor:
     return (x - mean) / std
 
 
-def object_pool(split: str, num_images: int, size: int, seed: int) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
+def object_pool(split: str, num_images: int, size: int, seed: int, min_objects: int = 1
+                ) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
     """Rendered scenes and their objects: images (N, H, W, 3) and [(image index, boolean mask)]."""
-    data = ShapesDataset(num_images=num_images, size=size, seed=seed, split=split)
+    data = ShapesDataset(num_images=num_images, size=size, seed=seed, split=split, min_objects=min_objects)
     images, objects = [], []
     for i in range(num_images):
         layout = data.layout(i)
@@ -81,10 +96,29 @@ def sample_points(mask: np.ndarray, n: int, rng: np.random.Generator) -> np.ndar
     return np.stack([xs[pick], ys[pick]], 1).astype(np.float32)
 
 
-def predict_masks(model, images: torch.Tensor, points: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Single-mask logits (B, H, W) at the input resolution; points (B, n, 2) in pixels, labels (B, n)."""
+def point_blobs(points: torch.Tensor, size: int, sigma: float = POINT_SIGMA) -> torch.Tensor:
+    """SAM's dense (mask) prompt drawn from point prompts: (B, n, 2) pixel (x, y) -> (B, 1, size, size), the
+    maximum over the points of a Gaussian of `sigma` pixels (1 at each point). Why: the sparse point tokens
+    alone were not learned by the tiny SAM (it masked every object whatever the prompt, 47 IoU); the same
+    points as a mask prompt are added to the image embedding where they are."""
+    grid = torch.arange(size, dtype=torch.float32) + 0.5
+    yy, xx = torch.meshgrid(grid, grid, indexing="ij")
+    px, py = (points[..., 0] + 0.5)[..., None, None], (points[..., 1] + 0.5)[..., None, None]
+    d2 = (xx - px) ** 2 + (yy - py) ** 2  # (B, n, size, size)
+    return torch.exp(-d2 / (2 * sigma ** 2)).amax(1, keepdim=True)
+
+
+def predict_masks(model, images: torch.Tensor, points: torch.Tensor, labels: torch.Tensor,
+                  dense_points: bool = False) -> torch.Tensor:
+    """Single-mask logits (B, H, W) at the input resolution; points (B, n, 2) in pixels, labels (B, n);
+    dense_points: the foreground points also as SAM's mask prompt (`point_blobs`)."""
+    masks = None
+    if dense_points:
+        size = int(model.config.prompt_encoder_config.image_embedding_size) * 4
+        scale = size / images.shape[-1]
+        masks = point_blobs(points * scale, size) * (labels[:, :, None, None] == 1).any(1, keepdim=True)
     out = model(pixel_values=images, input_points=points[:, None], input_labels=labels[:, None],
-                multimask_output=False)
+                input_masks=masks, multimask_output=False)
     logits = out.pred_masks[:, 0, 0]  # (B, h, w): 4x the embedding grid
     if logits.shape[-2:] != images.shape[-2:]:
         logits = F.interpolate(logits[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
@@ -100,7 +134,8 @@ def mask_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, size: int = 64, num_images: int = 200, seed: int = 0, points: tuple[int, ...] = (1, 3)) -> dict:
+def evaluate(model, size: int = 64, num_images: int = 200, seed: int = 0, points: tuple[int, ...] = (1, 3),
+             dense_points: bool = False) -> dict:
     """Mean IoU of point-prompted masks (logit > 0) on shapes val scenes (held out from training)."""
     model.eval()
     images, objects = object_pool("val", num_images, size, seed)
@@ -112,7 +147,7 @@ def evaluate(model, size: int = 64, num_images: int = 200, seed: int = 0, points
             chunk = objects[start:start + 64]
             pv = pixel_values(images[[i for i, _ in chunk]])
             pts = torch.from_numpy(np.stack([sample_points(m, n, rng) for _, m in chunk]))
-            pred = predict_masks(model, pv, pts, torch.ones(len(chunk), n, dtype=torch.long)) > 0
+            pred = predict_masks(model, pv, pts, torch.ones(len(chunk), n, dtype=torch.long), dense_points) > 0
             truth = torch.from_numpy(np.stack([m for _, m in chunk]))
             inter = (pred & truth).flatten(1).sum(1).float()
             union = (pred | truth).flatten(1).sum(1).float().clamp_min(1)
@@ -121,17 +156,19 @@ def evaluate(model, size: int = 64, num_images: int = 200, seed: int = 0, points
     return out
 
 
-def train(out: Path, steps: int = 1500, batch: int = 16, lr: float = 1e-3, train_images: int = 4000,
-          size: int = 64, seed: int = 0) -> dict:
+def train(out: Path, steps: int = 700, batch: int = 16, lr: float = 1e-3, train_images: int = 4000,
+          size: int = 64, seed: int = 0, pe_scale: float = 1.0, min_objects: int = 2,
+          dense_points: bool = True) -> dict:
     torch.manual_seed(seed)
     from transformers import SamModel
 
     model = SamModel(tiny_sam_config(size))
+    reset_positional_frequencies(model, pe_scale)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("tiny SAM: %.2fM parameters; rendering %d training scenes", n_params / 1e6, train_images)
-    images, objects = object_pool("train", train_images, size, seed)
+    images, objects = object_pool("train", train_images, size, seed, min_objects)
     rng = np.random.default_rng(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     model.train()
     curve = []
@@ -143,7 +180,7 @@ def train(out: Path, steps: int = 1500, batch: int = 16, lr: float = 1e-3, train
         pv = pixel_values(images[[i for i, _ in chunk]])
         pts = torch.from_numpy(np.stack([sample_points(m, n, rng) for _, m in chunk]))
         target = torch.from_numpy(np.stack([m for _, m in chunk])).float()
-        loss = mask_loss(predict_masks(model, pv, pts, torch.ones(batch, n, dtype=torch.long)), target)
+        loss = mask_loss(predict_masks(model, pv, pts, torch.ones(batch, n, dtype=torch.long), dense_points), target)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -151,9 +188,9 @@ def train(out: Path, steps: int = 1500, batch: int = 16, lr: float = 1e-3, train
         sched.step()
         curve.append(float(loss))
     seconds = time.time() - started
-    result = evaluate(model, size)
+    result = evaluate(model, size, dense_points=dense_points)
     save(model, out, {"steps": steps, "batch": batch, "lr": lr, "train_images": train_images, "size": size,
-                      "seed": seed, "parameters": n_params, "train_seconds": round(seconds, 1),
+                      "seed": seed, "pe_scale": pe_scale, "min_objects": min_objects, "dense_points": dense_points, "parameters": n_params, "train_seconds": round(seconds, 1),
                       "final_loss_mean_last_100": round(float(np.mean(curve[-100:])), 4),
                       "torch_threads": torch.get_num_threads()}, result)
     return result
@@ -185,11 +222,17 @@ def save(model, out: Path, recipe: dict, result: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--out", default=str(SAM_DIR))
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=700)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--train-images", type=int, default=4000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pe-scale", type=float, default=1.0,
+                        help="std of the position encoding's random frequencies (SAM: 1; transformers' init: width/2)")
+    parser.add_argument("--min-objects", type=int, default=2,
+                        help="fewest objects per training scene (2: no single-object scene rewards masking everything)")
+    parser.add_argument("--sparse-only", action="store_true",
+                        help="point prompts as SAM's sparse tokens only (no dense point prompt)")
     parser.add_argument("--evaluate-only", action="store_true", help="measure the folder at --out")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -197,9 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.evaluate_only:
         from bench.models.sam import load_sam
 
-        print(json.dumps(evaluate(load_sam(args.out).model), indent=1))
+        sam = load_sam(args.out)
+        print(json.dumps(evaluate(sam.model, dense_points=sam.dense_points), indent=1))
         return 0
-    result = train(Path(args.out), args.steps, args.batch, args.lr, args.train_images, seed=args.seed)
+    result = train(Path(args.out), args.steps, args.batch, args.lr, args.train_images, seed=args.seed,
+                   pe_scale=args.pe_scale, min_objects=args.min_objects, dense_points=not args.sparse_only)
     print(json.dumps(result, indent=1))
     return 0
 

@@ -6,11 +6,14 @@
 
 `SamSegmenter.mask(image, points)` follows SAM's preprocessing: the longest side resized to the model's input
 size, padded at the bottom/right, ImageNet normalisation; points (x, y) in image pixels are scaled the same
-way; the mask logits are cropped and resized back, mask = logit > 0.
+way; the mask logits are cropped and resized back, mask = logit > 0. A folder trained with dense point
+prompts (`"dense_points": true` in its train_config.json: the embedded SAM) also gets the points as SAM's mask
+prompt (`bench.embedded.sam.point_blobs`).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +33,7 @@ EMBEDDED_SAM = Path(__file__).resolve().parent.parent / "embedded" / "sam"
 class SamSegmenter:
     model: torch.nn.Module
     source: str
+    dense_points: bool = False  # the points also as the mask prompt (how the embedded SAM was trained)
 
     @property
     def input_size(self) -> int:
@@ -60,8 +64,15 @@ class SamSegmenter:
         pv, scale, (nh, nw) = self._prepare(image)
         pts = torch.tensor(points, dtype=torch.float32)[None, None] * scale
         lab = torch.tensor(labels if labels is not None else [1] * len(points), dtype=torch.long)[None, None]
+        masks = None
+        if self.dense_points:
+            from bench.embedded.sam import point_blobs
+
+            size = int(self.model.config.prompt_encoder_config.image_embedding_size) * 4
+            fg = pts[0, 0][lab[0, 0] == 1][None] * (size / self.input_size)
+            masks = point_blobs(fg, size).to(self.device) if len(fg[0]) else None
         out = self.model(pixel_values=pv[None].to(self.device), input_points=pts.to(self.device),
-                         input_labels=lab.to(self.device), multimask_output=False)
+                         input_labels=lab.to(self.device), input_masks=masks, multimask_output=False)
         low = out.pred_masks[0, 0, :1].float()  # (1, h, w) over the padded input
         full = F.interpolate(low[None], size=(self.input_size, self.input_size), mode="bilinear",
                              align_corners=False)[0, :, :nh, :nw]
@@ -93,4 +104,6 @@ def load_sam(source: str = "embedded", device: str = "cpu") -> SamSegmenter:
     except OSError:
         raise BenchError(f"SAM {source!r} is neither a local folder nor in the local Hugging Face cache; "
                          f"download it first or use sam=embedded") from None
-    return SamSegmenter(model.to(device).eval(), source)
+    recipe = Path(where) / "train_config.json"
+    dense = bool(json.loads(recipe.read_text()).get("dense_points", False)) if recipe.is_file() else False
+    return SamSegmenter(model.to(device).eval(), source, dense)

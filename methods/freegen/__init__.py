@@ -9,9 +9,13 @@ timestep") or from the mean over steps (`mask_step`). The Temporal Fluctuation F
 absolute deviation of the masks at `tff_k` uniformly spaced steps from their mean; `python -m
 bench.synthesize` drops samples whose TFF exceeds `tff_threshold` when `tff` is on.
 
-With W = 1/H and Upsilon = I (their initialisations) ASR reduces to the head-mean self-attention times the
-UNet's own cross-attention: what this method computes (Table 6's "ASR off" rows; with self_power=4 and mean
-over steps it is Dataset Diffusion's rule). Options and their sources are listed in methods/README.md.
+ASR (`asr=learned`, the paper's method and the default): W (Eq. 1) and Upsilon (Eq. 2) are fitted by the fit
+stage with Eq. 5's BCE against SAM's masks G_*, SAM prompted with the `sam_points` strongest / farthest points of
+each class map of A_* *without* ASR (`asr.py`, `fit`); the fit traces `asr_images` training images with the
+configuration's forward parameters. With `asr=init`, W = 1/H and Upsilon = I (their initialisations) and ASR
+reduces to the head-mean self-attention times the UNet's own cross-attention (Table 6's "ASR off" rows; with
+self_power=4 and mean over steps it is Dataset Diffusion's rule); no fit. Options and their sources are listed
+in methods/README.md.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ import numpy as np
 import torch
 
 from bench.trace import Trace, TraceRequest, request
-from methods.attribution import AttributionSource, attn_layers
-from methods.base import ClassQuery, Method, Param, Prediction, register_method
+from methods.attribution import AttributionSource, attn_layers, attribution_embedding, token_indices
+from methods.base import ClassQuery, Method, Param, Prediction, TrainSetting, register_method
+from methods.freegen.asr import AsrInputs, AsrModule, asr_loss, prompt_keys
 from methods.freegen.rectify import (adaptive_self_attention, normalise, one_hot, pseudo_label,
                                      rectified_attention, strongest_far_points, temporal_fluctuation,
                                      uniform_steps)
@@ -46,8 +51,20 @@ class SyntheticMask:
 
 @register_method("freegen")
 class FreeGen(Method):
-    version = "1"
+    version = "2"
     params = {
+        "asr": Param("learned", "Attention Self-Rectification: learned (W and Upsilon fitted with Eq. 5 against SAM "
+                     "pseudo-masks, the paper) or init (W = 1/H, Upsilon = I: no fit, Table 6's ASR-off rows)",
+                     choices=("learned", "init"), kind="train"),
+        "asr_targets": Param("sam", "G_* of Eq. 5: sam (SAM's masks prompted from A_* without ASR, the paper) or "
+                             "attention (A_* without ASR thresholded at fg_threshold: Table 6's SAM-off row)",
+                             choices=("sam", "attention"), kind="train"),
+        "asr_images": Param(48, "training images the ASR fit traces (the first of the training split)",
+                            kind="train", low=1),
+        "asr_epochs": Param(20, "ASR fit epochs (the paper: 20)", kind="train", low=1),
+        "asr_batch": Param(4, "ASR fit batch size (the paper: 4)", kind="train", low=1),
+        "asr_lr": Param(1e-4, "ASR fit Adam learning rate (the paper: 1e-4, betas 0.9 / 0.999)", kind="train",
+                        positive=True),
         **{k: PROMPT_PARAMS[k] for k in ("prompt", "template", "attribution")},
         "cross_blocks": Param("16+32", "cross-attention layers whose class maps are rectified (SD resolution "
                               "names; Dataset Diffusion: 16 and 32)", choices=RESOLUTIONS),
@@ -76,9 +93,33 @@ class FreeGen(Method):
                                "of the embedded model)"),
     }
 
+    # the fit traces its images with these and reads G_* off the ASR-off maps they define
+    fit_reads = ("mode", "timestep", "steps", "scheduler", "guidance", "prompt", "template", "attribution",
+                 "cross_blocks", "self_blocks", "sam", "sam_points", "fg_threshold")
+    tester_params = {"asr_images": 2, "asr_epochs": 2, "asr_batch": 1}
+
     def __init__(self, backbone=None):
         super().__init__(backbone)
         self._sams: dict = {}  # SAM models by source, loaded on first use
+        self._modules: dict[str, AsrModule] = {}  # fitted ASR by train-setting key
+        self._keys: dict[tuple, torch.Tensor] = {}  # (text, layer) -> per-head keys
+
+    def learned(self, cfg: Mapping) -> bool:
+        return cfg["asr"] == "learned" and bool(cfg["rectify"])
+
+    def uses_fit(self, cfg: Mapping) -> bool:
+        """Whether predictions read the fit (rectify=false ignores ASR; synthesis skips the fit then)."""
+        return self.learned(cfg)
+
+    def train_setting(self, cfg: Mapping) -> TrainSetting | None:
+        """A fit only for the learned ASR (asr=init needs none; rectify=false ignores it)."""
+        if cfg["asr"] != "learned":
+            return None
+        return TrainSetting(self.name, self.version, tuple((k, cfg[k]) for k in self.train_keys()))
+
+    def load_fit(self, key, tensors):
+        super().load_fit(key, tensors)
+        self._modules.pop(key, None)
 
     # -- what to run ---------------------------------------------------------------------------------------
     def cross_layers(self, cfg: Mapping) -> list[str]:
@@ -91,6 +132,8 @@ class FreeGen(Method):
         cross = self.cross_layers(cfg)
         # classes absent from the prompt are re-keyed from stored queries (OVAM's attribution)
         absent = cfg["classes"] == "all" or cfg["mode"] == "inversion" and cfg["prompt"] == "caption"
+        if self.learned(cfg):  # Eq. 2 re-keys the stored queries; Eq. 1 weights each head
+            return request(cross=cross, queries=cross, self_attn=self.self_layers(cfg), self_per_head=True)
         return request(cross=cross, queries=cross if absent else (), self_attn=self.self_layers(cfg))
 
     def prompt(self, query: ClassQuery, caption: str | None, cfg: Mapping) -> str:
@@ -101,6 +144,13 @@ class FreeGen(Method):
                   ) -> torch.Tensor:
         """A_* (Eq. 3) per recorded step: (S', K, h, w) at the self-attention grid, un-normalised; `steps`
         selects recorded steps (None: all)."""
+        if self.learned(cfg):
+            module = self.asr_module(cfg)
+            chosen = range(len(trace.timesteps)) if steps is None else steps
+            if not self._per_step(trace):
+                chosen = [0]
+            with torch.no_grad():
+                return torch.stack([module(self.asr_inputs(trace, query, cfg, s)) for s in chosen])
         self_names = self.self_layers(cfg)
         grid = trace.spatial_size(self_names[0])
         selfs = [trace.self_attn[n] for n in self_names]  # (S, H, N, N) each
@@ -171,8 +221,16 @@ class FreeGen(Method):
         """G_* (FreeGen Sec. 3, Training Strategy): per class, SAM prompted with the `sam_points` strongest /
         farthest points of its map; a pixel takes the class whose SAM mask logit is highest among those > 0,
         background elsewhere. scores: (K, H, W) at the output size."""
+        best, arg = self.sam_logits(trace, cfg, scores).max(0)
+        labels = torch.tensor(query.ids, dtype=torch.long)[arg]
+        labels[best <= 0] = 0
+        return labels
+
+    def sam_logits(self, trace: Trace, cfg: Mapping, scores: torch.Tensor) -> torch.Tensor:
+        """SAM's mask logits (K, H, W) of each class, prompted with the strongest / farthest points of its
+        normalised map in `scores` (K, H, W)."""
         if trace.image is None:
-            raise ValueError("pseudo_masks=sam needs the traced image")
+            raise ValueError("SAM pseudo-masks need the traced image")
         from bench.models.sam import load_sam
 
         if cfg["sam"] not in self._sams:
@@ -182,11 +240,94 @@ class FreeGen(Method):
         h, w = scores.shape[-2:]
         sy, sx = image.shape[0] / h, image.shape[1] / w
         logits = []
-        for k in range(len(query.ids)):
+        for k in range(scores.shape[0]):
             points = [((x + 0.5) * sx, (y + 0.5) * sy) for x, y in strongest_far_points(scores[k], cfg["sam_points"],
                                                                                    cfg["fg_threshold"])]
             logits.append(resize_maps(sam.logits(image, points), (h, w)))
-        best, arg = torch.stack(logits).max(0)
-        labels = torch.tensor(query.ids, dtype=torch.long)[arg]
-        labels[best <= 0] = 0
-        return labels
+        return torch.stack(logits)
+
+    # -- learned ASR (asr.py) ------------------------------------------------------------------------------------
+    def asr_inputs(self, trace: Trace, query: ClassQuery, cfg: Mapping, step: int) -> AsrInputs:
+        """One recorded step of a trace as ASR's inputs (per-head self-attention, queries, prompt keys)."""
+        self_names = self.self_layers(cfg)
+        probs = torch.stack([trace.self_attn[n][step] for n in self_names]).float().mean(0)  # (H, N, N)
+        texts, tokens = [], []  # per class: the text whose keys it is read from, its token positions there
+        for name in query.names:
+            for text in (trace.prompt, cfg["attribution"].format(name=name, prompt=trace.prompt), name):
+                idx = token_indices(self.backbone.tokenizer, self.backbone.tokenize([text])[0].tolist(), name)
+                if idx:  # in the generation prompt, else re-keyed with the attribution text (OVAM), as ASR-off
+                    break
+            if not idx:
+                raise ValueError(f"class {name!r} has no token of its own in {text!r}")
+            texts.append(text)
+            tokens.append(idx)
+        queries, keys, scales, grids = {}, {}, {}, {}
+        for layer in self.cross_layers(cfg):
+            q = trace.queries[layer][step].float()  # (H, N_l, d)
+            module = trace.modules[layer]
+            keys[layer] = [self.text_keys(text, layer, module, q.shape[0]) for text in texts]
+            queries[layer], grids[layer], scales[layer] = q, trace.spatial_size(layer), float(module.scale)
+        return AsrInputs(probs, trace.spatial_size(self_names[0]), queries, keys, scales, grids, tokens)
+
+    def text_keys(self, text: str, layer: str, module, heads: int) -> torch.Tensor:
+        """A layer's per-head keys of a padded text (cached: the same tensor for every class that shares it)."""
+        if (text, layer) not in self._keys:
+            emb, _ = attribution_embedding(self.backbone, text, pad=True)
+            self._keys[(text, layer)] = prompt_keys(module, emb, heads)
+        return self._keys[(text, layer)]
+
+    def asr_module(self, cfg: Mapping) -> AsrModule:
+        key = self.train_setting(cfg).key
+        if key not in self._modules:
+            self._modules[key] = AsrModule.from_tensors(self.artefact(cfg))
+        return self._modules[key]
+
+    def fit(self, ctx) -> dict[str, torch.Tensor]:
+        """Eq. 5 on the first `asr_images` training images: each traced once (last denoising step, the paper's
+        Training Strategy), G_* = SAM's masks prompted from A_* without ASR; Adam over W and Upsilon, a
+        checkpoint after every epoch."""
+        from bench.evaluate import trace_samples
+
+        cfg = self.resolve(dict(ctx.values))
+        plain = cfg.replace(asr="init")
+        req = self.trace_request(cfg)
+        inputs, targets = [], []
+        indices = ctx.shard(list(range(min(cfg["asr_images"], len(ctx.dataset)))))
+        for start in range(0, len(indices), 4):
+            samples = [ctx.dataset[i] for i in indices[start:start + 4]]
+            batch = trace_samples(self, ctx.dataset, samples, cfg, 0, req, ctx.resolution, classes="gt")
+            for query, trace in zip(batch.queries, batch.traces):
+                if not query.ids or trace.image is None:
+                    continue
+                size = tuple(np.asarray(trace.image).shape[:2])
+                step = len(trace.timesteps) - 1 if self._per_step(trace) else 0
+                with torch.no_grad():
+                    scores = self.class_scores(trace, query, plain, size)
+                    targets.append(self.sam_logits(trace, cfg, scores) > 0 if cfg["asr_targets"] == "sam"
+                                   else scores >= cfg["fg_threshold"])
+                inputs.append(self.asr_inputs(trace, query, cfg, step))
+        if not inputs:
+            raise RuntimeError("asr=learned: no training image with a class in the training split")
+        model = AsrModule.like(inputs[0])
+        trained = ctx.prepare(model)
+        opt = torch.optim.Adam(model.parameters(), lr=cfg["asr_lr"], betas=(0.9, 0.999))
+        start = ctx.resume(model=model, optimizer=opt)
+        total = int(ctx.all_sum(torch.tensor([float(len(inputs))])).item())
+        steps = -(-total // (ctx.world_size * cfg["asr_batch"]))  # equal on every worker (DDP)
+        ctx.start(cfg["asr_epochs"])
+        for epoch in range(start, cfg["asr_epochs"]):
+            gen = torch.Generator().manual_seed(1_000 + epoch)
+            order = torch.randperm(len(inputs), generator=gen).tolist()
+            order = (order * (steps * cfg["asr_batch"] // len(order) + 1))[:steps * cfg["asr_batch"]]
+            running = 0.0
+            for b in range(steps):
+                chunk = order[b * cfg["asr_batch"]:(b + 1) * cfg["asr_batch"]]
+                loss = sum(asr_loss(trained(inputs[i]), targets[i]) for i in chunk) / len(chunk)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                running += float(loss.detach())
+            mean = ctx.all_sum(torch.tensor([running / steps])) / ctx.world_size
+            ctx.log(epoch + 1, float(mean))
+            ctx.checkpoint(epoch + 1, {"model": model.state_dict(), "optimizer": opt.state_dict()})
+        return model.state_tensors()
