@@ -160,3 +160,21 @@ def test_killed_run_resumes_without_refitting_finished_settings(tmp_path, tiny_m
         weights = load_file(fit_dir / "weights.safetensors")
         alone = local_fit(tiny_model, {**PROBE, "lr": config["setting"]["values"]["lr"]})
         assert all(torch.equal(weights[k], alone[k]) for k in ("weight", "bias"))  # bit for bit
+
+
+def test_train_source_defaults_and_enters_the_fit_hash(tmp_path):
+    """`train.data` replaces the evaluated dataset as the fit's training data: its split defaults to
+    train.split and its limit to every image; it is in the fit hash and the run's config."""
+    from bench.config import compose, train_data_config
+    from bench.plan import make_plan
+
+    sweep = ROOT / "sweeps/linear_probe.yaml"
+    own = compose(sweep, [])
+    other = compose(sweep, ["train.data={name: shapes, size: 64, seed: 3}"])
+    assert train_data_config(own) == {**own.data, "split": "train", "limit": None}
+    assert train_data_config(other) == {"name": "shapes", "size": 64, "seed": 3, "split": "train", "limit": None}
+    assert other.as_dict()["train"]["data"] == {"name": "shapes", "size": 64, "seed": 3}
+    split = compose(sweep, ["train.data={name: shapes, split: test, limit: 5}"])
+    assert train_data_config(split) == {"name": "shapes", "split": "test", "limit": 5}
+    hashes = {make_plan(c).fits[0].hash for c in (own, other, split)}
+    assert len(hashes) == 3
