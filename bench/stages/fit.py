@@ -187,7 +187,7 @@ def train_loop(config: dict) -> None:
     model_cfg = cfg.model.as_dict()
     model_cfg["device"] = str(ray.train.torch.get_device()) if cfg.train.use_gpu else "cpu"
     backbone = load_backbone(model_cfg)
-    dataset = build_dataset(train_data_config(cfg))
+    dataset = build_dataset(config["data"])
     method = METHODS.get(cfg.method)(backbone)
     ctx = RayFitContext(config["setting"], dataset, backbone, int(cfg.model.resolution or 0),
                         Path(config["fit_dir"]), config["fault"])
@@ -278,6 +278,17 @@ def copy_fit(source: Path, fit_dir: Path) -> None:
     tmp.rename(fit_dir)
 
 
+PATH_OPTIONS = ("root", "captions", "image_list")  # dataset options that name files
+
+
+def worker_data_config(cfg: SweepConfig) -> dict:
+    """The training data's options with relative paths made absolute on the driver: Ray Train workers run in
+    their own working directory, where `synthetic/x` means nothing."""
+    data = train_data_config(cfg)
+    return {k: str(Path(v).expanduser().resolve()) if k in PATH_OPTIONS and isinstance(v, str) and v else v
+            for k, v in data.items()}
+
+
 def train_one(cfg: SweepConfig, unit: FitUnit, fit_dir: Path, fault: Fault | None) -> None:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -289,7 +300,8 @@ def train_one(cfg: SweepConfig, unit: FitUnit, fit_dir: Path, fault: Fault | Non
              unit.setting.fitter, dict(unit.setting.values), cfg.train.num_workers)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg, "setting": unit.setting, "fit_dir": str(fit_dir.resolve()), "fault": fault},
+        train_loop_config={"cfg": cfg, "setting": unit.setting, "fit_dir": str(fit_dir.resolve()), "fault": fault,
+                           "data": worker_data_config(cfg)},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
         run_config=RunConfig(name="train", storage_path=str(storage),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
