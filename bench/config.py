@@ -19,8 +19,8 @@ values from outside the file) are errors; `${other.key}` references resolve.
     ray: {num_actors: auto, batch_size: 1, max_retries: 3}   # tracing actors (auto: one per GPU or CPU core;
                                       # 0: in this process), images per batch, restarts of a dead actor
     train: {num_workers: 1, use_gpu: false, split: train, max_failures: 0}   # trained methods: Ray Train
-    train: {data: {name: voc2012, root: synthetic/x, split: train}}   # fit on another dataset than the
-                                      # evaluated one (train on synthetic, test on real; COCO-Stuff -> others)
+                                      # train.data: {name: voc2012, root: synthetic/x}: fit on another dataset
+                                      # than the evaluated one (synthetic -> real; COCO-Stuff -> others)
     fit: {from: null}                 # trained methods: reuse the fits of another run (or one fit directory)
     search: {algo: optuna, num_samples: 16}   # adaptive search of post-processing parameters (bench.search)
 """

@@ -93,7 +93,8 @@ class SegFormer(Method):
                     kind="train", positive=True),
         "weight_decay": Param(0.01, "AdamW weight decay (SegFormer's)", kind="train", low=0),
         "flip": Param(True, "random horizontal flips", kind="train"),
-        "seed": Param(0, "initialisation, batch order and augmentation", kind="train", low=0),
+        "train_seed": Param(0, "initialisation, batch order and augmentation (not `seed`: the noise seeds of a run)",
+                            kind="train", low=0),
     }
     # a small fit for the registry's contract tests (tests/test_method_contract.py)
     tester_params = {"steps": 4, "batch_size": 2, "size": 32}
@@ -137,7 +138,7 @@ class SegFormer(Method):
         if count == 0:
             raise ValueError(f"segformer: the training data ({type(dataset).__name__}) has no images")
         size = cfg["size"]
-        model = self.build(cfg["scale"], len(dataset.classes), cfg["seed"])
+        model = self.build(cfg["scale"], len(dataset.classes), cfg["train_seed"])
         model.train()
         wrapped = ctx.prepare(model)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
@@ -157,7 +158,7 @@ class SegFormer(Method):
             return item
 
         for step in range(start, cfg["steps"]):
-            draw = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + step)
+            draw = torch.Generator().manual_seed(cfg["train_seed"] * 1_000_003 + step)
             batch = torch.randint(count, (cfg["batch_size"],), generator=draw).tolist()
             flips = torch.rand(cfg["batch_size"], generator=draw) < 0.5 if cfg["flip"] else \
                 torch.zeros(cfg["batch_size"], dtype=torch.bool)
@@ -170,7 +171,7 @@ class SegFormer(Method):
                 pixels.append(x)
                 labels.append(y)
             with torch.random.fork_rng(devices=[]):  # drop paths / dropout: drawn from (seed, step, rank)
-                torch.manual_seed(cfg["seed"] * 1_000_003 + step * 997 + ctx.rank)
+                torch.manual_seed(cfg["train_seed"] * 1_000_003 + step * 997 + ctx.rank)
                 if pixels:
                     logits = wrapped(pixel_values=torch.stack(pixels)).logits
                     up = F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
@@ -81,7 +82,7 @@ def test_fit_is_deterministic_and_reloads_identically():
 
 def test_a_different_seed_or_data_size_is_another_fit():
     cls = METHODS.get("segformer")
-    keys = {cls().train_setting(cls.resolve(v)).key for v in ({}, {"seed": 1}, {"train_images": 10})}
+    keys = {cls().train_setting(cls.resolve(v)).key for v in ({}, {"train_seed": 1}, {"train_images": 10})}
     assert len(keys) == 3
 
 
@@ -195,3 +196,34 @@ def test_report_shows_the_card_of_a_synthetic_training_set(tmp_path):
     assert "0.0500 (this set)" in markdown and "92.67" in markdown
     assert dataset_card_blocks(RunData(cfg={"name": "r", "data": {"name": "shapes"}}, frame=pd.DataFrame(),
                                        prov={}), out) == []
+
+
+# -- the committed downstream protocol (reports/embedded/freegen_downstream; README, FreeGen downstream) ------------
+DOWNSTREAM = ROOT / "reports" / "embedded" / "freegen_downstream"
+
+
+def arm(name: str) -> dict:
+    """One arm of the protocol: per-training-seed mIoU (bootstrap intervals over the val images in the run) and
+    the t-interval over the three training seeds."""
+    from bench.stats import t_interval
+
+    rows = pd.read_csv(DOWNSTREAM / name / "results.csv")
+    mean, _, low, high = t_interval(rows["mIoU"])
+    return {"rows": rows, "mean": mean, "low": low, "high": high}
+
+
+def test_downstream_runs_are_the_protocol():
+    """The committed arms evaluate the same 100 real val shapes with the same segmenter and differ only in the
+    training data: FreeGen's kept samples, as many real rendered shapes, the all-off synthetic set."""
+    configs = {a: yaml.safe_load((DOWNSTREAM / a / "config.yaml").read_text()) for a in ("full", "real", "all_off")}
+    card = json.loads((DOWNSTREAM / "cards" / "full" / "dataset.json").read_text())
+    assert configs["full"]["train"]["data"]["root"] == "synthetic/freegen_full"
+    assert configs["all_off"]["train"]["data"]["root"] == "synthetic/freegen_all_off"
+    assert configs["real"]["train"]["data"]["name"] == "shapes"
+    assert configs["real"]["train"]["data"]["num_images"] == card["counts"]["kept"]
+    for config in configs.values():
+        assert config["data"] == configs["full"]["data"] and config["params"] == configs["full"]["params"]
+    off = json.loads((DOWNSTREAM / "cards" / "all_off" / "dataset.json").read_text())
+    assert off["params"]["rectify"] is False and off["params"]["tff"] is False and card["params"]["tff"] is True
+    for name in ("full", "real", "all_off"):
+        assert sorted(arm(name)["rows"]["train_seed"]) == [0, 1, 2]

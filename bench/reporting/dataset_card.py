@@ -92,15 +92,17 @@ def threshold_table(card: dict, key: str) -> Table | None:
         return None
     tff = np.array([float(s["tff"]) for s in samples])
     miou = np.array([float(s["mIoU"]) if s.get("mIoU") is not None else np.nan for s in samples])
-    used = (card.get("params") or {}).get("tff_threshold")
+    params = card.get("params") or {}
+    used = params.get("tff_threshold")
+    mark = " (this set)" if params.get("tff", True) else " (not applied: tff=false)"
     thresholds = sorted({*(float(np.quantile(tff, q)) for q in (0.25, 0.5, 0.75)), float(tff.max()),
                          *([float(used)] if used is not None else [])})
     rows = []
     for threshold in thresholds:
         kept = tff <= threshold
         quality = float(np.nanmean(miou[kept])) if kept.any() and np.isfinite(miou[kept]).any() else None
-        rows.append([Cell(f"{threshold:.4f}" + (" (this set)" if used is not None and threshold == float(used)
-                                                 else ""), threshold),
+        rows.append([Cell(f"{threshold:.4f}" + (mark if used is not None and threshold == float(used) else ""),
+                          threshold),
                      num_cell(100 * kept.mean(), 1), num_cell(int(kept.sum()), 0), num_cell(quality, 2)])
     return Table(f"tff-{key}", "Samples kept by each TFF threshold (FreeGen Eq. 4: kept when TFF <= threshold), "
                                "from the card's per-sample TFF; mean per-image pseudo-mask mIoU of the kept ones "
