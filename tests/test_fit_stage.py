@@ -178,3 +178,17 @@ def test_train_source_defaults_and_enters_the_fit_hash(tmp_path):
     assert train_data_config(split) == {"name": "shapes", "split": "test", "limit": 5}
     hashes = {make_plan(c).fits[0].hash for c in (own, other, split)}
     assert len(hashes) == 3
+
+
+def test_fit_workers_get_absolute_training_data_paths(tmp_path, monkeypatch):
+    """Ray Train workers run in their own working directory: a relative `train.data.root` reaches them
+    resolved on the driver, while the fit hash keeps what the sweep says."""
+    from bench.config import compose, train_data_config
+    from bench.stages.fit import worker_data_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = compose(ROOT / "sweeps/linear_probe.yaml", ["train.data={name: voc2012, root: synthetic/x}"])
+    assert worker_data_config(cfg)["root"] == str(tmp_path / "synthetic" / "x")
+    assert train_data_config(cfg)["root"] == "synthetic/x"
+    assert worker_data_config(compose(ROOT / "sweeps/linear_probe.yaml", [])) == train_data_config(
+        compose(ROOT / "sweeps/linear_probe.yaml", []))

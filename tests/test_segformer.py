@@ -202,6 +202,11 @@ def test_report_shows_the_card_of_a_synthetic_training_set(tmp_path):
 DOWNSTREAM = ROOT / "reports" / "embedded" / "freegen_downstream"
 
 
+FULL_VS_OFF = ("not reached on the embedded default: full FreeGen's 24 kept samples 21.6 mIoU (seeds 22.9, 21.2, "
+               "20.8; t-interval [18.9, 24.4]) against the all-off set's 40 samples 22.4 (25.0, 20.6, 21.5; "
+               "[16.6, 28.1]); both near the segmenter's floor on so few images")
+
+
 def arm(name: str) -> dict:
     """One arm of the protocol: per-training-seed mIoU (bootstrap intervals over the val images in the run) and
     the t-interval over the three training seeds."""
@@ -227,3 +232,19 @@ def test_downstream_runs_are_the_protocol():
     assert off["params"]["rectify"] is False and off["params"]["tff"] is False and card["params"]["tff"] is True
     for name in ("full", "real", "all_off"):
         assert sorted(arm(name)["rows"]["train_seed"]) == [0, 1, 2]
+
+
+def test_synthetic_trained_segmenter_is_within_10_miou_of_real():
+    """The issue's bar: the segmenter trained on FreeGen's kept synthetic shapes scores within 10 mIoU of the
+    same segmenter trained on as many real rendered shapes (means over three training seeds)."""
+    full, real = arm("full"), arm("real")
+    assert full["mean"] >= real["mean"] - 10, (full["mean"], real["mean"])
+
+
+@pytest.mark.xfail(strict=True, reason=FULL_VS_OFF)
+def test_full_freegen_beats_all_off_downstream():
+    """The issue's bar (the paper's 69.6 vs 60.5 ordering): the segmenter trained on full FreeGen's set beats
+    the one trained on the all-off set (raw cross-attention masks, no TFF) beyond the spread over training
+    seeds: the t-intervals over the three seeds do not overlap."""
+    full, off = arm("full"), arm("all_off")
+    assert full["low"] > off["high"], (full, off)
