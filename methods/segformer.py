@@ -8,7 +8,7 @@ image in inversion mode, the generated one in generation mode).
 
 Why SegFormer (Xie et al., NeurIPS 2021, `SegformerForSemanticSegmentation` from transformers): it is one of
 the downstream segmenter families FreeGen and the synthetic-data papers it compares with report (DeepLabV3,
-Mask2Former, SegFormer-class models); it is light (MiT-b0 has 3.7M parameters, the `tiny` scale 0.1M) and it
+Mask2Former, SegFormer-class models); it is light (MiT-b0 has 3.7M parameters, the `tiny` scale 0.35M) and it
 is transformers-native (config, model, loss: the all-MLP decoder's logits at 1/4 resolution, upsampled to the
 labels and scored with cross-entropy ignoring 255), so a fit needs no code of its own beyond the loop.
 
@@ -16,9 +16,10 @@ Training follows SegFormer's recipe where it applies to a model without ImageNet
 AdamW (weight decay 0.01), polynomial decay of power 1.0 over `steps` iterations, random horizontal flips,
 images resized to `size`. The learning rate is raised from the paper's 6e-5 (fine-tuning an ImageNet-trained
 encoder) to 3e-3 (training from scratch; fitted on 40 real shapes at 64 px and scored on the first 40 val
-images: 24.5 mIoU at 3e-3 and 1000 steps, 23.1 at 1e-3 and 600 steps; 33.3 with 200 training images). Dropout and stochastic depth are off at the `tiny` scale and at
-SegFormer's values at `b0`; every random draw (initialisation, batch order, flips, drop paths) comes from
-(seed, step), so a fit resumed from a checkpoint ends bit-identical to an undisturbed one.
+images: 24.5 mIoU at 3e-3 and 1000 steps, 23.1 at 1e-3 and 600 steps; 33.3 with 200 training images).
+Dropout and stochastic depth are off at the `tiny` scale and at SegFormer's values at `b0`; every random
+draw (initialisation, batch order, flips, drop paths) comes from (train_seed, step), so a fit resumed from a
+checkpoint ends bit-identical to an undisturbed one.
 
 Prediction: softmax over the fitted classes at `size`, bilinear to the label size. With `classes=all` (the
 paper's protocol: the segmenter is told nothing about the image) every pixel takes its most probable class;
@@ -81,7 +82,7 @@ class SegFormer(Method):
     version = "1"
     fits_class_ids = True  # predicts the training dataset's class ids (preflight: same classes as evaluated)
     params = {
-        "scale": Param("tiny", "encoder: tiny (0.1M parameters, 64 px worlds) or b0 (MiT-b0, SegFormer Table 1)",
+        "scale": Param("tiny", "encoder: tiny (0.35M parameters, 64 px worlds) or b0 (MiT-b0, SegFormer Table 1)",
                        choices=tuple(SCALES), kind="train"),
         "size": Param(64, "image size the segmenter trains and predicts at (square; the encoder downsamples 32x)",
                       kind="train", low=32),
