@@ -19,6 +19,8 @@ values from outside the file) are errors; `${other.key}` references resolve.
     ray: {num_actors: auto, batch_size: 1, max_retries: 3}   # tracing actors (auto: one per GPU, or CPU cores - 1;
                                       # 0: in this process), images per batch, restarts of a dead actor
     train: {num_workers: 1, use_gpu: false, split: train, max_failures: 0}   # trained methods: Ray Train
+                                      # train.data: {name: voc2012, root: synthetic/x}: fit on another dataset
+                                      # than the evaluated one (synthetic -> real; COCO-Stuff -> others)
     fit: {from: null}                 # trained methods: reuse the fits of another run (or one fit directory)
     search: {algo: optuna, num_samples: 16}   # adaptive search of post-processing parameters (bench.search)
 """
@@ -127,6 +129,8 @@ def _check_type(name: str, value, annotation: str):
             return float(value)
         if kind == "str" and isinstance(value, str):
             return value
+        if kind == "dict" and isinstance(value, dict):
+            return dict(value)
     raise BenchError(f"{name}={value!r} must be {' or '.join(a for a in allowed if a != 'None')}")
 
 
@@ -176,6 +180,9 @@ class TrainConfig(Section):
     use_gpu: bool = False
     split: str = "train"
     max_failures: int = 0  # worker-group restarts from the last checkpoint before a fit fails (preemption)
+    # the dataset fits learn from, when it is not the evaluated one: a `data:` mapping (name, root, split,
+    # limit, ...); its split defaults to `split`, its limit to all images (bench.config.train_data_config)
+    data: dict | None = None
 
 
 @dataclass
@@ -312,6 +319,8 @@ def validate(cfg: SweepConfig) -> None:
     if not isinstance(cfg.data, dict) or not cfg.data.get("name"):
         raise BenchError("data.name is missing; e.g. data: {name: shapes}")
     dataset_options(cfg.data)
+    if cfg.train.data is not None:
+        check_train_source(cfg)
     validate_model_config(cfg.model.as_dict())
     if cfg.metric.protocol not in PROTOCOLS:
         raise BenchError(f"metric.protocol={cfg.metric.protocol!r} is not one of {', '.join(PROTOCOLS)}")
@@ -381,8 +390,30 @@ def space_kind(name: str, space) -> tuple[str, list]:
 
 
 def train_data_config(cfg: SweepConfig) -> dict:
-    """The dataset a fit learns from: the evaluated dataset's options with the training split, all images."""
+    """The dataset a fit learns from: `train.data` when given (its split defaulting to `train.split`, its limit
+    to all images), else the evaluated dataset's options with the training split and all images. It is part of
+    every fit's hash (bench.plan.fit_hash) and of the run's config."""
+    if cfg.train.data is not None:
+        # keys set to null are dropped: overrides merge into the file's mapping, so switching datasets on the
+        # command line unsets the old one's options (train.data.name=shapes train.data.root=null)
+        given = {k: v for k, v in cfg.train.data.items() if v is not None}
+        return {"limit": None, **given, "split": given.get("split") or cfg.train.split}
     return {**cfg.data, "split": cfg.train.split, "limit": None}
+
+
+def check_train_source(cfg: SweepConfig) -> None:
+    """`train.data` names a registered dataset with a training split and valid options (before Ray starts;
+    whether its files exist is checked by preflight)."""
+    source = train_data_config(cfg)
+    if not source.get("name"):
+        raise BenchError("train.data.name is missing; e.g. train: {data: {name: voc2012, root: synthetic/x}}")
+    if "split" not in dataset_options({"name": source["name"]}):
+        raise BenchError(f"train.data={source['name']} has no splits to train on; fit on a dataset with a training "
+                         f"split (shapes, voc2012, a synthetic VOC folder, ...)")
+    try:
+        dataset_options(train_data_config(cfg))
+    except BenchError as err:
+        raise BenchError(f"train.data: {err}") from None
 
 
 SEARCH_ALGOS = ("optuna", "hyperopt", "random")  # bench.search's Ray Tune search algorithms

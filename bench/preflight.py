@@ -96,16 +96,27 @@ def check_images(dataset: SegDataset, data_cfg: dict) -> list:
 
 
 def check_training_data(cfg: SweepConfig) -> None:
-    """Fits learn from the training split only: it must exist and must not be the evaluated split."""
+    """Fits learn from a training split only: it must exist and must not be the evaluated split (of the same
+    dataset; `train.data` may name another dataset). A method that predicts a fixed label set
+    (`fits_class_ids`) needs the training dataset's classes to be the evaluated dataset's."""
     name = cfg.data["name"]
-    if "split" not in dataset_options({"name": name}):
+    train_cfg = train_data_config(cfg)
+    if cfg.train.data is None and "split" not in dataset_options({"name": name}):
         raise BenchError(f"method {cfg.method} is fitted, but dataset {name} has no splits to train on; "
-                         f"evaluate it on a dataset with a training split")
-    evaluated = dataset_options(cfg.data)["split"]
-    if evaluated == cfg.train.split:
-        raise BenchError(f"method {cfg.method} would be fitted on the evaluated split ({name} {evaluated}); "
+                         f"evaluate it on a dataset with a training split, or fit on another (train.data=...)")
+    evaluated, trained = dataset_options(cfg.data), dataset_options(train_cfg)
+    if train_cfg["name"] == name and {k: v for k, v in evaluated.items() if k != "split"} == \
+            {k: v for k, v in trained.items() if k != "split"} and evaluated.get("split") == trained["split"]:
+        raise BenchError(f"method {cfg.method} would be fitted on the evaluated split ({name} {trained['split']}); "
                          f"evaluate another split (data.split=val) or fit on another (train.split=train)")
-    build_dataset(train_data_config(cfg))
+    train_set = build_dataset(train_cfg)
+    if getattr(METHODS.get(cfg.method), "fits_class_ids", False):
+        evaluated_classes = list(build_dataset(cfg.data).classes)
+        if list(train_set.classes) != evaluated_classes:
+            raise BenchError(f"method {cfg.method} predicts the class ids it was fitted on, but the training data "
+                             f"({train_cfg['name']}: {', '.join(train_set.classes[:6])}, ...) has other classes "
+                             f"than the evaluated data ({name}: {', '.join(evaluated_classes[:6])}, ...); fit on "
+                             f"a dataset with the same classes")
 
 
 # -- model ----------------------------------------------------------------------------------------------------------------

@@ -160,3 +160,35 @@ def test_killed_run_resumes_without_refitting_finished_settings(tmp_path, tiny_m
         weights = load_file(fit_dir / "weights.safetensors")
         alone = local_fit(tiny_model, {**PROBE, "lr": config["setting"]["values"]["lr"]})
         assert all(torch.equal(weights[k], alone[k]) for k in ("weight", "bias"))  # bit for bit
+
+
+def test_train_source_defaults_and_enters_the_fit_hash(tmp_path):
+    """`train.data` replaces the evaluated dataset as the fit's training data: its split defaults to
+    train.split and its limit to every image; it is in the fit hash and the run's config."""
+    from bench.config import compose, train_data_config
+    from bench.plan import make_plan
+
+    sweep = ROOT / "sweeps/linear_probe.yaml"
+    own = compose(sweep, [])
+    other = compose(sweep, ["train.data={name: shapes, size: 64, seed: 3}"])
+    assert train_data_config(own) == {**own.data, "split": "train", "limit": None}
+    assert train_data_config(other) == {"name": "shapes", "size": 64, "seed": 3, "split": "train", "limit": None}
+    assert other.as_dict()["train"]["data"] == {"name": "shapes", "size": 64, "seed": 3}
+    split = compose(sweep, ["train.data={name: shapes, split: test, limit: 5}"])
+    assert train_data_config(split) == {"name": "shapes", "split": "test", "limit": 5}
+    hashes = {make_plan(c).fits[0].hash for c in (own, other, split)}
+    assert len(hashes) == 3
+
+
+def test_fit_workers_get_absolute_training_data_paths(tmp_path, monkeypatch):
+    """Ray Train workers run in their own working directory: a relative `train.data.root` reaches them
+    resolved on the driver, while the fit hash keeps what the sweep says."""
+    from bench.config import compose, train_data_config
+    from bench.stages.fit import worker_data_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = compose(ROOT / "sweeps/linear_probe.yaml", ["train.data={name: voc2012, root: synthetic/x}"])
+    assert worker_data_config(cfg)["root"] == str(tmp_path / "synthetic" / "x")
+    assert train_data_config(cfg)["root"] == "synthetic/x"
+    assert worker_data_config(compose(ROOT / "sweeps/linear_probe.yaml", [])) == train_data_config(
+        compose(ROOT / "sweeps/linear_probe.yaml", []))

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from bench.reporting.dataset_card import dataset_card_blocks
 from bench.reporting.fits import fits_table, load_fits, loss_figure
 from bench.reporting.model import PROTOCOL_TEXT, RunData, fmt_value, summarize_run
 from bench.reporting.plots import Figure, class_bars, figures_for_run, overlay_plot
@@ -130,6 +131,7 @@ def run_blocks(run: RunData, out: Path, prefix: str = "", level: int = 1, summar
         curves = loss_figure(fits, out / f"{prefix}fit_loss.png")
         if curves:
             blocks.append(curves)
+    blocks += dataset_card_blocks(run, out, prefix, level=h)
     blocks.append(Heading(h + 1, "All metrics" if h == 1 else f"All metrics ({run.label})"))
     blocks.append(details_table(run, s))
     blocks.append(Heading(h + 1, "Provenance" if h == 1 else f"Provenance ({run.label})"))

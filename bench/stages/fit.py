@@ -28,12 +28,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import ray
-import ray.train
-import ray.train.torch
 import torch
 import torch.distributed as dist
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -79,6 +75,8 @@ class RayFitContext(FitContext):
     final artefact reported with `ray.train.report` into the fit directory."""
 
     def __init__(self, setting, dataset, backbone, resolution, fit_dir: Path, fault: Fault | None):
+        import ray.train  # imported where used: it costs seconds, and most runs never fit
+
         super().__init__(setting, dataset, backbone, resolution)
         self.train_ctx = ray.train.get_context()
         self.fit_dir = fit_dir
@@ -97,6 +95,8 @@ class RayFitContext(FitContext):
         return self.train_ctx.get_world_size()
 
     def prepare(self, model):
+        import ray.train.torch
+
         return ray.train.torch.prepare_model(model)
 
     def all_sum(self, value):
@@ -127,6 +127,8 @@ class RayFitContext(FitContext):
         _write_json(self.fit_dir / "progress.json", {"step": step, "total": self.total_steps, "loss": loss})
 
     def checkpoint(self, step, state):
+        import ray.train
+
         metrics = {"step": step, "loss": self.curve[-1].loss if self.curve else None}
         if self.rank == 0:
             tensors, meta = pack_state(state)
@@ -146,6 +148,8 @@ class RayFitContext(FitContext):
             raise InjectedFault(f"injected failure after checkpoint {self.checkpoints} (step {step})")
 
     def restore(self):
+        import ray.train
+
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return None
@@ -158,6 +162,8 @@ class RayFitContext(FitContext):
 
     def finish(self, tensors: dict[str, torch.Tensor]) -> None:
         """Report the artefact and the loss curve as the last checkpoint."""
+        import ray.train
+
         info = {"world_size": self.world_size, "resumed_from": self.resumed_from,
                 "steps": self._step}
         if self.rank == 0:
@@ -172,6 +178,8 @@ class RayFitContext(FitContext):
 
 def train_loop(config: dict) -> None:
     """Ray Train's `train_loop_per_worker`: build the backbone, the training split and the method; fit."""
+    import ray.train.torch
+
     cfg: SweepConfig = config["cfg"]
     if not torch.cuda.is_available():
         torch.set_num_threads(1)
@@ -179,7 +187,7 @@ def train_loop(config: dict) -> None:
     model_cfg = cfg.model.as_dict()
     model_cfg["device"] = str(ray.train.torch.get_device()) if cfg.train.use_gpu else "cpu"
     backbone = load_backbone(model_cfg)
-    dataset = build_dataset(train_data_config(cfg))
+    dataset = build_dataset(config["data"])
     method = METHODS.get(cfg.method)(backbone)
     ctx = RayFitContext(config["setting"], dataset, backbone, int(cfg.model.resolution or 0),
                         Path(config["fit_dir"]), config["fault"])
@@ -270,7 +278,21 @@ def copy_fit(source: Path, fit_dir: Path) -> None:
     tmp.rename(fit_dir)
 
 
+PATH_OPTIONS = ("root", "captions", "image_list")  # dataset options that name files
+
+
+def worker_data_config(cfg: SweepConfig) -> dict:
+    """The training data's options with relative paths made absolute on the driver: Ray Train workers run in
+    their own working directory, where `synthetic/x` means nothing."""
+    data = train_data_config(cfg)
+    return {k: str(Path(v).expanduser().resolve()) if k in PATH_OPTIONS and isinstance(v, str) and v else v
+            for k, v in data.items()}
+
+
 def train_one(cfg: SweepConfig, unit: FitUnit, fit_dir: Path, fault: Fault | None) -> None:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
     fit_dir.mkdir(parents=True, exist_ok=True)
     storage = (fit_dir / "ray").resolve()
     resuming = storage.is_dir() and any(storage.rglob("checkpoint_*"))
@@ -278,7 +300,8 @@ def train_one(cfg: SweepConfig, unit: FitUnit, fit_dir: Path, fault: Fault | Non
              unit.setting.fitter, dict(unit.setting.values), cfg.train.num_workers)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg, "setting": unit.setting, "fit_dir": str(fit_dir.resolve()), "fault": fault},
+        train_loop_config={"cfg": cfg, "setting": unit.setting, "fit_dir": str(fit_dir.resolve()), "fault": fault,
+                           "data": worker_data_config(cfg)},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
         run_config=RunConfig(name="train", storage_path=str(storage),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
@@ -296,7 +319,7 @@ def train_one(cfg: SweepConfig, unit: FitUnit, fit_dir: Path, fault: Fault | Non
     (fit_dir / "progress.json").unlink(missing_ok=True)
 
 
-def _fit_with_progress(trainer: TorchTrainer, fit_dir: Path, label: str):
+def _fit_with_progress(trainer, fit_dir: Path, label: str):
     """trainer.fit() with a tqdm bar (steps, loss) fed by the rank-0 worker's progress file."""
     box: dict = {}
     thread = threading.Thread(target=lambda: box.update(result=_catch(trainer.fit)), daemon=True)

@@ -1,0 +1,250 @@
+"""The downstream segmenter (methods/segformer.py): it learns, its fit is deterministic and survives the
+safetensors round trip, it predicts from the image alone, and the fit stage trains it on another dataset than
+the evaluated one (`train.data`: a VOC-layout folder, as `bench.synthesize` writes)."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
+
+from bench.data import build_dataset
+from bench.fitting import LocalFitContext
+from bench.run import main
+from bench.synthesize import voc_palette
+from bench.trace import Trace
+from methods import METHODS
+from methods.base import ClassQuery
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = {"name": "shapes", "size": 32}
+FAST = {"size": 32, "steps": 40, "batch_size": 4, "lr": 3e-3}
+
+
+def write_voc_folder(folder: Path, dataset, ids: range, card: bool = True) -> Path:
+    """A VOC-layout folder (JPEGImages, palette PNGs, ImageSets, dataset.json) of `dataset`'s samples."""
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    names = []
+    for i in ids:
+        sample = dataset[i]
+        name = f"img{i:04d}"
+        Image.fromarray(sample.image).save(folder / "JPEGImages" / f"{name}.jpg", quality=95)
+        label = Image.fromarray(sample.label.astype(np.uint8), mode="P")
+        label.putpalette(voc_palette())
+        label.save(folder / "SegmentationClass" / f"{name}.png")
+        names.append(name)
+    (folder / "ImageSets" / "Segmentation" / "train.txt").write_text("".join(f"{n}\n" for n in names))
+    if card:
+        (folder / "dataset.json").write_text(json.dumps({"classes": list(dataset.classes)}))
+    return folder
+
+
+def fit(values: dict, dataset, **kw):
+    cls = METHODS.get("segformer")
+    method = cls()
+    params = cls.resolve(values)
+    setting = method.train_setting(params)
+    ctx = LocalFitContext(setting, dataset, None, **kw)
+    return method, params, setting, method.fit(ctx), ctx
+
+
+def predict(method, params, sample, ids=None):
+    ids = ids if ids is not None else list(range(1, 6))
+    trace = Trace(prompt="", token_ids=[], timesteps=[], latent_size=(4, 4), image=sample.image)
+    return method.predict(trace, ClassQuery(ids, [str(i) for i in ids]), params, tuple(sample.label.shape))
+
+
+def test_fit_is_deterministic_and_reloads_identically():
+    train = build_dataset({**SHAPES, "split": "train", "num_images": 8})
+    method, params, setting, tensors, ctx = fit(FAST, train)
+    _, _, _, again, _ = fit(FAST, train)
+    assert tensors.keys() == again.keys() and all(torch.equal(tensors[k], again[k]) for k in tensors)
+    assert ctx.curve[-1].loss < ctx.curve[0].loss  # it learns
+    method.load_fit(setting.key, tensors)
+    reloaded = METHODS.get("segformer")()
+    reloaded.load_fit(setting.key, load_bytes(save_bytes({k: v.contiguous() for k, v in tensors.items()})))
+    sample = build_dataset({**SHAPES, "split": "val", "limit": 1})[0]
+    a, b = predict(method, params, sample), predict(reloaded, params, sample)
+    assert torch.equal(a.scores, b.scores) and torch.equal(a.labels, b.labels)
+    assert a.scores.shape[0] == 5 and a.labels.shape == sample.label.shape
+    # classes=gt: the argmax runs over background and the queried classes only
+    only = predict(method, params, sample, ids=[2])
+    assert set(only.labels.unique().tolist()) <= {0, 2}
+
+
+def test_a_different_seed_or_data_size_is_another_fit():
+    cls = METHODS.get("segformer")
+    keys = {cls().train_setting(cls.resolve(v)).key for v in ({}, {"train_seed": 1}, {"train_images": 10})}
+    assert len(keys) == 3
+
+
+@pytest.mark.slow
+def test_the_fit_learns_more_than_background():
+    """On rendered shapes at 64 px, 400 steps on 40 images separate the shapes from the background and beat
+    labelling every pixel background by 5 mIoU on 20 val images: the fit trains a segmenter, not a constant."""
+    from bench.metrics import ImageScorer, summarize
+
+    train = build_dataset({**SHAPES, "size": 64, "split": "train", "num_images": 40})
+    val = build_dataset({**SHAPES, "size": 64, "split": "val", "limit": 20})
+    method, params, setting, tensors, _ = fit({"steps": 400}, train)
+    method.load_fit(setting.key, tensors)
+    fitted_hist, background_hist = 0, 0
+    for sample in val:
+        scorer = ImageScorer(sample.label, 6, 255)
+        pred = predict(method, params, sample)
+        fitted_hist = fitted_hist + scorer.histograms([pred.labels.numpy()])[0]
+        background_hist = background_hist + scorer.histograms([np.zeros_like(sample.label, dtype=np.int64)])[0]
+    fitted, background = summarize(fitted_hist, list(val.classes)), summarize(background_hist, list(val.classes))
+    assert fitted["IoU/background"] > 85 and fitted["mIoU"] > background["mIoU"] + 5, (fitted, background)
+
+
+def test_predicting_without_the_image_or_with_unfitted_classes_says_why():
+    train = build_dataset({**SHAPES, "split": "train", "num_images": 2})
+    method, params, setting, tensors, _ = fit({**FAST, "steps": 1}, train)
+    method.load_fit(setting.key, tensors)
+    trace = Trace(prompt="", token_ids=[], timesteps=[], latent_size=(4, 4))
+    with pytest.raises(ValueError, match="has none"):
+        method.predict(trace, ClassQuery([1], ["circle"]), params, (32, 32))
+    trace.image = train[0].image
+    with pytest.raises(ValueError, match="fitted on 6 classes"):
+        method.predict(trace, ClassQuery([9], ["x"]), params, (32, 32))
+
+
+# -- through the fit stage: train on a VOC-layout folder, evaluate on real shapes ------------------------------------
+@pytest.mark.slow
+def test_train_source_folder_fits_on_ray_train_and_scores_real_images(tmp_path, tiny_model, ray_session):
+    folder = write_voc_folder(tmp_path / "synthetic", build_dataset({**SHAPES, "split": "train"}), range(6))
+    sweep = tmp_path / "down.yaml"
+    relative = os.path.relpath(folder)  # Ray Train workers run elsewhere: the driver resolves it
+    sweep.write_text("method: segformer\ndata: {name: shapes, size: 32, limit: 2}\nparams: {classes: all}\n"
+                     f"train: {{data: {{name: voc2012, root: {relative}}}}}\n")
+    out = tmp_path / "run"
+    args = [str(sweep), f"model.path={tiny_model}", "report.bootstrap=20", "ray.num_actors=0",
+            *(f"params.{k}={v}" for k, v in {**FAST, "steps": 5}.items()), f"output_dir={out}"]
+    assert main(args) == 0
+    frame = pd.read_parquet(out / "results.parquet")
+    (fit_dir,) = (out / "fit").iterdir()
+    assert frame["fit"].iloc[0] == fit_dir.name
+    config = json.loads((fit_dir / "train_config.json").read_text())
+    assert config["data"] == {"limit": None, "name": "voc2012", "root": relative, "split": "train"}
+    assert "voc2012" in (out / "config.yaml").read_text()
+    # the same sweep fitted on the real shapes' train split is another fit (the source is in the hash)
+    real = tmp_path / "real"
+    assert main([*args[:-1], "train.data.name=shapes", "train.data.root=null",
+                 "train.data.size=32", "train.data.num_images=6", f"output_dir={real}"]) == 0
+    (real_fit,) = (real / "fit").iterdir()
+    assert real_fit.name != fit_dir.name
+
+
+def test_train_source_is_checked_before_anything_runs(tmp_path, capsys):
+    shapes = build_dataset({**SHAPES, "split": "train"})
+    voc_classes = write_voc_folder(tmp_path / "voc", shapes, range(2), card=False)  # VOC's 21 classes
+    sweep = tmp_path / "down.yaml"
+    sweep.write_text("method: segformer\ndata: {name: shapes, size: 32, limit: 2}\n")
+    cases = {
+        "train.data={name: shapse}": "Did you mean",
+        "train.data={root: x}": "train.data.name is missing",
+        "train.data={name: shapes, sise: 3}": "sise",
+        f"train.data={{name: voc2012, root: {tmp_path / 'none'}}}": "not found",
+        f"train.data={{name: voc2012, root: {voc_classes}}}": "has other classes",
+        "train.data={name: shapes, size: 32, split: val}": "fitted on the evaluated split",
+    }
+    for override, message in cases.items():
+        out = tmp_path / "out"
+        assert main([str(sweep), override, f"output_dir={out}"]) == 2, override
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (override, err)
+        assert not out.exists() and not out.with_name("out.partial").exists()
+
+
+# -- the report's synthetic-dataset section ---------------------------------------------------------------------------
+def test_report_shows_the_card_of_a_synthetic_training_set(tmp_path):
+    from bench.reporting.dataset_card import dataset_card_blocks
+    from bench.reporting.model import RunData
+    from bench.reporting.render import to_html, to_markdown
+
+    folder = write_voc_folder(tmp_path / "syn", build_dataset({**SHAPES, "split": "train"}), range(2), card=False)
+    card = {"name": "<b>syn</b>", "method": "freegen", "method_version": "1", "seed": 0,
+            "classes": ["background", "circle"], "model": {"name": "embedded"}, "data": {"name": "voc_sim"}, "params": {"tff_threshold": 0.05},
+            "dataset": {"template": "A photograph of a {name}"},
+            "counts": {"synthesised": 4, "kept": 3, "filtered": 1}, "filter": {"rule": "TFF > 0.05", "tff_k": 4},
+            "tff": {"mean": 0.04, "quantiles": {"50": 0.03}},
+            "pseudo_mask_quality": {"all": {"mIoU": 90.0, "images": 4}, "kept": {"mIoU": 93.0, "images": 3}},
+            "samples": [{"id": str(i), "tff": t, "mIoU": m} for i, (t, m) in
+                        enumerate([(0.01, 95.0), (0.02, 92.0), (0.04, 91.0), (0.09, 70.0)])]}
+    (folder / "dataset.json").write_text(json.dumps(card))
+    Image.new("RGB", (8, 8)).save(folder / "samples.png")
+    run = RunData(cfg={"name": "r", "data": {"name": "shapes"}, "train": {"data": {"name": "voc2012",
+                                                                               "root": str(folder)}}},
+                  frame=pd.DataFrame(), prov={}, path=tmp_path / "run", label="r")
+    out = tmp_path / "out"
+    out.mkdir()
+    blocks = dataset_card_blocks(run, out)
+    markdown, html = to_markdown(blocks), to_html(blocks, "t")
+    assert "Synthetic dataset (training data)" in markdown and "4 synthesised, 3 kept, 1 filtered" in markdown
+    assert (out / "synthetic0_samples.png").is_file() and "synthetic0_samples.png" in markdown
+    assert "<b>syn</b>" not in html and "&lt;b&gt;syn&lt;/b&gt;" in html  # card strings are escaped
+    # the threshold table: at the card's threshold 3 of 4 samples are kept, their mean per-image mIoU 92.67
+    assert "0.0500 (this set)" in markdown and "92.67" in markdown
+    assert dataset_card_blocks(RunData(cfg={"name": "r", "data": {"name": "shapes"}}, frame=pd.DataFrame(),
+                                       prov={}), out) == []
+
+
+# -- the committed downstream protocol (reports/embedded/freegen_downstream; README, FreeGen downstream) ------------
+DOWNSTREAM = ROOT / "reports" / "embedded" / "freegen_downstream"
+
+
+FULL_VS_OFF = ("not reached on the embedded default: full FreeGen's 24 kept samples 21.6 mIoU (seeds 22.9, 21.2, "
+               "20.8; t-interval [18.9, 24.4]) against the all-off set's 40 samples 22.4 (25.0, 20.6, 21.5; "
+               "[16.6, 28.1]); both a few points above labelling every pixel background (14.5) on so few images")
+
+
+def arm(name: str) -> dict:
+    """One arm of the protocol: per-training-seed mIoU (bootstrap intervals over the val images in the run) and
+    the t-interval over the three training seeds."""
+    from bench.stats import t_interval
+
+    rows = pd.read_csv(DOWNSTREAM / name / "results.csv")
+    mean, _, low, high = t_interval(rows["mIoU"])
+    return {"rows": rows, "mean": mean, "low": low, "high": high}
+
+
+def test_downstream_runs_are_the_protocol():
+    """The committed arms evaluate the same 100 real val shapes with the same segmenter and differ only in the
+    training data: FreeGen's kept samples, as many real rendered shapes, the all-off synthetic set."""
+    configs = {a: yaml.safe_load((DOWNSTREAM / a / "config.yaml").read_text()) for a in ("full", "real", "all_off")}
+    card = json.loads((DOWNSTREAM / "cards" / "full" / "dataset.json").read_text())
+    assert configs["full"]["train"]["data"]["root"] == "synthetic/freegen_full"
+    assert configs["all_off"]["train"]["data"]["root"] == "synthetic/freegen_all_off"
+    assert configs["real"]["train"]["data"]["name"] == "shapes"
+    assert configs["real"]["train"]["data"]["num_images"] == card["counts"]["kept"]
+    for config in configs.values():
+        assert config["data"] == configs["full"]["data"] and config["params"] == configs["full"]["params"]
+    off = json.loads((DOWNSTREAM / "cards" / "all_off" / "dataset.json").read_text())
+    assert off["params"]["rectify"] is False and off["params"]["tff"] is False and card["params"]["tff"] is True
+    for name in ("full", "real", "all_off"):
+        assert sorted(arm(name)["rows"]["train_seed"]) == [0, 1, 2]
+
+
+def test_synthetic_trained_segmenter_is_within_10_miou_of_real():
+    """The issue's bar: the segmenter trained on FreeGen's kept synthetic shapes scores within 10 mIoU of the
+    same segmenter trained on as many real rendered shapes (means over three training seeds)."""
+    full, real = arm("full"), arm("real")
+    assert full["mean"] >= real["mean"] - 10, (full["mean"], real["mean"])
+
+
+@pytest.mark.xfail(strict=True, reason=FULL_VS_OFF)
+def test_full_freegen_beats_all_off_downstream():
+    """The issue's bar (the paper's 69.6 vs 60.5 ordering): the segmenter trained on full FreeGen's set beats
+    the one trained on the all-off set (raw cross-attention masks, no TFF) beyond the spread over training
+    seeds: the t-intervals over the three seeds do not overlap."""
+    full, off = arm("full"), arm("all_off")
+    assert full["low"] > off["high"], (full, off)
