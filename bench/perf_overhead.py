@@ -93,7 +93,7 @@ def work_seconds() -> float:
     return time.perf_counter() - start
 
 
-def measure_overhead(repeats: int, variants: tuple[str, ...] = ("auto", "1")) -> dict:
+def measure_overhead(repeats: int, variants: tuple[str, ...] = ("auto", "2")) -> dict:
     runs, own, work = [], [], []
     with tempfile.TemporaryDirectory(prefix="overhead-") as tmp:
         for r in range(repeats):
