@@ -24,7 +24,7 @@ import torch
 
 log = logging.getLogger("methods.dedos.timing")
 PAPER = {"clip": "random-vit-l14-336", "image_size": 640, "batch": 4}
-EMBEDDED = {"train_classes": "circle+square+triangle", "batch": 4, "decoder_dim": 64, "decoder_layers": 3}
+EMBEDDED = {"train_classes": "circle+square+triangle", "batch": 4}
 
 
 def paper_backbone(device: torch.device, dtype: torch.dtype, seed: int = 0):
