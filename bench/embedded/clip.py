@@ -43,17 +43,18 @@ DEFAULTS = {
     "heads": 4,
     "projection": 64,
     "max_length": 16,
-    "num_train_images": 30000,
-    "steps": 500,
+    "num_train_images": 10000,
+    "steps": 800,
     "batch": 96,
     "lr": 1e-3,
     "warmup": 100,
     "weight_decay": 0.1,
-    "template_prob": 0.25,  # share of captions replaced by a class-name template of one shape in the image
-    "drop_colour_prob": 0.3,  # share of captions without colour words
+    "template_prob": 0.3,  # share of captions replaced by a class-name template of one shape in the image
+    "drop_colour_prob": 0.6,  # share of captions without colour words
     "seed": 0,
     "semantic_positives": 1,  # 1: every caption true of an image is its positive (caption_matches)
     "recolour_prob": 0.5,  # share of colourless-caption images whose colour channels are permuted
+    "single_share": 0.0,  # share of the training pool rendered as single-object scenes (the rest: 1-3 objects)
     "val_every": 0,  # >0: log zero-shot accuracy on 200 shapes *val* images every N steps (never test)
 }
 
@@ -176,7 +177,11 @@ def train(args: argparse.Namespace, out: Path) -> dict:
     model, tokenizer = build_clip(args.size, args.patch, args.width, args.layers, args.heads, args.projection,
                                   args.max_length, args.seed)
     started = time.time()
-    images, layouts = render_pool(args.num_train_images, args.size, args.seed)
+    single = int(round(args.num_train_images * args.single_share))
+    images, layouts = render_pool(args.num_train_images - single, args.size, args.seed)
+    if single:  # a second seed stream: single-object scenes with their own backgrounds
+        one, one_layouts = render_pool(single, args.size, args.seed + 1, min_objects=1, max_objects=1)
+        images, layouts = torch.cat([images, one]), layouts + one_layouts
     log.info("rendered %d training images in %.0f s", len(images), time.time() - started)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
@@ -214,7 +219,7 @@ def train(args: argparse.Namespace, out: Path) -> dict:
         sched.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, np.log(100.0))  # CLIP clips the temperature at 100
-        curve.append(float(loss))
+        curve.append(float(loss.detach()))
         if step % 100 == 0:
             bar.set_postfix(loss=f"{np.mean(curve[-100:]):.3f}")
         if args.val_every and (step + 1) % args.val_every == 0:
