@@ -176,7 +176,7 @@ def train(args: argparse.Namespace, out: Path) -> dict:
     torch.set_num_threads(1)
     model, tokenizer = build_clip(args.size, args.patch, args.width, args.layers, args.heads, args.projection,
                                   args.max_length, args.seed)
-    started = time.time()
+    started, cpu_started = time.time(), time.process_time()
     single = int(round(args.num_train_images * args.single_share))
     images, layouts = render_pool(args.num_train_images - single, args.size, args.seed)
     if single:  # a second seed stream: single-object scenes with their own backgrounds
@@ -238,8 +238,10 @@ def train(args: argparse.Namespace, out: Path) -> dict:
         CLIPImageProcessor(size={"shortest_edge": args.size}, crop_size={"height": args.size, "width": args.size},
                            image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)).save_pretrained(work)
         arguments = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-        record = {"args": arguments, "minutes": round(minutes, 1), "final_loss": float(np.mean(curve[-100:])),
-                  "torch": torch.__version__, "threads": torch.get_num_threads()}
+        record = {"args": arguments, "minutes": round(minutes, 1),
+                  "cpu_minutes": round((time.process_time() - cpu_started) / 60, 1),
+                  "final_loss": float(np.mean(curve[-100:])), "torch": torch.__version__,
+                  "threads": torch.get_num_threads()}
         (work / "train_config.json").write_text(json.dumps(record, indent=2) + "\n")
     log.info("saved %s (%.1f min, final loss %.3f)", out, minutes, record["final_loss"])
     return record
