@@ -45,11 +45,11 @@ ARCHITECTURE = ("n", "c", "heads", "decoder_dim", "decoder_layers")
 # CLIP of the shapes world (clip=embedded). Paper: n = 100 proxy queries of c = 256 (Sec. 4.1), Mask2Former's
 # 9-layer 256-wide decoder with 8 heads. Embedded, interpreted so that it works as the paper describes at the
 # tiny CLIP's size: c = decoder width = 64, the tiny CLIP's width (the paper's 256 is a quarter of ViT-L's
-# 1024, but a 16-wide query cannot carry six classes and the decoder should not be narrower than the tower it
-# reads); n = 20 queries (Mask2Former's 100 serve COCO scenes with dozens of segments of 171 classes, a shapes
+# 1024; a quarter of 64 would make queries and decoder narrower than the 64-d CLIP embeddings they are matched
+# against, so the width stays the tower's); n = 20 queries (Mask2Former's 100 serve COCO scenes with dozens of segments of 171 classes, a shapes
 # image has at most 4 segments of 6 classes; 20 keeps n1 x n2 with the default 5-row diffusion kernel);
 # 3 decoder layers = one round over the three scales (Mask2Former's 9 = three rounds); 4 heads (the tiny
-# CLIP's). Measured effect on CPU: methods/dedos/README-like numbers in bench/embedded/README.md.
+# CLIP's). Measured effect on a CPU step and on inference: bench/embedded/README.md (DEDOS section).
 PAPER_SIZES = {"n": 100, "c": 256, "heads": 8, "decoder_dim": 256, "decoder_layers": 9}
 EMBEDDED_SIZES = {"n": 20, "c": 64, "heads": 4, "decoder_dim": 64, "decoder_layers": 3}
 TEMPLATES = ("a photo of a {}", "a {}")
