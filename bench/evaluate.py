@@ -58,6 +58,9 @@ def trace_samples(method: Method, dataset: SegDataset, samples: list[Sample], pa
     else:
         prompts = [method.prompt(q, s.caption, params) for q, s in zip(queries, samples)]
         image_seeds, images = None, [s.image for s in samples]
+    if not method.traces_at_eval and setting.mode == "inversion":  # predict reads the image alone: no UNet pass
+        return TracedBatch(queries, prompts, [Trace(p, [], [], (0, 0), image=np.asarray(s.image))
+                                              for p, s in zip(prompts, samples)], 0)
     backbone = method.backbone
     token_ids = backbone.tokenize(prompts).tolist()
     weights = [method.key_weights(ids, q, params) for ids, q in zip(token_ids, queries)]

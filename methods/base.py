@@ -237,6 +237,9 @@ class Method:
     params: ClassVar[dict[str, Param]] = {}
     # Parameters of other kinds (usually forward) that `fit` reads: part of the train setting.
     fit_reads: ClassVar[tuple[str, ...]] = ()
+    # False: predict reads only the traced image (trained methods that never use the UNet at inference, DEDOS);
+    # evaluation then skips the UNet pass (bench.evaluate.trace_samples).
+    traces_at_eval: ClassVar[bool] = True
 
     def __init__(self, backbone=None):
         self.backbone = backbone

@@ -11,8 +11,8 @@ embeddings meet the class text embeddings in a text aggregation module (Sec. 3.6
 Inference (predict): CLIP + queries only, no diffusion (the paper's Sec. 3.6 last sentence). With no image at
 inference to denoise, Q comes from what training left: `inference_queries=memory` (default) is the running
 mean of the Q of training images (the paper's "q_t is replaced by the resulting q_{L,t}"), `kernels` is Eq. 6-8
-applied to the learned kernels without diffusion features. The engine still runs its usual UNet pass per image
-(the trace carries the image); predict reads only `trace.image`.
+applied to the learned kernels without diffusion features. predict reads only `trace.image`, so evaluation runs
+no UNet pass at all (`traces_at_eval = False`).
 
 `components` is Table 3: baseline (CLIP + Mask2Former decoder, plain learnable queries, no diffusion), once
 (+ proxy queries, one denoising step), progressive (+ Eq. 6-8 over `iterations` steps), decoupling (+ Eq. 9-12),
@@ -40,6 +40,18 @@ from methods.dedos.model import (CLIPRefiner, DedosDecoder, ProxyQueries, clip_t
 from methods.maps import empty_prediction
 
 COMPONENTS = ("baseline", "once", "progressive", "decoupling", "full")  # Table 3 (I)-(V)
+ARCHITECTURE = ("n", "c", "heads", "decoder_dim", "decoder_layers")
+# `0` (auto) in any ARCHITECTURE parameter: the paper's value with a real CLIP, the embedded value with the tiny
+# CLIP of the shapes world (clip=embedded). Paper: n = 100 proxy queries of c = 256 (Sec. 4.1), Mask2Former's
+# 9-layer 256-wide decoder with 8 heads. Embedded, interpreted so that it works as the paper describes at the
+# tiny CLIP's size: c = decoder width = 64, the tiny CLIP's width (the paper's 256 is a quarter of ViT-L's
+# 1024; a quarter of 64 would make queries and decoder narrower than the 64-d CLIP embeddings they are matched
+# against, so the width stays the tower's); n = 20 queries (Mask2Former's 100 serve COCO scenes with dozens of segments of 171 classes, a shapes
+# image has at most 4 segments of 6 classes; 20 keeps n1 x n2 with the default 5-row diffusion kernel);
+# 3 decoder layers = one round over the three scales (Mask2Former's 9 = three rounds); 4 heads (the tiny
+# CLIP's). Measured effect on a CPU step and on inference: bench/embedded/README.md (DEDOS section).
+PAPER_SIZES = {"n": 100, "c": 256, "heads": 8, "decoder_dim": 256, "decoder_layers": 9}
+EMBEDDED_SIZES = {"n": 20, "c": 64, "heads": 4, "decoder_dim": 64, "decoder_layers": 3}
 TEMPLATES = ("a photo of a {}", "a {}")
 CHECKPOINT_EVERY = 50
 MEMORY_DECAY = 0.99
@@ -57,6 +69,14 @@ def clip_spec(value: str) -> str:
         raise BenchError("clip=embedded but bench/embedded/clip/ holds no trained CLIP; train it with "
                          "python -m bench.embedded.clip or pass clip=<CLIP folder or cached hub id>")
     return str(folder)
+
+
+def architecture(cfg: Mapping) -> dict:
+    """The configuration with every `0` (auto) ARCHITECTURE parameter replaced by its paper or embedded value."""
+    sizes = EMBEDDED_SIZES if cfg["clip"] == "embedded" else PAPER_SIZES
+    out = {k: cfg[k] for k in ("components", "image_size", "kernel_n", "kernel_c", "clip")}
+    out.update({k: int(cfg[k]) or sizes[k] for k in ARCHITECTURE})
+    return out
 
 
 def tap_layers(layers: int) -> tuple[int, ...]:
@@ -118,7 +138,8 @@ class DedosModel(nn.Module):
 
 @register_method("dedos")
 class Dedos(Method):
-    version = "1"
+    version = "2"
+    traces_at_eval = False  # inference is CLIP + queries: the engine skips the UNet pass
     params = {
         "classes": Param("all", "classes scored per image: all (every dataset class, the open-vocabulary "
                          "protocol) or gt (image-level labels)", kind="forward", choices=("gt", "all")),
@@ -136,20 +157,24 @@ class Dedos(Method):
         "unet_weights": Param("trained", "the UNet of the front end: the backbone's trained weights or the same "
                               "architecture with random weights (Table 4's control)", choices=("trained", "random"),
                               kind="train"),
-        "n": Param(100, "number of proxy queries (Fig. 4)", kind="train"),
-        "c": Param(256, "proxy query dimension (Fig. 4)", kind="train"),
+        "n": Param(0, "number of proxy queries (Fig. 4); 0: auto (the paper's 100; 20 with clip=embedded)",
+                   kind="train"),
+        "c": Param(0, "proxy query dimension (Fig. 4); 0: auto (the paper's 256; 64 with clip=embedded)",
+                   kind="train"),
         "kernel_n": Param(5, "rows n2 of the per-timestep diffusion kernel (Eq. 6; not given by the paper)",
                           kind="train"),
         "kernel_c": Param(4, "columns c2 of the per-timestep diffusion kernel (Eq. 6; not given by the paper)",
                           kind="train"),
-        "heads": Param(8, "attention heads of the query layers and the decoder (release: 8)", kind="train"),
+        "heads": Param(0, "attention heads of the query layers and the decoder; 0: auto (the release's 8; 4 with "
+                       "clip=embedded)", kind="train"),
         "key_keep": Param(0.7, "probability that a diffusion feature is kept as key (Eq. 4's mask M_i)",
                           type=float, kind="train"),
         "consistency_weight": Param(10.0, "gamma of Eq. 16", kind="train"),
         "seg_loss": Param("paper", "Eq. 15: paper (CE + BCE + dice, equal weights) or release (CE + 20 focal + "
                           "dice)", choices=tuple(WEIGHTS), kind="train"),
-        "decoder_dim": Param(256, "Mask2Former decoder width", kind="train"),
-        "decoder_layers": Param(9, "Mask2Former decoder layers (Mask2Former's 9)", kind="train"),
+        "decoder_dim": Param(0, "Mask2Former decoder width; 0: auto (256; 64 with clip=embedded)", kind="train"),
+        "decoder_layers": Param(0, "Mask2Former decoder layers; 0: auto (Mask2Former's 9; 3 with clip=embedded)",
+                                kind="train"),
         "image_size": Param(0, "image size fed to CLIP (0: the CLIP's own; the paper crops 640)", kind="train"),
         "train_steps": Param(1500, "optimiser steps (the paper: 60k at batch 4; this default: the CPU budget on "
                              "the embedded world)", kind="train"),
@@ -181,12 +206,15 @@ class Dedos(Method):
     def train_setting(self, cfg: Mapping):
         """One fit per train setting; the setting's values are checked here, on the driver, before Ray starts
         (the plan asks for every trial's setting)."""
-        checks = [(cfg["n"] % cfg["kernel_n"] == 0, f"n={cfg['n']} is not a multiple of kernel_n={cfg['kernel_n']} "
+        a = architecture(cfg)
+        checks = [(min(a[k] for k in ARCHITECTURE) >= 1, "n, c, heads, decoder_dim and decoder_layers must be "
+                   "positive (0: auto)"),
+                  (a["n"] % a["kernel_n"] == 0, f"n={a['n']} is not a multiple of kernel_n={a['kernel_n']} "
                    f"(Eq. 6: n = n1 x n2)"),
-                  (cfg["c"] % cfg["kernel_c"] == 0, f"c={cfg['c']} is not a multiple of kernel_c={cfg['kernel_c']} "
+                  (a["c"] % a["kernel_c"] == 0, f"c={a['c']} is not a multiple of kernel_c={a['kernel_c']} "
                    f"(Eq. 6: c = c1 x c2)"),
-                  (cfg["c"] % cfg["heads"] == 0 and cfg["decoder_dim"] % cfg["heads"] == 0,
-                   f"c={cfg['c']} and decoder_dim={cfg['decoder_dim']} must be multiples of heads={cfg['heads']}"),
+                  (a["c"] % a["heads"] == 0 and a["decoder_dim"] % a["heads"] == 0,
+                   f"c={a['c']} and decoder_dim={a['decoder_dim']} must be multiples of heads={a['heads']}"),
                   (0 < cfg["key_keep"] <= 1, f"key_keep={cfg['key_keep']} must be in (0, 1]"),
                   (cfg["train_steps"] >= 1 and cfg["batch"] >= 1, "train_steps and batch must be positive")]
         for ok, message in checks:
@@ -233,7 +261,8 @@ class Dedos(Method):
         if feature_dims is None:
             feature_dims = block_channels(self.backbone.unet) if cfg["components"] != "baseline" else []
         torch.manual_seed(cfg["fit_seed"])
-        model = DedosModel(vision, clip.model.config.projection_dim, cfg, feature_dims, len(self.schedule(cfg)))
+        model = DedosModel(vision, clip.model.config.projection_dim, architecture(cfg), feature_dims,
+                           len(self.schedule(cfg)))
         return model.to(clip.device)
 
     # -- fit -------------------------------------------------------------------------------------------------------
@@ -249,6 +278,8 @@ class Dedos(Method):
         unet = self.backbone.unet
         if diffusion and cfg["unet_weights"] == "random":
             unet = random_unet(unet, cfg["fit_seed"])
+        if diffusion and clip.device.type == "cpu":  # the front end's convolutions run ~15% faster channels-last
+            unet = copy.deepcopy(unet).to(memory_format=torch.channels_last)
         model = self.build(cfg, block_channels(unet) if diffusion else [])
         vision = list(model.vision.parameters())
         ids = {id(p) for p in vision}
@@ -263,7 +294,7 @@ class Dedos(Method):
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg["train_steps"]))
         start = ctx.resume(model=model, optimizer=opt, scheduler=sched)
         indices = ctx.shard(list(range(len(dataset))))
-        cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        cache: dict[int, tuple[np.ndarray, np.ndarray, torch.Tensor | None]] = {}
         mask_size = tuple(4 * g for g in model.grid)
         ctx.start(cfg["train_steps"])
         model.train()
@@ -271,16 +302,21 @@ class Dedos(Method):
             gen = torch.Generator().manual_seed(cfg["fit_seed"] * 1_000_003 + step * 131 + ctx.rank)
             pick = [indices[int(i)] for i in torch.randint(len(indices), (cfg["batch"],), generator=gen)]
             for i in pick:
-                if i not in cache:
+                if i not in cache:  # images, labels and (Eq. 1) their deterministic VAE latents, once each
                     s = dataset[i]
-                    cache[i] = (s.image, s.label)
+                    z0 = None
+                    if diffusion:
+                        with torch.no_grad():
+                            z0 = self.backbone.encode_images([s.image], self.backbone.resolution)
+                    cache[i] = (s.image, s.label, z0)
             images = [cache[i][0] for i in pick]
             targets = [self.target(cache[i][1], class_ids, mask_size, clip.device) for i in pick]
             before = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in images])
             pixels = clip.pixels(before, model.size)
             features = fb = fa = None
             if diffusion:
-                den = denoise(self.backbone, unet, images, timesteps, gen, cfg["noise"])
+                den = denoise(self.backbone, unet, images, timesteps, gen, cfg["noise"],
+                              latents=torch.cat([cache[i][2] for i in pick]))
                 features = den.features
                 if model.proj_q is not None and cfg["consistency_weight"] > 0:
                     last = (len(model.vision.encoder.layers) - 1,)

@@ -78,10 +78,12 @@ def random_unet(unet: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 @torch.no_grad()
 def denoise(backbone, unet: torch.nn.Module, images: list[np.ndarray], timesteps: list[int],
-            generator: torch.Generator, noise: str = "add", size: int = 0) -> Denoised:
-    """Run the front end on RGB uint8 images (see the module docstring)."""
+            generator: torch.Generator, noise: str = "add", size: int = 0,
+            latents: torch.Tensor | None = None) -> Denoised:
+    """Run the front end on RGB uint8 images (see the module docstring). latents: their z_0 if already
+    encoded (the posterior mean is deterministic, so a fit encodes each training image once)."""
     size = size or backbone.resolution
-    z0 = backbone.encode_images(images, size)  # Eq. 1: VAE posterior mean x scaling factor
+    z0 = latents if latents is not None else backbone.encode_images(images, size)  # Eq. 1: VAE posterior mean
     text = backbone.encode_text([""] * len(images))  # the empty prompt
     sched = backbone.noising_scheduler()
     alphas = sched.alphas_cumprod.to(z0.device, torch.float32)

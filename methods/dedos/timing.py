@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 
 log = logging.getLogger("methods.dedos.timing")
 PAPER = {"clip": "random-vit-l14-336", "image_size": 640, "batch": 4}
-EMBEDDED = {"train_classes": "circle+square+triangle", "batch": 4, "decoder_dim": 64, "decoder_layers": 3}
+EMBEDDED = {"train_classes": "circle+square+triangle", "batch": 4}
 
 
 def paper_backbone(device: torch.device, dtype: torch.dtype, seed: int = 0):
@@ -88,7 +89,7 @@ def measure(size: str, device: str, train_steps: int, warmup: int, images: int, 
     from bench.models import load_backbone
     from bench.trace import Trace
     from methods.base import ClassQuery
-    from methods.dedos import Dedos, learnable_parameters
+    from methods.dedos import ARCHITECTURE, Dedos, architecture, learnable_parameters
 
     dev = torch.device(device)
     if dev.type == "cpu":
@@ -111,15 +112,18 @@ def measure(size: str, device: str, train_steps: int, warmup: int, images: int, 
     cfg = Dedos.resolve({**values, "train_steps": warmup + train_steps})
     setting = method.train_setting(cfg)
     stamps: list[float] = []
+    cpu_stamps: list[float] = []  # this process's CPU time: what a step costs on a core shared with other jobs
 
     class Timed(LocalFitContext):
         def log(self, step, loss, series=""):
             _sync(dev)
             stamps.append(time.perf_counter())
+            cpu_stamps.append(time.process_time())
             super().log(step, loss, series)
 
     tensors = method.fit(Timed(setting, train, method_backbone))
     step_seconds = float(np.diff(stamps[warmup - 1:]).mean()) if train_steps else float("nan")
+    step_cpu = float(np.diff(cpu_stamps[warmup - 1:]).mean()) if train_steps else float("nan")
     method.load_fit(setting.key, tensors)
     val = build_dataset({**data, "split": "val", "num_images": images + 2})
     names = list(val.classes[1:])
@@ -128,17 +132,22 @@ def measure(size: str, device: str, train_steps: int, warmup: int, images: int, 
     for trace in traces[:2]:  # warm-up (model build, text embeddings, kernels)
         method.predict(trace, query, cfg, (pixels, pixels))
     _sync(dev)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for trace in traces[2:]:
         method.predict(trace, query, cfg, (pixels, pixels))
     _sync(dev)
     per_image = (time.perf_counter() - start) / images
+    per_image_cpu = (time.process_time() - cpu_start) / images
     model = method.fitted_model(cfg)
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (1 thread)"
-    return {"size": size, "device": device_name, "image_px": pixels, "batch": cfg["batch"],
-            "train_seconds_per_step": round(step_seconds, 4), "train_steps_timed": train_steps,
+    sizes = {k: architecture(cfg)[k] for k in ARCHITECTURE}
+    return {"size": size, "device": device_name, "image_px": pixels, "batch": cfg["batch"], "architecture": sizes,
+            "train_seconds_per_step": round(step_seconds, 4), "train_cpu_seconds_per_step": round(step_cpu, 4),
+            "train_steps_timed": train_steps, "default_train_steps": Dedos.params["train_steps"].default,
             "inference_seconds_per_image": round(per_image, 5), "images_per_second": round(1 / per_image, 2),
-            "inference_images": images, "learnable_parameters_M": round(learnable_parameters(model) / 1e6, 2),
+            "inference_cpu_seconds_per_image": round(per_image_cpu, 5),
+            "images_per_cpu_second": round(1 / per_image_cpu, 2), "inference_images": images,
+            "load_average": [round(x, 1) for x in os.getloadavg()], "learnable_parameters_M": round(learnable_parameters(model) / 1e6, 2),
             "clip_parameters_M": round(sum(p.numel() for p in model.vision.parameters()) / 1e6, 2),
             "paper_table_7": {"learnable_parameters_M": 23.57, "inference_seconds": 0.12,
                               "device": "RTX 4090, 640 px, ViT-L/14"},
