@@ -81,6 +81,7 @@ def label_values(labels: list[np.ndarray], size: int) -> torch.Tensor:
 class SegFormer(Method):
     version = "1"
     fits_class_ids = True  # predicts the training dataset's class ids (preflight: same classes as evaluated)
+    traces_at_eval = False  # predicts from the image alone: evaluation in inversion mode skips the UNet pass
     params = {
         "scale": Param("tiny", "encoder: tiny (0.35M parameters, 64 px worlds) or b0 (MiT-b0, SegFormer Table 1)",
                        choices=tuple(SCALES), kind="train"),
