@@ -1,4 +1,9 @@
-"""Exact labels of bilinearly upsampled, min-max normalised class maps, computed at full size only where the
+"""NOT USED BY iSeg (kept with its tests and the scorer's block histograms as the base for a fix): on real iSeg
+maps of the embedded default the written-out bilinear below labels up to 1.8% of an image's pixels differently
+from `F.interpolate` (whole tied regions, not a few ulps), which moved sweeps/iseg_lambda.yaml's mIoU by up to
+1.0; iSeg labels with the release's exact path (`methods.iseg.release_upsample`). What the module does:
+
+Exact labels of bilinearly upsampled, min-max normalised class maps, computed at full size only where the
 decision can change (near class boundaries and the background threshold).
 
 The final step of iSeg (released code's order, `methods.iseg.release_upsample`) upsamples every class map of
