@@ -32,12 +32,10 @@ from tqdm import tqdm
 
 from bench.data.shapes import ShapesDataset
 from bench.data.shapes_gt import object_masks
+from bench.models.sam import IMAGE_MEAN, IMAGE_STD, point_blobs  # SAM's normalisation (ImageNet), dense prompt
 
 log = logging.getLogger("bench.embedded.sam")
 SAM_DIR = Path(__file__).parent / "sam"
-IMAGE_MEAN = (0.485, 0.456, 0.406)  # SAM's image processor normalisation (ImageNet)
-IMAGE_STD = (0.229, 0.224, 0.225)
-POINT_SIGMA = 2.0  # pixels of the dense point prompt's Gaussians at the mask-prompt resolution
 
 
 def tiny_sam_config(size: int = 64, width: int = 64):
@@ -94,18 +92,6 @@ def sample_points(mask: np.ndarray, n: int, rng: np.random.Generator) -> np.ndar
     ys, xs = np.nonzero(mask)
     pick = rng.integers(0, len(xs), size=n)
     return np.stack([xs[pick], ys[pick]], 1).astype(np.float32)
-
-
-def point_blobs(points: torch.Tensor, size: int, sigma: float = POINT_SIGMA) -> torch.Tensor:
-    """SAM's dense (mask) prompt drawn from point prompts: (B, n, 2) pixel (x, y) -> (B, 1, size, size), the
-    maximum over the points of a Gaussian of `sigma` pixels (1 at each point). Why: the sparse point tokens
-    alone were not learned by the tiny SAM (it masked every object whatever the prompt, 47 IoU); the same
-    points as a mask prompt are added to the image embedding where they are."""
-    grid = torch.arange(size, dtype=torch.float32) + 0.5
-    yy, xx = torch.meshgrid(grid, grid, indexing="ij")
-    px, py = (points[..., 0] + 0.5)[..., None, None], (points[..., 1] + 0.5)[..., None, None]
-    d2 = (xx - px) ** 2 + (yy - py) ** 2  # (B, n, size, size)
-    return torch.exp(-d2 / (2 * sigma ** 2)).amax(1, keepdim=True)
 
 
 def predict_masks(model, images: torch.Tensor, points: torch.Tensor, labels: torch.Tensor,

@@ -8,7 +8,7 @@
 size, padded at the bottom/right, ImageNet normalisation; points (x, y) in image pixels are scaled the same
 way; the mask logits are cropped and resized back, mask = logit > 0. A folder trained with dense point
 prompts (`"dense_points": true` in its train_config.json: the embedded SAM) also gets the points as SAM's mask
-prompt (`bench.embedded.sam.point_blobs`).
+prompt (`point_blobs`).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from bench.errors import BenchError
 IMAGE_MEAN = (0.485, 0.456, 0.406)
 IMAGE_STD = (0.229, 0.224, 0.225)
 EMBEDDED_SAM = Path(__file__).resolve().parent.parent / "embedded" / "sam"
+POINT_SIGMA = 2.0  # pixels of the dense point prompt's Gaussians at the mask-prompt resolution
 
 
 @dataclass
@@ -66,8 +67,6 @@ class SamSegmenter:
         lab = torch.tensor(labels if labels is not None else [1] * len(points), dtype=torch.long)[None, None]
         masks = None
         if self.dense_points:
-            from bench.embedded.sam import point_blobs
-
             size = int(self.model.config.prompt_encoder_config.image_embedding_size) * 4
             fg = pts[0, 0][lab[0, 0] == 1][None] * (size / self.input_size)
             masks = point_blobs(fg, size).to(self.device) if len(fg[0]) else None
@@ -107,3 +106,15 @@ def load_sam(source: str = "embedded", device: str = "cpu") -> SamSegmenter:
     recipe = Path(where) / "train_config.json"
     dense = bool(json.loads(recipe.read_text()).get("dense_points", False)) if recipe.is_file() else False
     return SamSegmenter(model.to(device).eval(), source, dense)
+
+
+def point_blobs(points: torch.Tensor, size: int, sigma: float = POINT_SIGMA) -> torch.Tensor:
+    """SAM's dense (mask) prompt drawn from point prompts: (B, n, 2) pixel (x, y) -> (B, 1, size, size), the
+    maximum over the points of a Gaussian of `sigma` pixels (1 at each point). Why: the sparse point tokens
+    alone were not learned by the tiny SAM (it masked every object whatever the prompt, 47 IoU); the same
+    points as a mask prompt are added to the image embedding where they are."""
+    grid = torch.arange(size, dtype=torch.float32) + 0.5
+    yy, xx = torch.meshgrid(grid, grid, indexing="ij")
+    px, py = (points[..., 0] + 0.5)[..., None, None], (points[..., 1] + 0.5)[..., None, None]
+    d2 = (xx - px) ** 2 + (yy - py) ** 2  # (B, n, size, size)
+    return torch.exp(-d2 / (2 * sigma ** 2)).amax(1, keepdim=True)
