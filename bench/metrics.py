@@ -186,8 +186,8 @@ def seen_unseen(metrics: dict[str, float], classes: list[str], seen: list[bool])
 
 
 def scoring_labels(prediction):
-    """What `ImageScorer.histograms` reads of a prediction: its blocks where it has them (iSeg's exact block
-    labelling, methods.block_labels), else its label map as an array."""
+    """What `ImageScorer.histograms` reads of a prediction: its blocks where it has them (labels by squares,
+    methods.block_labels, which no method uses today), else its label map as an array."""
     blocks = getattr(prediction, "blocks", None)
     return blocks if blocks is not None else np.asarray(prediction.labels)
 
