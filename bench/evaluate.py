@@ -16,7 +16,7 @@ import torch
 from bench.data import require_generation_gt
 from bench.data.base import Sample, SegDataset
 from bench.forward import run_traced
-from bench.metrics import ImageScorer, scoring_labels
+from bench.metrics import ImageScorer
 from bench.plan import ForwardGroup, Trial, group_trials  # noqa: F401  (re-exported: callers group and evaluate)
 from bench.trace import Trace, TraceRequest
 from methods.base import ClassQuery, Method
@@ -91,5 +91,5 @@ def evaluate_batch(method: Method, dataset: SegDataset, samples: list[Sample], g
         # the ground truth is read once per image; identical label maps are counted once
         scorer = ImageScorer(sample.label, len(dataset.classes), sample.ignore_index,
                              first_class=0 if getattr(dataset, "has_background", True) else 1)
-        hists.extend(scorer.histograms([scoring_labels(p) for p in predictions], hungarian=protocol == "hungarian"))
+        hists.extend(scorer.histograms([p.labels.numpy() for p in predictions], hungarian=protocol == "hungarian"))
     return hists, batch.image_passes

@@ -185,13 +185,6 @@ def seen_unseen(metrics: dict[str, float], classes: list[str], seen: list[bool])
     return {"mIoU/seen": s, "mIoU/unseen": u, "hIoU": h}
 
 
-def scoring_labels(prediction):
-    """What `ImageScorer.histograms` reads of a prediction: its blocks where it has them (labels by squares,
-    methods.block_labels, which no method uses today), else its label map as an array."""
-    blocks = getattr(prediction, "blocks", None)
-    return blocks if blocks is not None else np.asarray(prediction.labels)
-
-
 class ImageScorer:
     """Histograms of many predictions of one image: the ground truth is read once, every prediction costs one
     bincount of a joint (label, prediction) code, and identical label maps are counted once.
@@ -201,9 +194,7 @@ class ImageScorer:
     both protocols' rows (mmseg: every label code but the ignored one; iseg: label codes 0..C-1)."""
 
     def __init__(self, label: np.ndarray, num_classes: int, ignore_index: int = IGNORE_INDEX, first_class: int = 0):
-        label = np.asarray(label)
-        self.shape = label.shape
-        label = label.ravel().astype(np.int64)
+        label = np.asarray(label).ravel().astype(np.int64)
         c = self.num_classes = num_classes
         self.label, self.ignore_index, self.first_class = label, ignore_index, first_class
         in_range = (label >= 0) & (label < c)
@@ -212,7 +203,6 @@ class ImageScorer:
         self._base = code * (c + 1)  # the label part of the joint code
         values = np.unique(np.where(label == ignore_index, 0, label))
         self._iseg_skipped = len(values) <= 1  # see intersect_and_union (iSeg test_step)
-        self._square_counts: dict[tuple, np.ndarray] = {}  # block layout -> (squares, C + 2) label-code counts
 
     def joint_counts(self, preds: np.ndarray) -> np.ndarray:
         """(K, P) predictions -> (K, C + 2, C + 1) joint counts, in one bincount."""
@@ -226,56 +216,10 @@ class ImageScorer:
         codes = preds + self._base + (np.arange(len(preds), dtype=np.int64) * cells)[:, None]
         return np.bincount(codes.ravel(), minlength=len(preds) * cells).reshape(len(preds), c + 2, c + 1)
 
-    def block_joint_counts(self, items: list) -> np.ndarray:
-        """(D, C + 2, C + 1) joint counts of label maps given by blocks (methods.block_labels.BlockLabels: one
-        label per square of output pixels, or -1 and a block of per-pixel labels): each labelled square adds
-        its ground-truth counts (computed once per image and square layout) to its label's column, and only
-        the blocks labelled pixel by pixel are counted pixel by pixel; all maps in one product and one bincount."""
-        c = self.num_classes
-        first = items[0]
-        for blocks in items:
-            if tuple(blocks.shape) != tuple(self.shape):
-                raise ValueError(f"prediction is {tuple(blocks.shape)}, label {tuple(self.shape)}")
-            if (blocks.rows.n_in, blocks.cols.n_in) != (first.rows.n_in, first.cols.n_in):
-                return np.concatenate([self.block_joint_counts([b]) for b in items])
-        counts, block_codes = self._layout(first)
-        labels = np.stack([b.squares.numpy().ravel() for b in items])  # (D, S)
-        onehot = (self._pred_code(labels)[..., None] == np.arange(c + 1)) & (labels >= 0)[..., None]
-        joint = np.rint(np.matmul(onehot.transpose(0, 2, 1).astype(np.float64), counts))  # (D, C + 1, C + 2)
-        joint = np.ascontiguousarray(joint.transpose(0, 2, 1)).astype(np.int64)
-        gt = block_codes[np.concatenate([b.mixed.numpy() for b in items])]  # (T, R, C)
-        pred = self._pred_code(np.concatenate([b.blocks.numpy() for b in items]))
-        owner = np.repeat(np.arange(len(items)), [len(b.mixed) for b in items])
-        valid = gt >= 0
-        cells = (owner[:, None, None] * (c + 2) + gt) * (c + 1) + pred
-        joint += np.bincount(cells[valid], minlength=len(items) * (c + 2) * (c + 1)).reshape(joint.shape)
-        return joint
-
-    def _layout(self, blocks) -> tuple[np.ndarray, np.ndarray]:
-        """Per square layout (cached): (squares, C + 2) ground-truth code counts and (squares, R, C) codes of
-        each square's pixels, -1 on the padding."""
-        c = self.num_classes
-        key = (blocks.rows.n_in, blocks.cols.n_in)
-        if key not in self._square_counts:
-            squares = blocks.square_ids().numpy().ravel()
-            codes = self._base // (c + 1)
-            counts = np.bincount(squares * (c + 2) + codes,
-                                 minlength=blocks.squares.numel() * (c + 2)).reshape(-1, c + 2)
-            rows, cols = blocks.rows, blocks.cols
-            grid = codes.reshape(self.shape)[rows.position[:, None, :, None].numpy(),
-                                             cols.position[None, :, None, :].numpy()]
-            valid = (rows.valid[:, None, :, None] & cols.valid[None, :, None, :]).numpy()
-            self._square_counts[key] = counts, np.where(valid, grid, -1).reshape(-1, *grid.shape[2:])
-        return self._square_counts[key]
-
-    def _pred_code(self, pred: np.ndarray) -> np.ndarray:
-        c = self.num_classes
-        return np.where((pred >= 0) & (pred < c), pred, c).astype(np.int64)
-
-    def histograms(self, preds: list, hungarian: bool = False) -> np.ndarray:
+    def histograms(self, preds: list[np.ndarray], hungarian: bool = False) -> np.ndarray:
         """(K, 8, C) int64 (mmseg, iseg rows) of each prediction, (K, 12, C) with `hungarian` (its matching costs
         a linear assignment per distinct label map: asked for only when that protocol is scored); identical
-        label maps are counted once. A prediction is a label array or a `BlockLabels` (block_joint_counts)."""
+        label maps are counted once."""
         c = self.num_classes
         rows = 3 * ROWS if hungarian else 2 * ROWS
         if not preds:
@@ -283,21 +227,13 @@ class ImageScorer:
         first, distinct = {}, []
         index = []
         for pred in preds:
-            blocks = hasattr(pred, "squares")
-            parts = (pred.squares, pred.mixed, pred.blocks) if blocks else \
-                (np.ascontiguousarray(pred, dtype=np.int64),)
-            if not blocks:
-                pred = parts[0]
-            key = (blocks, pred.shape, hash(b"".join(np.asarray(p).tobytes() for p in parts)))
-            if key not in first or not _same(distinct[first[key]], pred, blocks):
+            pred = np.ascontiguousarray(pred, dtype=np.int64)
+            key = (pred.shape, hash(pred.tobytes()))
+            if key not in first or not np.array_equal(distinct[first[key]], pred):
                 first[key] = len(distinct)
                 distinct.append(pred)
             index.append(first[key])
-        dense = [p for p in distinct if not hasattr(p, "squares")]
-        blocked = [p for p in distinct if hasattr(p, "squares")]
-        joint_dense = iter(self.joint_counts(np.stack(dense)) if dense else [])
-        joint_blocks = iter(self.block_joint_counts(blocked) if blocked else [])
-        joint = np.stack([next(joint_blocks) if hasattr(p, "squares") else next(joint_dense) for p in distinct])
+        joint = self.joint_counts(np.stack(distinct))
         classes = np.arange(c)
         area_i = joint[:, classes, classes]
         area_l = joint[:, :c, :].sum(2)
@@ -315,26 +251,8 @@ class ImageScorer:
             out[:, :, :self.first_class] = 0
         return out[index]
 
-    def _hungarian(self, pred, joint: np.ndarray) -> np.ndarray:
+    def _hungarian(self, pred: np.ndarray, joint: np.ndarray) -> np.ndarray:
         c = self.num_classes
-        if hasattr(pred, "squares"):
-            squares = pred.squares.numpy().ravel()
-            valid, _, _ = pred.mixed_pixels()
-            values = np.concatenate([squares[squares >= 0], pred.blocks[valid].numpy()])  # -1: labelled per pixel
-            low, high = values.min(initial=0), values.max(initial=0)
-            if low < 0 or high >= c:
-                pred = pred.dense().numpy()
-        else:
-            low, high = pred.min(initial=0), pred.max(initial=0)
-        if low < 0 or high >= c:  # segments beyond the class ids: count them apart
+        if pred.min(initial=0) < 0 or pred.max(initial=0) >= c:  # segments beyond the class ids: count them apart
             return hungarian_histograms(pred, self.label, c, self.ignore_index, self.first_class)
         return hungarian_rows(joint[:c, :c], self.first_class)
-
-
-def _same(a, b, blocks: bool) -> bool:
-    if blocks != hasattr(a, "squares"):
-        return False
-    if not blocks:
-        return np.array_equal(a, b)
-    return all(x.shape == y.shape and bool((x == y).all()) for x, y in
-               ((a.squares, b.squares), (a.mixed, b.mixed), (a.blocks, b.blocks)))

@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bench.config import SweepConfig, space_kind
-from bench.metrics import ImageScorer, scoring_labels, summarize
+from bench.metrics import ImageScorer, summarize
 from bench.trace import Trace
 from methods.base import ClassQuery
 
@@ -227,7 +227,7 @@ def run_search(cfg: SweepConfig, run_dir: Path, num_images: int) -> tuple[list[d
             preds = method.predict_many(trace, query, [params[i] for i in running], tuple(label.shape))
             scorer = ImageScorer(label, len(classes), dataset[index].ignore_index,
                                  first_class=0 if getattr(dataset, "has_background", True) else 1)
-            for i, h in zip(running, scorer.histograms([scoring_labels(p) for p in preds],
+            for i, h in zip(running, scorer.histograms([np.asarray(p.labels) for p in preds],
                                                        hungarian=cfg.metric.protocol == "hungarian")):
                 hists[i].append(h)
         done = rung

@@ -8,9 +8,9 @@ sweeps run once and nothing is timed.
 
 Measured on the embedded default (64 px UNet, 512 px labels), CPU, one thread, on a shared 2-core machine
 (load 8-13), min-ratio over 7 interleaved rounds: K = 6 1.5-2.1x, K = 24 4.5-5.1x, both strict xfails. The cost
-is exact labelling at the 512 px label size per configuration. Labelling by 8 x 8 squares (methods.block_labels)
-measured K = 6 1.24-1.48x and K = 24 1.74x, but iSeg does not use it: its labels differ from F.interpolate's on
-up to 1.8% of a real image's pixels (see that module).
+is exact labelling at the 512 px label size per configuration. Labelling by 8 x 8 squares with a re-derived
+bilinear formula measured K = 6 1.24-1.48x and K = 24 1.74x but was withdrawn: its labels differed from
+F.interpolate's on up to 1.8% of a real image's pixels (methods.iseg._predictions).
 """
 
 import statistics
