@@ -117,6 +117,16 @@ def test_parameters_are_typed_and_versioned(name):
         params.mode = "generation"  # frozen
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_no_parameter_shadows_a_results_column(name):
+    """A parameter is a results column of its own: one named like an engine column (trial, seed, mIoU, ...)
+    would overwrite it or be overwritten in results.parquet / summary.csv."""
+    from bench.results import RESERVED_COLUMNS, RESERVED_PREFIXES
+
+    clashes = [k for k in METHODS.get(name).all_params() if k in RESERVED_COLUMNS or k.startswith(RESERVED_PREFIXES)]
+    assert not clashes, f"{name}: parameters {clashes} are named like results columns; rename them"
+
+
 @pytest.mark.parametrize("mode", ["inversion", "generation"])
 @pytest.mark.parametrize("name", NAMES)
 def test_runs_in_both_modes(tiny, name, mode):
