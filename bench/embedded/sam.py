@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from bench.data.shapes import ShapesDataset
 from bench.data.shapes_gt import object_masks
-from bench.models.sam import IMAGE_MEAN, IMAGE_STD, point_blobs  # SAM's normalisation (ImageNet), dense prompt
+from bench.models.sam import IMAGE_MEAN, IMAGE_STD, pixel_values, point_blobs
 
 log = logging.getLogger("bench.embedded.sam")
 SAM_DIR = Path(__file__).parent / "sam"
@@ -63,13 +63,6 @@ def reset_positional_frequencies(model, scale: float = 1.0) -> None:
     with torch.no_grad():
         pe.copy_(torch.randn(pe.shape) * scale)
     pe.requires_grad_(False)
-
-
-def pixel_values(images: np.ndarray) -> torch.Tensor:
-    """(B, H, W, 3) uint8 -> SAM's normalised (B, 3, H, W) float input."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).float().div(255).permute(0, 3, 1, 2)
-    mean, std = torch.tensor(IMAGE_MEAN)[:, None, None], torch.tensor(IMAGE_STD)[:, None, None]
-    return (x - mean) / std
 
 
 def object_pool(split: str, num_images: int, size: int, seed: int, min_objects: int = 1

@@ -49,8 +49,7 @@ class SamSegmenter:
         scale = self.input_size / max(h, w)
         nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
         resized = np.asarray(Image.fromarray(np.asarray(image, np.uint8)).resize((nw, nh), Image.BILINEAR))
-        x = torch.from_numpy(resized.copy()).float().div(255).permute(2, 0, 1)
-        x = (x - torch.tensor(IMAGE_MEAN)[:, None, None]) / torch.tensor(IMAGE_STD)[:, None, None]
+        x = pixel_values(resized[None])[0]
         padded = torch.zeros(3, self.input_size, self.input_size)
         padded[:, :nh, :nw] = x
         return padded, scale, (nh, nw)
@@ -118,3 +117,10 @@ def point_blobs(points: torch.Tensor, size: int, sigma: float = POINT_SIGMA) -> 
     px, py = (points[..., 0] + 0.5)[..., None, None], (points[..., 1] + 0.5)[..., None, None]
     d2 = (xx - px) ** 2 + (yy - py) ** 2  # (B, n, size, size)
     return torch.exp(-d2 / (2 * sigma ** 2)).amax(1, keepdim=True)
+
+
+def pixel_values(images: np.ndarray) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> SAM's normalised (B, 3, H, W) float input."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).float().div(255).permute(0, 3, 1, 2)
+    mean, std = torch.tensor(IMAGE_MEAN)[:, None, None], torch.tensor(IMAGE_STD)[:, None, None]
+    return (x - mean) / std
