@@ -204,15 +204,25 @@ class CaptureProcessor:
         # only what is recorded (usually the head mean) is kept. One block when it fits: AttnProcessor exactly.
         rows = _row_block(query.shape[0], query.shape[1], key.shape[1], query.element_size(),
                           self._kept_bytes(query.shape[0] // heads, heads, query.shape[1], key.shape[1]))
-        outs, recorded = [], []
+        outs, recorded = [], {}
         for start in range(0, query.shape[1], rows):
             block = slice(start, start + rows)
             mask = attention_mask if attention_mask is None or attention_mask.shape[1] == 1 \
                 else attention_mask[:, block]
             probs = attn.get_attention_scores(query[:, block], key, mask)
             outs.append(torch.bmm(probs, value))
-            recorded.append(self._reduce(probs, heads))
+            kept = self._reduce(probs, heads)
             del probs
+            if rows >= query.shape[1]:
+                recorded = kept
+                continue
+            # Several blocks: each is written into its rows of one preallocated tensor, so what is kept exists
+            # once (a list of blocks joined by torch.cat at the end would hold it twice at the peak).
+            for kind, part in kept.items():
+                if kind not in recorded:
+                    recorded[kind] = part.new_empty((*part.shape[:2], query.shape[1], part.shape[3]))
+                recorded[kind][:, :, block] = part
+            del kept
         out = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
         out = attn.batch_to_head_dim(out)
         out = attn.to_out[1](attn.to_out[0](out))
@@ -245,12 +255,10 @@ class CaptureProcessor:
             kept["self_attn"] = probs if rec.request.self_per_head else probs.mean(1, keepdim=True)
         return {kind: value.to(rec.dtype) for kind, value in kept.items()}
 
-    def _record(self, recorded: list[dict[str, torch.Tensor]], query, heads, seq_len):
+    def _record(self, whole: dict[str, torch.Tensor], query, heads, seq_len):
         rec = self.recorder
         if "queries" in self.kinds:
             rec.add("queries", self.name, query.unflatten(0, (-1, heads)))
-        whole = {kind: blocks[0] if len(blocks) == 1 else torch.cat(blocks, 2)
-                 for kind in recorded[0] for blocks in [[r[kind] for r in recorded]]}
         if "cross" in self.kinds:
             h, w = grid_size(seq_len, rec.latent_size)
             rec.add("cross", self.name, whole["cross"].unflatten(2, (h, w)), selected=True)
