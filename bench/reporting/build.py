@@ -14,7 +14,9 @@ from bench.reporting.model import PROTOCOL_TEXT, RunData, fmt_value, summarize_r
 from bench.reporting.plots import Figure, class_bars, figures_for_run, overlay_plot
 from bench.reporting.qualitative import qualitative_figure
 from bench.reporting.render import Code, Defs, Heading, Para, to_html, to_markdown
-from bench.reporting.tables import combined_class_table, combined_table, details_table, main_table, per_class_table
+from bench.reporting.model import SEEN_UNSEEN_COLUMNS
+from bench.reporting.tables import (combined_class_table, combined_table, details_table, main_table, per_class_table,
+                                   seen_unseen_table)
 from bench.results import config_hash, schema_version
 
 
@@ -113,6 +115,9 @@ def run_blocks(run: RunData, out: Path, prefix: str = "", level: int = 1, summar
         blocks.append(Para("This run has no results.", "warning"))
         return blocks
     blocks.append(main_table(run, s))
+    seen_unseen = seen_unseen_table(run, s)
+    if seen_unseen is not None:
+        blocks.append(seen_unseen)
     blocks += figures_for_run(run, s, out, prefix)
     blocks.append(Heading(h + 1, "Per-class IoU" if h == 1 else f"Per-class IoU ({run.label})"))
     blocks.append(per_class_table(run, s))
@@ -148,7 +153,7 @@ def write_files(out: Path, blocks: list, title: str, summary: pd.DataFrame) -> N
 
 def _summary_csv(s: pd.DataFrame, run: RunData) -> pd.DataFrame:
     keep = ["trial", *run.swept, "label", "n_seeds", "seeds", "mean", "std", "ci_low", "ci_high", "ci_kind",
-            "paper", "delta", "best"]
+            "paper", "delta", "best", *SEEN_UNSEEN_COLUMNS]
     out = s[[c for c in keep if c in s.columns]].rename(columns={"mean": run.metric})
     return out.assign(metric=run.metric)
 

@@ -135,6 +135,9 @@ def setting_label(swept: dict) -> str:
     return ", ".join(f"{k}={fmt_value(v)}" for k, v in swept.items())
 
 
+SEEN_UNSEEN_COLUMNS = tuple(f"mIoU_{part}{end}" for part in ("seen", "unseen") for end in ("", "_ci_low", "_ci_high"))
+
+
 def summarize_run(run: RunData) -> pd.DataFrame:
     """One row per configuration, in sweep (trial) order: swept values, `label`, `n_seeds`, `mean`, `std`,
     `ci_low`, `ci_high`, `ci_kind`, `paper`, `delta`, `best`, the other metrics' means, IoU/<class> means."""
@@ -163,6 +166,9 @@ def summarize_run(run: RunData) -> pd.DataFrame:
                "mean": mean, "std": std, "ci_low": lo, "ci_high": hi, "ci_kind": kind,
                "paper": paper, "delta": mean - paper if math.isfinite(paper) else math.nan}
         for col in ("mIoU", "aAcc", "mAcc", "unet_passes"):
+            if col in part.columns:
+                row[col] = float(part[col].mean())
+        for col in SEEN_UNSEEN_COLUMNS:  # open-vocabulary runs (report.unseen): bootstrap intervals per part
             if col in part.columns:
                 row[col] = float(part[col].mean())
         if "forward_setting" in part.columns:

@@ -98,6 +98,27 @@ def details_table(run: RunData, summary: pd.DataFrame) -> Table:
                  header, rows, label_columns=3, wrap_columns=(7,))
 
 
+def seen_unseen_table(run: RunData, summary: pd.DataFrame) -> Table | None:
+    """mIoU over the classes the fits saw and over those they did not (report.unseen; the open-vocabulary
+    protocol of DEDOS and CAT-Seg), each with its bootstrap interval over images; None for other runs."""
+    if "mIoU_unseen" not in summary.columns:
+        return None
+    unseen = str((run.cfg.get("report") or {}).get("unseen") or "").replace("+", ", ")
+    best = {part: np.nanmax(summary[f"mIoU_{part}"]) for part in ("seen", "unseen")}
+    rows = []
+    for _, r in summary.iterrows():
+        cells = [Cell(str(r["label"])), num_cell(r["mean"], best=bool(r["best"]))]
+        for part in ("seen", "unseen"):
+            cells += [num_cell(r[f"mIoU_{part}"], best=r[f"mIoU_{part}"] == best[part], digits=2),
+                      Cell(f"[{r[f'mIoU_{part}_ci_low']:.2f}, {r[f'mIoU_{part}_ci_high']:.2f}]",
+                           r[f"mIoU_{part}_ci_low"], trusted=True)]  # numbers only: nothing to escape
+        rows.append(cells)
+    return Table(f"seen-unseen-{run.label or run.name}",
+                 f"mIoU (%) over seen and unseen classes (unseen: {unseen}; never in the fits' training targets), "
+                 f"95% bootstrap intervals over images (with several seeds: means over seeds, of the bounds too).",
+                 ["configuration", run.metric, "mIoU seen", "95% CI", "mIoU unseen", "95% CI"], rows)
+
+
 def per_class_table(run: RunData, summary: pd.DataFrame) -> Table:
     """Classes as columns (OVAM Table 2, FreeGen Table 1); best configuration per class in bold."""
     classes = [c for c in run.classes if f"IoU/{c}" in summary.columns]
