@@ -49,10 +49,10 @@ DEFAULTS = {
     "projection": 64,
     "max_length": 16,
     "num_train_images": 10000,
-    "steps": 800,
+    "steps": 2400,
     "batch": 96,
     "lr": 1e-3,
-    "warmup": 100,
+    "warmup": 200,
     "weight_decay": 0.1,
     "template_prob": 0.3,  # share of captions replaced by a class-name template of one shape in the image
     "drop_colour_prob": 0.6,  # share of captions without colour words
