@@ -22,7 +22,7 @@ from bench.config import SweepConfig, space_kind, train_data_config
 from methods import METHODS
 from methods.base import Method, ParamsBase, TrainSetting
 
-FIT_HASH_VERSION = 1  # bump when what the hash covers changes
+FIT_HASH_VERSION = 2  # bump when what the hash covers changes (2: the weights' identities)
 
 
 @dataclass
@@ -110,12 +110,16 @@ def group_trials(method_cls: type[Method], trials: list[Trial], seeds: list[int]
 
 
 def fit_hash(setting: TrainSetting, cfg: SweepConfig) -> str:
-    """The fit directory's name: the setting plus what the run fixes for it (model, training data). Not
+    """The fit directory's name: the setting (with the identities of the weights it reads) plus what the run
+    fixes for it (the model config and its weights' identity, training data). Not
     covered: workers, devices and retries (`train.num_workers`, `train.use_gpu`, `train.max_failures`), which
     change how a fit runs, not what it learns (the global batch is split across workers)."""
+    from bench.models.identity import model_identity
+
     model = {k: v for k, v in cfg.model.as_dict().items() if k != "device"}
     text = json.dumps({"v": FIT_HASH_VERSION, "setting": setting.as_dict(), "model": model,
-                       "data": train_data_config(cfg)}, sort_keys=True, default=str)
+                       "model_weights": model_identity(model), "data": train_data_config(cfg)},
+                      sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -207,6 +207,9 @@ class TrainSetting:
     fitter: str
     version: str
     values: tuple[tuple[str, Any], ...]
+    # Identities of the weights the fit learns against besides the backbone (name -> bench.models.identity
+    # digest, e.g. the CLIP of DEDOS): part of the fit directory's hash, so other weights never share a fit.
+    weights: tuple[tuple[str, str], ...] = ()
 
     @property
     def key(self) -> str:
@@ -214,7 +217,8 @@ class TrainSetting:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def as_dict(self) -> dict:
-        return {"fitter": self.fitter, "version": self.version, "values": dict(self.values)}
+        out = {"fitter": self.fitter, "version": self.version, "values": dict(self.values)}
+        return {**out, "weights": dict(self.weights)} if self.weights else out
 
 
 @dataclass

@@ -71,7 +71,8 @@ class Clip:
         return F.normalize(out.float(), dim=-1)
 
 
-def _folder(spec: str) -> Path:
+def clip_folder(spec: str) -> Path:
+    """The local folder of a CLIP spec: a saved CLIPModel folder, or a hub id resolved from the local cache only."""
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -94,7 +95,7 @@ def load_clip(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype 
     """A CLIP from a local folder or a cached hub id (never the network), safetensors only."""
     from transformers import CLIPModel, CLIPTokenizer
 
-    folder = _folder(str(spec))
+    folder = clip_folder(str(spec))
     try:
         model = CLIPModel.from_pretrained(folder, use_safetensors=True, torch_dtype=dtype, local_files_only=True)
         tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True)

@@ -23,6 +23,7 @@ the others are ignored); prediction scores every class the query names (`classes
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Mapping
 
 import numpy as np
@@ -224,7 +225,12 @@ class Dedos(Method):
             parse_timesteps(cfg["timesteps"], cfg["iterations"])
         except ValueError as err:
             raise BenchError(f"dedos: {err}") from None
-        return super().train_setting(cfg)
+        from bench.models.clip import clip_folder
+        from bench.models.identity import folder_identity
+
+        # the CLIP the fit learns against is part of its identity: clip=embedded names whatever is shipped
+        clip = folder_identity(clip_folder(clip_spec(cfg["clip"])))
+        return dataclasses.replace(super().train_setting(cfg), weights=(("clip", clip),))
 
     def load_fit(self, key, tensors):
         super().load_fit(key, tensors)
