@@ -59,7 +59,7 @@ class SyntheticMask:
 
 @register_method("freegen")
 class FreeGen(Method):
-    version = "2"
+    version = "3"
     params = {
         "asr": Param("learned", "Attention Self-Rectification: learned (W and Upsilon fitted with Eq. 5 against SAM "
                      "pseudo-masks, the paper) or init (W = 1/H, Upsilon = I: no fit, Table 6's ASR-off rows)",
@@ -330,10 +330,15 @@ class FreeGen(Method):
         return self._modules[key]
 
     # -- Stage 2: the EGD (egd.py) ------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        """Where the decoder runs: the backbone's device (a GPU synthesis trains and runs it there)."""
+        return self.backbone.device if self.backbone is not None else torch.device("cpu")
+
     def egd_module(self, cfg: Mapping) -> GroundingDecoder:
         key = self.train_setting(cfg).key
         if key not in self._decoders:
-            self._decoders[key] = GroundingDecoder.from_tensors(self.artefact(cfg))
+            self._decoders[key] = GroundingDecoder.from_tensors(self.artefact(cfg)).to(self.device)
         return self._decoders[key]
 
     def entities(self, names: list[str]) -> torch.Tensor:
@@ -419,7 +424,7 @@ class FreeGen(Method):
         torch.manual_seed(0)  # the decoder's initialisation
         feats = samples[0].features
         model = GroundingDecoder([f.shape[0] for f in feats], samples[0].entities.shape[1], dim=cfg["egd_dim"],
-                                 queries=cfg["egd_queries"], layers=cfg["egd_layers"])
+                                 queries=cfg["egd_queries"], layers=cfg["egd_layers"]).to(self.device)
         opt = torch.optim.Adam(model.parameters(), lr=cfg["egd_lr"], betas=(0.9, 0.999))
         kept = list(range(len(samples)))
         if "egd" in state:  # resumed in the EGD phase

@@ -187,16 +187,17 @@ class GroundingDecoder(nn.Module):
         (mask features (dim, h0, w0), coarse levels [(hw, dim)], their positions, shapes, Y (1 + K, dim))."""
         from transformers.models.mask2former.modeling_mask2former import Mask2FormerPixelDecoderEncoderOnly
 
-        maps = [c(f[None]) for c, f in zip(self.compress, features)]  # (1, dim, h, w)
+        device = self.level_embed.device
+        maps = [c(f[None].to(device)) for c, f in zip(self.compress, features)]  # (1, dim, h, w)
         coarse = maps[1:][::-1]  # coarsest first, as Mask2Former's encoder orders them
         shapes = [tuple(m.shape[-2:]) for m in coarse]
         tokens = torch.cat([m.flatten(2).transpose(1, 2) for m in coarse], 1)  # (1, S, dim)
         pos = torch.cat([self._positions(m) + self.level_embed[i] for i, m in enumerate(coarse)], 1)
-        starts = torch.tensor([0, *np.cumsum([h * w for h, w in shapes])[:-1]], dtype=torch.long)
-        valid = torch.ones(1, 3, 2)
-        ref = Mask2FormerPixelDecoderEncoderOnly.get_reference_points(shapes, valid, tokens.device)
-        y = self.text_adapter(entities.float())[None]  # (1, 1 + K, dim)
-        mask = torch.ones(tokens.shape[:2], dtype=torch.bool)
+        starts = torch.tensor([0, *np.cumsum([h * w for h, w in shapes])[:-1]], dtype=torch.long, device=device)
+        valid = torch.ones(1, 3, 2, device=device)
+        ref = Mask2FormerPixelDecoderEncoderOnly.get_reference_points(shapes, valid, device)
+        y = self.text_adapter(entities.float().to(device))[None]  # (1, 1 + K, dim)
+        mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=device)
         for phi, xi, bi in zip(self.phi, self.xi, self.bi_attn):
             f_phi = phi(tokens, mask, position_embeddings=pos, reference_points=ref, spatial_shapes_list=shapes,
                         level_start_index=starts)[0]
@@ -241,7 +242,7 @@ class GroundingDecoder(nn.Module):
 
     # -- artefact -----------------------------------------------------------------------------------------------
     def state_tensors(self, prefix: str = "egd/") -> dict[str, torch.Tensor]:
-        out = {f"{prefix}{k}": v.detach().clone() for k, v in self.state_dict().items()}
+        out = {f"{prefix}{k}": v.detach().cpu().clone() for k, v in self.state_dict().items()}
         a = self.arch
         out[f"{prefix}arch"] = torch.tensor([a["text_dim"], a["dim"], a["queries"], a["layers"],
                                              a["decoder_layers"], a["heads"], *a["in_channels"]])
@@ -268,6 +269,7 @@ def semantic_probs(masks: torch.Tensor, cls: torch.Tensor, size: tuple[int, int]
 
 def pixel_loss_map(masks: torch.Tensor, cls: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     """L_i of Eq. 8: per-pixel cross-entropy of the semantic map against the local label (0 where ignored)."""
+    label = label.to(masks.device)
     probs = semantic_probs(masks, cls, tuple(label.shape))
     valid = label != IGNORE_INDEX
     picked = probs.gather(0, torch.where(valid, label, 0)[None])[0]
@@ -283,6 +285,7 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -
 def egd_loss(model: GroundingDecoder, masks: torch.Tensor, cls: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     """The training loss of one sample (module docstring): pixel CE + per entity query mask BCE + dice and
     class sigmoid BCE."""
+    label = label.to(masks.device)
     valid = (label != IGNORE_INDEX).float()
     ce = pixel_loss_map(masks, cls, label).sum() / valid.sum().clamp_min(1)
     up = F.interpolate(masks[None], size=tuple(label.shape), mode="bilinear", align_corners=False)[0]
@@ -295,13 +298,14 @@ def egd_loss(model: GroundingDecoder, masks: torch.Tensor, cls: torch.Tensor, la
             / valid.sum().clamp_min(1)
         mask_loss = mask_loss + bce + dice_loss(logits, target, valid)
     rows = cls[model.entity_index(0):]
-    class_loss = F.binary_cross_entropy_with_logits(rows, torch.eye(entities))
+    class_loss = F.binary_cross_entropy_with_logits(rows, torch.eye(entities, device=rows.device))
     return ce + mask_loss / entities + class_loss
 
 
 def hardness(loss_map: torch.Tensor, label: torch.Tensor) -> float:
     """Eq. 8: sum over the object categories j in the mask of the mean loss over their area h_j x w_j
     (foreground categories; the background's when the mask has none)."""
+    loss_map, label = loss_map.cpu(), label.cpu()
     present = [int(j) for j in torch.unique(label) if int(j) not in (0, IGNORE_INDEX)]
     present = present or ([0] if bool((label == 0).any()) else [])
     with torch.no_grad():
@@ -319,7 +323,7 @@ def predict_label(model: GroundingDecoder, sample: EgdSample, size: tuple[int, i
     """The EGD's (1 + K, H, W) entity probabilities and its (H, W) local label map (argmax)."""
     with torch.no_grad():
         masks, cls = model(sample)
-        probs = semantic_probs(masks, cls, size)
+        probs = semantic_probs(masks, cls, size).cpu()
     return probs, probs.argmax(0)
 
 
