@@ -290,3 +290,27 @@ def test_egd_fit_with_hst_predicts_and_resumes_bit_for_bit(tiny):
     assert set(prediction.labels.unique().tolist()) <= {0, *query.ids}
     mask = method.synthetic_mask(trace, query, cfg, (32, 32))
     assert np.array_equal(mask.label, prediction.labels.numpy().astype(np.uint8))  # synthesis writes the EGD's
+
+
+def test_tff_sweep_reads_every_threshold_off_each_cards_samples(tmp_path):
+    import json
+
+    from methods.freegen.tff_sweep import main, sweep_rows
+
+    def card(k, tffs, mious):
+        return {"name": f"k{k}", "params": {"tff_k": k}, "filter": {"tff_k": k}, "counts": {"synthesised": len(tffs)},
+                "samples": [{"tff": t, "mIoU": m} for t, m in zip(tffs, mious)]}
+
+    rows = sweep_rows(card(4, [0.0, 0.03, 0.06, 0.2], [90.0, 80.0, 70.0, 60.0]))
+    by = {r["threshold"]: r for r in rows}
+    assert by["0.05"]["kept"] == 2 and by["0.05"]["mIoU kept"] == 85.0 and by["0.05"]["mIoU dropped"] == 65.0
+    assert by["0.1"]["kept %"] == 75.0 and by["0.01"]["kept"] == 1
+    assert rows[0]["spearman rho"] == -1.0  # the TFF ranks these masks perfectly
+    for k in (2, 8):
+        (tmp_path / f"k{k}").mkdir()
+        (tmp_path / f"k{k}" / "dataset.json").write_text(json.dumps(card(k, [0.01 * k, 0.0], [50.0, 60.0])))
+    assert main([str(tmp_path / "k8"), str(tmp_path / "k2"), "--out", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert text.index("| 2 |") < text.index("| 8 |")  # ordered by K
+    assert main([str(tmp_path / "missing"), "--out", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists()  # nothing written on bad input
