@@ -26,6 +26,7 @@ then replace Stage 1's as predictions and as what synthesis writes; the TFF stil
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -44,6 +45,7 @@ from methods.freegen.rectify import (adaptive_self_attention, normalise, one_hot
 from methods.maps import empty_prediction, resize_maps
 from methods.prompts import PROMPT_PARAMS, build_prompt
 
+log = logging.getLogger(__name__)
 RESOLUTIONS = ("16", "32", "16+32", "64", "32+64", "16+32+64", "all")
 
 
@@ -418,6 +420,7 @@ class FreeGen(Method):
                     sample.label = label
                     samples.append(sample)
         samples = [s for part in ctx.gather(samples) for s in part]
+        log.info("EGD fit: %d training pairs (%d dropped by the TFF on this worker)", len(samples), dropped)
         if not samples:
             raise RuntimeError(f"egd=true: no training image with a class kept by Stage 1 ({dropped} filtered by "
                                f"the TFF); raise egd_images or tff_threshold")
