@@ -349,8 +349,9 @@ class FreeGen(Method):
         return self._entities[tuple(names)]
 
     def egd_samples(self, traces: list[Trace], queries: list[ClassQuery], cfg: Mapping) -> list[EgdSample]:
-        """The decoder's inputs: UNet features at t = egd_timestep of each traced (generated) image, one batched
-        UNet pass (noise seeded by the sample's position in the batch: the same inputs, the same features)."""
+        """The decoder's inputs: UNet features at t = egd_timestep of each traced image (one UNet pass per image,
+        fixed-seed noise: the same image and prompt give the same features in a fit and at prediction) and the
+        entity embeddings of its classes."""
         if any(t.image is None for t in traces):
             raise ValueError("the EGD needs the traced image")
         feats = []
