@@ -169,7 +169,7 @@ def fit_if_needed(cfg: SweepConfig, params, work: Path) -> dict | None:
     save_file(tensors, str(work / f".{FIT}"))
     (work / f".{FIT}").rename(path)
     (work / FIT_CARD).write_text(json.dumps({"setting": setting.as_dict(), "seconds": round(time.time() - started, 1),
-                                             "loss": [[p.step, p.loss] for p in ctx.curve]}, indent=1, default=str))
+                                             "loss": [[p.step, p.loss, p.series] for p in ctx.curve]}, indent=1, default=str))
     return tensors
 
 

@@ -81,7 +81,7 @@ def test_synthetic_mask_on_a_tiny_generation_trace(tiny):
     from methods import METHODS
 
     method = METHODS.get("freegen")(tiny)
-    cfg = method.resolve({"mode": "generation", "steps": 4, "asr": "init"})
+    cfg = method.resolve({"mode": "generation", "steps": 4, "asr": "init", "egd": False})
     data = build_dataset({"name": "voc_sim", "seeds_per_class": 1, "size": 32, "limit": 2})
     batch = trace_samples(method, data, [data[0], data[1]], cfg, 0, method.trace_request(cfg))
     for sample, query, trace in zip([data[0], data[1]], batch.queries, batch.traces):
@@ -100,7 +100,8 @@ def test_sam_pseudo_masks_on_a_tiny_trace(tiny):
     from methods import METHODS
 
     method = METHODS.get("freegen")(tiny)
-    cfg = method.resolve({"mode": "generation", "steps": 2, "pseudo_masks": "sam", "asr": "init"})
+    cfg = method.resolve({"mode": "generation", "steps": 2, "pseudo_masks": "sam", "asr": "init",
+                          "egd": False})
     data = build_dataset({"name": "voc_sim", "seeds_per_class": 1, "size": 32, "limit": 1})
     batch = trace_samples(method, data, [data[0]], cfg, 0, method.trace_request(cfg))
     mask = method.synthetic_mask(batch.traces[0], batch.queries[0], cfg, (32, 32))
@@ -168,8 +169,9 @@ def test_learned_path_at_initialisation_matches_asr_off_on_a_tiny_trace(tiny):
     from methods.freegen.asr import AsrModule
 
     method = METHODS.get("freegen")(tiny)
-    cfg = method.resolve({"mode": "generation", "steps": 3})
+    cfg = method.resolve({"mode": "generation", "steps": 3, "egd": False})
     assert method.train_setting(cfg) is not None and method.train_setting(cfg.replace(asr="init")) is None
+    assert method.train_setting(cfg.replace(asr="init", egd=True)) is not None  # the EGD is fitted
     data = build_dataset({"name": "voc_sim", "seeds_per_class": 1, "size": 32, "limit": 1})
     batch = trace_samples(method, data, [data[0]], cfg, 0, method.trace_request(cfg))
     query, trace = batch.queries[0], batch.traces[0]
@@ -178,3 +180,137 @@ def test_learned_path_at_initialisation_matches_asr_off_on_a_tiny_trace(tiny):
     assert torch.allclose(AsrModule.like(x)(x), plain, atol=1e-6)
     method.load_fit(method.train_setting(cfg).key, AsrModule.like(x).state_tensors())
     assert torch.allclose(method.rectified(trace, query, cfg, [2])[0], plain, atol=1e-6)
+
+
+# -- Stage 2: the Entity-level Grounding Decoder and hardness-aware self-training (methods/freegen/egd.py) ----------
+def _egd_sample(tiny, seed=0):
+    from methods.freegen.egd import EgdSample, entity_embeddings, unet_features
+
+    image = np.random.RandomState(seed).randint(0, 255, (8, 8, 3)).astype(np.uint8)
+    (features,) = unet_features(tiny, [image], ["A photograph of a circle"])
+    label = torch.zeros(8, 8, dtype=torch.long)
+    label[2:6, 2:6] = 1
+    label[0, 0] = 255
+    return EgdSample(features, entity_embeddings(tiny, ["circle"]), label)
+
+
+def _small_decoder(sample):
+    from methods.freegen.egd import GroundingDecoder
+
+    torch.manual_seed(0)
+    return GroundingDecoder([f.shape[0] for f in sample.features], sample.entities.shape[1], dim=16, queries=2,
+                            layers=1, decoder_layers=2, heads=2)
+
+
+def test_egd_shapes_on_unet_features_at_t1(tiny):
+    from methods.freegen.egd import feature_modules, predict_label
+
+    sample = _egd_sample(tiny)
+    # four resolutions (the tiny UNet's 8/4/2/1 latent grid), finest first; every ResNet / transformer output
+    assert [tuple(f.shape[-2:]) for f in sample.features] == [(8, 8), (4, 4), (2, 2), (1, 1)]
+    channels = {}
+    hooks = [m.register_forward_hook(lambda m, a, o: channels.setdefault(
+        (o if torch.is_tensor(o) else o[0]).shape[-1], []).append(1)) for m in feature_modules(tiny.unet)]
+    try:
+        _egd_sample(tiny)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert sum(len(v) for v in channels.values()) == len(feature_modules(tiny.unet))
+    assert sample.entities.shape == (2, 16)  # background + circle, CLIP width
+    model = _small_decoder(sample)
+    masks, cls = model(sample)
+    assert masks.shape == (2 + 2, 8, 8) and cls.shape == (2 + 2, 2)  # learnable + entity queries
+    probs, label = predict_label(model, sample, (16, 16))
+    assert probs.shape == (2, 16, 16) and torch.allclose(probs.sum(0), torch.ones(16, 16), atol=1e-5)
+    assert label.shape == (16, 16) and set(label.unique().tolist()) <= {0, 1}
+
+
+def test_egd_loss_decreases_on_a_fixed_batch_and_reloads_identically(tiny):
+    from methods.freegen.egd import GroundingDecoder, egd_loss, predict_label, train_epochs
+
+    samples = [_egd_sample(tiny, 0), _egd_sample(tiny, 1)]
+    model = _small_decoder(samples[0])
+    losses = []
+    train_epochs(model, samples, 8, 1e-3, 1, 0, step_hook=lambda e, loss: losses.append(loss))
+    assert losses[-1] < 0.6 * losses[0]
+    with torch.no_grad():
+        assert float(egd_loss(model, *model(samples[0]), samples[0].label)) < losses[0]
+    again = GroundingDecoder.from_tensors(dict(reversed(model.state_tensors().items())))
+    for s in samples:
+        assert torch.equal(predict_label(again, s, (8, 8))[0], predict_label(model, s, (8, 8))[0])
+
+
+def test_eq8_hardness_and_hst_keep_exactly_the_easiest_fraction():
+    from methods.freegen.egd import easiest, hardness
+
+    label = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 255, 255], [2, 2, 2, 2]])
+    loss = torch.zeros(4, 4)
+    loss[:2, 2:] = 1.0  # class 1: mean 1
+    loss[2:, :2] = 2.0  # class 2 (area 6): 4 pixels at 2 -> mean 8/6
+    loss[3, 2:] = 0.0
+    loss[2, 2:] = 50.0  # ignored pixels do not count
+    loss[:2, :2] = 9.0  # background does not count when an object is present
+    assert hardness(loss, label) == pytest.approx(1.0 + 8 / 6)
+    only_background = torch.zeros(2, 2, dtype=torch.long)
+    assert hardness(torch.full((2, 2), 3.0), only_background) == pytest.approx(3.0)
+    scores = [0.9, 0.1, 0.5, 0.3, 0.7, 0.2, 0.8, 0.4]
+    assert easiest(scores, 0.5) == [1, 3, 5, 7]  # the 4 lowest of 8, in index order
+    assert easiest(scores, 0.25) == [1, 5]
+    assert easiest(scores[:5], 0.5) == [1, 2, 3]  # ceil(2.5)
+    assert easiest([0.2, 0.2, 0.1], 0.5) == [0, 2]  # ties: the lower index
+
+
+def test_egd_fit_with_hst_predicts_and_resumes_bit_for_bit(tiny):
+    from bench.data import build_dataset
+    from bench.evaluate import trace_samples
+    from bench.fitting import LocalFitContext
+    from methods import METHODS
+
+    method = METHODS.get("freegen")(tiny)
+    cfg = method.resolve({"mode": "generation", "steps": 3, "asr": "init", "egd_images": 3, "egd_epochs": 2,
+                          "egd_batch": 2, "egd_dim": 16, "egd_queries": 2, "egd_layers": 1, "egd_lr": 1e-3,
+                          "tff": False})
+    setting = method.train_setting(cfg)
+    train = build_dataset({"name": "voc_sim", "seeds_per_class": 1, "size": 32, "limit": 3})
+    ctx = LocalFitContext(setting, train, tiny)
+    tensors = method.fit(ctx)
+    assert {p.series for p in ctx.curve} == {"egd", "egd+hst"} and [p.step for p in ctx.curve] == [1, 2, 3, 4]
+    assert [len(state["kept"]) for _, state, _ in ctx.checkpoints] == [3, 3, 2, 2]  # HST: the easiest ceil(1.5)
+    assert "egd/arch" in tensors and "W" not in tensors  # asr=init: no ASR in the artefact
+    resumed = LocalFitContext(setting, train, tiny, resume_from=ctx.checkpoints[2])
+    again = METHODS.get("freegen")(tiny).fit(resumed)
+    assert all(torch.equal(again[k], tensors[k]) for k in tensors)
+    method.load_fit(setting.key, tensors)
+    data = build_dataset({"name": "voc_sim", "seeds_per_class": 1, "size": 32, "limit": 1, "split": "val"})
+    batch = trace_samples(method, data, [data[0]], cfg, 0, method.trace_request(cfg))
+    query, trace = batch.queries[0], batch.traces[0]
+    prediction = method.predict(trace, query, cfg, (32, 32))
+    assert prediction.scores.shape == (len(query.ids), 32, 32)
+    assert set(prediction.labels.unique().tolist()) <= {0, *query.ids}
+    mask = method.synthetic_mask(trace, query, cfg, (32, 32))
+    assert np.array_equal(mask.label, prediction.labels.numpy().astype(np.uint8))  # synthesis writes the EGD's
+
+
+def test_tff_sweep_reads_every_threshold_off_each_cards_samples(tmp_path):
+    import json
+
+    from methods.freegen.tff_sweep import main, sweep_rows
+
+    def card(k, tffs, mious):
+        return {"name": f"k{k}", "params": {"tff_k": k}, "filter": {"tff_k": k}, "counts": {"synthesised": len(tffs)},
+                "samples": [{"tff": t, "mIoU": m} for t, m in zip(tffs, mious)]}
+
+    rows = sweep_rows(card(4, [0.0, 0.03, 0.06, 0.2], [90.0, 80.0, 70.0, 60.0]))
+    by = {r["threshold"]: r for r in rows}
+    assert by["0.05"]["kept"] == 2 and by["0.05"]["mIoU kept"] == 85.0 and by["0.05"]["mIoU dropped"] == 65.0
+    assert by["0.1"]["kept %"] == 75.0 and by["0.01"]["kept"] == 1
+    assert rows[0]["spearman rho"] == -1.0  # the TFF ranks these masks perfectly
+    for k in (2, 8):
+        (tmp_path / f"k{k}").mkdir()
+        (tmp_path / f"k{k}" / "dataset.json").write_text(json.dumps(card(k, [0.01 * k, 0.0], [50.0, 60.0])))
+    assert main([str(tmp_path / "k8"), str(tmp_path / "k2"), "--out", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert text.index("| 2 |") < text.index("| 8 |")  # ordered by K
+    assert main([str(tmp_path / "missing"), "--out", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists()  # nothing written on bad input

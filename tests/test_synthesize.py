@@ -14,7 +14,8 @@ from bench.synthesize import main
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ROOT / "sweeps" / "freegen_synthesis.yaml"
-SMALL = ["data.seeds_per_class=1", "data.size=32", "params.steps=3", "ray.batch_size=2"]
+SMALL = ["data.seeds_per_class=1", "data.size=32", "params.steps=3", "ray.batch_size=2", "params.asr_epochs=2",
+         "params.egd_epochs=2", "params.egd_dim=16", "params.egd_queries=2", "params.egd_layers=1"]
 
 
 def cli(capsys, *args):
@@ -40,6 +41,7 @@ def test_synthesis_on_the_ray_actor_pool(tmp_path, tiny_model, capsys, ray_sessi
 
 
 def test_synthesis_writes_a_voc_dataset_the_loader_reads(tmp_path, tiny_model, capsys):
+    """The paper's defaults: learned ASR, then the EGD with HST, fitted first and kept in the folder."""
     out = tmp_path / "synthetic"
     code, stdout, stderr = cli(capsys, SWEEP, *SMALL, f"model.path={tiny_model}", "ray.num_actors=0",
                                "params.tff_threshold=1.0", f"output_dir={out}")
@@ -52,7 +54,9 @@ def test_synthesis_writes_a_voc_dataset_the_loader_reads(tmp_path, tiny_model, c
     assert card["pseudo_mask_quality"]["all"]["images"] == 5 and 0 <= card["pseudo_mask_quality"]["all"]["mIoU"] <= 100
     assert card["throughput"]["images_per_second"] > 0
     assert (out / "fit.safetensors").is_file()  # asr=learned: fitted on the training split before generating
-    assert json.loads((out / "fit.json").read_text())["setting"]["values"]["asr"] == "learned"
+    fit = json.loads((out / "fit.json").read_text())
+    assert fit["setting"]["values"]["asr"] == "learned" and fit["setting"]["values"]["egd"] is True
+    assert [series for _, _, series in fit["loss"]][-2:] == ["egd+hst", "egd+hst"]  # ASR, EGD, then HST
     voc = build_dataset({"name": "voc2012", "root": str(out), "split": "train"})
     assert len(voc) == 5 and voc.classes[:2] == ["background", "circle"]  # the card's classes, not VOC's
     sample = voc[0]
@@ -66,7 +70,7 @@ def test_synthesis_writes_a_voc_dataset_the_loader_reads(tmp_path, tiny_model, c
 def test_tff_filter_and_resume_without_regenerating(tmp_path, tiny_model, capsys, monkeypatch):
     out = tmp_path / "synthetic"
     args = [SWEEP, *SMALL, f"model.path={tiny_model}", "ray.num_actors=0", "params.tff_threshold=0.0",
-            f"output_dir={out}"]
+            "params.egd=false", f"output_dir={out}"]  # the EGD would have no TFF-kept sample to learn from
     generated = []
     real_call = bench.synthesize.SynthesisWorker.__call__
 
@@ -127,10 +131,11 @@ def test_usage(capsys):
 
 
 def test_no_fit_where_the_configuration_ignores_it(tmp_path, tiny_model, capsys):
-    """Table 6's all-off row (rectify=false) reads no ASR, so synthesis does not fit one; asr=init needs none."""
+    """Table 6's all-off row (rectify=false) reads no ASR, so synthesis does not fit one; asr=init needs none
+    (without the EGD, which is fitted)."""
     for name, extra in (("off", "params.rectify=false"), ("init", "params.asr=init")):
         out = tmp_path / name
         code, _, stderr = cli(capsys, SWEEP, *SMALL, f"model.path={tiny_model}", "ray.num_actors=0", extra,
-                              "data.limit=2", f"output_dir={out}")
+                              "params.egd=false", "data.limit=2", f"output_dir={out}")
         assert code == 0, stderr[-3000:]
         assert (out / "dataset.json").is_file() and not (out / "fit.safetensors").exists()

@@ -16,10 +16,17 @@ configuration's forward parameters. With `asr=init`, W = 1/H and Upsilon = I (th
 reduces to the head-mean self-attention times the UNet's own cross-attention (Table 6's "ASR off" rows; with
 self_power=4 and mean over steps it is Dataset Diffusion's rule); no fit. Options and their sources are listed
 in methods/README.md.
+
+Stage 2 (`egd=true`, the paper's method and the default; `egd.py`): the Entity-level Grounding Decoder is fitted
+after the ASR on Stage 1's pseudo-masks of `egd_images` generated training images (those the TFF filter keeps
+when `tff` is on), from the UNet's features at t = 1 (one extra UNet pass on the generated image); with `hst`,
+hardness-aware self-training (Eq. 8) continues training on the easiest `hst_keep` of them. The decoder's masks
+then replace Stage 1's as predictions and as what synthesis writes; the TFF still scores Stage 1's masks.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -30,12 +37,15 @@ from bench.trace import Trace, TraceRequest, request
 from methods.attribution import AttributionSource, attn_layers, attribution_embedding, token_indices
 from methods.base import ClassQuery, Method, Param, Prediction, TrainSetting, register_method
 from methods.freegen.asr import AsrInputs, AsrModule, asr_loss, prompt_keys
+from methods.freegen.egd import (EgdSample, GroundingDecoder, easiest, entity_embeddings, hardness, local_label,
+                                 pixel_loss_map, predict_label, train_epochs, unet_features)
 from methods.freegen.rectify import (adaptive_self_attention, normalise, one_hot, pseudo_label,
                                      rectified_attention, strongest_far_points, temporal_fluctuation,
                                      uniform_steps)
 from methods.maps import empty_prediction, resize_maps
 from methods.prompts import PROMPT_PARAMS, build_prompt
 
+log = logging.getLogger(__name__)
 RESOLUTIONS = ("16", "32", "16+32", "64", "32+64", "16+32+64", "all")
 
 
@@ -51,7 +61,7 @@ class SyntheticMask:
 
 @register_method("freegen")
 class FreeGen(Method):
-    version = "2"
+    version = "3"
     params = {
         "asr": Param("learned", "Attention Self-Rectification: learned (W and Upsilon fitted with Eq. 5 against SAM "
                      "pseudo-masks, the paper) or init (W = 1/H, Upsilon = I: no fit, Table 6's ASR-off rows)",
@@ -88,6 +98,24 @@ class FreeGen(Method):
         "sam_points": Param(3, "point prompts per class map (the paper: 3)"),
         "tff": Param(True, "filter synthetic samples by the Temporal Fluctuation Factor (Eq. 4)"),
         "tff_k": Param(4, "K uniformly spaced denoising steps of Eq. 4 (the paper: 4)"),
+        "egd": Param(True, "Stage 2: masks from the Entity-level Grounding Decoder (FreeGen Sec. 3.3, Eq. 6-7) "
+                     "fitted on Stage 1's pseudo-masks; false: Stage 1's masks (Table 6's EGD-off rows)",
+                     kind="train"),
+        "hst": Param(True, "hardness-aware self-training of the EGD (Eq. 8): after pre-training on every pair, "
+                     "training continues on the easiest hst_keep of them (Table 6's HST row)", kind="train"),
+        "hst_keep": Param(0.5, "fraction of the easiest pairs HST keeps (the paper: 50%)", kind="train",
+                          positive=True),
+        "egd_images": Param(48, "generated training images the EGD fit annotates with Stage 1 (the first of the "
+                            "training split; the TFF filter applies)", kind="train", low=1),
+        "egd_epochs": Param(20, "EGD epochs per round (the paper: 20)", kind="train", low=1),
+        "egd_batch": Param(4, "EGD batch size (the paper: 4)", kind="train", low=1),
+        "egd_lr": Param(1e-4, "EGD Adam learning rate (the paper: 1e-4, betas 0.9 / 0.999)", kind="train",
+                        positive=True),
+        "egd_dim": Param(32, "EGD embedding width (the paper's is in its supplement; small for CPU)", kind="train",
+                         low=8),
+        "egd_queries": Param(8, "learnable queries concatenated with the entity embeddings", kind="train", low=1),
+        "egd_layers": Param(2, "Eq. 6-7 alignment layers", kind="train", low=1),
+        "egd_timestep": Param(1, "the UNet pass of the EGD's features: t (the paper: 1)", kind="train", low=0),
         "tff_threshold": Param(0.05, "synthetic samples with TFF above this are filtered (the paper's value is "
                                "in its supplement, which is not available; ours, from the TFF distribution "
                                "of the embedded model)"),
@@ -96,30 +124,45 @@ class FreeGen(Method):
     # the fit traces its images with these and reads G_* off the ASR-off maps they define
     fit_reads = ("mode", "timestep", "steps", "scheduler", "guidance", "prompt", "template", "attribution",
                  "cross_blocks", "self_blocks", "sam", "sam_points", "fg_threshold")
-    tester_params = {"asr_images": 2, "asr_epochs": 2, "asr_batch": 1}
+    # Stage 1's keys that an EGD fit reads too (its training masks are Stage 1's, filtered by the TFF)
+    stage1_reads = ("rectify", "self_power", "mask_step", "ignore_threshold", "pseudo_masks", "tff", "tff_k",
+                    "tff_threshold")
+    egd_keys = ("egd", "hst", "hst_keep", "egd_images", "egd_epochs", "egd_batch", "egd_lr", "egd_dim",
+                "egd_queries", "egd_layers", "egd_timestep")
+    fit_reads = fit_reads + stage1_reads
+    tester_params = {"asr_images": 2, "asr_epochs": 2, "asr_batch": 1, "egd_images": 1, "egd_epochs": 1,
+                     "egd_batch": 1, "egd_dim": 16, "egd_queries": 2, "egd_layers": 1,
+                     "tff_threshold": 1.0}  # random tiny weights: every mask fluctuates, the EGD would see none
 
     def __init__(self, backbone=None):
         super().__init__(backbone)
         self._sams: dict = {}  # SAM models by source, loaded on first use
         self._modules: dict[str, AsrModule] = {}  # fitted ASR by train-setting key
         self._keys: dict[tuple, torch.Tensor] = {}  # (text, layer) -> per-head keys
+        self._decoders: dict[str, GroundingDecoder] = {}  # fitted EGD by train-setting key
+        self._entities: dict[tuple, torch.Tensor] = {}  # class names -> entity embeddings
+        self._features: dict[tuple, tuple] = {}  # (image id, prompt, t) -> (image, UNet features at t)
 
     def learned(self, cfg: Mapping) -> bool:
         return cfg["asr"] == "learned" and bool(cfg["rectify"])
 
     def uses_fit(self, cfg: Mapping) -> bool:
         """Whether predictions read the fit (rectify=false ignores ASR; synthesis skips the fit then)."""
-        return self.learned(cfg)
+        return self.learned(cfg) or bool(cfg["egd"])
 
     def train_setting(self, cfg: Mapping) -> TrainSetting | None:
-        """A fit only for the learned ASR (asr=init needs none; rectify=false ignores it)."""
-        if cfg["asr"] != "learned":
+        """A fit for the learned ASR and / or the EGD (asr=init with egd=false needs none). Without the EGD the
+        setting holds the ASR's keys only (Stage 1's post-processing and the EGD's parameters do not split
+        ASR fits)."""
+        if cfg["asr"] != "learned" and not cfg["egd"]:
             return None
-        return TrainSetting(self.name, self.version, tuple((k, cfg[k]) for k in self.train_keys()))
+        skip = () if cfg["egd"] else (*self.egd_keys[1:], *self.stage1_reads)  # egd itself: the fit reads it
+        return TrainSetting(self.name, self.version, tuple((k, cfg[k]) for k in self.train_keys() if k not in skip))
 
     def load_fit(self, key, tensors):
         super().load_fit(key, tensors)
         self._modules.pop(key, None)
+        self._decoders.pop(key, None)
 
     # -- what to run ---------------------------------------------------------------------------------------
     def cross_layers(self, cfg: Mapping) -> list[str]:
@@ -188,11 +231,15 @@ class FreeGen(Method):
     def synthetic_mask(self, trace: Trace, query: ClassQuery, cfg: Mapping, out_size: tuple[int, int]
                        ) -> SyntheticMask:
         """The sample's pseudo-label and its TFF (Eq. 4 over one-hot masks at tff_k uniformly spaced steps)."""
-        scores = self.class_scores(trace, query, cfg, out_size)
-        if cfg["pseudo_masks"] == "sam":
-            label = self.sam_labels(trace, query, cfg, scores).numpy().astype(np.uint8)
+        if cfg["egd"] and query.ids:  # Stage 2's masks (the TFF below still scores Stage 1's)
+            decoded = self.egd_predict(trace, query, cfg, out_size)
+            label, scores = decoded.labels.numpy().astype(np.uint8), decoded.scores
         else:
-            label = pseudo_label(scores, query.ids, cfg["fg_threshold"], cfg["ignore_threshold"])
+            scores = self.class_scores(trace, query, cfg, out_size)
+            if cfg["pseudo_masks"] == "sam":
+                label = self.sam_labels(trace, query, cfg, scores).numpy().astype(np.uint8)
+            else:
+                label = pseudo_label(scores, query.ids, cfg["fg_threshold"], cfg["ignore_threshold"])
         tff = 0.0
         if self._per_step(trace) and query.ids:
             steps = uniform_steps(len(trace.timesteps), cfg["tff_k"])
@@ -209,6 +256,8 @@ class FreeGen(Method):
     def predict(self, trace: Trace, query: ClassQuery, cfg: Mapping, out_size: tuple[int, int]) -> Prediction:
         if not query.ids:
             return empty_prediction(out_size)
+        if cfg["egd"]:
+            return self.egd_predict(trace, query, cfg, out_size)
         scores = self.class_scores(trace, query, cfg, out_size)
         if cfg["pseudo_masks"] == "sam":
             return Prediction(scores, self.sam_labels(trace, query, cfg, scores))
@@ -282,13 +331,140 @@ class FreeGen(Method):
             self._modules[key] = AsrModule.from_tensors(self.artefact(cfg))
         return self._modules[key]
 
+    # -- Stage 2: the EGD (egd.py) ------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        """Where the decoder runs: the backbone's device (a GPU synthesis trains and runs it there)."""
+        return self.backbone.device if self.backbone is not None else torch.device("cpu")
+
+    def egd_module(self, cfg: Mapping) -> GroundingDecoder:
+        key = self.train_setting(cfg).key
+        if key not in self._decoders:
+            self._decoders[key] = GroundingDecoder.from_tensors(self.artefact(cfg)).to(self.device)
+        return self._decoders[key]
+
+    def entities(self, names: list[str]) -> torch.Tensor:
+        if tuple(names) not in self._entities:
+            self._entities[tuple(names)] = entity_embeddings(self.backbone, list(names))
+        return self._entities[tuple(names)]
+
+    def egd_samples(self, traces: list[Trace], queries: list[ClassQuery], cfg: Mapping) -> list[EgdSample]:
+        """The decoder's inputs: UNet features at t = egd_timestep of each traced image (one UNet pass per image,
+        fixed-seed noise: the same image and prompt give the same features in a fit and at prediction) and the
+        entity embeddings of its classes."""
+        if any(t.image is None for t in traces):
+            raise ValueError("the EGD needs the traced image")
+        feats = []
+        for trace in traces:  # one pass per image: its features do not depend on the batch it came in
+            key = (id(trace.image), trace.prompt, cfg["egd_timestep"])
+            if key not in self._features:  # configurations sharing a trace share its features (predict_many)
+                while len(self._features) >= 8:
+                    self._features.pop(next(iter(self._features)))
+                image = np.asarray(trace.image, dtype=np.uint8)
+                # the image is kept with its features so that its id is not reused while cached
+                self._features[key] = (trace.image, unet_features(self.backbone, [image], [trace.prompt],
+                                                                  cfg["egd_timestep"])[0])
+            feats.append(self._features[key][1])
+        return [EgdSample(f, self.entities(q.names)) for f, q in zip(feats, queries)]
+
+    def egd_predict(self, trace: Trace, query: ClassQuery, cfg: Mapping, out_size: tuple[int, int]) -> Prediction:
+        """The EGD's masks: entity probabilities (K, H, W) and labels (argmax over background and the classes)."""
+        (sample,) = self.egd_samples([trace], [query], cfg)
+        probs, local = predict_label(self.egd_module(cfg), sample, out_size)
+        return Prediction(probs[1:], torch.tensor([0, *query.ids], dtype=torch.long)[local])
+
     def fit(self, ctx) -> dict[str, torch.Tensor]:
+        """The learned ASR (asr=learned), then the EGD (egd=true), one step per epoch of either; a checkpoint
+        after every epoch (an EGD checkpoint carries the fitted ASR, so a resumed fit does not redo it)."""
+        cfg = self.resolve(dict(ctx.values))
+        restored = ctx.restore()
+        done, state = restored if restored is not None else (0, {})
+        rounds = 2 if cfg["hst"] else 1
+        asr_steps = cfg["asr_epochs"] if cfg["asr"] == "learned" else 0
+        ctx.start(asr_steps + (cfg["egd_epochs"] * rounds if cfg["egd"] else 0))
+        tensors: dict[str, torch.Tensor] = {}
+        if asr_steps:
+            tensors = self.fit_asr(ctx, cfg, done, state)
+            for stage in (cfg, cfg.replace(egd=False)):  # the EGD's training masks read it as Stage 1's
+                self._modules[self.train_setting(stage).key] = AsrModule.from_tensors(tensors)
+        if cfg["egd"]:
+            tensors.update(self.fit_egd(ctx, cfg, tensors, asr_steps, done, state))
+        return tensors
+
+    def fit_egd(self, ctx, cfg, asr: dict, offset: int, done: int, state: dict) -> dict[str, torch.Tensor]:
+        """FreeGen Sec. 3.3: the first `egd_images` training images generated and annotated by Stage 1 (the TFF
+        filter applied when `tff` is on), the EGD trained on them for egd_epochs; with `hst`, their hardness
+        (Eq. 8) under that decoder ranks them and training continues on the easiest `hst_keep` for egd_epochs.
+        Every worker trains the same decoder on all samples (they are gathered): the decoder is small."""
+        from bench.evaluate import trace_samples
+
+        stage1 = cfg.replace(egd=False)
+        req = self.trace_request(cfg)
+        samples: list[EgdSample] = []
+        indices = ctx.shard(list(range(min(cfg["egd_images"], len(ctx.dataset)))))
+        dropped = 0
+        for start in range(0, len(indices), 4):
+            batch = [ctx.dataset[i] for i in indices[start:start + 4]]
+            traced = trace_samples(self, ctx.dataset, batch, cfg, 0, req, ctx.resolution, classes="gt")
+            keep = []
+            for query, trace in zip(traced.queries, traced.traces):
+                if not query.ids or trace.image is None:
+                    continue
+                mask = self.synthetic_mask(trace, query, stage1, tuple(np.asarray(trace.image).shape[:2]))
+                if cfg["tff"] and mask.tff > cfg["tff_threshold"]:
+                    dropped += 1
+                    continue
+                keep.append((query, trace, local_label(mask.label, query.ids)))
+            if keep:
+                made = self.egd_samples([t for _, t, _ in keep], [q for q, _, _ in keep], cfg)
+                for sample, (_, _, label) in zip(made, keep):
+                    sample.label = label
+                    samples.append(sample)
+        samples = [s for part in ctx.gather(samples) for s in part]
+        log.info("EGD fit: %d training pairs (%d dropped by the TFF on this worker)", len(samples), dropped)
+        if not samples:
+            raise RuntimeError(f"egd=true: no training image with a class kept by Stage 1 ({dropped} filtered by "
+                               f"the TFF); raise egd_images or tff_threshold")
+        torch.manual_seed(0)  # the decoder's initialisation
+        feats = samples[0].features
+        model = GroundingDecoder([f.shape[0] for f in feats], samples[0].entities.shape[1], dim=cfg["egd_dim"],
+                                 queries=cfg["egd_queries"], layers=cfg["egd_layers"]).to(self.device)
+        opt = torch.optim.Adam(model.parameters(), lr=cfg["egd_lr"], betas=(0.9, 0.999))
+        kept = list(range(len(samples)))
+        if "egd" in state:  # resumed in the EGD phase
+            model.load_state_dict(state["egd"])
+            opt.load_state_dict(state["egd_optimizer"])
+            kept = [int(i) for i in state["kept"]]
+        epochs = cfg["egd_epochs"]
+        for round_ in range(2 if cfg["hst"] else 1):
+            first = offset + round_ * epochs  # steps before this round
+            if round_ == 1 and done <= first:  # HST's ranking by the decoder pre-trained once (else resumed)
+                model.eval()
+                scores = [hardness(pixel_loss_map(*model(s), s.label), s.label) for s in samples]  # Eq. 8
+                kept = easiest(scores, cfg["hst_keep"])
+            todo = max(0, epochs - max(0, done - first))
+            if not todo:
+                continue
+            chosen = [samples[i] for i in kept]
+
+            def after_epoch(epoch, loss, first=first, skip=epochs - todo):
+                step = first + skip + epoch + 1
+                ctx.log(step, loss, "egd" if round_ == 0 else "egd+hst")
+                ctx.checkpoint(step, {"egd": model.state_dict(), "egd_optimizer": opt.state_dict(),
+                                      "kept": torch.tensor(kept), "asr": dict(asr)})
+
+            train_epochs(model, chosen, todo, cfg["egd_lr"], cfg["egd_batch"], seed=1_000 * (round_ + 1)
+                         + epochs - todo, step_hook=after_epoch, optimizer=opt)
+        return model.state_tensors()
+
+    def fit_asr(self, ctx, cfg, done: int, state: dict) -> dict[str, torch.Tensor]:
         """Eq. 5 on the first `asr_images` training images: each traced once (last denoising step, the paper's
         Training Strategy), G_* = SAM's masks prompted from A_* without ASR; Adam over W and Upsilon, a
         checkpoint after every epoch."""
         from bench.evaluate import trace_samples
 
-        cfg = self.resolve(dict(ctx.values))
+        if "egd" in state:  # resumed in the EGD phase: the ASR is done
+            return {k: v.clone() for k, v in state["asr"].items()}
         plain = cfg.replace(asr="init")
         req = self.trace_request(cfg)
         inputs, targets = [], []
@@ -311,10 +487,13 @@ class FreeGen(Method):
         model = AsrModule.like(inputs[0])
         trained = ctx.prepare(model)
         opt = torch.optim.Adam(model.parameters(), lr=cfg["asr_lr"], betas=(0.9, 0.999))
-        start = ctx.resume(model=model, optimizer=opt)
+        start = 0
+        if state:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            start = done
         total = int(ctx.all_sum(torch.tensor([float(len(inputs))])).item())
         steps = -(-total // (ctx.world_size * cfg["asr_batch"]))  # equal on every worker (DDP)
-        ctx.start(cfg["asr_epochs"])
         for epoch in range(start, cfg["asr_epochs"]):
             gen = torch.Generator().manual_seed(1_000 + epoch)
             order = torch.randperm(len(inputs), generator=gen).tolist()
