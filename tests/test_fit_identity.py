@@ -45,3 +45,16 @@ def test_dedos_fit_depends_on_the_clip_weights(tmp_path):
     changed = method.train_setting(Dedos.resolve({"clip": str(clip)}))
     assert setting.values == changed.values and setting.as_dict() != changed.as_dict()
     assert setting.as_dict()["weights"]["clip"] == folder_identity(shipped_clip())
+
+
+def test_freegen_fit_depends_on_the_sam_weights_it_learns_from(tmp_path):
+    from bench.models.sam import EMBEDDED_SAM
+    from methods.freegen import FreeGen
+
+    sam = tmp_path / "sam"
+    shutil.copytree(EMBEDDED_SAM, sam)
+    method = FreeGen()
+    cfg = {"asr": "learned", "asr_targets": "sam", "sam": str(sam)}
+    setting = method.train_setting(FreeGen.resolve(cfg))
+    _flip_last_byte(sam / "model.safetensors")
+    assert method.train_setting(FreeGen.resolve(cfg)).as_dict() != setting.as_dict()

@@ -81,6 +81,22 @@ class SamSegmenter:
         return (self.logits(image, points, labels) > 0).numpy()
 
 
+def sam_folder(source: str = "embedded") -> Path:
+    """The local folder of a SAM source (embedded, a folder, or a hub id resolved from the local cache only)."""
+    if source == "embedded":
+        return EMBEDDED_SAM
+    if Path(source).expanduser().exists():
+        return Path(source).expanduser()
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(source, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        raise BenchError(f"SAM {source!r} is neither a local folder nor in the local Hugging Face cache; "
+                         f"download it first or use sam=embedded") from None
+
+
 def load_sam(source: str = "embedded", device: str = "cpu") -> SamSegmenter:
     from transformers import SamModel
 

@@ -157,7 +157,14 @@ class FreeGen(Method):
         if cfg["asr"] != "learned" and not cfg["egd"]:
             return None
         skip = () if cfg["egd"] else (*self.egd_keys[1:], *self.stage1_reads)  # egd itself: the fit reads it
-        return TrainSetting(self.name, self.version, tuple((k, cfg[k]) for k in self.train_keys() if k not in skip))
+        weights = ()
+        if "sam" in (cfg["asr_targets"], cfg["pseudo_masks"]):  # SAM's masks are what the fit learns from
+            from bench.models.identity import folder_identity
+            from bench.models.sam import sam_folder
+
+            weights = (("sam", folder_identity(sam_folder(cfg["sam"]))),)
+        return TrainSetting(self.name, self.version, tuple((k, cfg[k]) for k in self.train_keys() if k not in skip),
+                            weights)
 
     def load_fit(self, key, tensors):
         super().load_fit(key, tensors)
