@@ -2,8 +2,8 @@
 
     plan     configurations grouped train setting > forward setting > post-processing   bench.plan
     fit      one Ray Train run per train setting -> <run>/fit/<hash>/                    bench.stages.fit
-    trace    Ray Data actors: one UNet pass per (image, forward setting); every          bench.stages.trace
-    predict  configuration of the setting predicted on that trace and histogrammed
+    trace    one UNet pass per (image, forward setting), on Ray Data actors or in this    bench.stages.trace
+    predict  process (ray.execution); every configuration of the setting predicted on that trace and histogrammed
     score    metrics per (configuration, seed) from the histograms, in this process      bench.stages.score
 
 Work directory layout (`<run>.partial/`, renamed to `<run>/` when complete; kept on interruption so that the
@@ -25,7 +25,7 @@ import torch
 
 from bench.config import SweepConfig
 from bench.data import build_dataset
-from bench.env import auto_num_actors, init_ray
+from bench.env import auto_num_actors, init_ray, resolve_execution
 from bench.models import scheduler_name
 from bench.plan import Plan, make_plan
 from bench.rundir import WORK
@@ -52,11 +52,18 @@ def run_engine(cfg: SweepConfig, run_dir: Path, plan: Plan | None = None) -> tup
         rows, stats = run_search(cfg, run_dir, len(dataset))
         return rows, {"method_versions": method_versions(cfg.method), "num_actors": 0,
                       "dataset": dataset.describe(), **stats}
-    if cfg.ray.num_actors != 0 or plan.fits:  # tracing in this process without fits needs no Ray
+    use_gpu = torch.cuda.is_available() and cfg.model.device != "cpu"
+    # resolved here, so config.yaml and run.json say what auto picked
+    cfg.ray.execution = resolve_execution(cfg.ray.execution, cfg.ray.num_actors, cfg.ray.address, len(dataset),
+                                          use_gpu)
+    if cfg.ray.execution == "driver":
+        cfg.ray.num_actors = 0
+    if cfg.ray.execution == "actors" or plan.fits:  # tracing in this process without fits needs no Ray
         init_ray(cfg.ray.address, cfg.ray.object_store_mb, cfg.ray.quiet)
-    if cfg.ray.num_actors == "auto":  # resolved here, so config.yaml and run.json say what auto picked
-        cfg.ray.num_actors = auto_num_actors(len(dataset), torch.cuda.is_available() and cfg.model.device != "cpu")
-        log.info("ray.num_actors=auto: %d tracing actors", cfg.ray.num_actors)
+    if cfg.ray.num_actors == "auto":
+        cfg.ray.num_actors = auto_num_actors(len(dataset), use_gpu)
+    log.info("ray.execution=%s: %s", cfg.ray.execution, "tracing in this process" if cfg.ray.execution == "driver"
+             else f"{cfg.ray.num_actors} tracing actors")
     fit_stats, finished = run_fits(cfg, plan, run_dir)
     start = time.time()
     trace_and_score(cfg, plan.groups, len(dataset), run_dir / WORK / "shards", load_fits(finished),
@@ -82,7 +89,7 @@ def run_engine(cfg: SweepConfig, run_dir: Path, plan: Plan | None = None) -> tup
                      "fit": fit_stats.dirs.get(trial.train.key, "") if trial.train else ""})
     rows.sort(key=lambda r: (r["trial"], r["seed"]))
     stats = {"method_versions": method_versions(cfg.method), "num_images": len(dataset),
-             "num_actors": int(cfg.ray.num_actors),
+             "num_actors": int(cfg.ray.num_actors), "execution": cfg.ray.execution,
              "num_trials": len(plan.trials),
              "num_forward_settings": len(plan.groups), **fit_stats.as_dict(),
              "unet_passes": int(scores["passes"].sum()), "trace_seconds": round(trace_seconds, 3),
