@@ -74,3 +74,10 @@ def test_driver_and_actor_pool_give_identical_results(tmp_path, tiny_model, caps
     assert len(metrics) > 4
     pd.testing.assert_frame_equal(frames["driver"][["trial", "seed", *metrics]],
                                   frames["actors"][["trial", "seed", *metrics]], check_exact=True)
+
+
+def test_a_sweep_without_fits_reports_the_fit_stage_statistics_of_an_empty_plan():
+    from bench.engine import NO_FITS
+    from bench.stages.fit import FitStats
+
+    assert NO_FITS == FitStats().as_dict()
