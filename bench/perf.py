@@ -12,7 +12,8 @@ Measured, each as the median of interleaved repeats after a warm-up (CUDA synchr
   memory          (CUDA) peak allocated memory of iSeg at batch 1, of the plain forward, and the bytes of the
                   trace that iSeg keeps: capture must cost at most twice what it keeps.
   overhead        (`--parts overhead`, alone) the fixed cost of `bench.run sweeps/iseg_lambda.yaml data.limit=16`
-                  beyond Ray's own start, by phase, ray.num_actors=auto against 2 (bench.perf_overhead).
+                  beyond the work (and Ray's own start where it starts Ray), by phase, ray.execution=auto
+                  (the driver on <= 2 cores) against actors (bench.perf_overhead).
 `sd21-base-arch` is SD2.1-base's architecture with random weights (bench.models.reference): a real checkpoint
 costs the same. The report (JSON + Markdown, device line, versions, batch sizes) is written atomically to
 `--out/<model>-<device kind>.{json,md}`.
