@@ -13,7 +13,7 @@ every output pixel are exact binary fractions, so `F.interpolate` of a tile's 2 
 pixels with the same indices and weights; upsampled at the full map's output width (upsample_tiles), also with
 the same arithmetic: the same float values, bit for bit (tests/test_tiled_labels.py compares against the full upsample on random maps with ties, plateaus and every
 background rule). Every value of a tile is a convex combination of its four source cells, so it lies within their
-[min, max] up to rounding (DELTA); the rescaling and clamping are monotone, so a tile's bounds bound its final
+[min, max] up to rounding (REL); the rescaling and clamping are monotone, so a tile's bounds bound its final
 scores. A tile whose bounds separate one class from every other strictly and decide the background rule with a
 margin has that one label; only the other tiles are upsampled, from their crops. Each map's exact minimum and
 maximum come the same way: exact values of the tiles whose bounds can hold them.
@@ -33,10 +33,11 @@ import torch.nn.functional as F
 
 from methods.base import Prediction
 
-# bound on the rounding of a bilinear value of inputs in [0, 1] (a few ulp of 1, ~1e-7) and on that of the
-# background rule's power (decided only this far from its switch): both far above float32 rounding
-DELTA = 1e-5
-RULE_MARGIN = 1e-4
+# bound on the rounding of a bilinear value, relative to the largest magnitude of its four inputs: exact weights
+# (binary fractions), two products and a sum per axis, each within float32's 2^-24 relative; 1e-6 is ~17 times
+# that. And how far from its switch the background rule counts as decided (its power rounds within ~1e-7).
+REL = 1e-6
+RULE_MARGIN = 1e-5
 
 
 def tileable(mid: int, out: tuple[int, int]) -> bool:
@@ -60,14 +61,13 @@ class Geometry:
         self.src_a = (t - 1).clamp(0, m - 1)  # the two source rows a tile reads
         self.src_b = t.clamp(0, m - 1)
         self.crop = (t - 1).clamp(0, m - 2)  # first row of its 2-row crop
-        start = (f * (t - 1) + half).clamp(min=0)
-        end = (f * t + half).clamp(max=f * m)
-        self.length = end - start
-        self.local = start - f * self.crop  # the tile's first row inside its crop's 2f upsampled rows
+        start = f * (t - 1) + half  # row r of tile t is output row start + r (outside the map: not valid)
         steps = torch.arange(f)
-        self.valid = steps[None, :] < self.length[:, None]  # (m + 1, f)
-        self.rows = (start[:, None] + steps[None, :]).clamp(max=f * m - 1)  # global rows of a tile (m + 1, f)
-        self.local_rows = (self.local[:, None] + steps[None, :]).clamp(max=2 * f - 1)
+        rows = start[:, None] + steps[None, :]
+        self.valid = (rows >= 0) & (rows < f * m)  # (m + 1, f)
+        self.rows = rows.clamp(0, f * m - 1)  # (m + 1, f) global rows of a tile, clamped where not valid
+        # the same rows inside the tile's crop upsampled to 2f rows (the crop starts at source row `crop`)
+        self.local_rows = (rows - f * self.crop[:, None]).clamp(0, 2 * f - 1)
         y = torch.arange(f * m)
         self.tile_of = (y + half) // f  # (S,) tile of each output row
 
@@ -75,7 +75,7 @@ class Geometry:
 def upsample_tiles(maps: torch.Tensor, which: torch.Tensor, geo: Geometry, ti: torch.Tensor, tj: torch.Tensor
                    ) -> torch.Tensor:
     """Exact `F.interpolate(maps, (S, S))` values of tiles: tile (ti, tj) of map `which` for each request ->
-    (B, f, f) (rows and columns past an edge tile's extent repeat its last one; Geometry.valid says which are
+    (B, f, f) (rows and columns of an edge tile outside the map hold any value; Geometry.valid says which are
     real).
 
     Each tile's 2 x 2 source crop is packed into a slot of a 2 x m input (side by side; m / 2 slots): upsampled
@@ -119,26 +119,27 @@ def upsample_tiles(maps: torch.Tensor, which: torch.Tensor, geo: Geometry, ti: t
 
 
 def tile_bounds(maps: torch.Tensor, geo: Geometry) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min and max of each tile's source cells: maps (..., m, m) -> two (..., m + 1, m + 1)."""
+    """Bounds of every upsampled value of each tile: the min and max of its source cells, widened by the
+    rounding (REL of their largest magnitude): maps (..., m, m) -> two (..., m + 1, m + 1)."""
     ra, rb = maps[..., geo.src_a, :], maps[..., geo.src_b, :]
     lo_r, hi_r = torch.minimum(ra, rb), torch.maximum(ra, rb)
     lo = torch.minimum(lo_r[..., geo.src_a], lo_r[..., geo.src_b])
     hi = torch.maximum(hi_r[..., geo.src_a], hi_r[..., geo.src_b])
-    return lo, hi
+    slack = torch.maximum(lo.abs(), hi.abs()) * REL
+    return lo - slack, hi + slack
 
 
 def exact_extremes(maps: torch.Tensor, geo: Geometry, lo: torch.Tensor, hi: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """The minimum and maximum over every upsampled pixel of each map (B, m, m), exactly: only the tiles whose
-    bounds can hold the extreme are upsampled (a tile holds values >= its lo - DELTA, so the maximum is at least
-    the largest lo - DELTA and lies in a tile whose hi + DELTA reaches that)."""
+    bounds (lo, hi from tile_bounds) can hold the extreme are upsampled (every tile holds a value >= its lo, so
+    the maximum is at least the largest lo and lies in a tile whose hi reaches that; the minimum alike)."""
     n = len(maps)
     lo_f, hi_f = lo.flatten(1), hi.flatten(1)
     side = geo.m + 1
     out = []
     for sign, bound_near, bound_far in ((1, hi_f, lo_f), (-1, lo_f, hi_f)):
-        # maximum (sign 1): candidates hi + DELTA >= max(lo) - DELTA; minimum: lo - DELTA <= min(hi) + DELTA
-        reach = (sign * bound_far).amax(1, keepdim=True) - 2 * DELTA
+        reach = (sign * bound_far).amax(1, keepdim=True)
         cand_map, cand_tile = torch.nonzero(sign * bound_near >= reach, as_tuple=True)
         values = upsample_tiles(maps, cand_map, geo, cand_tile // side, cand_tile % side)
         valid = geo.valid[cand_tile // side][:, :, None] & geo.valid[cand_tile % side][:, None, :]
@@ -170,8 +171,8 @@ class TiledLabels:
         # release_upsample's rescaling, in its own float32 operations: (x - min) / ((max - min) + 1e-6)
         self.low = low.view(n, k, 1, 1)
         self.den = ((high - low) + 1e-6).view(n, k, 1, 1)
-        s_lo = self._final(t_lo.view(n, k, m + 1, m + 1) - DELTA)
-        s_hi = self._final(t_hi.view(n, k, m + 1, m + 1) + DELTA)
+        s_lo = self._final(t_lo.view(n, k, m + 1, m + 1))
+        s_hi = self._final(t_hi.view(n, k, m + 1, m + 1))
         # the class decided where one class's lower bound beats every other class's upper bound; the background
         # rule reads the best score b, within [max of the lower bounds, max of the upper bounds] (a tile that is
         # surely background needs no decided class: ties between low maps are common there)
@@ -237,30 +238,29 @@ class TiledLabels:
         mine = torch.nonzero(self.open_n == j, as_tuple=True)[0]
         for t in mine.tolist():
             ti, tj = int(self.open_ti[t]), int(self.open_tj[t])
-            rows, cols = geo.rows[ti][geo.valid[ti]], geo.rows[tj][geo.valid[tj]]
-            full[rows[:, None], cols[None, :]] = self.open_labels[t][:len(rows), :len(cols)]
+            vr, vc = geo.valid[ti], geo.valid[tj]
+            full[geo.rows[ti][vr][:, None], geo.rows[tj][vc][None, :]] = self.open_labels[t][vr][:, vc]
         return full
 
     def joint_counts(self, codes: np.ndarray, num_classes: int) -> np.ndarray:
         """(N, C + 2, C + 1) joint counts of ground-truth codes (S, S) (bench.metrics.ImageScorer's label codes,
         0..C + 1) against each configuration's prediction (codes 0..C, C = a class id out of range)."""
         geo, c = self.geo, num_classes
-        n = len(self.rules)
+        n, f, side = len(self.rules), geo.f, geo.m + 1
+        # the ground truth in tiles: padded by f / 2 with an extra code (c + 2) so that tiles are f x f blocks
         codes_t = torch.from_numpy(np.ascontiguousarray(codes, dtype=np.int64))
-        gt = codes_t[geo.rows[:, None, :, None], geo.rows[None, :, None, :]]  # (m + 1, m + 1, f, f)
-        valid = geo.valid[:, None, :, None] & geo.valid[None, :, None, :]
-        side = geo.m + 1
-        tile_index = torch.arange(side * side).view(side, side, 1, 1).expand_as(gt)
-        per_tile = torch.bincount((tile_index * (c + 2) + gt)[valid], minlength=side * side * (c + 2))
-        per_tile = per_tile.view(side * side, c + 2).double()  # ground-truth counts of each tile
+        padded = F.pad(codes_t[None, None], (f // 2,) * 4, value=c + 2)[0, 0]
+        gt = padded.view(side, f, side, f).permute(0, 2, 1, 3)  # (m + 1, m + 1, f, f), a view
+        tile_index = torch.arange(side * side).view(side, side, 1, 1) * (c + 3)
+        per_tile = torch.bincount((tile_index + gt).flatten(), minlength=side * side * (c + 3))
+        per_tile = per_tile.view(side * side, c + 3)[:, :c + 2].double()  # ground-truth counts of each tile
         pred = self.tile_labels.flatten(1)
         pred = torch.where((pred >= 0) & (pred < c), pred, c)
         onehot = F.one_hot(pred, c + 1).double() * self.decided.flatten(1)[..., None].double()  # (N, T, C + 1)
         joint = torch.einsum("tl,ntp->nlp", per_tile, onehot).round().long()
         if len(self.open_n):
-            ti, tj = self.open_ti, self.open_tj
-            gt_open = gt[ti, tj]  # (T, f, f)
-            ok = geo.valid[ti][:, :, None] & geo.valid[tj][:, None, :]
+            gt_open = gt[self.open_ti, self.open_tj]  # (T, f, f), rows and columns as in open_labels
+            ok = gt_open <= c + 1  # not the padding
             p = torch.where((self.open_labels >= 0) & (self.open_labels < c), self.open_labels, c)
             cell = (self.open_n[:, None, None] * (c + 2) + gt_open) * (c + 1) + p
             joint += torch.bincount(cell[ok], minlength=n * (c + 2) * (c + 1)).view(n, c + 2, c + 1)
