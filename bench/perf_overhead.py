@@ -151,3 +151,62 @@ def render_overhead(o: dict) -> list[str]:
     lines += ["", (f"Fixed overhead = total - the work - Ray's own start where the run starts Ray; target <= "
                    f"{o['target_seconds']:.0f} s: {verdict} (best {best['fixed_overhead']:.1f} s).")]
     return lines
+
+
+# -- end to end: K = 24 post-processing settings against K = 1 --------------------------------------------------------
+SHARING_IMAGES = 128
+SHARING_TARGET = 1.3
+SHARING = {1: ["sweep.lambda.grid=[0.01]"], 24: ["+sweep.iterations.grid=[1,3,5,10]"]}  # 1 and 6 lambdas x 4 N
+
+
+def sharing_run(k: int, out: Path, images: int) -> dict:
+    """One `bench.run` process of the K-configuration sweep over `images` images: wall and CPU seconds."""
+    cmd = [sys.executable, "-m", "bench.run", SWEEP, f"data.limit={images}", *SHARING[k], f"output_dir={out}"]
+    load = os.getloadavg()[0]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.time()
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, check=False)
+    end = time.time()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    run = json.loads((out / "run.json").read_text())
+    assert run["num_trials"] == k and run["unet_passes"] == images, run  # one UNet pass per image, K configurations
+    return {"k": k, "load": round(load, 1), "total": end - start, "trace": run["trace_seconds"],
+            "cpu": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
+            "execution": run.get("execution", "actors")}
+
+
+def measure_sharing(repeats: int, images: int = SHARING_IMAGES) -> dict:
+    """End to end K = 24 against K = 1 over `images` images, the two alternating within each round."""
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="sharing-") as tmp:
+        for r in range(repeats):
+            for k in ((1, 24) if r % 2 == 0 else (24, 1)):
+                runs.append(sharing_run(k, Path(tmp) / f"r{r}-k{k}", images))
+                log.info("round %d, K = %d: %.1f s (load %.1f)", r, k, runs[-1]["total"], runs[-1]["load"])
+    med = {k: {key: round(statistics.median(x[key] for x in runs if x["k"] == k), 2)
+               for key in ("total", "trace", "cpu", "load")} for k in SHARING}
+    mins = {k: min(x["total"] for x in runs if x["k"] == k) for k in SHARING}
+    return {"sweep": f"{SWEEP} data.limit={images}", "images": images, "repeats": repeats,
+            "target": SHARING_TARGET, "median": med,
+            "ratio_total_median": round(med[24]["total"] / med[1]["total"], 3),
+            "ratio_total_min": round(mins[24] / mins[1], 3),
+            "ratio_cpu_median": round(med[24]["cpu"] / med[1]["cpu"], 3),
+            "ratio_trace_median": round(med[24]["trace"] / med[1]["trace"], 3),
+            "runs": [{k: round(v, 2) if isinstance(v, float) else v for k, v in x.items()} for x in runs]}
+
+
+def render_sharing(o: dict) -> list[str]:
+    lines = [f"## End to end: K = 24 against K = 1 post-processing settings, `python -m bench.run {o['sweep']}`", "",
+             (f"K = 1: `{SHARING[1][0]}`; K = 24: `{SHARING[24][0]}` (6 lambdas x 4 N), one UNet pass per image "
+              f"either way. Medians of {o['repeats']} rounds, the two alternating; whole processes (start-up, "
+              "tracing and scoring, results, report). CPU s: user + system of the bench.run process."), "",
+             "| K | load | total s | CPU s | trace s (tracing + scoring) |", "|---:|---:|---:|---:|---:|"]
+    for k, m in o["median"].items():
+        lines.append(f"| {k} | {m['load']} | {m['total']} | {m['cpu']} | {m['trace']} |")
+    verdict = "reached" if o["ratio_total_median"] <= o["target"] else "not reached"
+    lines += ["", (f"K = 24 / K = 1: total {o['ratio_total_median']}x (median; {o['ratio_total_min']}x of the minima), "
+                   f"CPU {o['ratio_cpu_median']}x, tracing + scoring {o['ratio_trace_median']}x. Target <= "
+                   f"{o['target']}x end to end: {verdict}.")]
+    return lines

@@ -222,12 +222,16 @@ class TiledLabels:
         scores = ((values - self.low[self.open_n]) / self.den[self.open_n]).clamp(0, 1)
         best, arg = first_max(scores)
         labels = torch.tensor(self.class_ids, dtype=torch.long)[arg]
-        for (rule, power, threshold), configs in _by_rule(self.rules).items():
-            mine = torch.isin(self.open_n, torch.tensor(configs))
-            b = best[mine]
+        by_rule = _by_rule(self.rules)
+        for (rule, power, threshold), configs in by_rule.items():
+            mine = torch.isin(self.open_n, torch.tensor(configs)) if len(by_rule) > 1 else None
+            b = best if mine is None else best[mine]
             # the same operations as labels_from_scores_many (a python exponent: pow(x, 2.0) is x * x there too)
             bg = (1 - b) ** power > b if rule == "power" else b < threshold
-            labels[mine] = labels[mine].masked_fill(bg, 0)
+            if mine is None:
+                labels.masked_fill_(bg, 0)
+            else:
+                labels[mine] = labels[mine].masked_fill(bg, 0)
         return labels
 
     # -- reading ---------------------------------------------------------------------------------------------------

@@ -72,3 +72,16 @@ def test_fixed_overhead_subtracts_rays_start_only_from_runs_that_start_ray(monke
     o = po.measure_overhead(1)
     assert o["variants"]["auto"]["fixed_overhead"] == 11.0  # 14 - 3: no Ray started, no allowance
     assert o["variants"]["actors"]["fixed_overhead"] == 20.0  # 30 - 3 - 7
+
+
+def test_sharing_table_states_the_ratios_and_verdict():
+    from bench.perf_overhead import render_sharing
+
+    o = {"sweep": "sweeps/iseg_lambda.yaml data.limit=128", "images": 128, "repeats": 2, "target": 1.3,
+         "median": {1: {"total": 40.0, "trace": 30.0, "cpu": 38.0, "load": 1.0},
+                    24: {"total": 50.0, "trace": 39.0, "cpu": 47.0, "load": 1.2}},
+         "ratio_total_median": 1.25, "ratio_total_min": 1.2, "ratio_cpu_median": 1.24, "ratio_trace_median": 1.3}
+    text = "\n".join(render_sharing(o))
+    assert "| 24 | 1.2 | 50.0 | 47.0 | 39.0 |" in text and "total 1.25x" in text and ": reached." in text
+    o["ratio_total_median"] = 1.4
+    assert "not reached" in "\n".join(render_sharing(o))
