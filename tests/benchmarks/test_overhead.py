@@ -10,10 +10,11 @@ import pytest
 from bench.perf_overhead import TARGET_SECONDS, measure_overhead
 
 
-@pytest.mark.xfail(strict=True, reason="measured 25-40 s beyond the work with ray.execution=auto (the driver, no Ray) on "
-                   "2 shared cores under load 3-18 (was 28.5 s beyond Ray's own start with an actor): the imports "
-                   "torch, diffusers and transformers need, the report's figures and the preflight's rendering of "
-                   "every image remain (reports/perf/overhead-cpu.md)")
+@pytest.mark.xfail(strict=True, reason="measured 44 s beyond the work with ray.execution=auto (the driver, no Ray) under "
+                   "load 8-70 on 2 shared cores, against 195 s for an actor; the driver run's whole process used 19.7 "
+                   "CPU s (its wall time on an idle core), so ~16 s beyond ~3 s of work: the imports a model load "
+                   "needs (torch, diffusers, transformers), the report's figures, the preflight's rendering of every "
+                   "image (reports/perf/overhead-cpu.md; was 28.5 s beyond Ray's own start with an actor, idle)")
 def test_fixed_overhead_of_a_small_local_run_is_at_most_10_s(benchmark):
     if benchmark.disabled:
         pytest.skip("timed only with --benchmark-enable")
