@@ -205,6 +205,10 @@ def render_sharing(o: dict) -> list[str]:
              "| K | load | total s | CPU s | trace s (tracing + scoring) |", "|---:|---:|---:|---:|---:|"]
     for k, m in o["median"].items():
         lines.append(f"| {k} | {m['load']} | {m['total']} | {m['cpu']} | {m['trace']} |")
+    high = max(m["load"] for m in o["median"].values())
+    if high > 2 * (os.cpu_count() or 1):
+        lines += ["", (f"The load average reached {high:.0f} at a start: wall times are inflated by other work, and "
+                       "unevenly between runs; the CPU seconds of each process are the steadier ratio.")]
     verdict = "reached" if o["ratio_total_median"] <= o["target"] else "not reached"
     lines += ["", (f"K = 24 / K = 1: total {o['ratio_total_median']}x (median; {o['ratio_total_min']}x of the minima), "
                    f"CPU {o['ratio_cpu_median']}x, tracing + scoring {o['ratio_trace_median']}x. Target <= "

@@ -84,3 +84,17 @@ def test_six_settings_cost_at_most_1_3x_one(benchmark, timings):
 def test_twenty_four_settings_cost_at_most_1_3x_one(benchmark, timings):
     ratio = _ratio(benchmark, timings, 24)
     assert ratio <= TARGET_RATIO, f"K = 24 costs {ratio:.2f}x K = 1 per image (target {TARGET_RATIO})"
+
+
+@pytest.mark.xfail(strict=True, reason="measured end to end over 128 images: 1.45x wall, 1.60x CPU of the run process "
+                   "(one round, load 22-40 on 2 shared cores; reports/perf/sharing-cpu.md): the per-image share above "
+                   "plus 24 rows of results, bootstrap intervals and figures")
+def test_twenty_four_settings_cost_at_most_1_3x_one_end_to_end(benchmark):
+    """Whole `bench.run` processes over 128 images, K = 24 and K = 1 alternating (bench.perf_overhead)."""
+    if benchmark.disabled:
+        pytest.skip("timed only with --benchmark-enable")
+    from bench.perf_overhead import measure_sharing
+
+    result = benchmark.pedantic(lambda: measure_sharing(2), rounds=1, iterations=1)
+    benchmark.extra_info.update({k: result[k] for k in ("ratio_total_median", "ratio_cpu_median")})
+    assert result["ratio_total_median"] <= TARGET_RATIO, f"K = 24 costs {result['ratio_total_median']}x K = 1"
