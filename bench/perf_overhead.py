@@ -209,8 +209,10 @@ def render_sharing(o: dict) -> list[str]:
     if high > 2 * (os.cpu_count() or 1):
         lines += ["", (f"The load average reached {high:.0f} at a start: wall times are inflated by other work, and "
                        "unevenly between runs; the CPU seconds of each process are the steadier ratio.")]
-    verdict = "reached" if o["ratio_total_median"] <= o["target"] else "not reached"
+    # wall time on a shared machine moves with other work; a single-threaded run's CPU seconds are what it costs
+    # on an idle core: reached only if both ratios are
+    verdict = "reached" if max(o["ratio_total_median"], o["ratio_cpu_median"]) <= o["target"] else "not reached"
     lines += ["", (f"K = 24 / K = 1: total {o['ratio_total_median']}x (median; {o['ratio_total_min']}x of the minima), "
                    f"CPU {o['ratio_cpu_median']}x, tracing + scoring {o['ratio_trace_median']}x. Target <= "
-                   f"{o['target']}x end to end: {verdict}.")]
+                   f"{o['target']}x end to end (wall and CPU): {verdict}.")]
     return lines

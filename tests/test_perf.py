@@ -85,3 +85,5 @@ def test_sharing_table_states_the_ratios_and_verdict():
     assert "| 24 | 1.2 | 50.0 | 47.0 | 39.0 |" in text and "total 1.25x" in text and ": reached." in text
     o["ratio_total_median"] = 1.4
     assert "not reached" in "\n".join(render_sharing(o))
+    o["ratio_total_median"], o["ratio_cpu_median"] = 1.1, 1.45  # a loaded K = 1 run does not make it reached
+    assert "not reached" in "\n".join(render_sharing(o))

@@ -86,9 +86,9 @@ def test_twenty_four_settings_cost_at_most_1_3x_one(benchmark, timings):
     assert ratio <= TARGET_RATIO, f"K = 24 costs {ratio:.2f}x K = 1 per image (target {TARGET_RATIO})"
 
 
-@pytest.mark.xfail(strict=True, reason="measured end to end over 128 images: 1.45x wall, 1.60x CPU of the run process "
-                   "(one round, load 22-40 on 2 shared cores; reports/perf/sharing-cpu.md): the per-image share above "
-                   "plus 24 rows of results, bootstrap intervals and figures")
+@pytest.mark.xfail(strict=True, reason="measured end to end over 128 images: 1.48x in the run's CPU seconds, 1.38x of the "
+                   "wall minima (2 rounds, load 6-8 on 2 shared cores; reports/perf/sharing-cpu.md): the per-image "
+                   "share above plus 24 rows of results, bootstrap intervals and figures")
 def test_twenty_four_settings_cost_at_most_1_3x_one_end_to_end(benchmark):
     """Whole `bench.run` processes over 128 images, K = 24 and K = 1 alternating (bench.perf_overhead)."""
     if benchmark.disabled:
@@ -97,4 +97,5 @@ def test_twenty_four_settings_cost_at_most_1_3x_one_end_to_end(benchmark):
 
     result = benchmark.pedantic(lambda: measure_sharing(2), rounds=1, iterations=1)
     benchmark.extra_info.update({k: result[k] for k in ("ratio_total_median", "ratio_cpu_median")})
-    assert result["ratio_total_median"] <= TARGET_RATIO, f"K = 24 costs {result['ratio_total_median']}x K = 1"
+    ratio = max(result["ratio_total_median"], result["ratio_cpu_median"])  # wall moves with other work
+    assert ratio <= TARGET_RATIO, f"K = 24 costs {ratio}x K = 1 end to end"
