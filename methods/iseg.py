@@ -416,8 +416,10 @@ class ISeg(Method):
         flat = maps.reshape(n * k, *maps.shape[2:])
         rules = [(c["background"], c["bg_power"], c["bg_threshold"]) for c in cfgs]
         mid_size = self.traced_image_size(trace)
-        if resize == "code" and mid_size[0] == mid_size[1] and tileable(mid_size[0], out_size) and query.ids:
-            # the same labels bit for bit, upsampling only the tiles near a decision (methods.tiled_labels)
+        if (resize == "code" and mid_size[0] == mid_size[1] and tileable(mid_size[0], out_size) and query.ids
+                and flat.device.type == "cpu"):
+            # the same labels bit for bit, upsampling only the tiles near a decision (methods.tiled_labels; its
+            # equality with F.interpolate's full upsample is established for the CPU kernel only)
             mid = minmax(resize_maps(flat, mid_size), eps=1e-12)
             if not torch.isnan(mid).any() and all(r[1] >= 0 for r in rules):
                 tiled = TiledLabels(mid.reshape(n, k, *mid_size), query.ids, out_size, rules)
