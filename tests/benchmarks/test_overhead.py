@@ -10,11 +10,10 @@ import pytest
 from bench.perf_overhead import TARGET_SECONDS, measure_overhead
 
 
-@pytest.mark.xfail(strict=True, reason="measured 44 s beyond the work with ray.execution=auto (the driver, no Ray) under "
-                   "load 8-70 on 2 shared cores, against 195 s for an actor; the driver run's whole process used 19.7 "
-                   "CPU s (its wall time on an idle core), so ~16 s beyond ~3 s of work: the imports a model load "
-                   "needs (torch, diffusers, transformers), the report's figures, the preflight's rendering of every "
-                   "image (reports/perf/overhead-cpu.md; was 28.5 s beyond Ray's own start with an actor, idle)")
+@pytest.mark.xfail(strict=True, reason="measured 18.8 s beyond the work with ray.execution=auto (the driver, no Ray; 21.6 s "
+                   "in all, load 1, 2 shared cores; 29.8 s beyond Ray's own start with an actor): start-up 11.3 s (the "
+                   "imports a model load needs: torch, diffusers, transformers; the preflight's rendering of every "
+                   "image), report 4.1 s (reports/perf/overhead-cpu.md)")
 def test_fixed_overhead_of_a_small_local_run_is_at_most_10_s(benchmark):
     if benchmark.disabled:
         pytest.skip("timed only with --benchmark-enable")
