@@ -66,7 +66,8 @@ def one_run(variant: str, out: Path) -> dict:
     report_done = (out / "report.html").stat().st_mtime
     return {"variant": variant, "execution": run.get("execution", "actors"), "num_actors": run["num_actors"],
             "load": round(load, 1), "total": end - start,
-            "cpu": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), "startup": inv["started"] - start,
+            "cpu": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
+            "startup": inv["started"] - start,
             "engine": inv["wall_seconds"] - inv["trace_seconds"], "trace": inv["trace_seconds"],
             "report": report_done - engine_end, "shutdown": end - report_done}
 

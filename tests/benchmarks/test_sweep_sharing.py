@@ -7,7 +7,8 @@ the rounds (medians in extra_info). Run with `pytest tests/benchmarks --benchmar
 sweeps run once and nothing is timed.
 
 Measured on the embedded default (64 px UNet, 512 px labels), CPU, one thread, on a shared 2-core machine
-(load 1-10), min-ratio over 7 interleaved rounds: K = 6 1.2-1.48x (1.28x near idle) (a non-strict xfail: it straddles the bar),
+(load 1-10), min-ratio over 7 interleaved rounds: K = 6 1.2-1.48x (1.28x near idle; a non-strict xfail: it
+straddles the bar),
 K = 24 1.80-1.87x (a strict xfail; 4.5-5.1x before labelling by tiles). Labels are exact: iSeg's release resize is
 labelled by tiles (methods.tiled_labels: F.interpolate's own values near decisions, bit for bit the full
 upsample's labels), ~4 ms per configuration; the rest is iSeg's refinement chain, one per distinct lambda.
@@ -79,8 +80,8 @@ def test_six_settings_cost_at_most_1_3x_one(benchmark, timings):
     assert ratio <= TARGET_RATIO, f"K = 6 costs {ratio:.2f}x K = 1 per image (target {TARGET_RATIO})"
 
 
-@pytest.mark.xfail(strict=True, reason="measured 1.80-1.87x on the embedded default (CPU; was 4.5-5.1x before labelling by "
-                   "tiles): ~4 ms of labelling per configuration plus one refinement chain per distinct lambda")
+@pytest.mark.xfail(strict=True, reason="measured 1.80-1.87x on the embedded default (CPU; was 4.5-5.1x before "
+                   "labelling by tiles): ~4 ms of labelling per configuration plus one refinement chain per distinct lambda")
 def test_twenty_four_settings_cost_at_most_1_3x_one(benchmark, timings):
     ratio = _ratio(benchmark, timings, 24)
     assert ratio <= TARGET_RATIO, f"K = 24 costs {ratio:.2f}x K = 1 per image (target {TARGET_RATIO})"
