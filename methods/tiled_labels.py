@@ -12,9 +12,9 @@ first and last f/2 rows read row 0, row m - 1 alone): a *tile* (m + 1 per axis).
 every output pixel are exact binary fractions, so `F.interpolate` of a tile's 2 x 2 source crop gives the tile's
 pixels with the same indices and weights; upsampled at the full map's output width (upsample_tiles), also with
 the same arithmetic: the same float values, bit for bit (tests/test_tiled_labels.py compares against the full
-upsample on random maps with ties, plateaus and every background rule). Every value of a tile is a convex combination of its four source cells, so it lies within their
-[min, max] up to rounding (REL); the rescaling and clamping are monotone, so a tile's bounds bound its final
-scores. A tile whose bounds separate one class from every other strictly and decide the background rule with a
+upsample on random maps with ties, plateaus and every background rule). Every value of a tile is a convex
+combination of its four source cells, so it lies within their [min, max] up to rounding (REL); the rescaling
+and clamping are monotone, so a tile's bounds bound its final scores. A tile whose bounds separate one class from every other strictly and decide the background rule with a
 margin has that one label; only the other tiles are upsampled, from their crops. Each map's exact minimum and
 maximum come the same way: exact values of the tiles whose bounds can hold them.
 
