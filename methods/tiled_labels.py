@@ -15,8 +15,9 @@ the same arithmetic: the same float values, bit for bit (tests/test_tiled_labels
 upsample on random maps with ties, plateaus and every background rule). Every value of a tile is a convex
 combination of its four source cells, so it lies within their [min, max] up to rounding (REL); the rescaling
 and clamping are monotone, so a tile's bounds bound its final scores. A tile whose bounds separate one class
-from every other strictly and decide the background rule with a margin has that one label; only the other tiles are upsampled, from their crops. Each map's exact minimum and
-maximum come the same way: exact values of the tiles whose bounds can hold them.
+from every other strictly and decide the background rule with a margin has that one label; only the other
+tiles are upsampled, from their crops. Each map's exact minimum and maximum come the same way: exact values of
+the tiles whose bounds can hold them.
 
 Histograms follow the tiles (TiledLabels.joint_counts): a decided tile adds its ground-truth pixel counts to one
 prediction column, an undecided tile its pixels one by one. Full label maps and scores are built only when read
