@@ -18,6 +18,8 @@ values from outside the file) are errors; `${other.key}` references resolve.
     paper: {table: "iSeg Table 5(b)", param: lambda, metric: mIoU, values: {0: 69.1, ...}}
     ray: {num_actors: auto, batch_size: 1, max_retries: 3}   # tracing actors (auto: one per GPU, or CPU cores - 1;
                                       # 0: in this process), images per batch, restarts of a dead actor
+    ray: {execution: auto}            # auto | actors | driver: trace on an actor pool or in this process (auto:
+                                      # this process where a pool could only hold one actor)
     train: {num_workers: 1, use_gpu: false, split: train, max_failures: 0}   # trained methods: Ray Train
                                       # train.data: {name: voc2012, root: synthetic/x}: fit on another dataset
                                       # than the evaluated one (synthetic -> real; COCO-Stuff -> others)
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,6 +158,9 @@ class MetricConfig(Section):
 class RayConfig(Section):
     address: str | None = None
     num_actors: int | str = "auto"  # auto: one per GPU, or one per CPU core but one (bench.env.auto_num_actors)
+    # where images are traced: `actors` (a Ray Data actor pool), `driver` (this process, no Ray unless fits need
+    # it), `auto` (the driver wherever a pool could hold only one actor: bench.env.resolve_execution)
+    execution: str = "auto"
     batch_size: int = 1
     object_store_mb: int = 256
     quiet: bool = True
@@ -358,6 +364,7 @@ def validate(cfg: SweepConfig) -> None:
     if isinstance(cfg.ray.num_actors, str) and cfg.ray.num_actors != "auto":
         raise BenchError(f"ray.num_actors={cfg.ray.num_actors!r} must be a number of actors or auto")
     actors = 1 if cfg.ray.num_actors == "auto" else cfg.ray.num_actors
+    check_execution(cfg.ray)
     for name, value, low in (("ray.num_actors", actors, 0), ("ray.batch_size", cfg.ray.batch_size, 1),
                              ("ray.object_store_mb", cfg.ray.object_store_mb, 64),
                              ("ray.max_retries", cfg.ray.max_retries, 0),
@@ -373,6 +380,24 @@ def validate(cfg: SweepConfig) -> None:
     paper = cfg.paper
     if paper and paper.get("param") and paper["param"] not in cfg.sweep:
         raise BenchError(f"paper.param={paper['param']!r} is not a swept parameter ({', '.join(cfg.sweep)})")
+
+
+EXECUTION_MODES = ("auto", "actors", "driver")
+
+
+def check_execution(ray_cfg: RayConfig) -> None:
+    """`ray.execution` is one of EXECUTION_MODES and agrees with `ray.num_actors` (0 means this process)."""
+    mode = ray_cfg.execution
+    if mode not in EXECUTION_MODES:
+        close = difflib.get_close_matches(str(mode), EXECUTION_MODES, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise BenchError(f"ray.execution={mode!r} must be one of {', '.join(EXECUTION_MODES)}{hint}")
+    if mode == "actors" and ray_cfg.num_actors == 0:
+        raise BenchError("ray.execution=actors with ray.num_actors=0: give ray.num_actors=auto or a number >= 1, "
+                         "or ray.execution=driver to trace in this process")
+    if mode == "driver" and ray_cfg.num_actors not in ("auto", 0):
+        raise BenchError(f"ray.execution=driver traces in this process, so ray.num_actors={ray_cfg.num_actors} "
+                         "has no actors to size: drop it, or use ray.execution=actors")
 
 
 def space_kind(name: str, space) -> tuple[str, list]:

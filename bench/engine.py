@@ -2,8 +2,8 @@
 
     plan     configurations grouped train setting > forward setting > post-processing   bench.plan
     fit      one Ray Train run per train setting -> <run>/fit/<hash>/                    bench.stages.fit
-    trace    Ray Data actors: one UNet pass per (image, forward setting); every          bench.stages.trace
-    predict  configuration of the setting predicted on that trace and histogrammed
+    trace    one UNet pass per (image, forward setting), on Ray Data actors or in this    bench.stages.trace
+    predict  process (ray.execution); every configuration of the setting predicted on that trace and histogrammed
     score    metrics per (configuration, seed) from the histograms, in this process      bench.stages.score
 
 Work directory layout (`<run>.partial/`, renamed to `<run>/` when complete; kept on interruption so that the
@@ -25,22 +25,27 @@ import torch
 
 from bench.config import SweepConfig
 from bench.data import build_dataset
-from bench.env import auto_num_actors, init_ray
+from bench.env import auto_num_actors, init_ray, resolve_execution
 from bench.models import scheduler_name
 from bench.plan import Plan, make_plan
 from bench.rundir import WORK
-from bench.stages.fit import check_fit_sources, load_fits, run_fits
 from bench.stages.score import group_index, score
 from bench.stages.trace import load_shards, trace_and_score
 from methods import METHODS
 
 log = logging.getLogger(__name__)
+# run statistics of a sweep without train settings (bench.stages.fit.FitStats().as_dict(), without importing it)
+NO_FITS = {"fits": 0, "fits_trained": 0, "fits_reused": 0, "fit_seconds": 0.0}
 
 
 def run_engine(cfg: SweepConfig, run_dir: Path, plan: Plan | None = None) -> tuple[list[dict], dict]:
     """Run every stage; returns result rows (one per configuration and seed) and run statistics."""
     plan = plan or make_plan(cfg)
-    check_fit_sources(cfg, plan)
+    fitting = bool(plan.fits) or cfg.fit.source is not None
+    if fitting:  # the fit stage imports Ray and Ray Train: only where there is something to fit
+        from bench.stages.fit import check_fit_sources
+
+        check_fit_sources(cfg, plan)
     dataset = build_dataset(cfg.data)
     log.info("%d configurations x %d seeds in %d forward settings and %d train settings over %d images",
              len(plan.trials), len(cfg.seeds), len(plan.groups), len(plan.fits), len(dataset))
@@ -52,15 +57,26 @@ def run_engine(cfg: SweepConfig, run_dir: Path, plan: Plan | None = None) -> tup
         rows, stats = run_search(cfg, run_dir, len(dataset))
         return rows, {"method_versions": method_versions(cfg.method), "num_actors": 0,
                       "dataset": dataset.describe(), **stats}
-    if cfg.ray.num_actors != 0 or plan.fits:  # tracing in this process without fits needs no Ray
+    use_gpu = torch.cuda.is_available() and cfg.model.device != "cpu"
+    # resolved here, so config.yaml and run.json say what auto picked
+    cfg.ray.execution = resolve_execution(cfg.ray.execution, cfg.ray.num_actors, cfg.ray.address, len(dataset),
+                                          use_gpu)
+    if cfg.ray.execution == "driver":
+        cfg.ray.num_actors = 0
+    if cfg.ray.execution == "actors" or plan.fits:  # tracing in this process without fits needs no Ray
         init_ray(cfg.ray.address, cfg.ray.object_store_mb, cfg.ray.quiet)
-    if cfg.ray.num_actors == "auto":  # resolved here, so config.yaml and run.json say what auto picked
-        cfg.ray.num_actors = auto_num_actors(len(dataset), torch.cuda.is_available() and cfg.model.device != "cpu")
-        log.info("ray.num_actors=auto: %d tracing actors", cfg.ray.num_actors)
-    fit_stats, finished = run_fits(cfg, plan, run_dir)
+    if cfg.ray.num_actors == "auto":
+        cfg.ray.num_actors = auto_num_actors(len(dataset), use_gpu)
+    log.info("ray.execution=%s: %s", cfg.ray.execution, "tracing in this process" if cfg.ray.execution == "driver"
+             else f"{cfg.ray.num_actors} tracing actors")
+    fits, fit_dirs, fit_summary = {}, {}, dict(NO_FITS)
+    if fitting:
+        from bench.stages.fit import load_fits, run_fits
+
+        fit_stats, finished = run_fits(cfg, plan, run_dir)
+        fits, fit_dirs, fit_summary = load_fits(finished), fit_stats.dirs, fit_stats.as_dict()
     start = time.time()
-    trace_and_score(cfg, plan.groups, len(dataset), run_dir / WORK / "shards", load_fits(finished),
-                    run_dir / "qualitative")
+    trace_and_score(cfg, plan.groups, len(dataset), run_dir / WORK / "shards", fits, run_dir / "qualitative")
     trace_seconds = time.time() - start
     scores = load_shards(run_dir / WORK / "shards")
     # shards arrive in completion order, which a retried batch, a resumed run or several actors change: one
@@ -79,12 +95,12 @@ def run_engine(cfg: SweepConfig, run_dir: Path, plan: Plan | None = None) -> tup
         rows.append({"trial": trial_id, "seed": seed, **trial.swept,
                      **{k: v for k, v in metrics.items() if k in metric_keys},
                      "unet_passes": passes, "forward_setting": plan.groups[g].key,
-                     "fit": fit_stats.dirs.get(trial.train.key, "") if trial.train else ""})
+                     "fit": fit_dirs.get(trial.train.key, "") if trial.train else ""})
     rows.sort(key=lambda r: (r["trial"], r["seed"]))
     stats = {"method_versions": method_versions(cfg.method), "num_images": len(dataset),
-             "num_actors": int(cfg.ray.num_actors),
+             "num_actors": int(cfg.ray.num_actors), "execution": cfg.ray.execution,
              "num_trials": len(plan.trials),
-             "num_forward_settings": len(plan.groups), **fit_stats.as_dict(),
+             "num_forward_settings": len(plan.groups), **fit_summary,
              "unet_passes": int(scores["passes"].sum()), "trace_seconds": round(trace_seconds, 3),
              "images_per_second": round(len(dataset) * len(plan.groups) / max(trace_seconds, 1e-9), 4),
              "dataset": dataset.describe(), "scheduler": _schedulers(cfg, plan.trials),

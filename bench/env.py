@@ -3,10 +3,12 @@ Ray. Used by every command-line tool and by the tests."""
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import platform
 import stat
+import sys
 import tempfile
 from importlib import metadata
 
@@ -102,3 +104,44 @@ def auto_num_actors(num_images: int, use_gpu: bool) -> int:
     resources = ray.cluster_resources()
     slots = int(resources.get("GPU", 0)) if use_gpu else int(resources.get("CPU", 1)) - 1
     return max(1, min(slots, num_images))
+
+
+def local_slots(use_gpu: bool) -> int:
+    """Tracing actors a local Ray would run, counted before starting it: GPUs where the backbone runs on
+    GPUs, else usable CPU cores but one (the same rule as auto_num_actors)."""
+    if use_gpu:
+        import torch
+
+        return torch.cuda.device_count()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores - 1
+
+
+def resolve_execution(execution: str, num_actors: int | str, address: str | None, num_images: int,
+                      use_gpu: bool) -> str:
+    """`ray.execution` -> "driver" or "actors", before Ray starts.
+
+    auto picks the driver where an actor pool cannot win: a local run (no `ray.address`) whose pool would hold
+    one actor (one GPU, or two CPU cores, or one image). One actor does the driver's work one image at a time
+    too, but first pays Ray's start, a process, the imports and its own model load (~15 s of CPU before its
+    first image on the embedded model against ~0.2 s per image; reports/perf/overhead-cpu.md). A number of
+    actors given (`ray.num_actors=N >= 1`) asks for the pool; `ray.num_actors=0` for the driver."""
+    if execution != "auto":
+        return execution
+    if num_actors == 0:
+        return "driver"
+    if num_actors != "auto" or address:
+        return "actors"
+    return "driver" if min(local_slots(use_gpu), num_images) <= 1 else "actors"
+
+
+def exit_process(code: int) -> None:
+    """End a finished command-line process at once: exit handlers run (Ray's shutdown, logging's flush), then
+    the interpreter's teardown of every module and object (torch, diffusers, transformers: 1-2 s of CPU after
+    the work is on disk, issue 12) is skipped. Only for `__main__` after everything is written and closed."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    atexit._run_exitfuncs()  # the handlers sys.exit would run; os._exit alone would leave a local Ray running
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

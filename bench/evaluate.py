@@ -91,5 +91,7 @@ def evaluate_batch(method: Method, dataset: SegDataset, samples: list[Sample], g
         # the ground truth is read once per image; identical label maps are counted once
         scorer = ImageScorer(sample.label, len(dataset.classes), sample.ignore_index,
                              first_class=0 if getattr(dataset, "has_background", True) else 1)
-        hists.extend(scorer.histograms([p.labels.numpy() for p in predictions], hungarian=protocol == "hungarian"))
+        # predictions labelled by tiles (methods.tiled_labels) are counted by tiles, never expanded to pixels
+        hists.extend(scorer.histograms([p if hasattr(p, "tiled") else p.labels.numpy() for p in predictions],
+                                       hungarian=protocol == "hungarian"))
     return hists, batch.image_passes

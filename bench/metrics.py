@@ -194,12 +194,14 @@ class ImageScorer:
     both protocols' rows (mmseg: every label code but the ignored one; iseg: label codes 0..C-1)."""
 
     def __init__(self, label: np.ndarray, num_classes: int, ignore_index: int = IGNORE_INDEX, first_class: int = 0):
+        shape = np.shape(label)
         label = np.asarray(label).ravel().astype(np.int64)
         c = self.num_classes = num_classes
         self.label, self.ignore_index, self.first_class = label, ignore_index, first_class
         in_range = (label >= 0) & (label < c)
         code = np.where(in_range, label, np.where(label == ignore_index, c + 1, c))
-        self.size = label.size
+        self.size, self.shape = label.size, shape
+        self.codes = code  # label code of every pixel (0..C - 1 classes, C other values, C + 1 ignored)
         self._base = code * (c + 1)  # the label part of the joint code
         values = np.unique(np.where(label == ignore_index, 0, label))
         self._iseg_skipped = len(values) <= 1  # see intersect_and_union (iSeg test_step)
@@ -216,24 +218,40 @@ class ImageScorer:
         codes = preds + self._base + (np.arange(len(preds), dtype=np.int64) * cells)[:, None]
         return np.bincount(codes.ravel(), minlength=len(preds) * cells).reshape(len(preds), c + 2, c + 1)
 
-    def histograms(self, preds: list[np.ndarray], hungarian: bool = False) -> np.ndarray:
+    def histograms(self, preds: list, hungarian: bool = False) -> np.ndarray:
         """(K, 8, C) int64 (mmseg, iseg rows) of each prediction, (K, 12, C) with `hungarian` (its matching costs
         a linear assignment per distinct label map: asked for only when that protocol is scored); identical
-        label maps are counted once."""
+        label maps are counted once. A prediction is a label map, or an object with `tiled` and `index`
+        (methods.tiled_labels.TiledPrediction: counted by tiles, every configuration of its TiledLabels at once)."""
         c = self.num_classes
         rows = 3 * ROWS if hungarian else 2 * ROWS
         if not preds:
             return np.zeros((0, rows, c), dtype=np.int64)
+        if hungarian:  # the matching reads label maps
+            preds = [np.asarray(p.labels) if hasattr(p, "tiled") else p for p in preds]
         first, distinct = {}, []
-        index = []
+        index, tiled_joints = [], {}
         for pred in preds:
+            if hasattr(pred, "tiled"):
+                key = id(pred.tiled)
+                if key not in tiled_joints:
+                    tiled_joints[key] = pred.tiled.joint_counts(self.codes.reshape(self.shape), c)
+                index.append((key, pred.index))
+                continue
             pred = np.ascontiguousarray(pred, dtype=np.int64)
             key = (pred.shape, hash(pred.tobytes()))
             if key not in first or not np.array_equal(distinct[first[key]], pred):
                 first[key] = len(distinct)
                 distinct.append(pred)
             index.append(first[key])
-        joint = self.joint_counts(np.stack(distinct))
+        dense = self.joint_counts(np.stack(distinct)) if distinct else np.zeros((0, c + 2, c + 1), dtype=np.int64)
+        parts = [dense]
+        offsets = {}
+        for key, joint in tiled_joints.items():
+            offsets[key] = sum(len(p) for p in parts)
+            parts.append(joint.astype(np.int64))
+        joint = np.concatenate(parts)
+        index = [offsets[i[0]] + i[1] if isinstance(i, tuple) else i for i in index]
         classes = np.arange(c)
         area_i = joint[:, classes, classes]
         area_l = joint[:, :c, :].sum(2)

@@ -12,7 +12,10 @@ Measured, each as the median of interleaved repeats after a warm-up (CUDA synchr
   memory          (CUDA) peak allocated memory of iSeg at batch 1, of the plain forward, and the bytes of the
                   trace that iSeg keeps: capture must cost at most twice what it keeps.
   overhead        (`--parts overhead`, alone) the fixed cost of `bench.run sweeps/iseg_lambda.yaml data.limit=16`
-                  beyond Ray's own start, by phase, ray.num_actors=auto against 2 (bench.perf_overhead).
+                  beyond the work (and Ray's own start where it starts Ray), by phase, ray.execution=auto
+                  (the driver on <= 2 cores) against actors (bench.perf_overhead).
+  sharing         (`--parts sharing`, alone) end to end, K = 24 post-processing settings against K = 1 over 128
+                  images: whole bench.run processes of the lambda sweep, alternating (bench.perf_overhead).
 `sd21-base-arch` is SD2.1-base's architecture with random weights (bench.models.reference): a real checkpoint
 costs the same. The report (JSON + Markdown, device line, versions, batch sizes) is written atomically to
 `--out/<model>-<device kind>.{json,md}`.
@@ -263,7 +266,8 @@ def versions() -> dict[str, str]:
 
 
 PARTS = ("inversion", "generation", "memory")
-EXTRA_PARTS = ("overhead",)  # asked for by name only: whole `bench.run` processes (bench.perf_overhead)
+EXTRA_PARTS = ("overhead", "sharing")  # asked for by name only, alone: whole `bench.run` processes
+# (bench.perf_overhead)
 
 
 def run_perf(model: str, device: str, dtype: str, batches: list[int], repeats: int, steps: int,
@@ -274,6 +278,8 @@ def run_perf(model: str, device: str, dtype: str, batches: list[int], repeats: i
     MODELS.get(model)  # unknown names: one line with a suggestion, before anything loads
     if parts == ("overhead",):
         return _run_overhead(repeats, out_dir)
+    if parts == ("sharing",):
+        return _run_sharing(repeats, out_dir)
     started = time.time()
     backbone = load_backbone({"name": model, "device": device, "dtype": dtype})
     log.info("loaded %s on %s (%s) in %.1f s", model, backbone.device, backbone.dtype, time.time() - started)
@@ -310,6 +316,24 @@ def _run_overhead(repeats: int, out_dir: Path) -> Path:
              + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ".", "",
              *render_overhead(result["overhead"]), "",
              f"Measured in {result['seconds']} s by `python -m bench.perf --parts overhead --repeats {repeats}`.", ""]
+    write_text(stem.with_suffix(".md"), "\n".join(lines))
+    return stem.with_suffix(".md")
+
+
+def _run_sharing(repeats: int, out_dir: Path) -> Path:
+    from bench.atomic import write_text
+    from bench.perf_overhead import measure_sharing, render_sharing
+
+    started = time.time()
+    result = {"device": device_line(torch.device("cpu")), "versions": versions(), "sharing": measure_sharing(repeats)}
+    result["seconds"] = round(time.time() - started, 1)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / "sharing-cpu"
+    write_text(stem.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
+    lines = ["# End-to-end cost of K post-processing settings", "", f"Device: {result['device']}. Versions: "
+             + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ".", "",
+             *render_sharing(result["sharing"]), "",
+             f"Measured in {result['seconds']} s by `python -m bench.perf --parts sharing --repeats {repeats}`.", ""]
     write_text(stem.with_suffix(".md"), "\n".join(lines))
     return stem.with_suffix(".md")
 
@@ -380,9 +404,10 @@ def main(argv: list[str] | None = None) -> int:
         parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
         if not parts or set(parts) - set(PARTS + EXTRA_PARTS):
             raise BenchError(f"--parts={args.parts!r}: choose among {', '.join(PARTS + EXTRA_PARTS)}, comma-separated")
-        if "overhead" in parts and len(parts) > 1:
-            raise BenchError("--parts=overhead runs whole bench.run processes: ask for it alone")
-        if parts == ("overhead",):
+        for extra in EXTRA_PARTS:
+            if extra in parts and len(parts) > 1:
+                raise BenchError(f"--parts={extra} runs whole bench.run processes: ask for it alone")
+        if parts in (("overhead",), ("sharing",)):
             return run_perf(args.model, "cpu", args.dtype, [], args.repeats, args.steps, Path(args.out), parts)
         cuda = torch.cuda.is_available() and args.device != "cpu"
         batches = batches or ([1, 8, 16, 32, 64] if cuda else [1, 4, 16])

@@ -24,7 +24,6 @@ from bench.errors import BenchError
 from bench.faults import trace_fault
 from bench.models import model_kind, resolve_hub_id
 from bench.plan import Plan, make_plan
-from bench.stages.fit import FAULT_ENV, check_fit_sources, parse_fault
 from methods import METHODS
 
 log = logging.getLogger(__name__)
@@ -47,13 +46,16 @@ def preflight(cfg: SweepConfig) -> Plan:
         if cfg.train.use_gpu and not cfg.ray.address and not torch.cuda.is_available():
             raise BenchError("train.use_gpu=true but this machine has no CUDA GPU; use train.use_gpu=false or "
                              "ray.address=<a cluster with GPUs>")
-    check_fit_sources(cfg, plan)
+    if plan.fits or cfg.fit.source is not None:  # the fit stage (and Ray with it) is imported where fits are
+        from bench.stages.fit import FAULT_ENV, check_fit_sources, parse_fault
+
+        check_fit_sources(cfg, plan)
+        parse_fault(os.environ.get(FAULT_ENV))
     folder = model_folder(cfg)
     if folder is not None:
         check_weights_format(folder, _model_option(cfg))
         check_model_fit(cfg, plan, folder)
     warnings = check_prompts(cfg, plan, dataset, samples, load_tokenizer(cfg, folder))
-    parse_fault(os.environ.get(FAULT_ENV))
     trace_fault(None)
     for text in warnings:
         log.warning("%s", text)

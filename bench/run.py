@@ -187,4 +187,6 @@ def sweep_command(argv: list[str] | None, doc: str, usage: str, work) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from bench.env import exit_process
+
+    exit_process(main())

@@ -31,6 +31,7 @@ maps from stored queries with a padded "A photograph of a <name>" prompt (see me
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 
@@ -40,6 +41,7 @@ from bench.trace import Trace, TraceRequest, request
 from methods.base import ClassQuery, Method, Param, Prediction, register_method
 from methods.attribution import AttributionSource, token_indices
 from methods.maps import labels_from_scores_many, minmax, resize_maps
+from methods.tiled_labels import TiledLabels, TiledPrediction, tileable
 
 # Layers by role (bench.models.layers), named as the paper names them on SD at 512 px. Table 6(a): decoder
 # cross-attention at "16" (rank 0: the coarsest decoder attention level, up_blocks.1 on SD) and "32" (rank 1,
@@ -405,13 +407,24 @@ class ISeg(Method):
         return results
 
     def _predictions(self, maps: torch.Tensor, resize: str, trace, query, cfgs, out_size) -> list[Prediction]:
-        """Final maps and labels of N configurations (N, K, h, w), upsampled and labelled in one call each.
-        Exactly F.interpolate's values: labelling only near decisions with a re-derived bilinear formula was
-        tried and labelled up to 1.8% of a real image's pixels differently (whole tied regions), which moved
-        iseg_lambda's mIoU by up to 1.0."""
+        """Final maps and labels of N configurations (N, K, h, w). The release's resize to a label size that is a
+        power-of-two multiple of the traced size is labelled by tiles (methods.tiled_labels): F.interpolate's own
+        values on the tiles near a decision, bit for bit the labels of the full upsample, which is the path of
+        every other case. (A re-derived bilinear formula instead of F.interpolate's values labelled up to 1.8%
+        of a real image's pixels differently, whole tied regions, and moved iseg_lambda's mIoU by up to 1.0.)"""
         n, k = maps.shape[:2]
         flat = maps.reshape(n * k, *maps.shape[2:])
         rules = [(c["background"], c["bg_power"], c["bg_threshold"]) for c in cfgs]
+        mid_size = self.traced_image_size(trace)
+        if (resize == "code" and mid_size[0] == mid_size[1] and tileable(mid_size[0], out_size) and query.ids
+                and flat.device.type == "cpu"):
+            # the same labels bit for bit, upsampling only the tiles near a decision (methods.tiled_labels; its
+            # equality with F.interpolate's full upsample is established for the CPU kernel only)
+            mid = minmax(resize_maps(flat, mid_size), eps=1e-12)
+            if not torch.isnan(mid).any() and all(r[1] >= 0 for r in rules):
+                tiled = TiledLabels(mid.reshape(n, k, *mid_size), query.ids, out_size, rules)
+                return [TiledPrediction(tiled, j, partial(release_upsample, flat[j * k:(j + 1) * k], mid_size,
+                                                          out_size)) for j in range(n)]
         if resize == "code":
             scores = release_upsample(flat, self.traced_image_size(trace), out_size)
         else:

@@ -9,7 +9,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import ray
 import torch
 from safetensors.torch import load as load_safetensors
 from tqdm import tqdm
@@ -103,7 +102,7 @@ def trace_and_score(cfg: SweepConfig, groups: list[ForwardGroup], num_images: in
     kwargs = {"cfg": cfg, "groups": groups, "fits": fits,
               "qualitative_dir": str(qualitative_dir.resolve()) if qualitative_dir else None,
               "fault": trace_fault(shards.parent)}
-    batches = _local_batches(todo, kwargs) if cfg.ray.num_actors == 0 else _ray_batches(todo, kwargs)
+    batches = _local_batches(todo, kwargs) if cfg.ray.execution == "driver" else _ray_batches(todo, kwargs)
     next_shard = len(list(shards.glob("shard-*.npz")))
     with tqdm(total=num_images, initial=len(done), desc=f"{cfg.name} images", unit="img",
               dynamic_ncols=True) as bar:
@@ -126,6 +125,8 @@ def trace_and_score(cfg: SweepConfig, groups: list[ForwardGroup], num_images: in
 
 def _ray_batches(todo: list[int], kwargs: dict):
     """Result batches of the Ray Data actor pool (ray.num_actors actors, one GPU each where there are GPUs)."""
+    import ray  # here: a run traced in the driver never imports it
+
     cfg = kwargs["cfg"]
     use_gpu = torch.cuda.is_available() and cfg.model.device != "cpu"
     ds = ray.data.from_items([{"index": i} for i in todo], override_num_blocks=max(1, len(todo)))
@@ -142,7 +143,8 @@ def _ray_batches(todo: list[int], kwargs: dict):
 
 
 def _local_batches(todo: list[int], kwargs: dict):
-    """ray.num_actors=0: the same worker in this process (debuggers, small runs; no actor start-up)."""
+    """ray.execution=driver: the same worker in this process (small local runs, debuggers): no Ray, no actor
+    start-up, the model loaded once here."""
     worker = SweepWorker(**{**kwargs, "fault": None}, own_process=False)  # never exit the driver
     size = int(kwargs["cfg"].ray.batch_size)
     for start in range(0, len(todo), size):

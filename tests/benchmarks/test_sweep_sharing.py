@@ -7,10 +7,11 @@ the rounds (medians in extra_info). Run with `pytest tests/benchmarks --benchmar
 sweeps run once and nothing is timed.
 
 Measured on the embedded default (64 px UNet, 512 px labels), CPU, one thread, on a shared 2-core machine
-(load 8-13), min-ratio over 7 interleaved rounds: K = 6 1.5-2.1x, K = 24 4.5-5.1x, both strict xfails. The cost
-is exact labelling at the 512 px label size per configuration. Labelling by 8 x 8 squares with a re-derived
-bilinear formula measured K = 6 1.24-1.48x and K = 24 1.74x but was withdrawn: its labels differed from
-F.interpolate's on up to 1.8% of a real image's pixels (methods.iseg._predictions).
+(load 1-10), min-ratio over 7 interleaved rounds: K = 6 1.2-1.48x (1.28x near idle; a non-strict xfail: it
+straddles the bar),
+K = 24 1.80-1.87x (a strict xfail; 4.5-5.1x before labelling by tiles). Labels are exact: iSeg's release resize is
+labelled by tiles (methods.tiled_labels: F.interpolate's own values near decisions, bit for bit the full
+upsample's labels), ~4 ms per configuration; the rest is iSeg's refinement chain, one per distinct lambda.
 """
 
 import statistics
@@ -71,15 +72,31 @@ def _ratio(benchmark, per_image, k):
     return ratio
 
 
-@pytest.mark.xfail(strict=True, reason="measured 1.5-2.1x on the embedded default (CPU): exact labelling at the 512 px "
-                   "label size, ~5-10 ms per configuration against a ~100 ms embedded UNet pass")
+@pytest.mark.xfail(strict=False, reason="straddles the bar: measured 1.2-1.48x (min-ratio of 7 rounds, load 3-10 on 2 "
+                   "cores); most of it is iSeg's own refinement chain per distinct lambda (6 chains of 10 products), "
+                   "which configurations with different lambdas cannot share")
 def test_six_settings_cost_at_most_1_3x_one(benchmark, timings):
     ratio = _ratio(benchmark, timings, 6)
     assert ratio <= TARGET_RATIO, f"K = 6 costs {ratio:.2f}x K = 1 per image (target {TARGET_RATIO})"
 
 
-@pytest.mark.xfail(strict=True, reason="measured 4.5-5.1x on the embedded default (CPU): exact labelling at the 512 px "
-                   "label size, ~5-10 ms per configuration against a ~100 ms embedded UNet pass")
+@pytest.mark.xfail(strict=True, reason="measured 1.80-1.87x on the embedded default (CPU; was 4.5-5.1x before "
+                   "labelling by tiles): ~4 ms of labelling per configuration plus one refinement chain per distinct lambda")
 def test_twenty_four_settings_cost_at_most_1_3x_one(benchmark, timings):
     ratio = _ratio(benchmark, timings, 24)
     assert ratio <= TARGET_RATIO, f"K = 24 costs {ratio:.2f}x K = 1 per image (target {TARGET_RATIO})"
+
+
+@pytest.mark.xfail(strict=True, reason="measured end to end over 128 images: 1.48x in the run's CPU seconds, 1.38x of the "
+                   "wall minima (2 rounds, load 6-8 on 2 shared cores; reports/perf/sharing-cpu.md): the per-image "
+                   "share above plus 24 rows of results, bootstrap intervals and figures")
+def test_twenty_four_settings_cost_at_most_1_3x_one_end_to_end(benchmark):
+    """Whole `bench.run` processes over 128 images, K = 24 and K = 1 alternating (bench.perf_overhead)."""
+    if benchmark.disabled:
+        pytest.skip("timed only with --benchmark-enable")
+    from bench.perf_overhead import measure_sharing
+
+    result = benchmark.pedantic(lambda: measure_sharing(2), rounds=1, iterations=1)
+    benchmark.extra_info.update({k: result[k] for k in ("ratio_total_median", "ratio_cpu_median")})
+    ratio = max(result["ratio_total_median"], result["ratio_cpu_median"])  # wall moves with other work
+    assert ratio <= TARGET_RATIO, f"K = 24 costs {ratio}x K = 1 end to end"

@@ -1,0 +1,301 @@
+"""Exact labels of bilinearly upsampled, min-max rescaled score maps without upsampling every pixel (issue 12:
+the per-image cost of many post-processing settings).
+
+The last step of iSeg's released post-processing (methods.iseg.release_upsample, second half; then
+methods.maps.labels_from_scores_many) takes maps U (N configurations, K classes, m x m), upsamples them with
+`F.interpolate` (bilinear, align_corners=False) to S x S, rescales each map by the minimum and maximum of its
+upsampled pixels ((x - min) / (max - min + 1e-6)), clamps to [0, 1] and labels every pixel with the first class
+reaching the maximum over classes, then applies the background rule.
+
+With S = f * m, f a power of two, output rows [f*i + f/2, f*i + 3f/2) read source rows i and i + 1 only (the
+first and last f/2 rows read row 0, row m - 1 alone): a *tile* (m + 1 per axis). The source index and weight of
+every output pixel are exact binary fractions, so `F.interpolate` of a tile's 2 x 2 source crop gives the tile's
+pixels with the same indices and weights; upsampled at the full map's output width (upsample_tiles), also with
+the same arithmetic: the same float values, bit for bit (tests/test_tiled_labels.py compares against the full
+upsample on random maps with ties, plateaus and every background rule). Every value of a tile is a convex
+combination of its four source cells, so it lies within their [min, max] up to rounding (REL); the rescaling
+and clamping are monotone, so a tile's bounds bound its final scores. A tile whose bounds separate one class
+from every other strictly and decide the background rule with a margin has that one label; only the other
+tiles are upsampled, from their crops. Each map's exact minimum and maximum come the same way: exact values of
+the tiles whose bounds can hold them.
+
+Histograms follow the tiles (TiledLabels.joint_counts): a decided tile adds its ground-truth pixel counts to one
+prediction column, an undecided tile its pixels one by one. Full label maps and scores are built only when read
+(qualitative figures).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from methods.base import Prediction
+
+# bound on the rounding of a bilinear value, relative to the largest magnitude of its four inputs: exact weights
+# (binary fractions), two products and a sum per axis, each within float32's 2^-24 relative; 1e-6 is ~17 times
+# that. And how far from its switch the background rule counts as decided (its power rounds within ~1e-7).
+REL = 1e-6
+RULE_MARGIN = 1e-5
+
+
+def tileable(mid: int, out: tuple[int, int]) -> bool:
+    """Square maps of an even side upsampled by an integer power-of-two factor >= 2 to a square label size."""
+    if out[0] != out[1] or mid < 2 or mid % 2 or out[0] % mid:
+        return False
+    f = out[0] // mid
+    return f >= 2 and f & (f - 1) == 0
+
+
+@dataclass
+class Geometry:
+    """Tiles of an m x m -> S x S upsampling by f = S / m, per axis (rows and columns alike)."""
+
+    m: int
+    f: int
+
+    def __post_init__(self):
+        m, f, half = self.m, self.f, self.f // 2
+        t = torch.arange(m + 1)
+        self.src_a = (t - 1).clamp(0, m - 1)  # the two source rows a tile reads
+        self.src_b = t.clamp(0, m - 1)
+        self.crop = (t - 1).clamp(0, m - 2)  # first row of its 2-row crop
+        start = f * (t - 1) + half  # row r of tile t is output row start + r (outside the map: not valid)
+        steps = torch.arange(f)
+        rows = start[:, None] + steps[None, :]
+        self.valid = (rows >= 0) & (rows < f * m)  # (m + 1, f)
+        self.rows = rows.clamp(0, f * m - 1)  # (m + 1, f) global rows of a tile, clamped where not valid
+        # the same rows inside the tile's crop upsampled to 2f rows (the crop starts at source row `crop`)
+        self.local_rows = (rows - f * self.crop[:, None]).clamp(0, 2 * f - 1)
+        y = torch.arange(f * m)
+        self.tile_of = (y + half) // f  # (S,) tile of each output row
+
+
+def upsample_tiles(maps: torch.Tensor, which: torch.Tensor, geo: Geometry, ti: torch.Tensor, tj: torch.Tensor
+                   ) -> torch.Tensor:
+    """Exact `F.interpolate(maps, (S, S))` values of tiles: tile (ti, tj) of map `which` for each request ->
+    (B, f, f) (rows and columns of an edge tile outside the map hold any value; Geometry.valid says which are
+    real).
+
+    Each tile's 2 x 2 source crop is packed into a slot of a 2 x m input (side by side; m / 2 slots): upsampled
+    to 2f x S, the output has the full map's width, which keeps F.interpolate's CPU kernel on the same code path
+    as for the full map (measured: smaller outputs, such as a lone crop's 2f x 2f, differ from the full
+    upsample by an ulp on some pixels). A tile's pixels read only its own slot's two columns (the columns between
+    slots are never read); edge tiles sit at the packed input's own edges (left: slot 0, right: the last), so
+    their clamped source indices are the full map's."""
+    f, m = geo.f, geo.m
+    slots = m // 2
+    out = torch.empty(len(which), f, f, dtype=maps.dtype)
+    patches = maps.unfold(1, 2, 1).unfold(2, 2, 1)  # (B, m - 1, m - 1, 2, 2): every 2 x 2 crop, a view
+    row_kind = (ti > 0).long() + (ti == m).long()  # 0: top edge, 1: inside, 2: bottom edge
+    col_kind = (tj > 0).long() + (tj == m).long()
+    for rk in range(3):
+        for ck in range(3):
+            idx = torch.nonzero((row_kind == rk) & (col_kind == ck), as_tuple=True)[0]
+            if not len(idx):
+                continue
+            crops = patches[which[idx], geo.crop[ti[idx]], geo.crop[tj[idx]]]  # (n, 2, 2)
+            if ck == 1:  # inside columns: every slot, packs of `slots` tiles
+                count = -(-len(idx) // slots) * slots
+                packed = torch.zeros(count, 2, 2, dtype=maps.dtype)
+                packed[:len(idx)] = crops
+                packed = packed.view(-1, slots, 2, 2)
+            else:  # an edge column: alone in a pack, at the packed input's own edge (slot 0 or the last)
+                packed = torch.zeros(len(idx), slots, 2, 2, dtype=maps.dtype)
+                packed[:, 0 if ck == 0 else slots - 1] = crops
+            packed = packed.permute(0, 2, 1, 3).reshape(len(packed), 1, 2, 2 * slots)
+            up = F.interpolate(packed, size=(2 * f, 2 * slots * f), mode="bilinear", align_corners=False)
+            up = up.view(len(packed), 2 * f, slots, 2 * f)
+            rows = geo.local_rows[{0: 0, 1: 1, 2: m}[rk]]  # this kind's rows inside a crop's 2f rows
+            cols = geo.local_rows[{0: 0, 1: 1, 2: m}[ck]]
+            tiles = up.index_select(1, rows).index_select(3, cols)  # (packs, f, slots, f)
+            if ck == 1:
+                tiles = tiles.permute(0, 2, 1, 3).reshape(-1, f, f)[:len(idx)]
+            else:
+                tiles = tiles[:, :, 0 if ck == 0 else slots - 1]
+            out[idx] = tiles
+    return out
+
+
+def tile_bounds(maps: torch.Tensor, geo: Geometry) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bounds of every upsampled value of each tile: the min and max of its source cells, widened by the
+    rounding (REL of their largest magnitude): maps (..., m, m) -> two (..., m + 1, m + 1)."""
+    ra, rb = maps[..., geo.src_a, :], maps[..., geo.src_b, :]
+    lo_r, hi_r = torch.minimum(ra, rb), torch.maximum(ra, rb)
+    lo = torch.minimum(lo_r[..., geo.src_a], lo_r[..., geo.src_b])
+    hi = torch.maximum(hi_r[..., geo.src_a], hi_r[..., geo.src_b])
+    slack = torch.maximum(lo.abs(), hi.abs()) * REL
+    return lo - slack, hi + slack
+
+
+def exact_extremes(maps: torch.Tensor, geo: Geometry, lo: torch.Tensor, hi: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The minimum and maximum over every upsampled pixel of each map (B, m, m), exactly: only the tiles whose
+    bounds (lo, hi from tile_bounds) can hold the extreme are upsampled (every tile holds a value >= its lo, so
+    the maximum is at least the largest lo and lies in a tile whose hi reaches that; the minimum alike)."""
+    n = len(maps)
+    lo_f, hi_f = lo.flatten(1), hi.flatten(1)
+    side = geo.m + 1
+    out = []
+    for sign, bound_near, bound_far in ((1, hi_f, lo_f), (-1, lo_f, hi_f)):
+        reach = (sign * bound_far).amax(1, keepdim=True)
+        cand_map, cand_tile = torch.nonzero(sign * bound_near >= reach, as_tuple=True)
+        values = upsample_tiles(maps, cand_map, geo, cand_tile // side, cand_tile % side)
+        valid = geo.valid[cand_tile // side][:, :, None] & geo.valid[cand_tile % side][:, None, :]
+        fill = -torch.inf if sign == 1 else torch.inf
+        per_tile = values.masked_fill(~valid, fill).flatten(1)
+        per_tile = per_tile.amax(1) if sign == 1 else per_tile.amin(1)
+        best = torch.full((n,), fill, dtype=per_tile.dtype)
+        best = best.scatter_reduce(0, cand_map, per_tile, reduce="amax" if sign == 1 else "amin")
+        out.append(best)
+    high, low = out
+    return low, high
+
+
+class TiledLabels:
+    """Labels of N configurations over one image's maps, by tiles (module docstring).
+
+    maps (N, K, m, m): the min-maxed maps before the last upsampling; class_ids: the dataset id of each of the K
+    maps; rules: one (background, bg_power, bg_threshold) per configuration (methods.maps.labels_from_scores_many).
+    """
+
+    def __init__(self, maps: torch.Tensor, class_ids: list[int], out_size: tuple[int, int],
+                 rules: list[tuple[str, float, float]]):
+        n, k, m, _ = maps.shape
+        self.maps, self.class_ids, self.out_size, self.rules = maps, list(class_ids), tuple(out_size), rules
+        self.geo = geo = Geometry(m, out_size[0] // m)
+        flat = maps.reshape(n * k, m, m)
+        t_lo, t_hi = tile_bounds(flat, geo)  # (NK, m + 1, m + 1)
+        low, high = exact_extremes(flat, geo, t_lo, t_hi)
+        # release_upsample's rescaling, in its own float32 operations: (x - min) / ((max - min) + 1e-6)
+        self.low = low.view(n, k, 1, 1)
+        self.den = ((high - low) + 1e-6).view(n, k, 1, 1)
+        s_lo = self._final(t_lo.view(n, k, m + 1, m + 1))
+        s_hi = self._final(t_hi.view(n, k, m + 1, m + 1))
+        # the class decided where one class's lower bound beats every other class's upper bound; the background
+        # rule reads the best score b, within [max of the lower bounds, max of the upper bounds] (a tile that is
+        # surely background needs no decided class: ties between low maps are common there)
+        best_lo, arg = s_lo.max(1)
+        best_hi = s_hi.amax(1)
+        if k > 1:
+            one_class = best_lo > s_hi.scatter(1, arg[:, None], -torch.inf).amax(1)
+        else:
+            one_class = torch.ones_like(best_lo, dtype=torch.bool)
+        background = torch.zeros_like(one_class)
+        decided = torch.zeros_like(one_class)
+        for j, (rule, power, threshold) in enumerate(rules):
+            if rule == "power":  # background iff (1 - b)^p > b: decreasing in b, decided with a margin
+                sure_bg = (1 - best_hi[j]) ** power > best_hi[j] + RULE_MARGIN
+                sure_fg = (1 - best_lo[j]) ** power < best_lo[j] - RULE_MARGIN
+            elif rule == "threshold":  # background iff b < threshold: exact comparisons of the bounds
+                sure_bg, sure_fg = best_hi[j] < threshold, best_lo[j] >= threshold
+            else:
+                raise ValueError(f"unknown background rule {rule!r}")
+            decided[j] = sure_bg | (sure_fg & one_class[j])
+            background[j] = sure_bg
+        ids = torch.tensor(self.class_ids, dtype=torch.long)
+        self.tile_labels = torch.where(background, 0, ids[arg])  # (N, m + 1, m + 1), valid where decided
+        self.decided = decided
+        # the undecided tiles, upsampled exactly and labelled as the full path labels every pixel
+        self.open_n, open_tile = torch.nonzero(~decided.flatten(1), as_tuple=True)
+        side = m + 1
+        self.open_ti, self.open_tj = open_tile // side, open_tile % side
+        self.open_labels = self._label_tiles()  # (T, f, f)
+
+    def _final(self, values: torch.Tensor) -> torch.Tensor:
+        """The final scores of values of the maps (N, K, ...): rescaled as release_upsample, clamped as
+        labels_from_scores_many."""
+        return ((values - self.low) / self.den).clamp(0, 1)
+
+    def _label_tiles(self) -> torch.Tensor:
+        from methods.maps import first_max
+
+        n, k, m, _ = self.maps.shape
+        f, count = self.geo.f, len(self.open_n)
+        if not count:
+            return torch.zeros(0, f, f, dtype=torch.long)
+        which = (self.open_n[:, None] * k + torch.arange(k)).flatten()  # every class map of each open tile
+        values = upsample_tiles(self.maps.reshape(n * k, m, m), which, self.geo, self.open_ti.repeat_interleave(k),
+                                self.open_tj.repeat_interleave(k))
+        values = values.view(count, k, f, f)
+        scores = ((values - self.low[self.open_n]) / self.den[self.open_n]).clamp(0, 1)
+        best, arg = first_max(scores)
+        labels = torch.tensor(self.class_ids, dtype=torch.long)[arg]
+        by_rule = _by_rule(self.rules)
+        for (rule, power, threshold), configs in by_rule.items():
+            mine = torch.isin(self.open_n, torch.tensor(configs)) if len(by_rule) > 1 else None
+            b = best if mine is None else best[mine]
+            # the same operations as labels_from_scores_many (a python exponent: pow(x, 2.0) is x * x there too)
+            bg = (1 - b) ** power > b if rule == "power" else b < threshold
+            if mine is None:
+                labels.masked_fill_(bg, 0)
+            else:
+                labels[mine] = labels[mine].masked_fill(bg, 0)
+        return labels
+
+    # -- reading ---------------------------------------------------------------------------------------------------
+    def labels(self, j: int) -> torch.Tensor:
+        """The full (S, S) label map of configuration j (equal to labels_from_scores_many's)."""
+        geo = self.geo
+        full = self.tile_labels[j][geo.tile_of[:, None], geo.tile_of[None, :]].clone()
+        mine = torch.nonzero(self.open_n == j, as_tuple=True)[0]
+        for t in mine.tolist():
+            ti, tj = int(self.open_ti[t]), int(self.open_tj[t])
+            vr, vc = geo.valid[ti], geo.valid[tj]
+            full[geo.rows[ti][vr][:, None], geo.rows[tj][vc][None, :]] = self.open_labels[t][vr][:, vc]
+        return full
+
+    def joint_counts(self, codes: np.ndarray, num_classes: int) -> np.ndarray:
+        """(N, C + 2, C + 1) joint counts of ground-truth codes (S, S) (bench.metrics.ImageScorer's label codes,
+        0..C + 1) against each configuration's prediction (codes 0..C, C = a class id out of range)."""
+        geo, c = self.geo, num_classes
+        n, f, side = len(self.rules), geo.f, geo.m + 1
+        # the ground truth in tiles: padded by f / 2 with an extra code (c + 2) so that tiles are f x f blocks
+        codes_t = torch.from_numpy(np.ascontiguousarray(codes, dtype=np.int64))
+        padded = F.pad(codes_t[None, None], (f // 2,) * 4, value=c + 2)[0, 0]
+        gt = padded.view(side, f, side, f).permute(0, 2, 1, 3)  # (m + 1, m + 1, f, f), a view
+        tile_index = torch.arange(side * side).view(side, side, 1, 1) * (c + 3)
+        per_tile = torch.bincount((tile_index + gt).flatten(), minlength=side * side * (c + 3))
+        per_tile = per_tile.view(side * side, c + 3)[:, :c + 2].double()  # ground-truth counts of each tile
+        pred = self.tile_labels.flatten(1)
+        pred = torch.where((pred >= 0) & (pred < c), pred, c)
+        onehot = F.one_hot(pred, c + 1).double() * self.decided.flatten(1)[..., None].double()  # (N, T, C + 1)
+        joint = torch.einsum("tl,ntp->nlp", per_tile, onehot).round().long()
+        if len(self.open_n):
+            gt_open = gt[self.open_ti, self.open_tj]  # (T, f, f), rows and columns as in open_labels
+            ok = gt_open <= c + 1  # not the padding
+            p = torch.where((self.open_labels >= 0) & (self.open_labels < c), self.open_labels, c)
+            cell = (self.open_n[:, None, None] * (c + 2) + gt_open) * (c + 1) + p
+            joint += torch.bincount(cell[ok], minlength=n * (c + 2) * (c + 1)).view(n, c + 2, c + 1)
+        return joint.numpy()
+
+
+def _by_rule(rules: list[tuple[str, float, float]]) -> dict[tuple, list[int]]:
+    """Configurations grouped by their (background, bg_power, bg_threshold) rule."""
+    out: dict[tuple, list[int]] = {}
+    for j, rule in enumerate(rules):
+        out.setdefault(tuple(rule), []).append(j)
+    return out
+
+
+class TiledPrediction(Prediction):
+    """One configuration's Prediction from TiledLabels: `labels` and `scores` are built when read; the engine's
+    histograms read `tiled` instead (bench.metrics.ImageScorer.histograms)."""
+
+    def __init__(self, tiled: TiledLabels, index: int, full_scores):  # noqa: D107 (not the dataclass __init__)
+        self.tiled, self.index, self._full_scores = tiled, index, full_scores
+        self._labels = self._scores = None
+
+    @property
+    def labels(self) -> torch.Tensor:
+        if self._labels is None:
+            self._labels = self.tiled.labels(self.index)
+        return self._labels
+
+    @property
+    def scores(self) -> torch.Tensor:
+        if self._scores is None:
+            self._scores = self._full_scores()
+        return self._scores
