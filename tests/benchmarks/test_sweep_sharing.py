@@ -7,8 +7,8 @@ the rounds (medians in extra_info). Run with `pytest tests/benchmarks --benchmar
 sweeps run once and nothing is timed.
 
 Measured on the embedded default (64 px UNet, 512 px labels), CPU, one thread, on a shared 2-core machine
-(load 1-10), min-ratio over 7 interleaved rounds: K = 6 1.2-1.48x (1.28x near idle; a non-strict xfail: it
-straddles the bar),
+(load 1-10), min-ratio over 7 interleaved rounds: K = 6 1.2-1.48x (1.28x near idle, so it is a plain test: it
+passes on an idle machine, which is where benchmarks are meant to run, and fails under other load),
 K = 24 1.80-1.87x (a strict xfail; 4.5-5.1x before labelling by tiles). Labels are exact: iSeg's release resize is
 labelled by tiles (methods.tiled_labels: F.interpolate's own values near decisions, bit for bit the full
 upsample's labels), ~4 ms per configuration; the rest is iSeg's refinement chain, one per distinct lambda.
@@ -72,9 +72,6 @@ def _ratio(benchmark, per_image, k):
     return ratio
 
 
-@pytest.mark.xfail(strict=False, reason="straddles the bar: measured 1.2-1.48x (min-ratio of 7 rounds, load 3-10 on 2 "
-                   "cores); most of it is iSeg's own refinement chain per distinct lambda (6 chains of 10 products), "
-                   "which configurations with different lambdas cannot share")
 def test_six_settings_cost_at_most_1_3x_one(benchmark, timings):
     ratio = _ratio(benchmark, timings, 6)
     assert ratio <= TARGET_RATIO, f"K = 6 costs {ratio:.2f}x K = 1 per image (target {TARGET_RATIO})"
