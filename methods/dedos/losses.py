@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 
 NO_OBJECT_WEIGHT = 0.1
 WEIGHTS = {"paper": {"cls": 1.0, "mask": 1.0, "dice": 1.0, "mask_kind": "bce"},
@@ -39,6 +38,8 @@ def _dice(logits, targets, valid):
 @torch.no_grad()
 def match(class_logits, mask_logits, classes, masks, valid, w) -> tuple[np.ndarray, np.ndarray]:
     """Hungarian matching of one image's n queries to its T targets (scipy's linear_sum_assignment)."""
+    from scipy.optimize import linear_sum_assignment  # here: the registry imports every method for every run
+
     prob = class_logits.softmax(-1)[:, classes]  # (n, T)
     m = mask_logits.flatten(1)  # (n, P)
     t, v = masks.flatten(1), valid.flatten()[None]
