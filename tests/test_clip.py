@@ -78,3 +78,17 @@ def test_recolour_permutes_channels_only_where_asked():
     out = recolour(images, torch.tensor([True, False]), torch.Generator().manual_seed(1))
     assert torch.equal(out[1], images[1])
     assert sorted(out[0].sum((1, 2)).tolist()) == sorted(images[0].sum((1, 2)).tolist())
+
+
+def test_background_captions_are_true_of_empty_scenes_only():
+    import numpy as np
+
+    from bench.embedded.clip import caption_matches, caption_variants
+
+    rng = np.random.default_rng(0)
+    text, meaning = caption_variants([], rng, template_prob=0.3, drop_colour_prob=0.6)
+    assert "background" in text
+    star = [{"shape": "star", "colour": "red"}]
+    assert caption_matches(meaning, []) and not caption_matches(meaning, star)
+    _, star_meaning = caption_variants(star, rng, template_prob=1.0, drop_colour_prob=0.6)
+    assert caption_matches(star_meaning, star) and not caption_matches(star_meaning, [])

@@ -39,6 +39,7 @@ CLIP_DIR = Path(__file__).parent / "clip"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 ZERO_SHOT_TEMPLATES = ("a photo of a {}", "a {}")
+BACKGROUND_MEANING = (("background", None),)
 
 DEFAULTS = {
     "size": 64,
@@ -60,6 +61,7 @@ DEFAULTS = {
     "semantic_positives": 1,  # 1: every caption true of an image is its positive (caption_matches)
     "recolour_prob": 0.5,  # share of colourless-caption images whose colour channels are permuted
     "single_share": 0.0,  # share of the training pool rendered as single-object scenes (the rest: 1-3 objects)
+    "background_share": 0.0,  # share rendered with no objects, captioned "a photo of a background" (teaches the word)
     "val_every": 0,  # >0: log zero-shot accuracy on 200 shapes *val* images every N steps (never test)
 }
 
@@ -98,6 +100,9 @@ def caption_variants(objects: list[dict], rng: np.random.Generator, template_pro
     a batch the caption is true of."""
     from bench.data.shapes import article
 
+    if not objects:  # an empty scene: all it shows is the background (`background_share`)
+        text = ZERO_SHOT_TEMPLATES[int(rng.integers(len(ZERO_SHOT_TEMPLATES)))].format("background")
+        return text, (BACKGROUND_MEANING, True)
     if rng.random() < template_prob:
         obj = objects[int(rng.integers(len(objects)))]
         text = ZERO_SHOT_TEMPLATES[int(rng.integers(len(ZERO_SHOT_TEMPLATES)))].format(obj["shape"])
@@ -116,6 +121,8 @@ def caption_matches(meaning: tuple[tuple, bool], objects: list[dict]) -> bool:
     from itertools import permutations
 
     items, complete = meaning
+    if items == BACKGROUND_MEANING:  # "a background" is true of the scenes that show nothing else
+        return not objects
     if len(items) > len(objects) or (complete and len(items) != len(objects)):
         return False
     return any(all(shape == objects[k]["shape"] and colour in (None, objects[k]["colour"])
@@ -133,8 +140,9 @@ def recolour(images_uint8: torch.Tensor, which: torch.Tensor, gen: torch.Generat
 
 
 def render_pool(num_images: int, size: int, seed: int, split: str = "train", min_objects: int = 1,
-                max_objects: int = 3) -> tuple[torch.Tensor, list[list[dict]]]:
-    """(N, 3, size, size) uint8 images and their scene layouts, from the shapes world's own renderer."""
+                max_objects: int = 3, empty: bool = False) -> tuple[torch.Tensor, list[list[dict]]]:
+    """(N, 3, size, size) uint8 images and their scene layouts, from the shapes world's own renderer
+    (empty: the backgrounds alone, no objects)."""
     from bench.data.shapes import ShapesDataset
 
     ds = ShapesDataset(num_images=num_images, size=size, seed=seed, split=split, min_objects=min_objects,
@@ -142,7 +150,7 @@ def render_pool(num_images: int, size: int, seed: int, split: str = "train", min
     images = np.empty((num_images, size, size, 3), dtype=np.uint8)
     layouts = []
     for i in tqdm(range(num_images), desc="render", unit="img", mininterval=5, leave=False):
-        objects = ds.layout(i)
+        objects = [] if empty else ds.layout(i)
         images[i], _ = ds.render(objects, i)
         layouts.append(objects)
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), layouts
@@ -183,10 +191,14 @@ def train(args: argparse.Namespace, out: Path) -> dict:
                                   args.max_length, args.seed)
     started, cpu_started = time.time(), time.process_time()
     single = int(round(args.num_train_images * args.single_share))
-    images, layouts = render_pool(args.num_train_images - single, args.size, args.seed)
+    empty = int(round(args.num_train_images * args.background_share))
+    images, layouts = render_pool(args.num_train_images - single - empty, args.size, args.seed)
     if single:  # a second seed stream: single-object scenes with their own backgrounds
         one, one_layouts = render_pool(single, args.size, args.seed + 1, min_objects=1, max_objects=1)
         images, layouts = torch.cat([images, one]), layouts + one_layouts
+    if empty:  # a third seed stream: backgrounds alone, so that "background" names something
+        none, none_layouts = render_pool(empty, args.size, args.seed + 2, empty=True)
+        images, layouts = torch.cat([images, none]), layouts + none_layouts
     log.info("rendered %d training images in %.0f s", len(images), time.time() - started)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
