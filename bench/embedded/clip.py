@@ -61,7 +61,7 @@ DEFAULTS = {
     "semantic_positives": 1,  # 1: every caption true of an image is its positive (caption_matches)
     "recolour_prob": 0.5,  # share of colourless-caption images whose colour channels are permuted
     "single_share": 0.0,  # share of the training pool rendered as single-object scenes (the rest: 1-3 objects)
-    "background_share": 0.0,  # share rendered with no objects, captioned "a photo of a background" (teaches the word)
+    "background_share": 0.1,  # share rendered with no objects, captioned "a photo of a background" (teaches the word)
     "val_every": 0,  # >0: log zero-shot accuracy on 200 shapes *val* images every N steps (never test)
 }
 
