@@ -49,9 +49,9 @@ def _env() -> dict[str, str]:
 VARIANTS = {"auto": ["ray.execution=auto"], "actors": ["ray.execution=actors"]}
 
 
-def one_run(variant: str, out: Path) -> dict:
-    """Phases of one `bench.run` process (module docstring)."""
-    cmd = [sys.executable, "-m", "bench.run", SWEEP, f"data.limit={LIMIT}", *VARIANTS[variant], f"output_dir={out}"]
+def _timed_run(overrides: list[str], out: Path) -> tuple[dict, dict]:
+    """One `bench.run` process of the sweep: (its run.json, {load, start, end, cpu}); CPU seconds of the child."""
+    cmd = [sys.executable, "-m", "bench.run", SWEEP, *overrides]
     load = os.getloadavg()[0]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.time()
@@ -60,14 +60,19 @@ def one_run(variant: str, out: Path) -> dict:
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip().splitlines()[-1:]}")
-    run = json.loads((out / "run.json").read_text())
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return json.loads((out / "run.json").read_text()), {"load": load, "start": start, "end": end, "cpu": cpu}
+
+
+def one_run(variant: str, out: Path) -> dict:
+    """Phases of one `bench.run` process (module docstring)."""
+    run, t = _timed_run([f"data.limit={LIMIT}", *VARIANTS[variant], f"output_dir={out}"], out)
+    load, start, end = t["load"], t["start"], t["end"]
     inv = run["invocation_log"][-1]
     engine_end = inv["started"] + inv["wall_seconds"]
     report_done = (out / "report.html").stat().st_mtime
     return {"variant": variant, "execution": run.get("execution", "actors"), "num_actors": run["num_actors"],
-            "load": round(load, 1), "total": end - start,
-            "cpu": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
-            "startup": inv["started"] - start,
+            "load": round(load, 1), "total": end - start, "cpu": t["cpu"], "startup": inv["started"] - start,
             "engine": inv["wall_seconds"] - inv["trace_seconds"], "trace": inv["trace_seconds"],
             "report": report_done - engine_end, "shutdown": end - report_done}
 
@@ -162,20 +167,10 @@ SHARING = {1: ["sweep.lambda.grid=[0.01]"], 24: ["+sweep.iterations.grid=[1,3,5,
 
 def sharing_run(k: int, out: Path, images: int) -> dict:
     """One `bench.run` process of the K-configuration sweep over `images` images: wall and CPU seconds."""
-    cmd = [sys.executable, "-m", "bench.run", SWEEP, f"data.limit={images}", *SHARING[k], f"output_dir={out}"]
-    load = os.getloadavg()[0]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.time()
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, check=False)
-    end = time.time()
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip().splitlines()[-1:]}")
-    run = json.loads((out / "run.json").read_text())
+    run, t = _timed_run([f"data.limit={images}", *SHARING[k], f"output_dir={out}"], out)
     assert run["num_trials"] == k and run["unet_passes"] == images, run  # one UNet pass per image, K configurations
-    return {"k": k, "load": round(load, 1), "total": end - start, "trace": run["trace_seconds"],
-            "cpu": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
-            "execution": run.get("execution", "actors")}
+    return {"k": k, "load": round(t["load"], 1), "total": t["end"] - t["start"], "trace": run["trace_seconds"],
+            "cpu": t["cpu"], "execution": run.get("execution", "actors")}
 
 
 def measure_sharing(repeats: int, images: int = SHARING_IMAGES) -> dict:
