@@ -301,41 +301,36 @@ def run_perf(model: str, device: str, dtype: str, batches: list[int], repeats: i
     return stem.with_suffix(".md")
 
 
-def _run_overhead(repeats: int, out_dir: Path) -> Path:
+def _write_cpu_part(part: str, title: str, stem_name: str, measure, render, repeats: int, out_dir: Path) -> Path:
+    """Measure one whole-process CPU part (`measure(repeats)`), write <stem>.json and <stem>.md in out_dir."""
     from bench.atomic import write_text
-    from bench.perf_overhead import measure_overhead, render_overhead
 
     started = time.time()
-    result = {"device": device_line(torch.device("cpu")), "versions": versions(),
-              "overhead": measure_overhead(repeats)}
+    result = {"device": device_line(torch.device("cpu")), "versions": versions(), part: measure(repeats)}
     result["seconds"] = round(time.time() - started, 1)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / "overhead-cpu"
+    stem = out_dir / stem_name
     write_text(stem.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
-    lines = ["# Fixed overhead of a local run", "", f"Device: {result['device']}. Versions: "
+    lines = [f"# {title}", "", f"Device: {result['device']}. Versions: "
              + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ".", "",
-             *render_overhead(result["overhead"]), "",
-             f"Measured in {result['seconds']} s by `python -m bench.perf --parts overhead --repeats {repeats}`.", ""]
+             *render(result[part]), "",
+             f"Measured in {result['seconds']} s by `python -m bench.perf --parts {part} --repeats {repeats}`.", ""]
     write_text(stem.with_suffix(".md"), "\n".join(lines))
     return stem.with_suffix(".md")
+
+
+def _run_overhead(repeats: int, out_dir: Path) -> Path:
+    from bench.perf_overhead import measure_overhead, render_overhead
+
+    return _write_cpu_part("overhead", "Fixed overhead of a local run", "overhead-cpu", measure_overhead,
+                           render_overhead, repeats, out_dir)
 
 
 def _run_sharing(repeats: int, out_dir: Path) -> Path:
-    from bench.atomic import write_text
     from bench.perf_overhead import measure_sharing, render_sharing
 
-    started = time.time()
-    result = {"device": device_line(torch.device("cpu")), "versions": versions(), "sharing": measure_sharing(repeats)}
-    result["seconds"] = round(time.time() - started, 1)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / "sharing-cpu"
-    write_text(stem.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
-    lines = ["# End-to-end cost of K post-processing settings", "", f"Device: {result['device']}. Versions: "
-             + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ".", "",
-             *render_sharing(result["sharing"]), "",
-             f"Measured in {result['seconds']} s by `python -m bench.perf --parts sharing --repeats {repeats}`.", ""]
-    write_text(stem.with_suffix(".md"), "\n".join(lines))
-    return stem.with_suffix(".md")
+    return _write_cpu_part("sharing", "End-to-end cost of K post-processing settings", "sharing-cpu",
+                           measure_sharing, render_sharing, repeats, out_dir)
 
 
 def render_markdown(r: dict) -> str:
