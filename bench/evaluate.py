@@ -92,6 +92,6 @@ def evaluate_batch(method: Method, dataset: SegDataset, samples: list[Sample], g
         scorer = ImageScorer(sample.label, len(dataset.classes), sample.ignore_index,
                              first_class=0 if getattr(dataset, "has_background", True) else 1)
         # predictions labelled by tiles (methods.tiled_labels) are counted by tiles, never expanded to pixels
-        hists.extend(scorer.histograms([p if hasattr(p, "tiled") else p.labels.numpy() for p in predictions],
+        hists.extend(scorer.histograms([p if hasattr(p, "tiled") else p.labels.cpu().numpy() for p in predictions],
                                        hungarian=protocol == "hungarian"))
     return hists, batch.image_passes

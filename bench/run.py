@@ -162,9 +162,9 @@ def first_line(err: BaseException) -> str:
     lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
     if not lines:
         return "(no message)"
-    from ray.exceptions import RayError
-
-    return lines[-1] if isinstance(err, RayError) and len(lines) > 1 else lines[0]
+    ray_exceptions = sys.modules.get("ray.exceptions")  # an error cannot be Ray's where Ray was never imported
+    is_ray = ray_exceptions is not None and isinstance(err, ray_exceptions.RayError)
+    return lines[-1] if is_ray and len(lines) > 1 else lines[0]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -227,8 +227,8 @@ def run_search(cfg: SweepConfig, run_dir: Path, num_images: int) -> tuple[list[d
             preds = method.predict_many(trace, query, [params[i] for i in running], tuple(label.shape))
             scorer = ImageScorer(label, len(classes), dataset[index].ignore_index,
                                  first_class=0 if getattr(dataset, "has_background", True) else 1)
-            for i, h in zip(running, scorer.histograms([np.asarray(p.labels) for p in preds],
-                                                       hungarian=cfg.metric.protocol == "hungarian")):
+            maps = [p if hasattr(p, "tiled") else p.labels.cpu().numpy() for p in preds]
+            for i, h in zip(running, scorer.histograms(maps, hungarian=cfg.metric.protocol == "hungarian")):
                 hists[i].append(h)
         done = rung
         for i in running:

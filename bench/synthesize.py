@@ -3,7 +3,8 @@
 The sweep names a synthesis method (`freegen`), a generation dataset for the prompts (`voc_sim`: class-name
 templates; `coco_cap`: a caption list, `data.captions=`) and one configuration (`params`, no `sweep`).
 Images are generated (mode=generation, guided DDIM) on a Ray Data actor pool (`ray.num_actors`, one GPU each
-where there are GPUs; `ray.batch_size` prompts per UNet batch), each annotated by the method's pseudo-mask and
+where there are GPUs; `ray.batch_size` prompts per UNet batch), or in this process where a local pool would hold
+one actor (`ray.execution=auto|actors|driver`, as `bench.run`), each annotated by the method's pseudo-mask and
 scored by its Temporal Fluctuation Factor. The result is a PASCAL VOC-layout folder that the `voc2012` loader
 (and MMSegmentation's VOC dataset) read directly:
 
@@ -35,7 +36,7 @@ import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench.env import quiet_environment
+from bench.env import auto_num_actors, init_ray, quiet_environment, resolve_execution
 
 quiet_environment()  # before torch is imported below
 
@@ -174,18 +175,24 @@ def fit_if_needed(cfg: SweepConfig, params, work: Path) -> dict | None:
 
 
 def _batches(cfg: SweepConfig, todo: list[int], fit: dict | None = None):
+    """Finished batches of `todo`: generated in this process (`ray.execution=driver`, which `auto` picks where
+    a local pool would hold one actor, bench.env.resolve_execution: one GPU, or two CPU cores) or on a Ray Data
+    actor pool. cfg.ray is resolved here, so the dataset card says what auto picked."""
     size = int(cfg.ray.batch_size)
-    if cfg.ray.num_actors == 0:
+    use_gpu = torch.cuda.is_available() and cfg.model.device != "cpu"
+    cfg.ray.execution = resolve_execution(cfg.ray.execution, cfg.ray.num_actors, cfg.ray.address, len(todo),
+                                          use_gpu)
+    if cfg.ray.execution == "driver":
+        cfg.ray.num_actors = 0
         worker = SynthesisWorker(cfg, own_process=False, fit=fit)
         for start in range(0, len(todo), size):
             yield worker({"index": np.array(todo[start:start + size], dtype=np.int64)})
         return
     import ray
 
-    from bench.env import init_ray
-
     init_ray(cfg.ray.address, cfg.ray.object_store_mb, cfg.ray.quiet)
-    use_gpu = torch.cuda.is_available() and cfg.model.device != "cpu"
+    if cfg.ray.num_actors == "auto":
+        cfg.ray.num_actors = auto_num_actors(len(todo), use_gpu)
     blocks = max(1, -(-len(todo) // size))
     ds = ray.data.from_items([{"index": i} for i in todo], override_num_blocks=blocks)
     with warnings.catch_warnings():
@@ -350,7 +357,8 @@ def dataset_card(cfg: SweepConfig, params, dataset, records: list[dict], seconds
         "throughput": {"images_generated_this_session": generated, "seconds": round(seconds, 3),
                        "images_per_second": round(generated / seconds, 4) if generated and seconds else None,
                        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-                       "actors": int(cfg.ray.num_actors), "batch_size": int(cfg.ray.batch_size)},
+                       "execution": cfg.ray.execution, "actors": cfg.ray.num_actors,
+                       "batch_size": int(cfg.ray.batch_size)},
         "samples": [{k: r[k] for k in ("id", "prompt", "seed", "tff", "unet_passes")}
                     | {"kept": r["id"] not in dropped, "ignored": round(r["ignored"], 4)}
                     | ({"mIoU": round(per_image[r["id"]], 2)} if per_image else {}) for r in records],

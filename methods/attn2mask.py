@@ -40,7 +40,7 @@ def background_argmax(scores: torch.Tensor, class_ids: list[int], out_size: tupl
     up = resize_maps(scores, out_size).clamp(0, 1)
     bg = 1 - up.max(0).values - beta
     arg = torch.cat([bg[None], up]).argmax(0)
-    return torch.tensor([0, *class_ids], dtype=torch.long)[arg]
+    return torch.tensor([0, *class_ids], dtype=torch.long, device=arg.device)[arg]
 
 
 @register_method("attn2mask")

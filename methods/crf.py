@@ -52,7 +52,7 @@ def _image(image, size: tuple[int, int]) -> np.ndarray:
     img = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)[None].float()
     if tuple(img.shape[-2:]) != tuple(size):
         img = F.interpolate(img, size=size, mode="bilinear", antialias=True, align_corners=False)
-    return np.ascontiguousarray(img[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy())
+    return np.ascontiguousarray(img[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).cpu().numpy())
 
 
 def _crf(image: np.ndarray, unary: np.ndarray, n: int, p: CRFParams) -> np.ndarray:
@@ -70,7 +70,7 @@ def _crf(image: np.ndarray, unary: np.ndarray, n: int, p: CRFParams) -> np.ndarr
 def dense_crf(image, probs: torch.Tensor, params: CRFParams = CRFParams()) -> torch.Tensor:
     """Soft unary: class probabilities (C, H, W) (summing to 1 over C) on an RGB image -> refined (C, H, W)."""
     size = tuple(probs.shape[-2:])
-    p = probs.float().clamp(1e-5, 1).numpy()
+    p = probs.float().clamp(1e-5, 1).cpu().numpy()
     unary = -np.log(p).reshape(probs.shape[0], -1)
     return torch.from_numpy(_crf(_image(image, size), unary, probs.shape[0], params))
 
@@ -88,6 +88,6 @@ def crf_labels(image, labels: torch.Tensor, class_ids: list[int], params: CRFPar
     n = len(ids)
     if n < 2:
         return labels
-    unary = unary_from_labels(index.numpy().astype(np.int64), n, gt_prob=params.gt_prob, zero_unsure=False)
+    unary = unary_from_labels(index.cpu().numpy().astype(np.int64), n, gt_prob=params.gt_prob, zero_unsure=False)
     q = _crf(_image(image, tuple(labels.shape)), unary, n, params)
     return torch.tensor(ids, dtype=torch.long)[torch.from_numpy(q.argmax(0))]

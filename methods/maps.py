@@ -38,10 +38,10 @@ def labels_from_scores_many(scores: torch.Tensor, class_ids: list[int], out_size
     """`labels_from_scores` of N configurations at once: scores (N, K, h, w), one (background, bg_power,
     bg_threshold) rule per configuration -> (N, H, W). Resized and reduced over classes in one call each."""
     if not class_ids:
-        return torch.zeros(len(scores), *out_size, dtype=torch.long)
+        return torch.zeros(len(scores), *out_size, dtype=torch.long, device=scores.device)
     up = resize_maps(scores, out_size).clamp(0, 1)
     best, arg = first_max(up)
-    labels = torch.tensor(class_ids, dtype=torch.long)[arg]
+    labels = torch.tensor(class_ids, dtype=torch.long, device=arg.device)[arg]
     for n, (background, bg_power, bg_threshold) in enumerate(rules):
         if background == "power":
             labels[n][(1 - best[n]) ** bg_power > best[n]] = 0
@@ -58,7 +58,7 @@ def first_max(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if maps.shape[1] > 2 or torch.isnan(maps).any():
         return maps.max(1)
     best = maps[:, 0]
-    arg = torch.zeros(best.shape, dtype=torch.long)
+    arg = torch.zeros(best.shape, dtype=torch.long, device=best.device)
     if maps.shape[1] == 2:
         better = maps[:, 1] > best
         best = torch.where(better, maps[:, 1], best)
@@ -77,10 +77,10 @@ def labels_from_threshold(scores: torch.Tensor, class_ids: list[int], out_size: 
     """Per-class normalised maps (K, h, w) -> label map: class k where its map passes tau (DAAM: > tau; OVAM
     Eq. 9: >= tau), the strongest class where several do, background elsewhere."""
     if not class_ids:
-        return torch.zeros(out_size, dtype=torch.long)
+        return torch.zeros(out_size, dtype=torch.long, device=scores.device)
     up = resize_maps(scores, out_size)
     best, arg = up.max(0)
-    labels = torch.tensor(class_ids, dtype=torch.long)[arg]
+    labels = torch.tensor(class_ids, dtype=torch.long, device=arg.device)[arg]
     labels[(best <= tau) if strict else (best < tau)] = 0
     return labels
 

@@ -219,6 +219,6 @@ class SegFormer(Method):
             if max(allowed) >= probs.shape[0]:
                 raise ValueError(f"segformer was fitted on {probs.shape[0]} classes, but class {max(allowed)} is "
                                  f"queried; fit on a dataset with the evaluated classes")
-            labels = torch.tensor(allowed, dtype=torch.long)[probs[allowed].argmax(0)]
+            labels = torch.tensor(allowed, dtype=torch.long, device=probs.device)[probs[allowed].argmax(0)]
             out.append(Prediction(probs[query.ids].clone(), labels))
         return out

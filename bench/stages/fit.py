@@ -25,9 +25,9 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from importlib.metadata import version
 from pathlib import Path
 
-import ray
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
@@ -366,7 +366,7 @@ def write_fit(fit_dir: Path, unit: FitUnit, cfg: SweepConfig, tensors: dict, cur
     config = {**meta, "setting": unit.setting.as_dict(), "method": cfg.method, "model": cfg.model.as_dict(),
               "data": train_data_config(cfg), "train": cfg.train.as_dict(), **info,
               "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "versions": {"torch": torch.__version__, "ray": ray.__version__}}
+              "versions": {"torch": torch.__version__, "ray": version("ray")}}
     _write_json(fit_dir / CONFIG, config)
     with open(fit_dir / f".{LOSS}", "w", newline="") as fh:
         writer = csv.writer(fh)

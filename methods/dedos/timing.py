@@ -88,7 +88,7 @@ def measure(size: str, device: str, train_steps: int, warmup: int, images: int, 
     from bench.fitting import LocalFitContext
     from bench.models import load_backbone
     from bench.trace import Trace
-    from methods.base import ClassQuery
+    from methods.base import ClassQuery, Method
     from methods.dedos import ARCHITECTURE, Dedos, architecture, learnable_parameters
 
     dev = torch.device(device)
@@ -107,6 +107,9 @@ def measure(size: str, device: str, train_steps: int, warmup: int, images: int, 
     method = Dedos(method_backbone)
     if size == "paper":
         method._clips[PAPER["clip"]] = paper_clip(dev)
+        # that CLIP lives in memory only (random weights): no folder names the fit, and timing keeps no fit,
+        # so its train setting is the base method's, without the weights' identity
+        method.train_setting = lambda cfg: Method.train_setting(method, cfg)
     data = {"name": "shapes", "size": pixels, "split": "train", "num_images": 32}
     train = build_dataset(data)
     cfg = Dedos.resolve({**values, "train_steps": warmup + train_steps})

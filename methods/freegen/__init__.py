@@ -240,11 +240,11 @@ class FreeGen(Method):
         """The sample's pseudo-label and its TFF (Eq. 4 over one-hot masks at tff_k uniformly spaced steps)."""
         if cfg["egd"] and query.ids:  # Stage 2's masks (the TFF below still scores Stage 1's)
             decoded = self.egd_predict(trace, query, cfg, out_size)
-            label, scores = decoded.labels.numpy().astype(np.uint8), decoded.scores
+            label, scores = decoded.labels.cpu().numpy().astype(np.uint8), decoded.scores
         else:
             scores = self.class_scores(trace, query, cfg, out_size)
             if cfg["pseudo_masks"] == "sam":
-                label = self.sam_labels(trace, query, cfg, scores).numpy().astype(np.uint8)
+                label = self.sam_labels(trace, query, cfg, scores).cpu().numpy().astype(np.uint8)
             else:
                 label = pseudo_label(scores, query.ids, cfg["fg_threshold"], cfg["ignore_threshold"])
         tff = 0.0
@@ -269,7 +269,7 @@ class FreeGen(Method):
         if cfg["pseudo_masks"] == "sam":
             return Prediction(scores, self.sam_labels(trace, query, cfg, scores))
         best, arg = scores.max(0)
-        labels = torch.tensor(query.ids, dtype=torch.long)[arg]
+        labels = torch.tensor(query.ids, dtype=torch.long, device=arg.device)[arg]
         labels[best < cfg["fg_threshold"]] = 0
         return Prediction(scores, labels)
 
@@ -278,7 +278,7 @@ class FreeGen(Method):
         farthest points of its map; a pixel takes the class whose SAM mask logit is highest among those > 0,
         background elsewhere. scores: (K, H, W) at the output size."""
         best, arg = self.sam_logits(trace, cfg, scores).max(0)
-        labels = torch.tensor(query.ids, dtype=torch.long)[arg]
+        labels = torch.tensor(query.ids, dtype=torch.long, device=arg.device)[arg]
         labels[best <= 0] = 0
         return labels
 
@@ -378,7 +378,7 @@ class FreeGen(Method):
         """The EGD's masks: entity probabilities (K, H, W) and labels (argmax over background and the classes)."""
         (sample,) = self.egd_samples([trace], [query], cfg)
         probs, local = predict_label(self.egd_module(cfg), sample, out_size)
-        return Prediction(probs[1:], torch.tensor([0, *query.ids], dtype=torch.long)[local])
+        return Prediction(probs[1:], torch.tensor([0, *query.ids], dtype=torch.long, device=local.device)[local])
 
     def fit(self, ctx) -> dict[str, torch.Tensor]:
         """The learned ASR (asr=learned), then the EGD (egd=true), one step per epoch of either; a checkpoint

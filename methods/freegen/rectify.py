@@ -73,10 +73,10 @@ def pseudo_label(scores: torch.Tensor, class_ids: list[int], fg_threshold: float
     if not class_ids:
         return np.zeros(tuple(scores.shape[-2:]), np.uint8)
     best, arg = scores.max(0)
-    labels = torch.tensor(class_ids, dtype=torch.long)[arg]
+    labels = torch.tensor(class_ids, dtype=torch.long, device=arg.device)[arg]
     labels[best < fg_threshold] = IGNORE_INDEX
     labels[best < ignore_threshold] = 0
-    return labels.numpy().astype(np.uint8)
+    return labels.cpu().numpy().astype(np.uint8)
 
 
 def uniform_steps(num_steps: int, k: int) -> list[int]:
