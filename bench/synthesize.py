@@ -166,7 +166,7 @@ def fit_if_needed(cfg: SweepConfig, params, work: Path) -> dict | None:
     ctx = LocalFitContext(setting, train, method.backbone, int(cfg.model.resolution or 0),
                           progress=lambda step, loss, series: log.info("fit step %d: loss %.4f", step, loss))
     started = time.time()
-    tensors = {k: v.contiguous() for k, v in method.fit(ctx).items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in method.fit(ctx).items()}
     save_file(tensors, str(work / f".{FIT}"))
     (work / f".{FIT}").rename(path)
     (work / FIT_CARD).write_text(json.dumps({"setting": setting.as_dict(), "seconds": round(time.time() - started, 1),

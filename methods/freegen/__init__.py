@@ -300,7 +300,7 @@ class FreeGen(Method):
             points = [((x + 0.5) * sx, (y + 0.5) * sy) for x, y in strongest_far_points(scores[k], cfg["sam_points"],
                                                                                    cfg["fg_threshold"])]
             logits.append(resize_maps(sam.logits(image, points), (h, w)))
-        return torch.stack(logits)
+        return torch.stack(logits).to(scores.device)
 
     # -- learned ASR (asr.py) ------------------------------------------------------------------------------------
     def asr_inputs(self, trace: Trace, query: ClassQuery, cfg: Mapping, step: int) -> AsrInputs:
@@ -335,7 +335,7 @@ class FreeGen(Method):
     def asr_module(self, cfg: Mapping) -> AsrModule:
         key = self.train_setting(cfg).key
         if key not in self._modules:
-            self._modules[key] = AsrModule.from_tensors(self.artefact(cfg))
+            self._modules[key] = AsrModule.from_tensors(self.artefact(cfg)).to(self.device)
         return self._modules[key]
 
     # -- Stage 2: the EGD (egd.py) ------------------------------------------------------------------------------
@@ -393,7 +393,7 @@ class FreeGen(Method):
         if asr_steps:
             tensors = self.fit_asr(ctx, cfg, done, state)
             for stage in (cfg, cfg.replace(egd=False)):  # the EGD's training masks read it as Stage 1's
-                self._modules[self.train_setting(stage).key] = AsrModule.from_tensors(tensors)
+                self._modules[self.train_setting(stage).key] = AsrModule.from_tensors(tensors).to(self.device)
         if cfg["egd"]:
             tensors.update(self.fit_egd(ctx, cfg, tensors, asr_steps, done, state))
         return tensors
@@ -491,7 +491,7 @@ class FreeGen(Method):
                 inputs.append(self.asr_inputs(trace, query, cfg, step))
         if not inputs:
             raise RuntimeError("asr=learned: no training image with a class in the training split")
-        model = AsrModule.like(inputs[0])
+        model = AsrModule.like(inputs[0]).to(self.device)
         trained = ctx.prepare(model)
         opt = torch.optim.Adam(model.parameters(), lr=cfg["asr_lr"], betas=(0.9, 0.999))
         start = 0

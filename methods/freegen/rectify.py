@@ -107,7 +107,7 @@ def strongest_far_points(score: torch.Tensor, n: int = 3, min_score: float = 0.6
     distance" (FreeGen Sec. 3, Training Strategy): the strongest pixel, then repeatedly the pixel of the
     confident region (score >= min_score) farthest from the points chosen so far. Returns (x, y) pixels."""
     h, w = score.shape
-    flat = score.flatten().float()
+    flat = score.flatten().float().cpu()  # a few hundred pixels: the search loop is host-side
     ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     coords = torch.stack([xs.flatten(), ys.flatten()], 1).float()
     first = int(flat.argmax())
