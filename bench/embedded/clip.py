@@ -281,12 +281,49 @@ def zero_shot_accuracy(clip, num_images: int = 500, seed: int = 0, split: str = 
             "images": num_images, "split": split, "seed": seed, "chance": 1 / len(SHAPES)}
 
 
+@torch.no_grad()
+def dense_zero_shot(clip, num_images: int = 100, size: int = 64) -> dict:
+    """Training-free dense zero-shot segmentation of shapes val (the images DEDOS's open-vocabulary sweep
+    scores): every patch takes the class, "background" included, whose prompt-ensembled text embedding is most
+    similar to the patch's projected embedding, bilinearly upsampled to the label size. Patch embeddings follow
+    MaskCLIP (Zhou et al., ECCV 2022): the last block's value path alone (no query-key mixing), then the
+    post-layernorm and the visual projection. What the CLIP's patches know of each class with nothing learnt
+    on top: a reference for open-vocabulary methods trained on a subset of the classes (unseen classes above
+    zero here are reachable in principle)."""
+    import torch.nn.functional as F
+
+    from bench.data import build_dataset
+    from bench.metrics import ImageScorer, summarize
+
+    val = build_dataset({"name": "shapes", "size": size, "split": "val", "num_images": num_images})
+    names = list(val.classes)
+    text = clip.class_embeddings(names, ZERO_SHOT_TEMPLATES)
+    vision = clip.model.vision_model
+    last = vision.encoder.layers[-1]
+    hist = 0
+    for i in range(len(val)):
+        sample = val[i]
+        pixels = clip.pixels(torch.from_numpy(np.array(sample.image)).permute(2, 0, 1)[None])
+        h = vision(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][0]
+        h = h + last.self_attn.out_proj(last.self_attn.v_proj(last.layer_norm1(h)))
+        h = h + last.mlp(last.layer_norm2(h))
+        patches = F.normalize(clip.model.visual_projection(vision.post_layernorm(h[1:])).float(), dim=-1)
+        grid = int(len(patches) ** 0.5)
+        logits = (patches @ text.T).T.reshape(len(names), grid, grid)
+        pred = F.interpolate(logits[None], size=sample.label.shape, mode="bilinear", align_corners=False)[0]
+        hist = hist + ImageScorer(sample.label, len(names), sample.ignore_index).histograms(
+            [pred.argmax(0).cpu().numpy()])[0]
+    result = summarize(hist, names, "mmseg")
+    return {"mIoU": float(result["mIoU"]), "IoU": {n: float(result[f"IoU/{n}"]) for n in names},
+            "images": num_images, "size": size, "recipe": "MaskCLIP value path, prompt ensemble"}
+
+
 def main(argv: list[str] | None = None) -> int:
     from bench.errors import BenchError, cli_exit
 
     parser = argparse.ArgumentParser(prog="python -m bench.embedded.clip", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=CLIP_DIR, help="folder to write (absent or empty)")
-    parser.add_argument("--evaluate", action="store_true", help="measure zero-shot accuracy of --model instead")
+    parser.add_argument("--evaluate", action="store_true", help="measure zero-shot accuracy (images) and dense zero-shot segmentation (shapes val) of --model instead")
     parser.add_argument("--model", default=None, help="CLIP folder or cached hub id to evaluate (default: shipped)")
     parser.add_argument("--eval-images", type=int, default=500)
     for key, value in DEFAULTS.items():
@@ -298,7 +335,9 @@ def main(argv: list[str] | None = None) -> int:
         from bench.models.clip import load_clip
 
         if args.evaluate:
-            result = zero_shot_accuracy(load_clip(args.model or str(CLIP_DIR)), args.eval_images)
+            clip = load_clip(args.model or str(CLIP_DIR))
+            result = zero_shot_accuracy(clip, args.eval_images)
+            result["dense_zero_shot"] = dense_zero_shot(clip)
             return json.dumps(result)
         if args.out.exists() and any(args.out.iterdir()):
             raise BenchError(f"--out {args.out} is not empty; remove it or choose another folder")
