@@ -40,11 +40,15 @@ def test_synthesis_on_the_ray_actor_pool(tmp_path, tiny_model, capsys, ray_sessi
     check_voc_dataset(out)
 
 
-def test_synthesis_writes_a_voc_dataset_the_loader_reads(tmp_path, tiny_model, capsys):
-    """The paper's defaults: learned ASR, then the EGD with HST, fitted first and kept in the folder."""
+def test_synthesis_writes_a_voc_dataset_the_loader_reads(tmp_path, tiny_model, capsys, monkeypatch):
+    """The paper's defaults: learned ASR, then the EGD with HST, fitted first and kept in the folder. Where a
+    local pool would hold one actor (one GPU, two CPU cores), `ray.execution=auto` generates in this process."""
+    import bench.env
+
+    monkeypatch.setattr(bench.env, "local_slots", lambda use_gpu: 1)
     out = tmp_path / "synthetic"
-    code, stdout, stderr = cli(capsys, SWEEP, *SMALL, f"model.path={tiny_model}", "ray.num_actors=0",
-                               "params.tff_threshold=1.0", f"output_dir={out}")
+    code, stdout, stderr = cli(capsys, SWEEP, *SMALL, f"model.path={tiny_model}", "params.tff_threshold=1.0",
+                               f"output_dir={out}")
     assert code == 0, stderr[-3000:]
     assert stdout.strip().splitlines()[-1] == str(out)
     assert not (tmp_path / "synthetic.partial").exists() and not (out / ".shards").exists()
@@ -53,6 +57,7 @@ def test_synthesis_writes_a_voc_dataset_the_loader_reads(tmp_path, tiny_model, c
     assert [s["prompt"] for s in card["samples"]][:2] == ["A photograph of a circle", "A photograph of a square"]
     assert card["pseudo_mask_quality"]["all"]["images"] == 5 and 0 <= card["pseudo_mask_quality"]["all"]["mIoU"] <= 100
     assert card["throughput"]["images_per_second"] > 0
+    assert (card["throughput"]["execution"], card["throughput"]["actors"]) == ("driver", 0)
     assert (out / "fit.safetensors").is_file()  # asr=learned: fitted on the training split before generating
     fit = json.loads((out / "fit.json").read_text())
     assert fit["setting"]["values"]["asr"] == "learned" and fit["setting"]["values"]["egd"] is True
