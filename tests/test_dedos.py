@@ -17,7 +17,7 @@ from methods import METHODS
 from methods.dedos import Dedos, tap_layers
 from methods.dedos.frontend import block_channels, denoise, parse_timesteps, transformer_blocks
 from methods.dedos.losses import seg_loss
-from methods.dedos.model import ProxyQueries, consistency_loss, semantic_scores
+from methods.dedos.model import ProxyQueries, consistency_loss, geometric_ensemble, semantic_scores
 
 SMALL = {**Dedos.tester_params, "train_steps": 2, "train_classes": "circle+square+triangle"}
 TRAIN = {"name": "shapes", "size": 32, "split": "train", "num_images": 8}
@@ -218,6 +218,49 @@ def test_committed_report_has_seen_and_unseen_intervals():
 def test_dedos_beats_its_baseline_on_unseen_classes():
     rows = committed_results()
     assert rows["full"]["mIoU_unseen_ci_low"] > rows["baseline"]["mIoU_unseen_ci_high"]
+
+
+def test_geometric_ensemble_weights_the_decoder_and_clip_per_class():
+    """ov_ensemble=fcclip (FC-CLIP's ensemble, an option beside the paper): weight 0 is the decoder's own
+    classification, weight 1 CLIP's mask-pooled one; seen classes take alpha, unseen ones beta; the decoder's
+    no-object probability is kept."""
+    gen = torch.Generator().manual_seed(0)
+    class_logits = torch.randn(1, 3, 4, generator=gen)  # 3 queries, K = 3 classes + no-object
+    mask_logits = torch.randn(1, 3, 8, 8, generator=gen) * 4
+    text = torch.nn.functional.normalize(torch.randn(3, 5, generator=gen), dim=-1)
+    dense = text[torch.randint(0, 3, (1, 4, 4), generator=gen)]  # patches that are exactly class texts
+    seen = torch.tensor([True, True, False])
+    own = geometric_ensemble(class_logits, mask_logits, dense, text, seen, 0.0, 0.0, 10.0)
+    assert torch.allclose(own.exp(), class_logits.softmax(-1), atol=1e-6)
+    clip_only = geometric_ensemble(class_logits, mask_logits, dense, text, seen, 1.0, 1.0, 10.0).exp()
+    masks = torch.nn.functional.interpolate(mask_logits, size=(4, 4), mode="bilinear",
+                                            align_corners=False).sigmoid()
+    pooled = torch.einsum("bnhw,bhwp->bnp", masks, dense)
+    expected = (torch.nn.functional.normalize(pooled, dim=-1) @ text.T * 10).softmax(-1)
+    void = class_logits.softmax(-1)[..., -1:]
+    assert torch.allclose(clip_only[..., :-1], expected * (1 - void), atol=1e-5)
+    assert torch.allclose(clip_only[..., -1:], void, atol=1e-6)
+    # alpha for the seen classes only: moving beta changes nothing when every class is seen
+    all_seen = torch.ones(3, dtype=torch.bool)
+    a = geometric_ensemble(class_logits, mask_logits, dense, text, all_seen, 0.4, 0.1, 10.0)
+    b = geometric_ensemble(class_logits, mask_logits, dense, text, all_seen, 0.4, 0.9, 10.0)
+    assert torch.equal(a, b)
+    c = geometric_ensemble(class_logits, mask_logits, dense, text, seen, 0.4, 0.9, 10.0)
+    assert not torch.allclose(a, c)
+
+
+OV_REPORT = Path(__file__).resolve().parents[1] / "reports" / "embedded" / "dedos_openvocab_fcclip"
+
+
+def test_committed_fcclip_report_reads_unseen_classes_through_clip():
+    """The committed evaluation of the bar's two fits with ov_ensemble=none and fcclip: the paper's classifier
+    names no unseen pixel, the ensemble with CLIP's mask-pooled classification does in both arms."""
+    import pandas as pd
+
+    rows = {(r["components"], r["ov_ensemble"]): r for _, r in pd.read_csv(OV_REPORT / "summary.csv").iterrows()}
+    for arm in ("baseline", "full"):
+        assert rows[(arm, "none")]["mIoU_unseen"] == 0.0
+        assert rows[(arm, "fcclip")]["mIoU_unseen_ci_low"] > 0.0
 
 
 def test_bad_train_settings_are_one_line_errors_before_fitting():

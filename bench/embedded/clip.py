@@ -285,9 +285,8 @@ def zero_shot_accuracy(clip, num_images: int = 500, seed: int = 0, split: str = 
 def dense_zero_shot(clip, num_images: int = 100, size: int = 64) -> dict:
     """Training-free dense zero-shot segmentation of shapes val (the images DEDOS's open-vocabulary sweep
     scores): every patch takes the class, "background" included, whose prompt-ensembled text embedding is most
-    similar to the patch's projected embedding, bilinearly upsampled to the label size. Patch embeddings follow
-    MaskCLIP (Zhou et al., ECCV 2022): the last block's value path alone (no query-key mixing), then the
-    post-layernorm and the visual projection. What the CLIP's patches know of each class with nothing learnt
+    similar to the patch's projected embedding (bench.models.clip.Clip.dense_embeddings: MaskCLIP's recipe),
+    bilinearly upsampled to the label size. What the CLIP's patches know of each class with nothing learnt
     on top: a reference for open-vocabulary methods trained on a subset of the classes (unseen classes above
     zero here are reachable in principle)."""
     import torch.nn.functional as F
@@ -298,18 +297,11 @@ def dense_zero_shot(clip, num_images: int = 100, size: int = 64) -> dict:
     val = build_dataset({"name": "shapes", "size": size, "split": "val", "num_images": num_images})
     names = list(val.classes)
     text = clip.class_embeddings(names, ZERO_SHOT_TEMPLATES)
-    vision = clip.model.vision_model
-    last = vision.encoder.layers[-1]
     hist = 0
     for i in range(len(val)):
         sample = val[i]
-        pixels = clip.pixels(torch.from_numpy(np.array(sample.image)).permute(2, 0, 1)[None])
-        h = vision(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][0]
-        h = h + last.self_attn.out_proj(last.self_attn.v_proj(last.layer_norm1(h)))
-        h = h + last.mlp(last.layer_norm2(h))
-        patches = F.normalize(clip.model.visual_projection(vision.post_layernorm(h[1:])).float(), dim=-1)
-        grid = int(len(patches) ** 0.5)
-        logits = (patches @ text.T).T.reshape(len(names), grid, grid)
+        patches = clip.dense_embeddings(clip.pixels(torch.from_numpy(np.array(sample.image)).permute(2, 0, 1)[None]))
+        logits = (patches[0] @ text.T).permute(2, 0, 1)  # (K, g, g)
         pred = F.interpolate(logits[None], size=sample.label.shape, mode="bilinear", align_corners=False)[0]
         hist = hist + ImageScorer(sample.label, len(names), sample.ignore_index).histograms(
             [pred.argmax(0).cpu().numpy()])[0]

@@ -65,6 +65,20 @@ class Clip:
         per_template = torch.stack([self.text_embeddings([t.format(n) for n in names]) for t in templates])
         return F.normalize(per_template.mean(0), dim=-1)
 
+    def dense_embeddings(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, g, g, P) L2-normalised projected patch embeddings of normalised `pixels` (Clip.pixels), as
+        MaskCLIP (Zhou et al., ECCV 2022) reads them: the last block's value path alone (no query-key mixing,
+        which blurs patches into the global token's meaning), then the post-layernorm and the visual
+        projection. Comparable with `text_embeddings` patch by patch, with nothing learnt on top."""
+        vision = self.model.vision_model
+        last = vision.encoder.layers[-1]
+        h = vision(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+        h = h + last.self_attn.out_proj(last.self_attn.v_proj(last.layer_norm1(h)))
+        h = h + last.mlp(last.layer_norm2(h))
+        patches = F.normalize(self.model.visual_projection(vision.post_layernorm(h[:, 1:])).float(), dim=-1)
+        grid = int(patches.shape[1] ** 0.5)
+        return patches.unflatten(1, (grid, grid))
+
     def image_embeddings(self, images_uint8: torch.Tensor) -> torch.Tensor:
         out = self.model.get_image_features(pixel_values=self.pixels(images_uint8))
         out = getattr(out, "pooler_output", out)

@@ -270,3 +270,25 @@ class DedosDecoder(nn.Module):
 def semantic_scores(class_logits: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
     """Mask2Former's semantic inference: sum_q softmax(class)[..., :K] x sigmoid(mask) -> (B, K, H, W)."""
     return torch.einsum("bqk,bqhw->bkhw", class_logits.softmax(-1)[..., :-1], mask_logits.sigmoid())
+
+
+def geometric_ensemble(class_logits: torch.Tensor, mask_logits: torch.Tensor, dense: torch.Tensor,
+                       text: torch.Tensor, seen: torch.Tensor, alpha: float, beta: float,
+                       clip_scale: float) -> torch.Tensor:
+    """Not in the DEDOS paper: FC-CLIP's out-of-vocabulary ensemble (Yu et al., NeurIPS 2023), an option beside
+    DEDOS's cosine classifier. Each query's mask pools the frozen CLIP's dense embeddings (dense (B, g, g, P),
+    MaskCLIP's patches), whose cosine with the class texts (K, P) gives out-of-vocabulary probabilities; they are
+    combined with the decoder's in-vocabulary ones geometrically, p_in^(1 - a) * p_out^a with a = alpha for the
+    classes the fit saw (`seen`, (K,) bool) and beta for the others, renormalised over the classes and scaled by
+    the decoder's own no-object probability, as FC-CLIP does. Returns log-probabilities (B, n, K+1) that
+    `semantic_scores` reads like logits."""
+    probs = class_logits.softmax(-1)
+    p_in, void = probs[..., :-1], probs[..., -1:]
+    grid = dense.shape[1:3]
+    masks = F.interpolate(mask_logits.float(), size=grid, mode="bilinear", align_corners=False).sigmoid()
+    pooled = torch.einsum("bnhw,bhwp->bnp", masks, dense) / masks.sum((-2, -1))[..., None].clamp_min(1e-6)
+    p_out = (F.normalize(pooled, dim=-1) @ F.normalize(text.float(), dim=-1).T * clip_scale).softmax(-1)
+    weight = torch.where(seen.to(p_in.device), alpha, beta).to(p_in.dtype)
+    ensemble = (p_in.clamp_min(1e-8) ** (1 - weight) * p_out.clamp_min(1e-8) ** weight).log().softmax(-1)
+    return torch.cat([ensemble * (1 - void), void], -1).clamp_min(1e-8).log()
+
