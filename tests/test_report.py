@@ -329,3 +329,17 @@ def test_qualitative_keeps_class_ids_past_255(tmp_path):
     assert q.ignore_index == 65535 and int(q.label[5, 5]) == 300 and int(q.entries[("t0000", 0)][2][0, 0]) == 458
     rgb = colorize(q.label, len(names), q.ignore_index)
     assert (rgb[0] == 255).all() and not (rgb[5, 5] == 255).all()
+
+
+def test_fits_table_final_loss_is_the_last_stage_with_its_series():
+    """A staged fit (FreeGen: the ASR logs the unnamed series, then the EGD "egd" and "egd+hst") reports the
+    loss it ended with, named by its series; a fit with one unnamed series shows the bare number."""
+    from bench.reporting.fits import fits_table
+
+    staged = pd.DataFrame({"series": ["", "", "egd", "egd+hst"], "step": [1, 2, 3, 4], "loss": [0.9, 0.8, 0.5, 0.25]})
+    plain = pd.DataFrame({"series": ["", ""], "step": [1, 2], "loss": [0.7, 0.4]})
+    run = RunData(cfg={"name": "r"}, frame=pd.DataFrame(), prov={})
+    table = fits_table(run, [{"hash": "a", "curve": staged}, {"hash": "b", "curve": plain}])
+    column = table.header.index("final loss")
+    assert [row[column].text for row in table.rows] == ["0.2500 (egd+hst)", "0.4000"]
+    assert [row[column].sort for row in table.rows] == [0.25, 0.4]

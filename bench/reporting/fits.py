@@ -37,17 +37,25 @@ def fits_table(run: RunData, fits: list[dict]) -> Table:
     rows = []
     for fit in fits:
         curve = fit["curve"]
-        main = curve[curve["series"] == ""] if (curve["series"] == "").any() else curve
-        final = float(main["loss"].iloc[-1]) if len(main) else float("nan")
+        # the last logged loss, and the series it belongs to where the fit names them (FreeGen's ASR, then its
+        # EGD "egd" and "egd+hst"; per-class fits): a staged fit's final loss is its last stage's
+        final = float(curve["loss"].iloc[-1]) if len(curve) else float("nan")
+        series = str(curve["series"].iloc[-1]) if len(curve) else ""
         origin = "copied from " + fit["copied_from"] if fit.get("copied_from") else (
             f"resumed at step {fit['resumed_from']}" if fit.get("resumed_from") else "fitted")
         rows.append([Cell(str(fit.get("hash", ""))), Cell(f"{fit.get('fitter')} v{fit.get('version')}"),
                      Cell(_setting_label(fit)), num_cell(fit.get("world_size"), 0), num_cell(fit.get("steps"), 0),
-                     num_cell(final, 4), num_cell(fit.get("fit_seconds"), 1), Cell(origin)])
+                     _loss_cell(final, series), num_cell(fit.get("fit_seconds"), 1), Cell(origin)])
     return Table(f"fits-{run.label or run.name}",
                  "Fits of this run (one per train setting, shared by every configuration that needs it; "
-                 "artefacts in fit/<fit>/ of the run directory). Final loss: the last logged training loss.",
+                 "artefacts in fit/<fit>/ of the run directory). Final loss: the last logged training loss "
+                 "(with its series where the fit logs several).",
                  header, rows, label_columns=3, wrap_columns=(2, 7))
+
+
+def _loss_cell(loss: float, series: str) -> Cell:
+    cell = num_cell(loss, 4)
+    return Cell(f"{cell.text} ({series})", cell.sort) if series else cell  # series: escaped
 
 
 def loss_figure(fits: list[dict], path: Path) -> Figure | None:
