@@ -15,8 +15,10 @@ the same arithmetic: the same float values, bit for bit (tests/test_tiled_labels
 upsample on random maps with ties, plateaus and every background rule). Every value of a tile is a convex
 combination of its four source cells, so it lies within their [min, max] up to rounding (REL); the rescaling
 and clamping are monotone, so a tile's bounds bound its final scores. A tile whose bounds separate one class
-from every other strictly and decide the background rule with a margin has that one label; only the other
-tiles are upsampled, from their crops. Each map's exact minimum and maximum come the same way: exact values of
+from every other strictly and decide the background rule with a margin has that one label. Where the intervals
+overlap, a class can still win at every pixel: the rescaling is affine and every class's value is the same
+convex combination of its corners, so the difference of two classes' scores is a convex combination of the
+corner differences (TiledLabels._corner_winner). Only the other tiles are upsampled, from their crops. Each map's exact minimum and maximum come the same way: exact values of
 the tiles whose bounds can hold them.
 
 Histograms follow the tiles (TiledLabels.joint_counts): a decided tile adds its ground-truth pixel counts to one
@@ -119,13 +121,23 @@ def upsample_tiles(maps: torch.Tensor, which: torch.Tensor, geo: Geometry, ti: t
     return out
 
 
+def tile_corners(maps: torch.Tensor) -> list[torch.Tensor]:
+    """The four source cells of every tile, maps (..., m, m) -> four (..., m + 1, m + 1) views: tile t reads
+    source rows (and columns) Geometry.src_a[t] = max(t - 1, 0) and src_b[t] = min(t, m - 1), which are the
+    slices [0, m + 1) and [1, m + 2) of the maps padded by one replicated cell on every side."""
+    lead = maps.shape[:-2]
+    padded = F.pad(maps.reshape(-1, 1, *maps.shape[-2:]), (1, 1, 1, 1), mode="replicate").view(
+        *lead, maps.shape[-2] + 2, maps.shape[-1] + 2)
+    a, b = slice(0, -1), slice(1, None)
+    return [padded[..., rows, cols] for rows in (a, b) for cols in (a, b)]
+
+
 def tile_bounds(maps: torch.Tensor, geo: Geometry) -> tuple[torch.Tensor, torch.Tensor]:
     """Bounds of every upsampled value of each tile: the min and max of its source cells, widened by the
     rounding (REL of their largest magnitude): maps (..., m, m) -> two (..., m + 1, m + 1)."""
-    ra, rb = maps[..., geo.src_a, :], maps[..., geo.src_b, :]
-    lo_r, hi_r = torch.minimum(ra, rb), torch.maximum(ra, rb)
-    lo = torch.minimum(lo_r[..., geo.src_a], lo_r[..., geo.src_b])
-    hi = torch.maximum(hi_r[..., geo.src_a], hi_r[..., geo.src_b])
+    c00, c01, c10, c11 = tile_corners(maps)
+    lo = torch.minimum(torch.minimum(c00, c01), torch.minimum(c10, c11))
+    hi = torch.maximum(torch.maximum(c00, c01), torch.maximum(c10, c11))
     slack = torch.maximum(lo.abs(), hi.abs()) * REL
     return lo - slack, hi + slack
 
@@ -184,17 +196,20 @@ class TiledLabels:
         else:
             one_class = torch.ones_like(best_lo, dtype=torch.bool)
         background = torch.zeros_like(one_class)
-        decided = torch.zeros_like(one_class)
+        foreground = torch.zeros_like(one_class)
         for j, (rule, power, threshold) in enumerate(rules):
             if rule == "power":  # background iff (1 - b)^p > b: decreasing in b, decided with a margin
-                sure_bg = (1 - best_hi[j]) ** power > best_hi[j] + RULE_MARGIN
-                sure_fg = (1 - best_lo[j]) ** power < best_lo[j] - RULE_MARGIN
+                background[j] = (1 - best_hi[j]) ** power > best_hi[j] + RULE_MARGIN
+                foreground[j] = (1 - best_lo[j]) ** power < best_lo[j] - RULE_MARGIN
             elif rule == "threshold":  # background iff b < threshold: exact comparisons of the bounds
-                sure_bg, sure_fg = best_hi[j] < threshold, best_lo[j] >= threshold
+                background[j], foreground[j] = best_hi[j] < threshold, best_lo[j] >= threshold
             else:
                 raise ValueError(f"unknown background rule {rule!r}")
-            decided[j] = sure_bg | (sure_fg & one_class[j])
-            background[j] = sure_bg
+        if k > 1:  # surely foreground, the intervals overlapping: one class may still win at every pixel
+            beats, corner_arg = self._corner_winner(flat.view(n, k, m, m), s_lo, s_hi, foreground & ~one_class)
+            arg = torch.where(one_class, arg, corner_arg)
+            one_class = one_class | beats
+        decided = background | (foreground & one_class)
         ids = torch.tensor(self.class_ids, dtype=torch.long)
         self.tile_labels = torch.where(background, 0, ids[arg])  # (N, m + 1, m + 1), valid where decided
         self.decided = decided
@@ -203,6 +218,37 @@ class TiledLabels:
         side = m + 1
         self.open_ti, self.open_tj = open_tile // side, open_tile % side
         self.open_labels = self._label_tiles()  # (T, f, f)
+
+    def _corner_winner(self, maps: torch.Tensor, s_lo: torch.Tensor, s_hi: torch.Tensor, todo: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Of the tiles `todo` (N, m + 1, m + 1), those where one class a wins at every pixel although the
+        classes' intervals overlap: a tile's values are convex combinations of its four source cells (the same
+        weights for every class), and the rescaling is affine, so a's final score minus b's at any pixel is a
+        convex combination of that difference at the corners, up to rounding. a wins when (1) its corner
+        differences to every other class exceed both maps' rounding bounds (twice, for the corners' own
+        rounding), and (2) the clamp to [0, 1] cannot tie them (a's scores stay above 0 and every other's below
+        1): then a is the first maximum. a is the class that wins the first corner. Returns (decided, a), both
+        (N, m + 1, m + 1)."""
+        k = maps.shape[1]
+        tn, ti, tj = torch.nonzero(todo, as_tuple=True)
+        corners = torch.stack([c.permute(0, 2, 3, 1)[tn, ti, tj] for c in tile_corners(maps)])  # (4, M, K)
+        low, den = self.low[tn, :, 0, 0], self.den[tn, :, 0, 0]
+        g = (corners - low) / den  # the rescaling's float32 operations, as _final
+        slack = REL * (2 * corners.abs().amax(0) + low.abs()) / den  # interpolation + rescaling rounding
+        best, cand = g[0, :, 0], torch.zeros(len(tn), dtype=torch.long)  # first maximum at the first corner
+        for j in range(1, k):
+            better = g[0, :, j] > best
+            best = torch.where(better, g[0, :, j], best)
+            cand.masked_fill_(better, j)
+        index = cand[:, None]
+        lead = (g.gather(2, index[None].expand(4, -1, -1)) - g).amin(0)  # (M, K)
+        wins = lead > 2 * (slack.gather(1, index) + slack)
+        wins.scatter_(1, index, True)
+        lo, hi = s_lo.permute(0, 2, 3, 1)[tn, ti, tj], s_hi.permute(0, 2, 3, 1)[tn, ti, tj]
+        decided = wins.all(1) & (hi.scatter(1, index, 0.0).amax(1) < 1) & (lo.gather(1, index)[:, 0] > 0)
+        out, arg = torch.zeros_like(todo), torch.zeros(todo.shape, dtype=torch.long)
+        out[tn, ti, tj], arg[tn, ti, tj] = decided, cand
+        return out, arg
 
     def _final(self, values: torch.Tensor) -> torch.Tensor:
         """The final scores of values of the maps (N, K, ...): rescaled as release_upsample, clamped as
@@ -258,17 +304,22 @@ class TiledLabels:
         gt = padded.view(side, f, side, f).permute(0, 2, 1, 3)  # (m + 1, m + 1, f, f), a view
         tile_index = torch.arange(side * side).view(side, side, 1, 1) * (c + 3)
         per_tile = torch.bincount((tile_index + gt).flatten(), minlength=side * side * (c + 3))
-        per_tile = per_tile.view(side * side, c + 3)[:, :c + 2].double()  # ground-truth counts of each tile
+        per_tile = per_tile.view(side * side, c + 3)[:, :c + 2]  # ground-truth counts of each tile
         pred = self.tile_labels.flatten(1)
         pred = torch.where((pred >= 0) & (pred < c), pred, c)
-        onehot = F.one_hot(pred, c + 1).double() * self.decided.flatten(1)[..., None].double()  # (N, T, C + 1)
-        joint = torch.einsum("tl,ntp->nlp", per_tile, onehot).round().long()
+        # decided tiles add their ground-truth counts to their (configuration, predicted class) row: a 0/1
+        # matrix of those rows against the tiles, times the counts (float64: integer counts, exactly)
+        config, tile = torch.nonzero(self.decided.flatten(1), as_tuple=True)
+        member = torch.zeros(n * (c + 1), side * side, dtype=torch.float64)
+        member[config * (c + 1) + pred[config, tile], tile] = 1.0
+        joint = (member @ per_tile.double()).round().long().view(n, c + 1, c + 2).transpose(1, 2)
         if len(self.open_n):
             gt_open = gt[self.open_ti, self.open_tj]  # (T, f, f), rows and columns as in open_labels
-            ok = gt_open <= c + 1  # not the padding
             p = torch.where((self.open_labels >= 0) & (self.open_labels < c), self.open_labels, c)
-            cell = (self.open_n[:, None, None] * (c + 2) + gt_open) * (c + 1) + p
-            joint += torch.bincount(cell[ok], minlength=n * (c + 2) * (c + 1)).view(n, c + 2, c + 1)
+            # the padding's code c + 2 counts in a row of its own, dropped: no boolean mask over the pixels
+            cell = (self.open_n[:, None, None] * (c + 3) + gt_open) * (c + 1) + p
+            joint = joint + torch.bincount(cell.flatten(), minlength=n * (c + 3) * (c + 1)).view(
+                n, c + 3, c + 1)[:, :c + 2]
         return joint.numpy()
 
 
