@@ -86,9 +86,9 @@ def test_twenty_four_settings_cost_at_most_1_3x_one(benchmark, timings):
     assert ratio <= TARGET_RATIO, f"K = 24 costs {ratio:.2f}x K = 1 per image (target {TARGET_RATIO})"
 
 
-@pytest.mark.xfail(strict=True, reason="measured end to end over 128 images: 1.48x in the run's CPU seconds, 1.38x of the "
-                   "wall minima (2 rounds, load 6-8 on 2 shared cores; reports/perf/sharing-cpu.md): the per-image "
-                   "share above plus 24 rows of results, bootstrap intervals and figures")
+@pytest.mark.xfail(strict=True, reason="measured end to end over 128 images: 1.31x wall (median), 1.34x in the run's CPU "
+                   "seconds (2 rounds near idle on 2 cores; reports/perf/sharing-cpu.md): the per-image share above "
+                   "plus 24 rows of results, bootstrap intervals and figures")
 def test_twenty_four_settings_cost_at_most_1_3x_one_end_to_end(benchmark):
     """Whole `bench.run` processes over 128 images, K = 24 and K = 1 alternating (bench.perf_overhead)."""
     if benchmark.disabled:
