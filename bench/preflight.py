@@ -55,6 +55,7 @@ def preflight(cfg: SweepConfig) -> Plan:
     if folder is not None:
         check_weights_format(folder, _model_option(cfg))
         check_model_fit(cfg, plan, folder)
+        check_layer_roles(cfg, plan, folder)
     warnings = check_prompts(cfg, plan, dataset, samples, load_tokenizer(cfg, folder))
     trace_fault(None)
     for text in warnings:
@@ -176,6 +177,37 @@ def check_model_fit(cfg: SweepConfig, plan: Plan, folder: Path) -> None:
         if cfg.model.resolution % multiple:
             raise BenchError(f"model.resolution={cfg.model.resolution} must be 0 (the model's native size) or a "
                              f"multiple of {multiple} (VAE and UNet downsampling of this model)")
+
+
+def check_layer_roles(cfg: SweepConfig, plan: Plan, folder: Path) -> None:
+    """Attention layers the sweep names by role (a resolution, a rank, the finest level) that this UNet lacks:
+    each forward group's trace request resolved against the UNet built from its config on the meta device
+    (module names only, no weights: bench.models.layers), so such a sweep stops here instead of after the model
+    has loaded. A method that needs more of the backbone than its layout to say is left to the run's check."""
+    config = folder / "unet" / "config.json"
+    if not config.is_file():
+        return
+    from types import SimpleNamespace
+
+    from diffusers import UNet2DConditionModel
+
+    from bench.evaluate import group_request
+    from bench.models.layers import LayerMap
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(_read_json(config))
+    layout = SimpleNamespace(unet=unet, _layer_map=LayerMap(unet))  # what bench.models.layers.layer_map reads
+    try:
+        method = METHODS.get(cfg.method)(layout)
+    except Exception:  # noqa: BLE001 (a constructor that reads the backbone: nothing to check here)
+        return
+    for group in plan.groups:
+        try:
+            group_request(method, group)
+        except BenchError:
+            raise
+        except Exception:  # noqa: BLE001, S112 (the request reads more than the layout)
+            continue
 
 
 def load_tokenizer(cfg: SweepConfig, folder: Path | None):

@@ -154,6 +154,9 @@ CASES: dict[str, tuple] = {
     "no weights in a part": (lambda i, m: ISEG + f"model: {{path: {no_weights(i, m)}}}\n", [],
                              "vae/ holds no .safetensors"),
     "missing weights folder": (ISEG, ["model.path=/nonexistent/sd"], "model_index.json"),
+    "a resolution the model lacks": ("method: ovam\ndata: {name: voc_sim, limit: 2, size: 64}\n"
+                                     "params: {mode: generation, steps: 2, blocks: '64'}\n", [],
+                                     "no cross-attention at rank 2"),
     # output
     "output_dir under a file": (ISEG, ["output_dir={inputs}/a-file/run"], "is not a folder"),
     "output_dir exists": (ISEG, ["output_dir={inputs}"], "already exists"),
