@@ -25,7 +25,7 @@ import torch
 
 from bench.config import SweepConfig
 from bench.data import build_dataset
-from bench.env import auto_num_actors, init_ray, resolve_execution
+from bench.env import auto_num_actors, init_ray, settle_execution
 from bench.models import scheduler_name
 from bench.plan import Plan, make_plan
 from bench.rundir import WORK
@@ -58,11 +58,7 @@ def run_engine(cfg: SweepConfig, run_dir: Path, plan: Plan | None = None) -> tup
         return rows, {"method_versions": method_versions(cfg.method), "num_actors": 0,
                       "dataset": dataset.describe(), **stats}
     use_gpu = torch.cuda.is_available() and cfg.model.device != "cpu"
-    # resolved here, so config.yaml and run.json say what auto picked
-    cfg.ray.execution = resolve_execution(cfg.ray.execution, cfg.ray.num_actors, cfg.ray.address, len(dataset),
-                                          use_gpu)
-    if cfg.ray.execution == "driver":
-        cfg.ray.num_actors = 0
+    settle_execution(cfg.ray, len(dataset), use_gpu)  # here, so config.yaml and run.json say what auto picked
     if cfg.ray.execution == "actors" or plan.fits:  # tracing in this process without fits needs no Ray
         init_ray(cfg.ray.address, cfg.ray.object_store_mb, cfg.ray.quiet)
     if cfg.ray.num_actors == "auto":

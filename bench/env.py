@@ -135,6 +135,16 @@ def resolve_execution(execution: str, num_actors: int | str, address: str | None
     return "driver" if min(local_slots(use_gpu), num_images) <= 1 else "actors"
 
 
+def settle_execution(ray_cfg, num_images: int, use_gpu: bool) -> str:
+    """Resolve `ray.execution` in the config itself (so what auto picked is what the run records): "driver"
+    also sets `ray.num_actors` to 0; "actors" leaves `auto` for auto_num_actors once Ray has started."""
+    ray_cfg.execution = resolve_execution(ray_cfg.execution, ray_cfg.num_actors, ray_cfg.address, num_images,
+                                          use_gpu)
+    if ray_cfg.execution == "driver":
+        ray_cfg.num_actors = 0
+    return ray_cfg.execution
+
+
 def exit_process(code: int) -> None:
     """End a finished command-line process at once: exit handlers run (Ray's shutdown, logging's flush), then
     the interpreter's teardown of every module and object (torch, diffusers, transformers: 1-2 s of CPU after

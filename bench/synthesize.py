@@ -36,7 +36,7 @@ import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench.env import auto_num_actors, init_ray, quiet_environment, resolve_execution
+from bench.env import auto_num_actors, init_ray, quiet_environment, settle_execution
 
 quiet_environment()  # before torch is imported below
 
@@ -180,10 +180,7 @@ def _batches(cfg: SweepConfig, todo: list[int], fit: dict | None = None):
     actor pool. cfg.ray is resolved here, so the dataset card says what auto picked."""
     size = int(cfg.ray.batch_size)
     use_gpu = torch.cuda.is_available() and cfg.model.device != "cpu"
-    cfg.ray.execution = resolve_execution(cfg.ray.execution, cfg.ray.num_actors, cfg.ray.address, len(todo),
-                                          use_gpu)
-    if cfg.ray.execution == "driver":
-        cfg.ray.num_actors = 0
+    if settle_execution(cfg.ray, len(todo), use_gpu) == "driver":
         worker = SynthesisWorker(cfg, own_process=False, fit=fit)
         for start in range(0, len(todo), size):
             yield worker({"index": np.array(todo[start:start + size], dtype=np.int64)})
