@@ -118,6 +118,34 @@ def test_every_stage_has_its_shape_and_the_loss_falls_on_a_fixed_batch(tiny, cli
     assert losses[-1] < 0.8 * losses[0], losses
 
 
+def test_cost_aggregation_is_class_equivariant_and_takes_any_number_of_classes():
+    """CAT-Seg's transfer to unseen classes rests on its aggregation treating classes alike: permuting the
+    texts permutes the per-class logits, and a class never trained on goes through the same weights."""
+    from methods.dedos.cost import CostAggregation
+
+    torch.manual_seed(0)
+    agg = CostAggregation(embed_dim=16, width=24, guide_dim=12, dim=16, grid=(4, 4)).eval()
+    dense, patches = torch.randn(2, 4, 4, 16), torch.randn(2, 16, 24)
+    guides = [torch.randn(2, 12, 8, 8), torch.randn(2, 12, 16, 16)]
+    text = torch.randn(5, 16)
+    with torch.no_grad():
+        out = agg(dense, patches, text, guides)
+        perm = torch.tensor([3, 0, 4, 1, 2])
+        permuted = agg(dense, patches, text[perm], guides)
+        fewer = agg(dense, patches, text[:2], guides)
+    assert out.shape == (2, 5, 16, 16) and fewer.shape == (2, 2, 16, 16)
+    torch.testing.assert_close(permuted, out[:, perm], rtol=1e-5, atol=1e-5)
+    cost = CostAggregation.cost(dense, text)  # Sec. 3.2: cosine similarity, patch by patch
+    torch.testing.assert_close(cost[1, 2, 3, 0], torch.nn.functional.cosine_similarity(dense[1, 3, 0], text[2], 0))
+
+
+def test_no_cost_aggregation_option_builds_the_pre_version_3_model(tiny, clip_folder):
+    with_cost = Dedos(tiny).build(config(clip_folder, components="baseline"))
+    without = Dedos(tiny).build(config(clip_folder, components="baseline", cost_aggregation="none"))
+    assert with_cost.cost is not None and without.cost is None and without.projection is None
+    assert not any(k.startswith(("cost.", "projection.")) for k in without.state_dict())
+
+
 def test_unseen_classes_are_not_supervised():
     label = np.zeros((8, 8), dtype=np.uint8)
     label[:4] = 4  # a star: unseen when the fit sees background, circle, square, triangle
@@ -178,7 +206,7 @@ def test_architecture_auto_is_the_papers_with_a_real_clip_and_scaled_with_the_ti
     assert {k: architecture(Dedos.resolve({}))[k] for k in EMBEDDED_SIZES} == EMBEDDED_SIZES
     real = architecture(Dedos.resolve({"clip": "openai/clip-vit-large-patch14-336"}))
     assert {k: real[k] for k in PAPER_SIZES} == PAPER_SIZES == {"n": 100, "c": 256, "heads": 8, "decoder_dim": 256,
-                                                                "decoder_layers": 9}
+                                                                "decoder_layers": 9, "cost_dim": 128}
     assert architecture(Dedos.resolve({"n": 40, "c": 32}))["n"] == 40  # explicit values win
     assert Dedos.traces_at_eval is False and METHODS.get("daam").traces_at_eval is True
 

@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from bench.errors import BenchError
 from bench.trace import Trace, TraceRequest, request
 from methods.base import ClassQuery, Method, Param, Prediction, register_method
+from methods.dedos.cost import HEADS as COST_HEADS
+from methods.dedos.cost import CostAggregation
 from methods.dedos.frontend import block_channels, denoise, parse_timesteps, random_unet
 from methods.dedos.losses import WEIGHTS, seg_loss
 from methods.dedos.model import (CLIPRefiner, DedosDecoder, ProxyQueries, clip_tokens, consistency_loss,
@@ -41,7 +43,7 @@ from methods.dedos.model import (CLIPRefiner, DedosDecoder, ProxyQueries, clip_t
 from methods.maps import empty_prediction
 
 COMPONENTS = ("baseline", "once", "progressive", "decoupling", "full")  # Table 3 (I)-(V)
-ARCHITECTURE = ("n", "c", "heads", "decoder_dim", "decoder_layers")
+ARCHITECTURE = ("n", "c", "heads", "decoder_dim", "decoder_layers", "cost_dim")
 # `0` (auto) in any ARCHITECTURE parameter: the paper's value with a real CLIP, the embedded value with the tiny
 # CLIP of the shapes world (clip=embedded). Paper: n = 100 proxy queries of c = 256 (Sec. 4.1), Mask2Former's
 # 9-layer 256-wide decoder with 8 heads. Embedded, interpreted so that it works as the paper describes at the
@@ -50,9 +52,11 @@ ARCHITECTURE = ("n", "c", "heads", "decoder_dim", "decoder_layers")
 # against, so the width stays the tower's); n = 20 queries (Mask2Former's 100 serve COCO scenes with dozens of segments of 171 classes, a shapes
 # image has at most 4 segments of 6 classes; 20 keeps n1 x n2 with the default 5-row diffusion kernel);
 # 3 decoder layers = one round over the three scales (Mask2Former's 9 = three rounds); 4 heads (the tiny
-# CLIP's). Measured effect on a CPU step and on inference: bench/embedded/README.md (DEDOS section).
-PAPER_SIZES = {"n": 100, "c": 256, "heads": 8, "decoder_dim": 256, "decoder_layers": 9}
-EMBEDDED_SIZES = {"n": 20, "c": 64, "heads": 4, "decoder_dim": 64, "decoder_layers": 3}
+# CLIP's); the cost aggregation (cost.py) 128 channels wide as CAT-Seg's, a quarter of that with the tiny CLIP, as
+# its 64-d embeddings are a sixteenth of ViT-L/14's 768 (32 keeps the upsampling decoder's d/8 guidance at 4).
+# Measured effect on a CPU step and on inference: bench/embedded/README.md (DEDOS section).
+PAPER_SIZES = {"n": 100, "c": 256, "heads": 8, "decoder_dim": 256, "decoder_layers": 9, "cost_dim": 128}
+EMBEDDED_SIZES = {"n": 20, "c": 64, "heads": 4, "decoder_dim": 64, "decoder_layers": 3, "cost_dim": 32}
 TEMPLATES = ("a photo of a {}", "a {}")
 CHECKPOINT_EVERY = 50
 MEMORY_DECAY = 0.99
@@ -75,7 +79,7 @@ def clip_spec(value: str) -> str:
 def architecture(cfg: Mapping) -> dict:
     """The configuration with every `0` (auto) ARCHITECTURE parameter replaced by its paper or embedded value."""
     sizes = EMBEDDED_SIZES if cfg["clip"] == "embedded" else PAPER_SIZES
-    out = {k: cfg[k] for k in ("components", "image_size", "kernel_n", "kernel_c", "clip")}
+    out = {k: cfg[k] for k in ("components", "image_size", "kernel_n", "kernel_c", "clip", "cost_aggregation")}
     out.update({k: int(cfg[k]) or sizes[k] for k in ARCHITECTURE})
     return out
 
@@ -92,7 +96,8 @@ class DedosModel(nn.Module):
     """Everything DEDOS learns: the CLIP image tower (fine-tuned at a reduced rate), the proxy queries and
     their CLIP refinement, the consistency projections and the decoder."""
 
-    def __init__(self, vision: nn.Module, text_dim: int, cfg: Mapping, feature_dims: list[int], steps: int):
+    def __init__(self, vision: nn.Module, text_dim: int, cfg: Mapping, feature_dims: list[int], steps: int,
+                 projection: nn.Module | None = None):
         super().__init__()
         vc = vision.config
         self.vision = vision
@@ -112,13 +117,24 @@ class DedosModel(nn.Module):
         self.decoder = DedosDecoder(c, vc.hidden_size, text_dim, cfg["decoder_dim"], cfg["decoder_layers"],
                                     cfg["heads"], n, text_interaction=self.components == "full")
         self.register_buffer("memory", torch.zeros(n, c))  # running mean of training Q (inference_queries)
+        self.projection = self.cost = None
+        if cfg["cost_aggregation"] == "catseg":  # the baseline's and DEDOS's cost aggregation (cost.py)
+            if projection is None:
+                raise ValueError("cost_aggregation=catseg needs the CLIP's visual projection")
+            self.projection = projection  # part of the CLIP: fine-tuned at its rate
+            self.cost = CostAggregation(text_dim, vc.hidden_size, cfg["decoder_dim"], cfg["cost_dim"], self.grid)
 
     def segment(self, pixels: torch.Tensor, queries: torch.Tensor, text: torch.Tensor, final_only: bool = False):
         """Decoder outputs for a batch: queries (B, n, c) or (n, c); text (K, P) normalised embeddings."""
         queries = queries.expand(len(pixels), -1, -1) if queries.ndim == 2 else queries
         q_hat = self.refiner.mlp(queries) if self.refiner is not None else None
-        _, taps = clip_tokens(self.vision, pixels, self.refiner, q_hat, self.taps)
-        return self.decoder(queries, taps, self.grid, text, final_only)
+        final, taps = clip_tokens(self.vision, pixels, self.refiner, q_hat, self.taps)
+        aggregate = None
+        if self.cost is not None:  # CAT-Seg's dense embeddings: the final patch tokens, normed and projected
+            patches = final[:, 1:]
+            dense = self.projection(self.vision.post_layernorm(patches)).unflatten(1, self.grid)
+            aggregate = lambda scales: self.cost(dense, patches, text, scales[1:])  # noqa: E731
+        return self.decoder(queries, taps, self.grid, text, final_only, aggregate)
 
     def forward(self, pixels, text, features=None, keep: float = 0.7, generator=None, clip_before=None,
                 clip_after=None):
@@ -139,7 +155,7 @@ class DedosModel(nn.Module):
 
 @register_method("dedos")
 class Dedos(Method):
-    version = "2"
+    version = "3"  # 3: CAT-Seg cost aggregation (cost_aggregation=catseg) in every arm by default
     traces_at_eval = False  # inference is CLIP + queries: the engine skips the UNet pass
     params = {
         "classes": Param("all", "classes scored per image: all (every dataset class, the open-vocabulary "
@@ -176,6 +192,10 @@ class Dedos(Method):
         "decoder_dim": Param(0, "Mask2Former decoder width; 0: auto (256; 64 with clip=embedded)", kind="train"),
         "decoder_layers": Param(0, "Mask2Former decoder layers; 0: auto (Mask2Former's 9; 3 with clip=embedded)",
                                 kind="train"),
+        "cost_aggregation": Param("catseg", "catseg: CAT-Seg's cost aggregation after the pixel decoder, in the "
+                                  "baseline and DEDOS (Sec. 4.3; cost.py); none: without it (before method version 3)",
+                                  choices=("catseg", "none"), kind="train"),
+        "cost_dim": Param(0, "cost aggregation width; 0: auto (CAT-Seg's 128; 32 with clip=embedded)", kind="train"),
         "image_size": Param(0, "image size fed to CLIP (0: the CLIP's own; the paper crops 640)", kind="train"),
         "train_steps": Param(1500, "optimiser steps (the paper: 60k at batch 4; this default: the CPU budget on "
                              "the embedded world)", kind="train"),
@@ -196,7 +216,7 @@ class Dedos(Method):
     }
     # The method tester's fits on tiny components (tests/test_method_contract.py): a few steps, small sizes.
     tester_params = {"train_steps": 3, "iterations": 2, "n": 8, "c": 16, "kernel_n": 2, "kernel_c": 2, "heads": 2,
-                     "decoder_dim": 16, "decoder_layers": 3, "batch": 2}
+                     "decoder_dim": 16, "decoder_layers": 3, "cost_dim": 16, "batch": 2}
 
     def __init__(self, backbone=None):
         super().__init__(backbone)
@@ -223,6 +243,8 @@ class Dedos(Method):
                    f"(Eq. 6: c = c1 x c2)"),
                   (a["c"] % a["heads"] == 0 and a["decoder_dim"] % a["heads"] == 0,
                    f"c={a['c']} and decoder_dim={a['decoder_dim']} must be multiples of heads={a['heads']}"),
+                  (a["cost_dim"] % (4 * COST_HEADS) == 0, f"cost_dim={a['cost_dim']} must be a multiple of "
+                   f"{4 * COST_HEADS} (CAT-Seg's {COST_HEADS} heads, upsampling guidance at cost_dim / 8)"),
                   (0 < cfg["key_keep"] <= 1, f"key_keep={cfg['key_keep']} must be in (0, 1]"),
                   (cfg["train_steps"] >= 1 and cfg["batch"] >= 1, "train_steps and batch must be positive")]
         for ok, message in checks:
@@ -275,7 +297,7 @@ class Dedos(Method):
             feature_dims = block_channels(self.backbone.unet) if cfg["components"] != "baseline" else []
         torch.manual_seed(cfg["fit_seed"])
         model = DedosModel(vision, clip.model.config.projection_dim, architecture(cfg), feature_dims,
-                           len(self.schedule(cfg)))
+                           len(self.schedule(cfg)), copy.deepcopy(clip.model.visual_projection))
         return model.to(clip.device)
 
     # -- fit -------------------------------------------------------------------------------------------------------
@@ -294,14 +316,15 @@ class Dedos(Method):
         if diffusion and clip.device.type == "cpu":  # the front end's convolutions run ~15% faster channels-last
             unet = copy.deepcopy(unet).to(memory_format=torch.channels_last)
         model = self.build(cfg, block_channels(unet) if diffusion else [])
-        vision = list(model.vision.parameters())
+        vision = [*model.vision.parameters(), *(model.projection.parameters() if model.projection else ())]
         ids = {id(p) for p in vision}
         rest = [p for p in model.parameters() if id(p) not in ids]
         groups = [{"params": rest, "lr": cfg["lr"]}]
         if cfg["clip_lr_scale"] > 0:
             groups.append({"params": vision, "lr": cfg["lr"] * cfg["clip_lr_scale"]})
         else:
-            model.vision.requires_grad_(False)
+            for p in vision:
+                p.requires_grad_(False)
         trained = ctx.prepare(model)
         opt = torch.optim.AdamW(groups, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg["train_steps"]))
@@ -426,7 +449,7 @@ class Dedos(Method):
 
 def learnable_parameters(model: DedosModel) -> int:
     """What DEDOS learns beyond the frozen CLIP (Table 7 counts learnable parameters)."""
-    return sum(p.numel() for n, p in model.named_parameters() if not n.startswith("vision."))
+    return sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("vision.", "projection.")))
 
 
 __all__ = ["Dedos", "DedosModel", "learnable_parameters", "tap_layers"]

@@ -224,20 +224,30 @@ class DedosDecoder(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(20.0)))
         self.no_object = nn.Parameter(torch.zeros(()))
 
-    def classify(self, obj: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """(B, n, K+1) logits: K classes (text (K, P)) and no-object."""
+    def classify(self, obj: torch.Tensor, text: torch.Tensor, masks: torch.Tensor | None = None,
+                 cost: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, n, K+1) logits: K classes (text (K, P)) and no-object. With `cost` (B, K, H, W), the aggregated
+        cost pooled over each query's mask (mask logits (B, n, H, W)) is added to the class logits (cost.py)."""
         x = obj
         t = self.text_in(text)[None]
         for block in self.text_blocks:  # text aggregation: Q_object -> Q_hat_object
             x = block(x, t)
         sim = F.normalize(self.class_embed(x), dim=-1) @ F.normalize(text, dim=-1).T * self.logit_scale.exp()
+        if cost is not None:
+            if cost.shape[-2:] != masks.shape[-2:]:
+                cost = F.interpolate(cost, size=masks.shape[-2:], mode="bilinear", align_corners=False)
+            sim = sim + mask_pool(masks.sigmoid(), cost)
         return torch.cat([sim, self.no_object.expand(*sim.shape[:2], 1)], dim=-1)
 
     def forward(self, queries: torch.Tensor, taps: list[torch.Tensor], grid: tuple[int, int],
-                text: torch.Tensor, final_only: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                text: torch.Tensor, final_only: bool = False,
+                aggregate=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """[(class logits (B, n, K+1), mask logits (B, n, H, W))] after every decoder layer (the last is the
-        prediction, the others deep supervision; `final_only`: the last alone, as inference needs)."""
+        prediction, the others deep supervision; `final_only`: the last alone, as inference needs).
+        `aggregate`: the cost aggregation after the pixel decoder, called with the pixel decoder's scales and
+        returning per-class logits (B, K, H, W) that every layer's masks pool (cost.py)."""
         scales, mask_features = self.pixel(taps, grid)
+        cost = aggregate(scales) if aggregate is not None else None
         b = queries.shape[0]
         memory, positions = [], []
         for lvl, s in enumerate(scales):
@@ -264,7 +274,12 @@ class DedosDecoder(nn.Module):
             attn = predict(hidden, scales[(i + 1) % 3].shape[-2:])
         if final_only:
             outputs = outputs[-1:]
-        return [(self.classify(obj, text), masks) for obj, masks in outputs]
+        return [(self.classify(obj, text, masks, cost), masks) for obj, masks in outputs]
+
+
+def mask_pool(masks: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """(B, n, C): values (B, C, H, W) averaged over each query's soft mask (masks (B, n, H, W) in [0, 1])."""
+    return torch.einsum("bnhw,bchw->bnc", masks, values) / masks.sum((-2, -1))[..., None].clamp_min(1e-6)
 
 
 def semantic_scores(class_logits: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
@@ -286,7 +301,7 @@ def geometric_ensemble(class_logits: torch.Tensor, mask_logits: torch.Tensor, de
     p_in, void = probs[..., :-1], probs[..., -1:]
     grid = dense.shape[1:3]
     masks = F.interpolate(mask_logits.float(), size=grid, mode="bilinear", align_corners=False).sigmoid()
-    pooled = torch.einsum("bnhw,bhwp->bnp", masks, dense) / masks.sum((-2, -1))[..., None].clamp_min(1e-6)
+    pooled = mask_pool(masks, dense.permute(0, 3, 1, 2))
     p_out = (F.normalize(pooled, dim=-1) @ F.normalize(text.float(), dim=-1).T * clip_scale).softmax(-1)
     weight = torch.where(seen.to(p_in.device), alpha, beta).to(p_in.dtype)
     ensemble = (p_in.clamp_min(1e-8) ** (1 - weight) * p_out.clamp_min(1e-8) ** weight).log().softmax(-1)
