@@ -185,8 +185,12 @@ def kl_cluster_means(vectors: torch.Tensor, grid_shape: tuple[int, int], cluster
 def release_upsample(maps: torch.Tensor, mid_size: tuple[int, int], out_size: tuple[int, int]) -> torch.Tensor:
     """The release's final maps (wsss/iSeg.py get_att_map, util/cam.py cam_to_label): bilinear to the image
     size fed to the UNet (test_mask_size, 512), min-max, bilinear to the label size, min-max again (+1e-6)."""
-    up = minmax(resize_maps(maps, mid_size), eps=1e-12)
-    flat = resize_maps(up, out_size).flatten(1)
+    return release_final(minmax(resize_maps(maps, mid_size), eps=1e-12), out_size)
+
+
+def release_final(mid: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+    """release_upsample's second half: the min-maxed maps at the UNet's image size to the label size."""
+    flat = resize_maps(mid, out_size).flatten(1)
     flat = flat - flat.amin(1, keepdim=True)
     return (flat / (flat.amax(1, keepdim=True) + 1e-6)).view(-1, *out_size)
 
@@ -423,8 +427,8 @@ class ISeg(Method):
             mid = minmax(resize_maps(flat, mid_size), eps=1e-12)
             if not torch.isnan(mid).any() and all(r[1] >= 0 for r in rules):
                 tiled = TiledLabels(mid.reshape(n, k, *mid_size), query.ids, out_size, rules)
-                return [TiledPrediction(tiled, j, partial(release_upsample, flat[j * k:(j + 1) * k], mid_size,
-                                                          out_size)) for j in range(n)]
+                return [TiledPrediction(tiled, j, partial(release_final, mid[j * k:(j + 1) * k], out_size))
+                        for j in range(n)]
         if resize == "code":
             scores = release_upsample(flat, self.traced_image_size(trace), out_size)
         else:

@@ -287,10 +287,12 @@ class TiledLabels:
         geo = self.geo
         full = self.tile_labels[j][geo.tile_of[:, None], geo.tile_of[None, :]].clone()
         mine = torch.nonzero(self.open_n == j, as_tuple=True)[0]
-        for t in mine.tolist():
-            ti, tj = int(self.open_ti[t]), int(self.open_tj[t])
-            vr, vc = geo.valid[ti], geo.valid[tj]
-            full[geo.rows[ti][vr][:, None], geo.rows[tj][vc][None, :]] = self.open_labels[t][vr][:, vc]
+        if len(mine):  # the undecided tiles' own pixels, all at once (edge tiles: their valid rows/columns only)
+            ti, tj = self.open_ti[mine], self.open_tj[mine]
+            valid = geo.valid[ti][:, :, None] & geo.valid[tj][:, None, :]  # (T, f, f)
+            rows = geo.rows[ti][:, :, None].expand_as(valid)
+            cols = geo.rows[tj][:, None, :].expand_as(valid)
+            full[rows[valid], cols[valid]] = self.open_labels[mine][valid]
         return full
 
     def joint_counts(self, codes: np.ndarray, num_classes: int) -> np.ndarray:

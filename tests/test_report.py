@@ -331,6 +331,28 @@ def test_qualitative_keeps_class_ids_past_255(tmp_path):
     assert (rgb[0] == 255).all() and not (rgb[5, 5] == 255).all()
 
 
+def test_qualitative_score_maps_are_stored_at_figure_size(tmp_path):
+    """Score maps are area-averaged to SCORE_SIDE a side (aspect kept); label maps stay at full size."""
+    import torch
+
+    from bench.reporting.qualitative import SCORE_SIDE, load_qualitative
+
+    class Sample:
+        image_id, image = "big", np.zeros((512, 256, 3), np.uint8)
+        label = np.zeros((512, 256), np.uint8)
+
+    class Pred:
+        scores = torch.zeros(2, 512, 256)
+        scores[1, :256] = 1.0  # the top half of class 2's map
+        labels = torch.zeros(512, 256, dtype=torch.long)
+
+    save_qualitative(tmp_path / "qualitative", Sample(), CLASSES, ["t0000"], [Pred()], query_ids=[1, 2], seed=0)
+    (q,) = load_qualitative(tmp_path)
+    scores, _, pred = q.entries[("t0000", 0)]
+    assert scores.shape == (2, SCORE_SIDE, SCORE_SIDE // 2) and pred.shape == (512, 256)
+    assert scores[1, :SCORE_SIDE // 2].min() == 1.0 and scores[1, SCORE_SIDE // 2:].max() == 0.0
+
+
 def test_fits_table_final_loss_is_the_last_stage_with_its_series():
     """A staged fit (FreeGen: the ASR logs the unnamed series, then the EGD "egd" and "egd+hst") reports the
     loss it ended with, named by its series; a fit with one unnamed series shows the bare number."""

@@ -12,7 +12,9 @@ write the same file), plain arrays, no pickles:
     seed             0-d int64      the group's noise seed
     trials           (K,) str       trial ids (rows of results.parquet) of the group's configurations
     score_class_ids  (S,) int64     the class id of each score channel (the classes queried for this image)
-    scores           (K, S, h, w) float16 per-class score maps in [0, 1]
+    scores           (K, S, h, w) float16 per-class score maps in [0, 1], area-averaged to at most SCORE_SIDE
+                     pixels a side (a figure panel is ~150 px; full-size maps of every configuration made
+                     saving cost more than scoring: 24 configurations x 512 px, 9 of a K = 24 run's 43 s)
     preds            (K, H, W) uint8 predicted label maps (class ids; uint16 like label)
 """
 
@@ -26,6 +28,21 @@ from pathlib import Path
 import numpy as np
 
 QUALITATIVE_DIR = "qualitative"
+SCORE_SIDE = 128
+
+
+def _score_maps(x) -> np.ndarray:
+    """(S, h, w) float16 score maps, area-averaged to at most SCORE_SIDE a side (aspect kept)."""
+    import torch
+    import torch.nn.functional as F
+
+    t = x.detach().cpu().float() if hasattr(x, "detach") else torch.as_tensor(np.asarray(x), dtype=torch.float32)
+    h, w = t.shape[-2:]
+    scale = SCORE_SIDE / max(h, w)
+    if scale < 1 and t.ndim == 3 and t.numel():
+        size = (max(1, round(h * scale)), max(1, round(w * scale)))
+        t = F.interpolate(t[None], size=size, mode="area")[0]
+    return t.numpy().astype(np.float16)
 
 
 def _numpy(x) -> np.ndarray:
@@ -49,7 +66,7 @@ def save_qualitative(directory: str | Path, sample, class_names: list[str], tria
     directory.mkdir(parents=True, exist_ok=True)
     if len(predictions) != len(trials):
         raise ValueError(f"{len(predictions)} predictions for {len(trials)} trials")
-    scores = [_numpy(p.scores).astype(np.float16) for p in predictions]
+    scores = [_score_maps(p.scores) for p in predictions]
     shape = max((s.shape for s in scores), key=lambda t: t[-1] * t[-2]) if scores else (0, 1, 1)
     scores = np.stack([s if s.shape == shape else _resize_scores(s, shape) for s in scores]) if scores \
         else np.zeros((0, 0, 1, 1), np.float16)
