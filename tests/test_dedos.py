@@ -17,7 +17,8 @@ from methods import METHODS
 from methods.dedos import Dedos, tap_layers
 from methods.dedos.frontend import block_channels, denoise, parse_timesteps, transformer_blocks
 from methods.dedos.losses import seg_loss
-from methods.dedos.model import ProxyQueries, consistency_loss, geometric_ensemble, semantic_scores
+from methods.dedos.model import (ProxyQueries, consistency_loss, geometric_ensemble, maskpool_probs,
+                                 semantic_scores)
 
 SMALL = {**Dedos.tester_params, "train_steps": 2, "train_classes": "circle+square+triangle"}
 TRAIN = {"name": "shapes", "size": 32, "split": "train", "num_images": 8}
@@ -181,6 +182,8 @@ def test_fit_saves_reloads_and_inference_never_touches_the_diffusion_model(tiny,
         a = method.predict(trace, query, cfg, (32, 32))
         b = reloaded.predict(trace, query, cfg, (32, 32))
         kernels = method.predict(trace, query, cfg.replace(inference_queries="kernels"), (32, 32))
+        prompted = [method.predict(trace, query, cfg.replace(ov_ensemble=e), (32, 32)) for e in ("fcclip",
+                                                                                              "maskprompt")]
     finally:
         for h in hooks:
             h.remove()
@@ -188,6 +191,27 @@ def test_fit_saves_reloads_and_inference_never_touches_the_diffusion_model(tiny,
     assert torch.equal(a.scores, b.scores) and torch.equal(a.labels, b.labels)
     assert a.scores.shape == (5, 32, 32) and torch.all((a.scores >= 0) & (a.scores <= 1))
     assert kernels.scores.shape == a.scores.shape
+    assert all(p.scores.shape == a.scores.shape and not torch.equal(p.scores, a.scores) for p in prompted)
+
+
+def test_region_embeddings_see_only_the_mask(clip_folder):
+    """Clip.region_embeddings (ov_ensemble=maskprompt): outside its mask the image is the normalisation mean,
+    so what lies there does not matter, and a full mask is the plain image embedding."""
+    from bench.models.clip import load_clip
+
+    clip = load_clip(str(clip_folder))
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    b = a.clone()
+    b[..., 16:, :] = torch.randint(0, 256, (3, 16, 32), dtype=torch.uint8, generator=gen)  # differs outside
+    top = torch.zeros(2, 32, 32, dtype=torch.bool)
+    top[:, :16] = True
+    top[1] = True  # the second mask: everything
+    with torch.no_grad():
+        ea, eb = clip.region_embeddings(a, top), clip.region_embeddings(b, top)
+        torch.testing.assert_close(ea[0], eb[0])
+        torch.testing.assert_close(ea[1], clip.image_embeddings(a)[0], rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(ea[1], eb[1])
 
 
 def test_table_4_control_uses_a_random_unet(tiny, clip_folder):
@@ -258,9 +282,10 @@ def test_geometric_ensemble_weights_the_decoder_and_clip_per_class():
     text = torch.nn.functional.normalize(torch.randn(3, 5, generator=gen), dim=-1)
     dense = text[torch.randint(0, 3, (1, 4, 4), generator=gen)]  # patches that are exactly class texts
     seen = torch.tensor([True, True, False])
-    own = geometric_ensemble(class_logits, mask_logits, dense, text, seen, 0.0, 0.0, 10.0)
+    p_out = maskpool_probs(mask_logits, dense, text, 10.0)
+    own = geometric_ensemble(class_logits, p_out, seen, 0.0, 0.0)
     assert torch.allclose(own.exp(), class_logits.softmax(-1), atol=1e-6)
-    clip_only = geometric_ensemble(class_logits, mask_logits, dense, text, seen, 1.0, 1.0, 10.0).exp()
+    clip_only = geometric_ensemble(class_logits, p_out, seen, 1.0, 1.0).exp()
     masks = torch.nn.functional.interpolate(mask_logits, size=(4, 4), mode="bilinear",
                                             align_corners=False).sigmoid()
     pooled = torch.einsum("bnhw,bhwp->bnp", masks, dense)
@@ -270,10 +295,10 @@ def test_geometric_ensemble_weights_the_decoder_and_clip_per_class():
     assert torch.allclose(clip_only[..., -1:], void, atol=1e-6)
     # alpha for the seen classes only: moving beta changes nothing when every class is seen
     all_seen = torch.ones(3, dtype=torch.bool)
-    a = geometric_ensemble(class_logits, mask_logits, dense, text, all_seen, 0.4, 0.1, 10.0)
-    b = geometric_ensemble(class_logits, mask_logits, dense, text, all_seen, 0.4, 0.9, 10.0)
+    a = geometric_ensemble(class_logits, p_out, all_seen, 0.4, 0.1)
+    b = geometric_ensemble(class_logits, p_out, all_seen, 0.4, 0.9)
     assert torch.equal(a, b)
-    c = geometric_ensemble(class_logits, mask_logits, dense, text, seen, 0.4, 0.9, 10.0)
+    c = geometric_ensemble(class_logits, p_out, seen, 0.4, 0.9)
     assert not torch.allclose(a, c)
 
 

@@ -79,6 +79,17 @@ class Clip:
         grid = int(patches.shape[1] ** 0.5)
         return patches.unflatten(1, (grid, grid))
 
+    def region_embeddings(self, images_uint8: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """(n, P) L2-normalised image embeddings of one image (1, 3, H, W) uint8 seen through each of n masks
+        (n, h, w) in [0, 1], resized to the tower's input: pixels outside a mask are set to the normalisation
+        mean (0 after normalising), the mask prompt of two-stage open-vocabulary segmenters (OVSeg, Liang et
+        al., CVPR 2023), so CLIP classifies the region as a whole image, the way it was trained."""
+        px = self.pixels(images_uint8)
+        keep = F.interpolate(masks[:, None].float().to(px.device), size=px.shape[-2:], mode="nearest")
+        out = self.model.get_image_features(pixel_values=px * keep)
+        out = getattr(out, "pooler_output", out)
+        return F.normalize(out.float(), dim=-1)
+
     def image_embeddings(self, images_uint8: torch.Tensor) -> torch.Tensor:
         out = self.model.get_image_features(pixel_values=self.pixels(images_uint8))
         out = getattr(out, "pooler_output", out)

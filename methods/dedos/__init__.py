@@ -39,7 +39,7 @@ from methods.dedos.cost import CostAggregation
 from methods.dedos.frontend import block_channels, denoise, parse_timesteps, random_unet
 from methods.dedos.losses import WEIGHTS, seg_loss
 from methods.dedos.model import (CLIPRefiner, DedosDecoder, ProxyQueries, clip_tokens, consistency_loss,
-                                 geometric_ensemble, semantic_scores)
+                                 geometric_ensemble, maskpool_probs, semantic_scores)
 from methods.maps import empty_prediction
 
 COMPONENTS = ("baseline", "once", "progressive", "decoupling", "full")  # Table 3 (I)-(V)
@@ -204,12 +204,17 @@ class Dedos(Method):
         "clip_lr_scale": Param(0.01, "CLIP image tower learning rate as a fraction of lr (0: frozen)", kind="train"),
         "weight_decay": Param(1e-4, "AdamW weight decay", kind="train"),
         "fit_seed": Param(0, "seed of the fit (initialisation, batches, noise, key masks)", kind="train"),
-        "ov_ensemble": Param("none", "classification at inference: none (DEDOS: the decoder's cosine logits) or "
-                             "fcclip (not in the paper: FC-CLIP's geometric ensemble with the frozen CLIP's "
-                             "mask-pooled dense classification; model.geometric_ensemble)", choices=("none", "fcclip")),
-        "ov_alpha": Param(0.4, "fcclip: weight of CLIP's classification for classes the fit saw (FC-CLIP: 0.4)",
+        "ov_ensemble": Param("none", "classification at inference: none (DEDOS: the decoder's cosine logits); "
+                             "not in the paper, FC-CLIP's geometric ensemble (model.geometric_ensemble) of the "
+                             "decoder with a frozen CLIP's per-query classification: fcclip (FC-CLIP: its dense "
+                             "patches pooled by each query's mask) or maskprompt (the image seen through each "
+                             "query's mask, OVSeg's mask prompt; Clip.region_embeddings)",
+                             choices=("none", "fcclip", "maskprompt")),
+        "ov_alpha": Param(0.4, "fcclip, maskprompt: weight of CLIP's classification for classes the fit saw "
+                          "(FC-CLIP: 0.4)",
                           type=float, low=0.0, high=1.0),
-        "ov_beta": Param(0.8, "fcclip: weight of CLIP's classification for unseen classes (FC-CLIP: 0.8)",
+        "ov_beta": Param(0.8, "fcclip, maskprompt: weight of CLIP's classification for unseen classes "
+                         "(FC-CLIP: 0.8)",
                          type=float, low=0.0, high=1.0),
         "inference_queries": Param("memory", "Q at inference (no diffusion): memory (running mean of training "
                                    "Q) or kernels (Eq. 6-8 on the learned kernels)", choices=("memory", "kernels")),
@@ -427,12 +432,18 @@ class Dedos(Method):
         pixels = clip.pixels(torch.from_numpy(np.array(image)).permute(2, 0, 1)[None], model.size)
         class_logits, mask_logits = model.segment(pixels, model.inference_queries(cfg["inference_queries"]),
                                                   self.text(cfg, names), final_only=True)[-1]
-        if cfg["ov_ensemble"] == "fcclip":
-            dense = clip.dense_embeddings(clip.pixels(torch.from_numpy(np.array(image)).permute(2, 0, 1)[None]))
+        if cfg["ov_ensemble"] != "none":
+            text = self.text(cfg, names)
+            image = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None]
+            if cfg["ov_ensemble"] == "fcclip":  # the frozen CLIP's dense patches pooled by each query's mask
+                p_out = maskpool_probs(mask_logits, clip.dense_embeddings(clip.pixels(image)), text,
+                                       float(clip.model.logit_scale.exp()))
+            else:  # maskprompt: the frozen CLIP on the image seen through each query's binarised mask
+                regions = clip.region_embeddings(image, mask_logits[0].sigmoid() > 0.5)
+                p_out = (regions @ text.T * clip.model.logit_scale.exp()).softmax(-1)[None]
             seen = torch.tensor([cfg["train_classes"] == "all" or n == BACKGROUND
                                  or n in cfg["train_classes"].split("+") for n in names])
-            class_logits = geometric_ensemble(class_logits, mask_logits, dense, self.text(cfg, names), seen,
-                                              cfg["ov_alpha"], cfg["ov_beta"], float(clip.model.logit_scale.exp()))
+            class_logits = geometric_ensemble(class_logits, p_out, seen, cfg["ov_alpha"], cfg["ov_beta"])
         sem = semantic_scores(class_logits, mask_logits)
         sem = F.interpolate(sem, size=out_size, mode="bilinear", align_corners=False)[0]
         return (sem / sem.sum(0, keepdim=True).clamp_min(1e-8)).cpu()

@@ -56,6 +56,7 @@ class CostAggregation(nn.Module):
         window = max(1, min(grid) // 2)
         cfg = SwinConfig(window_size=window, mlp_ratio=4.0, qkv_bias=True, hidden_dropout_prob=0.0,
                          attention_probs_dropout_prob=0.0, drop_path_rate=0.0, hidden_act="gelu")
+        cfg._attn_implementation = "eager"  # what transformers falls back to for a standalone layer, said once
         self.grid = grid
         self.embed = nn.Conv2d(1, dim, 7, padding=3)  # Sec. 3.2: cost embedding
         self.appearance = nn.ModuleList(nn.Linear(width, dim) for _ in range(blocks))  # P^V per block

@@ -287,23 +287,26 @@ def semantic_scores(class_logits: torch.Tensor, mask_logits: torch.Tensor) -> to
     return torch.einsum("bqk,bqhw->bkhw", class_logits.softmax(-1)[..., :-1], mask_logits.sigmoid())
 
 
-def geometric_ensemble(class_logits: torch.Tensor, mask_logits: torch.Tensor, dense: torch.Tensor,
-                       text: torch.Tensor, seen: torch.Tensor, alpha: float, beta: float,
-                       clip_scale: float) -> torch.Tensor:
+def maskpool_probs(mask_logits: torch.Tensor, dense: torch.Tensor, text: torch.Tensor,
+                   clip_scale: float) -> torch.Tensor:
+    """FC-CLIP's out-of-vocabulary classification (B, n, K): each query's mask pools the frozen CLIP's dense
+    embeddings (dense (B, g, g, P), MaskCLIP's patches), whose cosine with the class texts (K, P) x CLIP's logit
+    scale gives class probabilities."""
+    masks = F.interpolate(mask_logits.float(), size=dense.shape[1:3], mode="bilinear", align_corners=False).sigmoid()
+    pooled = mask_pool(masks, dense.permute(0, 3, 1, 2))
+    return (F.normalize(pooled, dim=-1) @ F.normalize(text.float(), dim=-1).T * clip_scale).softmax(-1)
+
+
+def geometric_ensemble(class_logits: torch.Tensor, p_out: torch.Tensor, seen: torch.Tensor, alpha: float,
+                       beta: float) -> torch.Tensor:
     """Not in the DEDOS paper: FC-CLIP's out-of-vocabulary ensemble (Yu et al., NeurIPS 2023), an option beside
-    DEDOS's cosine classifier. Each query's mask pools the frozen CLIP's dense embeddings (dense (B, g, g, P),
-    MaskCLIP's patches), whose cosine with the class texts (K, P) gives out-of-vocabulary probabilities; they are
-    combined with the decoder's in-vocabulary ones geometrically, p_in^(1 - a) * p_out^a with a = alpha for the
-    classes the fit saw (`seen`, (K,) bool) and beta for the others, renormalised over the classes and scaled by
-    the decoder's own no-object probability, as FC-CLIP does. Returns log-probabilities (B, n, K+1) that
-    `semantic_scores` reads like logits."""
+    DEDOS's cosine classifier. The decoder's in-vocabulary class probabilities and a frozen CLIP's per-query
+    ones p_out (B, n, K) (`maskpool_probs`, or CLIP on each query's masked region: `ov_ensemble`) are combined
+    geometrically, p_in^(1 - a) * p_out^a with a = alpha for the classes the fit saw (`seen`, (K,) bool) and beta
+    for the others, renormalised over the classes and scaled by the decoder's own no-object probability, as
+    FC-CLIP does. Returns log-probabilities (B, n, K+1) that `semantic_scores` reads like logits."""
     probs = class_logits.softmax(-1)
     p_in, void = probs[..., :-1], probs[..., -1:]
-    grid = dense.shape[1:3]
-    masks = F.interpolate(mask_logits.float(), size=grid, mode="bilinear", align_corners=False).sigmoid()
-    pooled = mask_pool(masks, dense.permute(0, 3, 1, 2))
-    p_out = (F.normalize(pooled, dim=-1) @ F.normalize(text.float(), dim=-1).T * clip_scale).softmax(-1)
     weight = torch.where(seen.to(p_in.device), alpha, beta).to(p_in.dtype)
-    ensemble = (p_in.clamp_min(1e-8) ** (1 - weight) * p_out.clamp_min(1e-8) ** weight).log().softmax(-1)
+    ensemble = (p_in.clamp_min(1e-8) ** (1 - weight) * p_out.to(p_in).clamp_min(1e-8) ** weight).log().softmax(-1)
     return torch.cat([ensemble * (1 - void), void], -1).clamp_min(1e-8).log()
-
