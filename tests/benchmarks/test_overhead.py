@@ -10,10 +10,10 @@ import pytest
 from bench.perf_overhead import TARGET_SECONDS, measure_overhead
 
 
-@pytest.mark.xfail(strict=True, reason="measured 18.8 s beyond the work with ray.execution=auto (the driver, no Ray; 21.6 s "
-                   "in all, load 1, 2 shared cores; 29.8 s beyond Ray's own start with an actor): start-up 11.3 s (the "
-                   "imports a model load needs: torch, diffusers, transformers; the preflight's rendering of every "
-                   "image), report 4.1 s (reports/perf/overhead-cpu.md)")
+@pytest.mark.xfail(strict=True, reason="measured 14.1 s beyond the work with ray.execution=auto (the driver, no Ray; 17.0 s "
+                   "in all, load 1.2, 2 shared cores; 26.8 s beyond Ray's own start with an actor): start-up 9.9 s (the "
+                   "imports a model load needs: torch, diffusers (~4 s of it: diffusers' package import), "
+                   "transformers; the preflight's rendering of every image), report 3.4 s (reports/perf/overhead-cpu.md)")
 def test_fixed_overhead_of_a_small_local_run_is_at_most_10_s(benchmark):
     if benchmark.disabled:
         pytest.skip("timed only with --benchmark-enable")
