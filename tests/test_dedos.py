@@ -263,10 +263,11 @@ def test_committed_report_has_seen_and_unseen_intervals():
     assert "mIoU unseen" in (REPORT / "report.md").read_text()
 
 
-@pytest.mark.xfail(strict=True, reason="the committed report (method version 2, the default 1,500 steps per arm, "
-                   "the 94.2% tiny CLIP) names no unseen pixel in either arm: unseen mIoU 0.0 [0.0, 0.0] for both; "
-                   "seen 62.4 vs baseline 63.0. The class projection learnt from four seen names does not place "
-                   "unseen names (bench/embedded/README.md)")
+@pytest.mark.xfail(strict=True, reason="the committed report (method version 3: CAT-Seg cost aggregation in both arms; "
+                   "the default 1,500 steps per arm, the 94.2% tiny CLIP) names almost no unseen pixel in either arm: "
+                   "unseen mIoU baseline 0.0 [0.0, 0.0], DEDOS 0.1 [0.0, 0.3]. The tiny CLIP's patches barely tell "
+                   "the shapes apart (its masks pooled on ground-truth regions: star 17%, cross 19%, chance 20%; "
+                   "bench/embedded/README.md)")
 def test_dedos_beats_its_baseline_on_unseen_classes():
     rows = committed_results()
     assert rows["full"]["mIoU_unseen_ci_low"] > rows["baseline"]["mIoU_unseen_ci_high"]
@@ -302,18 +303,19 @@ def test_geometric_ensemble_weights_the_decoder_and_clip_per_class():
     assert not torch.allclose(a, c)
 
 
-OV_REPORT = Path(__file__).resolve().parents[1] / "reports" / "embedded" / "dedos_openvocab_fcclip"
+OV_REPORT = Path(__file__).resolve().parents[1] / "reports" / "embedded" / "dedos_openvocab_ov"
 
 
-def test_committed_fcclip_report_reads_unseen_classes_through_clip():
-    """The committed evaluation of the bar's two fits with ov_ensemble=none and fcclip: the paper's classifier
-    names no unseen pixel, the ensemble with CLIP's mask-pooled classification does in both arms."""
+def test_committed_ov_report_reads_unseen_classes_through_clip():
+    """The committed evaluation of the bar's two fits with every ov_ensemble: the paper's classifier names
+    (almost) no unseen pixel, both ensembles with a frozen CLIP's per-query classification do, in both arms."""
     import pandas as pd
 
     rows = {(r["components"], r["ov_ensemble"]): r for _, r in pd.read_csv(OV_REPORT / "summary.csv").iterrows()}
     for arm in ("baseline", "full"):
-        assert rows[(arm, "none")]["mIoU_unseen"] == 0.0
-        assert rows[(arm, "fcclip")]["mIoU_unseen_ci_low"] > 0.0
+        assert rows[(arm, "none")]["mIoU_unseen_ci_high"] < 1.0
+        for ensemble in ("fcclip", "maskprompt"):
+            assert rows[(arm, ensemble)]["mIoU_unseen_ci_low"] > 0.0
 
 
 def test_bad_train_settings_are_one_line_errors_before_fitting():

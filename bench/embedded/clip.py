@@ -310,12 +310,48 @@ def dense_zero_shot(clip, num_images: int = 100, size: int = 64) -> dict:
             "images": num_images, "size": size, "recipe": "MaskCLIP value path, prompt ensemble"}
 
 
+@torch.no_grad()
+def region_zero_shot(clip, num_images: int = 100, size: int = 64) -> dict:
+    """Zero-shot classification of every ground-truth shape region of shapes val (the images DEDOS's
+    open-vocabulary sweep scores) among the shape names, two ways: `pooled`, the CLIP's dense patches
+    (Clip.dense_embeddings) averaged over the region (FC-CLIP's out-of-vocabulary path with perfect masks), and
+    `masked`, the CLIP's image embedding of the region alone, the rest at the normalisation mean
+    (Clip.region_embeddings: OVSeg's mask prompt, perfect masks). Per-shape accuracy: what a mask classifier
+    built on this CLIP can know of classes it was not trained on."""
+    import torch.nn.functional as F
+
+    from bench.data import build_dataset
+
+    val = build_dataset({"name": "shapes", "size": size, "split": "val", "num_images": num_images})
+    shapes = list(val.classes[1:])
+    text = clip.class_embeddings(shapes, ZERO_SHOT_TEMPLATES)
+    hits = {way: {n: [] for n in shapes} for way in ("pooled", "masked")}
+    for i in range(len(val)):
+        sample = val[i]
+        image = torch.from_numpy(np.array(sample.image)).permute(2, 0, 1)[None]
+        label = torch.from_numpy(np.asarray(sample.label).astype(np.int64))
+        ids = [int(c) for c in label.unique() if 0 < int(c) <= len(shapes)]
+        if not ids:
+            continue
+        masks = torch.stack([label == c for c in ids])
+        patches = clip.dense_embeddings(clip.pixels(image))[0]  # (g, g, P)
+        weights = F.interpolate(masks[:, None].float(), size=patches.shape[:2], mode="area")[:, 0]
+        pooled = torch.einsum("nhw,hwp->np", weights, patches) / weights.sum((1, 2))[:, None].clamp_min(1e-6)
+        for way, emb in (("pooled", F.normalize(pooled, dim=-1)), ("masked", clip.region_embeddings(image, masks))):
+            for c, guess in zip(ids, (emb @ text.T).argmax(-1).tolist()):
+                hits[way][shapes[c - 1]].append(guess == c - 1)
+    return {way: {n: float(np.mean(v)) if v else None for n, v in per.items()} for way, per in hits.items()} | {
+        "regions": sum(len(v) for v in hits["pooled"].values()), "images": num_images, "size": size,
+        "chance": 1 / len(shapes)}
+
+
 def main(argv: list[str] | None = None) -> int:
     from bench.errors import BenchError, cli_exit
 
     parser = argparse.ArgumentParser(prog="python -m bench.embedded.clip", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=CLIP_DIR, help="folder to write (absent or empty)")
-    parser.add_argument("--evaluate", action="store_true", help="measure zero-shot accuracy (images) and dense zero-shot segmentation (shapes val) of --model instead")
+    parser.add_argument("--evaluate", action="store_true", help="measure zero-shot accuracy (images), dense zero-shot segmentation and ground-truth region "
+                        "classification (shapes val) of --model instead")
     parser.add_argument("--model", default=None, help="CLIP folder or cached hub id to evaluate (default: shipped)")
     parser.add_argument("--eval-images", type=int, default=500)
     for key, value in DEFAULTS.items():
@@ -330,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
             clip = load_clip(args.model or str(CLIP_DIR))
             result = zero_shot_accuracy(clip, args.eval_images)
             result["dense_zero_shot"] = dense_zero_shot(clip)
+            result["region_zero_shot"] = region_zero_shot(clip)
             return json.dumps(result)
         if args.out.exists() and any(args.out.iterdir()):
             raise BenchError(f"--out {args.out} is not empty; remove it or choose another folder")
