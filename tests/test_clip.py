@@ -54,6 +54,30 @@ def test_shipped_clip_knows_shapes_as_regions_not_as_patches():
         assert result["pooled"][shape] < 0.3 and result["masked"][shape] > 0.5, result
 
 
+def test_dense_alignment_targets_and_loss():
+    """--dense-weight: each patch's target is its majority class (the first on ties); the loss reads the
+    contrastive pass's own vision tokens and trains the patches' projected embeddings."""
+    from bench.embedded.clip import build_clip, contrastive_loss, dense_alignment_loss, normalise, patch_labels
+
+    labels = torch.zeros(1, 8, 8, dtype=torch.uint8)
+    labels[0, :4, :4] = 3  # the top-left patch: all class 3
+    labels[0, :4, 4:6] = 2  # the top-right patch: half class 2, half background -> background (first)
+    labels[0, 4:, 4:] = 5
+    labels[0, 4:, 4:5] = 255  # out-of-range ids count as the last class
+    assert patch_labels(labels, 4, 6).tolist() == [[[3, 0], [0, 5]]]
+    model, tokenizer = build_clip(size=16, patch=8, width=32, layers=1, heads=2, projection=16)
+    images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    tok = tokenizer(["a circle", "a star"], padding="max_length", max_length=8, return_tensors="pt")
+    names = tokenizer(["a photo of a background", "a photo of a circle"], padding="max_length", max_length=8,
+                      return_tensors="pt")
+    outputs = []
+    contrastive_loss(model, normalise(images), tok.input_ids, tok.attention_mask, outputs=outputs)
+    loss = dense_alignment_loss(model, outputs[0], torch.tensor([[[0, 1], [1, 0]]] * 2), names.input_ids,
+                                names.attention_mask)
+    loss.backward()
+    assert loss.ndim == 0 and torch.isfinite(loss) and model.visual_projection.weight.grad.abs().sum() > 0
+
+
 def test_bad_clip_specs_are_one_line_errors(tmp_path):
     with pytest.raises(BenchError, match="does not exist"):
         load_clip(str(tmp_path / "missing") + "/")

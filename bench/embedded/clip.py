@@ -63,6 +63,7 @@ DEFAULTS = {
     "single_share": 0.0,  # share of the training pool rendered as single-object scenes (the rest: 1-3 objects)
     "background_share": 0.1,  # share rendered with no objects, captioned "a photo of a background" (teaches the word)
     "val_every": 0,  # >0: log zero-shot accuracy on 200 shapes *val* images every N steps (never test)
+    "dense_weight": 0.0,  # >0: add the dense alignment loss (dense_alignment_loss) with this weight
 }
 
 
@@ -140,9 +141,10 @@ def recolour(images_uint8: torch.Tensor, which: torch.Tensor, gen: torch.Generat
 
 
 def render_pool(num_images: int, size: int, seed: int, split: str = "train", min_objects: int = 1,
-                max_objects: int = 3, empty: bool = False) -> tuple[torch.Tensor, list[list[dict]]]:
+                max_objects: int = 3, empty: bool = False, labels: list | None = None
+                ) -> tuple[torch.Tensor, list[list[dict]]]:
     """(N, 3, size, size) uint8 images and their scene layouts, from the shapes world's own renderer
-    (empty: the backgrounds alone, no objects)."""
+    (empty: the backgrounds alone, no objects). `labels`: a list that receives each image's label map."""
     from bench.data.shapes import ShapesDataset
 
     ds = ShapesDataset(num_images=num_images, size=size, seed=seed, split=split, min_objects=min_objects,
@@ -151,8 +153,10 @@ def render_pool(num_images: int, size: int, seed: int, split: str = "train", min
     layouts = []
     for i in tqdm(range(num_images), desc="render", unit="img", mininterval=5, leave=False):
         objects = [] if empty else ds.layout(i)
-        images[i], _ = ds.render(objects, i)
+        images[i], label = ds.render(objects, i)
         layouts.append(objects)
+        if labels is not None:
+            labels.append(np.asarray(label, dtype=np.uint8))
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), layouts
 
 
@@ -162,14 +166,17 @@ def normalise(images_uint8: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD) -> torch
 
 
 # ---------------------------------------------------------------------------------------------------- train
-def contrastive_loss(model, pixel_values: torch.Tensor, input_ids: torch.Tensor,
-                     attention_mask: torch.Tensor, positives: torch.Tensor | None = None) -> torch.Tensor:
+def contrastive_loss(model, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     positives: torch.Tensor | None = None, outputs: list | None = None) -> torch.Tensor:
     """CLIP's symmetric cross-entropy over the batch's image-text similarities (learned temperature).
 
     positives: optional (images, captions) bool matrix of which captions are true of which images (diagonal
     included). A small world repeats meanings within a batch ("a star" fits every image with a star); CLIP's
-    one-hot targets would push those true pairs apart, so the targets spread over every true pair instead."""
+    one-hot targets would push those true pairs apart, so the targets spread over every true pair instead.
+    outputs: a list that receives the model's output (dense_alignment_loss reads its vision tokens)."""
     out = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values)
+    if outputs is not None:
+        outputs.append(out)
     if positives is None:
         targets = torch.arange(len(pixel_values), device=pixel_values.device)
         return 0.5 * (F.cross_entropy(out.logits_per_image, targets) +
@@ -179,6 +186,34 @@ def contrastive_loss(model, pixel_values: torch.Tensor, input_ids: torch.Tensor,
     text_targets = pos.T / pos.T.sum(1, keepdim=True)
     return 0.5 * (F.cross_entropy(out.logits_per_image, image_targets) +
                   F.cross_entropy(out.logits_per_text, text_targets))
+
+
+def patch_labels(labels: torch.Tensor, patch: int, num_classes: int) -> torch.Tensor:
+    """(N, g, g) the most frequent class of every patch of label maps (N, S, S) (the first on ties)."""
+    out = []
+    for chunk in labels.split(500):
+        n, size = chunk.shape[0], chunk.shape[-1]
+        g = size // patch
+        blocks = chunk.long().view(n, g, patch, g, patch).permute(0, 1, 3, 2, 4).reshape(n, g, g, patch * patch)
+        counts = F.one_hot(blocks.clamp(max=num_classes - 1), num_classes).sum(3)
+        out.append(counts.argmax(-1))
+    return torch.cat(out)
+
+
+def dense_alignment_loss(model, output, targets: torch.Tensor, class_ids: torch.Tensor,
+                         class_mask: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of every patch's projected embedding (the final patch tokens through the post-layernorm and
+    the visual projection, what CAT-Seg's cost volume reads) against the class-name texts, targets (B, g, g) the
+    renderer's majority class of each patch. The recipe's stand-in for what web-scale CLIPs know of regions
+    (a CLIP trained on whole-image captions only knew the shapes in its image embedding, not in its patches:
+    bench/embedded/README.md); off by default (`--dense-weight`)."""
+    vision = model.vision_model
+    tokens = output.vision_model_output.last_hidden_state[:, 1:]
+    patches = F.normalize(model.visual_projection(vision.post_layernorm(tokens)), dim=-1)
+    text = model.get_text_features(input_ids=class_ids, attention_mask=class_mask)
+    text = F.normalize(getattr(text, "pooler_output", text), dim=-1)
+    logits = patches @ text.T * model.logit_scale.exp()
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
 def train(args: argparse.Namespace, out: Path) -> dict:
@@ -192,13 +227,22 @@ def train(args: argparse.Namespace, out: Path) -> dict:
     started, cpu_started = time.time(), time.process_time()
     single = int(round(args.num_train_images * args.single_share))
     empty = int(round(args.num_train_images * args.background_share))
-    images, layouts = render_pool(args.num_train_images - single - empty, args.size, args.seed)
+    labels = [] if args.dense_weight > 0 else None
+    images, layouts = render_pool(args.num_train_images - single - empty, args.size, args.seed, labels=labels)
     if single:  # a second seed stream: single-object scenes with their own backgrounds
-        one, one_layouts = render_pool(single, args.size, args.seed + 1, min_objects=1, max_objects=1)
+        one, one_layouts = render_pool(single, args.size, args.seed + 1, min_objects=1, max_objects=1,
+                                       labels=labels)
         images, layouts = torch.cat([images, one]), layouts + one_layouts
     if empty:  # a third seed stream: backgrounds alone, so that "background" names something
-        none, none_layouts = render_pool(empty, args.size, args.seed + 2, empty=True)
+        none, none_layouts = render_pool(empty, args.size, args.seed + 2, empty=True, labels=labels)
         images, layouts = torch.cat([images, none]), layouts + none_layouts
+    dense = None
+    if labels is not None:  # the renderer's classes of every patch, and the class-name texts they are matched to
+        from bench.data.shapes import CLASSES as names
+
+        dense = patch_labels(torch.from_numpy(np.stack(labels)), args.patch, len(names))
+        class_tok = tokenizer([ZERO_SHOT_TEMPLATES[0].format(n) for n in names], padding="max_length",
+                              max_length=args.max_length, truncation=True, return_tensors="pt")
     log.info("rendered %d training images in %.0f s", len(images), time.time() - started)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
@@ -228,7 +272,12 @@ def train(args: argparse.Namespace, out: Path) -> dict:
             batch = recolour(batch, chosen, gen)
         tok = tokenizer(captions, padding="max_length", max_length=args.max_length, truncation=True,
                         return_tensors="pt")
-        loss = contrastive_loss(model, normalise(batch), tok.input_ids, tok.attention_mask, positives)
+        outputs = []
+        loss = contrastive_loss(model, normalise(batch), tok.input_ids, tok.attention_mask, positives, outputs)
+        if dense is not None:
+            targets = torch.where(flip.view(-1, 1, 1), dense[idx].flip(-1), dense[idx])
+            loss = loss + args.dense_weight * dense_alignment_loss(model, outputs[0], targets, class_tok.input_ids,
+                                                                   class_tok.attention_mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
