@@ -168,6 +168,10 @@ def test_fit_saves_reloads_and_inference_never_touches_the_diffusion_model(tiny,
     tensors = method.fit(ctx)
     assert len(ctx.curve) == cfg["train_steps"]
     assert ("proxy.basic" in tensors) == (components != "baseline")
+    # clip_lr_scale > 0 (the default 0.01): the CLIP image tower and its projection are fine-tuned
+    frozen = method.build(cfg).state_dict()
+    for name in ("vision.encoder.layers.0.self_attn.q_proj.weight", "projection.weight"):
+        assert not torch.equal(tensors[name], frozen[name]), name
     save_file(tensors, tmp_path / "weights.safetensors")
     reloaded = Dedos(tiny)
     reloaded.load_fit(setting.key, load_file(tmp_path / "weights.safetensors"))

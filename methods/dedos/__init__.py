@@ -155,7 +155,9 @@ class DedosModel(nn.Module):
 
 @register_method("dedos")
 class Dedos(Method):
-    version = "3"  # 3: CAT-Seg cost aggregation (cost_aggregation=catseg) in every arm by default
+    # 3: CAT-Seg cost aggregation (cost_aggregation=catseg) in every arm by default; 4: clip_lr_scale > 0 really
+    # fine-tunes the CLIP tower (versions <= 3 left it frozen: their fits equal clip_lr_scale=0)
+    version = "4"
     traces_at_eval = False  # inference is CLIP + queries: the engine skips the UNet pass
     params = {
         "classes": Param("all", "classes scored per image: all (every dataset class, the open-vocabulary "
@@ -327,9 +329,10 @@ class Dedos(Method):
         groups = [{"params": rest, "lr": cfg["lr"]}]
         if cfg["clip_lr_scale"] > 0:
             groups.append({"params": vision, "lr": cfg["lr"] * cfg["clip_lr_scale"]})
-        else:
-            for p in vision:
-                p.requires_grad_(False)
+        # the copy of the shared CLIP tower inherits its frozen flags: fine-tuned only when asked (version 4;
+        # every fit before it kept the tower frozen whatever clip_lr_scale said)
+        for p in vision:
+            p.requires_grad_(cfg["clip_lr_scale"] > 0)
         trained = ctx.prepare(model)
         opt = torch.optim.AdamW(groups, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg["train_steps"]))
