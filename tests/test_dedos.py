@@ -308,18 +308,33 @@ def test_geometric_ensemble_weights_the_decoder_and_clip_per_class():
 
 
 OV_REPORT = Path(__file__).resolve().parents[1] / "reports" / "embedded" / "dedos_openvocab_ov"
+# the same two fits with a CLIP trained with the dense alignment loss (bench.embedded.clip --dense-weight 1.0)
+DENSE_CLIP_REPORT = OV_REPORT.parent / "dedos_openvocab_denseclip"
 
 
-def test_committed_ov_report_reads_unseen_classes_through_clip():
+@pytest.mark.parametrize("report", [OV_REPORT, DENSE_CLIP_REPORT], ids=["shipped-clip", "dense-clip"])
+def test_committed_ov_report_reads_unseen_classes_through_clip(report):
     """The committed evaluation of the bar's two fits with every ov_ensemble: the paper's classifier names
-    (almost) no unseen pixel, both ensembles with a frozen CLIP's per-query classification do, in both arms."""
+    (almost) no unseen pixel, both ensembles with a frozen CLIP's per-query classification do, in both arms.
+    With the dense CLIP too, whose patches alone segment the unseen shapes: the trained head is what never
+    names them (README, DEDOS)."""
     import pandas as pd
 
-    rows = {(r["components"], r["ov_ensemble"]): r for _, r in pd.read_csv(OV_REPORT / "summary.csv").iterrows()}
+    rows = {(r["components"], r["ov_ensemble"]): r for _, r in pd.read_csv(report / "summary.csv").iterrows()}
     for arm in ("baseline", "full"):
         assert rows[(arm, "none")]["mIoU_unseen_ci_high"] < 1.0
         for ensemble in ("fcclip", "maskprompt"):
             assert rows[(arm, ensemble)]["mIoU_unseen_ci_low"] > 0.0
+
+
+def test_dense_clip_report_names_the_clip_it_used():
+    import json
+
+    card = json.loads((DENSE_CLIP_REPORT / "clip_train_config.json").read_text())
+    assert card["args"]["dense_weight"] == 1.0 and card["args"]["seed"] == 0
+    for arm in ("baseline", "full"):
+        config = (DENSE_CLIP_REPORT / arm / "config.yaml").read_text()
+        assert "params.clip=" in config and "components: \n" not in config
 
 
 def test_bad_train_settings_are_one_line_errors_before_fitting():
