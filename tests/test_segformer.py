@@ -206,17 +206,19 @@ DOWNSTREAM = ROOT / "reports" / "embedded" / "freegen_downstream"
 DOWNSTREAM_200 = ROOT / "reports" / "embedded" / "freegen_downstream_200"
 SETS = {DOWNSTREAM: ("synthetic/freegen_full", "synthetic/freegen_all_off"),
         DOWNSTREAM_200: ("/work/data/freegen_full200", "/work/data/freegen_all_off200")}
+# the 200-image protocol was pre-registered at three seeds and raised to ten, all reported, when three overlapped
+SEEDS = {DOWNSTREAM: [0, 1, 2], DOWNSTREAM_200: list(range(10))}
 
 
-FULL_VS_OFF = ("not reached on the embedded default: full FreeGen's 159 kept samples (the defaults, Stage 2 on) "
-               "23.6 mIoU (seeds 24.1, 21.9, 24.9; t-interval [19.7, 27.5]) against the all-off set's 200 samples "
-               "21.7 (21.7, 20.9, 22.4; [19.9, 23.5]): the ordering of the paper, intervals overlapping; the tiny "
+FULL_VS_OFF = ("not reached on the embedded default: over ten training seeds, full FreeGen's 159 kept samples (the "
+               "defaults, Stage 2 on) score 23.0 mIoU (t-interval [22.2, 23.8]) against the all-off set's 200 samples "
+               "22.3 ([21.5, 23.2]): the paper's order, 0.6 apart (Welch p = 0.23), intervals overlapping; the tiny "
                "segmenter sits a few points above labelling every pixel background (14.5)")
 
 
 def arm(name: str, report: Path = DOWNSTREAM_200) -> dict:
     """One arm of the protocol: per-training-seed mIoU (bootstrap intervals over the val images in the run) and
-    the t-interval over the three training seeds."""
+    the t-interval over the training seeds (ten; three until the first three overlapped: README)."""
     from bench.stats import t_interval
 
     rows = pd.read_csv(report / name / "results.csv")
@@ -240,12 +242,12 @@ def test_downstream_runs_are_the_protocol(report):
     off = json.loads((report / "cards" / "all_off" / "dataset.json").read_text())
     assert off["params"]["rectify"] is False and off["params"]["tff"] is False and card["params"]["tff"] is True
     for name in ("full", "real", "all_off"):
-        assert sorted(arm(name, report)["rows"]["train_seed"]) == [0, 1, 2]
+        assert sorted(arm(name, report)["rows"]["train_seed"]) == SEEDS[report]
 
 
 def test_synthetic_trained_segmenter_is_within_10_miou_of_real():
     """The issue's bar: the segmenter trained on FreeGen's kept synthetic shapes scores within 10 mIoU of the
-    same segmenter trained on as many real rendered shapes (means over three training seeds)."""
+    same segmenter trained on as many real rendered shapes (means over the training seeds)."""
     full, real = arm("full"), arm("real")
     assert full["mean"] >= real["mean"] - 10, (full["mean"], real["mean"])
 
@@ -254,6 +256,6 @@ def test_synthetic_trained_segmenter_is_within_10_miou_of_real():
 def test_full_freegen_beats_all_off_downstream():
     """The issue's bar (the paper's 69.6 vs 60.5 ordering): the segmenter trained on full FreeGen's set beats
     the one trained on the all-off set (raw cross-attention masks, no TFF) beyond the spread over training
-    seeds: the t-intervals over the three seeds do not overlap."""
+    seeds: the t-intervals over the (ten) seeds do not overlap."""
     full, off = arm("full"), arm("all_off")
     assert full["low"] > off["high"], (full, off)
