@@ -18,16 +18,21 @@ and clamping are monotone, so a tile's bounds bound its final scores. A tile who
 from every other strictly and decide the background rule with a margin has that one label. Where the intervals
 overlap, a class can still win at every pixel: the rescaling is affine and every class's value is the same
 convex combination of its corners, so the difference of two classes' scores is a convex combination of the
-corner differences (TiledLabels._corner_winner). Only the other tiles are upsampled, from their crops. Each map's exact minimum and maximum come the same way: exact values of
-the tiles whose bounds can hold them.
+corner differences (TiledLabels._corner_winner). The remaining tiles are labelled pixel by pixel from scores
+computed here (TiledLabels._certified_labels: the rescaled corners times exact bilinear weights), kept where
+every pixel's decision has a margin beyond both paths' rounding; only the tiles left after that are upsampled,
+from their crops, with F.interpolate's own arithmetic. Each map's exact minimum and maximum come the same way:
+exact values of the tiles whose bounds, then real corner values, say can hold them.
 
-Histograms follow the tiles (TiledLabels.joint_counts): a decided tile adds its ground-truth pixel counts to one
-prediction column, an undecided tile its pixels one by one. Full label maps and scores are built only when read
+Histograms follow the tiles (TiledLabels.joint_counts): a decided tile of one ground-truth code adds f^2 to one
+cell, one unweighted count per (configuration, tile); decided tiles of several codes (or at the edge) add their
+count rows; an undecided tile adds its pixels one by one. Full label maps and scores are built only when read
 (qualitative figures).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -142,6 +147,28 @@ def tile_bounds(maps: torch.Tensor, geo: Geometry) -> tuple[torch.Tensor, torch.
     return lo - slack, hi + slack
 
 
+def pixel_weights(f: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """(4, P) bilinear weights of a tile's four source cells (tile_corners' order: c00, c01, c10, c11) at its
+    pixels (r, q), r and q in `rows` (default every row of the tile: P = f * f, index r * f + q), float64.
+
+    Output row f * (t - 1) + f / 2 + r of tile t reads source rows t - 1 and t with weight (r + 0.5) / f on row t
+    (F.interpolate's align_corners=False source index, an exact binary fraction); edge tiles read one row twice,
+    so any weights give their value."""
+    rows = torch.arange(f, dtype=torch.float64) if rows is None else rows.double()
+    lam = (rows + 0.5) / f
+    wy, wx = lam[:, None], lam[None, :]
+    return torch.stack([((1 - wy) * (1 - wx)), ((1 - wy) * wx), (wy * (1 - wx)), (wy * wx)]).flatten(1)
+
+
+def real_values(maps: torch.Tensor, which: torch.Tensor, ti: torch.Tensor, tj: torch.Tensor,
+                weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bilinear values of tiles (ti, tj) of maps[which] at the pixels of `weights` (pixel_weights), computed
+    in float64 (exact up to ~1e-16 relative: the true values F.interpolate rounds), and the largest magnitude of
+    each tile's source cells (its rounding scale) -> (T, P), (T, 1)."""
+    corners = torch.stack([c[which, ti, tj] for c in tile_corners(maps)], -1).double()  # (T, 4)
+    return corners @ weights, corners.abs().amax(-1, keepdim=True)
+
+
 def exact_extremes(maps: torch.Tensor, geo: Geometry, lo: torch.Tensor, hi: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """The minimum and maximum over every upsampled pixel of each map (B, m, m), exactly: only the tiles whose
@@ -150,10 +177,22 @@ def exact_extremes(maps: torch.Tensor, geo: Geometry, lo: torch.Tensor, hi: torc
     n = len(maps)
     lo_f, hi_f = lo.flatten(1), hi.flatten(1)
     side = geo.m + 1
+    corner_weights = pixel_weights(geo.f, torch.tensor([0, geo.f - 1]))
     out = []
     for sign, bound_near, bound_far in ((1, hi_f, lo_f), (-1, lo_f, hi_f)):
         reach = (sign * bound_far).amax(1, keepdim=True)
         cand_map, cand_tile = torch.nonzero(sign * bound_near >= reach, as_tuple=True)
+        # narrowed by real values: a bilinear function's extremes over a tile's pixel grid are at its corner
+        # pixels; F.interpolate's value at a pixel is within e = REL x (largest source magnitude) of the real one,
+        # so the map's extreme E is within e of A, the best real corner value, and only tiles whose best real
+        # corner value reaches A - 2e can hold E
+        real, scale = real_values(maps, cand_map, cand_tile // side, cand_tile % side, corner_weights)
+        best = (sign * real).amax(1)
+        e = REL * scale[:, 0]
+        top = torch.full((n,), -torch.inf, dtype=best.dtype).scatter_reduce(0, cand_map, best, reduce="amax")
+        e_map = torch.zeros(n, dtype=e.dtype).scatter_reduce(0, cand_map, e, reduce="amax")
+        keep = best >= top[cand_map] - 2.5 * e_map[cand_map]
+        cand_map, cand_tile = cand_map[keep], cand_tile[keep]
         values = upsample_tiles(maps, cand_map, geo, cand_tile // side, cand_tile % side)
         valid = geo.valid[cand_tile // side][:, :, None] & geo.valid[cand_tile % side][:, None, :]
         fill = -torch.inf if sign == 1 else torch.inf
@@ -256,22 +295,72 @@ class TiledLabels:
         return ((values - self.low) / self.den).clamp(0, 1)
 
     def _label_tiles(self) -> torch.Tensor:
+        """Labels (T, f, f) of the undecided tiles: certified from real values where every pixel's decision has
+        a margin beyond rounding (_certified_labels), F.interpolate's own values on the rest."""
+        k, f, count = self.maps.shape[1], self.geo.f, len(self.open_n)
+        if not count:
+            return torch.zeros(0, f, f, dtype=torch.long)
+        labels, sure = self._certified_labels()
+        redo = torch.nonzero(~sure, as_tuple=True)[0]
+        if len(redo):
+            labels[redo] = self._exact_labels(self.open_n[redo], self.open_ti[redo], self.open_tj[redo])
+        return labels
+
+    def _certified_labels(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Labels of the undecided tiles from bilinear scores computed here, and which tiles they are certain
+        for: at every valid pixel, either the background rule holds with a margin for every score the float32
+        path can compute, or one class leads every other by more than twice the rounding and its score stays
+        inside (0, 1) (so the clamp cannot tie it), with the rule saying foreground with a margin.
+
+        The scores are the bilinear interpolation of the rescaled corners (c - low) / den (the weights sum to
+        one, so this is the rescaled value). The float32 path's score is within REL (2 M + |low|) / den + 2^-22
+        of the real one (M the largest magnitude of the tile's source cells: interpolation, subtraction and
+        division rounding), and ours, in float32 too, within 10 ulps of the largest rescaled corner: the sum of
+        both is one slack per tile, for every class. Both background rules are cuts on the best score b
+        (rule_cuts)."""
+        k = self.maps.shape[1]
+        geo, f, count = self.geo, self.geo.f, len(self.open_n)
+        corners = torch.stack([c[self.open_n, :, self.open_ti, self.open_tj]
+                               for c in tile_corners(self.maps)], -1)  # (T, K, 4)
+        low, den = self.low[self.open_n, :, 0], self.den[self.open_n, :, 0]  # (T, K, 1)
+        rescaled = (corners - low) / den
+        slack = (REL * (2 * corners.abs().amax(-1, keepdim=True) + low.abs()) / den
+                 + 10 * 2.0 ** -24 * rescaled.abs().amax(-1, keepdim=True) + 2.0 ** -22).amax(1)  # (T, 1)
+        score = rescaled @ pixel_weights(f).float()  # (T, K, P)
+        best, arg = score[:, 0], torch.zeros(count, f * f, dtype=torch.long)
+        second = torch.full_like(best, -torch.inf)
+        for j in range(1, k):  # K is small: element-wise, the first maximum on ties as first_max
+            s = score[:, j]
+            better = s > best
+            second = torch.where(better, best, torch.maximum(second, s))
+            best = torch.where(better, s, best)
+            arg.masked_fill_(better, j)
+        lead = best - second  # over the runner-up (inf for one class; 0 on a tie: never certain)
+        cuts = rule_cuts(self.rules)[self.open_n]  # (T, 2): background below the first, foreground above the second
+        background = best + slack < cuts[:, :1]
+        foreground = (best - slack > cuts[:, 1:].clamp(min=0)) & (best + slack < 1) & (lead > 2 * slack)
+        ids = torch.tensor(self.class_ids, dtype=torch.long)
+        labels = torch.where(background, 0, ids[arg]).view(count, f, f)
+        sure = (background | foreground).view(count, f, f)
+        valid = geo.valid[self.open_ti][:, :, None] & geo.valid[self.open_tj][:, None, :]
+        return labels, (sure | ~valid).flatten(1).all(1)
+
+    def _exact_labels(self, open_n: torch.Tensor, open_ti: torch.Tensor, open_tj: torch.Tensor) -> torch.Tensor:
+        """Labels of tiles from F.interpolate's own values (upsample_tiles), as the full path labels every pixel."""
         from methods.maps import first_max
 
         n, k, m, _ = self.maps.shape
-        f, count = self.geo.f, len(self.open_n)
-        if not count:
-            return torch.zeros(0, f, f, dtype=torch.long)
-        which = (self.open_n[:, None] * k + torch.arange(k)).flatten()  # every class map of each open tile
-        values = upsample_tiles(self.maps.reshape(n * k, m, m), which, self.geo, self.open_ti.repeat_interleave(k),
-                                self.open_tj.repeat_interleave(k))
+        f, count = self.geo.f, len(open_n)
+        which = (open_n[:, None] * k + torch.arange(k)).flatten()  # every class map of each tile
+        values = upsample_tiles(self.maps.reshape(n * k, m, m), which, self.geo, open_ti.repeat_interleave(k),
+                                open_tj.repeat_interleave(k))
         values = values.view(count, k, f, f)
-        scores = ((values - self.low[self.open_n]) / self.den[self.open_n]).clamp(0, 1)
+        scores = ((values - self.low[open_n]) / self.den[open_n]).clamp(0, 1)
         best, arg = first_max(scores)
         labels = torch.tensor(self.class_ids, dtype=torch.long)[arg]
         by_rule = _by_rule(self.rules)
         for (rule, power, threshold), configs in by_rule.items():
-            mine = torch.isin(self.open_n, torch.tensor(configs)) if len(by_rule) > 1 else None
+            mine = torch.isin(open_n, torch.tensor(configs)) if len(by_rule) > 1 else None
             b = best if mine is None else best[mine]
             # the same operations as labels_from_scores_many (a python exponent: pow(x, 2.0) is x * x there too)
             bg = (1 - b) ** power > b if rule == "power" else b < threshold
@@ -301,28 +390,68 @@ class TiledLabels:
         geo, c = self.geo, num_classes
         n, f, side = len(self.rules), geo.f, geo.m + 1
         # the ground truth in tiles: padded by f / 2 with an extra code (c + 2) so that tiles are f x f blocks
-        codes_t = torch.from_numpy(np.ascontiguousarray(codes, dtype=np.int64))
+        codes_t = torch.from_numpy(np.ascontiguousarray(codes, dtype=np.int32))  # int32: half the memory traffic
         padded = F.pad(codes_t[None, None], (f // 2,) * 4, value=c + 2)[0, 0]
         gt = padded.view(side, f, side, f).permute(0, 2, 1, 3)  # (m + 1, m + 1, f, f), a view
-        tile_index = torch.arange(side * side).view(side, side, 1, 1) * (c + 3)
+        tile_index = torch.arange(side * side, dtype=torch.int32).view(side, side, 1, 1) * (c + 3)
         per_tile = torch.bincount((tile_index + gt).flatten(), minlength=side * side * (c + 3))
         per_tile = per_tile.view(side * side, c + 3)[:, :c + 2]  # ground-truth counts of each tile
+        # decided tiles add their ground-truth counts to their (configuration, predicted class) row; undecided
+        # ones go to an extra prediction row (c + 1), dropped. Most tiles are f x f pixels of one ground-truth code:
+        # one unweighted count per (configuration, tile), times f^2. The other tiles (edges, several codes) add
+        # their count rows by a small batched product, exact in float64.
         pred = self.tile_labels.flatten(1)
-        pred = torch.where((pred >= 0) & (pred < c), pred, c)
-        # decided tiles add their ground-truth counts to their (configuration, predicted class) row: a 0/1
-        # matrix of those rows against the tiles, times the counts (float64: integer counts, exactly)
-        config, tile = torch.nonzero(self.decided.flatten(1), as_tuple=True)
-        member = torch.zeros(n * (c + 1), side * side, dtype=torch.float64)
-        member[config * (c + 1) + pred[config, tile], tile] = 1.0
-        joint = (member @ per_tile.double()).round().long().view(n, c + 1, c + 2).transpose(1, 2)
+        pred = torch.where((pred >= 0) & (pred < c), pred, c).masked_fill_(~self.decided.flatten(1), c + 1)
+        count, code = per_tile.max(1)
+        whole = count == f * f
+        tile_code = torch.where(whole, code, c + 2)  # c + 2: not a whole one-code tile, counted below
+        key = (torch.arange(n)[:, None] * (c + 2) + pred) * (c + 3) + tile_code
+        joint = torch.bincount(key.flatten(), minlength=n * (c + 2) * (c + 3)).view(n, c + 2, c + 3)
+        joint = joint[:, :c + 1, :c + 2] * (f * f)
+        other = torch.nonzero(~whole, as_tuple=True)[0]
+        onehot = F.one_hot(pred[:, other], c + 2)[:, :, :c + 1].double()  # (N, M, C + 1)
+        joint = joint + (onehot.transpose(1, 2) @ per_tile[other].double()).round().long()
+        joint = joint.transpose(1, 2)  # (N, C + 2, C + 1): ground truth by prediction
         if len(self.open_n):
             gt_open = gt[self.open_ti, self.open_tj]  # (T, f, f), rows and columns as in open_labels
-            p = torch.where((self.open_labels >= 0) & (self.open_labels < c), self.open_labels, c)
+            p = self.open_labels  # 0 or a class id: out of range only where a class id is
+            if not all(0 <= i < c for i in self.class_ids):
+                p = torch.where((p >= 0) & (p < c), p, c)
             # the padding's code c + 2 counts in a row of its own, dropped: no boolean mask over the pixels
-            cell = (self.open_n[:, None, None] * (c + 3) + gt_open) * (c + 1) + p
+            base = (self.open_n.int() * ((c + 3) * (c + 1)))[:, None, None]
+            cell = (base + gt_open * (c + 1)).long() + p
             joint = joint + torch.bincount(cell.flatten(), minlength=n * (c + 3) * (c + 1)).view(
                 n, c + 3, c + 1)[:, :c + 2]
         return joint.numpy()
+
+
+def rule_cuts(rules: list[tuple[str, float, float]]) -> torch.Tensor:
+    return _rule_cuts(tuple(tuple(rule) for rule in rules))
+
+
+@functools.lru_cache(maxsize=64)
+def _rule_cuts(rules: tuple[tuple[str, float, float], ...]) -> torch.Tensor:
+    """(N, 2) cuts of each background rule on the best score b in [0, 1]: background wherever b < the first,
+    foreground wherever b > the second, with RULE_MARGIN beside the switch (the float32 path evaluates the
+    rule in its own rounding). "threshold": b < t (t <= 0: never background; t > 1: always). "power":
+    (1 - b)^p > b, decreasing in b: background below its root b* (bisection), foreground above."""
+    cuts = []
+    for rule, power, threshold in rules:
+        if rule == "threshold":
+            switch = threshold
+            if threshold <= 0 or threshold > 1:
+                cuts.append((-torch.inf, -torch.inf) if threshold <= 0 else (torch.inf, torch.inf))
+                continue
+        elif rule == "power":
+            lo, hi = 0.0, 1.0
+            for _ in range(60):
+                mid = (lo + hi) / 2
+                lo, hi = (mid, hi) if (1 - mid) ** power > mid else (lo, mid)
+            switch = lo
+        else:
+            raise ValueError(f"unknown background rule {rule!r}")
+        cuts.append((switch - RULE_MARGIN, switch + RULE_MARGIN))
+    return torch.tensor(cuts, dtype=torch.float32)
 
 
 def _by_rule(rules: list[tuple[str, float, float]]) -> dict[tuple, list[int]]:

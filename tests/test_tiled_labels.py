@@ -59,6 +59,8 @@ def test_tiled_labels_and_histograms_equal_the_full_upsample(kind, k, h, mid, ou
     dense = scorer.histograms([labels[j].numpy() for j in range(n)])
     assert np.array_equal(scorer.histograms(preds), dense)
     assert np.array_equal(scorer.histograms([*preds[:2], labels[2].numpy()]), dense[:3])
+    few = ImageScorer(label, 4)  # class id 5 is out of this scorer's range: counted in the "other" column
+    assert np.array_equal(few.histograms(preds), few.histograms([labels[j].numpy() for j in range(n)]))
 
 
 def test_tiled_prediction_reads_like_the_full_one():
