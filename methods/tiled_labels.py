@@ -236,12 +236,15 @@ class TiledLabels:
             one_class = torch.ones_like(best_lo, dtype=torch.bool)
         background = torch.zeros_like(one_class)
         foreground = torch.zeros_like(one_class)
-        for j, (rule, power, threshold) in enumerate(rules):
+        by_rule = _by_rule(rules)
+        for (rule, power, threshold), configs in by_rule.items():  # a sweep has few rules: once per rule
+            mine = slice(None) if len(by_rule) == 1 else torch.tensor(configs)
+            hi, lo = best_hi[mine], best_lo[mine]
             if rule == "power":  # background iff (1 - b)^p > b: decreasing in b, decided with a margin
-                background[j] = (1 - best_hi[j]) ** power > best_hi[j] + RULE_MARGIN
-                foreground[j] = (1 - best_lo[j]) ** power < best_lo[j] - RULE_MARGIN
+                background[mine] = (1 - hi) ** power > hi + RULE_MARGIN
+                foreground[mine] = (1 - lo) ** power < lo - RULE_MARGIN
             elif rule == "threshold":  # background iff b < threshold: exact comparisons of the bounds
-                background[j], foreground[j] = best_hi[j] < threshold, best_lo[j] >= threshold
+                background[mine], foreground[mine] = hi < threshold, lo >= threshold
             else:
                 raise ValueError(f"unknown background rule {rule!r}")
         if k > 1:  # surely foreground, the intervals overlapping: one class may still win at every pixel
@@ -339,11 +342,19 @@ class TiledLabels:
         cuts = rule_cuts(self.rules)[self.open_n]  # (T, 2): background below the first, foreground above the second
         background = best + slack < cuts[:, :1]
         foreground = (best - slack > cuts[:, 1:].clamp(min=0)) & (best + slack < 1) & (lead > 2 * slack)
-        ids = torch.tensor(self.class_ids, dtype=torch.long)
-        labels = torch.where(background, 0, ids[arg]).view(count, f, f)
-        sure = (background | foreground).view(count, f, f)
-        valid = geo.valid[self.open_ti][:, :, None] & geo.valid[self.open_tj][:, None, :]
-        return labels, (sure | ~valid).flatten(1).all(1)
+        ids = torch.tensor([*self.class_ids, 0], dtype=torch.long)  # index k: background
+        labels = ids[arg.masked_fill_(background, k)].view(count, f, f)
+        sure = background | foreground
+        certain = sure.all(1)
+        # edge tiles: their pixels outside the map (not valid) need no decision
+        m = geo.m
+        edge = torch.nonzero((self.open_ti == 0) | (self.open_ti == m) | (self.open_tj == 0) | (self.open_tj == m),
+                             as_tuple=True)[0]
+        if len(edge):
+            ti, tj = self.open_ti[edge], self.open_tj[edge]
+            valid = (geo.valid[ti][:, :, None] & geo.valid[tj][:, None, :]).flatten(1)
+            certain[edge] = (sure[edge] | ~valid).all(1)
+        return labels, certain
 
     def _exact_labels(self, open_n: torch.Tensor, open_ti: torch.Tensor, open_tj: torch.Tensor) -> torch.Tensor:
         """Labels of tiles from F.interpolate's own values (upsample_tiles), as the full path labels every pixel."""
