@@ -312,8 +312,8 @@ class TiledLabels:
     def _certified_labels(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Labels of the undecided tiles from bilinear scores computed here, and which tiles they are certain
         for: at every valid pixel, either the background rule holds with a margin for every score the float32
-        path can compute, or one class leads every other by more than twice the rounding and its score stays
-        inside (0, 1) (so the clamp cannot tie it), with the rule saying foreground with a margin.
+        path can compute, or one class leads every other by more than twice the rounding, every other class stays
+        below 1 (so the clamp cannot tie them), and the rule says foreground with a margin.
 
         The scores are the bilinear interpolation of the rescaled corners (c - low) / den (the weights sum to
         one, so this is the rescaled value). The float32 path's score is within REL (2 M + |low|) / den + 2^-22
@@ -341,7 +341,9 @@ class TiledLabels:
         lead = best - second  # over the runner-up (inf for one class; 0 on a tie: never certain)
         cuts = rule_cuts(self.rules)[self.open_n]  # (T, 2): background below the first, foreground above the second
         background = best + slack < cuts[:, :1]
-        foreground = (best - slack > cuts[:, 1:].clamp(min=0)) & (best + slack < 1) & (lead > 2 * slack)
+        # the clamp to [0, 1] cannot tie the leader with the runner-up: the runner-up stays below 1 and the leader
+        # above the cut (>= 0); the leader itself may clamp to 1 (a map's maximum rescales to 1 - ~1e-6)
+        foreground = (best - slack > cuts[:, 1:].clamp(min=0)) & (second + slack < 1) & (lead > 2 * slack)
         ids = torch.tensor([*self.class_ids, 0], dtype=torch.long)  # index k: background
         labels = ids[arg.masked_fill_(background, k)].view(count, f, f)
         sure = background | foreground
