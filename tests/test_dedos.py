@@ -310,9 +310,12 @@ def test_geometric_ensemble_weights_the_decoder_and_clip_per_class():
 OV_REPORT = Path(__file__).resolve().parents[1] / "reports" / "embedded" / "dedos_openvocab_ov"
 # the same two fits with a CLIP trained with the dense alignment loss (bench.embedded.clip --dense-weight 1.0)
 DENSE_CLIP_REPORT = OV_REPORT.parent / "dedos_openvocab_denseclip"
+# the same two dense-CLIP fits evaluated on 500 val images (the first 100 are DENSE_CLIP_REPORT's)
+DENSE_CLIP_500 = OV_REPORT.parent / "dedos_openvocab_denseclip_500"
 
 
-@pytest.mark.parametrize("report", [OV_REPORT, DENSE_CLIP_REPORT], ids=["shipped-clip", "dense-clip"])
+@pytest.mark.parametrize("report", [OV_REPORT, DENSE_CLIP_REPORT, DENSE_CLIP_500],
+                         ids=["shipped-clip", "dense-clip", "dense-clip-500"])
 def test_committed_ov_report_reads_unseen_classes_through_clip(report):
     """The committed evaluation of the bar's two fits with every ov_ensemble: the paper's classifier names
     (almost) no unseen pixel, both ensembles with a frozen CLIP's per-query classification do, in both arms.
@@ -335,6 +338,23 @@ def test_dense_clip_report_names_the_clip_it_used():
     for arm in ("baseline", "full"):
         config = (DENSE_CLIP_REPORT / arm / "config.yaml").read_text()
         assert "params.clip=" in config  # fitted with that CLIP, not the shipped one
+
+
+def test_dense_clip_500_evaluates_the_same_fits_on_more_images():
+    """The 500-image evaluation re-reads the dense-CLIP report's two fits (same fit hashes) with the code they
+    were fitted with (method version 3), so only the number of val images differs."""
+    import json
+
+    import pandas as pd
+
+    for arm in ("baseline", "full"):
+        fits = {report: set(pd.read_csv(report / arm / "results.csv")["fit"]) for report in
+                (DENSE_CLIP_REPORT, DENSE_CLIP_500)}
+        fitted = {p.name for p in (DENSE_CLIP_REPORT / arm / "fit").iterdir()}
+        assert fits[DENSE_CLIP_500] == fits[DENSE_CLIP_REPORT] == fitted
+        run = json.loads((DENSE_CLIP_500 / arm / "run.json").read_text())
+        assert run["num_images"] == 500 and run["fits_reused"] == 1 and run["fits_trained"] == 0
+        assert run["method_versions"]["dedos"] == "3"
 
 
 def test_bad_train_settings_are_one_line_errors_before_fitting():
