@@ -66,7 +66,8 @@ def preflight(cfg: SweepConfig) -> Plan:
 # -- data ---------------------------------------------------------------------------------------------------------------
 def check_images(dataset: SegDataset, data_cfg: dict) -> list:
     """Open every image once: it must decode, and its mask must be a 2-D label map of the image's size whose
-    values are class ids (or 255, ignored). Returns the samples (their classes and captions build the prompts)."""
+    values are class ids (or the dataset's ignore value: 255, or 65535 for the uint16 layouts past 255 classes).
+    Returns the samples (their classes and captions build the prompts)."""
     where = f"data.name={data_cfg.get('name')}" + (f" data.root={data_cfg['root']}" if data_cfg.get("root") else "")
     num_classes = len(dataset.classes)
     samples = []
@@ -90,10 +91,11 @@ def check_images(dataset: SegDataset, data_cfg: dict) -> list:
             raise BenchError(f"the mask of {name} is {label.shape[1]}x{label.shape[0]} but the image is "
                              f"{image.shape[1]}x{image.shape[0]}; masks must have their image's size")
         values = np.unique(label)
-        bad = [int(v) for v in values if not (0 <= v < num_classes or v == IGNORE_INDEX)]
+        ignore = int(getattr(sample, "ignore_index", IGNORE_INDEX))  # what scoring skips (ImageScorer)
+        bad = [int(v) for v in values if not (0 <= v < num_classes or v == ignore)]
         if bad:
             raise BenchError(f"the mask of {name} holds values {bad[:5]} that are no class id of "
-                             f"{dataset.name} (0..{num_classes - 1}, {IGNORE_INDEX} = ignore); fix the mask")
+                             f"{dataset.name} (0..{num_classes - 1}, {ignore} = ignore); fix the mask")
         samples.append(sample)
     return samples
 

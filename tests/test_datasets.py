@@ -3,6 +3,8 @@ its loader, against the encodings its module documents, re-stated here independe
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -75,6 +77,29 @@ def test_layout_reads_back_what_the_fixture_wrote(name, tmp_path):
     limited = build_dataset({"name": name, "root": str(tmp_path), "limit": 2})
     assert len(limited) == 2 and limited.has_background is has_background
     assert limited.ignore_index == ds.ignore_index
+
+
+@pytest.mark.parametrize("name", FIXTURE_LAYOUTS)
+def test_preflight_accepts_each_layouts_masks_with_their_ignore_value(name, tmp_path):
+    """The preflight's mask check takes the layout's own ignore value (65535 for the uint16 layouts), not 255."""
+    from bench.preflight import check_images
+
+    write_fixture(name, tmp_path, num_images=2, size=24)
+    ds = build_dataset({"name": name, "root": str(tmp_path)})
+    assert len(check_images(ds, {"name": name, "root": str(tmp_path)})) == 2
+
+    class OnePastTheLastClass:  # the layout's samples with every mask value one past its last class id
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, index):
+            sample = ds[index]
+            return replace(sample, label=np.full(sample.label.shape, len(ds.classes), np.uint16))
+
+    stray = OnePastTheLastClass()
+    stray.name, stray.classes = ds.name, ds.classes
+    with pytest.raises(BenchError, match=f"no class id of {name} .*, {ds.ignore_index} = ignore"):
+        check_images(stray, {"name": name})
 
 
 @pytest.mark.parametrize("name", FIXTURE_LAYOUTS)
@@ -257,6 +282,33 @@ def test_dataset_sweep_cli_exits_2_with_the_line_and_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def on_fixtures(path, tmp_path) -> list[str]:
+    """Writes the sweep's data (and a trained method's fit data) as layout fixtures under tmp_path; returns the
+    overrides that point the sweep at them (a short fit where it fits)."""
+    import yaml
+
+    sweep = yaml.safe_load(path.read_text())
+    data = sweep["data"]
+    write_fixture(data["name"], tmp_path / "data", split=data.get("split", "val"), num_images=1, size=64)
+    extra = [f"data.root={tmp_path / 'data'}"]
+    train = (sweep.get("train") or {}).get("data") or {}
+    if train.get("name"):  # a trained method's fit data (DEDOS on COCO-Stuff-171): its own fixture, a short fit
+        write_fixture(train["name"], tmp_path / "train", split=train.get("split", "train"), num_images=2, size=64)
+        extra += [f"train.data.root={tmp_path / 'train'}", "params.dedos__train_steps=2"]
+    return extra
+
+
+@pytest.mark.parametrize("path", DATASET_SWEEPS, ids=[p.stem for p in DATASET_SWEEPS])
+def test_dataset_sweep_passes_preflight_as_written(path, tmp_path):
+    """Each dataset sweep, unchanged but for its data roots, passes the preflight on its layout fixture: its
+    prompts fit the embedded model's 16 tokens (and so CLIP's 77), its masks are read in the layout's encoding."""
+    from bench.config import compose
+    from bench.preflight import preflight
+
+    plan = preflight(compose(path, [*on_fixtures(path, tmp_path), f"output_dir={tmp_path / 'run'}"]))
+    assert plan.trials
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 @pytest.mark.parametrize("path", DATASET_SWEEPS, ids=[p.stem for p in DATASET_SWEEPS])
@@ -267,14 +319,11 @@ def test_dataset_sweep_runs_on_its_layout_fixture(path, tmp_path):
     import sys
     from pathlib import Path
 
-    import yaml
-
-    data = yaml.safe_load(path.read_text())["data"]
-    write_fixture(data["name"], tmp_path / "data", split=data.get("split", "val"), num_images=1, size=64)
+    extra = on_fixtures(path, tmp_path)
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "bench.run", str(path), f"data.root={tmp_path / 'data'}",
+    proc = subprocess.run([sys.executable, "-m", "bench.run", str(path), *extra,
                            "ray.num_actors=0", "report.bootstrap=10", f"output_dir={out}"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
