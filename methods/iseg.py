@@ -124,10 +124,11 @@ def refine_steps(attn_ent: torch.Tensor, cross: torch.Tensor, iterations: list[i
     """`refine` for several N at once: one chain of products, each requested N read off on the way."""
     wanted, last, maps, out = set(iterations), max(iterations, default=0), cross, {}
     for n in range(last + 1):
+        normalized = normalize(maps)
         if n in wanted:
-            out[n] = normalize(maps)
+            out[n] = normalized
         if n < last:
-            maps = attn_ent @ normalize(maps)
+            maps = attn_ent @ normalized
     return out
 
 
