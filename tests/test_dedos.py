@@ -357,6 +357,31 @@ def test_dense_clip_500_evaluates_the_same_fits_on_more_images():
         assert run["method_versions"]["dedos"] == "3"
 
 
+FOUR_SEEN = OV_REPORT.parent / "dedos_openvocab_4seen"
+
+
+def test_four_seen_names_report_is_the_pre_registered_run():
+    """The four-seen-names run (README, DEDOS): both arms fitted at method version 4 on circle, square, triangle
+    and star, cross the only unseen class; the paper's classifier names no cross pixel in either arm, so the
+    extra name did not reach the bar (the strict xfail below stays)."""
+    import json
+
+    import pandas as pd
+
+    fits = sorted((FOUR_SEEN / "fit").iterdir())
+    settings = [json.loads((f / "train_config.json").read_text())["setting"] for f in fits]
+    assert sorted(s["values"]["components"] for s in settings) == ["baseline", "full"]
+    for s in settings:
+        assert s["version"] == "4" and s["values"]["train_classes"] == "circle+square+triangle+star"
+    results = pd.read_csv(FOUR_SEEN / "results.csv")
+    assert set(results["fit"]) == {f.name for f in fits}
+    assert "unseen: cross" in (FOUR_SEEN / "config.yaml").read_text()
+    rows = {(r["components"], r["ov_ensemble"]): r for _, r in pd.read_csv(FOUR_SEEN / "summary.csv").iterrows()}
+    for arm in ("baseline", "full"):
+        assert rows[(arm, "none")]["mIoU_unseen_ci_high"] < 1.0
+        assert rows[(arm, "none")]["mIoU_seen"] > 50.0  # the fits did learn the seen classes, star included
+
+
 def test_bad_train_settings_are_one_line_errors_before_fitting():
     method = Dedos()
     for bad, match in (({"n": 101}, "multiple of kernel_n"), ({"n": -1}, "positive"), ({"c": 250, "kernel_c": 4}, "multiple of kernel_c"),
