@@ -363,7 +363,7 @@ FOUR_SEEN = OV_REPORT.parent / "dedos_openvocab_4seen"
 def test_four_seen_names_report_is_the_pre_registered_run():
     """The four-seen-names run (README, DEDOS): both arms fitted at method version 4 on circle, square, triangle
     and star, cross the only unseen class; the paper's classifier names no cross pixel in either arm, so the
-    extra name did not reach the bar (the strict xfail below stays)."""
+    extra name did not reach the bar (test_dedos_beats_its_baseline_on_unseen_classes stays a strict xfail)."""
     import json
 
     import pandas as pd
