@@ -157,9 +157,28 @@ def test_killed_run_resumes_without_refitting_finished_settings(tmp_path, tiny_m
         config = json.loads((fit_dir / "train_config.json").read_text())
         if fit_dir.name != finished[0].name:
             assert config["resumed_from"] == 10
+            # the killed invocation's training up to the checkpoint counts in the resumed fit's seconds
+            assert 0 < config["seconds_before_resume"] < config["fit_seconds"]
         weights = load_file(fit_dir / "weights.safetensors")
         alone = local_fit(tiny_model, {**PROBE, "lr": config["setting"]["values"]["lr"]})
         assert all(torch.equal(weights[k], alone[k]) for k in ("weight", "bias"))  # bit for bit
+
+
+def test_a_resumed_fit_counts_the_seconds_its_checkpoint_kept(tmp_path):
+    """The newest (highest-step) readable checkpoint's training seconds are what a resumed fit adds to its
+    wall time; a checkpoint cut off while being written, or none at all, adds nothing."""
+    from bench.stages.fit import checkpointed_seconds
+
+    assert checkpointed_seconds(tmp_path / "absent") == 0.0
+    for name, meta in (("checkpoint_a", {"step": 10, "seconds": 4.0}), ("checkpoint_b", {"step": 20, "seconds": 9.5}),
+                       ("checkpoint_c", None)):
+        folder = tmp_path / "train" / name
+        folder.mkdir(parents=True)
+        if meta is not None:
+            (folder / "meta.json").write_text(json.dumps({**meta, "state": {}, "curve": []}))
+    (tmp_path / "train" / "checkpoint_d").mkdir()
+    (tmp_path / "train" / "checkpoint_d" / "meta.json").write_text('{"step": 3')  # torn write
+    assert checkpointed_seconds(tmp_path) == 9.5
 
 
 def test_train_source_defaults_and_enters_the_fit_hash(tmp_path):

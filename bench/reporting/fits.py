@@ -49,7 +49,8 @@ def fits_table(run: RunData, fits: list[dict]) -> Table:
     return Table(f"fits-{run.label or run.name}",
                  "Fits of this run (one per train setting, shared by every configuration that needs it; "
                  "artefacts in fit/<fit>/ of the run directory). Final loss: the last logged training loss "
-                 "(with its series where the fit logs several).",
+                 "(with its series where the fit logs several). Seconds: the fit's wall time; a resumed fit's "
+                 "includes the earlier invocation's training up to the checkpoint it resumed from.",
                  header, rows, label_columns=3, wrap_columns=(2, 7))
 
 

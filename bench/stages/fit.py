@@ -85,6 +85,8 @@ class RayFitContext(FitContext):
         self._last_progress = 0.0
         self._step = 0
         self.resumed_from: int | None = None
+        self._started = time.time()
+        self._kept_seconds = 0.0  # training time of earlier attempts that the restored checkpoint keeps
 
     @property
     def rank(self) -> int:
@@ -135,7 +137,8 @@ class RayFitContext(FitContext):
             with tempfile.TemporaryDirectory() as tmp:
                 save_file(tensors, os.path.join(tmp, "state.safetensors"))
                 _write_json(Path(tmp) / "meta.json", {"step": step, "state": meta,
-                                                     "curve": [asdict(p) for p in self.curve]})
+                                                     "curve": [asdict(p) for p in self.curve],
+                                                     "seconds": self._kept_seconds + time.time() - self._started})
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics)
@@ -158,6 +161,7 @@ class RayFitContext(FitContext):
             tensors = load_file(os.path.join(folder, "state.safetensors"))
         self.curve = [LossPoint(**p) for p in meta["curve"]]
         self.resumed_from = meta["step"]
+        self._kept_seconds = float(meta.get("seconds", 0.0))
         return meta["step"], unpack_state(tensors, meta["state"])
 
     def finish(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -296,6 +300,7 @@ def train_one(cfg: SweepConfig, unit: FitUnit, fit_dir: Path, fault: Fault | Non
     fit_dir.mkdir(parents=True, exist_ok=True)
     storage = (fit_dir / "ray").resolve()
     resuming = storage.is_dir() and any(storage.rglob("checkpoint_*"))
+    earlier = checkpointed_seconds(storage) if resuming else 0.0  # an earlier invocation's training, kept
     log.info("%s fit %s (%s %s) on %d worker(s)", "resuming" if resuming else "starting", unit.hash,
              unit.setting.fitter, dict(unit.setting.values), cfg.train.num_workers)
     trainer = TorchTrainer(
@@ -313,10 +318,27 @@ def train_one(cfg: SweepConfig, unit: FitUnit, fit_dir: Path, fault: Fault | Non
     with result.checkpoint.as_directory() as folder:
         final = json.loads((Path(folder) / "final.json").read_text())
         tensors = load_file(os.path.join(folder, ARTEFACT))
+    timing = {"fit_seconds": round(time.time() - started + earlier, 3)}
+    if resuming:
+        timing["seconds_before_resume"] = round(earlier, 3)
     write_fit(fit_dir, unit, cfg, tensors, [LossPoint(**p) for p in final["curve"]],
-              {**{k: v for k, v in final.items() if k != "curve"}, "fit_seconds": round(time.time() - started, 3)})
+              {**{k: v for k, v in final.items() if k != "curve"}, **timing})
     shutil.rmtree(storage, ignore_errors=True)
     (fit_dir / "progress.json").unlink(missing_ok=True)
+
+
+def checkpointed_seconds(storage: Path) -> float:
+    """Training seconds kept by the newest checkpoint in a fit's Ray Train storage (the one a resumed fit
+    restarts from: the highest step), so a resumed fit's `fit_seconds` counts the earlier invocation's work
+    up to that checkpoint. 0 where none is readable (a checkpoint cut off while being written)."""
+    best = (-1, 0.0)
+    for meta in storage.rglob("checkpoint_*/meta.json"):
+        try:
+            data = json.loads(meta.read_text())
+            best = max(best, (int(data["step"]), float(data.get("seconds", 0.0))))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return best[1]
 
 
 def _fit_with_progress(trainer, fit_dir: Path, label: str):
