@@ -11,6 +11,11 @@ from bench.registry import Registry, unknown_name_message
 DATASETS: Registry = Registry("dataset", "data.name")
 
 
+def _shapes_many(options: dict) -> SegDataset:
+    from bench.data.shapes import ManyShapesDataset
+
+    return ManyShapesDataset(**options)
+
 
 def _shapes(options: dict) -> SegDataset:
     from bench.data.shapes import ShapesDataset
@@ -39,6 +44,8 @@ def _coco_cap(options: dict) -> SegDataset:
 # name -> (options with defaults, builder). `name` and `limit` (first N images) are common to all.
 DATASETS.register("shapes")(({"num_images": 100, "size": 512, "seed": 0, "split": "val", "min_objects": 1,
                               "max_objects": 3}, _shapes))
+DATASETS.register("shapes_many")(({"num_images": 100, "size": 512, "seed": 0, "split": "val", "min_objects": 1,
+                                   "max_objects": 3}, _shapes_many))
 DATASETS.register("voc2012")(({"root": None, "split": "val"}, _voc))
 # The papers' real datasets in MMSegmentation's layouts (CAT-Seg's for PC-459 and ADE-847): one module per
 # layout, each docstring states its paths and label encodings; class lists in bench/data/classes/.

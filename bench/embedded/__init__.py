@@ -33,7 +33,7 @@ def shipped_folder() -> Path | None:
     return WEIGHTS_DIR if (WEIGHTS_DIR / "model_index.json").is_file() else None
 
 
-def build_tokenizer(max_length: int = 77) -> CLIPTokenizer:
+def build_tokenizer(max_length: int = 77, extra_words: list[str] | tuple[str, ...] = ()) -> CLIPTokenizer:
     """A CLIP BPE tokenizer over characters plus merges that spell every word of WORDS as one token.
 
     BPE applies the lowest-ranked merge first, so a word's chain can be cut by another word's merge; any word
@@ -44,7 +44,9 @@ def build_tokenizer(max_length: int = 77) -> CLIPTokenizer:
     for tok in ["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars)]:
         vocab.setdefault(tok, len(vocab))
     merges: list[tuple[str, str]] = []
-    pending = {w: list(w[:-1]) + [w[-1] + "</w>"] for w in WORDS if len(w) > 1}
+    # extra words come after WORDS, so WORDS' own vocabulary and merges come first, as without them
+    words = [*WORDS, *(w for w in extra_words if w not in WORDS)]
+    pending = {w: list(w[:-1]) + [w[-1] + "</w>"] for w in words if len(w) > 1}
     for _ in range(20):
         for pieces in pending.values():
             prefix = pieces[0]
@@ -54,7 +56,7 @@ def build_tokenizer(max_length: int = 77) -> CLIPTokenizer:
                 prefix += piece
                 vocab.setdefault(prefix, len(vocab))
         tokenizer = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=max_length)
-        pending = {w: p for w in WORDS if len(p := tokenizer.tokenize(w)) > 1}
+        pending = {w: p for w in words if len(p := tokenizer.tokenize(w)) > 1}
         if not pending:
             return tokenizer
     raise RuntimeError(f"could not build single-token merges for {sorted(pending)}")

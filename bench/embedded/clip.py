@@ -64,22 +64,38 @@ DEFAULTS = {
     "background_share": 0.1,  # share rendered with no objects, captioned "a photo of a background" (teaches the word)
     "val_every": 0,  # >0: log zero-shot accuracy on 200 shapes *val* images every N steps (never test)
     "dense_weight": 0.0,  # >0: add the dense alignment loss (dense_alignment_loss) with this weight
+    "world": "shapes",  # the scenes it learns: shapes (5 shapes) or shapes_many (16: the open-vocabulary world)
 }
+WORLDS = ("shapes", "shapes_many")
 
 
-def shipped_clip() -> Path | None:
-    """The trained tiny CLIP folder shipped in the package, if it has been trained and committed."""
-    return CLIP_DIR if (CLIP_DIR / "config.json").is_file() else None
+def world_dataset(world: str):
+    """The dataset class of a world (`--world`)."""
+    from bench.data.shapes import ManyShapesDataset, ShapesDataset
+
+    if world not in WORLDS:
+        raise ValueError(f"unknown world {world!r}; choose one of {', '.join(WORLDS)}")
+    return ManyShapesDataset if world == "shapes_many" else ShapesDataset
+
+
+def shipped_clip(name: str = "clip") -> Path | None:
+    """The trained tiny CLIP folder `bench/embedded/<name>` shipped in the package (clip: the shapes world's,
+    clip_many: the sixteen-shape world's), if it has been trained and committed."""
+    folder = CLIP_DIR.parent / name
+    return folder if (folder / "config.json").is_file() else None
 
 
 def build_clip(size: int = 64, patch: int = 8, width: int = 64, layers: int = 3, heads: int = 4,
-               projection: int = 64, max_length: int = 16, seed: int = 0, text_layers: int = 2):
-    """(CLIPModel with seeded random weights, its tokenizer): the tiny architecture (also used by tests)."""
+               projection: int = 64, max_length: int = 16, seed: int = 0, text_layers: int = 2,
+               world: str = "shapes"):
+    """(CLIPModel with seeded random weights, its tokenizer): the tiny architecture (also used by tests).
+    world=shapes_many: the tokenizer also spells that world's shape names as whole words (appended after the
+    embedded tokenizer's own, which keep their ids)."""
     from transformers import CLIPConfig, CLIPModel
 
     from bench.embedded import build_tokenizer
 
-    tokenizer = build_tokenizer(max_length=max_length)
+    tokenizer = build_tokenizer(max_length=max_length, extra_words=world_dataset(world).shapes)
     text = dict(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
                 num_hidden_layers=text_layers, num_attention_heads=heads, max_position_embeddings=max_length,
                 bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=projection)
@@ -141,14 +157,12 @@ def recolour(images_uint8: torch.Tensor, which: torch.Tensor, gen: torch.Generat
 
 
 def render_pool(num_images: int, size: int, seed: int, split: str = "train", min_objects: int = 1,
-                max_objects: int = 3, empty: bool = False, labels: list | None = None
+                max_objects: int = 3, empty: bool = False, labels: list | None = None, world: str = "shapes"
                 ) -> tuple[torch.Tensor, list[list[dict]]]:
     """(N, 3, size, size) uint8 images and their scene layouts, from the shapes world's own renderer
     (empty: the backgrounds alone, no objects). `labels`: a list that receives each image's label map."""
-    from bench.data.shapes import ShapesDataset
-
-    ds = ShapesDataset(num_images=num_images, size=size, seed=seed, split=split, min_objects=min_objects,
-                       max_objects=max_objects)
+    ds = world_dataset(world)(num_images=num_images, size=size, seed=seed, split=split, min_objects=min_objects,
+                              max_objects=max_objects)
     images = np.empty((num_images, size, size, 3), dtype=np.uint8)
     layouts = []
     for i in tqdm(range(num_images), desc="render", unit="img", mininterval=5, leave=False):
@@ -223,23 +237,24 @@ def train(args: argparse.Namespace, out: Path) -> dict:
 
     torch.set_num_threads(1)
     model, tokenizer = build_clip(args.size, args.patch, args.width, args.layers, args.heads, args.projection,
-                                  args.max_length, args.seed)
+                                  args.max_length, args.seed, world=args.world)
     started, cpu_started = time.time(), time.process_time()
     single = int(round(args.num_train_images * args.single_share))
     empty = int(round(args.num_train_images * args.background_share))
     labels = [] if args.dense_weight > 0 else None
-    images, layouts = render_pool(args.num_train_images - single - empty, args.size, args.seed, labels=labels)
+    images, layouts = render_pool(args.num_train_images - single - empty, args.size, args.seed, labels=labels,
+                                  world=args.world)
     if single:  # a second seed stream: single-object scenes with their own backgrounds
         one, one_layouts = render_pool(single, args.size, args.seed + 1, min_objects=1, max_objects=1,
-                                       labels=labels)
+                                       labels=labels, world=args.world)
         images, layouts = torch.cat([images, one]), layouts + one_layouts
     if empty:  # a third seed stream: backgrounds alone, so that "background" names something
-        none, none_layouts = render_pool(empty, args.size, args.seed + 2, empty=True, labels=labels)
+        none, none_layouts = render_pool(empty, args.size, args.seed + 2, empty=True, labels=labels,
+                                         world=args.world)
         images, layouts = torch.cat([images, none]), layouts + none_layouts
     dense = None
     if labels is not None:  # the renderer's classes of every patch, and the class-name texts they are matched to
-        from bench.data.shapes import CLASSES as names
-
+        names = world_dataset(args.world).classes
         dense = patch_labels(torch.from_numpy(np.stack(labels)), args.patch, len(names))
         class_tok = tokenizer([ZERO_SHOT_TEMPLATES[0].format(n) for n in names], padding="max_length",
                               max_length=args.max_length, truncation=True, return_tensors="pt")
@@ -292,7 +307,8 @@ def train(args: argparse.Namespace, out: Path) -> dict:
             model.eval()
             from bench.models.clip import Clip
 
-            val = zero_shot_accuracy(Clip(model, tokenizer, CLIP_MEAN, CLIP_STD), 200, split="val")
+            val = zero_shot_accuracy(Clip(model, tokenizer, CLIP_MEAN, CLIP_STD), 200, split="val",
+                                     world=args.world)
             log.info("step %d: loss %.3f, val zero-shot %.1f%% %s", step + 1, np.mean(curve[-100:]),
                      100 * val["accuracy"], {k: round(v, 2) for k, v in val["per_class"].items()})
             model.train()
@@ -315,23 +331,24 @@ def train(args: argparse.Namespace, out: Path) -> dict:
 
 # ------------------------------------------------------------------------------------------------- evaluate
 @torch.no_grad()
-def zero_shot_accuracy(clip, num_images: int = 500, seed: int = 0, split: str = "test") -> dict:
+def zero_shot_accuracy(clip, num_images: int = 500, seed: int = 0, split: str = "test",
+                       world: str = "shapes") -> dict:
     """Zero-shot shape classification of held-out single-object images (shapes test split, never trained on):
     the class whose prompt-ensembled text embedding (ZERO_SHOT_TEMPLATES) is most similar to the image's."""
-    from bench.data.shapes import SHAPES
-
-    images, layouts = render_pool(num_images, clip.image_size, seed, split=split, min_objects=1, max_objects=1)
-    truth = torch.tensor([SHAPES.index(objs[0]["shape"]) for objs in layouts])
-    text = clip.class_embeddings(SHAPES, ZERO_SHOT_TEMPLATES)
+    shapes = world_dataset(world).shapes
+    images, layouts = render_pool(num_images, clip.image_size, seed, split=split, min_objects=1, max_objects=1,
+                                  world=world)
+    truth = torch.tensor([shapes.index(objs[0]["shape"]) for objs in layouts])
+    text = clip.class_embeddings(shapes, ZERO_SHOT_TEMPLATES)
     feats = torch.cat([clip.image_embeddings(images[i:i + 256]) for i in range(0, num_images, 256)])
     predicted = (feats @ text.T).argmax(-1)
-    per_class = {name: float((predicted[truth == k] == k).float().mean()) for k, name in enumerate(SHAPES)}
+    per_class = {name: float((predicted[truth == k] == k).float().mean()) for k, name in enumerate(shapes)}
     return {"accuracy": float((predicted == truth).float().mean()), "per_class": per_class,
-            "images": num_images, "split": split, "seed": seed, "chance": 1 / len(SHAPES)}
+            "images": num_images, "split": split, "seed": seed, "chance": 1 / len(shapes), "world": world}
 
 
 @torch.no_grad()
-def dense_zero_shot(clip, num_images: int = 100, size: int = 64) -> dict:
+def dense_zero_shot(clip, num_images: int = 100, size: int = 64, world: str = "shapes") -> dict:
     """Training-free dense zero-shot segmentation of shapes val (the images DEDOS's open-vocabulary sweep
     scores): every patch takes the class, "background" included, whose prompt-ensembled text embedding is most
     similar to the patch's projected embedding (bench.models.clip.Clip.dense_embeddings: MaskCLIP's recipe),
@@ -343,7 +360,7 @@ def dense_zero_shot(clip, num_images: int = 100, size: int = 64) -> dict:
     from bench.data import build_dataset
     from bench.metrics import ImageScorer, summarize
 
-    val = build_dataset({"name": "shapes", "size": size, "split": "val", "num_images": num_images})
+    val = build_dataset({"name": world, "size": size, "split": "val", "num_images": num_images})
     names = list(val.classes)
     text = clip.class_embeddings(names, ZERO_SHOT_TEMPLATES)
     hist = 0
@@ -360,7 +377,7 @@ def dense_zero_shot(clip, num_images: int = 100, size: int = 64) -> dict:
 
 
 @torch.no_grad()
-def region_zero_shot(clip, num_images: int = 100, size: int = 64) -> dict:
+def region_zero_shot(clip, num_images: int = 100, size: int = 64, world: str = "shapes") -> dict:
     """Zero-shot classification of every ground-truth shape region of shapes val (the images DEDOS's
     open-vocabulary sweep scores) among the shape names, two ways: `pooled`, the CLIP's dense patches
     (Clip.dense_embeddings) averaged over the region (FC-CLIP's out-of-vocabulary path with perfect masks), and
@@ -371,7 +388,7 @@ def region_zero_shot(clip, num_images: int = 100, size: int = 64) -> dict:
 
     from bench.data import build_dataset
 
-    val = build_dataset({"name": "shapes", "size": size, "split": "val", "num_images": num_images})
+    val = build_dataset({"name": world, "size": size, "split": "val", "num_images": num_images})
     shapes = list(val.classes[1:])
     text = clip.class_embeddings(shapes, ZERO_SHOT_TEMPLATES)
     hits = {way: {n: [] for n in shapes} for way in ("pooled", "masked")}
@@ -413,9 +430,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.evaluate:
             clip = load_clip(args.model or str(CLIP_DIR))
-            result = zero_shot_accuracy(clip, args.eval_images)
-            result["dense_zero_shot"] = dense_zero_shot(clip)
-            result["region_zero_shot"] = region_zero_shot(clip)
+            result = zero_shot_accuracy(clip, args.eval_images, world=args.world)
+            result["dense_zero_shot"] = dense_zero_shot(clip, world=args.world)
+            result["region_zero_shot"] = region_zero_shot(clip, world=args.world)
             return json.dumps(result)
         if args.out.exists() and any(args.out.iterdir()):
             raise BenchError(f"--out {args.out} is not empty; remove it or choose another folder")

@@ -61,24 +61,28 @@ TEMPLATES = ("a photo of a {}", "a {}")
 CHECKPOINT_EVERY = 50
 MEMORY_DECAY = 0.99
 BACKGROUND = "background"
+EMBEDDED_CLIPS = {"embedded": "clip", "embedded_many": "clip_many"}  # clip= value -> folder in bench/embedded
 
 
 def clip_spec(value: str) -> str:
-    """`clip=embedded`: the shipped tiny CLIP of the shapes world; anything else: a folder or cached hub id."""
-    if value != "embedded":
+    """`clip=embedded`: the shipped tiny CLIP of the shapes world; `clip=embedded_many`: the shipped tiny CLIP of
+    the sixteen-shape world (`shapes_many`, the open-vocabulary protocol); anything else: a folder or cached
+    hub id."""
+    if value not in EMBEDDED_CLIPS:
         return value
     from bench.embedded.clip import shipped_clip
 
-    folder = shipped_clip()
+    folder = shipped_clip(EMBEDDED_CLIPS[value])
     if folder is None:
-        raise BenchError("clip=embedded but bench/embedded/clip/ holds no trained CLIP; train it with "
-                         "python -m bench.embedded.clip or pass clip=<CLIP folder or cached hub id>")
+        raise BenchError(f"clip={value} but bench/embedded/{EMBEDDED_CLIPS[value]}/ holds no trained CLIP; train "
+                         f"it with python -m bench.embedded.clip --world {'shapes_many' if value == 'embedded_many' else 'shapes'} "
+                         f"--out bench/embedded/{EMBEDDED_CLIPS[value]} or pass clip=<CLIP folder or cached hub id>")
     return str(folder)
 
 
 def architecture(cfg: Mapping) -> dict:
     """The configuration with every `0` (auto) ARCHITECTURE parameter replaced by its paper or embedded value."""
-    sizes = EMBEDDED_SIZES if cfg["clip"] == "embedded" else PAPER_SIZES
+    sizes = EMBEDDED_SIZES if cfg["clip"] in EMBEDDED_CLIPS else PAPER_SIZES
     out = {k: cfg[k] for k in ("components", "image_size", "kernel_n", "kernel_c", "clip", "cost_aggregation")}
     out.update({k: int(cfg[k]) or sizes[k] for k in ARCHITECTURE})
     return out
@@ -162,8 +166,9 @@ class Dedos(Method):
     params = {
         "classes": Param("all", "classes scored per image: all (every dataset class, the open-vocabulary "
                          "protocol) or gt (image-level labels)", kind="forward", choices=("gt", "all")),
-        "clip": Param("embedded", "CLIP: embedded (the shipped tiny CLIP of the shapes world), a CLIPModel folder "
-                      "or a cached hub id (the paper: ViT-L/14@336)", kind="train"),
+        "clip": Param("embedded", "CLIP: embedded (the shipped tiny CLIP of the shapes world), embedded_many (of "
+                      "the sixteen-shape world, data=shapes_many), a CLIPModel folder or a cached hub id (the "
+                      "paper: ViT-L/14@336)", kind="train"),
         "components": Param("full", "Table 3: baseline | once | progressive | decoupling | full",
                             choices=COMPONENTS, kind="train"),
         "train_classes": Param("all", "classes the fit sees, joined by + (open-vocabulary protocol: the others "
