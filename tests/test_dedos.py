@@ -252,11 +252,15 @@ def test_registered_with_train_and_post_knobs():
 REPORT = Path(__file__).resolve().parents[1] / "reports/embedded/dedos_openvocab_v4"
 
 
-def committed_results():
+# the same bar on the sixteen-shape world (sweeps/dedos_openvocab_many.yaml: twelve seen names, four unseen)
+MANY_REPORT = REPORT.parent / "dedos_openvocab_many"
+
+
+def committed_results(report=REPORT):
     """Each arm's row with the paper's classifier (ov_ensemble=none, the default)."""
     import pandas as pd
 
-    frame = pd.read_csv(REPORT / "summary.csv")
+    frame = pd.read_csv(report / "summary.csv")
     return {row["components"]: row for _, row in frame.iterrows() if row["ov_ensemble"] == "none"}
 
 
@@ -281,9 +285,41 @@ def test_committed_report_has_seen_and_unseen_intervals():
                    "unseen pixel in either arm: unseen mIoU baseline 0.0 [0.0, 0.0], DEDOS 0.0 [0.0, 0.0] (version 3: "
                    "0.0 / 0.1). Neither a CLIP whose patches know the shapes nor a fourth seen name changed that: the "
                    "head trained on three or four names never scores an unseen one above them (README, DEDOS)")
-def test_dedos_beats_its_baseline_on_unseen_classes():
-    rows = committed_results()
+@pytest.mark.parametrize("report", [
+    REPORT,
+    pytest.param(MANY_REPORT, marks=pytest.mark.xfail(
+        strict=True, reason="on shapes_many (1,500 steps, pre-registered) both arms name unseen pixels for the "
+        "first time, but the intervals overlap: unseen baseline 3.3 [1.8, 5.2], DEDOS 4.6 [2.7, 6.3]; the fits "
+        "underfit sixteen classes (seen 15.6 / 19.0; README, DEDOS)"))], ids=["shapes", "shapes_many"])
+def test_dedos_beats_its_baseline_on_unseen_classes(report):
+    rows = committed_results(report)
     assert rows["full"]["mIoU_unseen_ci_low"] > rows["baseline"]["mIoU_unseen_ci_high"]
+
+
+def test_many_shapes_report_is_the_pre_registered_run():
+    """The sixteen-shape run (README, DEDOS): both arms at method version 4 on twelve seen names with the
+    world's own CLIP, ring, heart, arrow and hourglass unseen, 300 val images; the paper's classifier names
+    unseen shapes in both arms (the five-shape world's never did), DEDOS ahead on seen and unseen alike."""
+    import json
+
+    import pandas as pd
+
+    fits = sorted((MANY_REPORT / "fit").iterdir())
+    settings = [json.loads((f / "train_config.json").read_text())["setting"] for f in fits]
+    assert sorted(s["values"]["components"] for s in settings) == ["baseline", "full"]
+    for s in settings:
+        values = s["values"]
+        assert s["version"] == "4" and values["clip"] == "embedded_many" and values["train_steps"] == 1500
+        assert len(values["train_classes"].split("+")) == 12
+        assert not {"ring", "heart", "arrow", "hourglass"} & set(values["train_classes"].split("+"))
+    assert set(pd.read_csv(MANY_REPORT / "results.csv")["fit"]) == {f.name for f in fits}
+    assert "unseen: ring+heart+arrow+hourglass" in (MANY_REPORT / "config.yaml").read_text()
+    assert "bootstrap over 300 images" in (MANY_REPORT / "summary.csv").read_text()
+    rows = committed_results(MANY_REPORT)
+    for arm in ("baseline", "full"):
+        assert rows[arm]["mIoU_unseen_ci_low"] > 0.0
+    assert rows["full"]["mIoU_seen"] > rows["baseline"]["mIoU_seen"]
+    assert rows["full"]["mIoU_unseen"] > rows["baseline"]["mIoU_unseen"]
 
 
 def test_geometric_ensemble_weights_the_decoder_and_clip_per_class():
