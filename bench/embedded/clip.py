@@ -421,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="CLIP folder or cached hub id to evaluate (default: shipped)")
     parser.add_argument("--eval-images", type=int, default=500)
     for key, value in DEFAULTS.items():
-        parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
+        parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value,
+                            choices=WORLDS if key == "world" else None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
