@@ -85,3 +85,12 @@ def test_shipped_many_world_clip_is_trained_on_every_name():
     result = zero_shot_accuracy(load_clip(str(folder)), num_images=150, world="shapes_many")
     assert result["accuracy"] >= 0.65 and min(result["per_class"].values()) >= 0.2, result
     assert all(result["per_class"][name] >= 0.4 for name in ("ring", "heart", "arrow", "hourglass")), result
+
+
+def test_an_unknown_clip_world_is_a_one_line_error_that_writes_nothing(tmp_path, capsys):
+    from bench.embedded.clip import main
+
+    with pytest.raises(SystemExit) as err:
+        main(["--world", "shapez", "--out", str(tmp_path / "clip")])
+    assert err.value.code == 2 and "invalid choice: 'shapez'" in capsys.readouterr().err
+    assert not (tmp_path / "clip").exists()
