@@ -172,6 +172,24 @@ def test_two_swept_parameters_give_a_heatmap_three_parallel_coordinates(tmp_path
     assert "| 0.01 | 2 | both | **56.0** | **75.2** | -19.2 |" in md
 
 
+def test_figure_panels_are_reduced_to_what_a_panel_shows():
+    """Images and label maps go into a panel at most PANEL_SIDE a side: labels keep their ids (no averaging
+    invents a class between two), images are block means; small arrays are drawn as they are."""
+    from bench.reporting.qualitative import PANEL_SIDE, for_panel
+
+    rng = np.random.default_rng(0)
+    label = rng.integers(0, 3, (512, 512)).astype(np.uint8)
+    label[0, 0] = 255
+    small = for_panel(label, nearest=True)
+    assert small.shape == (256, 256) and max(small.shape) <= PANEL_SIDE
+    assert set(np.unique(small)) <= set(np.unique(label)) and small[0, 0] == 255
+    image = rng.integers(0, 256, (512, 384, 3)).astype(np.uint8)
+    reduced = for_panel(image, nearest=False)
+    assert reduced.shape == (256, 192, 3) and reduced.dtype == np.uint8
+    assert abs(int(reduced[0, 0, 0]) - image[:2, :2, 0].mean()) <= 1
+    assert for_panel(label[:64, :64], nearest=True).shape == (64, 64)
+
+
 def test_qualitative_figure_from_saved_predictions(tmp_path):
     class Sample:
         image_id = "img/0 <b>"

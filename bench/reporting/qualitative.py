@@ -29,6 +29,9 @@ import numpy as np
 
 QUALITATIVE_DIR = "qualitative"
 SCORE_SIDE = 128
+# largest side of an image or label map drawn in a figure panel (~170 px at the figure's size and dpi): matplotlib
+# resamples whatever it is given to the panel, and at 512 px that resampling was a third of a small run's report
+PANEL_SIDE = 256
 
 
 def _score_maps(x) -> np.ndarray:
@@ -130,6 +133,20 @@ def load_qualitative(run_dir: str | Path) -> list[QualImage]:
     return list(images.values())
 
 
+def for_panel(array: np.ndarray, nearest: bool) -> np.ndarray:
+    """An image (H, W, 3) or label map (H, W) reduced by an integer factor to at most PANEL_SIDE a side:
+    labels by taking every f-th pixel (ids are not averaged), images by averaging f x f blocks."""
+    h, w = array.shape[:2]
+    f = -(-max(h, w) // PANEL_SIDE)
+    if f <= 1:
+        return array
+    if nearest:
+        return array[::f, ::f]
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(np.ascontiguousarray(array)).reduce(f))
+
+
 def palette(n: int) -> np.ndarray:
     """PASCAL VOC's colour map (class 0 black), (n, 3) uint8."""
     out = np.zeros((max(n, 1), 3), np.uint8)
@@ -184,8 +201,8 @@ def qualitative_figure(run_dir: str | Path, summary, out_path: Path, title: str 
         n = len(q.class_names)
         fg = [c for c in np.unique(q.label) if c not in (0, q.ignore_index)]
         present.update(int(c) for c in np.unique(q.label) if c != q.ignore_index)
-        axes[i, 0].imshow(q.image)
-        axes[i, 1].imshow(colorize(q.label, n, q.ignore_index), interpolation="nearest")
+        axes[i, 0].imshow(for_panel(q.image, nearest=False))
+        axes[i, 1].imshow(colorize(for_panel(q.label, nearest=True), n, q.ignore_index), interpolation="nearest")
         shown_class = None
         for k, trial in enumerate(trials):
             key = next((kk for kk in sorted(q.entries) if kk[0] == trial), None)
@@ -203,7 +220,7 @@ def qualitative_figure(run_dir: str | Path, summary, out_path: Path, title: str 
             if shown_class is not None and shown_class in ids:
                 ax_s.imshow(scores[ids.index(shown_class)], cmap="jet", vmin=0, vmax=1, interpolation="bilinear")
             present.update(int(c) for c in np.unique(pred) if c != q.ignore_index)
-            ax_m.imshow(colorize(pred, n, q.ignore_index), interpolation="nearest")
+            ax_m.imshow(colorize(for_panel(pred, nearest=True), n, q.ignore_index), interpolation="nearest")
         cname = q.class_names[shown_class] if shown_class is not None and shown_class < n else "?"
         axes[i, 0].set_ylabel(tx(_short(q.image_id, 14)), fontsize=7)
         prompts = sorted({p for p in q.prompts.values() if p})
