@@ -80,6 +80,53 @@ def test_fit_is_deterministic_and_reloads_identically():
     assert set(only.labels.unique().tolist()) <= {0, 2}
 
 
+def test_mmseg_augmentation_keeps_shapes_and_ids_and_pads_with_ignore():
+    """augment=mmseg (MMSegmentation's SegFormer pipeline): every output is (3, S, S) / (S, S), labels are the
+    input's ids or 255, a shrunk image sits top-left with normalised 0 and ignored labels around it, and the
+    same generator seed gives the same pair."""
+    from methods.segformer import MEAN, STD, mmseg_augment, pixel_values
+
+    sample = build_dataset({**SHAPES, "size": 32, "split": "train", "num_images": 1})[0]
+    x, y = pixel_values([sample.image], 32)[0], torch.from_numpy(sample.label.astype(np.int64))
+    shrunk = 0
+    for seed in range(40):
+        a = mmseg_augment(x, y, torch.Generator().manual_seed(seed), flip=seed % 2 == 1)
+        b = mmseg_augment(x, y, torch.Generator().manual_seed(seed), flip=seed % 2 == 1)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        image, label = a
+        assert image.shape == (3, 32, 32) and label.shape == (32, 32)
+        assert set(label.unique().tolist()) <= set(y.unique().tolist()) | {255}
+        rgb = (image * STD[0] + MEAN[0]) * 255
+        real = label != 255
+        assert rgb[:, real].min() > -1e-3 and rgb[:, real].max() < 255 + 1e-3
+        if label[-1, -1] == 255:
+            shrunk += 1
+            assert (image[:, -1, -1] == 0).all()
+    assert 5 < shrunk < 35  # the resize ratio is drawn from [0.5, 2]: about a third of the draws shrink
+
+
+def test_hsv_conversion_round_trips():
+    from methods.segformer import hsv_to_rgb, rgb_to_hsv
+
+    rgb = torch.randint(0, 256, (3, 16, 16), generator=torch.Generator().manual_seed(0)).float()
+    hsv = rgb_to_hsv(rgb)
+    assert hsv[0].min() >= 0 and hsv[0].max() < 180 and hsv[1:].min() >= 0 and hsv[1:].max() <= 255
+    assert torch.allclose(hsv_to_rgb(hsv), rgb, atol=1e-3)
+    grey = torch.full((3, 2, 2), 77.0)
+    assert torch.equal(rgb_to_hsv(grey)[:2], torch.zeros(2, 2, 2))
+
+
+def test_mmseg_augmentation_is_another_deterministic_fit():
+    train = build_dataset({**SHAPES, "split": "train", "num_images": 8})
+    values = {**FAST, "steps": 6, "augment": "mmseg"}
+    _, _, setting, tensors, _ = fit(values, train)
+    _, _, _, again, _ = fit(values, train)
+    _, _, plain, flips_only, _ = fit({**FAST, "steps": 6}, train)
+    assert setting.key != plain.key
+    assert all(torch.equal(tensors[k], again[k]) for k in tensors)
+    assert not all(torch.equal(tensors[k], flips_only[k]) for k in tensors)
+
+
 def test_a_different_seed_or_data_size_is_another_fit():
     cls = METHODS.get("segformer")
     keys = {cls().train_setting(cls.resolve(v)).key for v in ({}, {"train_seed": 1}, {"train_images": 10})}
