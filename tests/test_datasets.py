@@ -86,7 +86,11 @@ def test_preflight_accepts_each_layouts_masks_with_their_ignore_value(name, tmp_
 
     write_fixture(name, tmp_path, num_images=2, size=24)
     ds = build_dataset({"name": name, "root": str(tmp_path)})
-    assert len(check_images(ds, {"name": name, "root": str(tmp_path)})) == 2
+    kept = check_images(ds, {"name": name, "root": str(tmp_path)})
+    assert len(kept) == 2
+    for light, full in zip(kept, ds):  # what the prompt check reads, without the pixels
+        assert light.image.size == 0 and light.label.size <= len(ds.classes) + 1
+        assert light.present_class_ids() == full.present_class_ids() and light.caption == full.caption
 
     class OnePastTheLastClass:  # the layout's samples with every mask value one past its last class id
         def __len__(self):
