@@ -258,6 +258,8 @@ MANY_REPORT = REPORT.parent / "dedos_openvocab_many"
 MANY_3000 = REPORT.parent / "dedos_openvocab_many_3000"
 # those two 3,000-step fits, unchanged, evaluated on the first 1,500 val images (pre-registered after MANY_3000)
 MANY_3000_VAL1500 = REPORT.parent / "dedos_openvocab_many_3000_val1500"
+# both arms re-fitted with fit_seed=1, the same 1,500 val images: the replication MANY_3000_VAL1500's PREREG.md asks for
+MANY_3000_SEED1 = REPORT.parent / "dedos_openvocab_many_3000_seed1"
 
 
 def committed_results(report=REPORT):
@@ -298,11 +300,42 @@ def test_committed_report_has_seen_and_unseen_intervals():
     pytest.param(MANY_3000, marks=pytest.mark.xfail(
         strict=True, reason="at 3,000 steps (pre-registered) DEDOS's lead grows but the intervals still overlap: "
         "unseen baseline 2.9 [1.6, 4.7], DEDOS 6.0 [3.7, 8.6] (seen 17.5 / 25.6; README, DEDOS)")),
-    pytest.param(MANY_3000_VAL1500)],
-    ids=["shapes", "shapes_many", "shapes_many_3000", "shapes_many_3000_val1500"])
+    pytest.param(MANY_3000_VAL1500),
+    pytest.param(MANY_3000_SEED1, marks=pytest.mark.xfail(
+        strict=True, reason="the pre-registered replication with fit_seed=1 (3,000 steps, 1,500 val images): "
+        "unseen baseline 6.7 [5.4, 7.8], DEDOS 6.6 [5.3, 7.8]; seen 18.0 / 25.9 (README, DEDOS)"))],
+    ids=["shapes", "shapes_many", "shapes_many_3000", "shapes_many_3000_val1500", "shapes_many_3000_seed1"])
 def test_dedos_beats_its_baseline_on_unseen_classes(report):
+    """Per pair of fits: DEDOS's unseen interval (over images) lies above the baseline's. The issue's bar is
+    test_dedos_unseen_lead_holds_for_both_fit_seeds: one pair can pass by its training seed alone."""
     rows = committed_results(report)
     assert rows["full"]["mIoU_unseen_ci_low"] > rows["baseline"]["mIoU_unseen_ci_high"]
+
+
+@pytest.mark.xfail(strict=True, reason="pre-registered: met only if both pairs of 3,000-step fits pass on 1,500 val "
+                   "images; seed 0 does (5.7 [4.6, 6.8] vs 2.9 [2.4, 3.4]), seed 1 does not (6.6 [5.3, 7.8] vs 6.7 "
+                   "[5.4, 7.8]): a training seed moves the baseline's unseen mIoU by 3.8 points (README, DEDOS)")
+def test_dedos_unseen_lead_holds_for_both_fit_seeds():
+    for report in (MANY_3000_VAL1500, MANY_3000_SEED1):
+        rows = committed_results(report)
+        assert rows["full"]["mIoU_unseen_ci_low"] > rows["baseline"]["mIoU_unseen_ci_high"]
+
+
+def test_many_shapes_seed1_report_is_the_replication():
+    """The seed-1 pair: MANY_3000_VAL1500's train settings but fit_seed, the same 1,500 val images; DEDOS's
+    seen lead replicates (disjoint intervals in both pairs)."""
+    import json
+
+    for arm in ("baseline", "full"):
+        (first,) = (MANY_3000_VAL1500 / arm / "fit").iterdir()
+        (again,) = (MANY_3000_SEED1 / arm / "fit").iterdir()
+        a = json.loads((first / "train_config.json").read_text())["setting"]["values"]
+        b = json.loads((again / "train_config.json").read_text())["setting"]["values"]
+        assert (a["fit_seed"], b["fit_seed"]) == (0, 1) and {**a, "fit_seed": 1} == b
+        assert json.loads((MANY_3000_SEED1 / arm / "run.json").read_text())["num_images"] == 1500
+    for report in (MANY_3000_VAL1500, MANY_3000_SEED1):
+        rows = committed_results(report)
+        assert rows["full"]["mIoU_seen_ci_low"] > rows["baseline"]["mIoU_seen_ci_high"]
 
 
 def test_many_shapes_3000_steps_report_is_the_pre_registered_run():
