@@ -257,6 +257,8 @@ DOWNSTREAM_B0 = ROOT / "reports" / "embedded" / "freegen_downstream_200_b0"
 # the tiny segmenter with MMSegmentation's training pipeline (params.augment=mmseg), pre-registered at five seeds
 # per synthetic arm and three for the real one, on the two 200-image sets synthesised again on the CPU (session 13)
 DOWNSTREAM_MMSEG = ROOT / "reports" / "embedded" / "freegen_downstream_200_mmseg"
+# exploratory, no bar verdict: the same with 4,000 steps, three seeds per synthetic arm and two real runs
+DOWNSTREAM_MMSEG_4000 = ROOT / "reports" / "embedded" / "freegen_downstream_200_mmseg_4000"
 SETS = {DOWNSTREAM: ("synthetic/freegen_full", "synthetic/freegen_all_off"),
         DOWNSTREAM_200: ("/work/data/freegen_full200", "/work/data/freegen_all_off200"),
         DOWNSTREAM_B0: ("/work/data/freegen_full200", "/work/data/freegen_all_off200"),
@@ -359,3 +361,19 @@ def test_mmseg_report_differs_from_the_tiny_one_by_the_augmentation_and_the_sets
         config = yaml.safe_load((DOWNSTREAM_MMSEG / name / "config.yaml").read_text())
         assert config["params"].get("augment") == "none" and config["train"]["data"]["root"] == root
         assert sorted(arm(name, DOWNSTREAM_MMSEG)["rows"]["train_seed"]) == list(range(5))
+
+
+def test_mmseg_4000_report_is_the_exploratory_run_it_says():
+    """The longer-schedule look (README: no bar verdict drawn): the augment=mmseg arms' settings with steps=4000,
+    on the same sets, seeds as written down before it ran."""
+    full_root, off_root = SETS[DOWNSTREAM_MMSEG]
+    seeds = {"full": [0, 1, 2], "all_off": [0, 1, 2], "real_s0": [0], "real_s1": [1]}
+    for name, expected in seeds.items():
+        config = yaml.safe_load((DOWNSTREAM_MMSEG_4000 / name / "config.yaml").read_text())
+        assert config["params"] == {"classes": "all", "augment": "mmseg", "steps": 4000}
+        root = config["train"]["data"].get("root")
+        assert root == {"full": full_root, "all_off": off_root}.get(name, root)
+        if name.startswith("real"):
+            assert config["train"]["data"]["name"] == "shapes" and config["train"]["data"]["num_images"] == 161
+        assert sorted(pd.read_csv(DOWNSTREAM_MMSEG_4000 / name / "results.csv")["train_seed"]) == expected
+    assert "no bar verdict" in (DOWNSTREAM_MMSEG_4000 / "PREREG.md").read_text()
