@@ -262,6 +262,13 @@ MANY_3000_VAL1500 = REPORT.parent / "dedos_openvocab_many_3000_val1500"
 MANY_3000_SEED1 = REPORT.parent / "dedos_openvocab_many_3000_seed1"
 
 
+def fit_values(fit_dir):
+    """The train-setting values a committed fit folder was fitted with (its train_config.json)."""
+    import json
+
+    return json.loads((fit_dir / "train_config.json").read_text())["setting"]["values"]
+
+
 def committed_results(report=REPORT):
     """Each arm's row with the paper's classifier (ov_ensemble=none, the default)."""
     import pandas as pd
@@ -329,8 +336,7 @@ def test_many_shapes_seed1_report_is_the_replication():
     for arm in ("baseline", "full"):
         (first,) = (MANY_3000_VAL1500 / arm / "fit").iterdir()
         (again,) = (MANY_3000_SEED1 / arm / "fit").iterdir()
-        a = json.loads((first / "train_config.json").read_text())["setting"]["values"]
-        b = json.loads((again / "train_config.json").read_text())["setting"]["values"]
+        a, b = fit_values(first), fit_values(again)
         assert (a["fit_seed"], b["fit_seed"]) == (0, 1) and {**a, "fit_seed": 1} == b
         assert json.loads((MANY_3000_SEED1 / arm / "run.json").read_text())["num_images"] == 1500
     for report in (MANY_3000_VAL1500, MANY_3000_SEED1):
@@ -341,15 +347,12 @@ def test_many_shapes_seed1_report_is_the_replication():
 def test_many_shapes_3000_steps_report_is_the_pre_registered_run():
     """The 3,000-step arms on shapes_many (README, DEDOS): the same train settings as MANY_REPORT's but the
     step count, one run per arm joined by bench.report; DEDOS's seen interval now lies above the baseline's."""
-    import json
-
     import pandas as pd
 
-    first = {json.loads((f / "train_config.json").read_text())["setting"]["values"]["components"]:
-             json.loads((f / "train_config.json").read_text())["setting"]["values"] for f in (MANY_REPORT / "fit").iterdir()}
+    first = {fit_values(f)["components"]: fit_values(f) for f in (MANY_REPORT / "fit").iterdir()}
     for arm in ("baseline", "full"):
         (fit,) = (MANY_3000 / arm / "fit").iterdir()
-        values = json.loads((fit / "train_config.json").read_text())["setting"]["values"]
+        values = fit_values(fit)
         assert values["components"] == arm and values["train_steps"] == 3000
         assert {k: v for k, v in values.items() if k != "train_steps"} == \
             {k: v for k, v in first[arm].items() if k != "train_steps"}
