@@ -62,6 +62,12 @@ RELEASE_VOC_HEADS = {
     "16": (76, 1, 43, 17, 81, 6, 44, 27, 2, 8, 22, 20, 60, 78, 12, 83, 94, 47, 88, 96, 3, 33, 46, 52, 77, 93, 51,
            58, 0, 13, 14, 19, 34, 41, 59, 87, 16, 24, 28, 30, 32),
 }
+# Ent-Self and the refinement chain run in float64 and are rounded to the trace's dtype once, at the end. After
+# many steps the class maps agree to float32's precision over whole regions on some models (the chain is a power
+# iteration), and a float32 chain labels those regions by the matrix kernel's rounding, which the memory layout,
+# the batch and the BLAS build choose: two float32 summation orders moved the embedded main job's mIoU by up to
+# 1.7 points. In float64 the rounded maps are the same whichever kernel computes them.
+CHAIN_DTYPE = torch.float64
 # Background categories appended to the prompt ("add the background categories, similar to CLIP-ES", iSeg
 # Sec. 4.1). The release's VOC list continues with "river, sea, railway, ..." on separate lines that Python
 # parses as discarded string statements, so only these nine reach the prompt (wsss/iSeg.py, prepare_data_name).
@@ -86,31 +92,51 @@ def ent_self(attn: torch.Tensor, lam: float, scale: str = "row_max") -> torch.Te
     """Entropy-reduced self-attention (iSeg Eq. 7) of a row-query attention (HW, HW); see the module
     docstring for the scale. row_max / col_max: divide each row / column by its maximum, Eq. 7, clamp at 0,
     renormalise rows to sum 1. literal: Eq. 7 on the raw probabilities, nothing else (collapses, see above)."""
+    return ent_self_many(attn, [lam], scale)[0]
+
+
+def ent_self_many(attn: torch.Tensor, lams: list[float], scale: str = "row_max") -> torch.Tensor:
+    """`ent_self` for several lambdas of one attention -> (L, HW, HW): the rescaled attention and its logarithm
+    are computed once (each matrix is the single-lambda one, bit for bit: the same operations)."""
     if scale == "literal":
-        return attn if lam == 0 else _entropy_step(attn, lam)
+        return torch.stack([attn if lam == 0 else _entropy_step(attn, lam) for lam in lams])
     if scale not in ("row_max", "col_max"):
         raise BenchError(f"ent_scale={scale!r} is not one of row_max, col_max, literal")
     peak = attn.amax(1 if scale == "row_max" else 0, keepdim=True)
     a = attn / torch.where(peak > 0, peak, 1.0)
-    if lam:
-        a = _entropy_step(a, lam).clamp_min(0)
-    total = a.sum(1, keepdim=True)
-    return a / torch.where(total > 0, total, 1.0)
+    positive = a > 0
+    gain = (1 + torch.log(torch.where(positive, a, 1.0))) if any(lams) else None  # _entropy_step's
+    out = []
+    for lam in lams:
+        stepped = torch.where(positive, a + lam * gain, a).clamp_min(0) if lam else a
+        total = stepped.sum(1, keepdim=True)
+        out.append(stepped / torch.where(total > 0, total, 1.0))
+    return torch.stack(out)
 
 
 def ent_self_code(attn: torch.Tensor, lam: float) -> torch.Tensor:
     """Released code's Ent-Self: each column divided by its maximum, A + lambda log10(e A) where A > 0, clamp
     at 0, rows renormalised. Since log10(e A) = (1 + ln A) / ln 10 this is Eq. 7 on the column-max scale with
     lambda / ln 10 (the release's lambda is in log10 units)."""
-    return ent_self(attn, lam / math.log(10), "col_max")
+    return ent_self(attn, *ent_self_args(lam, "code"))
+
+
+def ent_self_args(lam: float, scale: str) -> tuple[float, str]:
+    """(lambda, scale) for ent_self of a configuration's lambda and ent_scale, "code" for the release's."""
+    return (lam / math.log(10), "col_max") if scale == "code" else (lam, scale)
 
 
 # -- iterative refinement (Eq. 4, Algorithm 1) --------------------------------------------------------------
 def normalize(maps: torch.Tensor) -> torch.Tensor:
-    """Normalisation of Algorithm 1 (lines 13, 18) on (HW, K) maps: shift each class map to a minimum of 0
+    """Normalisation of Algorithm 1 (lines 13, 18) on (..., HW, K) maps: shift each class map to a minimum of 0
     and scale it to unit sum. The paper does not spell it out; this is the released code's choice."""
-    shifted = maps - maps.min(0, keepdim=True).values
-    total = shifted.sum(0, keepdim=True)
+    return _normalize_class_rows(maps.mT.contiguous()).mT
+
+
+def _normalize_class_rows(maps_t: torch.Tensor) -> torch.Tensor:
+    """`normalize` on maps stored class-major, (..., K, HW), the layout the refinement chain keeps."""
+    shifted = maps_t - maps_t.amin(-1, keepdim=True)
+    total = shifted.sum(-1, keepdim=True)
     return shifted / torch.where(total > 0, total, 1.0)
 
 
@@ -121,14 +147,24 @@ def refine(attn_ent: torch.Tensor, cross: torch.Tensor, iterations: int) -> torc
 
 
 def refine_steps(attn_ent: torch.Tensor, cross: torch.Tensor, iterations: list[int]) -> dict[int, torch.Tensor]:
-    """`refine` for several N at once: one chain of products, each requested N read off on the way."""
-    wanted, last, maps, out = set(iterations), max(iterations, default=0), cross, {}
+    """`refine` for several N at once: one chain of products, each requested N read off on the way.
+
+    attn_ent may hold a batch (B, HW, HW), one chain each from the same cross (HW, K) -> {N: (B, HW, K)} (a lambda
+    sweep's chains: one batched product per step). The chain runs transposed, C^T <- C^T A_ent^T with the maps
+    class-major (K, HW): a (HW, HW) x (HW, K) product with a row-major right side took ~5x longer on the CPU
+    (86 vs 17 us at HW = 256, K = 2). Each batch member's product is the unbatched one, bit for bit, so a
+    configuration scores the same alone and inside a sweep (tests/test_iseg_math.py)."""
+    batched = attn_ent.dim() == 3
+    wanted, last, out = set(iterations), max(iterations, default=0), {}
+    # class-major and contiguous whatever cross's layout: reductions round by layout too
+    maps_t = cross.T.contiguous()[None].expand(len(attn_ent) if batched else 1, -1, -1)
+    attn_t = (attn_ent if batched else attn_ent[None]).mT
     for n in range(last + 1):
-        normalized = normalize(maps)
+        normalized = _normalize_class_rows(maps_t)
         if n in wanted:
-            out[n] = normalized
+            out[n] = normalized.mT if batched else normalized[0].T
         if n < last:
-            maps = attn_ent @ normalized
+            maps_t = normalized @ attn_t
     return out
 
 
@@ -397,11 +433,21 @@ class ISeg(Method):
                 lam = cfgs[i]["lambda"]
                 by_ent.setdefault((lam, "code" if code else cfgs[i].get("ent_scale", "row_max")), []).append(i)
             maps: dict[int, torch.Tensor] = {}
-            for (lam, scale), same in by_ent.items():
-                attn_ent = ent_self_code(attn, lam) if scale == "code" else ent_self(attn, lam, scale)
-                # one chain of products per A_ent, every requested N read off it
-                refined = refine_steps(attn_ent, cross, [cfgs[i]["iterations"] for i in same])
-                maps.update({i: refined[cfgs[i]["iterations"]].T.reshape(-1, *size) for i in same})
+            ents = list(by_ent.items())
+            by_scale: dict[str, list[int]] = {}
+            for b, ((lam, scale), _) in enumerate(ents):
+                by_scale.setdefault(scale, []).append(b)
+            # Ent-Self and the chain in float64, rounded once at the end (CHAIN_DTYPE)
+            work = CHAIN_DTYPE if attn.device.type != "mps" else attn.dtype
+            attn_ents = torch.empty(len(ents), *attn.shape, dtype=work, device=attn.device)
+            for scale, bs in by_scale.items():
+                lams = [ent_self_args(ents[b][0][0], scale)[0] for b in bs]
+                attn_ents[bs] = ent_self_many(attn.to(work), lams, ent_self_args(0.0, scale)[1])
+            # one chain of products per A_ent (batched over them), every requested N read off it
+            refined = refine_steps(attn_ents, cross.to(work), [cfgs[i]["iterations"] for i in members])
+            for b, (_, same) in enumerate(ents):
+                maps.update({i: refined[cfgs[i]["iterations"]][b].T.reshape(-1, *size).to(cross.dtype)
+                             for i in same})
             by_resize: dict[str, list[int]] = {}
             for i in members:
                 by_resize.setdefault(cfgs[i].get("resize", "code"), []).append(i)

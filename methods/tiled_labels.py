@@ -96,13 +96,13 @@ def upsample_tiles(maps: torch.Tensor, which: torch.Tensor, geo: Geometry, ti: t
     slots = m // 2
     out = torch.empty(len(which), f, f, dtype=maps.dtype)
     patches = maps.unfold(1, 2, 1).unfold(2, 2, 1)  # (B, m - 1, m - 1, 2, 2): every 2 x 2 crop, a view
-    row_kind = (ti > 0).long() + (ti == m).long()  # 0: top edge, 1: inside, 2: bottom edge
-    col_kind = (tj > 0).long() + (tj == m).long()
-    for rk in range(3):
-        for ck in range(3):
-            idx = torch.nonzero((row_kind == rk) & (col_kind == ck), as_tuple=True)[0]
-            if not len(idx):
-                continue
+    # row kind 0: top edge, 1: inside, 2: bottom edge (columns alike); the requests of each of the nine (row kind,
+    # column kind) pairs, by one sort
+    kind = ((ti > 0).long() + (ti == m).long()) * 3 + (tj > 0).long() + (tj == m).long()
+    order = torch.argsort(kind, stable=True)
+    for code, idx in zip(range(9), order.split(torch.bincount(kind, minlength=9).tolist())):
+        rk, ck = divmod(code, 3)
+        if len(idx):
             crops = patches[which[idx], geo.crop[ti[idx]], geo.crop[tj[idx]]]  # (n, 2, 2)
             if ck == 1:  # inside columns: every slot, packs of `slots` tiles
                 count = -(-len(idx) // slots) * slots
@@ -178,7 +178,7 @@ def exact_extremes(maps: torch.Tensor, geo: Geometry, lo: torch.Tensor, hi: torc
     lo_f, hi_f = lo.flatten(1), hi.flatten(1)
     side = geo.m + 1
     corner_weights = pixel_weights(geo.f, torch.tensor([0, geo.f - 1]))
-    out = []
+    picked = []
     for sign, bound_near, bound_far in ((1, hi_f, lo_f), (-1, lo_f, hi_f)):
         reach = (sign * bound_far).amax(1, keepdim=True)
         cand_map, cand_tile = torch.nonzero(sign * bound_near >= reach, as_tuple=True)
@@ -192,11 +192,16 @@ def exact_extremes(maps: torch.Tensor, geo: Geometry, lo: torch.Tensor, hi: torc
         top = torch.full((n,), -torch.inf, dtype=best.dtype).scatter_reduce(0, cand_map, best, reduce="amax")
         e_map = torch.zeros(n, dtype=e.dtype).scatter_reduce(0, cand_map, e, reduce="amax")
         keep = best >= top[cand_map] - 2.5 * e_map[cand_map]
-        cand_map, cand_tile = cand_map[keep], cand_tile[keep]
-        values = upsample_tiles(maps, cand_map, geo, cand_tile // side, cand_tile % side)
+        picked.append((cand_map[keep], cand_tile[keep]))
+    # the candidates of both extremes upsampled by one call
+    values = upsample_tiles(maps, torch.cat([c for c, _ in picked]), geo, torch.cat([t // side for _, t in picked]),
+                            torch.cat([t % side for _, t in picked]))
+    out = []
+    for (sign, (cand_map, cand_tile)), tiles in zip(((1, picked[0]), (-1, picked[1])),
+                                                     values.split([len(c) for c, _ in picked])):
         valid = geo.valid[cand_tile // side][:, :, None] & geo.valid[cand_tile % side][:, None, :]
         fill = -torch.inf if sign == 1 else torch.inf
-        per_tile = values.masked_fill(~valid, fill).flatten(1)
+        per_tile = tiles.masked_fill(~valid, fill).flatten(1)
         per_tile = per_tile.amax(1) if sign == 1 else per_tile.amin(1)
         best = torch.full((n,), fill, dtype=per_tile.dtype)
         best = best.scatter_reduce(0, cand_map, per_tile, reduce="amax" if sign == 1 else "amin")

@@ -79,7 +79,7 @@ def test_raw_cross_attention_is_well_above_trivial_baselines(scores):
     assert scores["daam"] >= max(scores["whole_image"], scores["centre_blob"]) + 10, scores
 
 
-# v2 weights, 40 images: the refined default (N = 10) 48.2 against the raw fused map 60.8; one Ent-Self iteration
+# v2 weights, 40 images: the refined default (N = 10) 47.7 against the raw fused map 60.8; one Ent-Self iteration
 # (70.0) does beat it. The last decoder self-attention (16x16) spreads the maps with every further product.
 @NOT_REACHED
 def test_refinement_beats_the_raw_map_it_starts_from(scores):
@@ -91,7 +91,7 @@ def test_refined_maps_beat_raw_cross_attention_of_daam(scores):
     assert scores["iseg/default"] > scores["daam"], scores
 
 
-@NOT_REACHED  # v2 weights: N = 10 48.2 < N = 1 70.0 (40 images)
+@NOT_REACHED  # v2 weights: N = 10 47.7 < N = 1 70.0 (40 images)
 def test_ent_self_improves_with_iterations(scores):
     """iSeg Fig. 1(f), Ent-Self curve."""
     assert scores["iseg/default"] > scores["iseg/ent_self_n1"], scores
@@ -99,11 +99,58 @@ def test_ent_self_improves_with_iterations(scores):
 
 # This passed on the v1 weights while Ent-Self collapsed every class map into one (issue 9 item 1: the class maps
 # differed by ~1e-5, so it compared foreground/background masks). With Ent-Self on the row-max scale: v1 weights
-# 15.0 (lambda = 0.01) against 15.3 (naive, N = 10); v2 weights 48.2 against 49.5, on these 40 images.
+# 15.0 (lambda = 0.01) against 15.3 (naive, N = 10); v2 weights 47.7 against 49.9 on these 40 images (48.2 against 49.5 with
+# the float32 chain: at N = 10 both are tie-breaking, see TIE).
 @NOT_REACHED
 def test_ent_self_beats_naive_iteration(scores):
     """iSeg Fig. 1(f): Ent-Self above naive iteration at N = 10."""
     assert scores["iseg/default"] > scores["iseg/naive_n10"], scores
+
+
+# Ties (measured on the v2 weights, 40 images): the refinement chain is a power iteration, so after many steps
+# every class map of an image converges to the same map (the self-attention's leading non-constant eigenvector)
+# and min-max makes them equal: at N = 10 the two best classes' final scores lie within 1e-5 on 72% of the
+# pixels of multi-class images (N = 1: 0.1%). Labels there are decided by tie-breaking and rounding: computing
+# the chain in another float32 summation order moved the main job's settings by up to 4 mIoU, which is why it
+# runs in float64 (methods.iseg.CHAIN_DTYPE). Comparisons between N = 10 settings on this model are not
+# evidence about the settings.
+TIE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def tied(shipped) -> dict[str, float]:
+    """Share of the pixels of multi-class images whose two best final class scores lie within TIE, for iSeg's
+    default (N = 10) and one Ent-Self step."""
+    cls = METHODS.get("iseg")
+    method = cls(shipped)
+    dataset = build_dataset({"name": "shapes", "size": shipped.resolution, "limit": N_IMAGES})
+    configs = {"default": {}, "ent_self_n1": {"iterations": 1}}
+    (group,) = group_trials(cls, [Trial(k, cls.resolve(c), c) for k, c in configs.items()], [0])
+    counts = {k: [0, 0] for k in configs}
+
+    def count(k, sample, query, prompt, predictions):
+        if len(query.ids) < 2:
+            return
+        for name, prediction in zip(configs, predictions):
+            top = prediction.scores.topk(2, dim=0).values
+            counts[name][0] += int((top[0] - top[1] < TIE).sum())
+            counts[name][1] += top[0].numel()
+
+    for start in range(0, len(dataset), 10):
+        evaluate_batch(method, dataset, [dataset[i] for i in range(start, min(len(dataset), start + 10))], group,
+                       on_predictions=count)
+    return {k: tie / total for k, (tie, total) in counts.items()}
+
+
+def test_one_ent_self_step_keeps_the_class_maps_apart(tied):
+    assert tied["ent_self_n1"] <= 0.01, tied
+
+
+@NOT_REACHED  # v2 weights: 72% of the pixels tied at N = 10
+def test_default_keeps_the_class_maps_apart(tied):
+    """At iSeg's default N = 10 the two best classes differ by more than 1e-5 on >= 95% of the pixels of
+    multi-class images (so that labels are not decided by tie-breaking)."""
+    assert tied["default"] <= 0.05, tied
 
 
 def test_naive_iteration_degrades(scores):
