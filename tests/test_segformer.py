@@ -259,15 +259,20 @@ DOWNSTREAM_B0 = ROOT / "reports" / "embedded" / "freegen_downstream_200_b0"
 DOWNSTREAM_MMSEG = ROOT / "reports" / "embedded" / "freegen_downstream_200_mmseg"
 # exploratory, no bar verdict: the same with 4,000 steps, three seeds per synthetic arm and two real runs
 DOWNSTREAM_MMSEG_4000 = ROOT / "reports" / "embedded" / "freegen_downstream_200_mmseg_4000"
+# the fourth test of the bar, pre-registered after that look: augment=mmseg, 4,000 steps, fresh seeds (ten per
+# synthetic arm, five real), the same CPU-synthesised sets
+DOWNSTREAM_TEN = ROOT / "reports" / "embedded" / "freegen_downstream_200_mmseg_4000_ten"
 SETS = {DOWNSTREAM: ("synthetic/freegen_full", "synthetic/freegen_all_off"),
         DOWNSTREAM_200: ("/work/data/freegen_full200", "/work/data/freegen_all_off200"),
         DOWNSTREAM_B0: ("/work/data/freegen_full200", "/work/data/freegen_all_off200"),
-        DOWNSTREAM_MMSEG: ("/work/data/freegen_full200_cpu", "/work/data/freegen_all_off200_cpu")}
+        DOWNSTREAM_MMSEG: ("/work/data/freegen_full200_cpu", "/work/data/freegen_all_off200_cpu"),
+        DOWNSTREAM_TEN: ("/work/data/freegen_full200_cpu", "/work/data/freegen_all_off200_cpu")}
 # the 200-image protocol was pre-registered at three seeds and raised to ten, all reported, when three overlapped
 SEEDS = {DOWNSTREAM: {"full": [0, 1, 2], "real": [0, 1, 2], "all_off": [0, 1, 2]},
          DOWNSTREAM_200: {"full": list(range(10)), "real": list(range(10)), "all_off": list(range(10))},
          DOWNSTREAM_B0: {"full": list(range(5)), "real": [0, 1, 2], "all_off": list(range(5))},
-         DOWNSTREAM_MMSEG: {"full": list(range(5)), "real": [0, 1, 2], "all_off": list(range(5))}}
+         DOWNSTREAM_MMSEG: {"full": list(range(5)), "real": [0, 1, 2], "all_off": list(range(5))},
+         DOWNSTREAM_TEN: {"full": list(range(10, 20)), "real": list(range(10, 15)), "all_off": list(range(10, 20))}}
 
 
 FULL_VS_OFF = ("not reached on the embedded default: over ten training seeds, full FreeGen's 159 kept samples (the "
@@ -277,7 +282,9 @@ FULL_VS_OFF = ("not reached on the embedded default: over ten training seeds, fu
                "five seeds, pre-registered): 25.3 [23.7, 26.8] against 23.6 [20.0, 27.3], 1.7 apart (Welch p = 0.29), "
                "intervals overlapping. With MMSegmentation's training pipeline (augment=mmseg, five seeds, "
                "pre-registered, sets synthesised again on the CPU): 20.6 [19.9, 21.3] against 20.2 [19.6, 20.7]; the "
-               "augmentation lowered every arm at 1,000 steps (real shapes 30.1 -> 20.5)")
+               "augmentation lowered every arm at 1,000 steps (real shapes 30.1 -> 20.5). At 4,000 steps with it "
+               "(ten fresh seeds, pre-registered after a three-seed look that showed 27.0 against 20.9): 22.1 "
+               "[20.2, 23.9] against 21.0 [19.6, 22.4], 1.1 apart (Welch p = 0.30)")
 
 
 def arm(name: str, report: Path = DOWNSTREAM_200) -> dict:
@@ -290,8 +297,8 @@ def arm(name: str, report: Path = DOWNSTREAM_200) -> dict:
     return {"rows": rows, "mean": mean, "low": low, "high": high}
 
 
-@pytest.mark.parametrize("report", [DOWNSTREAM, DOWNSTREAM_200, DOWNSTREAM_B0, DOWNSTREAM_MMSEG],
-                         ids=["40", "200", "200-b0", "200-mmseg"])
+@pytest.mark.parametrize("report", [DOWNSTREAM, DOWNSTREAM_200, DOWNSTREAM_B0, DOWNSTREAM_MMSEG, DOWNSTREAM_TEN],
+                         ids=["40", "200", "200-b0", "200-mmseg", "200-mmseg-4000-ten"])
 def test_downstream_runs_are_the_protocol(report):
     """The committed arms evaluate the same 100 real val shapes with the same segmenter and differ only in the
     training data: FreeGen's kept samples, as many real rendered shapes, the all-off synthetic set."""
@@ -310,7 +317,11 @@ def test_downstream_runs_are_the_protocol(report):
         assert sorted(arm(name, report)["rows"]["train_seed"]) == SEEDS[report][name]
 
 
-@pytest.mark.parametrize("report", [DOWNSTREAM_200, DOWNSTREAM_B0, DOWNSTREAM_MMSEG], ids=["tiny", "b0", "mmseg"])
+@pytest.mark.parametrize("report", [DOWNSTREAM_200, DOWNSTREAM_B0, DOWNSTREAM_MMSEG, pytest.param(
+    DOWNSTREAM_TEN, marks=pytest.mark.xfail(strict=True, reason=(
+        "not reached at 4,000 steps with the augmentation: real shapes 44.6 [26.9, 62.3] over five seeds (27.2-61.9) "
+        "against full FreeGen's 22.1; the longer schedule lifts the real arm and not the synthetic ones")))],
+                         ids=["tiny", "b0", "mmseg", "mmseg-4000"])
 def test_synthetic_trained_segmenter_is_within_10_miou_of_real(report):
     """The issue's bar: the segmenter trained on FreeGen's kept synthetic shapes scores within 10 mIoU of the
     same segmenter trained on as many real rendered shapes (means over the training seeds)."""
@@ -319,7 +330,8 @@ def test_synthetic_trained_segmenter_is_within_10_miou_of_real(report):
 
 
 @pytest.mark.xfail(strict=True, reason=FULL_VS_OFF)
-@pytest.mark.parametrize("report", [DOWNSTREAM_200, DOWNSTREAM_B0, DOWNSTREAM_MMSEG], ids=["tiny", "b0", "mmseg"])
+@pytest.mark.parametrize("report", [DOWNSTREAM_200, DOWNSTREAM_B0, DOWNSTREAM_MMSEG, DOWNSTREAM_TEN],
+                         ids=["tiny", "b0", "mmseg", "mmseg-4000"])
 def test_full_freegen_beats_all_off_downstream(report):
     """The issue's bar (the paper's 69.6 vs 60.5 ordering): the segmenter trained on full FreeGen's set beats
     the one trained on the all-off set (raw cross-attention masks, no TFF) beyond the spread over training
@@ -377,3 +389,14 @@ def test_mmseg_4000_report_is_the_exploratory_run_it_says():
             assert config["train"]["data"]["name"] == "shapes" and config["train"]["data"]["num_images"] == 161
         assert sorted(pd.read_csv(DOWNSTREAM_MMSEG_4000 / name / "results.csv")["train_seed"]) == expected
     assert "no bar verdict" in (DOWNSTREAM_MMSEG_4000 / "PREREG.md").read_text()
+
+
+def test_ten_seed_report_is_the_pre_registered_schedule():
+    """The fourth test of the bar: the exploratory 4,000-step settings (augment=mmseg, steps=4000) on the same
+    CPU-synthesised sets, with seeds that run had not used."""
+    for name in ("full", "real", "all_off"):
+        config = yaml.safe_load((DOWNSTREAM_TEN / name / "config.yaml").read_text())
+        assert config["params"] == {"classes": "all", "augment": "mmseg", "steps": 4000}
+        for fit in (DOWNSTREAM_TEN / name / "fit").iterdir():
+            values = json.loads((fit / "train_config.json").read_text())["setting"]["values"]
+            assert values["augment"] == "mmseg" and values["steps"] == 4000 and values["train_seed"] >= 10
