@@ -434,15 +434,16 @@ class ISeg(Method):
                 by_ent.setdefault((lam, "code" if code else cfgs[i].get("ent_scale", "row_max")), []).append(i)
             maps: dict[int, torch.Tensor] = {}
             ents = list(by_ent.items())
-            by_scale: dict[str, list[int]] = {}
-            for b, ((lam, scale), _) in enumerate(ents):
-                by_scale.setdefault(scale, []).append(b)
+            by_scale: dict[str, list[tuple[int, float]]] = {}  # ent_self's scale -> (position, its lambda)
+            for b, (key, _) in enumerate(ents):
+                lam, scale = ent_self_args(*key)
+                by_scale.setdefault(scale, []).append((b, lam))
             # Ent-Self and the chain in float64, rounded once at the end (CHAIN_DTYPE)
             work = CHAIN_DTYPE if attn.device.type != "mps" else attn.dtype
             attn_ents = torch.empty(len(ents), *attn.shape, dtype=work, device=attn.device)
-            for scale, bs in by_scale.items():
-                lams = [ent_self_args(ents[b][0][0], scale)[0] for b in bs]
-                attn_ents[bs] = ent_self_many(attn.to(work), lams, ent_self_args(0.0, scale)[1])
+            for scale, members_of_scale in by_scale.items():
+                positions, lams = zip(*members_of_scale)
+                attn_ents[list(positions)] = ent_self_many(attn.to(work), list(lams), scale)
             # one chain of products per A_ent (batched over them), every requested N read off it
             refined = refine_steps(attn_ents, cross.to(work), [cfgs[i]["iterations"] for i in members])
             for b, (_, same) in enumerate(ents):
