@@ -100,7 +100,7 @@ def upsample_tiles(maps: torch.Tensor, which: torch.Tensor, geo: Geometry, ti: t
     # column kind) pairs, by one sort
     kind = ((ti > 0).long() + (ti == m).long()) * 3 + (tj > 0).long() + (tj == m).long()
     order = torch.argsort(kind, stable=True)
-    for code, idx in zip(range(9), order.split(torch.bincount(kind, minlength=9).tolist())):
+    for code, idx in enumerate(order.split(torch.bincount(kind, minlength=9).tolist())):
         rk, ck = divmod(code, 3)
         if len(idx):
             crops = patches[which[idx], geo.crop[ti[idx]], geo.crop[tj[idx]]]  # (n, 2, 2)
@@ -197,8 +197,7 @@ def exact_extremes(maps: torch.Tensor, geo: Geometry, lo: torch.Tensor, hi: torc
     values = upsample_tiles(maps, torch.cat([c for c, _ in picked]), geo, torch.cat([t // side for _, t in picked]),
                             torch.cat([t % side for _, t in picked]))
     out = []
-    for (sign, (cand_map, cand_tile)), tiles in zip(((1, picked[0]), (-1, picked[1])),
-                                                     values.split([len(c) for c, _ in picked])):
+    for sign, (cand_map, cand_tile), tiles in zip((1, -1), picked, values.split([len(c) for c, _ in picked])):
         valid = geo.valid[cand_tile // side][:, :, None] & geo.valid[cand_tile % side][:, None, :]
         fill = -torch.inf if sign == 1 else torch.inf
         per_tile = tiles.masked_fill(~valid, fill).flatten(1)
