@@ -152,7 +152,7 @@ def refine_steps(attn_ent: torch.Tensor, cross: torch.Tensor, iterations: list[i
     attn_ent may hold a batch (B, HW, HW), one chain each from the same cross (HW, K) -> {N: (B, HW, K)} (a lambda
     sweep's chains: one batched product per step). The chain runs transposed, C^T <- C^T A_ent^T with the maps
     class-major (K, HW): a (HW, HW) x (HW, K) product with a row-major right side took ~5x longer on the CPU
-    (86 vs 17 us at HW = 256, K = 2). Each batch member's product is the unbatched one, bit for bit, so a
+    (float32: 86 vs 17 us at HW = 256, K = 2). Each batch member's product is the unbatched one, bit for bit, so a
     configuration scores the same alone and inside a sweep (tests/test_iseg_math.py)."""
     batched = attn_ent.dim() == 3
     wanted, last, out = set(iterations), max(iterations, default=0), {}
@@ -440,10 +440,11 @@ class ISeg(Method):
                 by_scale.setdefault(scale, []).append((b, lam))
             # Ent-Self and the chain in float64, rounded once at the end (CHAIN_DTYPE)
             work = CHAIN_DTYPE if attn.device.type != "mps" else attn.dtype
+            attn_work = attn.to(work)
             attn_ents = torch.empty(len(ents), *attn.shape, dtype=work, device=attn.device)
             for scale, members_of_scale in by_scale.items():
                 positions, lams = zip(*members_of_scale)
-                attn_ents[list(positions)] = ent_self_many(attn.to(work), list(lams), scale)
+                attn_ents[list(positions)] = ent_self_many(attn_work, list(lams), scale)
             # one chain of products per A_ent (batched over them), every requested N read off it
             refined = refine_steps(attn_ents, cross.to(work), [cfgs[i]["iterations"] for i in members])
             for b, (_, same) in enumerate(ents):
