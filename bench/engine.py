@@ -126,4 +126,4 @@ def _schedulers(cfg: SweepConfig, trials) -> dict:
 
 
 def _metric_keys(class_names: list[str]) -> set[str]:
-    return {"mIoU", "aAcc", "mAcc", *(f"IoU/{c}" for c in class_names), *(f"Acc/{c}" for c in class_names)}
+    return {"mIoU", "aAcc", "mAcc", "tied", *(f"IoU/{c}" for c in class_names), *(f"Acc/{c}" for c in class_names)}

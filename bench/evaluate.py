@@ -20,6 +20,7 @@ from bench.metrics import ImageScorer
 from bench.plan import ForwardGroup, Trial, group_trials  # noqa: F401  (re-exported: callers group and evaluate)
 from bench.trace import Trace, TraceRequest
 from methods.base import ClassQuery, Method
+from methods.maps import tie_counts
 
 
 def class_query(sample: Sample, dataset: SegDataset, which: str) -> ClassQuery:
@@ -72,13 +73,27 @@ def trace_samples(method: Method, dataset: SegDataset, samples: list[Sample], pa
     return TracedBatch(queries, prompts, result.traces, result.unet_passes * len(samples))
 
 
+def prediction_ties(predictions: list) -> np.ndarray:
+    """(len(predictions), 2) [tied, counted] cells of each prediction's scores, one call per score shape."""
+    out = np.zeros((len(predictions), 2), dtype=np.int64)
+    by_shape: dict[tuple, list[int]] = {}
+    for i, p in enumerate(predictions):
+        by_shape.setdefault(tuple(p.scores.shape), []).append(i)
+    for rows in by_shape.values():
+        out[rows] = tie_counts(torch.stack([predictions[i].scores for i in rows])).numpy()
+    return out
+
+
 @torch.no_grad()
 def evaluate_batch(method: Method, dataset: SegDataset, samples: list[Sample], group: ForwardGroup,
                    req: TraceRequest | None = None, resolution: int = 0,
-                   on_predictions: Callable | None = None, protocol: str = "mmseg") -> tuple[list[np.ndarray], int]:
+                   on_predictions: Callable | None = None, protocol: str = "mmseg",
+                   ties: list | None = None) -> tuple[list[np.ndarray], int]:
     """Histograms (len(samples) x len(group.trials), each (8, C): the mmseg and iseg protocols' rows, (12, C)
     with protocol="hungarian", see bench.metrics.ImageScorer) in sample-major order, and image-passes.
-    on_predictions(k, sample, query, prompt, predictions) sees every image's predictions (qualitative figures)."""
+    on_predictions(k, sample, query, prompt, predictions) sees every image's predictions (qualitative figures);
+    `ties`, where given, is extended in the same order with each prediction's [tied, counted] score cells
+    (methods.maps.tie_counts: labels that tie-breaking decided)."""
     params0 = group.trials[0].params
     batch = trace_samples(method, dataset, samples, params0, group.seed, req or group_request(method, group),
                           resolution)
@@ -88,6 +103,8 @@ def evaluate_batch(method: Method, dataset: SegDataset, samples: list[Sample], g
         predictions = method.predict_many(trace, query, configs, tuple(sample.label.shape))
         if on_predictions is not None:
             on_predictions(k, sample, query, prompt, predictions)
+        if ties is not None:
+            ties.extend(prediction_ties(predictions))
         # the ground truth is read once per image; identical label maps are counted once
         scorer = ImageScorer(sample.label, len(dataset.classes), sample.ignore_index,
                              first_class=0 if getattr(dataset, "has_background", True) else 1)

@@ -111,6 +111,13 @@ def summarize(hist: np.ndarray, class_names: list[str], protocol: str = "mmseg")
     return out
 
 
+def tied_percent(ties: np.ndarray) -> float:
+    """Per-image [tied, counted] score cells (methods.maps.tie_counts) -> the percentage of counted cells whose
+    label tie-breaking decided; NaN where no image has two classes to tell apart."""
+    tied, counted = np.asarray(ties, dtype=np.int64).reshape(-1, 2).sum(0)
+    return float(100.0 * tied / counted) if counted else float("nan")
+
+
 def _check(protocol: str) -> None:
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown metric protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")

@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bench.config import SweepConfig, space_kind
-from bench.metrics import ImageScorer, summarize
+from bench.metrics import ImageScorer, summarize, tied_percent
 from bench.trace import Trace
 from methods.base import ClassQuery
 
@@ -204,6 +204,7 @@ def run_search(cfg: SweepConfig, run_dir: Path, num_images: int) -> tuple[list[d
     by beating the others on the same images (ASHA's asynchronous promotion lets the first arrivals through).
     Scoring is milliseconds per image on a cached trace, so it runs here: each image's trace is read once per
     rung and every configuration still running is predicted on it at once (`predict_many`)."""
+    from bench.evaluate import prediction_ties
     from methods import METHODS
 
     search = cfg.search
@@ -218,6 +219,7 @@ def run_search(cfg: SweepConfig, run_dir: Path, num_images: int) -> tuple[list[d
     configs, algo = sample_configs(cfg, search.num_samples)
     params = [method.resolve({**cfg.params, **c}) for c in configs]
     hists: list[list[np.ndarray]] = [[] for _ in configs]
+    ties = np.zeros((len(configs), 2), dtype=np.int64)
     running, done, mIoU = list(range(len(configs))), 0, [0.0] * len(configs)
     classes = dataset.classes
     for rung in rungs(num_images, search.grace_images, search.reduction_factor):
@@ -230,6 +232,7 @@ def run_search(cfg: SweepConfig, run_dir: Path, num_images: int) -> tuple[list[d
             maps = [p if hasattr(p, "tiled") else p.labels.cpu().numpy() for p in preds]
             for i, h in zip(running, scorer.histograms(maps, hungarian=cfg.metric.protocol == "hungarian")):
                 hists[i].append(h)
+            ties[running] += prediction_ties(preds)
         done = rung
         for i in running:
             mIoU[i] = _finite(summarize(np.sum(hists[i], 0), classes, cfg.metric.protocol)["mIoU"])
@@ -246,6 +249,7 @@ def run_search(cfg: SweepConfig, run_dir: Path, num_images: int) -> tuple[list[d
         metrics = summarize(np.sum(hists[i], 0), classes, cfg.metric.protocol)
         rows.append({"trial": f"s{i:04d}", "seed": cfg.seeds[0], **{k: config[k] for k in cfg.sweep},
                      **{k: v for k, v in metrics.items() if k in ("mIoU", "aAcc", "mAcc") or "/" in k},
+                     "tied": tied_percent(ties[i]),
                      "images_scored": len(hists[i]), "search": search.algo, "unet_passes": 0,
                      "forward_setting": setting, "fit": ""})
         per_image["trial"] += [f"s{i:04d}"] * len(hists[i])

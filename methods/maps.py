@@ -85,6 +85,25 @@ def labels_from_threshold(scores: torch.Tensor, class_ids: list[int], out_size: 
     return labels
 
 
+# Two class scores closer than this (scores lie in [0, 1]) give a label that tie-breaking or float32 rounding
+# decided: iSeg's chain at N = 10 on the embedded model converges every class map to one map (the test
+# test_default_keeps_the_class_maps_apart measures it), and such labels moved with the summation order.
+TIE = 1e-5
+
+
+def tie_counts(scores: torch.Tensor) -> torch.Tensor:
+    """(N, K, h, w) class scores of N predictions -> (N, 2) int64 [tied, counted] cells: counted are the cells
+    where some class scores above TIE (cells where every class scores ~0 are left to the background rule), tied
+    those of them whose two best classes lie within TIE. Images with fewer than two classes count nothing."""
+    n, k = scores.shape[:2]
+    if k < 2:
+        return torch.zeros(n, 2, dtype=torch.long)
+    top = scores.detach().float().topk(2, dim=1).values.flatten(2)  # (N, 2, hw)
+    counted = top[:, 0] > TIE
+    tied = counted & (top[:, 0] - top[:, 1] <= TIE)
+    return torch.stack([tied.sum(1), counted.sum(1)], 1).cpu()
+
+
 def empty_prediction(out_size: tuple[int, int]):
     from methods.base import Prediction
 

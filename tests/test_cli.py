@@ -37,6 +37,8 @@ def test_lambda_sweep_end_to_end(tmp_path, tiny_model, capsys, monkeypatch, capl
     for column in ("mIoU", "aAcc", "mAcc", "IoU/background", "IoU/circle", "paper_mIoU", "unet_passes", "fit"):
         assert column in frame.columns, column
     assert frame["mIoU"].between(0, 100).all()
+    assert frame["tied"].between(0, 100).all()  # the share of labels tie-breaking decided (both images: 2 classes)
+    assert "tied" in pd.read_csv(out / "summary.csv").columns
     # one UNet pass per image for the whole six-point sweep, no fit
     assert (frame["unet_passes"] == 2).all() and (frame["fit"] == "").all()
     assert frame.set_index("lambda").loc[0.01, "paper_mIoU"] == 75.2

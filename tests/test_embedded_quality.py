@@ -8,12 +8,13 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from bench.data import build_dataset  # noqa: E402
 from bench.evaluate import Trial, evaluate_batch, group_trials  # noqa: E402
-from bench.metrics import summarize  # noqa: E402
+from bench.metrics import summarize, tied_percent  # noqa: E402
 from methods import METHODS  # noqa: E402
 
 torch.set_num_threads(1)
@@ -100,7 +101,7 @@ def test_ent_self_improves_with_iterations(scores):
 # This passed on the v1 weights while Ent-Self collapsed every class map into one (issue 9 item 1: the class maps
 # differed by ~1e-5, so it compared foreground/background masks). With Ent-Self on the row-max scale: v1 weights
 # 15.0 (lambda = 0.01) against 15.3 (naive, N = 10); v2 weights 47.7 against 49.9 on these 40 images (48.2 against 49.5 with
-# the float32 chain: at N = 10 both are tie-breaking, see TIE).
+# the float32 chain: at N = 10 both are tie-breaking, see `tied` below).
 @NOT_REACHED
 def test_ent_self_beats_naive_iteration(scores):
     """iSeg Fig. 1(f): Ent-Self above naive iteration at N = 10."""
@@ -114,32 +115,21 @@ def test_ent_self_beats_naive_iteration(scores):
 # the chain in another float32 summation order moved the main job's settings by up to 4 mIoU, which is why it
 # runs in float64 (methods.iseg.CHAIN_DTYPE). Comparisons between N = 10 settings on this model are not
 # evidence about the settings.
-TIE = 1e-5
-
-
 @pytest.fixture(scope="module")
 def tied(shipped) -> dict[str, float]:
-    """Share of the pixels of multi-class images whose two best final class scores lie within TIE, for iSeg's
-    default (N = 10) and one Ent-Self step."""
+    """Share of the class-score cells of multi-class images whose two best final class scores lie within
+    methods.maps.TIE (the reports' `tied` column), for iSeg's default (N = 10) and one Ent-Self step."""
     cls = METHODS.get("iseg")
     method = cls(shipped)
     dataset = build_dataset({"name": "shapes", "size": shipped.resolution, "limit": N_IMAGES})
     configs = {"default": {}, "ent_self_n1": {"iterations": 1}}
     (group,) = group_trials(cls, [Trial(k, cls.resolve(c), c) for k, c in configs.items()], [0])
-    counts = {k: [0, 0] for k in configs}
-
-    def count(k, sample, query, prompt, predictions):
-        if len(query.ids) < 2:
-            return
-        for name, prediction in zip(configs, predictions):
-            top = prediction.scores.topk(2, dim=0).values
-            counts[name][0] += int((top[0] - top[1] < TIE).sum())
-            counts[name][1] += top[0].numel()
-
+    ties: list = []
     for start in range(0, len(dataset), 10):
         evaluate_batch(method, dataset, [dataset[i] for i in range(start, min(len(dataset), start + 10))], group,
-                       on_predictions=count)
-    return {k: tie / total for k, (tie, total) in counts.items()}
+                       ties=ties)
+    per_config = np.asarray(ties).reshape(-1, len(group.trials), 2)  # image-major, then the group's trials
+    return {t.trial_id: tied_percent(per_config[:, j]) / 100 for j, t in enumerate(group.trials)}
 
 
 def test_one_ent_self_step_keeps_the_class_maps_apart(tied):

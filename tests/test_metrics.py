@@ -88,3 +88,27 @@ def test_both_protocols_travel_in_one_histogram_and_old_ones_read_as_mmseg():
         assert summarize(total, CLASSES, protocol) == pytest.approx(summarize(want, CLASSES, protocol), nan_ok=True)
     mm = sum(intersect_and_union(p, l, 4) for p, l in zip(preds, labels))
     assert np.array_equal(protocol_rows(mm, "iseg"), mm)
+
+
+def test_tie_counts_count_cells_whose_two_best_classes_lie_within_tie():
+    """Labels that tie-breaking decides (iSeg's chain collapses every class map to one at N = 10): counted are
+    the cells where some class scores above TIE, tied those whose runner-up is within TIE of the best."""
+    import torch
+
+    from methods.maps import TIE, tie_counts
+
+    a = torch.tensor([[0.0, 0.2, 0.9, 0.5]])
+    same = torch.stack([a, a + TIE / 2, a * 0.5])[None]  # two classes equal up to TIE/2 everywhere
+    apart = torch.stack([a, a * 0.5, a * 0.25])[None]
+    counts = tie_counts(torch.cat([same, apart]))
+    assert counts.tolist() == [[3, 3], [0, 3]]  # cells where every class scores ~0 are left to the background
+    assert tie_counts(torch.rand(3, 1, 4, 4)).tolist() == [[0, 0]] * 3  # one class: nothing to tell apart
+    assert tie_counts(torch.zeros(2, 0, 1, 1)).tolist() == [[0, 0]] * 2  # an image without queried classes
+
+
+def test_tied_percent_pools_cells_over_images():
+    from bench.metrics import tied_percent
+
+    assert tied_percent(np.array([[3, 4], [0, 6]])) == pytest.approx(30.0)
+    assert math.isnan(tied_percent(np.zeros((2, 2), dtype=np.int64)))
+    assert math.isnan(tied_percent(np.zeros((0, 2), dtype=np.int64)))

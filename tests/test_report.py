@@ -383,3 +383,16 @@ def test_fits_table_final_loss_is_the_last_stage_with_its_series():
     column = table.header.index("final loss")
     assert [row[column].text for row in table.rows] == ["0.2500 (egd+hst)", "0.4000"]
     assert [row[column].sort for row in table.rows] == [0.25, 0.4]
+
+
+def test_configurations_whose_labels_tie_breaking_decided_are_flagged(tmp_path):
+    cfg = make_cfg()
+    frame = make_frame({0: [70.0], 0.01: [72.5], 0.1: [71.0]}).assign(tied=[0.1, 72.0, 4.9])
+    write_report(tmp_path, cfg, frame, make_prov(cfg))
+    md = (tmp_path / "report.md").read_text()
+    assert "Labels without margin: in 1 of 3 configurations (lambda=0.01)" in md and "72.0% at lambda=0.01" in md
+    assert pd.read_csv(tmp_path / "summary.csv")["tied"].tolist() == [0.1, 72.0, 4.9]
+    quiet = tmp_path / "quiet"
+    quiet.mkdir()
+    write_report(quiet, cfg, frame.assign(tied=[0.1, 5.0, math.nan]), make_prov(cfg))
+    assert "Labels without margin" not in (quiet / "report.md").read_text()

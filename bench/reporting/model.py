@@ -165,7 +165,7 @@ def summarize_run(run: RunData) -> pd.DataFrame:
                "n_seeds": n, "seeds": ", ".join(fmt_value(s) for s in part["seed"]) if "seed" in part else "",
                "mean": mean, "std": std, "ci_low": lo, "ci_high": hi, "ci_kind": kind,
                "paper": paper, "delta": mean - paper if math.isfinite(paper) else math.nan}
-        for col in ("mIoU", "aAcc", "mAcc", "unet_passes"):
+        for col in ("mIoU", "aAcc", "mAcc", "tied", "unet_passes"):
             if col in part.columns:
                 row[col] = float(part[col].mean())
         for col in SEEN_UNSEEN_COLUMNS:  # open-vocabulary runs (report.unseen): bootstrap intervals per part

@@ -86,16 +86,20 @@ def main_table(run: RunData, summary: pd.DataFrame | None = None) -> Table:
 
 
 def details_table(run: RunData, summary: pd.DataFrame) -> Table:
-    header = ["configuration", "trial", "seeds", "mIoU", "mAcc", "aAcc", "UNet passes", "forward setting"]
+    header = ["configuration", "trial", "seeds", "mIoU", "mAcc", "aAcc", "tied (%)", "UNet passes",
+              "forward setting"]
     rows = []
     for _, r in summary.iterrows():
         rows.append([Cell(str(r["label"])), Cell(str(r["trial"])), Cell(str(r["seeds"])),
                      num_cell(r.get("mIoU")), num_cell(r.get("mAcc")), num_cell(r.get("aAcc")),
-                     num_cell(r.get("unet_passes"), 0), Cell(str(r.get("forward_setting", "")))])
+                     num_cell(r.get("tied")), num_cell(r.get("unet_passes"), 0),
+                     Cell(str(r.get("forward_setting", "")))])
     return Table(f"details-{run.label or run.name}",
-                 "All metrics per configuration (mean over seeds); UNet passes of the configuration's forward "
-                 "setting over the dataset (configurations sharing a forward setting share the passes).",
-                 header, rows, label_columns=3, wrap_columns=(7,))
+                 "All metrics per configuration (mean over seeds); tied: the share of the class-score cells of "
+                 "multi-class images whose two best classes lie within 1e-5, i.e. whose label tie-breaking decided "
+                 "(– where not measured); UNet passes of the configuration's forward setting over the dataset "
+                 "(configurations sharing a forward setting share the passes).",
+                 header, rows, label_columns=3, wrap_columns=(8,))
 
 
 def seen_unseen_table(run: RunData, summary: pd.DataFrame) -> Table | None:

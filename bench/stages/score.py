@@ -1,11 +1,12 @@
 """The score stage: the stored per-image histograms of each (configuration, seed) summed and turned into
-metrics in this process (bench.metrics.summarize); scoring is arithmetic, so no Ray units are spent on it."""
+metrics in this process (bench.metrics.summarize), with the share of tied labels (`tied`); scoring is arithmetic,
+so no Ray units are spent on it."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from bench.metrics import summarize
+from bench.metrics import summarize, tied_percent
 from bench.plan import ForwardGroup, Trial
 
 
@@ -23,5 +24,9 @@ def score(trials: list[Trial], groups: list[ForwardGroup], seeds: list[int], sco
         for seed in seeds:
             g = group_of[(trial.trial_id, seed)]
             rows = (scores["trial"] == trial.trial_id) & (scores["group"] == g)
-            out.append((trial.trial_id, seed, summarize(scores["hist"][rows].sum(0), class_names, protocol)))
+            metrics = summarize(scores["hist"][rows].sum(0), class_names, protocol)
+            if "ties" in scores:
+                metrics["tied"] = tied_percent(scores["ties"][rows])
+            out.append((trial.trial_id, seed, metrics))
     return out
+

@@ -50,11 +50,11 @@ class SweepWorker:
         indices = [int(i) for i in batch["index"]]
         maybe_exit(self.fault, indices)
         samples = [self.dataset[i] for i in indices]
-        rows = {"index": [], "group": [], "trial": [], "hist": [], "passes": []}
+        rows = {"index": [], "group": [], "trial": [], "hist": [], "passes": [], "ties": []}
         for g, (group, req) in enumerate(zip(self.groups, self.requests)):
             keep = self._qualitative_saver(indices, g, group)
             hists, passes = evaluate_batch(self.method, self.dataset, samples, group, req, self.resolution, keep,
-                                          self.protocol)
+                                          self.protocol, rows["ties"])
             per_image = passes // len(samples)
             for k, hist in enumerate(hists):
                 rows["index"].append(indices[k // len(group.trials)])
@@ -64,7 +64,8 @@ class SweepWorker:
                 rows["passes"].append(per_image if k % len(group.trials) == 0 else 0)
         return {"index": np.array(rows["index"], dtype=np.int64), "group": np.array(rows["group"], dtype=np.int64),
                 "trial": np.array(rows["trial"]), "hist": np.stack(rows["hist"]),
-                "passes": np.array(rows["passes"], dtype=np.int64)}
+                "passes": np.array(rows["passes"], dtype=np.int64),
+                "ties": np.array(rows["ties"], dtype=np.int64).reshape(-1, 2)}
 
     def _qualitative_saver(self, indices: list[int], g: int, group: ForwardGroup):
         """Keeps the maps of the first `report.qualitative` images for the report's qualitative figure."""
@@ -155,5 +156,8 @@ def load_shards(shards: Path) -> dict[str, np.ndarray]:
     parts = []
     for path in sorted(shards.glob("shard-*.npz")):
         with np.load(path, allow_pickle=False) as shard:
-            parts.append({k: shard[k] for k in shard.files})
+            part = {k: shard[k] for k in shard.files}
+        if "ties" not in part:  # written before tie counts existed (a run resumed across versions): none counted
+            part["ties"] = np.zeros((len(part["index"]), 2), dtype=np.int64)
+        parts.append(part)
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
