@@ -268,6 +268,27 @@ def defaults() -> dict:
             if k not in ("overrides", "sweep_file")}
 
 
+# Sections a bare `<section>=<name>` switches (`data=voc2012`, `model=embedded`): the name replaces the file's
+# whole section, so the options the file gives the old dataset or model are dropped, and `data.<key>=` overrides
+# then apply to the new one. (Before, Hydra merged the later `data.<key>=` overrides over the bare string and
+# the name silently fell back to the default dataset.)
+SWITCHED_SECTIONS = ("data", "model")
+
+
+def hydra_overrides(raw: dict, overrides: list[str]) -> list[str]:
+    """The user's key=value overrides as Hydra overrides. "++" adds or replaces, so overrides may name keys the
+    file leaves to the defaults (validation rejects keys that exist nowhere); `data=<name>` / `model=<name>`
+    become a switch of the whole section (SWITCHED_SECTIONS), applied before every other override."""
+    switches, rest = [], []
+    for item in overrides:
+        key, value = item.split("=", 1)
+        if key in SWITCHED_SECTIONS and value.strip() and value.strip()[0] not in "{[" and value.strip() != "null":
+            switches += ([f"~{key}"] if key in raw else []) + [f"++{key}.name={value.strip()}"]
+        else:
+            rest.append(item if item.startswith(("+", "~")) else "++" + item)
+    return switches + rest
+
+
 def compose(path: str | Path, overrides: list[str]) -> SweepConfig:
     """Compose the sweep file with Hydra (no output folder, no chdir), overlay on the defaults, validate."""
     path = Path(path)
@@ -289,9 +310,7 @@ def compose(path: str | Path, overrides: list[str]) -> SweepConfig:
             raise BenchError(f"override {item!r} is not key=value (e.g. data.limit=8)")
         key, value = item.split("=", 1)
         _refuse_resolvers(value, key.lstrip("+~"))
-    # "++" adds or replaces, so overrides may name keys the file leaves to the defaults; validation below
-    # rejects keys that exist nowhere.
-    forced = [o if o.startswith("+") or o.startswith("~") else "++" + o for o in overrides]
+    forced = hydra_overrides(raw, overrides)
     try:
         with initialize_config_dir(config_dir=str(path.resolve().parent), version_base=None):
             composed = hydra_compose(config_name=path.stem, overrides=forced)

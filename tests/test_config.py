@@ -32,6 +32,19 @@ def test_overrides_reach_any_key_and_defaults_fill_the_rest(tmp_path):
     assert not (Path.cwd() / "outputs").exists()
 
 
+@pytest.mark.parametrize("order", ["switch first", "switch last"])
+def test_a_bare_section_name_switches_the_dataset_or_model(order):
+    """`data=coco_cap data.size=64` runs coco_cap (it once ran shapes: the later data.* overrides merged over the
+    bare name and the default dataset's name came back), without the options the file gave its own dataset."""
+    switch, options = ["data=coco_cap", "model=embedded"], ["data.size=64", "data.split=train", "model.dtype=float32"]
+    overrides = switch + options if order == "switch first" else options + switch
+    cfg = compose(ROOT / "sweeps" / "freegen_synthesis.yaml", overrides)
+    assert cfg.data == {"name": "coco_cap", "limit": None, "size": 64, "split": "train"}  # no seeds_per_class
+    assert cfg.model.name == "embedded" and cfg.model.dtype == "float32"
+    assert compose(ROOT / "sweeps" / "iseg_lambda.yaml", ["data=voc_sim"]).data["name"] == "voc_sim"
+    assert cfg.overrides == overrides  # recorded as spelled
+
+
 def test_grid_times_random_samples_is_reproducible(tmp_path):
     path = write(tmp_path, "method: iseg\nsweep:\n  iterations: [1, 2]\n  lambda: {loguniform: [0.0001, 0.1]}\n"
                            "num_samples: 3\nsearch_seed: 7\n")
