@@ -29,6 +29,9 @@ Layouts without a background class (`SegDataset.has_background` False) keep id 0
 `first_class=1` the slot's column is zeroed (never in a mean, never a false positive) and Hungarian matching
 runs over the real classes only.
 
+Beside the protocols, `tied_percent` pools per-image tie counts (methods.maps.tie_counts) into a run's `tied`
+column: the share of class-score cells whose label tie-breaking decided.
+
 Open-vocabulary reporting by seen / unseen classes (`seen_classes`, `seen_unseen`): DEDOS trains on
 COCO-Stuff-171 and evaluates on other datasets; classes whose names are COCO-Stuff classes are "seen".
 """
