@@ -111,11 +111,12 @@ def tie_warning(summary: pd.DataFrame) -> str | None:
     if not len(over):
         return None
     worst = over.loc[tied[over.index].idxmax()]
-    names = ", ".join(str(x) for x in over["label"].head(6)) + (", ..." if len(over) > 6 else "")
+    names = "; ".join(str(x) for x in over["label"].head(6)) + ("; ..." if len(over) > 6 else "")
     return (f"Labels without margin: in {len(over)} of {len(summary)} configurations ({names}) more than "
             f"{TIED_WARN:g}% of the class-score cells of multi-class images have their two best classes within "
             f"1e-5 (most: {float(worst['tied']):.1f}% at {worst['label']}); tie-breaking and rounding decided those "
-            f"labels, so differences between these configurations are not evidence about their settings.")
+            f"labels, so these configurations' scores, and differences between them, are not evidence about their "
+            f"settings.")
 
 
 def run_blocks(run: RunData, out: Path, prefix: str = "", level: int = 1, summary: pd.DataFrame | None = None,
