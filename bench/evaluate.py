@@ -20,7 +20,7 @@ from bench.metrics import ImageScorer
 from bench.plan import ForwardGroup, Trial, group_trials  # noqa: F401  (re-exported: callers group and evaluate)
 from bench.trace import Trace, TraceRequest
 from methods.base import ClassQuery, Method
-from methods.maps import tie_counts
+from methods.maps import tie_counts, tie_grid
 
 
 def class_query(sample: Sample, dataset: SegDataset, which: str) -> ClassQuery:
@@ -74,13 +74,15 @@ def trace_samples(method: Method, dataset: SegDataset, samples: list[Sample], pa
 
 
 def prediction_ties(predictions: list) -> np.ndarray:
-    """(len(predictions), 2) [tied, counted] cells of each prediction's scores, one call per score shape."""
+    """(len(predictions), 2) [tied, counted] cells of each prediction's decision scores (`Prediction.
+    decision_scores`), one call per score shape."""
     out = np.zeros((len(predictions), 2), dtype=np.int64)
+    maps = [tie_grid(p.decision_scores) for p in predictions]  # strided before stacking: no full-size copy
     by_shape: dict[tuple, list[int]] = {}
-    for i, p in enumerate(predictions):
-        by_shape.setdefault(tuple(p.scores.shape), []).append(i)
+    for i, m in enumerate(maps):
+        by_shape.setdefault(tuple(m.shape), []).append(i)
     for rows in by_shape.values():
-        out[rows] = tie_counts(torch.stack([predictions[i].scores for i in rows])).numpy()
+        out[rows] = tie_counts(torch.stack([maps[i] for i in rows])).numpy()
     return out
 
 

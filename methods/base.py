@@ -234,6 +234,12 @@ class Prediction:
     scores: torch.Tensor  # (K, h, w) per-class score maps in [0, 1], K = len(query.ids)
     labels: torch.Tensor  # (H, W) long dataset class ids, 0 = background
 
+    @property
+    def decision_scores(self) -> torch.Tensor:
+        """The (K, h, w) class scores the labels were decided from, at the resolution where they exist without
+        upsampling: the engine counts ties on them (methods.maps.tie_counts). Default: `scores`."""
+        return self.scores
+
 
 class Method:
     name: ClassVar[str] = "base"

@@ -89,6 +89,15 @@ def labels_from_threshold(scores: torch.Tensor, class_ids: list[int], out_size: 
 # decided: iSeg's chain at N = 10 on the embedded model converges every class map to one map (the test
 # test_default_keeps_the_class_maps_apart measures it), and such labels moved with the summation order.
 TIE = 1e-5
+# Ties are counted on at most TIE_GRID x TIE_GRID cells per map (a strided grid): score maps are upsampled
+# attention (64 x 64 at most on SD), so the grid keeps what tells the classes apart at a bounded cost.
+TIE_GRID = 64
+
+
+def tie_grid(maps: torch.Tensor) -> torch.Tensor:
+    """The strided view of (..., h, w) maps on which ties are counted (at most TIE_GRID cells per side)."""
+    step_h, step_w = (max(1, -(-size // TIE_GRID)) for size in maps.shape[-2:])
+    return maps[..., ::step_h, ::step_w]
 
 
 def tie_counts(scores: torch.Tensor) -> torch.Tensor:
@@ -98,9 +107,14 @@ def tie_counts(scores: torch.Tensor) -> torch.Tensor:
     n, k = scores.shape[:2]
     if k < 2:
         return torch.zeros(n, 2, dtype=torch.long)
-    top = scores.detach().float().topk(2, dim=1).values.flatten(2)  # (N, 2, hw)
-    counted = top[:, 0] > TIE
-    tied = counted & (top[:, 0] - top[:, 1] <= TIE)
+    grid = tie_grid(scores.detach()).float()
+    # the two best classes by element-wise max/min over K (few classes: cheaper than a top-k over dim 1)
+    best, second = grid[:, 0], torch.full_like(grid[:, 0], -torch.inf)
+    for c in range(1, k):
+        second = torch.maximum(second, torch.minimum(best, grid[:, c]))
+        best = torch.maximum(best, grid[:, c])
+    counted = (best > TIE).flatten(1)
+    tied = counted & (best - second <= TIE).flatten(1)
     return torch.stack([tied.sum(1), counted.sum(1)], 1).cpu()
 
 

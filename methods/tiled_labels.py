@@ -498,3 +498,8 @@ class TiledPrediction(Prediction):
         if self._scores is None:
             self._scores = self._full_scores()
         return self._scores
+
+    @property
+    def decision_scores(self) -> torch.Tensor:
+        """The min-maxed maps before the last upsampling (reading `scores` would upsample every configuration)."""
+        return self.tiled.maps[self.index]

@@ -145,7 +145,7 @@ def test_runs_in_both_modes(tiny, name, mode):
     ties = []
     hists, passes = evaluate_batch(method, dataset, [dataset[0]], group, ties=ties)
     assert len(hists) == 1 and np.isfinite(hists[0]).all() and hists[0].sum() > 0
-    assert len(ties) == 1 and 0 <= ties[0][0] <= ties[0][1] <= pred.scores[0].numel()  # [tied, counted] cells
+    assert len(ties) == 1 and 0 <= ties[0][0] <= ties[0][1] <= pred.decision_scores[0].numel()  # [tied, counted]
     inversion_passes = 1 if cls.traces_at_eval else 0  # methods that read only the image skip the UNet pass
     assert passes == (inversion_passes if mode == "inversion" else STEPS)
 

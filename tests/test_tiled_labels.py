@@ -74,6 +74,27 @@ def test_tiled_prediction_reads_like_the_full_one():
     assert tiled.decided.float().mean() > 0.5  # most tiles need no upsampling
 
 
+def test_ties_are_counted_without_building_the_full_scores():
+    """The engine's tie count reads a tiled prediction's maps before the last upsampling (`decision_scores`);
+    reading `scores` would upsample every configuration to the label size, the cost tiles exist to avoid."""
+    from bench.evaluate import prediction_ties
+    from methods.maps import tie_counts
+
+    gen = torch.Generator().manual_seed(0)
+    maps = random_maps(gen, 2, 3, 16, "uniform")
+    maps[1, 2] = maps[1, 0]  # configuration 1: two classes tied everywhere
+    up = minmax(resize_maps(maps.reshape(6, 16, 16), (64, 64)), eps=1e-12).reshape(2, 3, 64, 64)
+    tiled = TiledLabels(up, [1, 2, 3], (512, 512), RULES[:2])
+
+    def never():
+        raise AssertionError("the full-size scores were built")
+
+    preds = [TiledPrediction(tiled, j, never) for j in range(2)]
+    ties = prediction_ties(preds)
+    assert np.array_equal(ties, tie_counts(up).numpy())
+    assert ties[0][0] < ties[1][0] and ties[1][0] > 0.3 * ties[1][1]
+
+
 def test_only_power_of_two_factors_are_tiled():
     assert tileable(64, (512, 512)) and tileable(16, (32, 32))
     assert not tileable(64, (500, 500)) and not tileable(64, (384, 384)) and not tileable(64, (512, 256))
