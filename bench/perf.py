@@ -114,7 +114,7 @@ def _measure_batch(backbone, batch: int, repeats: int) -> dict:
     timings = interleaved({
         "plain": lambda: run_traced(backbone, request(), setting, prompts, images=images),
         "traced": lambda: trace_samples(method, dataset, samples, params, 0, req, backbone.resolution),
-        "iseg": lambda: evaluate_batch(method, dataset, samples, group, req, backbone.resolution),
+        "iseg": lambda: evaluate_batch(method, dataset, samples, group, req, backbone.resolution, ties=[]),
     }, backbone.device, repeats)
     row = {"batch": batch, **{f"{k}_s_per_batch": round(v["median_s"], 5) for k, v in timings.items()}}
     row["iseg_images_per_second"] = round(batch / timings["iseg"]["median_s"], 3)
@@ -248,7 +248,8 @@ def measure_memory(backbone) -> dict:
            "trace_kept_mib": round(kept / mib, 1), "capture_within_bound": bool(traced <= plain + 2 * kept)}
     if device.type == "cuda":
         weights = torch.cuda.memory_allocated(device)
-        whole, _ = _peak(device, lambda: evaluate_batch(method, dataset, samples, group, req, backbone.resolution))
+        whole, _ = _peak(device, lambda: evaluate_batch(method, dataset, samples, group, req, backbone.resolution,
+                                                        ties=[]))
         out["weights_mib"] = round(weights / mib, 1)
         out["iseg_batch1_peak_mib"] = round((weights + whole) / mib, 1)
     return out
