@@ -103,7 +103,7 @@ TIED_WARN = 5.0
 
 def tie_warning(summary: pd.DataFrame) -> str | None:
     """A warning naming the configurations whose labels tie-breaking decided on more than TIED_WARN% of the
-    class-score cells (bench.stages.score.tied_percent), or None."""
+    class-score cells (bench.metrics.tied_percent), or None."""
     if "tied" not in summary.columns:
         return None
     tied = pd.to_numeric(summary["tied"], errors="coerce")
