@@ -367,6 +367,10 @@ def test_five_seed_fits_are_the_pre_registered_ones():
             assert sorted(pd.read_csv(folder / "summary.csv")["ov_ensemble"]) == ["fcclip", "maskprompt", "none"]
 
 
+@pytest.mark.xfail(strict=True, reason="pre-registered five seeds per arm (3,000 steps, 1,500 val images, the paper's "
+                   "classifier): DEDOS's unseen mIoU 5.7 / 6.6 / 5.1 / 7.3 / 9.3, mean 6.8 [4.8, 8.9], against the "
+                   "baseline's 2.9 / 6.7 / 3.9 / 5.7 / 7.1, mean 5.3 [3.0, 7.5]: ahead by 1.5 (4 of 5 seeds, Welch "
+                   "p = 0.20), intervals overlapping; seen 23.1 against 23.0 (README, DEDOS)")
 def test_dedos_unseen_lead_holds_over_five_fit_seeds():
     """The issue's bar as pre-registered (FIVE_SEEDS/PREREG.md): with the paper's classifier, the t-interval of
     DEDOS's unseen mIoU over its five fit seeds lies entirely above the baseline's."""
