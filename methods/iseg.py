@@ -297,17 +297,21 @@ class ISeg(Method):
         rows = {"custom": {}, "baseline": {"iterations": 1, "lambda": 0.0, "gamma": 1.0},
                 "naive": {"lambda": 0.0, "gamma": 1.0}, "ent_self": {"gamma": 1.0}, "full": {}}
         row = rows[cfg.get("modules", "custom")]
-        return {**cfg, **row}
+        return {**cfg, **row} if row else cfg  # custom: the configuration itself (no per-configuration copy)
 
     @staticmethod
     def is_code(cfg: dict) -> bool:
         return cfg.get("variant", "paper") == "code"
 
     def cross_layers(self, cfg: dict) -> list[str]:
-        layers = layer_map(self.backbone)
-        if self.is_code(cfg):
-            return [n for _, blocks in self.code_cross(layers) for n in blocks]
-        return [n for res in CROSS_LEVELS[cfg["cross_levels"]] for n in layers.sd_resolution("cross", res, ("up",))]
+        # resolved once per (variant, levels): predict_many asks for every configuration of every image
+        key = (id(self.backbone), self.is_code(cfg), None if self.is_code(cfg) else cfg["cross_levels"])
+        cache = self.__dict__.setdefault("_cross_layers", {})
+        if key not in cache:
+            layers = layer_map(self.backbone)
+            cache[key] = tuple(n for _, blocks in self.code_cross(layers) for n in blocks) if key[1] else \
+                tuple(n for res in CROSS_LEVELS[key[2]] for n in layers.sd_resolution("cross", res, ("up",)))
+        return list(cache[key])
 
     @staticmethod
     def code_cross(layers) -> list[tuple[float, list[str]]]:
