@@ -78,6 +78,7 @@ def test_search_run_writes_searched_rows(tmp_path, tiny_model):
     frame = pd.read_parquet(out / "results.parquet")
     assert len(frame) == 4 and (frame["search"] == "random").all()
     assert frame["images_scored"].between(1, 4).all() and frame["images_scored"].max() == 4
+    assert "tied" in frame.columns and (frame["tied"].between(0, 100) | frame["tied"].isna()).all()
     run = json.loads((out / "run.json").read_text())
     assert run["search"]["pairs_scored"] == frame["images_scored"].sum() and run["unet_passes"] == 4
     assert "configurations searched" in (out / "report.md").read_text()
