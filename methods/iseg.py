@@ -105,10 +105,12 @@ def ent_self_many(attn: torch.Tensor, lams: list[float], scale: str = "row_max")
     peak = attn.amax(1 if scale == "row_max" else 0, keepdim=True)
     a = attn / torch.where(peak > 0, peak, 1.0)
     positive = a > 0
-    gain = (1 + torch.log(torch.where(positive, a, 1.0))) if any(lams) else None  # _entropy_step's
+    # _entropy_step's gain, zero where a == 0 so that a + lam * gain keeps exact zeros without a torch.where per
+    # lambda (the same value bit for bit: a + lam * 0 == a there, a + lam * (1 + log a) elsewhere)
+    gain = torch.where(positive, 1 + torch.log(torch.where(positive, a, 1.0)), 0.0) if any(lams) else None
     out = []
     for lam in lams:
-        stepped = torch.where(positive, a + lam * gain, a).clamp_min(0) if lam else a
+        stepped = (a + lam * gain).clamp_min(0) if lam else a
         total = stepped.sum(1, keepdim=True)
         out.append(stepped / torch.where(total > 0, total, 1.0))
     return torch.stack(out)
