@@ -212,9 +212,11 @@ class ImageScorer:
         code = np.where(in_range, label, np.where(label == ignore_index, c + 1, c))
         self.size, self.shape = label.size, shape
         self.codes = code  # label code of every pixel (0..C - 1 classes, C other values, C + 1 ignored)
-        self._base = code * (c + 1)  # the label part of the joint code
-        values = np.unique(np.where(label == ignore_index, 0, label))
-        self._iseg_skipped = len(values) <= 1  # see intersect_and_union (iSeg test_step)
+        # see intersect_and_union (iSeg test_step): skipped when the label, ignored pixels read as 0, holds one
+        # value (min == max: two reductions instead of np.unique's sort of every pixel)
+        values = np.where(label == ignore_index, 0, label)
+        self._iseg_skipped = values.size == 0 or values.min() == values.max()
+        self._base = None  # the label part of the joint code, for label-map predictions (made when first needed)
 
     def joint_counts(self, preds: np.ndarray) -> np.ndarray:
         """(K, P) predictions -> (K, C + 2, C + 1) joint counts, in one bincount."""
@@ -225,6 +227,8 @@ class ImageScorer:
         if len(preds) and (preds.min() < 0 or preds.max() >= c):
             preds = np.where((preds >= 0) & (preds < c), preds, c)
         cells = (c + 2) * (c + 1)
+        if self._base is None:
+            self._base = self.codes * (c + 1)
         codes = preds + self._base + (np.arange(len(preds), dtype=np.int64) * cells)[:, None]
         return np.bincount(codes.ravel(), minlength=len(preds) * cells).reshape(len(preds), c + 2, c + 1)
 

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from bench.metrics import image_histograms, intersect_and_union, protocol_rows, summarize
+from bench.metrics import ImageScorer, image_histograms, intersect_and_union, protocol_rows, summarize
 
 CLASSES = ["background", "a", "b", "c"]
 
@@ -77,6 +77,9 @@ def test_iseg_protocol_skips_images_with_a_single_ground_truth_value(label):
     hist = image_histograms(pred, label, 4)
     assert not protocol_rows(hist, "iseg").any()
     assert protocol_rows(hist, "mmseg")[2].sum() == (label != 255).sum()
+    # the engine's scorer (one per image, many predictions) decides the skip the same way
+    assert np.array_equal(ImageScorer(label, 4).histograms([pred])[0], hist[:8])
+    assert ImageScorer(np.array([[0, 2, 255]]), 4).histograms([np.array([[0, 2, 0]])])[0][4:].any()
 
 
 def test_both_protocols_travel_in_one_histogram_and_old_ones_read_as_mmseg():
