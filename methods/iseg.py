@@ -107,13 +107,16 @@ def ent_self_many(attn: torch.Tensor, lams: list[float], scale: str = "row_max")
     positive = a > 0
     # _entropy_step's gain, zero where a == 0 so that a + lam * gain keeps exact zeros without a torch.where per
     # lambda (the same value bit for bit: a + lam * 0 == a there, a + lam * (1 + log a) elsewhere)
-    gain = torch.where(positive, 1 + torch.log(torch.where(positive, a, 1.0)), 0.0) if any(lams) else None
-    out = []
-    for lam in lams:
-        stepped = (a + lam * gain).clamp_min(0) if lam else a
-        total = stepped.sum(1, keepdim=True)
-        out.append(stepped / torch.where(total > 0, total, 1.0))
-    return torch.stack(out)
+    if any(lams):  # every lambda at once: (L, 1, 1) x (HW, HW), the same products as one lambda at a time
+        gain = torch.where(positive, 1 + torch.log(torch.where(positive, a, 1.0)), 0.0)
+        lam = torch.tensor(lams, dtype=a.dtype, device=a.device)[:, None, None]
+        stepped = (a + lam * gain).clamp_min_(0)
+        for i in (i for i, value in enumerate(lams) if not value):
+            stepped[i] = a  # lambda = 0: the rescaled attention itself, as Eq. 7 with lambda = 0 (no clamp)
+    else:
+        stepped = a.expand(len(lams), -1, -1).clone()
+    total = stepped.sum(2, keepdim=True)
+    return stepped.div_(torch.where(total > 0, total, 1.0))
 
 
 def ent_self_code(attn: torch.Tensor, lam: float) -> torch.Tensor:

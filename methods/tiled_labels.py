@@ -197,8 +197,10 @@ def exact_extremes(maps: torch.Tensor, geo: Geometry, lo: torch.Tensor, hi: torc
     corner_weights = pixel_weights(geo.f, torch.tensor([0, geo.f - 1]))
     picked = []
     for sign, bound_near, bound_far in ((1, hi_f, lo_f), (-1, lo_f, hi_f)):
-        reach = (sign * bound_far).amax(1, keepdim=True)
-        cand_map, cand_tile = torch.nonzero(sign * bound_near >= reach, as_tuple=True)
+        # sign * near >= max(sign * far), without negated copies: near <= min(far) for the minimum
+        reach = bound_far.amax(1, keepdim=True) if sign == 1 else bound_far.amin(1, keepdim=True)
+        cand_map, cand_tile = torch.nonzero(bound_near >= reach if sign == 1 else bound_near <= reach,
+                                            as_tuple=True)
         # narrowed by real values: a bilinear function's extremes over a tile's pixel grid are at its corner
         # pixels; F.interpolate's value at a pixel is within e = REL x (largest source magnitude) of the real one,
         # so the map's extreme E is within e of A, the best real corner value, and only tiles whose best real
@@ -372,8 +374,10 @@ class TiledLabels:
         # three conditions (leader above the cut, runner-up below 1, lead beyond twice the slack) are one
         # comparison of their smallest margin; a NaN margin fails it, as the comparisons would (and flushed
         # subnormals could only make it stricter: an uncertain tile goes to the exact path)
-        margin = torch.minimum(torch.minimum((best - slack) - cuts[:, 1:].clamp(min=0), 1 - (second + slack)),
-                               lead - 2 * slack)
+        # (in place: each fresh (T, P) temporary costs more than its arithmetic; -x + 1 is 1 - x exactly)
+        margin = (best - slack).sub_(cuts[:, 1:].clamp(min=0))
+        torch.minimum(margin, (second + slack).neg_().add_(1), out=margin)
+        torch.minimum(margin, lead.sub_(2 * slack), out=margin)
         foreground = margin > 0
         labels = arg.masked_fill_(background, k).view(count, f, f)  # local index k: background
         sure = background | foreground
