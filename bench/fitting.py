@@ -12,6 +12,7 @@ optimizer states (tensors plus plain values) through that format.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,8 @@ from typing import Any
 import torch
 
 from methods.base import TrainSetting
+
+log = logging.getLogger(__name__)
 
 
 
@@ -73,6 +76,11 @@ class FitContext:
     def log(self, step: int, loss: float, series: str = "") -> None:
         """One point of the loss curve (saved as loss.csv beside the artefact, plotted in the report)."""
         self.curve.append(LossPoint(int(step), float(loss), series))
+
+    def status(self, text: str) -> None:
+        """What the fit does between steps (e.g. "EGD training images 40/200"), shown beside the driver's
+        progress bar: long preparation before the first step otherwise looks like a stalled bar."""
+        log.debug("fit status: %s", text)
 
     def checkpoint(self, step: int, state: dict) -> None:
         """Save the fit's state after `step` steps, so a killed run resumes here (`restore`)."""

@@ -211,3 +211,22 @@ def test_fit_workers_get_absolute_training_data_paths(tmp_path, monkeypatch):
     assert train_data_config(cfg)["root"] == "synthetic/x"
     assert worker_data_config(compose(ROOT / "sweeps/linear_probe.yaml", [])) == train_data_config(
         compose(ROOT / "sweeps/linear_probe.yaml", []))
+
+
+def test_the_fit_bar_shows_what_a_fit_prepares_before_its_first_step(tmp_path, capsys):
+    """A fit's preparation (FreeGen traces its training images for minutes before the first epoch) reaches the
+    driver's bar through the progress file; the first step clears it."""
+    import json
+    import time
+
+    from bench.stages.fit import _fit_with_progress
+
+    class Trainer:
+        def fit(self):
+            (tmp_path / "progress.json").write_text(json.dumps({"step": 0, "total": 2, "loss": None,
+                                                                "status": "EGD training images 8/200"}))
+            time.sleep(1.2)
+            return "done"
+
+    assert _fit_with_progress(Trainer(), tmp_path, "fit abc") == "done"
+    assert "EGD training images 8/200" in capsys.readouterr().err

@@ -84,6 +84,8 @@ class RayFitContext(FitContext):
         self.checkpoints = 0
         self._last_progress = 0.0
         self._step = 0
+        self._loss: float | None = None
+        self._status: str | None = None
         self.resumed_from: int | None = None
         self._started = time.time()
         self._kept_seconds = 0.0  # training time of earlier attempts that the restored checkpoint keeps
@@ -119,14 +121,22 @@ class RayFitContext(FitContext):
         if not series:
             self._progress(step, loss)
 
+    def status(self, text):
+        super().status(text)
+        self._status = text
+        self._progress(self._step, self._loss, force=True)
+
     def _progress(self, step: int, loss: float | None, force: bool = False) -> None:
         """Rank 0 leaves its progress in the fit directory for the driver's bar (polled, at most 2 per s)."""
-        self._step = step
+        if step != self._step:
+            self._status = None  # a step ends whatever preparation the status described
+        self._step, self._loss = step, loss
         now = time.time()
         if self.rank != 0 or (not force and now - self._last_progress < 0.5):
             return
         self._last_progress = now
-        _write_json(self.fit_dir / "progress.json", {"step": step, "total": self.total_steps, "loss": loss})
+        _write_json(self.fit_dir / "progress.json", {"step": step, "total": self.total_steps, "loss": loss,
+                                                     "status": self._status})
 
     def checkpoint(self, step, state):
         import ray.train
@@ -361,8 +371,10 @@ def _fit_with_progress(trainer, fit_dir: Path, label: str):
             if state.get("total") and bar.total != state["total"]:
                 bar.total = state["total"]
             bar.n = state.get("step") or 0
-            if state.get("loss") is not None:
-                bar.set_postfix(loss=f"{state['loss']:.4g}", refresh=False)
+            postfix = {"loss": f"{state['loss']:.4g}"} if state.get("loss") is not None else {}
+            if state.get("status"):
+                postfix["doing"] = state["status"]
+            bar.set_postfix(postfix, refresh=False)
             bar.refresh()
     outcome = box["result"]
     if isinstance(outcome, BaseException):

@@ -411,6 +411,7 @@ class FreeGen(Method):
         indices = ctx.shard(list(range(min(cfg["egd_images"], len(ctx.dataset)))))
         dropped = 0
         for start in range(0, len(indices), 4):
+            ctx.status(f"EGD training images {start}/{len(indices)}")
             batch = [ctx.dataset[i] for i in indices[start:start + 4]]
             traced = trace_samples(self, ctx.dataset, batch, cfg, 0, req, ctx.resolution, classes="gt")
             keep = []
@@ -477,6 +478,7 @@ class FreeGen(Method):
         inputs, targets = [], []
         indices = ctx.shard(list(range(min(cfg["asr_images"], len(ctx.dataset)))))
         for start in range(0, len(indices), 4):
+            ctx.status(f"ASR training images {start}/{len(indices)}")
             samples = [ctx.dataset[i] for i in indices[start:start + 4]]
             batch = trace_samples(self, ctx.dataset, samples, cfg, 0, req, ctx.resolution, classes="gt")
             for query, trace in zip(batch.queries, batch.traces):
