@@ -1,4 +1,7 @@
-"""FreeGen's Stage-1 equations on plain tensors (methods/freegen/rectify.py) and the method on a tiny trace."""
+"""FreeGen's Stage-1 equations on plain tensors (methods/freegen/rectify.py), the method on a tiny trace, and the
+verdict of a committed report."""
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -316,7 +319,7 @@ def test_tff_sweep_reads_every_threshold_off_each_cards_samples(tmp_path):
     assert not (tmp_path / "bad").exists()  # nothing written on bad input
 
 
-EGD200 = __import__("pathlib").Path(__file__).parents[1] / "reports" / "embedded" / "freegen_components_captions_egd200"
+EGD200 = Path(__file__).parents[1] / "reports" / "embedded" / "freegen_components_captions_egd200"
 
 
 @pytest.mark.xfail(strict=True, reason=(
