@@ -11,8 +11,9 @@ min-ratio over 7 interleaved rounds. Session 16 (tiled labels' undecided tiles k
 fewer temporaries in the certified labels, Ent-Self batched over lambdas, the allocator settings of bench.env,
 ImageScorer without np.unique), under another job's load, whole runs of the previous and the new tree
 interleaved: K = 24 1.44 / 1.33 / 1.36x before (K = 24 at 88-104 ms) and 1.27 / 1.29 / 1.29x after (K = 1
-62-66 ms, K = 24 79-84 ms); eight further runs across its last two changes 1.26-1.31x. Met by a thin margin:
-a run may land just above it. K = 6: 1.09-1.10x. Earlier: K = 24 4.5-5.1x before labelling by tiles,
+62-66 ms, K = 24 79-84 ms); eight further runs across its last two changes 1.26-1.31x; five runs near idle
+1.27-1.30x (K = 1 60-64 ms, K = 24 78-81 ms). Met by a thin margin: a run may land just above it. K = 6:
+1.08-1.12x. Earlier: K = 24 4.5-5.1x before labelling by tiles,
 1.80-2.06x before tiles were also decided by their corners, 1.40-1.55x before certified labels of the undecided
 tiles, 1.33-1.45x near idle in sessions 14-15 (then a strict xfail). Labels are exact: iSeg's release resize is
 labelled by tiles (methods.tiled_labels: bounds and corner differences decide most tiles, certified scores most
