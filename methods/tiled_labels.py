@@ -126,24 +126,33 @@ def upsample_tiles(maps: torch.Tensor, which: torch.Tensor, geo: Geometry, ti: t
     return out
 
 
-def tile_corners(maps: torch.Tensor) -> list[torch.Tensor]:
+def pad_planes(maps: torch.Tensor) -> torch.Tensor:
+    """Every m x m plane of maps (..., m, m) padded by one replicated cell on every side -> (planes, m + 2, m + 2)
+    (tile_corners, corner_values: a TiledLabels pads its maps once for all of them)."""
+    m = maps.shape[-1]
+    return F.pad(maps.reshape(-1, 1, m, m), (1, 1, 1, 1), mode="replicate")[:, 0]
+
+
+def tile_corners(maps: torch.Tensor, padded: torch.Tensor | None = None) -> list[torch.Tensor]:
     """The four source cells of every tile, maps (..., m, m) -> four (..., m + 1, m + 1) views: tile t reads
     source rows (and columns) Geometry.src_a[t] = max(t - 1, 0) and src_b[t] = min(t, m - 1), which are the
-    slices [0, m + 1) and [1, m + 2) of the maps padded by one replicated cell on every side."""
+    slices [0, m + 1) and [1, m + 2) of the maps padded by one replicated cell on every side (`padded`: their
+    pad_planes, when already made)."""
     lead = maps.shape[:-2]
-    padded = F.pad(maps.reshape(-1, 1, *maps.shape[-2:]), (1, 1, 1, 1), mode="replicate").view(
-        *lead, maps.shape[-2] + 2, maps.shape[-1] + 2)
+    padded = (pad_planes(maps) if padded is None else padded).view(*lead, maps.shape[-2] + 2, maps.shape[-1] + 2)
     a, b = slice(0, -1), slice(1, None)
     return [padded[..., rows, cols] for rows in (a, b) for cols in (a, b)]
 
 
-def corner_values(maps: torch.Tensor, which: torch.Tensor, ti: torch.Tensor, tj: torch.Tensor) -> torch.Tensor:
+def corner_values(maps: torch.Tensor, which: torch.Tensor, ti: torch.Tensor, tj: torch.Tensor,
+                  padded: torch.Tensor | None = None) -> torch.Tensor:
     """The four source cells (tile_corners' order) of tile (ti, tj) of each map maps[which]: maps (B, m, m) ->
     (T, 4); or of every class map: maps (N, K, m, m), which indexing N -> (T, K, 4). One gather from the padded
-    maps (advanced indexing of the four strided views cost ~10x more)."""
+    maps (`padded`: their pad_planes, when already made; advanced indexing of the four strided views cost ~10x
+    more)."""
     m = maps.shape[-1]
     lead = maps.shape[:-2]
-    padded = F.pad(maps.reshape(-1, 1, m, m), (1, 1, 1, 1), mode="replicate").view(-1)
+    padded = (pad_planes(maps) if padded is None else padded).reshape(-1)
     side = m + 2
     cell = ti * side + tj  # the (0, 0) corner of tile t is padded cell (t, t): source row max(t - 1, 0)
     offsets = torch.tensor([0, 1, side, side + 1])  # c00, c01, c10, c11
@@ -154,10 +163,11 @@ def corner_values(maps: torch.Tensor, which: torch.Tensor, ti: torch.Tensor, tj:
     return padded.take((planes + cell[:, None])[:, :, None] + offsets)
 
 
-def tile_bounds(maps: torch.Tensor, geo: Geometry) -> tuple[torch.Tensor, torch.Tensor]:
+def tile_bounds(maps: torch.Tensor, geo: Geometry, padded: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Bounds of every upsampled value of each tile: the min and max of its source cells, widened by the
     rounding (REL of their largest magnitude): maps (..., m, m) -> two (..., m + 1, m + 1)."""
-    c00, c01, c10, c11 = tile_corners(maps)
+    c00, c01, c10, c11 = tile_corners(maps, padded)
     lo = torch.minimum(torch.minimum(c00, c01), torch.minimum(c10, c11))
     hi = torch.maximum(torch.maximum(c00, c01), torch.maximum(c10, c11))
     slack = torch.maximum(lo.abs(), hi.abs()) * REL
@@ -178,16 +188,16 @@ def pixel_weights(f: int, rows: torch.Tensor | None = None) -> torch.Tensor:
 
 
 def real_values(maps: torch.Tensor, which: torch.Tensor, ti: torch.Tensor, tj: torch.Tensor,
-                weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                weights: torch.Tensor, padded: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The bilinear values of tiles (ti, tj) of maps[which] at the pixels of `weights` (pixel_weights), computed
     in float64 (exact up to ~1e-16 relative: the true values F.interpolate rounds), and the largest magnitude of
     each tile's source cells (its rounding scale) -> (T, P), (T, 1)."""
-    corners = corner_values(maps, which, ti, tj).double()  # (T, 4)
+    corners = corner_values(maps, which, ti, tj, padded).double()  # (T, 4)
     return corners @ weights, corners.abs().amax(-1, keepdim=True)
 
 
-def exact_extremes(maps: torch.Tensor, geo: Geometry, lo: torch.Tensor, hi: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def exact_extremes(maps: torch.Tensor, geo: Geometry, lo: torch.Tensor, hi: torch.Tensor,
+                   padded: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The minimum and maximum over every upsampled pixel of each map (B, m, m), exactly: only the tiles whose
     bounds (lo, hi from tile_bounds) can hold the extreme are upsampled (every tile holds a value >= its lo, so
     the maximum is at least the largest lo and lies in a tile whose hi reaches that; the minimum alike)."""
@@ -205,7 +215,7 @@ def exact_extremes(maps: torch.Tensor, geo: Geometry, lo: torch.Tensor, hi: torc
         # pixels; F.interpolate's value at a pixel is within e = REL x (largest source magnitude) of the real one,
         # so the map's extreme E is within e of A, the best real corner value, and only tiles whose best real
         # corner value reaches A - 2e can hold E
-        real, scale = real_values(maps, cand_map, cand_tile // side, cand_tile % side, corner_weights)
+        real, scale = real_values(maps, cand_map, cand_tile // side, cand_tile % side, corner_weights, padded)
         best = (sign * real).amax(1)
         e = REL * scale[:, 0]
         top = torch.full((n,), -torch.inf, dtype=best.dtype).scatter_reduce(0, cand_map, best, reduce="amax")
@@ -241,8 +251,9 @@ class TiledLabels:
         self.maps, self.class_ids, self.out_size, self.rules = maps, list(class_ids), tuple(out_size), rules
         self.geo = geo = Geometry(m, out_size[0] // m)
         flat = maps.reshape(n * k, m, m)
-        t_lo, t_hi = tile_bounds(flat, geo)  # (NK, m + 1, m + 1)
-        low, high = exact_extremes(flat, geo, t_lo, t_hi)
+        self.padded = pad_planes(flat)  # (NK, m + 2, m + 2): every corner gather below reads it
+        t_lo, t_hi = tile_bounds(flat, geo, self.padded)  # (NK, m + 1, m + 1)
+        low, high = exact_extremes(flat, geo, t_lo, t_hi, self.padded)
         # release_upsample's rescaling, in its own float32 operations: (x - min) / ((max - min) + 1e-6)
         self.low = low.view(n, k, 1, 1)
         self.den = ((high - low) + 1e-6).view(n, k, 1, 1)
@@ -299,7 +310,7 @@ class TiledLabels:
         (N, m + 1, m + 1)."""
         k = maps.shape[1]
         tn, ti, tj = torch.nonzero(todo, as_tuple=True)
-        corners = corner_values(maps, tn, ti, tj).permute(2, 0, 1)  # (4, M, K)
+        corners = corner_values(maps, tn, ti, tj, self.padded).permute(2, 0, 1)  # (4, M, K)
         low, den = self.low[tn, :, 0, 0], self.den[tn, :, 0, 0]
         g = (corners - low) / den  # the rescaling's float32 operations, as _final
         slack = REL * (2 * corners.abs().amax(0) + low.abs()) / den  # interpolation + rescaling rounding
@@ -350,17 +361,21 @@ class TiledLabels:
         (rule_cuts)."""
         k = self.maps.shape[1]
         geo, f, count = self.geo, self.geo.f, len(self.open_n)
-        corners = corner_values(self.maps, self.open_n, self.open_ti, self.open_tj)  # (T, K, 4)
+        corners = corner_values(self.maps, self.open_n, self.open_ti, self.open_tj, self.padded)  # (T, K, 4)
         low, den = self.low[self.open_n, :, 0], self.den[self.open_n, :, 0]  # (T, K, 1)
         rescaled = (corners - low) / den
         slack = (REL * (2 * corners.abs().amax(-1, keepdim=True) + low.abs()) / den
                  + 10 * 2.0 ** -24 * rescaled.abs().amax(-1, keepdim=True) + 2.0 ** -22).amax(1)  # (T, 1)
         score = rescaled @ pixel_weights(f).float()  # (T, K, P)
-        best, arg = score[:, 0], torch.zeros(count, f * f, dtype=_local_dtype(k))
+        best = score[:, 0]
+        # class 1 beats class 0 where strictly greater (the first maximum on ties, as first_max): that comparison
+        # is the local label already (a bool's bytes are 0 / 1)
+        arg = (score[:, 1] > best).view(torch.uint8) if k == 2 else torch.zeros(count, f * f, dtype=_local_dtype(k))
         second = torch.full_like(best, -torch.inf)
-        for j in range(1, k):  # K is small: element-wise, the first maximum on ties as first_max
+        for j in range(1, k):  # K is small: element-wise
             s = score[:, j]
-            arg.masked_fill_(s > best, j)
+            if k > 2:
+                arg.masked_fill_(s > best, j)
             # the runner-up is the larger of the old runner-up and the loser of this pairing (maximum / minimum:
             # ~30x cheaper than torch.where on the CPU; a NaN score leaves its tile uncertain, for the exact path)
             second = torch.maximum(second, torch.minimum(best, s))
@@ -376,8 +391,9 @@ class TiledLabels:
         # subnormals could only make it stricter: an uncertain tile goes to the exact path)
         # (in place: each fresh (T, P) temporary costs more than its arithmetic; -x + 1 is 1 - x exactly)
         margin = (best - slack).sub_(cuts[:, 1:].clamp(min=0))
-        torch.minimum(margin, (second + slack).neg_().add_(1), out=margin)
-        torch.minimum(margin, lead.sub_(2 * slack), out=margin)
+        if k > 1:  # one class: no runner-up (its margins are +inf)
+            torch.minimum(margin, (second + slack).neg_().add_(1), out=margin)
+            torch.minimum(margin, lead.sub_(2 * slack), out=margin)
         foreground = margin > 0
         labels = arg.masked_fill_(background, k).view(count, f, f)  # local index k: background
         sure = background | foreground
