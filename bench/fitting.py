@@ -82,6 +82,13 @@ class FitContext:
         progress bar: long preparation before the first step otherwise looks like a stalled bar."""
         log.debug("fit status: %s", text)
 
+    def cached(self, name: str, build: Callable[[], Any]) -> Any:
+        """`build()`'s result (a nested structure of dicts, lists, tensors and plain values, as checkpoints hold),
+        kept beside the fit's checkpoints until the fit finishes, so that a resumed fit reads it back instead of
+        building it again: e.g. FreeGen's traced training images, minutes of UNet passes before the first step.
+        Per worker (each builds its own shard). One process without checkpoints: built every time."""
+        return build()
+
     def checkpoint(self, step: int, state: dict) -> None:
         """Save the fit's state after `step` steps, so a killed run resumes here (`restore`)."""
 
@@ -106,10 +113,13 @@ class LocalFitContext(FitContext):
     `fail_after` raises after that many checkpoints (tests of resumption)."""
 
     def __init__(self, setting, dataset, backbone, resolution: int = 0, progress: Callable | None = None,
-                 resume_from: tuple[int, dict, list] | None = None, fail_after: int | None = None):
+                 resume_from: tuple[int, dict, list] | None = None, fail_after: int | None = None,
+                 caches: dict | None = None):
         super().__init__(setting, dataset, backbone, resolution)
         self.progress = progress
         self.checkpoints: list[tuple[int, dict, list]] = []
+        # `cached` results, packed as on disk; pass an earlier context's to a resumed one (`caches=`)
+        self.caches: dict[str, tuple[dict, str]] = caches if caches is not None else {}
         self.resume_from = resume_from
         self.fail_after = fail_after
 
@@ -117,6 +127,11 @@ class LocalFitContext(FitContext):
         super().log(step, loss, series)
         if self.progress is not None:
             self.progress(step, loss, series)
+
+    def cached(self, name, build):
+        if name not in self.caches:
+            self.caches[name] = pack_state(build())
+        return unpack_state(*self.caches[name])  # the same round trip as on disk, first time included
 
     def checkpoint(self, step, state):
         tensors, meta = pack_state(state)  # the same round trip as on disk
@@ -129,7 +144,9 @@ class LocalFitContext(FitContext):
             return None
         step, state, curve = self.resume_from
         self.curve = list(curve)
-        return step, state
+        # fresh tensors, as read from disk: optimizers adopt the state's tensors and update them in place, which
+        # would change the checkpoint under a second resume from it
+        return step, unpack_state(*pack_state(state))
 
 
 class InjectedFault(RuntimeError):

@@ -230,3 +230,39 @@ def test_the_fit_bar_shows_what_a_fit_prepares_before_its_first_step(tmp_path, c
 
     assert _fit_with_progress(Trainer(), tmp_path, "fit abc") == "done"
     assert "EGD training images 8/200" in capsys.readouterr().err
+
+
+def test_a_fit_cache_is_read_back_by_a_resumed_attempt_and_rebuilt_when_cut_off(tmp_path):
+    """RayFitContext.cached: built once, kept in fit_dir/cache under a complete file, read back (tensors and plain
+    values) by the next attempt; a file cut off while written is rebuilt, not trusted."""
+    import torch
+
+    from bench.stages.fit import CACHE, RayFitContext
+
+    class OneWorker:
+        def get_world_rank(self):
+            return 0
+
+        def get_world_size(self):
+            return 1
+
+    def context():
+        ctx = object.__new__(RayFitContext)  # the file logic only: no Ray Train session
+        ctx.fit_dir, ctx.train_ctx = tmp_path, OneWorker()
+        ctx._step, ctx._loss, ctx._status, ctx._last_progress = 0, None, None, 0.0
+        return ctx
+
+    builds = []
+
+    def build():
+        builds.append(1)
+        return {"samples": [{"features": [torch.arange(6.0).view(2, 3)], "label": torch.ones(2, dtype=torch.long)}],
+                "dropped": 3}
+
+    first = context().cached("egd_samples", build)
+    again = context().cached("egd_samples", build)
+    assert len(builds) == 1 and again["dropped"] == 3
+    assert torch.equal(again["samples"][0]["features"][0], first["samples"][0]["features"][0])
+    (path,) = (tmp_path / CACHE).glob("*.safetensors")
+    path.write_bytes(path.read_bytes()[:20])  # cut off
+    assert context().cached("egd_samples", build)["dropped"] == 3 and len(builds) == 2

@@ -264,7 +264,7 @@ def test_eq8_hardness_and_hst_keep_exactly_the_easiest_fraction():
     assert easiest([0.2, 0.2, 0.1], 0.5) == [0, 2]  # ties: the lower index
 
 
-def test_egd_fit_with_hst_predicts_and_resumes_bit_for_bit(tiny):
+def test_egd_fit_with_hst_predicts_and_resumes_bit_for_bit(tiny, monkeypatch):
     from bench.data import build_dataset
     from bench.evaluate import trace_samples
     from bench.fitting import LocalFitContext
@@ -284,6 +284,16 @@ def test_egd_fit_with_hst_predicts_and_resumes_bit_for_bit(tiny):
     resumed = LocalFitContext(setting, train, tiny, resume_from=ctx.checkpoints[2])
     again = METHODS.get("freegen")(tiny).fit(resumed)
     assert all(torch.equal(again[k], tensors[k]) for k in tensors)
+    # with the first attempt's cache, the resumed fit traces no training image again (FitContext.cached)
+    import bench.evaluate
+
+    traced = []
+    real_trace = bench.evaluate.trace_samples
+    monkeypatch.setattr(bench.evaluate, "trace_samples", lambda *a, **k: traced.append(1) or real_trace(*a, **k))
+    cached = LocalFitContext(setting, train, tiny, resume_from=ctx.checkpoints[2], caches=ctx.caches)
+    again = METHODS.get("freegen")(tiny).fit(cached)
+    assert not traced and all(torch.equal(again[k], tensors[k]) for k in tensors)
+    monkeypatch.undo()
     method.load_fit(setting.key, tensors)
     data = build_dataset({"name": "voc_sim", "seeds_per_class": 1, "size": 32, "limit": 1, "split": "val"})
     batch = trace_samples(method, data, [data[0]], cfg, 0, method.trace_request(cfg))

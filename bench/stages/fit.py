@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -44,6 +45,7 @@ from methods import METHODS
 log = logging.getLogger(__name__)
 
 ARTEFACT, CONFIG, LOSS, DONE = "weights.safetensors", "train_config.json", "loss.csv", "done"
+CACHE = "cache"  # fit_dir/cache: what a fit built before its first step (RayFitContext.cached), until it finishes
 FAULT_ENV = "BENCH_FAULT"  # fault injection for tests of resumption, see parse_fault
 
 
@@ -120,6 +122,27 @@ class RayFitContext(FitContext):
         super().log(step, loss, series)
         if not series:
             self._progress(step, loss)
+
+    def cached(self, name, build):
+        """Kept as fit_dir/cache/<name>.<rank>of<world>.safetensors (written under a temporary name, renamed
+        when complete; removed with the Ray storage when the fit is done)."""
+        path = self.fit_dir / CACHE / f"{name}.{self.rank}of{self.world_size}.safetensors"
+        if path.is_file():
+            try:
+                with safe_open(str(path), "pt") as fh:
+                    meta = fh.metadata()["state"]
+                    tensors = {key: fh.get_tensor(key) for key in fh.keys()}
+                log.info("fit cache %s read back (%s)", name, path.name)
+                return unpack_state(tensors, meta)
+            except (OSError, KeyError, ValueError, TypeError, SafetensorError) as err:  # cut off while written
+                log.warning("fit cache %s unreadable (%s); building it again", path, err)
+        value = build()
+        tensors, meta = pack_state(value)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}")
+        save_file(tensors, str(tmp), metadata={"state": meta})
+        tmp.rename(path)
+        return unpack_state(tensors, meta)  # as a resumed fit will read it
 
     def status(self, text):
         super().status(text)
@@ -334,6 +357,7 @@ def train_one(cfg: SweepConfig, unit: FitUnit, fit_dir: Path, fault: Fault | Non
     write_fit(fit_dir, unit, cfg, tensors, [LossPoint(**p) for p in final["curve"]],
               {**{k: v for k, v in final.items() if k != "curve"}, **timing})
     shutil.rmtree(storage, ignore_errors=True)
+    shutil.rmtree(fit_dir / CACHE, ignore_errors=True)
     (fit_dir / "progress.json").unlink(missing_ok=True)
 
 

@@ -407,28 +407,32 @@ class FreeGen(Method):
 
         stage1 = cfg.replace(egd=False)
         req = self.trace_request(cfg)
-        samples: list[EgdSample] = []
         indices = ctx.shard(list(range(min(cfg["egd_images"], len(ctx.dataset)))))
-        dropped = 0
-        for start in range(0, len(indices), 4):
-            ctx.status(f"EGD training images {start}/{len(indices)}")
-            batch = [ctx.dataset[i] for i in indices[start:start + 4]]
-            traced = trace_samples(self, ctx.dataset, batch, cfg, 0, req, ctx.resolution, classes="gt")
-            keep = []
-            for query, trace in zip(traced.queries, traced.traces):
-                if not query.ids or trace.image is None:
-                    continue
-                mask = self.synthetic_mask(trace, query, stage1, tuple(np.asarray(trace.image).shape[:2]))
-                if cfg["tff"] and mask.tff > cfg["tff_threshold"]:
-                    dropped += 1
-                    continue
-                keep.append((query, trace, local_label(mask.label, query.ids)))
-            if keep:
-                made = self.egd_samples([t for _, t, _ in keep], [q for q, _, _ in keep], cfg)
-                for sample, (_, _, label) in zip(made, keep):
-                    sample.label = label
-                    samples.append(sample)
-        samples = [s for part in ctx.gather(samples) for s in part]
+
+        def build() -> dict:  # this worker's training pairs, kept by the fit context for a resumed fit
+            samples, dropped = [], 0
+            for start in range(0, len(indices), 4):
+                ctx.status(f"EGD training images {start}/{len(indices)}")
+                batch = [ctx.dataset[i] for i in indices[start:start + 4]]
+                traced = trace_samples(self, ctx.dataset, batch, cfg, 0, req, ctx.resolution, classes="gt")
+                keep = []
+                for query, trace in zip(traced.queries, traced.traces):
+                    if not query.ids or trace.image is None:
+                        continue
+                    mask = self.synthetic_mask(trace, query, stage1, tuple(np.asarray(trace.image).shape[:2]))
+                    if cfg["tff"] and mask.tff > cfg["tff_threshold"]:
+                        dropped += 1
+                        continue
+                    keep.append((query, trace, local_label(mask.label, query.ids)))
+                if keep:
+                    made = self.egd_samples([t for _, t, _ in keep], [q for q, _, _ in keep], cfg)
+                    samples += [{"features": list(m.features), "entities": m.entities, "label": label}
+                                for m, (_, _, label) in zip(made, keep)]
+            return {"samples": samples, "dropped": dropped}
+
+        mine = ctx.cached("egd_samples", build)
+        dropped = mine["dropped"]
+        samples = [EgdSample(**s) for part in ctx.gather(mine["samples"]) for s in part]
         log.info("EGD fit: %d training pairs (%d dropped by the TFF on this worker)", len(samples), dropped)
         if not samples:
             raise RuntimeError(f"egd=true: no training image with a class kept by Stage 1 ({dropped} filtered by "
