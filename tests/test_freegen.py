@@ -305,6 +305,29 @@ def test_egd_fit_with_hst_predicts_and_resumes_bit_for_bit(tiny, monkeypatch):
     assert np.array_equal(mask.label, prediction.labels.numpy().astype(np.uint8))  # synthesis writes the EGD's
 
 
+def test_learned_asr_fit_resumes_from_its_cache_without_tracing(tiny, monkeypatch):
+    """The ASR fit's traced training images (inputs and SAM / attention targets) come back from the fit cache
+    on the CPU and are moved to the method's device; the resumed fit ends bit for bit where the first did."""
+    import bench.evaluate
+    from bench.data import build_dataset
+    from bench.fitting import LocalFitContext
+    from methods import METHODS
+
+    method = METHODS.get("freegen")(tiny)
+    cfg = method.resolve({"mode": "generation", "steps": 3, "asr": "learned", "asr_targets": "attention",
+                          "asr_images": 2, "asr_epochs": 3, "asr_batch": 1, "egd": False, "tff": False})
+    setting = method.train_setting(cfg)
+    train = build_dataset({"name": "voc_sim", "seeds_per_class": 1, "size": 32, "limit": 2})
+    ctx = LocalFitContext(setting, train, tiny)
+    tensors = method.fit(ctx)
+    traced = []
+    real_trace = bench.evaluate.trace_samples
+    monkeypatch.setattr(bench.evaluate, "trace_samples", lambda *a, **k: traced.append(1) or real_trace(*a, **k))
+    resumed = LocalFitContext(setting, train, tiny, resume_from=ctx.checkpoints[0], caches=ctx.caches)
+    again = METHODS.get("freegen")(tiny).fit(resumed)
+    assert not traced and set(again) == set(tensors) and all(torch.equal(again[k], tensors[k]) for k in tensors)
+
+
 def test_tff_sweep_reads_every_threshold_off_each_cards_samples(tmp_path):
     import json
 

@@ -36,7 +36,8 @@ import torch
 from bench.trace import Trace, TraceRequest, request
 from methods.attribution import AttributionSource, attn_layers, attribution_embedding, token_indices
 from methods.base import ClassQuery, Method, Param, Prediction, TrainSetting, register_method
-from methods.freegen.asr import AsrInputs, AsrModule, asr_loss, prompt_keys
+from methods.freegen.asr import (AsrInputs, AsrModule, asr_inputs_from, asr_loss, asr_record,
+                                 prompt_keys)
 from methods.freegen.egd import (EgdSample, GroundingDecoder, easiest, entity_embeddings, hardness, local_label,
                                  pixel_loss_map, predict_label, train_epochs, unet_features)
 from methods.freegen.rectify import (adaptive_self_attention, normalise, one_hot, pseudo_label,
@@ -479,22 +480,29 @@ class FreeGen(Method):
             return {k: v.clone() for k, v in state["asr"].items()}
         plain = cfg.replace(asr="init")
         req = self.trace_request(cfg)
-        inputs, targets = [], []
         indices = ctx.shard(list(range(min(cfg["asr_images"], len(ctx.dataset)))))
-        for start in range(0, len(indices), 4):
-            ctx.status(f"ASR training images {start}/{len(indices)}")
-            samples = [ctx.dataset[i] for i in indices[start:start + 4]]
-            batch = trace_samples(self, ctx.dataset, samples, cfg, 0, req, ctx.resolution, classes="gt")
-            for query, trace in zip(batch.queries, batch.traces):
-                if not query.ids or trace.image is None:
-                    continue
-                size = tuple(np.asarray(trace.image).shape[:2])
-                step = len(trace.timesteps) - 1 if self._per_step(trace) else 0
-                with torch.no_grad():
-                    scores = self.class_scores(trace, query, plain, size)
-                    targets.append(self.sam_logits(trace, cfg, scores) > 0 if cfg["asr_targets"] == "sam"
-                                   else scores >= cfg["fg_threshold"])
-                inputs.append(self.asr_inputs(trace, query, cfg, step))
+
+        def build() -> dict:  # this worker's (inputs, targets), kept by the fit context for a resumed fit
+            inputs, targets = [], []
+            for start in range(0, len(indices), 4):
+                ctx.status(f"ASR training images {start}/{len(indices)}")
+                samples = [ctx.dataset[i] for i in indices[start:start + 4]]
+                batch = trace_samples(self, ctx.dataset, samples, cfg, 0, req, ctx.resolution, classes="gt")
+                for query, trace in zip(batch.queries, batch.traces):
+                    if not query.ids or trace.image is None:
+                        continue
+                    size = tuple(np.asarray(trace.image).shape[:2])
+                    step = len(trace.timesteps) - 1 if self._per_step(trace) else 0
+                    with torch.no_grad():
+                        scores = self.class_scores(trace, query, plain, size)
+                        targets.append(self.sam_logits(trace, cfg, scores) > 0 if cfg["asr_targets"] == "sam"
+                                       else scores >= cfg["fg_threshold"])
+                    inputs.append(asr_record(self.asr_inputs(trace, query, cfg, step)))
+            return {"inputs": inputs, "targets": targets}
+
+        kept = ctx.cached("asr_samples", build)  # tensors come back on the CPU: moved to where the traces were
+        inputs = [asr_inputs_from(record, self.device) for record in kept["inputs"]]
+        targets = [t.to(self.device) for t in kept["targets"]]
         if not inputs:
             raise RuntimeError("asr=learned: no training image with a class in the training split")
         model = AsrModule.like(inputs[0]).to(self.device)

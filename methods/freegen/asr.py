@@ -19,7 +19,7 @@ of that class (G_*), summed over classes and averaged over pixels.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,20 @@ class AsrInputs:
     scales: dict[str, float]  # cross layer -> 1 / sqrt(d)
     grids: dict[str, tuple[int, int]]  # cross layer -> (h, w)
     class_tokens: list[list[int]]  # per class: its token positions in its text
+
+
+def asr_record(inputs: AsrInputs) -> dict:
+    """AsrInputs as a plain dict (its fields, not copied) for a fit cache (bench.fitting.FitContext.cached)."""
+    return {f.name: getattr(inputs, f.name) for f in fields(inputs)}
+
+
+def asr_inputs_from(record: dict, device: torch.device | str) -> AsrInputs:
+    """AsrInputs from asr_record after a round trip through a fit cache (tuples read back as lists, tensors on the
+    CPU): tuples restored, tensors moved to `device`."""
+    return AsrInputs(record["self_probs"].to(device), tuple(record["grid"]),
+                     {k: v.to(device) for k, v in record["queries"].items()},
+                     {k: [t.to(device) for t in v] for k, v in record["keys"].items()}, dict(record["scales"]),
+                     {k: tuple(v) for k, v in record["grids"].items()}, [list(t) for t in record["class_tokens"]])
 
 
 def prompt_keys(module, embedding: torch.Tensor, heads: int) -> torch.Tensor:
