@@ -297,6 +297,7 @@ class TiledLabels:
         # where read, and joint_counts folds them into the histogram after counting)
         self.local_ids = torch.tensor([*self.class_ids, 0], dtype=torch.long)
         self.open_local = self._label_tiles()  # (T, f, f)
+        self.padded = None  # needed only while labelling: not kept with the predictions that hold this object
 
     def _corner_winner(self, maps: torch.Tensor, s_lo: torch.Tensor, s_hi: torch.Tensor, todo: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor]:
