@@ -25,10 +25,10 @@ QUIET_ENV = {
 }
 # glibc malloc: keep freed memory for reuse (allocations below 32 MiB from the heap, up to 256 MiB of free heap
 # kept, 64 MiB of padding when it grows) instead of returning it to the OS and page-faulting it back on the next
-# tensor of that size. Measured on the iSeg K = 24 per-image path (CPU, issue 12): without these, about half of
-# the processes paid 5-10 ms more per image (~20 ms instead of ~14.5 ms in the tiled labelling, bimodal across
-# processes); with them every process ran at the fast mode. glibc reads them at start (Ray's workers get them
-# in their environment); a running process applies them with mallopt (tune_allocator).
+# tensor of that size. Measured on the iSeg K = 24 per-image path (CPU, issue 12): without these, 3 of 9
+# processes paid 2.5-6 ms more per image in the tiled labelling (bimodal across processes: page faults on fresh
+# tensors); with them none of 9 did. glibc reads them at start (Ray's workers get them in their environment); a
+# running process applies them with mallopt (tune_allocator).
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20),
                  "MALLOC_TOP_PAD_": str(64 << 20)}
 NOISY_LOGGERS = ("ray", "ray.data", "ray.tune", "ray.train", "filelock", "urllib3", "diffusers", "transformers")

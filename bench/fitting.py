@@ -24,7 +24,6 @@ from methods.base import TrainSetting
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class LossPoint:
     step: int
