@@ -381,7 +381,6 @@ class TiledLabels:
             # ~30x cheaper than torch.where on the CPU; a NaN score leaves its tile uncertain, for the exact path)
             second = torch.maximum(second, torch.minimum(best, s))
             best = torch.maximum(best, s)
-        lead = best - second  # over the runner-up (inf for one class; 0 on a tie: never certain)
         cuts = rule_cuts(self.rules)[self.open_n]  # (T, 2): background below the first, foreground above the second
         background = best + slack < cuts[:, :1]
         # the clamp to [0, 1] cannot tie the leader with the runner-up: the runner-up stays below 1 and the leader
@@ -394,7 +393,8 @@ class TiledLabels:
         margin = (best - slack).sub_(cuts[:, 1:].clamp(min=0))
         if k > 1:  # one class: no runner-up (its margins are +inf)
             torch.minimum(margin, (second + slack).neg_().add_(1), out=margin)
-            torch.minimum(margin, lead.sub_(2 * slack), out=margin)
+            lead = (best - second).sub_(2 * slack)  # over the runner-up (0 on a tie: never certain)
+            torch.minimum(margin, lead, out=margin)
         foreground = margin > 0
         labels = arg.masked_fill_(background, k).view(count, f, f)  # local index k: background
         sure = background | foreground
