@@ -266,3 +266,29 @@ def test_a_fit_cache_is_read_back_by_a_resumed_attempt_and_rebuilt_when_cut_off(
     (path,) = (tmp_path / CACHE).glob("*.safetensors")
     path.write_bytes(path.read_bytes()[:20])  # cut off
     assert context().cached("egd_samples", build)["dropped"] == 3 and len(builds) == 2
+
+
+def test_a_workers_status_reaches_the_progress_file_until_its_next_step(tmp_path):
+    """RayFitContext.status: rank 0 writes the status beside step and loss at once; the next step clears it."""
+    import json
+
+    from bench.stages.fit import RayFitContext
+
+    class OneWorker:
+        def get_world_rank(self):
+            return 0
+
+        def get_world_size(self):
+            return 1
+
+    ctx = object.__new__(RayFitContext)  # the progress-file logic only: no Ray Train session
+    ctx.fit_dir, ctx.train_ctx, ctx.total_steps = tmp_path, OneWorker(), 4
+    ctx._step, ctx._loss, ctx._status, ctx._last_progress = 0, None, None, 0.0
+    ctx.curve = []
+    ctx.status("EGD training images 4/8")
+    state = json.loads((tmp_path / "progress.json").read_text())
+    assert state["status"] == "EGD training images 4/8" and state["step"] == 0
+    ctx._last_progress = 0.0  # past the rate limit
+    ctx.log(1, 0.5)
+    state = json.loads((tmp_path / "progress.json").read_text())
+    assert state["status"] is None and state["step"] == 1 and state["loss"] == 0.5
