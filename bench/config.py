@@ -21,6 +21,8 @@ values from outside the file) are errors; `${other.key}` references resolve.
     ray: {execution: auto}            # auto | actors | driver: trace on an actor pool or in this process (auto:
                                       # this process where a pool could only hold one actor)
     train: {num_workers: 1, use_gpu: false, split: train, max_failures: 0}   # trained methods: Ray Train
+    train: {max_concurrent: auto, gpus_per_worker: 1}   # fits at once (auto: as many as the cluster's CPUs, or
+                                      # GPUs, hold), a fraction of a GPU per worker to pack small fits on one GPU
                                       # train.data: {name: voc2012, root: synthetic/x}: fit on another dataset
                                       # than the evaluated one (synthetic -> real; COCO-Stuff -> others)
     fit: {from: null}                 # trained methods: reuse the fits of another run (or one fit directory)
@@ -186,6 +188,10 @@ class TrainConfig(Section):
     use_gpu: bool = False
     split: str = "train"
     max_failures: int = 0  # worker-group restarts from the last checkpoint before a fit fails (preemption)
+    # train settings fitted at once, each a Ray Tune trial running one Ray Train run (bench.stages.fit):
+    # auto = as many as the cluster's CPUs (or GPUs, with use_gpu) hold at num_workers workers per fit
+    max_concurrent: int | str = "auto"
+    gpus_per_worker: float = 1.0  # with use_gpu: 0.25 packs four one-worker fits on one GPU
     # the dataset fits learn from, when it is not the evaluated one: a `data:` mapping (name, root, split,
     # limit, ...); its split defaults to `split`, its limit to all images (bench.config.train_data_config)
     data: dict | None = None
@@ -384,6 +390,7 @@ def validate(cfg: SweepConfig) -> None:
         raise BenchError(f"ray.num_actors={cfg.ray.num_actors!r} must be a number of actors or auto")
     actors = 1 if cfg.ray.num_actors == "auto" else cfg.ray.num_actors
     check_execution(cfg.ray)
+    check_train_resources(cfg.train)
     for name, value, low in (("ray.num_actors", actors, 0), ("ray.batch_size", cfg.ray.batch_size, 1),
                              ("ray.object_store_mb", cfg.ray.object_store_mb, 64),
                              ("ray.max_retries", cfg.ray.max_retries, 0),
@@ -402,6 +409,21 @@ def validate(cfg: SweepConfig) -> None:
 
 
 EXECUTION_MODES = ("auto", "actors", "driver")
+
+
+def check_train_resources(train: TrainConfig) -> None:
+    """`train.max_concurrent` is auto or a count >= 1; `train.gpus_per_worker` is a share of one GPU (0, 1] or
+    a whole number of GPUs, and only means something with `train.use_gpu=true`."""
+    concurrent = train.max_concurrent
+    if isinstance(concurrent, bool) or not (concurrent == "auto" or (isinstance(concurrent, int) and concurrent >= 1)):
+        raise BenchError(f"train.max_concurrent={concurrent!r} must be auto or a number of fits >= 1")
+    gpus = train.gpus_per_worker
+    if isinstance(gpus, bool) or not isinstance(gpus, (int, float)) or gpus <= 0 or (gpus > 1 and gpus != int(gpus)):
+        raise BenchError(f"train.gpus_per_worker={gpus!r} must be a share of one GPU in (0, 1] or a whole number "
+                         "of GPUs")
+    if gpus != 1 and not train.use_gpu:
+        raise BenchError(f"train.gpus_per_worker={gpus} without train.use_gpu=true: fits train on CPUs; add "
+                         "train.use_gpu=true or drop train.gpus_per_worker")
 
 
 def check_execution(ray_cfg: RayConfig) -> None:

@@ -20,6 +20,8 @@ QUIET_ENV = {
     "RAY_AUTH_MODE": "disabled",  # a local, short-lived cluster: no token file
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",  # a finished fit is noticed at once, not after 2 s
+    "RAY_CHDIR_TO_TRIAL_DIR": "0",  # a Tune trial (one fit) works where the run was started
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # fits write their own records; no TensorBoard/CSV/JSON loggers
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
 }

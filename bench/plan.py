@@ -112,8 +112,9 @@ def group_trials(method_cls: type[Method], trials: list[Trial], seeds: list[int]
 def fit_hash(setting: TrainSetting, cfg: SweepConfig) -> str:
     """The fit directory's name: the setting (with the identities of the weights it reads) plus what the run
     fixes for it (the model config and its weights' identity, training data). Not
-    covered: workers, devices and retries (`train.num_workers`, `train.use_gpu`, `train.max_failures`), which
-    change how a fit runs, not what it learns (the global batch is split across workers)."""
+    covered: workers, devices, retries and concurrency (`train.num_workers`, `train.use_gpu`,
+    `train.gpus_per_worker`, `train.max_failures`, `train.max_concurrent`), which change how a fit runs, not
+    what it learns (the global batch is split across workers)."""
     from bench.models.identity import model_identity
 
     model = {k: v for k, v in cfg.model.as_dict().items() if k != "device"}

@@ -36,7 +36,7 @@ LOCK = "lock"
 STARTED_WAIT_SECONDS = 5.0  # how long a second process waits for a fresh run's started.json
 # Where and how parallel a run works, not what it computes: may change between invocations.
 RUNTIME_KEYS = ("output_dir", "overrides", "sweep_file", "ray")
-RUNTIME_TRAIN_KEYS = ("num_workers", "use_gpu", "max_failures")
+RUNTIME_TRAIN_KEYS = ("num_workers", "use_gpu", "max_failures", "max_concurrent", "gpus_per_worker")
 
 
 def resume_config(cfg: SweepConfig) -> dict:

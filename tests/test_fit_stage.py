@@ -8,6 +8,7 @@ fast method tester)."""
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -133,7 +134,7 @@ def test_killed_run_resumes_without_refitting_finished_settings(tmp_path, tiny_m
     reuses the first fit as it is and resumes the second from its checkpoint; both equal undisturbed fits."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "bench.run", str(ROOT / "sweeps/linear_probe.yaml"), *probe_overrides(tiny_model), LOCAL,
-           "sweep.lr.grid=[0.05,0.1]", "sweep.threshold.grid=[0.4,0.6]", f"output_dir={out}"]
+           *TWO_FITS, "train.max_concurrent=1", f"output_dir={out}"]  # one after the other, as Tune trials
     ray_tmp = tempfile.mkdtemp(prefix="rk-")  # short: Ray's socket paths must stay under 108 bytes
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_TMPDIR": ray_tmp}
     killed = subprocess.Popen(cmd, env={**env, FAULT_ENV: "fit:2:1:kill"}, stdout=subprocess.PIPE,
@@ -162,6 +163,97 @@ def test_killed_run_resumes_without_refitting_finished_settings(tmp_path, tiny_m
         weights = load_file(fit_dir / "weights.safetensors")
         alone = local_fit(tiny_model, {**PROBE, "lr": config["setting"]["values"]["lr"]})
         assert all(torch.equal(weights[k], alone[k]) for k in ("weight", "bias"))  # bit for bit
+
+
+TWO_FITS = ["sweep.lr.grid=[0.05,0.1]", "sweep.threshold.grid=[0.4,0.6]"]  # two train settings
+
+
+def fit_configs(out: Path) -> list[dict]:
+    return [json.loads((d / "train_config.json").read_text()) for d in sorted((out / "fit").iterdir())]
+
+
+def test_two_train_settings_fit_at_once_as_tune_trials_and_equal_fits_alone(tmp_path, tiny_model, ray_session,
+                                                                            capsys):
+    """Two train settings are two Ray Tune trials, each one Ray Train run, running at the same time where the
+    cluster holds both (train.max_concurrent=auto: a CPU each); each fit is bit for bit the fit alone in this
+    process, and Tune's experiment state does not outlive the run."""
+    import ray
+
+    out = tmp_path / "run"
+    assert main([str(ROOT / "sweeps/linear_probe.yaml"), *probe_overrides(tiny_model), LOCAL, *TWO_FITS,
+                 f"output_dir={out}"]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["fits"] == 2 and run["fits_trained"] == 2
+    configs = fit_configs(out)
+    for config in configs:
+        weights = load_file(out / "fit" / config["hash"] / "weights.safetensors")
+        alone = local_fit(tiny_model, {**PROBE, "lr": config["setting"]["values"]["lr"]})
+        assert all(torch.equal(weights[k], alone[k]) for k in ("weight", "bias"))
+    err = capsys.readouterr().err
+    if ray.cluster_resources().get("CPU", 0) >= 2:
+        # each fit started before the other finished
+        first, second = sorted(configs, key=lambda c: c["started"])
+        assert second["started"] < first["finished"]
+        assert "2 fits (2 at once)" in err
+    assert not (out / "work").exists() and not list(out.rglob("experiment_state*"))
+
+
+@pytest.mark.slow
+def test_a_failed_fit_among_concurrent_ones_keeps_the_others_and_refits_only_itself(tmp_path, tiny_model,
+                                                                                    ray_session, capsys):
+    """The first of two concurrent fits fails after its first checkpoint (no retries): the other one finishes
+    and is kept, the run fails with the fit's own error on one line, and the same command fits only the
+    failed setting."""
+    out = tmp_path / "run"
+    args = [str(ROOT / "sweeps/linear_probe.yaml"), *probe_overrides(tiny_model), LOCAL, *TWO_FITS,
+            f"output_dir={out}"]
+    os.environ[FAULT_ENV] = "fit:1:1:raise"
+    try:
+        assert main(args) != 0
+    finally:
+        del os.environ[FAULT_ENV]
+    err = capsys.readouterr().err
+    assert "injected failure after checkpoint 1" in err and "resume with" in err
+    fits = out.with_name("run.partial") / "fit"
+    finished = [d.name for d in fits.iterdir() if (d / "done").is_file()]
+    assert len(finished) == 1
+    assert main(args) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["fits_trained"] == 1 and run["fits_reused"] == 1
+
+
+def test_fit_concurrency_and_worker_resources(monkeypatch):
+    """train.max_concurrent=auto fits as many settings at once as the cluster holds at num_workers workers per
+    fit (CPUs, or GPUs at gpus_per_worker each); a number caps it; never more than the fits to run."""
+    import ray
+
+    from bench.config import compose
+    from bench.stages.fit import fit_concurrency, scaling_config
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 1.0})
+    sweep = ROOT / "sweeps/linear_probe.yaml"
+    assert fit_concurrency(compose(sweep, []), 46) == 16
+    assert fit_concurrency(compose(sweep, ["train.num_workers=4"]), 46) == 4
+    assert fit_concurrency(compose(sweep, ["train.use_gpu=true"]), 46) == 1
+    packed = compose(sweep, ["train.use_gpu=true", "train.gpus_per_worker=0.125"])
+    assert fit_concurrency(packed, 46) == 8 and fit_concurrency(packed, 3) == 3
+    assert fit_concurrency(compose(sweep, ["train.max_concurrent=3"]), 46) == 3
+    assert scaling_config(packed).resources_per_worker == {"CPU": 1, "GPU": 0.125}
+    assert scaling_config(compose(sweep, [])).resources_per_worker in (None, {"CPU": 1})
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.max_concurrent=0", "train.max_concurrent=0 must be auto or a number of fits >= 1"),
+    ("train.max_concurrent=many", "train.max_concurrent='many' must be auto"),
+    ("train.gpus_per_worker=1.5", "must be a share of one GPU in (0, 1] or a whole number"),
+    ("train.gpus_per_worker=0.5", "without train.use_gpu=true"),
+])
+def test_bad_train_resources_are_one_line_errors(override, message):
+    from bench.config import compose
+    from bench.errors import BenchError
+
+    with pytest.raises(BenchError, match=re.escape(message)):
+        compose(ROOT / "sweeps/linear_probe.yaml", [override])
 
 
 def test_a_resumed_fit_counts_the_seconds_its_checkpoint_kept(tmp_path):
@@ -219,16 +311,15 @@ def test_the_fit_bar_shows_what_a_fit_prepares_before_its_first_step(tmp_path, c
     import json
     import time
 
-    from bench.stages.fit import _fit_with_progress
+    from bench.stages.fit import _with_progress
 
-    class Trainer:
-        def fit(self):
-            (tmp_path / "progress.json").write_text(json.dumps({"step": 0, "total": 2, "loss": None,
-                                                                "status": "EGD training images 8/200"}))
-            time.sleep(1.2)
-            return "done"
+    def fit():
+        (tmp_path / "progress.json").write_text(json.dumps({"step": 0, "total": 2, "loss": None,
+                                                            "status": "EGD training images 8/200"}))
+        time.sleep(1.2)
+        return "done"
 
-    assert _fit_with_progress(Trainer(), tmp_path, "fit abc") == "done"
+    assert _with_progress(fit, [tmp_path], "fit abc") == "done"
     assert "EGD training images 8/200" in capsys.readouterr().err
 
 

@@ -40,6 +40,7 @@ from bench.errors import BenchError
 from bench.fitting import FitContext, InjectedFault, LossPoint, pack_state, unpack_state
 from bench.models import load_backbone
 from bench.plan import FitUnit, Plan
+from bench.rundir import WORK
 from methods import METHODS
 
 log = logging.getLogger(__name__)
@@ -278,11 +279,13 @@ def check_fit_sources(cfg: SweepConfig, plan: Plan) -> None:
 
 def run_fits(cfg: SweepConfig, plan: Plan, work: Path) -> tuple[FitStats, dict[str, Path]]:
     """Fit every train setting of the plan that `work/fit/` does not hold finished; returns statistics and
-    TrainSetting.key -> finished fit directory."""
+    TrainSetting.key -> finished fit directory. Two or more settings to fit run as Ray Tune trials, up to
+    `train.max_concurrent` at once (fit_concurrency), each one Ray Train run; a single one runs directly."""
     stats = FitStats(fits=len(plan.fits))
     done: dict[str, Path] = {}
     fault = parse_fault(os.environ.get(FAULT_ENV))
     start = time.time()
+    pending: list[tuple[FitUnit, Path]] = []
     for unit in plan.fits:
         fit_dir = work / "fit" / unit.hash
         stats.dirs[unit.setting.key] = unit.hash
@@ -293,12 +296,72 @@ def run_fits(cfg: SweepConfig, plan: Plan, work: Path) -> tuple[FitStats, dict[s
             copy_fit(fit_source(cfg, unit), fit_dir)
             stats.reused += 1
         else:
-            stats.trained += 1
-            this_fault = fault if fault and fault.fit == stats.trained else None
-            train_one(cfg, unit, fit_dir, this_fault)
+            pending.append((unit, fit_dir))
         done[unit.setting.key] = fit_dir
+    # the fault goes to the n-th fit this invocation trains (in the plan's order)
+    faults = [fault if fault and fault.fit == i + 1 else None for i in range(len(pending))]
+    if len(pending) == 1:
+        train_one(cfg, *pending[0], faults[0])
+    elif pending:
+        train_concurrently(cfg, pending, faults, work / WORK / "tune")
+    stats.trained = len(pending)
     stats.seconds = time.time() - start
     return stats, done
+
+
+def fit_concurrency(cfg: SweepConfig, pending: int) -> int:
+    """How many fits run at once (Ray started): `train.max_concurrent`, or with auto as many as the cluster
+    holds at `train.num_workers` workers per fit (GPUs at `train.gpus_per_worker` each with use_gpu, else one
+    CPU each); never more than there are fits, never fewer than one."""
+    import ray
+
+    if cfg.train.max_concurrent != "auto":
+        return max(1, min(int(cfg.train.max_concurrent), pending))
+    resources = ray.cluster_resources()
+    if cfg.train.use_gpu:
+        slots = int(resources.get("GPU", 0) // (cfg.train.num_workers * cfg.train.gpus_per_worker))
+    else:
+        slots = int(resources.get("CPU", 1) // cfg.train.num_workers)
+    return max(1, min(slots, pending))
+
+
+def _fit_trial(config: dict, cfg: SweepConfig, pending: list, faults: list, data: dict) -> None:
+    """A Ray Tune trial (function trainable): one fit, written to its fit directory by the trial itself."""
+    from ray import tune
+
+    unit, fit_dir = pending[config["fit"]]
+    train_one(cfg, unit, fit_dir, faults[config["fit"]], progress=False, data=data)
+    tune.report({"fitted": 1})
+
+
+def train_concurrently(cfg: SweepConfig, pending: list[tuple[FitUnit, Path]], faults: list, storage: Path) -> None:
+    """Every pending fit as one Ray Tune trial, up to fit_concurrency at once. A trial needs no CPU of its own
+    (it waits on its Ray Train run, whose workers hold the resources); Tune keeps the experiment's state in
+    `storage` and retries a trial whose process died (`train.max_failures`), which resumes its fit from the
+    fit directory's checkpoints. A failed fit fails the run once the others have finished: finished fits are
+    kept, and the same command fits only what is missing."""
+    from ray import tune
+
+    at_once = fit_concurrency(cfg, len(pending))
+    log.info("fitting %d train settings, %d at once", len(pending), at_once)
+    if cfg.ray.quiet:  # a failed trial's traceback goes to the run's error.log, its message to the one-line error
+        logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
+    # paths resolved here: a trial's process may have another working directory
+    pending = [(unit, fit_dir.resolve()) for unit, fit_dir in pending]
+    trainable = tune.with_resources(tune.with_parameters(_fit_trial, cfg=cfg, pending=pending, faults=faults,
+                                                         data=worker_data_config(cfg)),
+                                    {"CPU": 0, "memory": 1})  # Tune refuses an empty request; 1 byte is none
+    tuner = tune.Tuner(trainable, param_space={"fit": tune.grid_search(list(range(len(pending))))},
+                       tune_config=tune.TuneConfig(max_concurrent_trials=at_once, reuse_actors=False),
+                       run_config=tune.RunConfig(name="fits", storage_path=str(storage.resolve()), verbose=0,
+                                                 failure_config=tune.FailureConfig(
+                                                     max_failures=cfg.train.max_failures)))
+    grid = _with_progress(tuner.fit, [fit_dir for _, fit_dir in pending],
+                          f"{len(pending)} fits ({at_once} at once)")
+    errors = [r.error for r in grid if r.error is not None]
+    shutil.rmtree(storage, ignore_errors=True)
+    if errors:
+        raise errors[0]
 
 
 def copy_fit(source: Path, fit_dir: Path) -> None:
@@ -326,8 +389,12 @@ def worker_data_config(cfg: SweepConfig) -> dict:
             for k, v in data.items()}
 
 
-def train_one(cfg: SweepConfig, unit: FitUnit, fit_dir: Path, fault: Fault | None) -> None:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+def train_one(cfg: SweepConfig, unit: FitUnit, fit_dir: Path, fault: Fault | None, progress: bool = True,
+              data: dict | None = None) -> None:
+    """One Ray Train run for `unit` into `fit_dir` (resumed from its checkpoints there); `progress`: show the
+    fit's bar here (off in a Tune trial, whose driver shows every running fit's); `data`: the workers' training
+    data options (worker_data_config, computed where relative paths mean what the user meant)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     fit_dir.mkdir(parents=True, exist_ok=True)
@@ -339,19 +406,25 @@ def train_one(cfg: SweepConfig, unit: FitUnit, fit_dir: Path, fault: Fault | Non
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg, "setting": unit.setting, "fit_dir": str(fit_dir.resolve()), "fault": fault,
-                           "data": worker_data_config(cfg)},
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
+                           "data": data or worker_data_config(cfg)},
+        scaling_config=scaling_config(cfg),
         run_config=RunConfig(name="train", storage_path=str(storage),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures)))
     started = time.time()
-    result = _fit_with_progress(trainer, fit_dir, f"fit {unit.hash[:8]}")
+    result = _with_progress(trainer.fit, [fit_dir], f"fit {unit.hash[:8]}") if progress else _catch(trainer.fit)
+    if isinstance(result, BaseException):
+        original = worker_error(result)
+        if original is result:
+            raise result
+        raise original from result
     if getattr(result, "error", None) is not None:
         raise result.error
     with result.checkpoint.as_directory() as folder:
         final = json.loads((Path(folder) / "final.json").read_text())
         tensors = load_file(os.path.join(folder, ARTEFACT))
-    timing = {"fit_seconds": round(time.time() - started + earlier, 3)}
+    timing = {"fit_seconds": round(time.time() - started + earlier, 3),
+              "started": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="milliseconds")}
     if resuming:
         timing["seconds_before_resume"] = round(earlier, 3)
     write_fit(fit_dir, unit, cfg, tensors, [LossPoint(**p) for p in final["curve"]],
@@ -359,6 +432,17 @@ def train_one(cfg: SweepConfig, unit: FitUnit, fit_dir: Path, fault: Fault | Non
     shutil.rmtree(storage, ignore_errors=True)
     shutil.rmtree(fit_dir / CACHE, ignore_errors=True)
     (fit_dir / "progress.json").unlink(missing_ok=True)
+
+
+def worker_error(err: BaseException) -> BaseException:
+    """The exception a fit's rank-0 (else lowest-rank) worker raised, where Ray Train reports worker failures
+    (WorkerGroupError, whose own text is "Training failed due to worker errors:"); otherwise `err` itself."""
+    failures = getattr(err, "worker_failures", None)
+    if isinstance(failures, dict) and failures:
+        first = failures[min(failures)]
+        if isinstance(first, BaseException):
+            return first
+    return err
 
 
 def checkpointed_seconds(storage: Path) -> float:
@@ -375,29 +459,50 @@ def checkpointed_seconds(storage: Path) -> float:
     return best[1]
 
 
-def _fit_with_progress(trainer, fit_dir: Path, label: str):
-    """trainer.fit() with a tqdm bar (steps, loss) fed by the rank-0 worker's progress file."""
+def scaling_config(cfg: SweepConfig):
+    """Ray Train's ScalingConfig of one fit: `train.num_workers` workers, each a CPU and, with use_gpu,
+    `train.gpus_per_worker` GPUs (a fraction packs several small fits on one GPU)."""
+    from ray.train import ScalingConfig
+
+    resources = {"CPU": 1, "GPU": cfg.train.gpus_per_worker} if cfg.train.use_gpu else None
+    return ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                         resources_per_worker=resources)
+
+
+def _with_progress(fit, fit_dirs: list[Path], label: str):
+    """fit() with a tqdm bar fed by the rank-0 workers' progress files of `fit_dirs`: steps (summed over the
+    fits), the loss (of a single fit; otherwise how many are running) and what a fit prepares before its first
+    step. fit's exception is raised here."""
     box: dict = {}
-    thread = threading.Thread(target=lambda: box.update(result=_catch(trainer.fit)), daemon=True)
+    thread = threading.Thread(target=lambda: box.update(result=_catch(fit)), daemon=True)
     thread.start()
-    progress = fit_dir / "progress.json"
-    seen = None
+    seen: dict[Path, dict] = {}
     with tqdm(desc=label, unit="step", dynamic_ncols=True, total=None) as bar:
         while thread.is_alive():
             thread.join(0.5)
-            try:
-                state = json.loads(progress.read_text())
-            except (OSError, ValueError):
+            changed = False
+            for fit_dir in fit_dirs:
+                try:
+                    state = json.loads((fit_dir / "progress.json").read_text())
+                except (OSError, ValueError):
+                    continue
+                changed |= seen.get(fit_dir) != state
+                seen[fit_dir] = state
+            if not changed:
                 continue
-            if state == seen:
-                continue
-            seen = state
-            if state.get("total") and bar.total != state["total"]:
-                bar.total = state["total"]
-            bar.n = state.get("step") or 0
-            postfix = {"loss": f"{state['loss']:.4g}"} if state.get("loss") is not None else {}
-            if state.get("status"):
-                postfix["doing"] = state["status"]
+            states = list(seen.values())
+            totals = [s.get("total") for s in states]
+            if len(states) == len(fit_dirs) and all(totals):
+                bar.total = sum(totals)
+            bar.n = sum(s.get("step") or 0 for s in states)
+            postfix = {}
+            if len(fit_dirs) == 1 and states[0].get("loss") is not None:
+                postfix["loss"] = f"{states[0]['loss']:.4g}"
+            elif len(fit_dirs) > 1:
+                postfix["running"] = sum(1 for s in states if (s.get("step") or 0) < (s.get("total") or 1))
+            doing = [s["status"] for s in states if s.get("status")]
+            if doing:
+                postfix["doing"] = doing[0]
             bar.set_postfix(postfix, refresh=False)
             bar.refresh()
     outcome = box["result"]
