@@ -16,6 +16,8 @@ Measured, each as the median of interleaved repeats after a warm-up (CUDA synchr
                   (the driver on <= 2 cores) against actors (bench.perf_overhead).
   sharing         (`--parts sharing`, alone) end to end, K = 24 post-processing settings against K = 1 over 128
                   images: whole bench.run processes of the lambda sweep, alternating (bench.perf_overhead).
+  fits            (`--parts fits`, alone) a sweep of two train settings (two SegFormer training seeds) with
+                  train.max_concurrent=1 against auto: whole bench.run processes, alternating.
 `sd21-base-arch` is SD2.1-base's architecture with random weights (bench.models.reference): a real checkpoint
 costs the same. The report (JSON + Markdown, device line, versions, batch sizes) is written atomically to
 `--out/<model>-<device kind>.{json,md}`.
@@ -267,7 +269,7 @@ def versions() -> dict[str, str]:
 
 
 PARTS = ("inversion", "generation", "memory")
-EXTRA_PARTS = ("overhead", "sharing")  # asked for by name only, alone: whole `bench.run` processes
+EXTRA_PARTS = ("overhead", "sharing", "fits")  # asked for by name only, alone: whole `bench.run` processes
 # (bench.perf_overhead)
 
 
@@ -281,6 +283,8 @@ def run_perf(model: str, device: str, dtype: str, batches: list[int], repeats: i
         return _run_overhead(repeats, out_dir)
     if parts == ("sharing",):
         return _run_sharing(repeats, out_dir)
+    if parts == ("fits",):
+        return _run_fits(repeats, out_dir)
     started = time.time()
     backbone = load_backbone({"name": model, "device": device, "dtype": dtype})
     log.info("loaded %s on %s (%s) in %.1f s", model, backbone.device, backbone.dtype, time.time() - started)
@@ -332,6 +336,13 @@ def _run_sharing(repeats: int, out_dir: Path) -> Path:
 
     return _write_cpu_part("sharing", "End-to-end cost of K post-processing settings", "sharing-cpu",
                            measure_sharing, render_sharing, repeats, out_dir)
+
+
+def _run_fits(repeats: int, out_dir: Path) -> Path:
+    from bench.perf_overhead import measure_fits, render_fits
+
+    return _write_cpu_part("fits", "Train settings fitted at once", "fits-cpu", measure_fits, render_fits, repeats,
+                           out_dir)
 
 
 def render_markdown(r: dict) -> str:
@@ -403,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         for extra in EXTRA_PARTS:
             if extra in parts and len(parts) > 1:
                 raise BenchError(f"--parts={extra} runs whole bench.run processes: ask for it alone")
-        if parts in (("overhead",), ("sharing",)):
+        if parts in (("overhead",), ("sharing",), ("fits",)):
             return run_perf(args.model, "cpu", args.dtype, [], args.repeats, args.steps, Path(args.out), parts)
         cuda = torch.cuda.is_available() and args.device != "cpu"
         batches = batches or ([1, 8, 16, 32, 64] if cuda else [1, 4, 16])

@@ -212,3 +212,59 @@ def render_sharing(o: dict) -> list[str]:
                    f"CPU {o['ratio_cpu_median']}x, tracing + scoring {o['ratio_trace_median']}x. Target <= "
                    f"{o['target']}x end to end (wall and CPU): {verdict}.")]
     return lines
+
+
+# -- fits at once: two train settings, one after the other against both at once ----------------------------------------
+FITS_SWEEP = "sweeps/freegen_downstream.yaml"
+# the real-shapes arm of FreeGen's downstream protocol: two training seeds of the tiny SegFormer (two train
+# settings of equal cost), 1,000 steps each (the protocol's default), scored on 20 val images
+FITS = ["name=fits_at_once", "train.data.name=shapes", "train.data.root=null", "train.data.size=64",
+        "train.data.num_images=24", "sweep.train_seed.grid=[0,1]", "params.steps=1000", "data.limit=20",
+        "report.bootstrap=20"]
+FITS_VARIANTS = {"one_at_a_time": ["train.max_concurrent=1"], "auto": ["train.max_concurrent=auto"]}
+
+
+def fits_run(variant: str, out: Path) -> dict:
+    """One `bench.run` process of the two-fit sweep: wall seconds of the process and of its fit stage."""
+    cmd = [sys.executable, "-m", "bench.run", FITS_SWEEP, *FITS, *FITS_VARIANTS[variant], f"output_dir={out}"]
+    load = os.getloadavg()[0]
+    start = time.time()
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, check=False)
+    total = time.time() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    run = json.loads((out / "run.json").read_text())
+    assert run["fits"] == 2 and run["fits_trained"] == 2, run
+    steps = [json.loads(p.read_text())["fit_seconds"] for p in sorted(out.glob("fit/*/train_config.json"))]
+    return {"variant": variant, "load": round(load, 1), "total": total, "fit_stage": run["fit_seconds"],
+            "each_fit": steps}
+
+
+def measure_fits(repeats: int) -> dict:
+    """The two-fit sweep with train.max_concurrent=1 against auto, alternating within each round."""
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="fits-") as tmp:
+        for r in range(repeats):
+            for variant in (tuple(FITS_VARIANTS) if r % 2 == 0 else tuple(FITS_VARIANTS)[::-1]):
+                runs.append(fits_run(variant, Path(tmp) / f"r{r}-{variant}"))
+                log.info("round %d, %s: %.1f s (fit stage %.1f s, load %.1f)", r, variant, runs[-1]["total"],
+                         runs[-1]["fit_stage"], runs[-1]["load"])
+    med = {v: {key: round(statistics.median(x[key] for x in runs if x["variant"] == v), 2)
+               for key in ("total", "fit_stage", "load")} for v in FITS_VARIANTS}
+    return {"sweep": f"{FITS_SWEEP} {' '.join(FITS)}", "repeats": repeats, "cpu_count": os.cpu_count(),
+            "median": med, "ratio_fit_stage": round(med["auto"]["fit_stage"] / med["one_at_a_time"]["fit_stage"], 3),
+            "ratio_total": round(med["auto"]["total"] / med["one_at_a_time"]["total"], 3),
+            "runs": [{k: round(v, 2) if isinstance(v, float) else v for k, v in x.items()} for x in runs]}
+
+
+def render_fits(o: dict) -> list[str]:
+    lines = [f"## Two train settings: `python -m bench.run {o['sweep']}`", "",
+             (f"`train.max_concurrent=1` (one fit after the other, as Tune trials) against `auto` (as many at once "
+              f"as the cluster holds: {o['cpu_count']} CPUs, one worker each). Medians of {o['repeats']} rounds, the "
+              "two alternating; whole processes. Fit stage: run.json's fit_seconds (both fits, start to end)."), "",
+             "| train.max_concurrent | load | total s | fit stage s |", "|---|---:|---:|---:|"]
+    for variant, m in o["median"].items():
+        lines.append(f"| {variant} | {m['load']} | {m['total']} | {m['fit_stage']} |")
+    lines += ["", (f"auto / one at a time: fit stage {o['ratio_fit_stage']}x, whole run {o['ratio_total']}x. Each "
+                   "fit is bit for bit the same either way (tests/test_fit_stage.py).")]
+    return lines

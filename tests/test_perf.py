@@ -14,6 +14,7 @@ from bench.perf import interleaved, main
     (["--parts", "inversion,speed"], "--parts"),
     (["--model", "sd22"], "model"),
     (["--parts", "overhead,inversion"], "alone"),
+    (["--parts", "fits,sharing"], "alone"),
 ])
 def test_bad_arguments_are_one_line(argv, needle, tmp_path, capsys):
     assert main([*argv, "--out", str(tmp_path / "perf")]) == 2
@@ -87,3 +88,21 @@ def test_sharing_table_states_the_ratios_and_verdict():
     assert "not reached" in "\n".join(render_sharing(o))
     o["ratio_total_median"], o["ratio_cpu_median"] = 1.1, 1.45  # a loaded K = 1 run does not make it reached
     assert "not reached" in "\n".join(render_sharing(o))
+
+
+def test_fits_part_alternates_the_variants_and_states_the_ratio(monkeypatch):
+    import bench.perf_overhead as po
+
+    seen = []
+
+    def fake(variant, out):
+        seen.append(variant)
+        stage = {"one_at_a_time": 100.0, "auto": 55.0}[variant]
+        return {"variant": variant, "load": 1.0, "total": stage + 20, "fit_stage": stage, "each_fit": [50.0, 50.0]}
+
+    monkeypatch.setattr(po, "fits_run", fake)
+    o = po.measure_fits(2)
+    assert seen == ["one_at_a_time", "auto", "auto", "one_at_a_time"]
+    assert o["ratio_fit_stage"] == 0.55 and o["ratio_total"] == 0.625
+    text = "\n".join(po.render_fits(o))
+    assert "| auto | 1.0 | 75.0 | 55.0 |" in text and "fit stage 0.55x" in text
