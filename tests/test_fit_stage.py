@@ -323,6 +323,33 @@ def test_the_fit_bar_shows_what_a_fit_prepares_before_its_first_step(tmp_path, c
     assert "EGD training images 8/200" in capsys.readouterr().err
 
 
+def test_the_bar_of_several_fits_counts_finished_ones_whole(tmp_path, capsys):
+    """Fits at once: the bar sums their steps; a finished fit (progress file removed, `done` written) counts
+    every step of it even if its last progress write was behind, and the postfix says how many are done."""
+    import json
+    import time
+
+    from bench.stages.fit import CONFIG, DONE, _with_progress
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+
+    def fit():
+        (a / "progress.json").write_text(json.dumps({"step": 9, "total": 10, "loss": 0.5, "status": None}))
+        (b / "progress.json").write_text(json.dumps({"step": 3, "total": 10, "loss": 0.7, "status": None}))
+        time.sleep(0.8)
+        (a / "progress.json").unlink()
+        (a / CONFIG).write_text(json.dumps({"steps": 10}))
+        (a / DONE).write_text("a\n")
+        time.sleep(0.8)
+        return "ok"
+
+    assert _with_progress(fit, [a, b], "2 fits (2 at once)") == "ok"
+    last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert "13/20" in last and "done=1/2" in last and "running=1" in last, last
+
+
 def test_a_fit_cache_is_read_back_by_a_resumed_attempt_and_rebuilt_when_cut_off(tmp_path):
     """RayFitContext.cached: built once, kept in fit_dir/cache under a complete file, read back (tensors and plain
     values) by the next attempt; a file cut off while written is rebuilt, not trusted."""

@@ -471,8 +471,8 @@ def scaling_config(cfg: SweepConfig):
 
 def _with_progress(fit, fit_dirs: list[Path], label: str):
     """fit() with a tqdm bar fed by the rank-0 workers' progress files of `fit_dirs`: steps (summed over the
-    fits), the loss (of a single fit; otherwise how many are running) and what a fit prepares before its first
-    step. fit's exception is raised here."""
+    fits), the loss of a single fit (of several: how many are finished and running) and what a fit prepares
+    before its first step. fit's exception is raised here."""
     box: dict = {}
     thread = threading.Thread(target=lambda: box.update(result=_catch(fit)), daemon=True)
     thread.start()
@@ -482,12 +482,10 @@ def _with_progress(fit, fit_dirs: list[Path], label: str):
             thread.join(0.5)
             changed = False
             for fit_dir in fit_dirs:
-                try:
-                    state = json.loads((fit_dir / "progress.json").read_text())
-                except (OSError, ValueError):
-                    continue
-                changed |= seen.get(fit_dir) != state
-                seen[fit_dir] = state
+                state = _fit_progress(fit_dir, seen.get(fit_dir))
+                if state is not None:
+                    changed |= seen.get(fit_dir) != state
+                    seen[fit_dir] = state
             if not changed:
                 continue
             states = list(seen.values())
@@ -499,7 +497,9 @@ def _with_progress(fit, fit_dirs: list[Path], label: str):
             if len(fit_dirs) == 1 and states[0].get("loss") is not None:
                 postfix["loss"] = f"{states[0]['loss']:.4g}"
             elif len(fit_dirs) > 1:
-                postfix["running"] = sum(1 for s in states if (s.get("step") or 0) < (s.get("total") or 1))
+                finished = sum(1 for s in states if s.get("done"))
+                postfix["done"] = f"{finished}/{len(fit_dirs)}"
+                postfix["running"] = len(states) - finished
             doing = [s["status"] for s in states if s.get("status")]
             if doing:
                 postfix["doing"] = doing[0]
@@ -509,6 +509,23 @@ def _with_progress(fit, fit_dirs: list[Path], label: str):
     if isinstance(outcome, BaseException):
         raise outcome
     return outcome
+
+
+def _fit_progress(fit_dir: Path, last: dict | None) -> dict | None:
+    """A fit's progress for the bar: its progress file while it trains; once finished (the file is removed,
+    its last write may be up to 0.5 s old) every step of it, from train_config.json; None before either."""
+    if (fit_dir / DONE).is_file():
+        if last and last.get("done"):
+            return last
+        try:
+            steps = json.loads((fit_dir / CONFIG).read_text()).get("steps") or (last or {}).get("total") or 0
+        except (OSError, ValueError):
+            steps = (last or {}).get("total") or 0
+        return {"step": steps, "total": steps, "loss": None, "status": None, "done": True}
+    try:
+        return json.loads((fit_dir / "progress.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _catch(fn):
