@@ -49,6 +49,11 @@ def _env() -> dict[str, str]:
 VARIANTS = {"auto": ["ray.execution=auto"], "actors": ["ray.execution=actors"]}
 
 
+def rounded(runs: list[dict]) -> list[dict]:
+    """Per-run records for the JSON report, seconds to 10 ms."""
+    return [{k: round(v, 2) if isinstance(v, float) else v for k, v in x.items()} for x in runs]
+
+
 def _timed_run(overrides: list[str], out: Path) -> tuple[dict, dict]:
     """One `bench.run` process of the sweep: (its run.json, {load, start, end, cpu}); CPU seconds of the child."""
     cmd = [sys.executable, "-m", "bench.run", SWEEP, *overrides]
@@ -131,8 +136,7 @@ def measure_overhead(repeats: int, variants: tuple[str, ...] = tuple(VARIANTS)) 
         summary[variant] = med
     return {"sweep": f"{SWEEP} data.limit={LIMIT}", "repeats": repeats, "ray_own_seconds": round(ray_s, 2),
             "work_seconds": round(work_s, 2), "cpu_count": os.cpu_count(), "target_seconds": TARGET_SECONDS,
-            "variants": summary, "runs": [{k: round(v, 2) if isinstance(v, float) else v for k, v in x.items()}
-                                          for x in runs]}
+            "variants": summary, "runs": rounded(runs)}
 
 
 def render_overhead(o: dict) -> list[str]:
@@ -190,7 +194,7 @@ def measure_sharing(repeats: int, images: int = SHARING_IMAGES) -> dict:
             "ratio_total_min": round(mins[24] / mins[1], 3),
             "ratio_cpu_median": round(med[24]["cpu"] / med[1]["cpu"], 3),
             "ratio_trace_median": round(med[24]["trace"] / med[1]["trace"], 3),
-            "runs": [{k: round(v, 2) if isinstance(v, float) else v for k, v in x.items()} for x in runs]}
+            "runs": rounded(runs)}
 
 
 def render_sharing(o: dict) -> list[str]:
@@ -254,7 +258,7 @@ def measure_fits(repeats: int) -> dict:
     return {"sweep": f"{FITS_SWEEP} {' '.join(FITS)}", "repeats": repeats, "cpu_count": os.cpu_count(),
             "median": med, "ratio_fit_stage": round(med["auto"]["fit_stage"] / med["one_at_a_time"]["fit_stage"], 3),
             "ratio_total": round(med["auto"]["total"] / med["one_at_a_time"]["total"], 3),
-            "runs": [{k: round(v, 2) if isinstance(v, float) else v for k, v in x.items()} for x in runs]}
+            "runs": rounded(runs)}
 
 
 def render_fits(o: dict) -> list[str]:
