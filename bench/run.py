@@ -127,14 +127,25 @@ def root_cause(err: BaseException) -> BaseException:
 
 
 def cause_chain(err: BaseException) -> list[BaseException]:
-    """`err` and what caused it, outermost first (RayTaskError keeps the cause as `.cause`, others as
-    `__cause__`); cycles and runaway chains stop at 20."""
+    """`err` and what caused it, outermost first (RayTaskError keeps the cause as `.cause`, Ray Train's
+    WorkerGroupError its workers' exceptions, others `__cause__`); cycles and runaway chains stop at 20."""
     chain, seen = [], set()
     while err is not None and id(err) not in seen and len(chain) < 20:
         seen.add(id(err))
         chain.append(err)
-        err = getattr(err, "cause", None) or err.__cause__
+        err = getattr(err, "cause", None) or worker_failure(err) or err.__cause__
     return chain
+
+
+def worker_failure(err: BaseException) -> BaseException | None:
+    """The exception the lowest-rank failed worker raised, where Ray Train reports a failed worker group
+    (WorkerGroupError keeps them by rank as `worker_failures`; its own text is "Training failed due to worker
+    errors:"); None for any other exception."""
+    failures = getattr(err, "worker_failures", None)
+    if isinstance(failures, dict) and failures:
+        first = failures[min(failures)]
+        return first if isinstance(first, BaseException) else None
+    return None
 
 
 CHAINED = "The above exception was the direct cause of the following exception:"

@@ -222,6 +222,23 @@ def test_a_failed_fit_among_concurrent_ones_keeps_the_others_and_refits_only_its
     assert run["fits_trained"] == 1 and run["fits_reused"] == 1
 
 
+def test_a_fit_fails_with_its_workers_own_exception():
+    """Ray Train reports a failed worker group as WorkerGroupError ("Training failed due to worker errors:");
+    the run's one-line error names the lowest rank's own exception instead."""
+    from ray.exceptions import RayTaskError
+    from ray.train import WorkerGroupError
+
+    from bench.run import root_cause
+
+    own = ValueError("labels out of range")
+    failed = WorkerGroupError("rank 1 and 0 failed", {1: KeyError("x"), 0: own})
+    assert root_cause(failed) is own
+    # a Tune trial's failure: the trial's RayTaskError around the fit's WorkerGroupError
+    assert root_cause(RayTaskError("_fit_trial", "traceback", failed)) is own
+    other = RuntimeError("controller died")
+    assert root_cause(other) is other
+
+
 def test_fit_concurrency_and_worker_resources(monkeypatch):
     """train.max_concurrent=auto fits as many settings at once as the cluster holds at num_workers workers per
     fit (CPUs, or GPUs at gpus_per_worker each); a number caps it; never more than the fits to run."""

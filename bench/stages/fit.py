@@ -412,12 +412,7 @@ def train_one(cfg: SweepConfig, unit: FitUnit, fit_dir: Path, fault: Fault | Non
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures)))
     started = time.time()
-    result = _with_progress(trainer.fit, [fit_dir], f"fit {unit.hash[:8]}") if progress else _catch(trainer.fit)
-    if isinstance(result, BaseException):
-        original = worker_error(result)
-        if original is result:
-            raise result
-        raise original from result
+    result = _with_progress(trainer.fit, [fit_dir], f"fit {unit.hash[:8]}") if progress else trainer.fit()
     if getattr(result, "error", None) is not None:
         raise result.error
     with result.checkpoint.as_directory() as folder:
@@ -432,17 +427,6 @@ def train_one(cfg: SweepConfig, unit: FitUnit, fit_dir: Path, fault: Fault | Non
     shutil.rmtree(storage, ignore_errors=True)
     shutil.rmtree(fit_dir / CACHE, ignore_errors=True)
     (fit_dir / "progress.json").unlink(missing_ok=True)
-
-
-def worker_error(err: BaseException) -> BaseException:
-    """The exception a fit's rank-0 (else lowest-rank) worker raised, where Ray Train reports worker failures
-    (WorkerGroupError, whose own text is "Training failed due to worker errors:"); otherwise `err` itself."""
-    failures = getattr(err, "worker_failures", None)
-    if isinstance(failures, dict) and failures:
-        first = failures[min(failures)]
-        if isinstance(first, BaseException):
-            return first
-    return err
 
 
 def checkpointed_seconds(storage: Path) -> float:
