@@ -264,10 +264,9 @@ def test_eq8_hardness_and_hst_keep_exactly_the_easiest_fraction():
     assert easiest([0.2, 0.2, 0.1], 0.5) == [0, 2]  # ties: the lower index
 
 
-def test_egd_fit_with_hst_predicts_and_resumes_bit_for_bit(tiny, monkeypatch):
+def _small_egd_fit(tiny):
+    """FreeGen with Stage 2 (HST on) fitted on 3 generated voc_sim images: method, cfg, setting, training data."""
     from bench.data import build_dataset
-    from bench.evaluate import trace_samples
-    from bench.fitting import LocalFitContext
     from methods import METHODS
 
     method = METHODS.get("freegen")(tiny)
@@ -276,6 +275,16 @@ def test_egd_fit_with_hst_predicts_and_resumes_bit_for_bit(tiny, monkeypatch):
                           "tff": False})
     setting = method.train_setting(cfg)
     train = build_dataset({"name": "voc_sim", "seeds_per_class": 1, "size": 32, "limit": 3})
+    return method, cfg, setting, train
+
+
+def test_egd_fit_with_hst_predicts_and_resumes_bit_for_bit(tiny, monkeypatch):
+    from bench.data import build_dataset
+    from bench.evaluate import trace_samples
+    from bench.fitting import LocalFitContext
+    from methods import METHODS
+
+    method, cfg, setting, train = _small_egd_fit(tiny)
     ctx = LocalFitContext(setting, train, tiny)
     tensors = method.fit(ctx)
     assert {p.series for p in ctx.curve} == {"egd", "egd+hst"} and [p.step for p in ctx.curve] == [1, 2, 3, 4]
@@ -303,6 +312,25 @@ def test_egd_fit_with_hst_predicts_and_resumes_bit_for_bit(tiny, monkeypatch):
     assert set(prediction.labels.unique().tolist()) <= {0, *query.ids}
     mask = method.synthetic_mask(trace, query, cfg, (32, 32))
     assert np.array_equal(mask.label, prediction.labels.numpy().astype(np.uint8))  # synthesis writes the EGD's
+
+
+def test_egd_fit_streams_its_features_beyond_the_memory_budget_and_learns_the_same(tiny, monkeypatch):
+    """Past EGD_FEATURES_IN_MEMORY an EGD fit keeps each pair's image, not its UNet features, and recomputes
+    them at every use: the same single-image pass, so the fit is bit for bit the one that held them."""
+    import methods.freegen as freegen
+    from bench.fitting import LocalFitContext, unpack_state
+    from methods import METHODS
+
+    method, cfg, setting, train = _small_egd_fit(tiny)
+    held = LocalFitContext(setting, train, tiny)
+    tensors = method.fit(held)
+    monkeypatch.setattr(freegen, "EGD_FEATURES_IN_MEMORY", 0)
+    streamed = LocalFitContext(setting, train, tiny)
+    again = METHODS.get("freegen")(tiny).fit(streamed)
+    assert all(torch.equal(again[k], tensors[k]) for k in tensors)
+    kept = unpack_state(*streamed.caches["egd_samples"])["samples"]
+    assert len(kept) == 3 and all("features" not in r and r["image"].dtype == torch.uint8 for r in kept)
+    assert all("features" in r for r in unpack_state(*held.caches["egd_samples"])["samples"])
 
 
 def test_learned_asr_fit_resumes_from_its_cache_without_tracing(tiny, monkeypatch):

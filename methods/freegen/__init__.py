@@ -47,6 +47,10 @@ from methods.maps import empty_prediction, resize_maps
 from methods.prompts import PROMPT_PARAMS, build_prompt
 
 log = logging.getLogger(__name__)
+# Bytes of UNet features an EGD fit holds for its training pairs (every worker holds all of them). Beyond it the
+# fit keeps each pair's image and recomputes its features at every use (one UNet pass; the same floats): at
+# 512 px SD 2.1's features are ~9.5 MB per pair, so the paper's 40k pairs would need ~380 GB.
+EGD_FEATURES_IN_MEMORY = 2 * 2**30
 RESOLUTIONS = ("16", "32", "16+32", "64", "32+64", "16+32+64", "all")
 
 
@@ -410,8 +414,10 @@ class FreeGen(Method):
         req = self.trace_request(cfg)
         indices = ctx.shard(list(range(min(cfg["egd_images"], len(ctx.dataset)))))
 
+        total = min(cfg["egd_images"], len(ctx.dataset))  # pairs every worker will hold (gathered)
+
         def build() -> dict:  # this worker's training pairs, kept by the fit context for a resumed fit
-            samples, dropped = [], 0
+            samples, dropped, stream = [], 0, False
             for start in range(0, len(indices), 4):
                 ctx.status(f"EGD training images {start}/{len(indices)}")
                 batch = [ctx.dataset[i] for i in indices[start:start + 4]]
@@ -425,21 +431,31 @@ class FreeGen(Method):
                         dropped += 1
                         continue
                     keep.append((query, trace, local_label(mask.label, query.ids)))
-                if keep:
+                if keep and stream:
+                    samples += [self._streamed_record({"entities": self.entities(q.names), "label": label}, t)
+                                for q, t, label in keep]
+                elif keep:
                     made = self.egd_samples([t for _, t, _ in keep], [q for q, _, _ in keep], cfg)
-                    samples += [{"features": list(m.features), "entities": m.entities, "label": label}
-                                for m, (_, _, label) in zip(made, keep)]
+                    records = [{"features": list(m.features), "entities": m.entities, "label": label}
+                               for m, (_, _, label) in zip(made, keep)]
+                    each = sum(f.numel() * f.element_size() for f in made[0].features)
+                    if not samples and each * total > EGD_FEATURES_IN_MEMORY:  # decided on the first kept batch
+                        stream = True
+                        log.info("EGD fit: %d pairs x %.1f MiB of UNet features exceed %.0f MiB; streaming them",
+                                 total, each / 2**20, EGD_FEATURES_IN_MEMORY / 2**20)
+                        records = [self._streamed_record(r, t) for r, (_, t, _) in zip(records, keep)]
+                    samples += records
             return {"samples": samples, "dropped": dropped}
 
         mine = ctx.cached("egd_samples", build)
         dropped = mine["dropped"]
-        samples = [EgdSample(**s) for part in ctx.gather(mine["samples"]) for s in part]
+        samples = [self._egd_training_sample(s, cfg) for part in ctx.gather(mine["samples"]) for s in part]
         log.info("EGD fit: %d training pairs (%d dropped by the TFF on this worker)", len(samples), dropped)
         if not samples:
             raise RuntimeError(f"egd=true: no training image with a class kept by Stage 1 ({dropped} filtered by "
                                f"the TFF); raise egd_images or tff_threshold")
         torch.manual_seed(0)  # the decoder's initialisation
-        feats = samples[0].features
+        feats = samples[0].feature_maps()
         model = GroundingDecoder([f.shape[0] for f in feats], samples[0].entities.shape[1], dim=cfg["egd_dim"],
                                  queries=cfg["egd_queries"], layers=cfg["egd_layers"]).to(self.device)
         opt = torch.optim.Adam(model.parameters(), lr=cfg["egd_lr"], betas=(0.9, 0.999))
@@ -469,6 +485,21 @@ class FreeGen(Method):
             train_epochs(model, chosen, todo, cfg["egd_lr"], cfg["egd_batch"], seed=1_000 * (round_ + 1)
                          + epochs - todo, step_hook=after_epoch, optimizer=opt)
         return model.state_tensors()
+
+    @staticmethod
+    def _streamed_record(record: dict, trace: Trace) -> dict:
+        """A training pair kept without its features: the image and prompt they are computed from."""
+        return {"image": torch.from_numpy(np.asarray(trace.image, dtype=np.uint8).copy()), "prompt": trace.prompt,
+                "entities": record["entities"], "label": record["label"]}
+
+    def _egd_training_sample(self, record: dict, cfg: Mapping) -> EgdSample:
+        """A kept training pair as the decoder's input: its features, or (streamed) a function that computes
+        them again with the same single-image UNet pass as egd_samples, so both give the same floats."""
+        if "features" in record:
+            return EgdSample(record["features"], record["entities"], record["label"])
+        image, prompt, t = record["image"].numpy(), record["prompt"], cfg["egd_timestep"]
+        return EgdSample(lambda: unet_features(self.backbone, [image], [prompt], t)[0], record["entities"],
+                         record["label"])
 
     def fit_asr(self, ctx, cfg, done: int, state: dict) -> dict[str, torch.Tensor]:
         """Eq. 5 on the first `asr_images` training images: each traced once (last denoising step, the paper's

@@ -36,6 +36,7 @@ fraction (the paper: 50%), and that decoder regenerates the masks of the rest (`
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,9 +54,14 @@ BACKGROUND = "background"
 class EgdSample:
     """One image-prompt pair as the decoder sees it."""
 
-    features: list[torch.Tensor]  # per resolution, finest first: (C_r, h_r, w_r), float32
+    # per resolution, finest first: (C_r, h_r, w_r), float32; or a function that computes them at each use
+    # (a fit streams them where holding every pair's would not fit in memory)
+    features: list[torch.Tensor] | Callable[[], list[torch.Tensor]]
     entities: torch.Tensor  # (1 + K, D_text): background, then the prompt's classes
     label: torch.Tensor | None = None  # (H, W) local ids: 0 background, k = class k, IGNORE_INDEX
+
+    def feature_maps(self) -> list[torch.Tensor]:
+        return self.features() if callable(self.features) else self.features
 
 
 def feature_modules(unet: nn.Module) -> list[nn.Module]:
@@ -220,7 +226,7 @@ class GroundingDecoder(nn.Module):
     def forward(self, sample: EgdSample) -> tuple[torch.Tensor, torch.Tensor]:
         """-> mask logits (Q, h0, w0) and class logits (Q, 1 + K); Q = learnable queries + 1 + K entity queries
         (the entity query of entity k is at index queries + k)."""
-        mask_features, levels, positions, shapes, y = self.encode(sample.features, sample.entities)
+        mask_features, levels, positions, shapes, y = self.encode(sample.feature_maps(), sample.entities)
         n = self.queries.num_embeddings
         q = torch.cat([self.queries.weight, y], 0)  # text-concatenated queries
         qpos = torch.cat([self.query_position.weight[:n], self.query_position.weight[n:].expand(len(y), -1)], 0)
