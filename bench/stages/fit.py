@@ -1,4 +1,5 @@
-"""The fit stage: one Ray Train run (TorchTrainer, DDP) per train setting, artefacts in `<run>/fit/<hash>/`.
+"""The fit stage: one Ray Train run (TorchTrainer, DDP) per train setting, artefacts in `<run>/fit/<hash>/`;
+several settings run as Ray Tune trials, `train.max_concurrent` at once (train_concurrently).
 
     fit/<hash>/weights.safetensors   the artefact (named tensors the method's predict reads)
               train_config.json      the resolved setting, model, training data, workers, steps, timings
