@@ -315,7 +315,7 @@ def test_egd_fit_with_hst_predicts_and_resumes_bit_for_bit(tiny, monkeypatch):
 
 
 def test_egd_fit_streams_its_features_beyond_the_memory_budget_and_learns_the_same(tiny, monkeypatch):
-    """Past EGD_FEATURES_IN_MEMORY an EGD fit keeps each pair's image, not its UNet features, and recomputes
+    """Past its memory budget (EGD_FEATURES_MEMORY_SHARE of the machine) an EGD fit keeps each pair's image, not its UNet features, and recomputes
     them at every use: the same single-image pass, so the fit is bit for bit the one that held them."""
     import methods.freegen as freegen
     from bench.fitting import LocalFitContext, unpack_state
@@ -324,7 +324,7 @@ def test_egd_fit_streams_its_features_beyond_the_memory_budget_and_learns_the_sa
     method, cfg, setting, train = _small_egd_fit(tiny)
     held = LocalFitContext(setting, train, tiny)
     tensors = method.fit(held)
-    monkeypatch.setattr(freegen, "EGD_FEATURES_IN_MEMORY", 0)
+    monkeypatch.setattr(freegen, "EGD_FEATURES_MEMORY_SHARE", 0.0)
     streamed = LocalFitContext(setting, train, tiny)
     again = METHODS.get("freegen")(tiny).fit(streamed)
     assert all(torch.equal(again[k], tensors[k]) for k in tensors)

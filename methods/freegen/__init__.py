@@ -27,6 +27,7 @@ then replace Stage 1's as predictions and as what synthesis writes; the TFF stil
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -47,10 +48,20 @@ from methods.maps import empty_prediction, resize_maps
 from methods.prompts import PROMPT_PARAMS, build_prompt
 
 log = logging.getLogger(__name__)
-# Bytes of UNet features an EGD fit holds for its training pairs (every worker holds all of them). Beyond it the
-# fit keeps each pair's image and recomputes its features at every use (one UNet pass; the same floats): at
-# 512 px SD 2.1's features are ~9.5 MB per pair, so the paper's 40k pairs would need ~380 GB.
-EGD_FEATURES_IN_MEMORY = 2 * 2**30
+# Share of the machine's memory the UNet features of an EGD fit's training pairs may take (every worker holds all
+# of them: the share is split between a fit's workers). Beyond it the fit keeps each pair's image and recomputes
+# its features at every use (one UNet pass; the same floats): SD 2.1's features at 512 px are 90 MiB a pair
+# (every ResNet and transformer output, four resolutions), so the paper's 40k pairs would need ~3.5 TB.
+EGD_FEATURES_MEMORY_SHARE = 0.25
+
+
+def egd_features_budget(world_size: int) -> float:
+    """Bytes of training-pair features one EGD fit worker may hold (EGD_FEATURES_MEMORY_SHARE)."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: assume a small machine
+        memory = 8 * 2**30
+    return EGD_FEATURES_MEMORY_SHARE * memory / max(1, world_size)
 RESOLUTIONS = ("16", "32", "16+32", "64", "32+64", "16+32+64", "all")
 
 
@@ -415,6 +426,7 @@ class FreeGen(Method):
         indices = ctx.shard(list(range(min(cfg["egd_images"], len(ctx.dataset)))))
 
         total = min(cfg["egd_images"], len(ctx.dataset))  # pairs every worker will hold (gathered)
+        budget = egd_features_budget(ctx.world_size)
 
         def build() -> dict:  # this worker's training pairs, kept by the fit context for a resumed fit
             samples, dropped, stream = [], 0, False
@@ -439,10 +451,10 @@ class FreeGen(Method):
                     records = [{"features": list(m.features), "entities": m.entities, "label": label}
                                for m, (_, _, label) in zip(made, keep)]
                     each = sum(f.numel() * f.element_size() for f in made[0].features)
-                    if not samples and each * total > EGD_FEATURES_IN_MEMORY:  # decided on the first kept batch
+                    if not samples and each * total > budget:  # decided on the first kept batch
                         stream = True
                         log.info("EGD fit: %d pairs x %.1f MiB of UNet features exceed %.0f MiB; streaming them",
-                                 total, each / 2**20, EGD_FEATURES_IN_MEMORY / 2**20)
+                                 total, each / 2**20, budget / 2**20)
                         records = [self._streamed_record(r, t) for r, (_, t, _) in zip(records, keep)]
                     samples += records
             return {"samples": samples, "dropped": dropped}
