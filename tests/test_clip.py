@@ -9,7 +9,7 @@ from bench.embedded.clip import region_zero_shot, shipped_clip, zero_shot_accura
 from bench.errors import BenchError
 from bench.models.clip import load_clip
 
-# Measured (bench/embedded/README.md): 94.2% on 500 held-out images, 92.0% on the 150 drawn here (cross 74%);
+# Measured (docs/studies/embedded-model.md): 94.2% on 500 held-out images, 92.0% on the 150 drawn here (cross 74%);
 # chance is 20%, the 800-step CLIP scored 46.2%, the colour-bound one 28.4%. The floor checks that the shipped
 # folder is this trained one, not an earlier or shorter run.
 ACCURACY_FLOOR = 0.8
@@ -46,9 +46,9 @@ def test_clip_embeddings_are_normalised():
 
 
 def test_shipped_clip_knows_shapes_as_regions_not_as_patches():
-    """The README's diagnosis of DEDOS's unseen classes: on the ground-truth regions of shapes val, the CLIP's
-    patches pooled over a star or a cross name it at about chance (measured 17% and 19%, chance 20%), while the
-    CLIP shown the region alone names it far more often (85% and 58%)."""
+    """The diagnosis of DEDOS's unseen classes (docs/studies/dedos.md): on the ground-truth regions of shapes
+    val, the CLIP's patches pooled over a star or a cross name it at about chance (measured 17% and 19%, chance
+    20%), while the CLIP shown the region alone names it far more often (85% and 58%)."""
     result = region_zero_shot(load_clip(str(shipped_clip())), num_images=100)
     for shape in ("star", "cross"):
         assert result["pooled"][shape] < 0.3 and result["masked"][shape] > 0.5, result
@@ -129,7 +129,7 @@ def test_background_captions_are_true_of_empty_scenes_only():
 
 def test_shipped_clip_knows_the_word_background():
     """DEDOS names the background by CLIP's embedding of "background": a CLIP that never saw the word put it at
-    cosine 0.96 to "star", and every background became a star (bench/embedded/README.md)."""
+    cosine 0.96 to "star", and every background became a star (docs/studies/embedded-model.md)."""
     import torch.nn.functional as F
 
     from bench.embedded.clip import ZERO_SHOT_TEMPLATES

@@ -66,7 +66,7 @@ def scores(shipped) -> dict[str, float]:
     return out
 
 
-# Parts of the bar the shipped weights do not reach yet (bench/embedded/README.md has the measurements). Strict:
+# Parts of the bar the shipped weights do not reach yet (docs/studies/embedded-model.md has the measurements). Strict:
 # a model that reaches one turns its test red until the marker is removed.
 NOT_REACHED = pytest.mark.xfail(strict=True, reason="quality bar not reached by the shipped embedded weights")
 

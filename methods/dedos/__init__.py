@@ -54,7 +54,7 @@ ARCHITECTURE = ("n", "c", "heads", "decoder_dim", "decoder_layers", "cost_dim")
 # 3 decoder layers = one round over the three scales (Mask2Former's 9 = three rounds); 4 heads (the tiny
 # CLIP's); the cost aggregation (cost.py) 128 channels wide as CAT-Seg's, a quarter of that with the tiny CLIP, as
 # its 64-d embeddings are a sixteenth of ViT-L/14's 768 (32 keeps the upsampling decoder's d/8 guidance at 4).
-# Measured effect on a CPU step and on inference: bench/embedded/README.md (DEDOS section).
+# Measured effect on a CPU step and on inference: docs/studies/dedos.md (Cost).
 PAPER_SIZES = {"n": 100, "c": 256, "heads": 8, "decoder_dim": 256, "decoder_layers": 9, "cost_dim": 128}
 EMBEDDED_SIZES = {"n": 20, "c": 64, "heads": 4, "decoder_dim": 64, "decoder_layers": 3, "cost_dim": 32}
 TEMPLATES = ("a photo of a {}", "a {}")
