@@ -72,7 +72,8 @@ def test_dedos_beats_its_baseline_on_unseen_classes(report):
 
 @pytest.mark.xfail(strict=True, reason="pre-registered: met only if both pairs of 3,000-step fits pass on 1,500 val "
                    "images; seed 0 does (5.7 [4.6, 6.8] vs 2.9 [2.4, 3.4]), seed 1 does not (6.6 [5.3, 7.8] vs 6.7 "
-                   "[5.4, 7.8]): a training seed moves the baseline's unseen mIoU by 3.8 points (docs/studies/dedos.md)")
+                   "[5.4, 7.8]): a training seed moves the baseline's unseen mIoU by 3.8 points "
+                   "(docs/studies/dedos.md)")
 def test_dedos_unseen_lead_holds_for_both_fit_seeds():
     for report in (MANY_3000_VAL1500, MANY_3000_SEED1):
         rows = committed_results(report)
