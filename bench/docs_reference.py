@@ -48,7 +48,7 @@ KEY_HELP = {
     "overrides": "set by the command line (recorded in config.yaml); not written in sweep files",
     "sweep_file": "set by the command line (recorded in config.yaml); not written in sweep files",
     "model.name": "`embedded` (default, shipped), `sd21-base-arch` (SD 2.1-base architecture, random weights), "
-                  "`diffusers` (set by `path` / `id`)",
+                  "`diffusers`; `path` or `id` selects `diffusers` whatever `name` says",
     "model.path": "a diffusers Stable Diffusion 1.x/2.x folder (safetensors only)",
     "model.id": "a hub id resolved from the local Hugging Face cache only (no download)",
     "model.device": "`auto` (CUDA if present), `cpu`, `cuda`, `cuda:N`",
