@@ -21,7 +21,7 @@ PhotoMetricDistortion (brightness +-32, contrast and saturation x 0.5-1.5, hue +
 scale, each with probability 0.5, contrast before or after the HSV steps; uint8 rounding after each step), and
 the data preprocessor's padding to `size` (image 0 after normalisation, label 255); one difference: shrinking
 is antialiased here (mmcv resizes with OpenCV's plain bilinear). `augment=none` (the default) is the flips-only
-recipe of every committed downstream report but reports/embedded/freegen_downstream_200_mmseg/.
+recipe of the committed downstream report (docs/studies/freegen.md also reports runs with `augment=mmseg`).
 
 The learning rate is raised from the paper's 6e-5 (fine-tuning an ImageNet-trained encoder) to 3e-3 (training
 from scratch; fitted on 40 real shapes at 64 px and scored on the first 40 val images: 24.5 mIoU at 3e-3 and
