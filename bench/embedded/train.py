@@ -1,7 +1,12 @@
 """Train the embedded backbone: a small text-to-image latent diffusion model of the shapes world.
 
     python -m bench.embedded.train --seed 0 --out DIR            # the CPU recipe (defaults), about 2 h
-    python -m bench.embedded.train --device cuda ... --out DIR   # the shipped weights: bench/embedded/README.md
+    python -m bench.embedded.train --device cuda ... --out DIR   # the shipped weights (v2): bench/embedded/README.md
+    python -m bench.embedded.train --recipe v3 --out DIR --state-dir STATE   # v3 (RECIPES), one GPU, ~5 min
+    python -m bench.embedded.train --resume STATE --out DIR --state-dir STATE2  # continue a cut-off run
+    python -m bench.embedded.train --export-state STATE --out DIR  # the EMA pipeline of a state, as trained
+
+A recipe (`--recipe`) only sets defaults: any flag given overrides it, and train_config.json records the result.
 
 Two stages, deterministic given --seed on a single CPU thread (CUDA runs are not bit-reproducible):
   1. a small AutoencoderKL on rendered shapes images (downsampling factor 2 by default: two levels;
@@ -11,12 +16,20 @@ Two stages, deterministic given --seed on a single CPU thread (CUDA runs are not
      v-prediction, caption dropout for classifier-free guidance, on VAE latents of a pre-rendered training set.
 The result is saved as a standard diffusers pipeline folder (safetensors, fp16): model_index.json, unet/,
 vae/, text_encoder/, tokenizer/, scheduler/, plus train_config.json with the exact arguments.
+
+Training for a wall-clock budget (`--time-budget S`, for a lent GPU's command limit): with `--steps 0` the
+cosine schedule's length is set from the step time measured over steps 5-25 (still inside the warmup, whose
+learning rates do not depend on the length), so that the schedule ends with the budget; either way training
+stops when the budget is spent and saves as if finished. `--state-dir` receives the resumable training state
+(`bench.embedded.train_state`: weights, EMA, AdamW moments, step, generator) every `--state-every` seconds and
+at the end; `--resume` continues it (same recipe; the schedule runs on to the state's length, or to `--steps`).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -64,7 +77,30 @@ DEFAULTS = {
     "init": "",  # continue from a pipeline folder saved by this script (its unet, text encoder and VAE)
     "checkpoint_every": 0,  # also save the EMA pipeline to OUT/checkpoints/step-N every N steps
     "stop_after": 0,  # > 0: end after this many steps (the schedule still spans --steps), saving as if finished
+    # Start from another pipeline folder of a different layout: its VAE whole, every UNet / text-encoder tensor
+    # whose shape matches, position embeddings row by row; new attention blocks start as identity (see
+    # `warm_start`). "" = from scratch.
+    "warm_start": "",
+    "time_budget": 0.0,  # > 0: seconds of UNet training, then save as if finished; with --steps 0, sizes the run
+    "state_every": 0.0,  # > 0: write the resumable training state to --state-dir every this many seconds
 }
+# Steps whose time sizes a --steps 0 schedule (the first ones include cuDNN autotuning and allocator warm-up).
+PROBE = (5, 25)
+# Recipes: named sets of defaults (flags given on the command line override them).
+RECIPES = {
+    # v3: v2's recipe (bench/embedded/README.md) with attention at the finest (32x32 latent) level again, the
+    # layout v2's measurements name as the stronger lever for iSeg's last-decoder self-attention, and a text
+    # context of 77 positions (the methods' templates uncut: `prompt_lengths`). Warm-started from the v2 folder
+    # (its VAE, and every UNet and text-encoder tensor the layouts share; the new 32x32 attention starts as
+    # identity), then trained for a wall-clock budget on one GPU at v2's second-stage learning rate.
+    "v3": {"size": 64, "vae_factor": 2, "max_length": 77, "vae_steps": 0, "num_train_images": 200000,
+           "steps": 0, "time_budget": 300.0, "state_every": 60.0, "batch": 512, "lr": 5e-4, "warmup": 100,
+           "cfg_dropout": 0.1, "template_prob": 0.3, "same_colour_prob": 0.5, "ema_decay": 0.999,
+           "min_snr_gamma": 0.0, "channels": [32, 64, 64, 64], "attention_levels": [0, 1, 2], "heads": 4,
+           "render_workers": 12, "warm_start": "bench/embedded/weights"},
+}
+# What a resumed run may change: how it runs, not what it learns (the rest comes from the state).
+RUN_KEYS = ("time_budget", "state_every", "checkpoint_every", "render_workers", "device", "steps", "stop_after")
 
 
 def set_single_thread() -> None:
@@ -98,6 +134,38 @@ def template_prompt(objects: list[dict], rng: np.random.Generator) -> str:
     names = list(dict.fromkeys(o["shape"] for o in objects))
     names = [names[k] for k in rng.permutation(len(names))]
     return TEMPLATES[int(rng.integers(len(TEMPLATES)))].format(classes=" and ".join(names))
+
+
+def prompt_lengths(max_classes: int | None = None) -> dict[str, int]:
+    """Tokens (with start and end) of each prompt the methods build on the embedded model at its longest: every
+    shipped template (TEMPLATES, the methods' `template` / `attribution` defaults, DEDOS' templates) filled with
+    all classes of the shapes world and of PASCAL VOC (prompt names), and the longest shapes caption."""
+    from bench.data.shapes import SHAPES
+    from bench.embedded import build_tokenizer
+    from methods import METHODS
+    from methods.dedos import TEMPLATES as DEDOS_TEMPLATES
+
+    tokenizer = build_tokenizer(1000)
+    voc = [line.split("\t")[1] for line in (Path(__file__).parents[1] / "data" / "classes" / "voc.txt")
+           .read_text().splitlines() if line and not line.startswith("#")][1:]
+    templates = set(TEMPLATES) | {t.replace("{}", "{classes}") for t in DEDOS_TEMPLATES}
+    for name in METHODS.names():
+        for key in ("template", "attribution"):
+            param = METHODS.get(name).params.get(key)
+            if param is not None and isinstance(param.default, str):
+                templates.add(param.default.replace("{name}", "{classes}").replace("{prompt}", ""))
+    out = {}
+    for classes in (SHAPES, voc):
+        names = " and ".join(classes[:max_classes])
+        for template in sorted(templates):
+            text = template.format(classes=names) if "{classes}" in template else template
+            out[text] = len(tokenizer(text).input_ids)
+    from bench.data.shapes import ShapesDataset
+
+    captions = ShapesDataset(num_images=200, size=64, seed=0, split="val")
+    caption = max((captions[i].caption for i in range(len(captions))), key=lambda c: len(tokenizer(c).input_ids))
+    out[caption] = len(tokenizer(caption).input_ids)
+    return out
 
 
 _RENDER_DS = None  # the dataset rendered by forked workers (set before the pool forks; nothing is pickled)
@@ -166,6 +234,15 @@ def config_error(cfg: dict) -> str | None:
         return f"--device must be auto, cpu or cuda; got {cfg['device']}"
     if not 0 <= cfg["template_prob"] <= 1:
         return f"--template-prob is a probability in [0, 1]; got {cfg['template_prob']}"
+    if cfg["steps"] < 0 or (cfg["steps"] == 0 and cfg["time_budget"] <= 0):
+        return "--steps 0 (sized from the measured step time) needs --time-budget SECONDS; or give --steps N"
+    if cfg["steps"] == 0 and cfg["warmup"] <= PROBE[1]:
+        return f"--steps 0 needs --warmup above {PROBE[1]} (the schedule's length is set at step {PROBE[1]})"
+    if cfg["warm_start"] and cfg["init"]:
+        return "--warm-start and --init both name a starting folder; give one"
+    for key in ("warm_start", "init"):
+        if cfg[key] and not (Path(cfg[key]) / "model_index.json").is_file():
+            return f"--{key.replace('_', '-')} {cfg[key]} is not a pipeline folder (no model_index.json)"
     return None
 
 
@@ -255,8 +332,10 @@ def encode_all(vae, images: np.ndarray, batch: int = 200) -> tuple[torch.Tensor,
 
 
 def train_unet(models: dict, tokenizer, latents: tuple[torch.Tensor, torch.Tensor], captions: list[str],
-               templated: list[str], cfg: dict, gen: torch.Generator,
-               checkpoint=None) -> tuple[torch.nn.Module, torch.nn.Module]:
+               templated: list[str], cfg: dict, gen: torch.Generator, checkpoint=None,
+               state_dir: Path | None = None, resume: Path | None = None) -> tuple[torch.nn.Module, torch.nn.Module]:
+    from bench.embedded.train_state import load_state, save_state
+
     unet, text_encoder, scheduler = models["unet"], models["text_encoder"], models["scheduler"]
     mean, std = latents
     sf = models["vae"].config.scaling_factor
@@ -274,15 +353,42 @@ def train_unet(models: dict, tokenizer, latents: tuple[torch.Tensor, torch.Tenso
     for m in (unet, text_encoder):
         m.train().requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.01, betas=(0.9, 0.99))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg["warmup"], cfg["steps"]))
+    total = [cfg["steps"]]  # the schedule's length; 0 until PROBE[1] when sized from the budget
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_lambda(cfg["warmup"], max(total[0], k + 1))(k))
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     ema_unet.requires_grad_(False)
     ema_text.requires_grad_(False)
     ema_pairs = list(zip(list(ema_unet.parameters()) + list(ema_text.parameters()), params))
+    first = 0
+    trained = {k: models[k] for k in ("unet", "text_encoder", "vae")}
+    if resume is not None:
+        meta = load_state(resume, trained, {"unet": ema_unet, "text_encoder": ema_text}, opt, gen)
+        first = meta["step"]
+        total[0] = cfg["steps"] or meta["total_steps"]
+        sched.last_epoch = first  # as after `first` scheduler steps
+        for group, base in zip(opt.param_groups, sched.base_lrs):
+            group["lr"] = base * sched.lr_lambdas[0](first)
+        sched._last_lr = [g["lr"] for g in opt.param_groups]
+        log.info("resumed from %s at step %d of a %d-step schedule", resume, first, total[0])
 
-    bar = tqdm(range(cfg["steps"]), desc="unet", unit="step", mininterval=5.0)
+    def save(done: int) -> None:
+        save_state(state_dir, done, total[0], cfg, trained, {"unet": ema_unet, "text_encoder": ema_text}, opt, gen)
+        log.info("training state at step %d written to %s", done, state_dir)
+
+    budget = cfg["time_budget"]
     running, t0 = None, time.time()
-    for step in bar:
+    last_state, probe_start = t0, None
+    bar = tqdm(total=total[0] or None, initial=first, desc="unet", unit="step", mininterval=5.0)
+    step = first
+    while total[0] == 0 or step < total[0]:
+        if total[0] == 0 and step == first + PROBE[0]:
+            probe_start = time.time()
+        if total[0] == 0 and step == first + PROBE[1]:
+            per_step = (time.time() - probe_start) / (PROBE[1] - PROBE[0])
+            total[0] = step + max(1, int(0.97 * (budget - (time.time() - t0)) / per_step))
+            bar.total = total[0]
+            log.info("step time %.4f s (steps %d-%d): the schedule spans %d steps in the %.0f s budget", per_step,
+                     first + PROBE[0], first + PROBE[1], total[0], budget)
         idx = torch.randint(len(mean), (cfg["batch"],), generator=gen, device=dev)
         x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen, device=dev)) * sf
         ids = ids_all[idx].clone()
@@ -311,16 +417,30 @@ def train_unet(models: dict, tokenizer, latents: tuple[torch.Tensor, torch.Tenso
         with torch.no_grad():
             for pe, p in ema_pairs:
                 pe.lerp_(p, 1 - decay)
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        if step % 25 == 0 or step == cfg["steps"] - 1:
+        step += 1
+        bar.update(1)
+        last = step == total[0]
+        if step % 25 == 1 or last:
+            running = loss.item() if running is None else 0.8 * running + 0.2 * loss.item()
             bar.set_postfix(loss=f"{running:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
-        if step % 100 == 0 or step == cfg["steps"] - 1:
-            log.info("unet step %d loss %.4f (%.1f s)", step, running, time.time() - t0)
-        if checkpoint is not None and (step + 1) % cfg["checkpoint_every"] == 0:
-            checkpoint(step + 1, ema_unet, ema_text)
-        if cfg["stop_after"] and step + 1 >= cfg["stop_after"]:
-            log.info("stopping after step %d of a %d-step schedule (--stop-after)", step + 1, cfg["steps"])
+        if step % 100 == 1 or last:
+            log.info("unet step %d loss %.4f (%.1f s)", step - 1, loss.item(), time.time() - t0)
+        if checkpoint is not None and step % cfg["checkpoint_every"] == 0:
+            checkpoint(step, ema_unet, ema_text)
+        if cfg["stop_after"] and step >= cfg["stop_after"]:
+            log.info("stopping after step %d of a %d-step schedule (--stop-after)", step, total[0])
             break
+        if budget and time.time() - t0 >= budget:
+            log.info("stopping after step %d of a %d-step schedule: the %.0f s budget is spent", step, total[0],
+                     budget)
+            break
+        if state_dir is not None and cfg["state_every"] and time.time() - last_state >= cfg["state_every"]:
+            save(step)
+            last_state = time.time()
+    bar.close()
+    if state_dir is not None:
+        save(step)
+    log.info("unet: %d steps of batch %d in %.1f s", step - first, cfg["batch"], time.time() - t0)
     return ema_unet, ema_text
 
 
@@ -359,7 +479,67 @@ def load_init(folder: Path) -> dict:
             "text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **kw)}
 
 
-def train(cfg: dict, out: Path) -> None:
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@torch.no_grad()
+def warm_start(models: dict, folder: Path) -> dict:
+    """Copy a pipeline folder of another layout into freshly built models: the VAE whole (its scaling factor
+    too); of the UNet and text encoder, every tensor whose name and shape match, and tensors that only grew
+    along their first axis (position embeddings: 16 -> 77 positions) row by row. Attention blocks the folder
+    lacks keep their initialisation, except their output projection (`proj_out`), zeroed so that each new
+    block starts as the identity on its residual stream (Stable Diffusion's zero-initialised `proj_out`).
+    Returns counts of copied / grown / new tensors per part."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    kw = {"use_safetensors": True, "torch_dtype": torch.float32}
+    source = {"unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw).state_dict(),
+              "text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **kw).state_dict()}
+    models["vae"] = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw).eval().requires_grad_(False)
+    counts = {}
+    for key, src in source.items():
+        dst = models[key].state_dict()
+        n = {"copied": 0, "grown": 0, "new": 0}
+        for name, t in dst.items():
+            s = src.get(name)
+            if s is not None and s.shape == t.shape:
+                t.copy_(s)
+                n["copied"] += 1
+            elif s is not None and s.dim() == t.dim() and s.shape[1:] == t.shape[1:] and s.shape[0] < t.shape[0]:
+                t[:s.shape[0]].copy_(s)
+                n["grown"] += 1
+            else:
+                if s is None and ".attentions." in name and ".proj_out." in name:
+                    t.zero_()
+                n["new"] += 1
+        counts[key] = n
+    return counts
+
+
+def export_state(state: Path, out: Path) -> None:
+    """The EMA pipeline of a training state, saved like a finished run's folder (and swapped in whole)."""
+    from bench.embedded import build_tokenizer
+    from bench.embedded.train_state import load_tensors, read_meta, restore
+
+    meta = read_meta(state)
+    cfg = meta["config"] | {"completed_steps": meta["step"]}
+    tokenizer = build_tokenizer(cfg["max_length"])
+    models = build_models(cfg, tokenizer)
+    model, ema = load_tensors(state / "model.safetensors"), load_tensors(state / "ema.safetensors")
+    restore({"vae": models["vae"]}, model)
+    models["vae"].register_to_config(scaling_factor=meta["scaling_factor"])
+    restore({k: models[k] for k in ("unet", "text_encoder")}, ema)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    save_pipeline(partial, models, tokenizer, cfg)
+    shutil.rmtree(out, ignore_errors=True)
+    partial.rename(out)
+    log.info("exported the EMA pipeline of %s (step %d of %d) to %s", state, meta["step"], meta["total_steps"], out)
+
+
+def train(cfg: dict, out: Path, state_dir: Path | None = None, resume: Path | None = None) -> None:
     from bench.embedded import build_tokenizer
 
     dev = torch.device("cuda" if cfg["device"] == "auto" and torch.cuda.is_available() else
@@ -378,8 +558,18 @@ def train(cfg: dict, out: Path) -> None:
     if cfg["init"]:
         models.update(load_init(Path(cfg["init"])))
         log.info("initialised unet, text encoder and vae from %s", cfg["init"])
+    if cfg["warm_start"] and resume is None:
+        counts = warm_start(models, Path(cfg["warm_start"]))
+        cfg["warm_start_unet_sha256"] = file_sha256(Path(cfg["warm_start"]) / "unet" /
+                                                    "diffusion_pytorch_model.safetensors")
+        log.info("warm start from %s: %s", cfg["warm_start"], json.dumps(counts))
+    if resume is not None:  # the VAE (and its scaling factor) come from the state
+        from bench.embedded.train_state import read_meta
+
+        models["vae"].register_to_config(scaling_factor=read_meta(resume)["scaling_factor"])
     for key in ("unet", "vae", "text_encoder"):
         models[key].to(dev)
+    models["vae"].eval().requires_grad_(False)
     log.info("device %s", dev)
     log.info("config %s", json.dumps(cfg, sort_keys=True))
     log.info("parameters: unet %d, vae %d, text_encoder %d", n_params(models["unet"]), n_params(models["vae"]),
@@ -390,10 +580,15 @@ def train(cfg: dict, out: Path) -> None:
     images, foreground, captions, templated = render_all(ds, cfg["seed"], cfg["render_workers"])
     log.info("rendered %d training images at %d px in %.0f s", len(images), cfg["size"], time.time() - t0)
 
-    if cfg["vae_steps"] > 0:
+    if resume is not None:
+        from bench.embedded.train_state import load_tensors, restore
+
+        restore({"vae": models["vae"]}, load_tensors(resume / "model.safetensors"))
+    elif cfg["vae_steps"] > 0:
         train_vae(models["vae"], images, foreground, cfg, gen)
+        models["vae"].eval().requires_grad_(False)
     mean, std = encode_all(models["vae"], images)
-    if not cfg["init"]:
+    if not (cfg["init"] or cfg["warm_start"] or resume is not None):
         models["vae"].register_to_config(scaling_factor=float(1.0 / mean.std()))
     log.info("vae done at %.0f s; latent scaling_factor %.4f", time.time() - t0, models["vae"].config.scaling_factor)
 
@@ -402,7 +597,7 @@ def train(cfg: dict, out: Path) -> None:
                       tokenizer, cfg | {"completed_steps": step})
 
     ema_unet, ema_text = train_unet(models, tokenizer, (mean, std), captions, templated, cfg, gen,
-                                    checkpoint if cfg["checkpoint_every"] else None)
+                                    checkpoint if cfg["checkpoint_every"] else None, state_dir, resume)
     models["unet"], models["text_encoder"] = ema_unet, ema_text
     # Written next to OUT and swapped in whole, so a crash never leaves a half-written pipeline in OUT.
     partial = out.with_name(out.name + ".partial")
@@ -417,20 +612,51 @@ def train(cfg: dict, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                        help="named defaults (RECIPES); flags given override them")
+    parser.add_argument("--state-dir", type=Path, default=None,
+                        help="resumable training state (every --state-every s and at the end); default OUT.state")
+    parser.add_argument("--resume", type=Path, default=None, help="continue the training state in this folder")
+    parser.add_argument("--export-state", type=Path, default=None,
+                        help="only save the EMA pipeline of this training state to --out")
     for key, value in DEFAULTS.items():
+        flag = f"--{key.replace('_', '-')}"
         if isinstance(value, list):
-            parser.add_argument(f"--{key.replace('_', '-')}", type=type(value[0]), nargs="+", default=value)
+            parser.add_argument(flag, type=type(value[0]), nargs="+", default=None)
         else:
-            parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
+            parser.add_argument(flag, type=type(value), default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    cfg = {k: getattr(args, k) for k in DEFAULTS} | {"seed": args.seed}
+    given = {k: v for k in [*DEFAULTS, "seed"] if (v := getattr(args, k)) is not None}
+    if args.export_state is not None:
+        try:
+            export_state(args.export_state, args.out)
+        except ValueError as err:
+            parser.error(str(err))
+        return
+    if args.resume is not None:
+        from bench.embedded.train_state import read_meta
+
+        try:
+            saved = read_meta(args.resume)["config"]
+        except ValueError as err:
+            parser.error(str(err))
+        if args.recipe or (changed := [k for k, v in given.items() if k not in RUN_KEYS and v != saved.get(k)]):
+            parser.error("--resume continues the state's own recipe; drop "
+                         + ("--recipe" if args.recipe else " ".join(f"--{k.replace('_', '-')}" for k in changed))
+                         + f" (a resumed run may change only {', '.join(RUN_KEYS)})")
+        cfg = saved | {k: v for k, v in given.items() if k in RUN_KEYS}
+    else:
+        cfg = DEFAULTS | {"seed": 0} | RECIPES.get(args.recipe, {}) | given
+        if args.recipe:
+            cfg["recipe"] = args.recipe
     if error := config_error(cfg):
         parser.error(error)
-    train(cfg, args.out)
+    state_dir = args.state_dir or (args.out.with_name(args.out.name + ".state") if cfg["state_every"] else None)
+    train(cfg, args.out, state_dir, args.resume)
 
 
 if __name__ == "__main__":
