@@ -146,3 +146,122 @@ def test_checkpoints_survive_the_final_save(tmp_path):
     assert (out / "model_index.json").is_file()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1", "step-2"]
     assert not (tmp_path / "model.partial").exists()
+
+
+# -- the v3 recipe's machinery: warm start across layouts, wall-clock budgets, resumable state ------------------------
+V3_TINY = [*TINY, "--attention-levels", "0", "1", "2", "--max-length", "77", "--warmup", "30"]
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return {part: load_file(folder / part) for part in ("unet/diffusion_pytorch_model.safetensors",
+                                                        "text_encoder/model.safetensors",
+                                                        "vae/diffusion_pytorch_model.safetensors")}
+
+
+def test_v3_context_holds_every_prompt_uncut():
+    """The v3 text context holds the longest prompt the methods build (iSeg's template over the 20 VOC
+    classes), while v2's 16 positions cut even iSeg's prompt over the five shapes."""
+    from bench.embedded.train import RECIPES, prompt_lengths
+
+    lengths = prompt_lengths()
+    assert max(lengths.values()) <= RECIPES["v3"]["max_length"], max(lengths.items(), key=lambda kv: kv[1])
+    iseg_shapes = "A photograph of circle and square and triangle and star and cross and other objects and background"
+    assert lengths[iseg_shapes] > 16
+
+
+def test_warm_start_adds_attention_as_identity(tiny_model):
+    """A v3 layout warm-started from a v2 folder computes the v2 UNet's function (new attention blocks start as
+    identity), keeps its VAE, and its text positions begin with v2's."""
+    from bench.embedded import build_tokenizer
+    from bench.embedded.train import DEFAULTS, build_models, load_init, warm_start
+
+    src_cfg = json.loads((tiny_model / "train_config.json").read_text())
+    cfg = DEFAULTS | src_cfg | {"attention_levels": [0, 1, 2], "max_length": 77}
+    models = build_models(cfg, build_tokenizer(77))
+    counts = warm_start(models, tiny_model)
+    assert counts["unet"]["new"] > 0 and counts["text_encoder"]["grown"] == 1, counts
+    source = load_init(tiny_model)
+    for m in (*models.values(), *source.values()):
+        if isinstance(m, torch.nn.Module):
+            m.eval()
+    latent = src_cfg["size"] // src_cfg["vae_factor"]
+    x, t = torch.randn(2, 4, latent, latent, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 900])
+    cond = source["text_encoder"](torch.tensor([[0, 5, 9, 1] + [1] * 12] * 2))[0]
+    with torch.no_grad():
+        same = models["unet"](x, t, encoder_hidden_states=cond).sample
+        ref = source["unet"](x, t, encoder_hidden_states=cond).sample
+    assert torch.allclose(same, ref, atol=1e-5), (same - ref).abs().max()
+    pos = next(k for k in source["text_encoder"].state_dict() if k.endswith("position_embedding.weight"))
+    assert torch.equal(models["text_encoder"].state_dict()[pos][:16], source["text_encoder"].state_dict()[pos])
+    vae_a, vae_b = models["vae"].state_dict(), source["vae"].state_dict()
+    assert all(torch.equal(vae_a[k], vae_b[k]) for k in vae_b)
+
+
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    """Stopped after 2 of 4 steps with its state saved, then resumed: the same weights as 4 steps at once."""
+    from bench.embedded.train import main
+    from bench.embedded.train_state import read_meta
+
+    main([*V3_TINY, "--steps", "4", "--out", str(tmp_path / "straight")])
+    main([*V3_TINY, "--steps", "4", "--stop-after", "2", "--out", str(tmp_path / "half"),
+          "--state-dir", str(tmp_path / "state")])
+    meta = read_meta(tmp_path / "state")
+    assert (meta["step"], meta["total_steps"]) == (2, 4) and meta["config"]["max_length"] == 77
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == [
+        "adam_m.safetensors", "adam_v.safetensors", "ema.safetensors", "model.safetensors"]
+    main(["--resume", str(tmp_path / "state"), "--stop-after", "0", "--out", str(tmp_path / "resumed")])
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
+    for part in a:
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    main(["--export-state", str(tmp_path / "state"), "--out", str(tmp_path / "exported")])
+    c, d = _weights(tmp_path / "exported"), _weights(tmp_path / "half")  # the EMA pipeline at step 2
+    for part in c:
+        assert all(torch.equal(c[part][k], d[part][k]) for k in c[part]), part
+
+
+def test_resume_refuses_another_recipe(tmp_path, capsys):
+    from bench.embedded.train import main
+
+    main([*V3_TINY, "--steps", "2", "--stop-after", "1", "--out", str(tmp_path / "m"), "--state-dir",
+          str(tmp_path / "state")])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--resume", str(tmp_path / "state"), "--lr", "0.1", "--out", str(tmp_path / "again")])
+    assert exit_info.value.code == 2
+    assert "drop --lr" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "again").exists()
+    with pytest.raises(SystemExit):
+        main(["--resume", str(tmp_path / "m"), "--out", str(tmp_path / "again")])  # not a state folder
+    assert not (tmp_path / "again").exists()
+
+
+def test_time_budget_sizes_the_schedule_and_writes_states(tmp_path, caplog, monkeypatch):
+    """--steps 0: the schedule's length comes from the measured step time and ends with the budget (the probe
+    shortened to steps 1-3, so that a loaded machine still reaches it within the test's budget)."""
+    import logging
+
+    from bench.embedded import train as train_module
+    from bench.embedded.train import main
+    from bench.embedded.train_state import read_meta
+
+    monkeypatch.setattr(train_module, "PROBE", (1, 3))
+    PROBE = train_module.PROBE
+    with caplog.at_level(logging.INFO, logger="bench.embedded.train"):
+        main([*V3_TINY, "--steps", "0", "--time-budget", "4", "--state-every", "1", "--out", str(tmp_path / "m"),
+              "--state-dir", str(tmp_path / "state")])
+    meta = read_meta(tmp_path / "state")
+    assert meta["total_steps"] > PROBE[1] and meta["step"] <= meta["total_steps"]
+    assert any("the schedule spans" in r.message for r in caplog.records)
+    assert (tmp_path / "m" / "model_index.json").is_file()
+    cfg = json.loads((tmp_path / "m" / "train_config.json").read_text())
+    assert cfg["steps"] == 0 and cfg["time_budget"] == 4
+
+
+def test_main_job_scores_a_sweep_on_a_model_folder(tiny_model):
+    """`evaluate --main-job`: every configuration of the sweep scored with mIoU and its tied-label share."""
+    from bench.embedded.evaluate import main_job
+
+    report = main_job(tiny_model, "sweeps/iseg_lambda.yaml", ["data.limit=2"])
+    assert report["images"] == 2 and [r["lambda"] for r in report["rows"]] == [0, 0.001, 0.005, 0.01, 0.05, 0.1]
+    assert all(0 <= r["mIoU"] <= 100 and (np.isnan(r["tied"]) or 0 <= r["tied"] <= 100) for r in report["rows"])

@@ -1,6 +1,7 @@
 """Does the embedded model's attention localise the objects its caption names?
 
     python -m bench.embedded.evaluate --model bench/embedded/weights [--num-images 100] [--t 200]
+    python -m bench.embedded.evaluate --model DIR --num-images 0 --main-job sweeps/iseg_lambda.yaml  # main job only
 
 Inversion mode on held-out `shapes` val images at the model's native resolution: image -> VAE posterior mean
 -> noised to timestep t with a fixed seed -> one UNet pass with the caption. For each object, the
@@ -12,6 +13,11 @@ object's pixel mask:
 baselines: the whole image; a centred disk (best radius of a few).
 Binding rate: in two-object images, the share of objects whose word map puts more mass on its own object
 than on the other one. Attention is recorded with the bench's own tracer (`bench.trace.AttentionTracer`).
+
+`--main-job SWEEP` also scores a sweep file's configurations on the model the way the bench does (the engine's
+`evaluate_batch` in this process, no Ray): mIoU and the share of labels decided by tie-breaking (`tied`), per
+configuration. `--generate N` samples N test captions and checks them (`generation_check`). `--device cuda` runs
+it all on a GPU (the numbers then differ from CPU runs in the last digits).
 """
 
 from __future__ import annotations
@@ -57,14 +63,15 @@ def normalise(m: np.ndarray, how: str = "max") -> np.ndarray:
 
 
 @torch.no_grad()
-def evaluate(model: Path, num_images: int = 100, t: int = 200, seed: int = 0, data_seed: int = 0) -> dict:
+def evaluate(model: Path, num_images: int = 100, t: int = 200, seed: int = 0, data_seed: int = 0,
+             device: str = "cpu") -> dict:
     from bench.data.shapes import ShapesDataset
     from bench.data.shapes_gt import object_masks
     from bench.models import load_pipeline_folder
     from bench.models.layers import LayerMap
     from bench.trace import AttentionTracer, attention_layers, request
 
-    bb = load_pipeline_folder(Path(model), torch.device("cpu"), torch.float32, name="embedded-eval")
+    bb = load_pipeline_folder(Path(model), torch.device(device), torch.float32, name="embedded-eval")
     size = bb.resolution
     cross_layers = [n for n, kind in attention_layers(bb.unet).items() if kind == "cross"]
     self_layer = LayerMap(bb.unet).decoder_self(-1)
@@ -81,13 +88,13 @@ def evaluate(model: Path, num_images: int = 100, t: int = 200, seed: int = 0, da
         objects = sample.extra["objects"]
         masks = object_masks(objects, size)
         latents = bb.encode_images([sample.image], size)
-        noise = torch.randn(latents.shape, generator=gen)
-        tt = torch.tensor([t])
+        noise = torch.randn(latents.shape, generator=gen).to(latents.device)
+        tt = torch.tensor([t], device=latents.device)
         noisy = bb.scheduler.add_noise(latents, noise, tt)
         with AttentionTracer(bb.unet, req) as tracer:
             bb.unet(noisy, tt, encoder_hidden_states=bb.encode_text([sample.caption]))
         trace = tracer.traces([sample.caption], bb.tokenize([sample.caption]))[0]
-        store = {name: trace.cross[name][0, 0] for name in cross_layers}  # (h, w, T), heads averaged
+        store = {name: trace.cross[name][0, 0].float().cpu() for name in cross_layers}  # (h, w, T), heads averaged
         res = {name: m.shape[0] for name, m in store.items()}
         finest = sorted(set(res.values()), reverse=True)[:2]
         cross = torch.zeros(size, size, store[cross_layers[0]].shape[-1])
@@ -103,8 +110,8 @@ def evaluate(model: Path, num_images: int = 100, t: int = 200, seed: int = 0, da
                 cross_finest += up
             m_fine = F.interpolate(m, size=(finest[0], finest[0]), mode="bilinear", align_corners=False)
             cross_native = m_fine if cross_native is None else cross_native + m_fine
-        self_attn = trace.self_attn[self_layer][0, 0]  # (N, N) rows: queries
-        n_fine = int(round(self_attn.shape[0] ** 0.5))
+        self_attn = trace.self_attn[self_layer][0, 0].float().cpu()  # (N, N) rows: queries
+        n_fine = round(self_attn.shape[0] ** 0.5)
         a = cross_native[:, 0].reshape(cross_native.shape[0], -1)  # (T, N)
         refined = (self_attn @ a.T).T.reshape(-1, 1, n_fine, n_fine)
         refined = F.interpolate(refined, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
@@ -160,13 +167,13 @@ def evaluate(model: Path, num_images: int = 100, t: int = 200, seed: int = 0, da
 
 @torch.no_grad()
 def generation_check(model: Path, num_images: int = 20, steps: int = 25, guidance: float = 4.0,
-                     seed: int = 0) -> dict:
+                     seed: int = 0, device: str = "cpu") -> dict:
     """Sample val captions with DDIM + classifier-free guidance; share accepted by `generated_ground_truth`."""
     from bench.data.shapes import ShapesDataset
     from bench.data.shapes_gt import generated_ground_truth
     from bench.models import load_pipeline_folder
 
-    bb = load_pipeline_folder(Path(model), torch.device("cpu"), torch.float32, name="embedded-eval")
+    bb = load_pipeline_folder(Path(model), torch.device(device), torch.float32, name="embedded-eval")
     size = bb.resolution
     ds = ShapesDataset(num_images=num_images, size=size, seed=1, split="test")
     gen = torch.Generator().manual_seed(seed)
@@ -178,19 +185,59 @@ def generation_check(model: Path, num_images: int = 20, steps: int = 25, guidanc
     for i in tqdm(range(len(ds)), desc="generate", unit="img", mininterval=2.0):
         caption = ds[i].caption
         cond = bb.encode_text([caption])
-        x = torch.randn((1, 4, latent, latent), generator=gen)
+        x = torch.randn((1, 4, latent, latent), generator=gen).to(device)
         for t in sched.timesteps:
             out = bb.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
             u, c = out.chunk(2)
             x = sched.step(u + guidance * (c - u), t, x).prev_sample
         img = bb.vae.decode(x / bb.vae.config.scaling_factor).sample[0]
-        img = ((img.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+        img = ((img.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
         images.append(img)
         _, why = generated_ground_truth(img, caption)
         reasons.append(why)
     return {"num_images": num_images, "steps": steps, "guidance": guidance,
             "accepted": sum(r is None for r in reasons) / len(reasons),
             "reasons": [r for r in reasons if r], "images": images, "captions": [ds[i].caption for i in range(len(ds))]}
+
+
+@torch.no_grad()
+def main_job(model: Path, sweep: Path, overrides: list[str] = (), device: str = "cpu") -> dict:
+    """A sweep file's configurations scored on `model` as the bench scores them (its dataset, metric protocol,
+    seeds and forward grouping; the engine's `evaluate_batch` in this process): per configuration the swept
+    values, mIoU and `tied`, the percentage of labels decided by tie-breaking (`bench.metrics.tied_percent`)."""
+    from bench.config import compose
+    from bench.data import build_dataset
+    from bench.evaluate import evaluate_batch
+    from bench.metrics import summarize, tied_percent
+    from bench.models import load_pipeline_folder
+    from bench.plan import make_plan
+    from methods import METHODS
+
+    cfg = compose(sweep, list(overrides))
+    if cfg.model.name != "embedded":
+        raise ValueError(f"{sweep} runs on model {cfg.model.name!r}; --main-job scores embedded-model sweeps")
+    plan = make_plan(cfg)
+    if plan.fits:
+        raise ValueError(f"{sweep} trains its method; --main-job scores training-free sweeps")
+    bb = load_pipeline_folder(Path(model), torch.device(device), torch.float32, name="embedded")
+    cls = METHODS.get(cfg.method)
+    method = cls(bb)
+    dataset = build_dataset(cfg.data)
+    rows, batch = [], int(cfg.ray.batch_size)  # the engine's batches: batching changes float sums, so labels
+    for group in plan.groups:                    # decided by ties can change with it
+        totals, ties = [0] * len(group.trials), []
+        for start in tqdm(range(0, len(dataset), batch), desc=f"{cfg.name} seed {group.seed}", unit="batch"):
+            samples = [dataset[i] for i in range(start, min(len(dataset), start + batch))]
+            hists, _ = evaluate_batch(method, dataset, samples, group, protocol=cfg.metric.protocol, ties=ties)
+            for k, hist in enumerate(hists):  # sample-major
+                totals[k % len(group.trials)] += hist
+        per_trial = np.asarray(ties).reshape(-1, len(group.trials), 2)
+        for j, (trial, total) in enumerate(zip(group.trials, totals)):
+            rows.append({"trial": trial.trial_id, "seed": group.seed, **trial.swept,
+                         "mIoU": summarize(total, dataset.classes, cfg.metric.protocol)["mIoU"],
+                         "tied": tied_percent(per_trial[:, j])})
+    return {"sweep": str(sweep), "overrides": list(overrides), "images": len(dataset),
+            "protocol": cfg.metric.protocol, "device": device, "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -202,14 +249,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--generate", type=int, default=0, help="also sample N images and check them")
     parser.add_argument("--grid", type=Path, default=None, help="save generated samples as a PNG grid")
     parser.add_argument("--json", type=Path, default=None, help="write the report here too")
+    parser.add_argument("--main-job", type=Path, default=None,
+                        help="also score this sweep file's configurations on the model (mIoU, tied labels)")
+    parser.add_argument("--main-job-override", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="overrides of the --main-job sweep (e.g. data.limit=40)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args(argv)
+    if not (Path(args.model) / "model_index.json").is_file():
+        parser.error(f"--model {args.model} is not a pipeline folder (no model_index.json)")
+    if args.main_job is not None and not args.main_job.is_file():
+        parser.error(f"--main-job {args.main_job} not found; give a sweep file such as sweeps/iseg_lambda.yaml")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but no CUDA device is visible; use --device cpu")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-    reports = [evaluate(args.model, args.num_images, t, args.seed) for t in args.t]
+    reports = [evaluate(args.model, args.num_images, t, args.seed, device=args.device) for t in args.t
+               if args.num_images > 0]
     out = {"inversion": reports}
+    if args.main_job is not None:
+        out["main_job"] = main_job(args.model, args.main_job, args.main_job_override, args.device)
     if args.generate:
-        gen = generation_check(args.model, args.generate, seed=args.seed)
+        gen = generation_check(args.model, args.generate, seed=args.seed, device=args.device)
         if args.grid:
             from PIL import Image
             ims = gen["images"]

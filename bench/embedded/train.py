@@ -333,7 +333,8 @@ def encode_all(vae, images: np.ndarray, batch: int = 200) -> tuple[torch.Tensor,
 
 def train_unet(models: dict, tokenizer, latents: tuple[torch.Tensor, torch.Tensor], captions: list[str],
                templated: list[str], cfg: dict, gen: torch.Generator, checkpoint=None,
-               state_dir: Path | None = None, resume: Path | None = None) -> tuple[torch.nn.Module, torch.nn.Module]:
+               state_dir: Path | None = None, resume: Path | None = None,
+               stop_at: float = 0.0) -> tuple[torch.nn.Module, torch.nn.Module]:
     from bench.embedded.train_state import load_state, save_state
 
     unet, text_encoder, scheduler = models["unet"], models["text_encoder"], models["scheduler"]
@@ -375,8 +376,13 @@ def train_unet(models: dict, tokenizer, latents: tuple[torch.Tensor, torch.Tenso
         save_state(state_dir, done, total[0], cfg, trained, {"unet": ema_unet, "text_encoder": ema_text}, opt, gen)
         log.info("training state at step %d written to %s", done, state_dir)
 
-    budget = cfg["time_budget"]
     running, t0 = None, time.time()
+    # the budget, cut to what is left before an absolute deadline (a lent machine's command limit)
+    budget = min(cfg["time_budget"] or math.inf, stop_at - t0 if stop_at else math.inf)
+    if budget < math.inf:
+        log.info("training for %.0f s of wall clock", budget)
+    else:
+        budget = 0
     last_state, probe_start = t0, None
     bar = tqdm(total=total[0] or None, initial=first, desc="unet", unit="step", mininterval=5.0)
     step = first
@@ -539,7 +545,8 @@ def export_state(state: Path, out: Path) -> None:
     log.info("exported the EMA pipeline of %s (step %d of %d) to %s", state, meta["step"], meta["total_steps"], out)
 
 
-def train(cfg: dict, out: Path, state_dir: Path | None = None, resume: Path | None = None) -> None:
+def train(cfg: dict, out: Path, state_dir: Path | None = None, resume: Path | None = None,
+          stop_at: float = 0.0) -> None:
     from bench.embedded import build_tokenizer
 
     dev = torch.device("cuda" if cfg["device"] == "auto" and torch.cuda.is_available() else
@@ -597,7 +604,7 @@ def train(cfg: dict, out: Path, state_dir: Path | None = None, resume: Path | No
                       tokenizer, cfg | {"completed_steps": step})
 
     ema_unet, ema_text = train_unet(models, tokenizer, (mean, std), captions, templated, cfg, gen,
-                                    checkpoint if cfg["checkpoint_every"] else None, state_dir, resume)
+                                    checkpoint if cfg["checkpoint_every"] else None, state_dir, resume, stop_at)
     models["unet"], models["text_encoder"] = ema_unet, ema_text
     # Written next to OUT and swapped in whole, so a crash never leaves a half-written pipeline in OUT.
     partial = out.with_name(out.name + ".partial")
@@ -619,6 +626,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--state-dir", type=Path, default=None,
                         help="resumable training state (every --state-every s and at the end); default OUT.state")
     parser.add_argument("--resume", type=Path, default=None, help="continue the training state in this folder")
+    parser.add_argument("--stop-at", type=float, default=0.0,
+                        help="Unix time by which UNet training ends, whatever the budget (not part of the recipe)")
     parser.add_argument("--export-state", type=Path, default=None,
                         help="only save the EMA pipeline of this training state to --out")
     for key, value in DEFAULTS.items():
@@ -656,7 +665,7 @@ def main(argv: list[str] | None = None) -> None:
     if error := config_error(cfg):
         parser.error(error)
     state_dir = args.state_dir or (args.out.with_name(args.out.name + ".state") if cfg["state_every"] else None)
-    train(cfg, args.out, state_dir, args.resume)
+    train(cfg, args.out, state_dir, args.resume, args.stop_at)
 
 
 if __name__ == "__main__":
