@@ -265,3 +265,38 @@ def test_main_job_scores_a_sweep_on_a_model_folder(tiny_model):
     report = main_job(tiny_model, "sweeps/iseg_lambda.yaml", ["data.limit=2"])
     assert report["images"] == 2 and [r["lambda"] for r in report["rows"]] == [0, 0.001, 0.005, 0.01, 0.05, 0.1]
     assert all(0 <= r["mIoU"] <= 100 and (np.isnan(r["tied"]) or 0 <= r["tied"] <= 100) for r in report["rows"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_gpu_lease_script_trains_resumes_and_evaluates_on_the_cpu(tmp_path):
+    """bench/embedded/gpu_lease.sh end to end on the CPU with a tiny v3 (a 40-step schedule cut by a few seconds'
+    budget, then resumed by a second call from the returned state): weights, state, report."""
+    import subprocess
+    import sys
+    import tarfile
+    from pathlib import Path
+
+    from bench.embedded.train_state import read_meta
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "LEASE_DEVICE": "cpu",
+           "LEASE_LIMIT": "400", "LEASE_EVAL_RESERVE": "250", "LEASE_BUDGET": "6",
+           "LEASE_TRAIN_ARGS": "--channels 8 16 16 16 --heads 2 --batch 2 --num-train-images 32 --render-workers 1 "
+                               "--steps 40 --state-every 2",
+           "LEASE_EVAL_ARGS": "--num-images 1 --t 100 --generate 1 --main-job-override data.limit=1"}
+    states = []
+    for call, resume in (("first", ""), ("second", str(tmp_path / "first" / "state"))):
+        out = tmp_path / call
+        done = subprocess.run(["bash", "bench/embedded/gpu_lease.sh"], cwd=root, capture_output=True, text=True,
+                              env=env | {"OUT": str(out), "LEASE_RESUME": resume}, timeout=800)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+        assert len(list(out.rglob("*"))) <= 9  # at most 8 files (+ the state folder) come back from a lease
+        report = json.loads((out / "report.json").read_text())
+        assert report["v3"]["main_job"]["rows"] and report["baseline"]["main_job"]["rows"]
+        assert "accepted" in report["v3"]["generation"] and report["v3"]["inversion"][0]["binding"]
+        with tarfile.open(out / "weights.tar") as tar:
+            assert "v3/model_index.json" in tar.getnames()
+        states.append(read_meta(out / "state"))
+    assert 0 < states[0]["step"] < states[1]["step"] <= states[1]["total_steps"] == 40
+    assert "resumed from" in (tmp_path / "second" / "lease.log").read_text()
