@@ -27,6 +27,9 @@
 #
 # Resuming a cut-off run in a later lease: copy the returned state/ into .lease/state in the repository (ignored
 # by git), add ".lease" to carry, and call `LEASE_RESUME=.lease/state bash bench/embedded/gpu_lease.sh`.
+# Size: what travels is capped at 64 MiB. The tracked tree is ~56 MiB (reports/ alone ~45 MiB) and .whl/ 6.2 MiB,
+# so the first call fits with ~2 MiB to spare, but the state (~52 MiB) does not: for a resuming call, move
+# reports/ out of the checkout for the call's duration (nothing here reads it) and put it back afterwards.
 #
 # Environment (defaults for the GPU run; the CPU smoke test sets them small):
 #   OUT                  where results go (the device tool sets it)
@@ -110,8 +113,7 @@ EOF
     done
     wait
     for name in v3 baseline; do
-        echo "-- eval $name: $(grep -c . "$WORK/eval_$name.log") lines of log, last:"
-        grep -v -e 'it/s' -e 'img/s' -e 'batch/s' "$WORK/eval_$name.log" | grep -v '^ ' | tail -3
+        [ -s "$WORK/eval_$name.json" ] || { echo "-- eval $name wrote no report; its log ends:"; tail -5 "$WORK/eval_$name.log"; }
     done
 
     # 4. the report
@@ -147,8 +149,18 @@ if v3 and v2:  # the bar: iSeg's default (lambda = 0.01, N = 10) above v2's, and
                          "tied_percent": {"v3": v3["tied"], "baseline": v2["tied"]},
                          "beats_baseline": v3["mIoU"] > max(v2["mIoU"], 50.0) and v3["tied"] < 5.0}
 (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-print(json.dumps({k: report[k] for k in ("seconds", "train") if k in report} | {"verdict": report.get("verdict")},
-                 indent=1, default=str)[:3000])
+train = {k: v for k, v in report["train"].items() if k != "config"}
+print(json.dumps({"seconds": report["seconds"], "train": train}, indent=1))
+for name in ("v3", "baseline"):
+    r = report[name] or {}
+    for inv in r.get("inversion", []):
+        print(f"{name} inversion t={inv['t']}: raw IoU {inv['iou']['raw@0.4']:.3f}, refined {inv['iou']['refined@0.4']:.3f},"
+              f" binding {inv['binding']['raw']['rate']}")
+    if "generation" in r:
+        print(f"{name} generation: {r['generation']['accepted']:.2f} of {r['generation']['num_images']} accepted")
+    for row in r.get("main_job", {}).get("rows", []):
+        print(f"{name} main job lambda={row['lambda']}: mIoU {row['mIoU']:.1f}, tied {row['tied']:.1f}%")
+print("verdict:", json.dumps(report.get("verdict")))
 EOF
     echo "== embedded part done after $(( $(date +%s) - START )) s"
 
