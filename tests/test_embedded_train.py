@@ -268,9 +268,9 @@ def test_main_job_scores_a_sweep_on_a_model_folder(tiny_model):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1800)  # two calls, each evaluating two models on the CPU: ~5 min each on a loaded 2-core machine
 def test_gpu_lease_script_trains_resumes_and_evaluates_on_the_cpu(tmp_path):
-    """bench/embedded/gpu_lease.sh end to end on the CPU with a tiny v3 (a 40-step schedule cut by a few seconds'
+    """bench/embedded/gpu_lease.sh end to end on the CPU with a tiny v3 (a 400-step schedule cut by a few seconds'
     budget, then resumed by a second call from the returned state): weights, state, report."""
     import subprocess
     import sys
@@ -283,7 +283,7 @@ def test_gpu_lease_script_trains_resumes_and_evaluates_on_the_cpu(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "LEASE_DEVICE": "cpu",
            "LEASE_LIMIT": "400", "LEASE_EVAL_RESERVE": "250", "LEASE_BUDGET": "6",
            "LEASE_TRAIN_ARGS": "--channels 8 16 16 16 --heads 2 --batch 2 --num-train-images 32 --render-workers 1 "
-                               "--steps 40 --state-every 2",
+                               "--steps 400 --state-every 2",
            "LEASE_EVAL_ARGS": "--num-images 1 --t 100 --generate 1 --main-job-override data.limit=1"}
     states = []
     for call, resume in (("first", ""), ("second", str(tmp_path / "first" / "state"))):
@@ -298,5 +298,5 @@ def test_gpu_lease_script_trains_resumes_and_evaluates_on_the_cpu(tmp_path):
         with tarfile.open(out / "weights.tar") as tar:
             assert "v3/model_index.json" in tar.getnames()
         states.append(read_meta(out / "state"))
-    assert 0 < states[0]["step"] < states[1]["step"] <= states[1]["total_steps"] == 40
+    assert 0 < states[0]["step"] < states[1]["step"] <= states[1]["total_steps"] == 400
     assert "resumed from" in (tmp_path / "second" / "lease.log").read_text()
