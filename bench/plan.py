@@ -58,6 +58,9 @@ class Plan:
     trials: list[Trial]
     fits: list[FitUnit]
     groups: list[ForwardGroup]
+    # what the checks found worth knowing but not wrong (prompts the tokenizer cuts, ...): recorded in run.json
+    # and said once in the report, not on the console
+    notes: list[str] = field(default_factory=list)
 
 
 # -- search space ------------------------------------------------------------------------------------------------

@@ -34,8 +34,8 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 def preflight(cfg: SweepConfig) -> Plan:
     """Checks the sweep against the data, the fits it needs, the model and the machine; returns its plan.
-    Warnings (nothing wrong, but worth knowing) are logged only once every check has passed, so that a failure
-    is the one line on stderr."""
+    Notes (nothing wrong, but worth knowing: prompts the tokenizer cuts) go into `plan.notes`, which the run
+    records in run.json and its report states once; a failure is the one line on stderr."""
     check_output_dir(cfg)
     dataset = build_dataset(cfg.data)
     plan = make_plan(cfg)
@@ -57,10 +57,10 @@ def preflight(cfg: SweepConfig) -> Plan:
         check_weights_format(folder, _model_option(cfg))
         check_model_fit(cfg, plan, folder)
         check_layer_roles(cfg, plan, folder)
-    warnings = check_prompts(cfg, plan, dataset, samples, load_tokenizer(cfg, folder))
+    plan.notes += check_prompts(cfg, plan, dataset, samples, load_tokenizer(cfg, folder))
     trace_fault(None)
-    for text in warnings:
-        log.warning("%s", text)
+    for text in plan.notes:  # said once in the report (run.json "notes"), not as a console warning
+        log.debug("%s", text)
     return plan
 
 
@@ -233,7 +233,7 @@ def check_prompts(cfg: SweepConfig, plan: Plan, dataset: SegDataset, samples: li
     """Every prompt of every (image, forward setting), tokenised against the tokenizer's limit. A class name
     cut off by the limit would have no tokens to attend to: refused. Text after the last class name (iSeg's
     background words, the rest of a template) that does not fit is cut by the model as it always is: a warning
-    (returned)."""
+    (returned: the plan's notes, stated in the report)."""
     from bench.evaluate import class_query
 
     limit = int(tokenizer.model_max_length)
@@ -261,8 +261,8 @@ def check_prompts(cfg: SweepConfig, plan: Plan, dataset: SegDataset, samples: li
                                      f"limit of {limit}, and cuts off class '{name}': {prompt!r}; shorten the "
                                      f"template, segment fewer classes (classes=gt) or use a model with longer prompts")
             if not warnings:
-                warnings.append(f"prompts are longer than the tokenizer's {limit} tokens; the text after the class "
-                                f"names is cut, e.g. {prompt!r} ({length} tokens)")
+                warnings.append(f"Prompts are longer than the tokenizer's {limit} tokens; the text after the class "
+                                f"names is cut (every class name fits), e.g. {prompt!r} ({length} tokens).")
     return warnings
 
 

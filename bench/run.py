@@ -19,7 +19,7 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench.env import NOISY_LOGGERS, quiet_environment
+from bench.env import quiet_environment
 
 quiet_environment()  # before torch is imported below: its thread count is read at import
 
@@ -68,6 +68,7 @@ def _run_claimed(cfg: SweepConfig, plan, held: Claim, final: Path, resume: str) 
                      images_per_second=round(totals["images_traced"] * stats["num_forward_settings"]
                                              / max(totals["trace_seconds"], 1e-9), 4))
         stats["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        stats["notes"] = list(plan.notes)  # the preflight's notes, stated once in the report
         data = cfg.as_dict()
         frame, provenance = write_run(data, rows, stats, work)
         from bench.reporting import write_report  # matplotlib and scipy: imported once there is a report to write
@@ -179,22 +180,24 @@ def first_line(err: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return sweep_command(argv, __doc__, "python -m bench.run SWEEP.yaml [key=value ...]   (e.g. data.limit=8 "
-                         "output_dir=runs/x)", run)
+    """A sweep (`SWEEP.yaml [key=value ...] [--dry-run]`), `--list` or `--help [METHOD]` (bench.cli)."""
+    from bench.cli import run_main
+
+    return run_main(argv, run)
 
 
 def sweep_command(argv: list[str] | None, doc: str, usage: str, work) -> int:
     """The shell of a `SWEEP.yaml [key=value ...]` command (bench.run, bench.synthesize): logging set up once,
     -h / no arguments print the usage, `work(sweep, overrides)` runs under cli_exit (one-line errors, exit 2)."""
+    from bench.cli import resolve_sweep, setup_logging
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in NOISY_LOGGERS:
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging()
     if not argv or argv[0] in ("-h", "--help"):
         print(doc.strip().splitlines()[0])
         print(f"usage: {usage}")
         return 0 if argv else 2
-    return cli_exit(lambda: work(argv[0], argv[1:]))
+    return cli_exit(lambda: work(resolve_sweep(argv[0]), argv[1:]))
 
 
 if __name__ == "__main__":

@@ -209,14 +209,16 @@ def test_the_good_inputs_behind_the_matrix_pass_preflight(extra, tmp_path, tiny_
     preflight(compose(sweep, [f"model.path={tiny_model}", "model.resolution=64", "params.timestep=999"]))
 
 
-def test_prompt_whose_tail_is_cut_runs_with_a_warning(tmp_path, caplog):
+def test_prompt_whose_tail_is_cut_runs_with_a_note(tmp_path, caplog):
     """iSeg's background words after the class names do not fit the embedded model's 16 tokens: the model cuts
-    them as it always cuts prompts; preflight says so once and lets the run go on."""
+    them as it always cuts prompts; preflight notes it once in the plan (the report states it), warns nothing on
+    the console, and lets the run go on."""
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(ISEG)
     caplog.set_level("WARNING")
-    preflight(compose(sweep, []))
-    assert "text after the class names is cut" in caplog.text
+    plan = preflight(compose(sweep, []))
+    assert len(plan.notes) == 1 and "text after the class names is cut" in plan.notes[0]
+    assert not caplog.records
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write into any folder")

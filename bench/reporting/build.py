@@ -119,6 +119,28 @@ def tie_warning(summary: pd.DataFrame) -> str | None:
             f"settings.")
 
 
+def run_notes(run: RunData) -> list[str]:
+    """What the run's checks found worth knowing but not wrong (run.json "notes": prompts the tokenizer cut, ...)."""
+    notes = run.prov.get("notes") or []
+    return [str(n) for n in notes] if isinstance(notes, list) else []
+
+
+def warning_summary(run: RunData, summary: pd.DataFrame | None = None) -> str | None:
+    """The report's warnings and notes as one line for the console (the end of `python -m bench.run`), or None
+    where the report has none: each one's first clause, the tie warning as its counts."""
+    s = summarize_run(run) if summary is None else summary
+    parts = []
+    if _hash_check(run):
+        parts.append("config.yaml was edited after the run")
+    if len(s) and tie_warning(s):
+        tied = pd.to_numeric(s["tied"], errors="coerce")
+        over = int((tied > TIED_WARN).sum())
+        parts.append(f"labels without margin in {over} of {len(s)} configurations (over {TIED_WARN:g}% of "
+                     f"class-score cells tied, up to {float(tied.max()):.0f}%)")
+    parts += [note[:1].lower() + note[1:].split(";")[0].rstrip(".") for note in run_notes(run)]
+    return "; ".join(parts) if parts else None
+
+
 def run_blocks(run: RunData, out: Path, prefix: str = "", level: int = 1, summary: pd.DataFrame | None = None,
                max_qualitative: int = 4) -> list:
     s = summarize_run(run) if summary is None else summary
@@ -141,6 +163,7 @@ def run_blocks(run: RunData, out: Path, prefix: str = "", level: int = 1, summar
     ties = tie_warning(s)
     if ties:
         blocks.append(Para(ties, "warning"))
+    blocks += [Para(note, "note") for note in run_notes(run)]
     seen_unseen = seen_unseen_table(run, s)
     if seen_unseen is not None:
         blocks.append(seen_unseen)
