@@ -271,16 +271,18 @@ def dry_run(sweep: str, overrides: list[str]) -> int:
     print(f"sweep {cfg.name} ({sweep}): method {cfg.method} on {cfg.data['name']}, {images} images")
     print(f"  configurations   {len(plan.trials)}")
     print(f"  forward settings {len(plan.groups)}  ({', '.join(sorted({g.trials[0].params['mode'] for g in plan.groups}))})")
-    print(f"  UNet passes      {passes}  (" + ", ".join(f"{m}: {n}" for m, n in modes.items()) + "; a "
-          "guided generation step counts once)")
+    print(f"  UNet passes      {passes}  (" + ", ".join(f"{m}: {n}" for m, n in modes.items())
+          + ("; a guided generation step counts once" if "generation" in modes else "") + ")")
     print(f"  fits             {len(plan.fits)}" + (" (trained method; fit.from= reuses another run's)"
                                                      if plan.fits else ""))
     for note in plan.notes:
         print("  note: " + note)
-    per_pass, device, what = measure_pass(cfg, plan, dataset)
-    total = per_pass * passes
-    print(f"  estimate         {fmt_seconds(total)} of UNet passes on {device} ({per_pass:.3g} s a pass, "
-          f"measured now on {what}; an estimate: post-processing, fits and start-up not included)")
+    per_pass, post, device, what = measure_pass(cfg, plan, dataset)
+    total = per_pass * passes + post * images * len(plan.groups)
+    print(f"  estimate         {fmt_seconds(total)} on {device}: {per_pass:.3g} s a UNet pass"
+          + (f", {post:.3g} s of post-processing and scoring per image and forward setting" if post else "")
+          + f" (measured now on {what}; an estimate: " + ("fits, " if plan.fits else "")
+          + "Ray's and the model's start-up and the report not included)")
     return 0
 
 
@@ -292,33 +294,50 @@ def fmt_seconds(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def measure_pass(cfg, plan, dataset) -> tuple[float, str, str]:
-    """Seconds per UNet pass of the sweep's first forward setting on its backbone and device: one image traced
-    twice after a warm-up (generation: two denoising steps), timed with the tracer attached."""
+def measure_pass(cfg, plan, dataset) -> tuple[float, float, str, str]:
+    """(seconds per UNet pass, seconds of post-processing and scoring per image and forward setting) of the
+    sweep's first forward setting on its backbone and device: one image after a warm-up (generation: two
+    denoising steps), timed with the tracer attached; the post-processing of every configuration of that
+    setting where the method needs no fit (0 where it does: fits are not run here)."""
+    import dataclasses
+
     import torch
 
-    from bench.evaluate import group_request, trace_samples
+    from bench.evaluate import evaluate_batch, group_request, trace_samples
     from bench.models import load_backbone
     from methods import METHODS
 
     backbone = load_backbone(cfg.model.as_dict())
     method = METHODS.get(cfg.method)(backbone)
     group = plan.groups[0]
+    if group.trials[0].params["mode"] == "generation":  # two steps stand for the setting's many
+        group = dataclasses.replace(group, trials=[dataclasses.replace(t, params=t.params.replace(steps=2))
+                                                   for t in group.trials])
     params = group.trials[0].params
-    if params["mode"] == "generation":
-        params = params.replace(steps=2)
     req = group_request(method, group)
     sample = [dataset[0]]
-    timings, passes = [], 1
-    for _ in range(3):
+
+    def timed(work) -> float:
         start = time.perf_counter()
-        batch = trace_samples(method, dataset, sample, params, group.seed, req, cfg.model.resolution)
+        result = work()
         if backbone.device.type == "cuda":
             torch.cuda.synchronize()
-        timings.append(time.perf_counter() - start)
-        passes = max(1, batch.image_passes)
-    per_pass = min(timings[1:]) / passes
-    return per_pass, f"{backbone.name} on {backbone.device}", f"{passes} pass(es) of one image"
+        timed.result = result
+        return time.perf_counter() - start
+
+    trace = lambda: trace_samples(method, dataset, sample, params, group.seed, req, cfg.model.resolution)  # noqa: E731
+    timed(trace)  # warm-up: lazy set-up, first-call allocations
+    seconds = min(timed(trace), timed(trace))
+    passes = max(1, timed.result.image_passes)
+    per_pass, post = seconds / passes, 0.0
+    if not plan.fits:
+        evaluate = lambda: evaluate_batch(method, dataset, sample, group, req, cfg.model.resolution,  # noqa: E731
+                                          protocol=cfg.metric.protocol)
+        timed(evaluate)
+        post = max(0.0, timed(evaluate) - seconds)
+    what = f"{passes} UNet pass{'es' if passes > 1 else ''} of one image" + ("" if plan.fits else
+                                                                           " and its post-processing")
+    return per_pass, post, f"{backbone.name} on {backbone.device}", what
 
 
 # -- running a sweep ------------------------------------------------------------------------------------------------

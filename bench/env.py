@@ -24,6 +24,7 @@ QUIET_ENV = {
     "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # fits write their own records; no TensorBoard/CSV/JSON loggers
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' "Loading weights" bar: the run's own bar shows progress
 }
 # glibc malloc: keep freed memory for reuse (allocations below 32 MiB from the heap, up to 256 MiB of free heap
 # kept, 64 MiB of padding when it grows) instead of returning it to the OS and page-faulting it back on the next
