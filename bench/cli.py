@@ -361,20 +361,30 @@ def report_line(final: Path) -> str | None:
     return f"report: {summary}; see {final / 'report.md'}" if summary else None
 
 
-def run_sweep(sweep: str, overrides: list[str], work) -> Path:
-    """`work(sweep, overrides)` (bench.run.run), then the one-line summary of the report's warnings on stderr,
-    above the run directory's path (printed last on stdout by the caller)."""
-    final = work(resolve_sweep(sweep), overrides)
-    line = report_line(Path(final))
+def run_sweep(sweep: str, overrides: list[str], work) -> int:
+    """`work(sweep, overrides)` (bench.run.run); then, with `tracking=mlflow`, the finished run logged to MLflow
+    (bench.track); then the one-line summary of the report's warnings on stderr, and the run directory's path as
+    the last line on stdout. A tracking failure is one `error:` line (exit 1): the run is finished and kept."""
+    final = Path(work(resolve_sweep(sweep), overrides))
+    status = 0
+    tracking = (read_sweep(final / "config.yaml").get("tracking") or {})
+    if tracking.get("name") == "mlflow":
+        from bench.track import log_run
+
+        try:
+            log_run(final)
+        except BenchError as err:
+            print(f"error: {err}", file=sys.stderr)
+            status = 1
+    line = report_line(final)
     if line:
         print(line, file=sys.stderr, flush=True)
-    return final
+    print(final, flush=True)
+    return status
 
 
 def run_main(argv: list[str] | None, work) -> int:
     """`python -m bench.run`: a sweep, or --list / --help [METHOD] / --dry-run."""
-    from bench.errors import cli_exit
-
     argv = list(sys.argv[1:] if argv is None else argv)
     setup_logging()
     if not argv:
@@ -394,7 +404,7 @@ def run_main(argv: list[str] | None, work) -> int:
         return 2
     if dry:
         return plain_exit(lambda: dry_run(resolve_sweep(args[0]), args[1:]))
-    return cli_exit(lambda: run_sweep(args[0], args[1:], work))
+    return plain_exit(lambda: run_sweep(args[0], args[1:], work))
 
 
 def plain_exit(work) -> int:

@@ -27,6 +27,7 @@ values from outside the file) are errors; `${other.key}` references resolve.
                                       # than the evaluated one (synthetic -> real; COCO-Stuff -> others)
     fit: {from: null}                 # trained methods: reuse the fits of another run (or one fit directory)
     search: {algo: optuna, num_samples: 16}   # adaptive search of post-processing parameters (bench.search)
+    tracking: {name: mlflow, uri: null}   # also log the finished run to MLflow (`tracking=mlflow`; bench.track)
 """
 
 from __future__ import annotations
@@ -214,6 +215,17 @@ class SearchConfig(Section):
     cache_mb: int = 2048  # trace cache bound (<run>/work/trace_cache)
 
 
+@dataclass
+class TrackingConfig(Section):
+    """Where a finished run is logged besides its run directory (bench.track); off without `name`."""
+
+    name: str | None = None  # mlflow (`tracking=mlflow`): every configuration an MLflow run
+    # the MLflow tracking URI: a server (http://host:5000) for runs on several machines; default: a local store
+    # beside the runs (<runs folder>/mlflow.db, artefacts in <runs folder>/mlartifacts)
+    uri: str | None = None
+    experiment: str | None = None  # the MLflow experiment; default: the sweep's name
+
+
 PAPER_KEYS = ("table", "param", "metric", "values", "note")
 
 
@@ -236,12 +248,13 @@ class SweepConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     fit: FitConfig = field(default_factory=FitConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     output_dir: str | None = None
     overrides: list = field(default_factory=list)
     sweep_file: str | None = None
 
     SECTIONS = {"model": ModelConfig, "metric": MetricConfig, "ray": RayConfig, "report": ReportConfig,
-                "train": TrainConfig, "fit": FitConfig, "search": SearchConfig}
+                "train": TrainConfig, "fit": FitConfig, "search": SearchConfig, "tracking": TrackingConfig}
 
     def as_dict(self) -> dict:
         """Plain data (config.yaml): sections as mappings, in declaration order."""
@@ -276,9 +289,9 @@ def defaults() -> dict:
 
 # Sections a bare `<section>=<name>` switches (`data=voc2012`, `model=embedded`): the name replaces the file's
 # whole section, so the options the file gives the old dataset or model are dropped, and `data.<key>=` overrides
-# then apply to the new one. (Before, Hydra merged the later `data.<key>=` overrides over the bare string and
+# then apply to the new one (`tracking=mlflow` likewise names the tracking backend). (Before, Hydra merged the later `data.<key>=` overrides over the bare string and
 # the name silently fell back to the default dataset.)
-SWITCHED_SECTIONS = ("data", "model")
+SWITCHED_SECTIONS = ("data", "model", "tracking")
 
 
 def hydra_overrides(raw: dict, overrides: list[str]) -> list[str]:
@@ -403,6 +416,7 @@ def validate(cfg: SweepConfig) -> None:
             raise BenchError(f"{name}={value} must be >= {low}")
     if cfg.search.algo is not None:
         check_searchable(cfg)
+    check_tracking(cfg.tracking)
     paper = cfg.paper
     if paper and paper.get("param") and paper["param"] not in cfg.sweep:
         raise BenchError(f"paper.param={paper['param']!r} is not a swept parameter ({', '.join(cfg.sweep)})")
@@ -505,3 +519,21 @@ def check_searchable(cfg: SweepConfig) -> None:
         raise BenchError("search runs on one forward setting; give one seed (seeds: [0])")
     if cfg.search.num_samples < 1 or cfg.search.grace_images < 1 or cfg.search.reduction_factor < 2:
         raise BenchError("search needs num_samples >= 1, grace_images >= 1 and reduction_factor >= 2")
+
+
+TRACKERS = ("mlflow",)  # bench.track
+
+
+def check_tracking(tracking: TrackingConfig) -> None:
+    """`tracking=mlflow` names a known backend whose client is installed; `tracking.uri` / `.experiment` need it."""
+    if tracking.name is None:
+        if tracking.uri is not None or tracking.experiment is not None:
+            raise BenchError("tracking.uri / tracking.experiment without a backend: add tracking=mlflow")
+        return
+    if tracking.name not in TRACKERS:
+        close = difflib.get_close_matches(str(tracking.name), TRACKERS, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise BenchError(f"tracking={tracking.name!r} is not one of {', '.join(TRACKERS)}{hint}")
+    from bench.track import require_mlflow
+
+    require_mlflow()

@@ -35,7 +35,7 @@ QUIET_ENV = {
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20),
                  "MALLOC_TOP_PAD_": str(64 << 20)}
 NOISY_LOGGERS = ("ray", "ray.data", "ray.tune", "ray.train", "filelock", "urllib3", "diffusers", "transformers",
-                 "matplotlib")
+                 "matplotlib", "mlflow", "alembic")
 
 
 def private_temp_dir(name: str) -> str:

@@ -72,7 +72,8 @@ RESERVED_COLUMNS = frozenset({
 RESERVED_PREFIXES = ("IoU/", "Acc/")
 
 
-HASH_EXCLUDED = ("output_dir", "overrides", "sweep_file")  # where a run is written and how it was spelled
+# where a run is written (and logged) and how it was spelled
+HASH_EXCLUDED = ("output_dir", "overrides", "sweep_file", "tracking")
 
 
 def config_hash(cfg: dict, schema: int = SCHEMA_VERSION) -> str:

@@ -35,7 +35,7 @@ STARTED = "started.json"
 LOCK = "lock"
 STARTED_WAIT_SECONDS = 5.0  # how long a second process waits for a fresh run's started.json
 # Where and how parallel a run works, not what it computes: may change between invocations.
-RUNTIME_KEYS = ("output_dir", "overrides", "sweep_file", "ray")
+RUNTIME_KEYS = ("output_dir", "overrides", "sweep_file", "ray", "tracking")
 RUNTIME_TRAIN_KEYS = ("num_workers", "use_gpu", "max_failures", "max_concurrent", "gpus_per_worker")
 
 
