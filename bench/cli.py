@@ -325,13 +325,13 @@ def measure_pass(cfg, plan, dataset) -> tuple[float, float, str, str]:
         timed.result = result
         return time.perf_counter() - start
 
-    trace = lambda: trace_samples(method, dataset, sample, params, group.seed, req, cfg.model.resolution)  # noqa: E731
+    trace = lambda: trace_samples(method, dataset, sample, params, group.seed, req, cfg.model.resolution)
     timed(trace)  # warm-up: lazy set-up, first-call allocations
     seconds = min(timed(trace), timed(trace))
     passes = max(1, timed.result.image_passes)
     per_pass, post = seconds / passes, 0.0
     if not plan.fits:
-        evaluate = lambda: evaluate_batch(method, dataset, sample, group, req, cfg.model.resolution,  # noqa: E731
+        evaluate = lambda: evaluate_batch(method, dataset, sample, group, req, cfg.model.resolution,
                                           protocol=cfg.metric.protocol)
         timed(evaluate)
         post = max(0.0, timed(evaluate) - seconds)

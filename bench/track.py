@@ -78,7 +78,6 @@ def log_run(run_dir: str | Path, uri: str | None = None, experiment: str | None 
     A run directory this experiment already holds is not logged twice (its id is returned)."""
     require_mlflow()
     from mlflow.entities import Metric, Param, RunStatus
-    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     from bench.reporting import load_run, summarize_run
@@ -96,8 +95,9 @@ def log_run(run_dir: str | Path, uri: str | None = None, experiment: str | None 
         client = MlflowClient(tracking_uri=uri)
         found = client.get_experiment_by_name(experiment)
         if found is None:
-            local = uri.startswith("sqlite:///") and uri == default_uri(run_dir)
-            location = (run_dir.resolve().parent / "mlartifacts" / experiment).as_uri() if local else None
+            location = None  # a server's own artefact store
+            if uri.startswith("sqlite:///"):  # a local store: artefacts beside it (MLflow's default is ./mlruns)
+                location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / experiment).as_uri()
             experiment_id = client.create_experiment(experiment, artifact_location=location)
         else:
             experiment_id = found.experiment_id
@@ -113,7 +113,7 @@ def log_run(run_dir: str | Path, uri: str | None = None, experiment: str | None 
         for _, row in summary.iterrows():
             _log_configuration(client, experiment_id, parent, run, row, config_text, Metric, Param)
         client.set_terminated(parent, RunStatus.to_string(RunStatus.FINISHED))
-    except MlflowException as err:
+    except Exception as err:  # noqa: BLE001 (MLflow's, SQLAlchemy's, the network's: the run is finished and kept)
         first = " ".join(str(err).split())[:300]
         raise BenchError(f"MLflow at {uri} refused the run ({first}); the run is kept in {run_dir}: log it with "
                          f"python -m bench.track {run_dir} --uri <a working store>") from None
