@@ -388,7 +388,7 @@ def run_main(argv: list[str] | None, work) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     setup_logging()
     if not argv:
-        print(f"usage: {RUN_USAGE}\n       python -m bench.run --list | --help [METHOD]", file=sys.stderr)
+        print(f"usage: {RUN_USAGE}\n       python -m bench.run --list | --help [METHOD]")
         return 2
     if argv[0] in ("-h", "--help"):
         return plain_exit(lambda: print_help(argv[1] if len(argv) > 1 else None))

@@ -28,6 +28,12 @@ def test_lambda_sweep_end_to_end(tmp_path, tiny_model, capsys, monkeypatch, capl
     code, stdout, stderr = cli(capsys, ROOT / "sweeps/iseg_lambda.yaml", *SMALL, model, LOCAL, f"output_dir={out}")
     assert code == 0, stderr[-3000:]
     assert stdout.strip().splitlines()[-1] == str(out)
+    # a quiet console: no warning line; the report's warnings and notes as one line, the report says them in full
+    assert "WARNING" not in stderr and "accelerate" not in stderr
+    summary = [line for line in stderr.splitlines() if line.startswith("report: ")]
+    assert len(summary) == 1 and "prompts are longer than the tokenizer's 16 tokens" in summary[0]
+    assert str(out / "report.md") in summary[0]
+    assert (out / "report.md").read_text().count("Prompts are longer than the tokenizer's") == 1
     assert not (tmp_path / "run.partial").exists()
     for name in ("config.yaml", "results.parquet", "results.csv", "report.md", "report.html", "run.json"):
         assert (out / name).is_file(), name
