@@ -57,6 +57,39 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _points(ax, xs, mean, low, high, color: str, label: str, offset: float = 0.0, marker: str = "o") -> None:
+    """Estimates on a categorical axis: a marker per category with its 95% interval as an error bar, no line
+    (the categories lie on no scale)."""
+    xs, mean = np.asarray(xs, float) + offset, np.asarray(mean, float)
+    low, high = np.asarray(low, float), np.asarray(high, float)
+    ok = np.isfinite(low) & np.isfinite(high)
+    err = np.where(ok, np.stack([mean - low, high - mean]), 0.0)
+    ax.errorbar(xs, mean, yerr=np.clip(err, 0, None), fmt=marker, color=color, ecolor=color, elinewidth=1.2,
+                capsize=3, markersize=6, label=label)
+
+
+def _category_ticks(ax, cats: list[str]) -> None:
+    """Category names under their points, tilted where they would run into each other."""
+    names = [c if len(c) <= 24 else c[:23] + "…" for c in cats]
+    crowded = sum(len(c) for c in names) > 48 or len(names) > 8
+    ax.set_xticks(range(len(cats)), [tx(c) for c in names], rotation=30 if crowded else 0,
+                  ha="right" if crowded else "center")
+    ax.set_xlim(-0.6, len(cats) - 0.4)
+
+
+def _title(text: str, width: int = 64) -> str:
+    """A figure title wrapped to the figure's width (a long sweep name or table never runs off the edge)."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(tx(text), width)) or tx(text)
+
+
+def _legend_label(text: str, width: int = 48) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(tx(text), width)) or tx(text)
+
+
 def _series_param(swept: list[str], p: str, d: pd.DataFrame, max_series: int = 5) -> str | None:
     """With exactly two swept parameters, the other one when it has few enough values to draw as curves."""
     if len(swept) != 2:
@@ -76,8 +109,23 @@ def sweep_plots(run: RunData, s: pd.DataFrame, out: Path, prefix: str = "") -> l
     for p in run.swept:
         xs, cats, numeric = _axis(s[p].tolist())
         d = s.assign(_x=xs).sort_values("_x", kind="stable")
-        fig, ax = plt.subplots(figsize=(5.6, 3.5))
-        if len(run.swept) == 1:
+        fig, ax = plt.subplots(figsize=(5.6, 3.5) if numeric else (max(5.6, 0.9 * len(cats) + 1.5), 3.8))
+        paper_drawn = p == paper.get("param") and np.isfinite(d["paper"]).any()
+        if not numeric and (len(run.swept) == 1 or _series_param(run.swept, p, d) is not None):
+            # categories (methods, backbones, block sets): points with their intervals, dodged per series
+            series = _series_param(run.swept, p, d) if len(run.swept) > 1 else None
+            parts = list(d.groupby(series, sort=True)) if series else [(None, d)]
+            width = 0.5 / max(1, len(parts) + (1 if paper_drawn else 0))
+            for k, (value, part) in enumerate(parts):
+                label = f"ours ({run.model_label})" if series is None else f"{series} = {fmt_value(value)}"
+                _points(ax, part["_x"], part["mean"], part["ci_low"], part["ci_high"], f"C{k}",
+                        _legend_label(label), offset=(k - (len(parts) - 1) / 2) * width)
+        elif not numeric:
+            ax.plot(d["_x"], d["mean"], "o", color="C0", alpha=0.35, label="every configuration")
+            top = d.groupby("_x")["mean"].max()
+            ax.plot(top.index, top.values, "_", color="C0", markersize=18, mew=2,
+                    label="best over the other parameters")
+        elif len(run.swept) == 1:
             ax.plot(d["_x"], d["mean"], "o-", color="C0", label=tx(f"ours ({run.model_label})"))
             if np.isfinite(d["ci_low"]).any():
                 kind = next((k for k in d["ci_kind"] if k), "")
@@ -93,26 +141,37 @@ def sweep_plots(run: RunData, s: pd.DataFrame, out: Path, prefix: str = "") -> l
             ax.plot(d["_x"], d["mean"], "o", color="C0", alpha=0.35, label="every configuration")
             top = d.groupby("_x")["mean"].max()
             ax.plot(top.index, top.values, "-", color="C0", label="best over the other parameters")
-        if p == paper.get("param") and np.isfinite(d["paper"]).any():
+        if paper_drawn:
             pp = d.dropna(subset=["paper"]).drop_duplicates("_x")
-            ax.plot(pp["_x"], pp["paper"], "s--", color="C3", label=tx(f"paper ({paper.get('table', '')})"))
+            label = _legend_label(f"paper ({paper.get('table', '')})")
+            if numeric:
+                ax.plot(pp["_x"], pp["paper"], "s--", color="C3", label=label)
+            else:  # beside ours, unconnected
+                ax.plot(pp["_x"] + 0.18, pp["paper"], "s", color="C3", markersize=6, label=label)
         if numeric:
             _maybe_log(ax, list(d["_x"]))
         else:
-            ax.set_xticks(range(len(cats)), [tx(c) for c in cats])
+            _category_ticks(ax, cats)
+            ax.grid(axis="x", visible=False)
         ax.set_xlabel(tx(p))
         ax.set_ylabel(tx(f"{run.metric} (%)"))
-        ax.set_title(tx(f"{run.name}: {run.metric} against {p}"), fontsize=10)
-        ax.grid(alpha=0.3)
+        ax.set_title(_title(f"{run.name}: {run.metric} against {p}"), fontsize=10)
+        ax.grid(axis="y" if not numeric else "both", alpha=0.3)
         ax.legend(fontsize=7)
         path = _save(fig, out / f"{prefix}plot_{run.metric}_{_safe(p)}.png")
         cap = f"{run.metric} against {p}"
-        if (series := _series_param(run.swept, p, d)) is not None:
+        if not numeric and (len(run.swept) == 1 or _series_param(run.swept, p, d) is not None):
+            series = _series_param(run.swept, p, d)
+            cap += (f", one colour per value of {series}" if series else "") + \
+                " (points: estimates; bars: 95% CI; categories, so no line joins them)"
+        elif not numeric:
+            cap += " (dots: every configuration; bars: best over the other swept parameters)"
+        elif (series := _series_param(run.swept, p, d)) is not None:
             cap += f", one curve per value of {series} (bands: 95% CI)"
         elif len(run.swept) > 1:
             cap += " (dots: every configuration; line: best over the other swept parameters)"
-        if p == paper.get("param") and np.isfinite(d["paper"]).any():
-            cap += f"; dashed: the paper's values ({paper.get('table', '')})"
+        if paper_drawn:
+            cap += f"; {'dashed' if numeric else 'squares'}: the paper's values ({paper.get('table', '')})"
         figs.append(Figure(path, f"{run.metric} against {p}", cap + "."))
     return figs
 
@@ -146,7 +205,7 @@ def heatmap(run: RunData, s: pd.DataFrame, out: Path, prefix: str = "") -> Figur
             if np.isfinite(grid[i, j]):
                 ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", fontsize=8,
                         color="black" if grid[i, j] > mid else "white")
-    ax.set_title(tx(f"{run.name}: {run.metric}"), fontsize=10)
+    ax.set_title(_title(f"{run.name}: {run.metric}"), fontsize=10)
     path = _save(fig, out / f"{prefix}heatmap_{run.metric}.png")
     return Figure(path, f"heatmap of {run.metric} over {a} and {b}",
                   f"{run.metric} over the {a} × {b} grid (cells: mean over seeds).")
@@ -189,7 +248,7 @@ def parallel_coordinates(run: RunData, s: pd.DataFrame, out: Path, prefix: str =
     ax.text(len(axes) - 1, 1.04, f"{hi:.1f}", ha="center", va="bottom", fontsize=7)
     ax.set_ylim(-0.15, 1.12)
     fig.colorbar(cm.ScalarMappable(norm=norm, cmap="viridis"), ax=ax, label=tx(f"{run.metric} (%)"))
-    ax.set_title(tx(f"{run.name}: configurations in parallel coordinates"), fontsize=10)
+    ax.set_title(_title(f"{run.name}: configurations in parallel coordinates"), fontsize=10)
     path = _save(fig, out / f"{prefix}parallel_{run.metric}.png")
     return Figure(path, "parallel coordinates of the swept parameters",
                   f"Every configuration as a line across the swept parameters (axes scaled min to max, log scale "
@@ -211,13 +270,13 @@ def class_bars(run: RunData, s: pd.DataFrame, out: Path, prefix: str = "") -> Fi
     for k, (_, r) in enumerate(pick.iterrows()):
         vals = [r[f"IoU/{c}"] for c in classes]
         ax.bar(np.arange(len(classes)) + (k - (len(pick) - 1) / 2) * width, np.nan_to_num(vals), width,
-               label=tx(r["label"] + (" (best)" if r["best"] else "")))
+               label=_legend_label(r["label"] + (" (best)" if r["best"] else "")))
     names = [c if len(c) <= 24 else c[:23] + "…" for c in classes]
     tilt = len(classes) > 8 or max(len(c) for c in names) * len(classes) > 60
     ax.set_xticks(range(len(classes)), [tx(c) for c in names], rotation=35 if tilt else 0,
                   ha="right" if tilt else "center")
     ax.set_ylabel("IoU (%)")
-    ax.set_title(tx(f"{run.name}: per-class IoU"), fontsize=10)
+    ax.set_title(_title(f"{run.name}: per-class IoU"), fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7)
     path = _save(fig, out / f"{prefix}classes_IoU.png")
@@ -239,26 +298,33 @@ def overlay_plot(runs: list[RunData], summaries: list[pd.DataFrame], out: Path) 
     for k, (run, s) in enumerate(zip(runs, summaries)):
         xs = [float(v) for v in s[p]] if numeric else [float(cats.index(fmt_value(v))) for v in s[p]]
         d = s.assign(_x=xs).sort_values("_x", kind="stable")
-        ax.plot(d["_x"], d["mean"], "o-", color=f"C{k % 10}", label=tx(f"{run.label}"))
-        if np.isfinite(d["ci_low"]).any():
-            ax.fill_between(d["_x"], d["ci_low"], d["ci_high"], color=f"C{k % 10}", alpha=0.12)
+        if numeric:
+            ax.plot(d["_x"], d["mean"], "o-", color=f"C{k % 10}", label=_legend_label(run.label))
+            if np.isfinite(d["ci_low"]).any():
+                ax.fill_between(d["_x"], d["ci_low"], d["ci_high"], color=f"C{k % 10}", alpha=0.12)
+        else:  # categories: points with intervals, dodged per run
+            _points(ax, d["_x"], d["mean"], d["ci_low"], d["ci_high"], f"C{k % 10}", _legend_label(run.label),
+                    offset=(k - (len(runs) - 1) / 2) * 0.5 / max(1, len(runs)))
         table = (run.cfg.get("paper") or {}).get("table")
         if table and table not in papers_drawn and np.isfinite(d["paper"]).any():
             papers_drawn.add(table)
             pp = d.dropna(subset=["paper"])
-            ax.plot(pp["_x"], pp["paper"], "s--", color="#444", alpha=0.7, label=tx(f"paper ({table})"))
+            ax.plot(pp["_x"], pp["paper"], "s--" if numeric else "s", color="#444", alpha=0.7,
+                    label=_legend_label(f"paper ({table})"))
     if numeric:
         _maybe_log(ax, [float(v) for s in summaries for v in s[p]])
     else:
-        ax.set_xticks(range(len(cats)), [tx(c) for c in cats])
+        _category_ticks(ax, cats)
     ax.set_xlabel(tx(p))
     ax.set_ylabel("%")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    ax.set_title(tx(f"runs compared against {p}"), fontsize=10)
+    ax.set_title(_title(f"runs compared against {p}"), fontsize=10)
     path = _save(fig, out / f"combined_{_safe(p)}.png")
     return Figure(path, f"runs compared against {p}",
-                  f"Each run's metric against {p} (bands: 95% intervals); dashed: published values.")
+                  f"Each run's metric against {p} " + ("(bands: 95% intervals); dashed: published values." if numeric
+                                                        else "(points with 95% intervals; categories, so no line "
+                                                             "joins them); squares: published values."))
 
 
 def _safe(name: str) -> str:

@@ -98,9 +98,9 @@ body{font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,san
 max-width:64rem;margin:1.5rem auto;padding:0 1rem}
 h1{font-size:1.55rem;margin:.2rem 0 .6rem}h2{font-size:1.25rem;margin-top:2rem;border-bottom:1px solid var(--line)}
 h3{font-size:1.05rem;margin-top:1.5rem}
-.table-wrap{overflow-x:auto;margin:.4rem 0 1rem}
+.table-wrap{overflow-x:auto;margin:0 0 .4rem}
 table{border-collapse:collapse;font-variant-numeric:tabular-nums;font-size:.9rem}
-caption{caption-side:top;text-align:left;color:var(--muted);font-size:.85rem;padding:.2rem 0 .4rem}
+figure.table{margin:.6rem 0 1rem}figure.table>figcaption{padding:.2rem 0 .4rem}
 th,td{border:1px solid var(--line);padding:.22rem .55rem;text-align:right;white-space:nowrap}
 th{background:var(--head);font-weight:600;vertical-align:bottom}
 th.label,td.label{text-align:left}
@@ -175,9 +175,12 @@ def html_table(t: Table, ident: str) -> str:
             tds.append(f"<td{attrs}>{e(c.text)}</td>")
         body.append("<tr>" + "".join(tds) + "</tr>")
     notes = "".join(f"<p class='note'>{e(n)}</p>" for n in t.notes)
-    return (f"<div class='table-wrap'><table class='results sortable' id='{ident}' data-table='{e(t.id)}'>"
-            f"<caption>{e(t.caption)}</caption><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody>"
-            f"</table></div>{notes}")
+    # the caption sits outside the scrolling wrapper: a table wider than the page scrolls, its caption wraps at
+    # the page's width instead of running off with the table (a <caption> is as wide as its table)
+    return (f"<figure class='table'><figcaption id='{ident}-caption'>{e(t.caption)}</figcaption>"
+            f"<div class='table-wrap'><table class='results sortable' id='{ident}' data-table='{e(t.id)}' "
+            f"aria-labelledby='{ident}-caption'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody>"
+            f"</table></div>{notes}</figure>")
 
 
 def html_figure(f: Figure) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -86,20 +87,41 @@ def main_table(run: RunData, summary: pd.DataFrame | None = None) -> Table:
 
 
 def details_table(run: RunData, summary: pd.DataFrame) -> Table:
-    header = ["configuration", "trial", "seeds", "mIoU", "mAcc", "aAcc", "tied (%)", "UNet passes",
-              "forward setting"]
+    settings = [str(r.get("forward_setting", "") or "") for _, r in summary.iterrows()]
+    shared, own = shared_setting_parts(settings)
+    differ = any(own)
+    header = ["configuration", "trial", "seeds", "mIoU", "mAcc", "aAcc", "tied (%)", "UNet passes"] + \
+        (["forward setting (where it differs)" if shared else "forward setting"] if differ else [])
     rows = []
-    for _, r in summary.iterrows():
+    for (_, r), mine in zip(summary.iterrows(), own):
         rows.append([Cell(str(r["label"])), Cell(str(r["trial"])), Cell(str(r["seeds"])),
                      num_cell(r.get("mIoU")), num_cell(r.get("mAcc")), num_cell(r.get("aAcc")),
-                     num_cell(r.get("tied")), num_cell(r.get("unet_passes"), 0),
-                     Cell(str(r.get("forward_setting", "")))])
-    return Table(f"details-{run.label or run.name}",
-                 "All metrics per configuration (mean over seeds); tied: the share of the class-score cells of "
-                 "multi-class images whose two best classes lie within 1e-5, i.e. whose label tie-breaking decided "
-                 "(– where not measured); UNet passes of the configuration's forward setting over the dataset "
-                 "(configurations sharing a forward setting share the passes).",
-                 header, rows, label_columns=3, wrap_columns=(8,))
+                     num_cell(r.get("tied")), num_cell(r.get("unet_passes"), 0)] + ([Cell(mine)] if differ else []))
+    caption = ("All metrics per configuration (mean over seeds); tied: the share of the class-score cells of "
+               "multi-class images whose two best classes lie within 1e-5, i.e. whose label tie-breaking decided "
+               "(– where not measured); UNet passes of the configuration's forward setting over the dataset "
+               "(configurations sharing a forward setting share the passes).")
+    if shared:  # said once here instead of in every row
+        caption += (" Forward setting of every configuration: " if not differ else
+                    " Forward setting shared by every configuration: ") + "; ".join(shared) + "."
+    return Table(f"details-{run.label or run.name}", caption, header, rows, label_columns=3,
+                 wrap_columns=(8,) if differ else ())
+
+
+SETTING_PART = re.compile(r",(?=[A-Za-z_]\w*=)")  # `k=v,k=v`: a comma before the next `key=` (values hold ", ")
+
+
+def shared_setting_parts(settings: list[str]) -> tuple[list[str], list[str]]:
+    """Forward-setting strings (`k=v,k=v`, several joined by '; ' where a configuration has several seeds) ->
+    (the `k=v` parts every one of them holds, in their order; each string without those parts)."""
+    split = [[SETTING_PART.split(one) for one in text.split("; ")] if text else [] for text in settings]
+    every = [part for row in split for one in row for part in one]
+    if not every or any(not row for row in split):
+        return [], settings
+    shared = [part for part in dict.fromkeys(every) if all(part in one for row in split for one in row)]
+    own = ["; ".join(",".join(part for part in one if part not in shared) for one in row) for row in split]
+    own = [text if text.strip("; ,") else "" for text in own]
+    return shared, own
 
 
 def seen_unseen_table(run: RunData, summary: pd.DataFrame) -> Table | None:
