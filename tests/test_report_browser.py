@@ -84,3 +84,48 @@ def test_combined_report_in_chromium(tmp_path):
     v = check.value
     assert v["header"][0] == "method (setting)" and v["header"][1] == "embedded (128 px)"
     assert v["rows"] == 3 and v["loaded"] == v["images"] >= 5 and v["hostile"] is True
+
+
+LAYOUT = """(() => {
+  const page = document.documentElement.clientWidth;
+  const clipped = [];
+  document.querySelectorAll('caption, figcaption, p, h1, h2, h3, dt, dd').forEach(el => {
+    const r = el.getBoundingClientRect();
+    if (r.right > page + 1 || el.scrollWidth > el.clientWidth + 1) clipped.push(el.textContent.slice(0, 60));
+  });
+  const details = Array.from(document.querySelectorAll('figure.table')).find(
+      f => f.querySelector('figcaption').textContent.startsWith('All metrics'));
+  return {clipped, page, scroll: document.documentElement.scrollWidth,
+          wraps: Array.from(document.querySelectorAll('.table-wrap')).map(w => w.scrollWidth - w.clientWidth),
+          detailsHeader: Array.from(details.querySelectorAll('th')).map(th => th.textContent.replace(/\\s+\\S$/, '')),
+          detailsCaption: details.querySelector('figcaption').textContent,
+          labelled: Array.from(document.querySelectorAll('table.results')).every(
+              t => document.getElementById(t.getAttribute('aria-labelledby')) !== null),
+          figcaptions: Array.from(document.querySelectorAll('figure > figcaption')).map(c => c.textContent)};
+})()"""
+
+
+def test_nothing_is_clipped_and_shared_settings_go_to_the_caption(tmp_path):
+    """Captions wrap at the page's width (outside the tables' scrolling wrappers); the forward setting every
+    configuration shares (a long prompt) is said once in the All-metrics caption, so that table needs no
+    horizontal scroll; a categorical axis (methods) is drawn as points, not a line."""
+    from bench.reporting import write_report
+
+    cfg = make_cfg(sweep={"method": {"grid": ["daam", "attn2mask", "ovam", "whole_image_baseline_long_name"]}},
+                   paper=False)
+    cfg["description"] = "A description long enough to wrap several times. " * 8
+    long_prompt = "A photograph of {classes} and other objects and background, " + ", ".join(["ground"] * 30)
+    frame = make_frame({m: [50.0 + k] for k, m in enumerate(cfg["sweep"]["method"]["grid"])}, prompt=long_prompt)
+    frame = frame.rename(columns={"lambda": "method"})
+    out = tmp_path / "run"
+    out.mkdir()
+    write_report(out, cfg, frame, make_prov(cfg))
+    check = check_page(out / "report.html", LAYOUT)
+    assert check.errors == [], check.errors
+    v = check.value
+    assert v["clipped"] == [] and v["scroll"] <= v["page"]
+    assert all(extra <= 1 for extra in v["wraps"]), v["wraps"]  # no table scrolls sideways
+    assert v["labelled"]
+    assert "forward setting" not in " ".join(v["detailsHeader"]).lower()
+    assert "Forward setting of every configuration: seed=0; template=A photograph of" in v["detailsCaption"]
+    assert any("no line joins them" in c for c in v["figcaptions"])

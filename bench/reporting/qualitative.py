@@ -222,7 +222,7 @@ def qualitative_figure(run_dir: str | Path, summary, out_path: Path, title: str 
             present.update(int(c) for c in np.unique(pred) if c != q.ignore_index)
             ax_m.imshow(colorize(for_panel(pred, nearest=True), n, q.ignore_index), interpolation="nearest")
         cname = q.class_names[shown_class] if shown_class is not None and shown_class < n else "?"
-        axes[i, 0].set_ylabel(tx(_short(q.image_id, 14)), fontsize=7)
+        axes[i, 0].set_ylabel(tx(_lines(q.image_id, 14)), fontsize=7)
         prompts = sorted({p for p in q.prompts.values() if p})
         captions.append(f"row {i + 1}: image {q.image_id!s}, score maps of class '{cname}'"
                         + (f", prompt '{prompts[0]}'" if prompts else ""))
@@ -250,6 +250,22 @@ def qualitative_figure(run_dir: str | Path, summary, out_path: Path, title: str 
     caption = ("Qualitative results (seed " + ", ".join(map(str, seeds[:1])) + "): image | ground truth | "
                "score map (jet, 0 to 1) and mask per configuration. " + "; ".join(captions) + ".")
     return out_path, caption
+
+
+def _lines(text: str, n: int, lines: int = 2) -> str:
+    """An image id on up to `lines` lines of `n` characters, broken after '-', '_' or '/' where it can be (ids
+    like voc_sim-circle-00000 stay whole); cut with '…' only past that."""
+    import re
+
+    out, line = [], ""
+    for piece in re.findall(r"[^-_/]+[-_/]?|[-_/]", str(text)):
+        if line and len(line) + len(piece) > n:
+            out.append(line)
+            line = ""
+        line += piece
+    out.append(line)
+    out = [_short(x, n) for x in out]
+    return "\n".join(out if len(out) <= lines else out[:lines - 1] + [_short("".join(out[lines - 1:]), n)])
 
 
 def _short(text: str, n: int) -> str:
