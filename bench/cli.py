@@ -241,6 +241,7 @@ def print_help(topic: str | None = None) -> int:
     print("python -m bench.run: run a sweep and write its run directory (the last line on stdout is its path).")
     print(f"\nusage: {RUN_USAGE}")
     print("       python -m bench.run --list          sweeps (with what each needs), methods, datasets, backbones")
+    print("       python -m bench.run --list --no-check   the same without checking each sweep (faster)")
     print("       python -m bench.run --help METHOD   a method's parameters")
     print("       diffseg-bench {run,report,data,synthesize,perf,track,list} ...   the same tools under one name")
     print("\n  --dry-run   print the plan (configurations, forward settings, UNet passes, fits) and an estimated "
