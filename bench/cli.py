@@ -281,9 +281,9 @@ def dry_run(sweep: str, overrides: list[str]) -> int:
     per_pass, post, device, what = measure_pass(cfg, plan, dataset)
     total = per_pass * passes + post * images * len(plan.groups)
     print(f"  estimate         {fmt_seconds(total)} on {device}: {per_pass:.3g} s a UNet pass"
-          + (f", {post:.3g} s of post-processing and scoring per image and forward setting" if post else "")
-          + f" (measured now on {what}; an estimate: " + ("fits, " if plan.fits else "")
-          + "Ray's and the model's start-up and the report not included)")
+          + f", {post:.3g} s per image and forward setting besides"
+          + f" (measured now on {what}; an estimate, and a low one: " + ("fits, " if plan.fits else "")
+          + "Ray's and the model's start-up, writing results and the report are not included)")
     return 0
 
 
@@ -331,13 +331,14 @@ def measure_pass(cfg, plan, dataset) -> tuple[float, float, str, str]:
     seconds = min(timed(trace), timed(trace))
     passes = max(1, timed.result.image_passes)
     per_pass, post = seconds / passes, 0.0
-    if not plan.fits:
+    if not plan.fits:  # what the engine does per image besides the pass: labels, scores, tie counts
         evaluate = lambda: evaluate_batch(method, dataset, sample, group, req, cfg.model.resolution,
-                                          protocol=cfg.metric.protocol)
+                                          protocol=cfg.metric.protocol, ties=[])
         timed(evaluate)
         post = max(0.0, timed(evaluate) - seconds)
-    what = f"{passes} UNet pass{'es' if passes > 1 else ''} of one image" + ("" if plan.fits else
-                                                                           " and its post-processing")
+    post += timed(lambda: dataset[min(1, len(dataset) - 1)])  # reading (or rendering) an image
+    what = f"{passes} UNet pass{'es' if passes > 1 else ''} of one image, " + \
+        ("reading it" if plan.fits else "reading and post-processing it")
     return per_pass, post, f"{backbone.name} on {backbone.device}", what
 
 
