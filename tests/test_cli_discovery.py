@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import tomllib
 from importlib import import_module
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from bench import cli
 from bench.config import SweepConfig
@@ -163,3 +163,23 @@ def test_python_m_bench_run_main_is_a_thin_call(monkeypatch):
 
     assert bench.run.main(["--list"]) == 0 and calls == [(["--list"], bench.run.run)]
     assert sys.modules["bench.cli"] is cli
+
+
+def test_warning_summary_is_one_line_of_the_reports_warnings(tmp_path):
+    from test_report import make_cfg, make_frame, make_prov, make_run_dir
+
+    from bench.reporting import load_run, warning_summary, write_report
+
+    cfg = make_cfg()
+    frame = make_frame({0: [60.0], 0.01: [64.5], 0.1: [62.0]}).assign(tied=[80.0, 3.0, 40.0])
+    prov = {**make_prov(cfg), "notes": ["Prompts are longer than the tokenizer's 16 tokens; the rest is cut."]}
+    run_dir = make_run_dir(tmp_path / "run", cfg, frame, prov)
+    write_report(run_dir, cfg, frame, prov)
+    line = warning_summary(load_run(run_dir))
+    assert "\n" not in line
+    assert "labels without margin in 2 of 3 configurations" in line and "up to 80%" in line
+    assert "prompts are longer than the tokenizer's 16 tokens" in line
+    assert (run_dir / "report.md").read_text().count("Prompts are longer than the tokenizer's 16 tokens") == 1
+    clean = make_run_dir(tmp_path / "clean", cfg, frame.assign(tied=1.0), make_prov(cfg))
+    assert warning_summary(load_run(clean)) is None
+    assert cli.report_line(clean) is None and "see " in cli.report_line(run_dir)
