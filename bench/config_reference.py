@@ -144,3 +144,14 @@ def format_keys(keys: list[KeyDoc], width: int = 110) -> str:
         lines.append(head + wrapped[0])
         lines += [" " * indent + w for w in wrapped[1:]]
     return "\n".join(line.rstrip() for line in lines)
+
+
+def markdown_table(keys: list[KeyDoc]) -> str:
+    """The same keys as a Markdown table (`key | type | default | meaning`), for the documentation."""
+
+    def cell(text) -> str:
+        return " ".join(str(text).split()).replace("|", "\\|")
+
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    lines += [f"| `{k.key}` | {cell(k.type)} | `{cell(fmt_default(k.default))}` | {cell(k.help)} |" for k in keys]
+    return "\n".join(lines)

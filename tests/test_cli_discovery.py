@@ -183,3 +183,12 @@ def test_warning_summary_is_one_line_of_the_reports_warnings(tmp_path):
     clean = make_run_dir(tmp_path / "clean", cfg, frame.assign(tied=1.0), make_prov(cfg))
     assert warning_summary(load_run(clean)) is None
     assert cli.report_line(clean) is None and "see " in cli.report_line(run_dir)
+
+
+def test_markdown_reference_has_a_row_per_key():
+    from bench.config_reference import markdown_table
+
+    keys = sweep_keys()
+    table = markdown_table(keys).splitlines()
+    assert len(table) == len(keys) + 2 and all(line.count(" | ") >= 3 for line in table[2:])
+    assert "`tracking.uri`" in markdown_table(keys) and "\\|" in markdown_table(method_params("iseg"))
