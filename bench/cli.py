@@ -118,14 +118,13 @@ class EmbeddedCheck:
 
     def needs(self, path: Path) -> str | None:
         """None when the sweep passes those checks on the default; else what stops it, as the check says."""
-        from bench.config import compose
         from bench.data import build_dataset
         from bench.evaluate import group_request
         from bench.plan import make_plan
         from methods import METHODS
 
         try:
-            cfg = compose(path, [])  # a model folder (model.path / model.id) the file names is checked here
+            cfg = quick_compose(path)  # a model folder (model.path / model.id) the file names is checked here
             build_dataset({**cfg.data, "limit": 1})
             plan = make_plan(cfg)
             if cfg.model.path or cfg.model.id or cfg.model.name != "embedded":
@@ -144,6 +143,28 @@ class EmbeddedCheck:
         except BenchError as err:
             return needs_text(str(err))
         return None
+
+
+def quick_compose(path: Path):
+    """`bench.config.compose(path, [])` without Hydra where Hydra has nothing to do (no defaults list, no
+    interpolation): the same merge over the defaults and the same validation, ~0.05 s instead of ~0.3 s a file.
+    A file that fails, or needs Hydra, goes through compose itself, whose message is the one a run gives."""
+    from omegaconf import OmegaConf
+
+    from bench.config import SweepConfig, compose, defaults, validate
+
+    try:
+        text = path.read_text()
+        raw = read_sweep(path)
+        if not raw or "defaults" in raw or "${" in text or not isinstance(raw.get("name", ""), (str, type(None))):
+            return compose(path, [])
+        data = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(defaults()), OmegaConf.create(raw)))
+        data.update(name=data.get("name") or path.stem, overrides=[], sweep_file=str(path))
+        cfg = SweepConfig.from_dict(data)
+        validate(cfg)
+        return cfg
+    except Exception:  # noqa: BLE001 (whatever the shortcut trips on, the real composition decides)
+        return compose(path, [])
 
 
 def needs_text(message: str) -> str:

@@ -127,6 +127,10 @@ def test_list_checks_every_shipped_sweep(capsys):
     for name, text in entries.items():
         assert ("needs " in text) == (check.needs(ROOT / "sweeps" / f"{name}.yaml") is not None), name
     assert "needs " in entries["ovam_blocks"] and "needs " not in entries["iseg_lambda"]
+    from bench.config import compose
+
+    for path in SWEEP_FILES:  # --list's shortcut past Hydra resolves every shipped sweep as the run does
+        assert cli.quick_compose(path).as_dict() == compose(path, []).as_dict(), path.stem
 
 
 def test_dry_run_prints_the_plan_and_runs_nothing(capsys, tmp_path, tiny_model):
