@@ -248,7 +248,7 @@ class SweepConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     fit: FitConfig = field(default_factory=FitConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # log the finished run to an experiment tracker (`tracking=mlflow`)
     output_dir: str | None = None
     overrides: list = field(default_factory=list)
     sweep_file: str | None = None
