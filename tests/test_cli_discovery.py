@@ -48,7 +48,7 @@ def test_config_reference_covers_every_declared_key():
 def test_every_method_parameter_is_listed_with_its_default(method):
     listed = {k.key: k for k in method_params(method)}
     for name, param in METHODS.get(method).all_params().items():
-        assert listed[name].default == param.default and param.kind in listed[name].type
+        assert listed[name].default == param.default and listed[name].kind == param.kind
 
 
 def test_help_shows_the_keys_with_types_and_defaults(capsys):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import docs_reference
+from bench import config_reference, docs_reference
 from bench.config import SweepConfig
 from methods import METHODS
 
@@ -13,12 +13,35 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_every_config_key_is_documented_from_the_code():
-    assert docs_reference.undocumented_keys() == []
-    keys = {row["key"] for row in docs_reference.config_keys()}
+    assert config_reference.undocumented_keys() == []
+    keys = {k.key for k in config_reference.config_keys()}
     for name, section in SweepConfig.SECTIONS.items():
         assert {f"{name}.{k}" for k in section.yaml_keys()} <= keys
     page = docs_reference.config_page()
+    for k in config_reference.config_keys():  # the page shows each key with the description the CLI prints
+        assert f"| `{k.key}` |" in page and config_reference.md_cell(k.help) in page, k.key
     assert "`ray.execution`" in page and "`train.gpus_per_worker`" in page and "`fit.from`" in page
+
+
+def test_field_comments_join_the_lines_above_and_beside_a_field():
+    class Example:
+        plain: int = 1
+        # first line
+        # second line
+        above: int = 2
+        beside: str = "a # b"  # the comment, not the string's hash
+
+        def method(self):
+            plain: int = 3  # inside a method: not a field's comment
+            return plain
+
+    comments = config_reference.field_comments(Example)
+    assert comments == {"above": "first line second line", "beside": "the comment, not the string's hash"}
+
+
+def test_markdown_cells_show_angle_brackets_and_pipes_outside_code():
+    assert config_reference.md_cell("a <run>/x | b `<c> | d`") == "a &lt;run>/x \\| b `<c> | d`"
+    assert config_reference.md_cell("x <= 1") == "x <= 1"
 
 
 def test_generated_pages_cover_every_method_sweep_and_dataset():
