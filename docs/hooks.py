@@ -19,10 +19,6 @@ STAND_INS = {
                   "node reaches. Keys: [configuration reference](reference/config.md#ray).\n",
     "reproduce.md": "# Reproducing the committed numbers\n\nSee [Reports](reports.md) for where a committed number "
                     "comes from and what can move it between machines.\n",
-    "tracking.md": "# Experiment tracking\n\nEvery run directory holds its results and provenance "
-                   "([Architecture](architecture.md#the-run-directory)).\n",
-    "cli.md": "# Command line\n\n`python -m bench.run SWEEP.yaml [key=value ...]`; see "
-              "[Running sweeps](sweeps.md).\n",
 }
 
 
