@@ -10,8 +10,10 @@ Work directory layout (`<run>.partial/`, renamed to `<run>/` when complete; kept
 same command with the same `output_dir=` resumes):
     fit/<hash>/               finished fits (kept in the run) and unfinished ones' Ray Train checkpoints
     work/shards/              per-image histograms of every (configuration, seed), written as batches finish
-    qualitative/              maps of the first images for the report's qualitative figure
-`work/` is removed when the run completes (bench.run).
+    qualitative/              maps of the first images for the report's qualitative figure (computed by
+                              the tracing workers, sent back with their histograms, written here)
+`work/` is removed when the run completes (bench.run). The folder is a bench.storage Location: a local path or
+an object store; workers write nothing themselves (fits write through the same Location, see bench.stages.fit).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from bench.plan import Plan, make_plan
 from bench.rundir import WORK
 from bench.stages.score import group_index, score
 from bench.stages.trace import load_shards, trace_and_score
+from bench.storage import Location, scratch_dir
 from methods import METHODS
 
 log = logging.getLogger(__name__)
@@ -38,8 +41,9 @@ log = logging.getLogger(__name__)
 NO_FITS = {"fits": 0, "fits_trained": 0, "fits_reused": 0, "fit_seconds": 0.0}
 
 
-def run_engine(cfg: SweepConfig, run_dir: Path, plan: Plan | None = None) -> tuple[list[dict], dict]:
+def run_engine(cfg: SweepConfig, run_dir: Path | Location, plan: Plan | None = None) -> tuple[list[dict], dict]:
     """Run every stage; returns result rows (one per configuration and seed) and run statistics."""
+    run_dir = Location.of(run_dir)
     plan = plan or make_plan(cfg)
     fitting = bool(plan.fits) or cfg.fit.source is not None
     if fitting:  # the fit stage imports Ray and Ray Train: only where there is something to fit
@@ -54,7 +58,9 @@ def run_engine(cfg: SweepConfig, run_dir: Path, plan: Plan | None = None) -> tup
         from bench.search import run_search
 
 
-        rows, stats = run_search(cfg, run_dir, len(dataset))
+        # its trace cache is hot scratch: node-local beside a local run, in a node-local folder for a stored one
+        local = run_dir.local if run_dir.is_local else scratch_dir("search", run_dir.uri)
+        rows, stats = run_search(cfg, local, len(dataset))
         return rows, {"method_versions": method_versions(cfg.method), "num_actors": 0,
                       "dataset": dataset.describe(), **stats}
     use_gpu = torch.cuda.is_available() and cfg.model.device != "cpu"

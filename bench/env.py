@@ -89,7 +89,8 @@ def tune_allocator() -> bool:
 
 
 def init_ray(address: str | None = None, object_store_mb: int = 256, quiet: bool = True) -> None:
-    """Start (or join, with `address`) Ray once per process, without dashboard, logs kept off the driver."""
+    """Start (or join, with `address` or the RAY_ADDRESS a submitted job gets) Ray once per process, without
+    dashboard, logs kept off the driver. A joined cluster keeps its own object store size."""
     import ray  # here, not at module top: tools that never start Ray do not pay for importing it
     from ray.data import DataContext
 
@@ -103,6 +104,8 @@ def init_ray(address: str | None = None, object_store_mb: int = 256, quiet: bool
                   runtime_env={"env_vars": worker_env})
     if address:
         ray.init(address=address, **kwargs)
+    elif os.environ.get("RAY_ADDRESS"):  # a submitted job (or a shell pointed at a cluster): join it as it is
+        ray.init(**kwargs)
     else:
         ray.init(object_store_memory=int(object_store_mb) * 1024 * 1024, **kwargs)
     for name in ("ray.data", "ray.tune", "ray.train"):

@@ -268,13 +268,29 @@ def check_prompts(cfg: SweepConfig, plan: Plan, dataset: SegDataset, samples: li
 
 # -- output -------------------------------------------------------------------------------------------------------------
 def check_output_dir(cfg: SweepConfig) -> None:
-    """The run directory's parent must be creatable and writable (nothing is created here)."""
-    if not cfg.output_dir:
-        target = Path("reports") / "runs"
-        option = "output_dir= (or run from a writable folder)"
-    else:
-        target = Path(cfg.output_dir).expanduser().absolute().parent
-        option = "output_dir="
+    """The run directory's parent must be creatable and writable; an object-store run's bucket must exist and
+    answer (nothing is created here). Where the run goes: bench.rundir.run_target."""
+    from bench.rundir import run_target
+    from bench.storage import Location, is_uri
+
+    target = run_target(cfg)
+    if is_uri(str(target)):
+        loc = Location.of(str(target))
+        bucket = loc.path.split("/", 1)[0]
+        try:
+            info = loc.fs.get_file_info(bucket)
+        except Exception as err:  # noqa: BLE001 (pyarrow: OSError with the store's own message)
+            raise BenchError(f"output_dir={target}: the storage does not answer ({type(err).__name__}: "
+                             f"{' '.join(str(err).split())[:160]}); check AWS_ENDPOINT_URL and the credentials "
+                             f"(AWS_ACCESS_KEY_ID, ...)") from None
+        from pyarrow.fs import FileType
+
+        if info.type == FileType.NotFound:
+            raise BenchError(f"output_dir={target}: bucket {bucket} does not exist; create it or choose another "
+                             f"output_dir=")
+        return
+    option = "output_dir=" if cfg.output_dir else "output_dir= (or run from a writable folder)"
+    target = Path(target).expanduser().absolute().parent
     existing = target
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -284,3 +300,110 @@ def check_output_dir(cfg: SweepConfig) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise BenchError(f"{existing} is not writable, so the run cannot be written under {target}; choose a "
                          f"writable {option}")
+
+
+# -- cluster --------------------------------------------------------------------------------------------------------------
+def path_identity(path: str) -> dict:
+    """What a node sees at a local path: whether it exists, its inode and its first names (sorted). A shared
+    mount shows every node the same; a folder only one machine has, or another copy, shows something else."""
+    p = Path(path)
+    if not p.exists():
+        return {"exists": False}
+    info = p.stat()
+    names = sorted(os.listdir(p))[:64] if p.is_dir() else []
+    return {"exists": True, "dir": p.is_dir(), "inode": info.st_ino, "names": names}
+
+
+def nearest_existing(path: Path) -> Path:
+    path = path.expanduser().absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _probe_node(checks: list[dict]) -> list[dict]:
+    """On one node: each check's path as this node sees it (Ray task; see check_cluster)."""
+    out = []
+    for check in checks:
+        if check["kind"] == "uri":
+            from bench.storage import Location
+
+            try:
+                loc = Location.of(check["path"])
+                loc.fs.get_file_info(loc.path.split("/", 1)[0])
+                out.append({"ok": True})
+            except Exception as err:  # noqa: BLE001
+                out.append({"ok": False, "why": f"{type(err).__name__}: {' '.join(str(err).split())[:120]}"})
+        elif check["kind"] == "same":  # a shared mount: this node must see what the driver sees
+            seen = path_identity(check["path"])
+            out.append({"ok": seen == check["expect"], "why": "it is not the driver's folder there (a folder only "
+                        "the driver's machine has)" if seen.get("exists") else "it does not exist there"})
+        else:  # "present": the same folder (or an equal copy) at that path
+            seen = path_identity(check["path"])
+            ok = seen.get("exists") and seen.get("names") == check["expect"].get("names")
+            out.append({"ok": bool(ok), "why": "it does not exist there" if not seen.get("exists") else
+                        "it holds other files there than on the driver"})
+    return out
+
+
+def cluster_checks(cfg: SweepConfig, plan: Plan, target) -> list[dict]:
+    """What every node must reach: the output storage (a URI), data.root (and the training data's root), the
+    model folder, and (fits only) the fit storage: the run's storage, which a local path can be only as a mount
+    that every node shares."""
+    checks = []
+    if not target.is_local:
+        checks.append({"kind": "uri", "path": target.uri, "what": f"output_dir={target.uri}",
+                       "fix": "check the endpoint and credentials in that node's environment (AWS_ENDPOINT_URL, "
+                              "AWS_ACCESS_KEY_ID, ...)"})
+    roots = {("data.root", cfg.data.get("root"))}
+    if plan.fits:
+        roots.add(("train.data root", train_data_config(cfg).get("root")))
+    for option, root in sorted(roots, key=str):
+        if root and "://" not in str(root):
+            path = str(Path(root).expanduser().absolute())
+            checks.append({"kind": "present", "path": path, "expect": path_identity(path),
+                           "what": f"{option}={root}", "fix": "put the dataset on a mount every node shares (or "
+                           "the same copy at the same path on every node)"})
+    folder = model_folder(cfg)
+    if folder is not None:
+        path = str(Path(folder).absolute())
+        checks.append({"kind": "present", "path": path, "expect": path_identity(path), "what": _model_option(cfg),
+                       "fix": "put the model folder on a mount every node shares (or the same copy at the same "
+                              "path on every node)"})
+    if plan.fits and target.is_local and cfg.fit.source is None:
+        anchor = str(nearest_existing(target.local))
+        checks.append({"kind": "same", "path": anchor, "expect": path_identity(anchor),
+                       "what": f"the fit storage {target.local} (output_dir)",
+                       "fix": "Ray Train's workers write checkpoints there; give output_dir=s3://bucket/... "
+                              "(object storage) or a path on a mount every node shares"})
+    return checks
+
+
+def check_cluster(cfg: SweepConfig, plan: Plan, target) -> None:
+    """On a cluster (Ray started), before any work: one probe task per alive node checks that it reaches what
+    it needs (cluster_checks). The first failure is one BenchError line naming the node, the path and the fix."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    checks = cluster_checks(cfg, plan, target)
+    if not checks:
+        return
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    probe = ray.remote(num_cpus=0, max_retries=0)(_probe_node)
+    refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+            .remote(checks) for n in nodes]
+    failures = []
+    for node, ref in zip(nodes, refs):
+        try:
+            results = ray.get(ref, timeout=120)
+        except Exception as err:  # noqa: BLE001 (a node that cannot run the probe cannot run the work)
+            failures.append(f"node {node.get('NodeManagerAddress')} ({node['NodeID'][:8]}) cannot run a probe task "
+                            f"({type(err).__name__}); check that the node runs this project's code and packages")
+            continue
+        for check, result in zip(checks, results):
+            if not result["ok"]:
+                failures.append(f"node {node.get('NodeManagerAddress')} ({node['NodeID'][:8]}) cannot reach "
+                                f"{check['what']} at {check['path']}: {result['why']}; {check['fix']}")
+    if failures:
+        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+        raise BenchError(failures[0] + more)

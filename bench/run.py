@@ -10,10 +10,12 @@ written; a failure while running (here or in a Ray worker) is one line too, with
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shlex
 import shutil
 import sys
+import tempfile
 import time
 import traceback
 from datetime import datetime, timezone
@@ -26,9 +28,10 @@ quiet_environment()  # before torch is imported below: its thread count is read 
 from bench.config import SweepConfig, compose  # noqa: E402
 from bench.engine import run_engine  # noqa: E402
 from bench.errors import BenchError, RunFailed, cli_exit  # noqa: E402
-from bench.preflight import preflight  # noqa: E402
-from bench.results import write_run  # noqa: E402
-from bench.rundir import WORK, Claim, claim, has_progress, scored_images, unique_default_dir  # noqa: E402
+from bench.preflight import check_cluster, preflight  # noqa: E402
+from bench.results import config_hash, write_run  # noqa: E402
+from bench.rundir import WORK, Claim, claim, discard, has_progress, run_target, scored_images  # noqa: E402
+from bench.storage import COMPLETE, Location  # noqa: E402
 
 log = logging.getLogger("bench")
 
@@ -39,25 +42,42 @@ def resume_command(sweep_path: str, overrides: list[str], final: Path) -> str:
     return shlex.join(["python", "-m", "bench.run", sweep_path, *kept, f"output_dir={final}"])
 
 
-def run(sweep_path: str, overrides: list[str]) -> Path:
+def run(sweep_path: str, overrides: list[str]) -> Path | str:
     cfg = compose(sweep_path, overrides)  # validation: nothing is written before this and preflight pass
     plan = preflight(cfg)
-    final = Path(cfg.output_dir) if cfg.output_dir else unique_default_dir(Path("reports") / "runs", cfg.name)
-    if final.exists():
-        raise BenchError(f"run directory {final} already exists; choose another output_dir=")
-    work = final.with_name(final.name + ".partial")
+    final = run_target(cfg)
+    target = Location.of(final)
+    if on_cluster(cfg, plan):  # one probe per node: every node reaches what it needs (bench.preflight.check_cluster)
+        from bench.env import init_ray
+
+        init_ray(cfg.ray.address, cfg.ray.object_store_mb, cfg.ray.quiet)
+        check_cluster(cfg, plan, target)
+    if target.is_local:
+        if final.exists():
+            raise BenchError(f"run directory {final} already exists; choose another output_dir=")
+        work = final.with_name(final.name + ".partial")
+    else:  # an object store: written in place, finished when its completion marker exists (bench.storage)
+        work = target
     cfg.output_dir = str(final)
-    held = claim(work, cfg)  # exclusive: a concurrent start or a changed configuration stops here
+    held = claim(Location.of(work) if not target.is_local else work, cfg)  # exclusive; a changed config stops here
     if held.resumed:
-        log.info("resuming the interrupted run in %s", work)
+        log.info("resuming the interrupted run in %s", held.work)
     try:
         return _run_claimed(cfg, plan, held, final, resume_command(sweep_path, overrides, final))
     finally:
         held.release()
 
 
-def _run_claimed(cfg: SweepConfig, plan, held: Claim, final: Path, resume: str) -> Path:
-    work, shards = held.work, held.work / WORK / "shards"
+def on_cluster(cfg: SweepConfig, plan) -> bool:
+    """Whether the run joins an existing Ray cluster (ray.address, or RAY_ADDRESS as in a submitted job) and
+    uses Ray there (an actor pool or fits); a local Ray started by the run is one node."""
+    joins = bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    return joins and cfg.search.algo is None and (cfg.ray.execution != "driver" or bool(plan.fits))
+
+
+def _run_claimed(cfg: SweepConfig, plan, held: Claim, final: Path | str, resume: str) -> Path | str:
+    work = held.work
+    shards = work / WORK / "shards"
     try:
         before = scored_images(shards)
         rows, stats = run_engine(cfg, work, plan)
@@ -70,17 +90,21 @@ def _run_claimed(cfg: SweepConfig, plan, held: Claim, final: Path, resume: str) 
         stats["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         stats["notes"] = list(plan.notes)  # the preflight's notes, stated once in the report
         data = cfg.as_dict()
-        frame, provenance = write_run(data, rows, stats, work)
-        from bench.reporting import write_report  # matplotlib and scipy: imported once there is a report to write
-
-        write_report(work, data, frame, provenance)
+        if work.is_local:
+            _write_results(data, rows, stats, work.local)
+        else:
+            _publish_to_store(data, rows, stats, work)
     except KeyboardInterrupt:
         held.finish_invocation()
         log.error("interrupted; finished fits and images are kept in %s; resume with: %s", work, resume)
         raise
     except Exception as err:  # noqa: BLE001 (every failure becomes one line; the traceback goes to a file)
         held.finish_invocation()
-        raise _one_line(err, work, resume) from None
+        raise _one_line(err, work.local if work.is_local else work, resume) from None
+    if not work.is_local:
+        (work / WORK).rmtree()  # after the marker: a reader never sees a finished run without it
+        return str(final)
+    work, final = work.local, Path(final)
     # shards, the started configuration, the lock: only needed to resume. Moved out first, so no reader sees a
     # finished run with them; a process that finds the .partial meanwhile is refused (it is not empty)
     if final.exists():
@@ -91,6 +115,29 @@ def _run_claimed(cfg: SweepConfig, plan, held: Claim, final: Path, resume: str) 
     work.rename(final)
     shutil.rmtree(trash, ignore_errors=True)
     return final
+
+
+def _write_results(data: dict, rows: list[dict], stats: dict, folder: Path) -> None:
+    frame, provenance = write_run(data, rows, stats, folder)
+    from bench.reporting import write_report  # matplotlib and scipy: imported once there is a report to write
+
+    write_report(folder, data, frame, provenance)
+
+
+def _publish_to_store(data: dict, rows: list[dict], stats: dict, run: Location) -> None:
+    """An object-store run's results and report: composed in a node-local copy of what the run keeps (the
+    report reads its fits and qualitative maps), the new files uploaded, the completion marker written last."""
+    with tempfile.TemporaryDirectory(prefix="diffseg-publish-") as tmp:
+        stage = run.download(Path(tmp) / "run", skip=(WORK,))
+        kept = set(run.files())
+        _write_results(data, rows, stats, stage)
+        for path in sorted(stage.rglob("*")):
+            rel = path.relative_to(stage).as_posix()
+            if path.is_file() and rel not in kept:
+                (run / rel).write_bytes(path.read_bytes())
+        files = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file())
+    (run / COMPLETE).write_json({"config_hash": config_hash(data), "files": files,
+                                 "finished": stats["finished"]})
 
 
 def _one_line(err: BaseException, work: Path, resume: str) -> BenchError:
@@ -113,7 +160,7 @@ def _one_line(err: BaseException, work: Path, resume: str) -> BenchError:
             pass
         text = f"{text}; finished fits and images are kept in {work} (traceback in {log_file}); resume with: {resume}"
     else:
-        shutil.rmtree(work, ignore_errors=True)
+        discard(work)
     return BenchError(text) if isinstance(cause, BenchError) else RunFailed(text)
 
 

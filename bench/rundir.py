@@ -10,6 +10,12 @@ A new run creates `<run>.partial/` with mkdir (atomic: of two concurrent starts 
 it before it writes started.json; a second process that finds the directory waits for started.json, then
 fails to take the lock (in use) or compares configurations (resume). A `.partial` without started.json whose
 lock is free and which holds nothing resumable is stale (a start killed within milliseconds): it is reset.
+
+On an object store (bench.storage: s3://, gs://) there is no rename and no flock. The run is written in place
+under `<run>/`, finished when `<run>/complete.json` exists (written last), and claimed by creating
+`<run>/work/lock` exclusively (S3 `If-None-Match: *`, GCS `if_generation_match=0`): of two concurrent starts
+exactly one creates it. The lock names its holder (host, pid) and is deleted when the invocation ends; one left
+by a killed process on this host is taken over, one held elsewhere is refused with the object to delete.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import fcntl
 import json
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -28,6 +35,7 @@ import numpy as np
 from bench.config import SweepConfig
 from bench.errors import BenchError
 from bench.results import config_hash
+from bench.storage import COMPLETE, STORAGE_ENV, Location, is_uri
 
 log = logging.getLogger(__name__)
 WORK = "work"  # the run directory's working subfolder (shards, the configuration, the lock); not in a result
@@ -70,24 +78,52 @@ def unique_default_dir(base: Path, name: str) -> Path:
         time.sleep(1e-6)
 
 
+def run_target(cfg: SweepConfig) -> Path | str:
+    """Where the run goes: `output_dir=` (a path, or a URI such as s3://bucket/runs/x), else a fresh name under
+    the storage root `DIFFSEG_STORAGE` (a path or URI, as Ray's storage_path), else under reports/runs. Inside a
+    submitted Ray job a relative path would land in the job's working_dir copy, which Ray evicts: refused."""
+    root = os.environ.get(STORAGE_ENV)
+    given = cfg.output_dir
+    if in_ray_job() and not root and (not given or (not is_uri(given) and not Path(given).expanduser().is_absolute())):
+        where = f"output_dir={given}" if given else "the default run directory (reports/runs/...)"
+        raise BenchError(f"{where} is relative inside a Ray job, so it would be written into the job's working_dir "
+                         f"copy on the head node, which Ray deletes; give output_dir=s3://bucket/runs/x (or a "
+                         f"shared mount's absolute path), or set {STORAGE_ENV}=s3://bucket/runs in the job's "
+                         f"runtime_env")
+    if given:
+        if is_uri(given) or Path(given).is_absolute() or not root:
+            return given if is_uri(given) else Path(given)
+        return _join(root, given)
+    if root and is_uri(root):
+        return f"{root.rstrip('/')}/{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S-%f')}"
+    return unique_default_dir(Path(root) if root else Path("reports") / "runs", cfg.name)
+
+
+def _join(root: str, rel: str) -> Path | str:
+    return f"{root.rstrip('/')}/{rel}" if is_uri(root) else Path(root) / rel
+
+
+def in_ray_job() -> bool:
+    """Whether this process is the entrypoint of a job submitted with Ray's job client."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+
+
 @dataclass
 class Claim:
-    """A run directory held by this process (its lock fd open until `release`)."""
+    """A run directory held by this process (its lock fd open, or its lock object present, until `release`)."""
 
-    work: Path  # <run>.partial
+    work: Location  # <run>.partial (local), <run> (object store)
     resumed: bool
     state: dict
-    lock_fd: int
+    lock_fd: int | None
     started: float = field(default_factory=time.time)
 
     @property
-    def started_file(self) -> Path:
+    def started_file(self) -> Location:
         return self.work / WORK / STARTED
 
     def save(self) -> None:
-        tmp = self.started_file.with_name(f".{STARTED}.tmp")
-        tmp.write_text(json.dumps(self.state, indent=1, default=str))
-        tmp.replace(self.started_file)
+        self.started_file.write_bytes(json.dumps(self.state, indent=1, default=str).encode())
 
     def finish_invocation(self, trace_seconds: float | None = None, images_traced: int | None = None) -> None:
         """Close this invocation's record (on success, failure and Ctrl-C alike)."""
@@ -111,7 +147,10 @@ class Claim:
                 "trace_seconds": round(trace, 3), "images_traced": sum(r["images_traced"] for r in timed)}
 
     def release(self) -> None:
-        path = self.work / WORK / LOCK
+        if self.lock_fd is None:  # an object store's lock object
+            (self.work / WORK / LOCK).delete()
+            return
+        path = self.work.local / WORK / LOCK
         try:
             if os.stat(path).st_ino == os.fstat(self.lock_fd).st_ino:  # ours, not a later run's at this path
                 path.unlink()
@@ -144,17 +183,31 @@ def _holder(work: Path) -> str:
         return ""
 
 
-def has_progress(work: Path) -> bool:
+def has_progress(work: Path | Location) -> bool:
     """Whether an interrupted run holds anything worth resuming (finished images, fits or checkpoints)."""
-    return any((work / WORK / "shards").glob("shard-*.npz")) or any((work / "fit").glob("*/*"))
+    work = Location.of(work)
+    return bool((work / WORK / "shards").names("shard-*.npz")) or \
+        any((work / "fit" / name).names() for name in (work / "fit").names())
 
 
-def scored_images(shards: Path) -> int:
+def discard(work: Path | Location) -> None:
+    """Remove an unfinished run that holds nothing worth resuming."""
+    Location.of(work).rmtree()
+
+
+def shard_indices(shards: Location, name: str) -> np.ndarray:
+    import io
+
+    with np.load(io.BytesIO((shards / name).read_bytes()), allow_pickle=False) as shard:
+        return shard["index"]
+
+
+def scored_images(shards: Path | Location) -> int:
     """How many distinct images the shards hold (images traced by an invocation: the difference)."""
+    shards = Location.of(shards)
     done = set()
-    for path in shards.glob("shard-*.npz"):
-        with np.load(path, allow_pickle=False) as shard:
-            done.update(int(i) for i in shard["index"])
+    for name in shards.names("shard-*.npz"):
+        done.update(int(i) for i in shard_indices(shards, name))
     return len(done)
 
 
@@ -168,8 +221,12 @@ def _estimate_end(work: Path, since: float) -> float:
     return newest
 
 
-def claim(work: Path, cfg: SweepConfig) -> Claim:
-    """Create or resume `work` (<run>.partial) for `cfg`, exclusively; BenchError naming the fix otherwise."""
+def claim(work: Path | Location, cfg: SweepConfig) -> Claim:
+    """Create or resume `work` (<run>.partial locally, the run itself on an object store) for `cfg`,
+    exclusively; BenchError naming the fix otherwise."""
+    if isinstance(work, Location) and not work.is_local:
+        return claim_in_store(work, cfg)
+    work = Location.of(work).local
     config = resume_config(cfg)
     digest = config_hash(config)
     try:
@@ -217,10 +274,78 @@ def claim(work: Path, cfg: SweepConfig) -> Claim:
             if last is not None and "wall_seconds" not in last:  # killed: no end recorded
                 last["wall_seconds"] = round(_estimate_end(work, last["started"]) - last["started"], 3)
                 last["estimated"] = True
-        result = Claim(work, resumed, state, fd)
+        result = Claim(Location.of(work), resumed, state, fd)
         state["invocations"].append({"started": result.started, "pid": os.getpid()})
         result.save()
         return result
     except BaseException:
         os.close(fd)
         raise
+
+
+def claim_in_store(run: Location, cfg: SweepConfig) -> Claim:
+    """`claim` on an object store: the lock object created exclusively (bench.storage.create_exclusive), then
+    started.json compared (resume) or written (fresh)."""
+    if (run / COMPLETE).is_file():
+        raise BenchError(f"run directory {run} already exists; choose another output_dir=")
+    config = resume_config(cfg)
+    digest = config_hash(config)
+    lock = run / WORK / LOCK
+    holder = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+    if not lock.create_exclusive(json.dumps(holder).encode()):
+        try:
+            other = lock.read_json()
+        except (OSError, ValueError):
+            other = {}
+        if not _stale(other):
+            raise BenchError(f"the run in {run} is in use by another process (host {other.get('host', '?')}, pid "
+                             f"{other.get('pid', '?')}); wait for it to finish, or if no process works on it "
+                             f"delete {lock} and run again, or choose another output_dir=")
+        log.warning("taking over %s from process %s, which is no longer running", lock, other.get("pid"))
+        lock.delete()
+        if not lock.create_exclusive(json.dumps(holder).encode()):
+            raise BenchError(f"the run in {run} is in use by another process; choose another output_dir=")
+    try:
+        started = run / WORK / STARTED
+        if started.is_file():
+            try:
+                state = started.read_json()
+            except (OSError, ValueError):
+                raise BenchError(f"{started} is unreadable; delete {run} or choose another output_dir=") from None
+            before = state.get("config") if isinstance(state, dict) else None
+            if not isinstance(before, dict) or state.get("hash") != digest:
+                keys = differing_keys(before, config) if isinstance(before, dict) else ["(no recorded config)"]
+                raise BenchError(f"the interrupted run in {run} was started with another configuration (differs "
+                                 f"in: {', '.join(keys) or 'its hash'}); resume it with the same sweep and "
+                                 f"overrides, or choose another output_dir=")
+            resumed = True
+            last = state["invocations"][-1] if state.get("invocations") else None
+            if last is not None and "wall_seconds" not in last:  # killed: no end recorded
+                end = started.mtime() or last["started"]
+                last["wall_seconds"] = round(max(end - last["started"], 0.0), 3)
+                last["estimated"] = True
+        else:
+            if has_progress(run) or any(name != WORK for name in run.names()):
+                raise BenchError(f"{run} holds files but no record of the configuration they came from; delete "
+                                 f"it or choose another output_dir=")
+            state, resumed = {"hash": digest, "config": config, "invocations": []}, False
+        result = Claim(run, resumed, state, None)
+        state.setdefault("invocations", []).append({"started": result.started, "pid": os.getpid()})
+        result.save()
+        return result
+    except BaseException:
+        lock.delete()
+        raise
+
+
+def _stale(holder: dict) -> bool:
+    """A lock object left by a process of this host that no longer runs."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False

@@ -322,47 +322,43 @@ def test_fit_workers_get_absolute_training_data_paths(tmp_path, monkeypatch):
         compose(ROOT / "sweeps/linear_probe.yaml", []))
 
 
-def test_the_fit_bar_shows_what_a_fit_prepares_before_its_first_step(tmp_path, capsys):
+def test_the_fit_bar_shows_what_a_fit_prepares_before_its_first_step(capsys):
     """A fit's preparation (FreeGen traces its training images for minutes before the first epoch) reaches the
-    driver's bar through the progress file; the first step clears it."""
-    import json
+    driver's bar through the progress board; the first step clears it."""
     import time
 
-    from bench.stages.fit import _with_progress
+    from bench.stages.fit import FitBoard, _with_progress
+
+    board = FitBoard()  # the actor's class, used in this process
 
     def fit():
-        (tmp_path / "progress.json").write_text(json.dumps({"step": 0, "total": 2, "loss": None,
-                                                            "status": "EGD training images 8/200"}))
+        board.put("abc", {"step": 0, "total": 2, "loss": None, "status": "EGD training images 8/200"})
         time.sleep(1.2)
         return "done"
 
-    assert _with_progress(fit, [tmp_path], "fit abc") == "done"
+    assert _with_progress(fit, ["abc"], "fit abc", board.get) == "done"
     assert "EGD training images 8/200" in capsys.readouterr().err
 
 
-def test_the_bar_of_several_fits_counts_finished_ones_whole(tmp_path, capsys):
-    """Fits at once: the bar sums their steps; a finished fit (progress file removed, `done` written) counts
-    every step of it even if its last progress write was behind, and the postfix says how many are done."""
-    import json
+def test_the_bar_of_several_fits_counts_finished_ones_whole(capsys):
+    """Fits at once: the bar sums their steps; a finished fit counts every step of it even if its last progress
+    report was behind (a late report never undoes it), and the postfix says how many are done."""
     import time
 
-    from bench.stages.fit import CONFIG, DONE, _with_progress
+    from bench.stages.fit import FitBoard, _with_progress
 
-    a, b = tmp_path / "a", tmp_path / "b"
-    a.mkdir()
-    b.mkdir()
+    board = FitBoard()
 
     def fit():
-        (a / "progress.json").write_text(json.dumps({"step": 9, "total": 10, "loss": 0.5, "status": None}))
-        (b / "progress.json").write_text(json.dumps({"step": 3, "total": 10, "loss": 0.7, "status": None}))
+        board.put("a", {"step": 9, "total": 10, "loss": 0.5, "status": None})
+        board.put("b", {"step": 3, "total": 10, "loss": 0.7, "status": None})
         time.sleep(0.8)
-        (a / "progress.json").unlink()
-        (a / CONFIG).write_text(json.dumps({"steps": 10}))
-        (a / DONE).write_text("a\n")
+        board.put("a", {"step": 10, "total": 10, "loss": None, "status": None, "done": True})
+        board.put("a", {"step": 9, "total": 10, "loss": 0.5, "status": None})  # late
         time.sleep(0.8)
         return "ok"
 
-    assert _with_progress(fit, [a, b], "2 fits (2 at once)") == "ok"
+    assert _with_progress(fit, ["a", "b"], "2 fits (2 at once)", board.get) == "ok"
     last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
     assert "13/20" in last and "done=1/2" in last and "running=1" in last, last
 
@@ -403,11 +399,14 @@ def test_a_fit_cache_is_read_back_by_a_resumed_attempt_and_rebuilt_when_cut_off(
     assert context().cached("egd_samples", build)["dropped"] == 3 and len(builds) == 2
 
 
-def test_a_workers_status_reaches_the_progress_file_until_its_next_step(tmp_path):
-    """RayFitContext.status: rank 0 writes the status beside step and loss at once; the next step clears it."""
-    import json
+def test_a_workers_status_reaches_the_progress_board_until_its_next_step(tmp_path):
+    """RayFitContext.status: rank 0 sends the status beside step and loss at once; the next step clears it."""
+    from types import SimpleNamespace
 
-    from bench.stages.fit import RayFitContext
+    from bench.stages.fit import FitBoard, RayFitContext
+
+    board = FitBoard()
+    handle = SimpleNamespace(put=SimpleNamespace(remote=board.put))  # an actor handle's shape, in this process
 
     class OneWorker:
         def get_world_rank(self):
@@ -416,14 +415,14 @@ def test_a_workers_status_reaches_the_progress_file_until_its_next_step(tmp_path
         def get_world_size(self):
             return 1
 
-    ctx = object.__new__(RayFitContext)  # the progress-file logic only: no Ray Train session
-    ctx.fit_dir, ctx.train_ctx, ctx.total_steps = tmp_path, OneWorker(), 4
+    ctx = object.__new__(RayFitContext)  # the progress logic only: no Ray Train session
+    ctx.fit_dir, ctx.train_ctx, ctx.total_steps, ctx.board, ctx.key = tmp_path, OneWorker(), 4, handle, "k"
     ctx._step, ctx._loss, ctx._status, ctx._last_progress = 0, None, None, 0.0
     ctx.curve = []
     ctx.status("EGD training images 4/8")
-    state = json.loads((tmp_path / "progress.json").read_text())
+    state = board.get()["k"]
     assert state["status"] == "EGD training images 4/8" and state["step"] == 0
     ctx._last_progress = 0.0  # past the rate limit
     ctx.log(1, 0.5)
-    state = json.loads((tmp_path / "progress.json").read_text())
+    state = board.get()["k"]
     assert state["status"] is None and state["step"] == 1 and state["loss"] == 0.5

@@ -67,6 +67,19 @@ def save_qualitative(directory: str | Path, sample, class_names: list[str], tria
     .scores (len(query_ids), h, w) and .labels (H, W) (torch tensors or arrays). The file appears atomically."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    name, arrays = qualitative_arrays(sample, class_names, trials, predictions, query_ids, seed, group, prompt)
+    final = directory / name
+    tmp = directory / f".{final.name}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as fh:
+        np.savez_compressed(fh, **arrays)
+    os.replace(tmp, final)
+    return final
+
+
+def qualitative_arrays(sample, class_names: list[str], trials: list[str], predictions, query_ids: list[int],
+                       seed: int, group: int = 0, prompt: str = "") -> tuple[str, dict[str, np.ndarray]]:
+    """The file name and arrays of one image's qualitative record (see the module docstring); what a tracing
+    worker sends back to the driver, which writes it into the run (bench.stages.trace)."""
     if len(predictions) != len(trials):
         raise ValueError(f"{len(predictions)} predictions for {len(trials)} trials")
     scores = [_score_maps(p.scores) for p in predictions]
@@ -84,12 +97,16 @@ def save_qualitative(directory: str | Path, sample, class_names: list[str], tria
               "prompt": np.array(str(prompt or "")), "seed": np.array(int(seed), dtype=np.int64),
               "trials": np.array([str(t) for t in trials]), "score_class_ids": np.array(query_ids, dtype=np.int64),
               "scores": scores, "preds": preds}
-    final = directory / f"{_key(sample.image_id)}.g{int(group):03d}.npz"
-    tmp = directory / f".{final.name}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as fh:
-        np.savez_compressed(fh, **arrays)
-    os.replace(tmp, final)
-    return final
+    return f"{_key(sample.image_id)}.g{int(group):03d}.npz", arrays
+
+
+def qualitative_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """A qualitative record as the .npz file's bytes (compressed, plain arrays, no pickles)."""
+    import io
+
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return buffer.getvalue()
 
 
 def _resize_scores(s: np.ndarray, shape: tuple) -> np.ndarray:

@@ -1,6 +1,11 @@
 """The fit stage: one Ray Train run (TorchTrainer, DDP) per train setting, artefacts in `<run>/fit/<hash>/`;
 several settings run as Ray Tune trials, `train.max_concurrent` at once (train_concurrently).
 
+Everything a fit keeps goes through the run's storage (a bench.storage Location: a local folder, a shared
+mount or an object store): Ray Train's checkpoints (`RunConfig(storage_path=..., storage_filesystem=...)`),
+the workers' caches and the finished artefacts, so a fit works on any node that reaches that storage.
+Progress reaches the driver's bar through a Ray actor (FitBoard), not through files.
+
     fit/<hash>/weights.safetensors   the artefact (named tensors the method's predict reads)
               train_config.json      the resolved setting, model, training data, workers, steps, timings
               loss.csv               series, step, loss (plotted in the report)
@@ -16,10 +21,10 @@ training split themselves (bench.config.train_data_config).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
-import shutil
 import signal
 import tempfile
 import threading
@@ -31,8 +36,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import load_file, save, save_file
 from tqdm import tqdm
 
 from bench.config import SweepConfig, train_data_config
@@ -42,6 +48,7 @@ from bench.fitting import FitContext, InjectedFault, LossPoint, pack_state, unpa
 from bench.models import load_backbone
 from bench.plan import FitUnit, Plan
 from bench.rundir import WORK
+from bench.storage import Location, is_uri
 from methods import METHODS
 
 log = logging.getLogger(__name__)
@@ -78,12 +85,14 @@ class RayFitContext(FitContext):
     """A fit on Ray Train: DDP through `prepare`, collectives through torch.distributed, checkpoints and the
     final artefact reported with `ray.train.report` into the fit directory."""
 
-    def __init__(self, setting, dataset, backbone, resolution, fit_dir: Path, fault: Fault | None):
+    def __init__(self, setting, dataset, backbone, resolution, fit_dir: Location, fault: Fault | None,
+                 board=None, key: str = ""):
         import ray.train  # imported where used: it costs seconds, and most runs never fit
 
         super().__init__(setting, dataset, backbone, resolution)
         self.train_ctx = ray.train.get_context()
         self.fit_dir = fit_dir
+        self.board, self.key = board, key  # FitBoard actor (None: no bar) and this fit's key on it
         self.fault = fault
         self.checkpoints = 0
         self._last_progress = 0.0
@@ -126,24 +135,21 @@ class RayFitContext(FitContext):
             self._progress(step, loss)
 
     def cached(self, name, build):
-        """Kept as fit_dir/cache/<name>.<rank>of<world>.safetensors (written under a temporary name, renamed
-        when complete; removed with the Ray storage when the fit is done)."""
-        path = self.fit_dir / CACHE / f"{name}.{self.rank}of{self.world_size}.safetensors"
+        """Kept as fit_dir/cache/<name>.<rank>of<world>.safetensors in the run's storage (each file whole;
+        removed with the Ray storage when the fit is done)."""
+        path = Location.of(self.fit_dir) / CACHE / f"{name}.{self.rank}of{self.world_size}.safetensors"
         if path.is_file():
             try:
-                with safe_open(str(path), "pt") as fh:
-                    meta = fh.metadata()["state"]
-                    tensors = {key: fh.get_tensor(key) for key in fh.keys()}
+                data = path.read_bytes()
+                meta = _safetensors_metadata(data)["state"]
+                tensors = load_safetensors(data)
                 log.info("fit cache %s read back (%s)", name, path.name)
                 return unpack_state(tensors, meta)
             except (OSError, KeyError, ValueError, TypeError, SafetensorError) as err:  # cut off while written
                 log.warning("fit cache %s unreadable (%s); building it again", path, err)
         value = build()
         tensors, meta = pack_state(value)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}")
-        save_file(tensors, str(tmp), metadata={"state": meta})
-        tmp.rename(path)
+        path.write_bytes(save(tensors, metadata={"state": meta}))
         return unpack_state(tensors, meta)  # as a resumed fit will read it
 
     def status(self, text):
@@ -152,7 +158,7 @@ class RayFitContext(FitContext):
         self._progress(self._step, self._loss, force=True)
 
     def _progress(self, step: int, loss: float | None, force: bool = False) -> None:
-        """Rank 0 leaves its progress in the fit directory for the driver's bar (polled, at most 2 per s)."""
+        """Rank 0 sends its progress to the driver's bar through the FitBoard actor (at most 2 per s)."""
         if step != self._step:
             self._status = None  # a step ends whatever preparation the status described
         self._step, self._loss = step, loss
@@ -160,8 +166,9 @@ class RayFitContext(FitContext):
         if self.rank != 0 or (not force and now - self._last_progress < 0.5):
             return
         self._last_progress = now
-        _write_json(self.fit_dir / "progress.json", {"step": step, "total": self.total_steps, "loss": loss,
-                                                     "status": self._status})
+        if self.board is not None:
+            self.board.put.remote(self.key, {"step": step, "total": self.total_steps, "loss": loss,
+                                             "status": self._status})
 
     def checkpoint(self, step, state):
         import ray.train
@@ -229,7 +236,7 @@ def train_loop(config: dict) -> None:
     dataset = build_dataset(config["data"])
     method = METHODS.get(cfg.method)(backbone)
     ctx = RayFitContext(config["setting"], dataset, backbone, int(cfg.model.resolution or 0),
-                        Path(config["fit_dir"]), config["fault"])
+                        config["fit_dir"], config["fault"], config.get("board"), config.get("key", ""))
     ctx.finish(method.fit(ctx))
 
 
@@ -247,11 +254,12 @@ class FitStats:
                 "fit_seconds": round(self.seconds, 3)}
 
 
-def fit_source(cfg: SweepConfig, unit: FitUnit) -> Path:
-    """Where `fit.from=` keeps the finished fit of `unit` (a run directory or one fit directory)."""
-    source = Path(cfg.fit.source)
+def fit_source(cfg: SweepConfig, unit: FitUnit) -> Location:
+    """Where `fit.from=` keeps the finished fit of `unit` (a run directory or one fit directory; a path or a
+    URI)."""
+    source = Location.of(cfg.fit.source)
     if (source / DONE).is_file():
-        recorded = json.loads((source / CONFIG).read_text()).get("hash")
+        recorded = (source / CONFIG).read_json().get("hash")
         if recorded != unit.hash:
             raise BenchError(f"fit.from={source} holds fit {recorded}, but this sweep needs {unit.hash} "
                              f"({unit.setting.fitter} {dict(unit.setting.values)}); pass the run directory or "
@@ -268,7 +276,7 @@ def check_fit_sources(cfg: SweepConfig, plan: Plan) -> None:
     """Driver-side checks of `fit.from` before anything runs."""
     if cfg.fit.source is None:
         return
-    source = Path(cfg.fit.source)
+    source = Location.of(cfg.fit.source)
     if not source.is_dir():
         raise BenchError(f"fit.from={source} does not exist; pass a run directory or one of its fit/<hash>/ "
                          f"directories")
@@ -278,12 +286,13 @@ def check_fit_sources(cfg: SweepConfig, plan: Plan) -> None:
         fit_source(cfg, unit)
 
 
-def run_fits(cfg: SweepConfig, plan: Plan, work: Path) -> tuple[FitStats, dict[str, Path]]:
+def run_fits(cfg: SweepConfig, plan: Plan, work: Location | Path) -> tuple[FitStats, dict[str, Location]]:
     """Fit every train setting of the plan that `work/fit/` does not hold finished; returns statistics and
     TrainSetting.key -> finished fit directory. Two or more settings to fit run as Ray Tune trials, up to
     `train.max_concurrent` at once (fit_concurrency), each one Ray Train run; a single one runs directly."""
+    work = Location.of(work)
     stats = FitStats(fits=len(plan.fits))
-    done: dict[str, Path] = {}
+    done: dict[str, Location] = {}
     fault = parse_fault(os.environ.get(FAULT_ENV))
     start = time.time()
     pending: list[tuple[FitUnit, Path]] = []
@@ -301,10 +310,15 @@ def run_fits(cfg: SweepConfig, plan: Plan, work: Path) -> tuple[FitStats, dict[s
         done[unit.setting.key] = fit_dir
     # the fault goes to the n-th fit this invocation trains (in the plan's order)
     faults = [fault if fault and fault.fit == i + 1 else None for i in range(len(pending))]
-    if len(pending) == 1:
-        train_one(cfg, *pending[0], faults[0])
-    elif pending:
-        train_concurrently(cfg, pending, faults, work / WORK / "tune")
+    if pending:
+        board = FitBoard.start()
+        try:
+            if len(pending) == 1:
+                train_one(cfg, *pending[0], faults[0], board=board)
+            else:
+                train_concurrently(cfg, pending, faults, work / WORK / "tune", board)
+        finally:
+            FitBoard.stop(board)
     stats.trained = len(pending)
     stats.seconds = time.time() - start
     return stats, done
@@ -326,16 +340,18 @@ def fit_concurrency(cfg: SweepConfig, pending: int) -> int:
     return max(1, min(slots, pending))
 
 
-def _fit_trial(config: dict, cfg: SweepConfig, pending: list, faults: list, data: dict) -> None:
-    """A Ray Tune trial (function trainable): one fit, written to its fit directory by the trial itself."""
+def _fit_trial(config: dict, cfg: SweepConfig, pending: list, faults: list, data: dict, board=None) -> None:
+    """A Ray Tune trial (function trainable): one fit, written to its fit directory (in the run's storage) by
+    the trial itself, wherever it runs."""
     from ray import tune
 
     unit, fit_dir = pending[config["fit"]]
-    train_one(cfg, unit, fit_dir, faults[config["fit"]], progress=False, data=data)
+    train_one(cfg, unit, fit_dir, faults[config["fit"]], progress=False, data=data, board=board)
     tune.report({"fitted": 1})
 
 
-def train_concurrently(cfg: SweepConfig, pending: list[tuple[FitUnit, Path]], faults: list, storage: Path) -> None:
+def train_concurrently(cfg: SweepConfig, pending: list[tuple[FitUnit, Location]], faults: list, storage: Location,
+                       board=None) -> None:
     """Every pending fit as one Ray Tune trial, up to fit_concurrency at once. A trial needs no CPU of its own
     (it waits on its Ray Train run, whose workers hold the resources); Tune keeps the experiment's state in
     `storage` and retries a trial whose process died (`train.max_failures`), which resumes its fit from the
@@ -347,36 +363,33 @@ def train_concurrently(cfg: SweepConfig, pending: list[tuple[FitUnit, Path]], fa
     log.info("fitting %d train settings, %d at once", len(pending), at_once)
     if cfg.ray.quiet:  # a failed trial's traceback goes to the run's error.log, its message to the one-line error
         logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
-    # paths resolved here: a trial's process may have another working directory
-    pending = [(unit, fit_dir.resolve()) for unit, fit_dir in pending]
+    storage_path, storage_fs = storage.ray_storage()
     trainable = tune.with_resources(tune.with_parameters(_fit_trial, cfg=cfg, pending=pending, faults=faults,
-                                                         data=worker_data_config(cfg)),
+                                                         data=worker_data_config(cfg), board=board),
                                     {"CPU": 0, "memory": 1})  # Tune refuses an empty request; 1 byte is none
     tuner = tune.Tuner(trainable, param_space={"fit": tune.grid_search(list(range(len(pending))))},
                        tune_config=tune.TuneConfig(max_concurrent_trials=at_once, reuse_actors=False),
-                       run_config=tune.RunConfig(name="fits", storage_path=str(storage.resolve()), verbose=0,
+                       run_config=tune.RunConfig(name="fits", storage_path=storage_path,
+                                                 storage_filesystem=storage_fs, verbose=0,
                                                  failure_config=tune.FailureConfig(
                                                      max_failures=cfg.train.max_failures)))
-    grid = _with_progress(tuner.fit, [fit_dir for _, fit_dir in pending],
-                          f"{len(pending)} fits ({at_once} at once)")
+    grid = _with_progress(tuner.fit, [unit.hash for unit, _ in pending], f"{len(pending)} fits ({at_once} at once)",
+                          FitBoard.poller(board))
     errors = [r.error for r in grid if r.error is not None]
-    shutil.rmtree(storage, ignore_errors=True)
+    storage.rmtree()
     if errors:
         raise errors[0]
 
 
-def copy_fit(source: Path, fit_dir: Path) -> None:
-    tmp = fit_dir.with_name(fit_dir.name + ".copy")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name in (ARTEFACT, CONFIG, LOSS):
-        shutil.copy2(source / name, tmp / name)
-    config = json.loads((tmp / CONFIG).read_text())
-    config["copied_from"] = str(source.resolve())
-    _write_json(tmp / CONFIG, config)
-    (tmp / DONE).write_text(config.get("hash", fit_dir.name) + "\n")
-    shutil.rmtree(fit_dir, ignore_errors=True)
-    tmp.rename(fit_dir)
+def copy_fit(source: Location, fit_dir: Location) -> None:
+    """A finished fit copied into this run (`fit.from=`): its files, then `done` last."""
+    fit_dir.rmtree()
+    for name in (ARTEFACT, LOSS):
+        (fit_dir / name).write_bytes((source / name).read_bytes())
+    config = (source / CONFIG).read_json()
+    config["copied_from"] = source.uri
+    (fit_dir / CONFIG).write_json(config)
+    (fit_dir / DONE).write_text(config.get("hash", fit_dir.name) + "\n")
 
 
 PATH_OPTIONS = ("root", "captions", "image_list")  # dataset options that name files
@@ -386,34 +399,37 @@ def worker_data_config(cfg: SweepConfig) -> dict:
     """The training data's options with relative paths made absolute on the driver: Ray Train workers run in
     their own working directory, where `synthetic/x` means nothing."""
     data = train_data_config(cfg)
-    return {k: str(Path(v).expanduser().resolve()) if k in PATH_OPTIONS and isinstance(v, str) and v else v
+    return {k: str(Path(v).expanduser().resolve()) if k in PATH_OPTIONS and isinstance(v, str) and v
+            and not is_uri(v) else v
             for k, v in data.items()}
 
 
-def train_one(cfg: SweepConfig, unit: FitUnit, fit_dir: Path, fault: Fault | None, progress: bool = True,
-              data: dict | None = None) -> None:
+def train_one(cfg: SweepConfig, unit: FitUnit, fit_dir: Location, fault: Fault | None, progress: bool = True,
+              data: dict | None = None, board=None) -> None:
     """One Ray Train run for `unit` into `fit_dir` (resumed from its checkpoints there); `progress`: show the
     fit's bar here (off in a Tune trial, whose driver shows every running fit's); `data`: the workers' training
     data options (worker_data_config, computed where relative paths mean what the user meant)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    fit_dir.mkdir(parents=True, exist_ok=True)
-    storage = (fit_dir / "ray").resolve()
-    resuming = storage.is_dir() and any(storage.rglob("checkpoint_*"))
+    fit_dir = Location.of(fit_dir)
+    storage = fit_dir / "ray"
+    resuming = any("checkpoint_" in rel for rel in storage.files())
     earlier = checkpointed_seconds(storage) if resuming else 0.0  # an earlier invocation's training, kept
+    storage_path, storage_fs = storage.ray_storage()
     log.info("%s fit %s (%s %s) on %d worker(s)", "resuming" if resuming else "starting", unit.hash,
              unit.setting.fitter, dict(unit.setting.values), cfg.train.num_workers)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg, "setting": unit.setting, "fit_dir": str(fit_dir.resolve()), "fault": fault,
-                           "data": data or worker_data_config(cfg)},
+        train_loop_config={"cfg": cfg, "setting": unit.setting, "fit_dir": fit_dir, "fault": fault,
+                           "data": data or worker_data_config(cfg), "board": board, "key": unit.hash},
         scaling_config=scaling_config(cfg),
-        run_config=RunConfig(name="train", storage_path=str(storage),
+        run_config=RunConfig(name="train", storage_path=storage_path, storage_filesystem=storage_fs,
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures)))
     started = time.time()
-    result = _with_progress(trainer.fit, [fit_dir], f"fit {unit.hash[:8]}") if progress else trainer.fit()
+    result = _with_progress(trainer.fit, [unit.hash], f"fit {unit.hash[:8]}", FitBoard.poller(board)) \
+        if progress else trainer.fit()
     if getattr(result, "error", None) is not None:
         raise result.error
     with result.checkpoint.as_directory() as folder:
@@ -425,19 +441,25 @@ def train_one(cfg: SweepConfig, unit: FitUnit, fit_dir: Path, fault: Fault | Non
         timing["seconds_before_resume"] = round(earlier, 3)
     write_fit(fit_dir, unit, cfg, tensors, [LossPoint(**p) for p in final["curve"]],
               {**{k: v for k, v in final.items() if k != "curve"}, **timing})
-    shutil.rmtree(storage, ignore_errors=True)
-    shutil.rmtree(fit_dir / CACHE, ignore_errors=True)
-    (fit_dir / "progress.json").unlink(missing_ok=True)
+    storage.rmtree()
+    (fit_dir / CACHE).rmtree()
+    if board is not None:
+        steps = int(final.get("steps") or 0)
+        board.put.remote(unit.hash, {"step": steps, "total": steps, "loss": None, "status": None, "done": True})
 
 
-def checkpointed_seconds(storage: Path) -> float:
+def checkpointed_seconds(storage: Location | Path) -> float:
     """Training seconds kept by the newest checkpoint in a fit's Ray Train storage (the one a resumed fit
     restarts from: the highest step), so a resumed fit's `fit_seconds` counts the earlier invocation's work
     up to that checkpoint. 0 where none is readable (a checkpoint cut off while being written)."""
+    storage = Location.of(storage)
     best = (-1, 0.0)
-    for meta in storage.rglob("checkpoint_*/meta.json"):
+    for rel in storage.files():
+        parts = rel.split("/")
+        if len(parts) < 2 or parts[-1] != "meta.json" or not parts[-2].startswith("checkpoint_"):
+            continue
         try:
-            data = json.loads(meta.read_text())
+            data = (storage / rel).read_json()
             best = max(best, (int(data["step"]), float(data.get("seconds", 0.0))))
         except (OSError, ValueError, KeyError, TypeError):
             continue
@@ -454,38 +476,79 @@ def scaling_config(cfg: SweepConfig):
                          resources_per_worker=resources)
 
 
-def _with_progress(fit, fit_dirs: list[Path], label: str):
-    """fit() with a tqdm bar fed by the rank-0 workers' progress files of `fit_dirs`: steps (summed over the
-    fits), the loss of a single fit (of several: how many are finished and running) and what a fit prepares
-    before its first step. fit's exception is raised here."""
+class FitBoard:
+    """A Ray actor holding each running fit's progress (rank 0 puts, the driver's bar polls): progress reaches
+    the driver through Ray, wherever the fit's workers run."""
+
+    def __init__(self):
+        self.states: dict[str, dict] = {}
+
+    def put(self, key: str, state: dict) -> None:
+        if not self.states.get(key, {}).get("done"):  # a late write never undoes a finished fit
+            self.states[key] = state
+
+    def get(self) -> dict[str, dict]:
+        return dict(self.states)
+
+    @staticmethod
+    def start():
+        import ray
+
+        return ray.remote(num_cpus=0)(FitBoard).remote()
+
+    @staticmethod
+    def stop(board) -> None:
+        import ray
+
+        if board is not None:
+            ray.kill(board)
+
+    @staticmethod
+    def poller(board):
+        """A function returning the board's states (what _with_progress polls); {} without a board."""
+        if board is None:
+            return dict
+        import ray
+
+        return lambda: ray.get(board.get.remote(), timeout=10)
+
+
+def _with_progress(fit, keys: list[str], label: str, poll):
+    """fit() with a tqdm bar fed by `poll()` ({fit key: progress state}, the FitBoard's states): steps (summed
+    over the fits), the loss of a single fit (of several: how many are finished and running) and what a fit
+    prepares before its first step. fit's exception is raised here."""
     box: dict = {}
     thread = threading.Thread(target=lambda: box.update(result=_catch(fit)), daemon=True)
     thread.start()
-    seen: dict[Path, dict] = {}
+    seen: dict[str, dict] = {}
     with tqdm(desc=label, unit="step", dynamic_ncols=True, total=None) as bar:
         while thread.is_alive():
             thread.join(0.5)
+            try:
+                states = poll()
+            except Exception:  # noqa: BLE001 (a bar is not worth failing a fit for)
+                continue
             changed = False
-            for fit_dir in fit_dirs:
-                state = _fit_progress(fit_dir, seen.get(fit_dir))
+            for key in keys:
+                state = states.get(key)
                 if state is not None:
-                    changed |= seen.get(fit_dir) != state
-                    seen[fit_dir] = state
+                    changed |= seen.get(key) != state
+                    seen[key] = state
             if not changed:
                 continue
-            states = list(seen.values())
-            totals = [s.get("total") for s in states]
-            if len(states) == len(fit_dirs) and all(totals):
+            current = list(seen.values())
+            totals = [s.get("total") for s in current]
+            if len(current) == len(keys) and all(totals):
                 bar.total = sum(totals)
-            bar.n = sum(s.get("step") or 0 for s in states)
+            bar.n = sum(s.get("step") or 0 for s in current)
             postfix = {}
-            if len(fit_dirs) == 1 and states[0].get("loss") is not None:
-                postfix["loss"] = f"{states[0]['loss']:.4g}"
-            elif len(fit_dirs) > 1:
-                finished = sum(1 for s in states if s.get("done"))
-                postfix["done"] = f"{finished}/{len(fit_dirs)}"
-                postfix["running"] = len(states) - finished
-            doing = [s["status"] for s in states if s.get("status")]
+            if len(keys) == 1 and current[0].get("loss") is not None:
+                postfix["loss"] = f"{current[0]['loss']:.4g}"
+            elif len(keys) > 1:
+                finished = sum(1 for s in current if s.get("done"))
+                postfix["done"] = f"{finished}/{len(keys)}"
+                postfix["running"] = len(current) - finished
+            doing = [s["status"] for s in current if s.get("status")]
             if doing:
                 postfix["doing"] = doing[0]
             bar.set_postfix(postfix, refresh=False)
@@ -496,23 +559,6 @@ def _with_progress(fit, fit_dirs: list[Path], label: str):
     return outcome
 
 
-def _fit_progress(fit_dir: Path, last: dict | None) -> dict | None:
-    """A fit's progress for the bar: its progress file while it trains; once finished (the file is removed,
-    its last write may be up to 0.5 s old) every step of it, from train_config.json; None before either."""
-    if (fit_dir / DONE).is_file():
-        if last and last.get("done"):
-            return last
-        try:
-            steps = json.loads((fit_dir / CONFIG).read_text()).get("steps") or (last or {}).get("total") or 0
-        except (OSError, ValueError):
-            steps = (last or {}).get("total") or 0
-        return {"step": steps, "total": steps, "loss": None, "status": None, "done": True}
-    try:
-        return json.loads((fit_dir / "progress.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _catch(fn):
     try:
         return fn()
@@ -520,30 +566,40 @@ def _catch(fn):
         return err
 
 
-def write_fit(fit_dir: Path, unit: FitUnit, cfg: SweepConfig, tensors: dict, curve: list[LossPoint],
+def write_fit(fit_dir: Location, unit: FitUnit, cfg: SweepConfig, tensors: dict, curve: list[LossPoint],
               info: dict) -> None:
-    """The fit directory's files, each written under a temporary name and renamed; `done` last."""
+    """The fit directory's files in the run's storage, each written whole; `done` last."""
+    fit_dir = Location.of(fit_dir)
     meta = {"fitter": unit.setting.fitter, "version": unit.setting.version, "hash": unit.hash,
             "key": unit.setting.key}
-    tmp = fit_dir / f".{ARTEFACT}"
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-    tmp.rename(fit_dir / ARTEFACT)
+    (fit_dir / ARTEFACT).write_bytes(save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                                          metadata=meta))
     config = {**meta, "setting": unit.setting.as_dict(), "method": cfg.method, "model": cfg.model.as_dict(),
               "data": train_data_config(cfg), "train": cfg.train.as_dict(), **info,
               "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "versions": {"torch": torch.__version__, "ray": version("ray")}}
-    _write_json(fit_dir / CONFIG, config)
-    with open(fit_dir / f".{LOSS}", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["series", "step", "loss"])
-        writer.writerows([p.series, p.step, f"{p.loss:.8g}"] for p in curve)
-    (fit_dir / f".{LOSS}").rename(fit_dir / LOSS)
+    (fit_dir / CONFIG).write_json(config)
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["series", "step", "loss"])
+    writer.writerows([p.series, p.step, f"{p.loss:.8g}"] for p in curve)
+    (fit_dir / LOSS).write_text(text.getvalue())
     (fit_dir / DONE).write_text(unit.hash + "\n")
 
 
-def load_fits(done: dict[str, Path]) -> dict[str, bytes]:
+def load_fits(done: dict[str, Location]) -> dict[str, bytes]:
     """TrainSetting.key -> the artefact's safetensors bytes (what evaluation actors receive)."""
-    return {key: (folder / ARTEFACT).read_bytes() for key, folder in done.items()}
+    return {key: (Location.of(folder) / ARTEFACT).read_bytes() for key, folder in done.items()}
+
+
+def _safetensors_metadata(data: bytes) -> dict:
+    """The `__metadata__` of a safetensors file's bytes (its JSON header); ValueError where it is cut off."""
+    if len(data) < 8:
+        raise ValueError("shorter than a safetensors header")
+    size = int.from_bytes(data[:8], "little")
+    if len(data) < 8 + size:
+        raise ValueError("cut off in its header")
+    return json.loads(data[8:8 + size]).get("__metadata__") or {}
 
 
 def _write_json(path: Path, data: dict) -> None:

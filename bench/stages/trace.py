@@ -1,9 +1,15 @@
 """The trace stage: every image traced once per forward setting on a Ray Data actor pool; each forward
 group's configurations scored on that trace; per-image histograms sharded to `<work>/shards/` as batches
-finish (a resumed run re-traces only the images no shard holds)."""
+finish (a resumed run re-traces only the images no shard holds).
+
+Workers write nothing: the histograms and the qualitative maps of the first `report.qualitative` images travel
+back to the driver in the result batches (columns `qualitative_name`, `qualitative_data`: an .npz record on
+the first row of each (image, forward setting), b"" elsewhere), and the driver writes them into the run's
+storage (a bench.storage Location: local folder or object store). A worker's node needs no access to it."""
 
 from __future__ import annotations
 
+import io
 import logging
 import warnings
 from pathlib import Path
@@ -19,7 +25,10 @@ from bench.evaluate import evaluate_batch, group_request
 from bench.faults import TraceFault, maybe_exit, trace_fault
 from bench.models import load_backbone
 from bench.plan import ForwardGroup
+from bench.storage import Location, scratch_dir
 from methods import METHODS
+
+QUALITATIVE_COLUMNS = ("qualitative_name", "qualitative_data")
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +38,7 @@ class SweepWorker:
     forward group."""
 
     def __init__(self, cfg: SweepConfig, groups: list[ForwardGroup], fits: dict[str, bytes],
-                 qualitative_dir: str | None = None, own_process: bool = True, fault: TraceFault | None = None):
+                 qualitative: bool = False, own_process: bool = True, fault: TraceFault | None = None):
         if own_process:  # an actor's process: one thread per CPU actor, warnings only
             if not torch.cuda.is_available():
                 torch.set_num_threads(1)
@@ -41,7 +50,7 @@ class SweepWorker:
         self.groups = groups
         self.resolution = int(cfg.model.resolution or 0)
         self.protocol = cfg.metric.protocol
-        self.qualitative_dir = Path(qualitative_dir) if qualitative_dir else None
+        self.qualitative = qualitative
         self.qualitative_images = int(cfg.report.qualitative)
         self.requests = [group_request(self.method, g) for g in groups]
         self.fault = fault  # tests only (bench.faults)
@@ -50,61 +59,70 @@ class SweepWorker:
         indices = [int(i) for i in batch["index"]]
         maybe_exit(self.fault, indices)
         samples = [self.dataset[i] for i in indices]
-        rows = {"index": [], "group": [], "trial": [], "hist": [], "passes": [], "ties": []}
+        rows = {"index": [], "group": [], "trial": [], "hist": [], "passes": [], "ties": [],
+                "qualitative_name": [], "qualitative_data": []}
         for g, (group, req) in enumerate(zip(self.groups, self.requests)):
-            keep = self._qualitative_saver(indices, g, group)
+            kept: dict[int, tuple[str, bytes]] = {}
+            keep = self._qualitative_keeper(indices, g, group, kept)
             hists, passes = evaluate_batch(self.method, self.dataset, samples, group, req, self.resolution, keep,
                                           self.protocol, rows["ties"])
             per_image = passes // len(samples)
             for k, hist in enumerate(hists):
+                first = k % len(group.trials) == 0
+                name, data = kept.get(k // len(group.trials), ("", b"")) if first else ("", b"")
                 rows["index"].append(indices[k // len(group.trials)])
                 rows["group"].append(g)
                 rows["trial"].append(group.trials[k % len(group.trials)].trial_id)
                 rows["hist"].append(hist)
-                rows["passes"].append(per_image if k % len(group.trials) == 0 else 0)
+                rows["passes"].append(per_image if first else 0)
+                rows["qualitative_name"].append(name)
+                rows["qualitative_data"].append(data)
+        payload = np.empty(len(rows["qualitative_data"]), dtype=object)
+        payload[:] = rows["qualitative_data"]
         return {"index": np.array(rows["index"], dtype=np.int64), "group": np.array(rows["group"], dtype=np.int64),
                 "trial": np.array(rows["trial"]), "hist": np.stack(rows["hist"]),
                 "passes": np.array(rows["passes"], dtype=np.int64),
-                "ties": np.array(rows["ties"], dtype=np.int64).reshape(-1, 2)}
+                "ties": np.array(rows["ties"], dtype=np.int64).reshape(-1, 2),
+                "qualitative_name": np.array(rows["qualitative_name"], dtype=str), "qualitative_data": payload}
 
-    def _qualitative_saver(self, indices: list[int], g: int, group: ForwardGroup):
-        """Keeps the maps of the first `report.qualitative` images for the report's qualitative figure."""
-        if self.qualitative_dir is None or min(indices) >= self.qualitative_images:
-            return None
-        if not self.qualitative_dir.parent.is_dir():  # the driver removed the run: never re-create it
+    def _qualitative_keeper(self, indices: list[int], g: int, group: ForwardGroup, kept: dict):
+        """Keeps the maps of the first `report.qualitative` images for the report's qualitative figure, as
+        (file name, .npz bytes) by the image's position in the batch; the driver writes them."""
+        if not self.qualitative or min(indices) >= self.qualitative_images:
             return None
         # imported only where a figure is kept: the reporting package (pandas, scipy) is not an actor's concern
-        from bench.reporting.qualitative import save_qualitative
+        from bench.reporting.qualitative import qualitative_arrays, qualitative_bytes
 
         def keep(k, sample, query, prompt, predictions):
             if indices[k] < self.qualitative_images:
-                save_qualitative(self.qualitative_dir, sample, self.dataset.classes,
-                                 [t.trial_id for t in group.trials], predictions, query.ids, group.seed,
-                                 group=g, prompt=prompt)
+                name, arrays = qualitative_arrays(sample, self.dataset.classes, [t.trial_id for t in group.trials],
+                                                  predictions, query.ids, group.seed, group=g, prompt=prompt)
+                kept[k] = (name, qualitative_bytes(arrays))
 
         return keep
 
 
-def trace_and_score(cfg: SweepConfig, groups: list[ForwardGroup], num_images: int, shards: Path,
-                    fits: dict[str, bytes], qualitative_dir: Path | None) -> None:
-    """Stream the images that no shard holds yet through the actor pool; shard results to disk."""
-    shards.mkdir(parents=True, exist_ok=True)
+def trace_and_score(cfg: SweepConfig, groups: list[ForwardGroup], num_images: int, shards: Location | Path,
+                    fits: dict[str, bytes], qualitative_dir: Location | Path | None) -> None:
+    """Stream the images that no shard holds yet through the actor pool; shard results into the run's storage
+    and write the qualitative records the workers send back."""
+    shards = Location.of(shards)
+    qualitative_dir = Location.of(qualitative_dir) if qualitative_dir is not None else None
     done = set()
-    for path in sorted(shards.glob("shard-*.npz")):
-        with np.load(path, allow_pickle=False) as shard:
+    names = shards.names("shard-*.npz")
+    for name in names:
+        with np.load(io.BytesIO((shards / name).read_bytes()), allow_pickle=False) as shard:
             done.update(int(i) for i in shard["index"])
     todo = [i for i in range(num_images) if i not in done]
     if done:
         log.info("resuming: %d of %d images already scored", len(done), num_images)
     if not todo:
         return
-    if qualitative_dir is not None:
-        qualitative_dir.mkdir(exist_ok=True)  # here, so that workers only ever write into existing folders
-    kwargs = {"cfg": cfg, "groups": groups, "fits": fits,
-              "qualitative_dir": str(qualitative_dir.resolve()) if qualitative_dir else None,
-              "fault": trace_fault(shards.parent)}
+    fault_dir = shards.parent.local if shards.is_local else scratch_dir("fault", shards.uri)
+    kwargs = {"cfg": cfg, "groups": groups, "fits": fits, "qualitative": qualitative_dir is not None,
+              "fault": trace_fault(fault_dir)}
     batches = _local_batches(todo, kwargs) if cfg.ray.execution == "driver" else _ray_batches(todo, kwargs)
-    next_shard = len(list(shards.glob("shard-*.npz")))
+    next_shard = len(names)
     with tqdm(total=num_images, initial=len(done), desc=f"{cfg.name} images", unit="img",
               dynamic_ncols=True) as bar:
         for batch in batches:
@@ -115,11 +133,16 @@ def trace_and_score(cfg: SweepConfig, groups: list[ForwardGroup], num_images: in
                 continue
             batch = {k: v[fresh] for k, v in batch.items()}
             done.update(int(i) for i in batch["index"])
-            tmp = shards / f".shard-{next_shard:05d}.npz"
+            names_sent = batch.pop("qualitative_name", np.array([], dtype=str))
+            data_sent = batch.pop("qualitative_data", np.array([], dtype=object))
+            if qualitative_dir is not None:
+                for name, data in zip(names_sent, data_sent):
+                    if name:
+                        (qualitative_dir / str(name)).write_bytes(bytes(data))
             batch["trial"] = batch["trial"].astype(str)  # object arrays would need pickle
-            with open(tmp, "wb") as fh:
-                np.savez(fh, **batch)
-            tmp.rename(shards / f"shard-{next_shard:05d}.npz")
+            buffer = io.BytesIO()
+            np.savez(buffer, **batch)
+            (shards / f"shard-{next_shard:05d}.npz").write_bytes(buffer.getvalue())  # whole or not at all
             next_shard += 1
             bar.update(len(np.unique(batch["index"])))
 
@@ -152,10 +175,11 @@ def _local_batches(todo: list[int], kwargs: dict):
         yield worker({"index": np.array(todo[start:start + size], dtype=np.int64)})
 
 
-def load_shards(shards: Path) -> dict[str, np.ndarray]:
+def load_shards(shards: Location | Path) -> dict[str, np.ndarray]:
+    shards = Location.of(shards)
     parts = []
-    for path in sorted(shards.glob("shard-*.npz")):
-        with np.load(path, allow_pickle=False) as shard:
+    for name in shards.names("shard-*.npz"):
+        with np.load(io.BytesIO((shards / name).read_bytes()), allow_pickle=False) as shard:
             part = {k: shard[k] for k in shard.files}
         if "ties" not in part:  # written before tie counts existed (a run resumed across versions): none counted
             part["ties"] = np.zeros((len(part["index"]), 2), dtype=np.int64)
