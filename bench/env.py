@@ -99,6 +99,9 @@ def init_ray(address: str | None = None, object_store_mb: int = 256, quiet: bool
     quiet_environment()
     worker_env = {k: os.environ[k] for k in {**QUIET_ENV, **ALLOCATOR_ENV} if k in os.environ}
     worker_env["PYTHONWARNINGS"] = "ignore"
+    joining = bool(address or os.environ.get("RAY_ADDRESS"))
+    if not joining:  # a Ray of this machine: its workers reach the run's object storage as this process does
+        worker_env.update({k: v for k, v in os.environ.items() if k.startswith("AWS_")})
     kwargs = dict(include_dashboard=False, log_to_driver=not quiet, configure_logging=True,
                   logging_level=logging.WARNING if quiet else logging.INFO,
                   runtime_env={"env_vars": worker_env})

@@ -39,7 +39,32 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def make(run_dirs: list[str], out: str | None = None, qualitative: int | None = None) -> Path:
+def make(run_dirs: list[str], out: str | None = None, qualitative: int | None = None) -> Path | str:
+    """The report of one run (in place, or into --out) or of several (combined); a run may be a URI (s3://...):
+    it is read from a local copy, and a report in place is uploaded beside it (figures first, reports last)."""
+    from contextlib import ExitStack
+
+    from bench.storage import Location, is_uri, local_copy
+
+    if not any(is_uri(r) for r in run_dirs):
+        return _make(run_dirs, out, qualitative)
+    if len(set(run_dirs)) != len(run_dirs):
+        raise BenchError("the same run directory is given twice; pass each run once")
+    with ExitStack() as stack:
+        local = [str(stack.enter_context(local_copy(r))) if is_uri(r) else r for r in run_dirs]
+        if not (len(run_dirs) == 1 and out is None):
+            return _make(local, out, qualitative)
+        folder = Path(local[0])
+        before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+        _make(local, None, qualitative)
+        run = Location.of(run_dirs[0])
+        changed = [p for p in sorted(folder.iterdir()) if p.is_file() and before.get(p.name) != p.read_bytes()]
+        for path in sorted(changed, key=lambda p: p.name in ("report.md", "report.html")):
+            (run / path.name).write_bytes(path.read_bytes())
+        return run.uri
+
+
+def _make(run_dirs: list[str], out: str | None = None, qualitative: int | None = None) -> Path:
     from bench.reporting.build import write_combined, write_single
     from bench.reporting.model import load_run
 

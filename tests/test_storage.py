@@ -1,0 +1,302 @@
+"""The storage layer (bench.storage) and the run contract on every kind of storage: a local folder and an S3
+bucket served on localhost by moto (server mode, as Ray's own tests use it). Claim exclusively, stage, write the
+completion marker last, resume from what is stored, refuse a changed configuration; whole runs on S3 equal the
+same runs on a local disk, every artefact in the bucket (slow set)."""
+
+import json
+import os
+import socket
+import threading
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bench.config import compose
+from bench.errors import BenchError
+from bench.rundir import LOCK, STARTED, WORK, claim, has_progress, run_target
+from bench.storage import COMPLETE, STORAGE_ENV, Location, local_copy
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP = ROOT / "sweeps/iseg_lambda.yaml"
+BUCKET = "bench-runs"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """An S3 endpoint on localhost (moto's ThreadedMotoServer), its address in AWS_ENDPOINT_URL for pyarrow,
+    boto3 and every process started from here; one bucket."""
+    moto_server = pytest.importorskip("moto.server")
+    import boto3
+
+    port = _free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    yield env
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(params=["local", "s3"])
+def folder(request, tmp_path):
+    """An empty folder on each kind of storage."""
+    if request.param == "local":
+        return Location.of(tmp_path / "store")
+    request.getfixturevalue("s3_server")
+    return Location.of(f"s3://{BUCKET}/{request.node.name.replace('[', '-').rstrip(']')}-{os.getpid()}")
+
+
+def test_location_files_are_whole_listed_and_removed(folder):
+    assert not folder.exists() and folder.names() == [] and folder.files() == []
+    (folder / "a" / "x.json").write_json({"v": 1})
+    (folder / "b.bin").write_bytes(b"\x00\x01")
+    assert (folder / "a" / "x.json").read_json() == {"v": 1} and (folder / "b.bin").read_bytes() == b"\x00\x01"
+    assert folder.is_dir() and (folder / "b.bin").is_file() and not (folder / "b.bin").is_dir()
+    assert folder.names() == ["a", "b.bin"] and folder.names("*.bin") == ["b.bin"]
+    assert folder.files() == ["a/x.json", "b.bin"]  # no temporary names left behind
+    (folder / "a").rmtree()
+    assert folder.files() == ["b.bin"]
+    folder.rmtree()
+    assert not folder.exists()
+
+
+def test_exclusive_create_has_exactly_one_winner(folder):
+    target = folder / "lock"
+    barrier = threading.Barrier(6)
+    wins = []
+
+    def race(i):
+        barrier.wait()
+        wins.append(target.create_exclusive(str(i).encode()))
+
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(wins) == [False] * 5 + [True]
+    assert target.read_text() in {str(i) for i in range(6)}
+
+
+def _work(folder: Location):
+    """Where a run works on this kind of storage: <run>.partial locally, the run itself on an object store."""
+    return folder.with_name(folder.name + ".partial").local if folder.is_local else folder
+
+
+def test_claim_resume_and_refusals_on_every_storage(folder):
+    cfg = compose(SWEEP, ["data.limit=3"])
+    work = _work(folder)
+    barrier = threading.Barrier(4)
+    outcomes = []
+
+    def start():
+        barrier.wait()
+        try:
+            outcomes.append(claim(work, cfg))
+        except BenchError as err:
+            outcomes.append(err)
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    held = [o for o in outcomes if not isinstance(o, BenchError)]
+    assert len(held) == 1 and all("in use by another process" in str(o) for o in outcomes if o not in held)
+    assert not held[0].resumed and (held[0].work / WORK / STARTED).is_file()
+    (held[0].work / WORK / "shards" / "shard-00000.npz").write_bytes(_shard([0, 1]))
+    assert has_progress(held[0].work)
+    held[0].finish_invocation(1.0, 2)
+    held[0].release()
+    assert not (held[0].work / WORK / LOCK).exists()
+    with pytest.raises(BenchError, match=r"another configuration \(differs in: data.limit\)"):
+        claim(work, compose(SWEEP, ["data.limit=4"]))
+    again = claim(work, cfg)  # the same configuration: a resume from what is stored
+    assert again.resumed and len(again.state["invocations"]) == 2
+    assert again.state["invocations"][0]["images_traced"] == 2
+    again.release()
+
+
+def _shard(indices) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.savez(buffer, index=np.array(indices, dtype=np.int64))
+    return buffer.getvalue()
+
+
+def test_an_object_store_run_with_its_marker_is_finished_and_never_claimed_again(s3_server):
+    run = Location.of(f"s3://{BUCKET}/finished-{os.getpid()}")
+    (run / "results.csv").write_text("a\n1\n")
+    with pytest.raises(BenchError, match="holds files but no record"):
+        claim(run, compose(SWEEP, []))  # files without started.json: not a run this command started
+    assert not (run / WORK / LOCK).exists()  # the refused claim leaves no lock behind
+    (run / COMPLETE).write_json({"files": ["results.csv"]})
+    with pytest.raises(BenchError, match="already exists"):
+        claim(run, compose(SWEEP, []))
+    with local_copy(run.uri) as copy:
+        assert (copy / "results.csv").read_text() == "a\n1\n"
+
+
+def test_an_unfinished_object_store_run_is_not_read_as_finished(s3_server):
+    run = Location.of(f"s3://{BUCKET}/unfinished-{os.getpid()}")
+    (run / "results.csv").write_text("a\n1\n")  # no completion marker
+    with pytest.raises(BenchError, match="unfinished"):
+        with local_copy(run.uri):
+            pass
+
+
+def test_a_lock_left_by_a_dead_process_of_this_host_is_taken_over(s3_server):
+    cfg = compose(SWEEP, [])
+    run = Location.of(f"s3://{BUCKET}/stale-{os.getpid()}")
+    held = claim(run, cfg)
+    held.state["invocations"][-1]["started"] -= 30
+    held.save()
+    dead = os.fork()
+    if dead == 0:
+        os._exit(0)
+    os.waitpid(dead, 0)
+    (run / WORK / LOCK).write_json({"host": socket.gethostname(), "pid": dead, "since": 0})  # killed holder
+    again = claim(run, cfg)
+    assert again.resumed and again.state["invocations"][0]["estimated"]
+    again.release()
+    (run / WORK / LOCK).write_json({"host": "another-node", "pid": 1, "since": 0})
+    with pytest.raises(BenchError, match="in use by another process .host another-node"):
+        claim(run, cfg)
+
+
+def test_where_runs_go(monkeypatch, tmp_path):
+    """output_dir= wins; without it the storage root (DIFFSEG_STORAGE, a path or a URI); a relative output_dir
+    joins the root; inside a submitted Ray job a relative one without a root is refused with the fix."""
+    monkeypatch.delenv(STORAGE_ENV, raising=False)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert run_target(compose(SWEEP, ["output_dir=s3://b/x"])) == "s3://b/x"
+    assert run_target(compose(SWEEP, ["output_dir=runs/x"])) == Path("runs/x")
+    assert str(run_target(compose(SWEEP, []))).startswith("reports/runs/iseg_lambda-")
+    monkeypatch.setenv(STORAGE_ENV, "s3://b/runs")
+    assert run_target(compose(SWEEP, ["output_dir=x"])) == "s3://b/runs/x"
+    assert run_target(compose(SWEEP, [])).startswith("s3://b/runs/iseg_lambda-")
+    monkeypatch.setenv(STORAGE_ENV, str(tmp_path))
+    assert run_target(compose(SWEEP, ["output_dir=x"])) == tmp_path / "x"
+    monkeypatch.delenv(STORAGE_ENV)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    for overrides in ([], ["output_dir=runs/x"]):
+        with pytest.raises(BenchError, match=f"relative inside a Ray job.*{STORAGE_ENV}=s3://"):
+            run_target(compose(SWEEP, overrides))
+    assert run_target(compose(SWEEP, [f"output_dir={tmp_path}/x"])) == tmp_path / "x"
+
+
+def test_a_relative_run_directory_inside_a_ray_job_is_one_error_line(monkeypatch, capsys, tmp_path):
+    from bench.run import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(STORAGE_ENV, raising=False)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    assert main([str(SWEEP), "data.limit=1", "output_dir=runs/x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: output_dir=runs/x is relative inside a Ray job")
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_joining_a_cluster_passes_no_object_store_size(monkeypatch):
+    """Inside a submitted job (RAY_ADDRESS set) ray.init joins the cluster: object_store_memory, which Ray
+    refuses when connecting, is not passed."""
+    import ray
+
+    from bench.env import init_ray
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    init_ray()
+    monkeypatch.delenv("RAY_ADDRESS")
+    init_ray()
+    assert "object_store_memory" not in calls[0] and "object_store_memory" in calls[1]
+
+
+def test_an_unreachable_bucket_is_refused_before_anything_is_written(s3_server, capsys):
+    from bench.run import main
+
+    assert main([str(SWEEP), "data.limit=1", "output_dir=s3://no-such-bucket/x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bucket no-such-bucket does not exist" in err[0]
+
+
+# -- whole runs on S3 (slow set) ----------------------------------------------------------------------------------------
+SMALL = ["data.limit=2", "data.size=32", "report.bootstrap=20", "report.qualitative=1"]
+
+
+def _bucket_files(uri: str) -> list[str]:
+    return Location.of(uri).files()
+
+
+def _same_results(local: Path, remote: str) -> None:
+    with local_copy(remote) as copy:
+        a, b = pd.read_parquet(local / "results.parquet"), pd.read_parquet(copy / "results.parquet")
+        pd.testing.assert_frame_equal(a, b)
+        for name in sorted(p.name for p in (local / "qualitative").glob("*.npz")):
+            with np.load(local / "qualitative" / name) as x, np.load(copy / "qualitative" / name) as y:
+                assert x.files == y.files and all(np.array_equal(x[k], y[k]) for k in x.files)
+
+
+@pytest.mark.slow
+def test_a_trace_sweep_on_s3_equals_the_local_run(s3_server, tmp_path, tiny_model, capsys):
+    from bench.report import main as report_main
+    from bench.run import main
+
+    local = tmp_path / "local"
+    common = [str(SWEEP), *SMALL, f"model.path={tiny_model}", "ray.execution=driver"]
+    assert main([*common, f"output_dir={local}"]) == 0
+    uri = f"s3://{BUCKET}/trace-{os.getpid()}"
+    assert main([*common, f"output_dir={uri}"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == uri  # the run's address is the last line
+    files = _bucket_files(uri)
+    expected = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
+    assert files == sorted([*expected, COMPLETE])  # every artefact, nothing of the work folder
+    marker = Location.of(uri) / COMPLETE
+    assert marker.read_json()["files"] == expected
+    _same_results(local, uri)
+    assert "Qualitative results" in (Location.of(uri) / "report.md").read_text()
+    assert report_main([uri]) == 0  # bench.report reads (and writes back) a URI
+    assert capsys.readouterr().out.strip().splitlines()[-1] == uri
+
+
+@pytest.mark.slow
+def test_a_fit_sweep_on_s3_equals_the_local_run_every_artefact_in_the_bucket(s3_server, tmp_path, tiny_model,
+                                                                             ray_session):
+    from bench.run import main
+
+    probe = ["params.train_images=4", "params.epochs=20", "train.num_workers=2"]
+    common = [str(ROOT / "sweeps/linear_probe.yaml"), *SMALL, f"model.path={tiny_model}", *probe]
+    local = tmp_path / "local"
+    assert main([*common, f"output_dir={local}"]) == 0
+    uri = f"s3://{BUCKET}/fit-{os.getpid()}"
+    assert main([*common, f"output_dir={uri}"]) == 0
+    expected = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
+    assert _bucket_files(uri) == sorted([*expected, COMPLETE])
+    assert any(f.startswith("fit/") and f.endswith("/weights.safetensors") for f in expected)
+    _same_results(local, uri)
+    with local_copy(uri) as copy:
+        (fit,) = (local / "fit").iterdir()
+        from safetensors.torch import load_file
+
+        a, b = load_file(fit / "weights.safetensors"), load_file(copy / "fit" / fit.name / "weights.safetensors")
+        assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+        assert json.loads((copy / "fit" / fit.name / "train_config.json").read_text())["world_size"] == 2
