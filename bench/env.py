@@ -193,6 +193,11 @@ def exit_process(code: int) -> None:
     the work is on disk, issue 12) is skipped. Only for `__main__` after everything is written and closed."""
     sys.stdout.flush()
     sys.stderr.flush()
+    # the result (a run directory) was the last line on stdout: what Ray's shutdown prints (a raylet's
+    # warning relayed by the driver) must not follow it, so stdout ends here
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
     atexit._run_exitfuncs()  # the handlers sys.exit would run; os._exit alone would leave a local Ray running
     sys.stdout.flush()
     sys.stderr.flush()

@@ -1,0 +1,206 @@
+"""A two-node Ray cluster whose nodes share no filesystem, simulated on this machine: a head node with no CPUs
+(`ray start --head --num-cpus=0`, its own temp dir and ports) and a worker node started inside a private mount
+namespace (`unshare -m`) with a tmpfs over the driver's folder, so the worker sees an empty folder where the
+driver keeps its run directories, a model copy and a dataset. The driver is `python -m bench.run ...
+ray.address=<head>`, as a user runs it. Object storage: S3 on localhost (moto), reached by both nodes.
+
+    a trace sweep with a driver-local run directory equals the single-node run, figures included
+    a fit sweep with output_dir=s3://... equals the single-node run, every artefact in the bucket
+    a fit sweep with a driver-local run directory is refused in one line (exit 2), nothing written
+    a dataset root or model folder only the driver has is refused in one line naming the node
+
+Skipped with the reason where the machine does not allow a mount namespace (unshare needs root)."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from test_bad_inputs import write_voc
+from test_storage import BUCKET, s3_server  # noqa: F401 (the S3 endpoint fixture)
+
+from bench.storage import COMPLETE, Location, local_copy
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+SMALL = ["data.limit=2", "data.size=32", "report.bootstrap=20", "report.qualitative=1"]
+PROBE = ["params.train_images=4", "params.epochs=20", "train.num_workers=1"]
+pytestmark = pytest.mark.slow  # two Ray nodes and several runs: minutes
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _namespace_refusal() -> str | None:
+    """Why this machine cannot give a node a private filesystem (None where it can)."""
+    if shutil.which("unshare") is None:
+        return "unshare is not installed"
+    with tempfile.TemporaryDirectory() as folder:
+        done = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs tmpfs {folder}"], capture_output=True,
+                              text=True)
+    if done.returncode != 0:
+        return f"a private mount namespace is not permitted here ({done.stderr.strip() or done.returncode})"
+    return None
+
+
+def _env(extra: dict | None = None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_JOB_CONFIG_JSON_ENV_VAR")}
+    env.update({"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0",
+                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"})
+    env.update(extra or {})
+    return env
+
+
+class Cluster:
+    def __init__(self, base: Path, hidden: Path, address: str, processes: list[subprocess.Popen]):
+        self.base, self.hidden, self.address, self.processes = base, hidden, address, processes
+
+    def run(self, *args: str, cluster: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "bench.run", *args]
+        if cluster:
+            command.append(f"ray.address={self.address}")
+        return subprocess.run(command, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_server):  # noqa: F811
+    why = _namespace_refusal()
+    if why:
+        pytest.skip(why)
+    base = Path(tempfile.mkdtemp(prefix="bench-cluster-", dir="/tmp"))
+    hidden = base / "driver"  # what only the driver's machine has
+    hidden.mkdir()
+    gcs, client, *agents = _free_ports(8)
+    head = subprocess.Popen([RAY, "start", "--head", "--block", "--num-cpus=0", f"--port={gcs}",
+                             f"--temp-dir={base / 'ray'}", "--include-dashboard=false",
+                             f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agents[0]}",
+                             f"--dashboard-agent-grpc-port={agents[1]}", f"--metrics-export-port={agents[2]}",
+                             "--disable-usage-stats"],
+                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"127.0.0.1:{gcs}"
+    worker_start = " ".join([RAY, "start", "--block", f"--address={address}", "--num-cpus=2",
+                             f"--dashboard-agent-listen-port={agents[3]}", f"--dashboard-agent-grpc-port={agents[4]}",
+                             f"--metrics-export-port={agents[5]}", "--disable-usage-stats"])
+    worker = subprocess.Popen(["unshare", "-m", "sh", "-c", f"mount -t tmpfs tmpfs {hidden} && exec {worker_start}"],
+                              env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    processes = [worker, head]
+    try:
+        _wait_for_nodes(address, 2)
+        yield Cluster(base, hidden, address, processes)
+    finally:
+        for process in processes:  # `ray start --block` stops its node's processes when terminated
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _wait_for_nodes(address: str, count: int, timeout: float = 240) -> None:
+    script = (f"import ray; ray.init(address={address!r}, logging_level='ERROR'); "
+              f"print(sum(1 for n in ray.nodes() if n['Alive']))")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        done = subprocess.run([sys.executable, "-c", script], env=_env(), capture_output=True, text=True, timeout=120)
+        if done.returncode == 0 and done.stdout.strip().splitlines()[-1:] == [str(count)]:
+            return
+        time.sleep(2)
+    raise RuntimeError(f"the simulated cluster did not reach {count} nodes")
+
+
+def _assert_same_run(single: Path, other: Path) -> None:
+    """Results equal exactly; the same files (figures included), the qualitative maps equal array for array."""
+    a = pd.read_parquet(single / "results.parquet").sort_values(["trial", "seed"]).reset_index(drop=True)
+    b = pd.read_parquet(other / "results.parquet").sort_values(["trial", "seed"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(a, b, check_exact=True)
+    files = sorted(str(p.relative_to(single)) for p in single.rglob("*") if p.is_file())
+    assert files == sorted(str(p.relative_to(other)) for p in other.rglob("*") if p.is_file() and p.name != COMPLETE)
+    qualitative = sorted(f for f in files if f.startswith("qualitative/"))
+    assert qualitative, "no qualitative maps"
+    for name in qualitative:
+        with np.load(single / name) as x, np.load(other / name) as y:
+            assert all(np.array_equal(x[k], y[k]) for k in x.files)
+    for run in (single, other):
+        assert "Qualitative results" in (run / "report.md").read_text()
+
+
+def test_a_trace_sweep_with_a_driver_local_run_directory_equals_the_single_node_run(cluster, tiny_model):
+    args = [str(ROOT / "sweeps/iseg_lambda.yaml"), *SMALL, f"model.path={tiny_model}", "ray.execution=actors",
+            "ray.num_actors=1"]
+    single = cluster.base / "single-trace"
+    done = cluster.run(*args, f"output_dir={single}", cluster=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = cluster.hidden / "runs" / "trace"
+    done = cluster.run(*args, f"output_dir={out}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == str(out)
+    assert json.loads((out / "run.json").read_text())["num_actors"] == 1
+    _assert_same_run(single, out)
+
+
+def test_a_fit_sweep_on_s3_equals_the_single_node_run_every_artefact_in_the_bucket(cluster, tiny_model):
+    args = [str(ROOT / "sweeps/linear_probe.yaml"), *SMALL, f"model.path={tiny_model}", *PROBE,
+            "ray.execution=actors", "ray.num_actors=1"]
+    single = cluster.base / "single-fit"
+    done = cluster.run(*args, f"output_dir={single}", cluster=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    uri = f"s3://{BUCKET}/cluster-fit-{os.getpid()}"
+    done = cluster.run(*args, f"output_dir={uri}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == uri
+    stored = Location.of(uri).files()
+    assert COMPLETE in stored and any(f.startswith("fit/") and f.endswith("weights.safetensors") for f in stored)
+    assert not any(f.startswith("work/") for f in stored)
+    with local_copy(uri) as copy:
+        _assert_same_run(single, copy)
+        (fit,) = (single / "fit").iterdir()
+        assert (fit / "weights.safetensors").read_bytes() == (copy / "fit" / fit.name / "weights.safetensors"
+                                                             ).read_bytes()
+
+
+def test_a_fit_sweep_with_a_driver_local_run_directory_is_refused_before_ray_train(cluster, tiny_model):
+    out = cluster.hidden / "runs" / "fit-local"
+    done = cluster.run(str(ROOT / "sweeps/linear_probe.yaml"), *SMALL, f"model.path={tiny_model}", *PROBE,
+                       f"output_dir={out}")
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: node 127.0.0.1"), lines
+    assert f"the fit storage {out}" in lines[0] and "output_dir=s3://" in lines[0]
+    assert not out.exists() and not out.with_name(out.name + ".partial").exists()  # nothing written
+
+
+def test_a_model_or_dataset_only_the_driver_has_is_one_line_naming_the_node(cluster, tiny_model):
+    model = cluster.hidden / "model"
+    if not model.exists():
+        shutil.copytree(tiny_model, model)
+    root = write_voc(Path(tempfile.mkdtemp(dir=cluster.hidden)))
+    sweep = cluster.hidden / "voc.yaml"
+    sweep.write_text(f"method: iseg\ndata: {{name: voc2012, root: {root}}}\nparams: {{background_words: ''}}\n")
+    out = cluster.base / "refused"
+    for args, what in (([str(ROOT / "sweeps/iseg_lambda.yaml"), *SMALL, f"model.path={model}"], f"model.path={model}"),
+                       ([str(sweep), f"model.path={tiny_model}", "data.size=32"], f"data.root={root}")):
+        done = cluster.run(*args, "ray.execution=actors", f"output_dir={out}")
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1, done.stderr[-3000:]
+        assert lines[0].startswith("error: node 127.0.0.1") and what in lines[0] and "shares" in lines[0]
+        assert not out.exists() and not out.with_name(out.name + ".partial").exists()
