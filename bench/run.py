@@ -1,7 +1,8 @@
 """`python -m bench.run SWEEP.yaml [key=value ...]`: run a sweep and write its run directory.
 
 The run directory appears complete or not at all: everything is written under `<run>.partial/` and renamed
-at the end. An interrupted run keeps `<run>.partial/`; the same command with `output_dir=<run>` resumes it
+at the end (on object storage, `output_dir=s3://...`, which has no rename: in place, finished once its
+`complete.json` is written, last; bench.storage). An interrupted run keeps `<run>.partial/`; the same command with `output_dir=<run>` resumes it
 (finished fits and images are kept; a changed configuration is refused, naming the keys that differ). The
 last line on stdout is the run directory's path. Bad input is one `error:` line and exit 2 before anything is
 written; a failure while running (here or in a Ray worker) is one line too, with the command that resumes.
