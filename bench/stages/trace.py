@@ -122,17 +122,24 @@ def trace_and_score(cfg: SweepConfig, groups: list[ForwardGroup], num_images: in
     kwargs = {"cfg": cfg, "groups": groups, "fits": fits, "qualitative": qualitative_dir is not None,
               "fault": trace_fault(fault_dir)}
     batches = _local_batches(todo, kwargs) if cfg.ray.execution == "driver" else _ray_batches(todo, kwargs)
-    next_shard = len(names)
-    with tqdm(total=num_images, initial=len(done), desc=f"{cfg.name} images", unit="img",
-              dynamic_ncols=True) as bar:
+    absorb(batches, shards, qualitative_dir, done, len(names), num_images, f"{cfg.name} images")
+
+
+def absorb(batches, shards: Location, qualitative_dir: Location | None, done: set, next_shard: int,
+           num_images: int, label: str) -> None:
+    """The driver's share of the trace stage, per result batch: drop images already sharded, write the
+    qualitative records, write the batch as one shard, advance the bar (what bench.perf_driver measures)."""
+    seen = np.zeros(num_images, dtype=bool)  # a mask, not a set: the check per batch costs the batch, not the run
+    seen[np.fromiter(done, dtype=np.int64, count=len(done))] = True
+    with tqdm(total=num_images, initial=len(done), desc=label, unit="img", dynamic_ncols=True) as bar:
         for batch in batches:
             # a batch re-executed after a worker died (or a lost node's block rebuilt) may repeat images that
             # are already sharded: each image is written once
-            fresh = ~np.isin(batch["index"], np.fromiter(done, dtype=np.int64, count=len(done)))
+            fresh = ~seen[batch["index"]]
             if not fresh.any():
                 continue
             batch = {k: v[fresh] for k, v in batch.items()}
-            done.update(int(i) for i in batch["index"])
+            seen[batch["index"]] = True
             names_sent = batch.pop("qualitative_name", np.array([], dtype=str))
             data_sent = batch.pop("qualitative_data", np.array([], dtype=object))
             if qualitative_dir is not None:
