@@ -300,3 +300,23 @@ def test_a_fit_sweep_on_s3_equals_the_local_run_every_artefact_in_the_bucket(s3_
         a, b = load_file(fit / "weights.safetensors"), load_file(copy / "fit" / fit.name / "weights.safetensors")
         assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
         assert json.loads((copy / "fit" / fit.name / "train_config.json").read_text())["world_size"] == 2
+
+
+def test_the_driver_writes_each_image_once_and_the_qualitative_records_it_receives(folder):
+    """bench.stages.trace.absorb: a batch repeated by a retried actor (or images a resumed run already holds)
+    adds nothing; the qualitative records that came back with the histograms are written into the run."""
+    from bench.perf_driver import result_batch
+    from bench.stages.trace import absorb, load_shards
+
+    rng = np.random.default_rng(0)
+    first, second = result_batch(0, 2, 3, 5, rng), result_batch(2, 2, 3, 5, rng)
+    second["qualitative_name"] = np.array(["img2.g000.npz"] + [""] * 5)  # as SweepWorker sends it
+    second["qualitative_data"][0] = b"npz bytes"
+    repeat = {k: v.copy() for k, v in first.items()}
+    absorb(iter([first, repeat, second]), folder / "shards", folder / "qualitative", {5}, 0, 6, "test")
+    assert folder.names() == ["qualitative", "shards"]
+    assert (folder / "shards").names() == ["shard-00000.npz", "shard-00001.npz"]
+    assert (folder / "qualitative" / "img2.g000.npz").read_bytes() == b"npz bytes"
+    scores = load_shards(folder / "shards")
+    assert sorted(set(scores["index"].tolist())) == [0, 1, 2, 3] and len(scores["index"]) == 12
+    assert "qualitative_data" not in scores and np.array_equal(scores["hist"][:6], first["hist"])
