@@ -320,3 +320,28 @@ def test_the_driver_writes_each_image_once_and_the_qualitative_records_it_receiv
     scores = load_shards(folder / "shards")
     assert sorted(set(scores["index"].tolist())) == [0, 1, 2, 3] and len(scores["index"]) == 12
     assert "qualitative_data" not in scores and np.array_equal(scores["hist"][:6], first["hist"])
+
+
+def test_fit_from_reads_a_finished_fit_from_object_storage(s3_server, tmp_path):
+    """`fit.from=s3://...` (a run or one fit directory): the finished fit is found by its hash, copied into the
+    run with `done` last, and a fit of another setting is refused naming both hashes."""
+    from bench.plan import make_plan
+    from bench.stages.fit import CONFIG, DONE, copy_fit, fit_source
+
+    source = f"s3://{BUCKET}/lent-{os.getpid()}"
+    cfg = compose(ROOT / "sweeps/linear_probe.yaml", [f"fit.from={source}"])
+    (unit,) = make_plan(cfg).fits
+    fit = Location.of(source) / "fit" / unit.hash
+    for name, data in (("weights.safetensors", b"w"), ("loss.csv", b"series,step,loss\n")):
+        (fit / name).write_bytes(data)
+    (fit / CONFIG).write_json({"hash": unit.hash})
+    (fit / DONE).write_text(unit.hash + "\n")
+    found = fit_source(cfg, unit)
+    assert found == fit
+    target = Location.of(tmp_path / "run" / "fit" / unit.hash)
+    copy_fit(found, target)
+    assert sorted(target.names()) == sorted(["weights.safetensors", "loss.csv", CONFIG, DONE])
+    assert (target / CONFIG).read_json()["copied_from"] == fit.uri
+    (fit / CONFIG).write_json({"hash": "another"})
+    with pytest.raises(BenchError, match=f"holds fit another, but this sweep needs {unit.hash}"):
+        fit_source(compose(ROOT / "sweeps/linear_probe.yaml", [f"fit.from={fit.uri}"]), unit)
