@@ -38,7 +38,7 @@ def test_the_job_submit_recipe_uses_the_options_of_rays_job_client():
     from ray.dashboard.modules.job.cli import submit
 
     text = (EXAMPLES / "ray_job_submit.sh").read_text()
-    command = re.search(r"^ray job submit.*?(?<!\\)$", text.replace("\\\n", " "), re.M | re.S)
+    command = re.search(r"^ray job submit.*?(?<!\\)$", text.replace("\\\n", " "), re.MULTILINE | re.DOTALL)
     assert command, "no `ray job submit` command"
     words = shlex.split(command.group(0).replace("$RAY_ADDRESS", "http://head:8265")
                         .replace("$DIFFSEG_STORAGE", "s3://bucket/runs").replace('"$', '"'))[3:]

@@ -157,9 +157,8 @@ def test_an_object_store_run_with_its_marker_is_finished_and_never_claimed_again
 def test_an_unfinished_object_store_run_is_not_read_as_finished(s3_server):
     run = Location.of(f"s3://{BUCKET}/unfinished-{os.getpid()}")
     (run / "results.csv").write_text("a\n1\n")  # no completion marker
-    with pytest.raises(BenchError, match="unfinished"):
-        with local_copy(run.uri):
-            pass
+    with pytest.raises(BenchError, match="unfinished"), local_copy(run.uri):
+        pass
 
 
 def test_a_lock_left_by_a_dead_process_of_this_host_is_taken_over(s3_server):
