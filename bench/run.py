@@ -119,11 +119,10 @@ def _run_claimed(cfg: SweepConfig, plan, held: Claim, final: Path | str, resume:
 
 
 def _write_results(data: dict, rows: list[dict], stats: dict, folder: Path) -> None:
-    frame, provenance = write_run(data, rows, stats, folder)
-    from bench.reporting import (
-        write_report,  # matplotlib and scipy: imported once there is a report to write
-    )
+    # matplotlib and scipy: imported once there is a report to write
+    from bench.reporting import write_report
 
+    frame, provenance = write_run(data, rows, stats, folder)
     write_report(folder, data, frame, provenance)
 
 
