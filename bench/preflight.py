@@ -32,10 +32,11 @@ WEIGHT_PARTS = ("unet", "vae", "text_encoder")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-def preflight(cfg: SweepConfig) -> Plan:
+def preflight(cfg: SweepConfig, cluster_check=None) -> Plan:
     """Checks the sweep against the data, the fits it needs, the model and the machine; returns its plan.
     Notes (nothing wrong, but worth knowing: prompts the tokenizer cuts) go into `plan.notes`, which the run
-    records in run.json and its report states once; a failure is the one line on stderr."""
+    records in run.json and its report states once. `cluster_check(plan)`, where given, runs last (the per-node
+    probes of check_cluster), so that a failure is the one line on stderr."""
     check_output_dir(cfg)
     dataset = build_dataset(cfg.data)
     plan = make_plan(cfg)
@@ -59,6 +60,8 @@ def preflight(cfg: SweepConfig) -> Plan:
         check_layer_roles(cfg, plan, folder)
     plan.notes += check_prompts(cfg, plan, dataset, samples, load_tokenizer(cfg, folder))
     trace_fault(None)
+    if cluster_check is not None:
+        cluster_check(plan)
     for text in plan.notes:  # said once in the report (run.json "notes"), not as a console warning
         log.debug("%s", text)
     return plan

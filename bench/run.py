@@ -45,14 +45,17 @@ def resume_command(sweep_path: str, overrides: list[str], final: Path) -> str:
 
 def run(sweep_path: str, overrides: list[str]) -> Path | str:
     cfg = compose(sweep_path, overrides)  # validation: nothing is written before this and preflight pass
-    plan = preflight(cfg)
     final = run_target(cfg)
     target = Location.of(final)
-    if on_cluster(cfg, plan):  # one probe per node: every node reaches what it needs (bench.preflight.check_cluster)
-        from bench.env import init_ray
 
-        init_ray(cfg.ray.address, cfg.ray.object_store_mb, cfg.ray.quiet)
-        check_cluster(cfg, plan, target)
+    def probe_nodes(plan) -> None:  # one probe per node: every node reaches what it needs (check_cluster)
+        if on_cluster(cfg, plan):
+            from bench.env import init_ray
+
+            init_ray(cfg.ray.address, cfg.ray.object_store_mb, cfg.ray.quiet)
+            check_cluster(cfg, plan, target)
+
+    plan = preflight(cfg, probe_nodes)
     if target.is_local:
         if final.exists():
             raise BenchError(f"run directory {final} already exists; choose another output_dir=")

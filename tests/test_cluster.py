@@ -36,7 +36,7 @@ RAY = str(Path(sys.executable).with_name("ray"))
 SMALL = ["data.limit=2", "data.size=32", "report.bootstrap=20", "report.qualitative=1"]
 PROBE = ["params.train_images=4", "params.epochs=20", "train.num_workers=1"]
 NODE_LINE = re.compile(r"^error: node \S+ \([0-9a-f]{8}\) cannot reach ")  # the node by address and id
-pytestmark = pytest.mark.slow  # two Ray nodes and several runs: minutes
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # two Ray nodes and several runs: minutes
 
 
 def _free_ports(n: int) -> list[int]:

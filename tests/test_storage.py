@@ -256,6 +256,7 @@ def _same_results(local: Path, remote: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_a_trace_sweep_on_s3_equals_the_local_run(s3_server, tmp_path, tiny_model, capsys):
     from bench.report import main as report_main
     from bench.run import main
@@ -278,6 +279,7 @@ def test_a_trace_sweep_on_s3_equals_the_local_run(s3_server, tmp_path, tiny_mode
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_a_fit_sweep_on_s3_equals_the_local_run_every_artefact_in_the_bucket(s3_server, tmp_path, tiny_model,
                                                                              ray_session):
     from bench.run import main
