@@ -61,6 +61,7 @@ class Plan:
     # what the checks found worth knowing but not wrong (prompts the tokenizer cuts, ...): recorded in run.json
     # and said once in the report, not on the console
     notes: list[str] = field(default_factory=list)
+    inputs: dict | None = None  # fingerprints of the model and data (bench.fingerprint), set by preflight
 
 
 # -- search space ------------------------------------------------------------------------------------------------

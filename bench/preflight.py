@@ -23,6 +23,7 @@ from bench.data import build_dataset, dataset_options, require_generation_gt
 from bench.data.base import IGNORE_INDEX, SegDataset
 from bench.errors import BenchError
 from bench.faults import trace_fault
+from bench.fingerprint import input_fingerprints, record_opened, refuse_changed_fit_source
 from bench.models import model_kind, resolve_hub_id
 from bench.plan import Plan, make_plan
 from methods import METHODS
@@ -42,7 +43,8 @@ def preflight(cfg: SweepConfig, cluster_check=None) -> Plan:
     plan = make_plan(cfg)
     for mode in sorted({t.params["mode"] for t in plan.trials}):
         require_generation_gt(dataset, mode)
-    samples = check_images(dataset, cfg.data)
+    with record_opened() as opened:
+        samples = check_images(dataset, cfg.data)
     if plan.fits:
         check_training_data(cfg)
         if cfg.train.use_gpu and not cfg.ray.address and not torch.cuda.is_available():
@@ -60,6 +62,9 @@ def preflight(cfg: SweepConfig, cluster_check=None) -> Plan:
         check_layer_roles(cfg, plan, folder)
     plan.notes += check_prompts(cfg, plan, dataset, samples, load_tokenizer(cfg, folder))
     trace_fault(None)
+    plan.inputs = input_fingerprints(folder, cfg.data, opened, train_data_config(cfg) if plan.fits else None)
+    if cfg.fit.source is not None:
+        refuse_changed_fit_source(Path(cfg.fit.source), plan.inputs)
     if cluster_check is not None:
         cluster_check(plan)
     for text in plan.notes:  # said once in the report (run.json "notes"), not as a console warning

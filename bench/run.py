@@ -63,7 +63,7 @@ def run(sweep_path: str, overrides: list[str]) -> Path | str:
     else:  # an object store: written in place, finished when its completion marker exists (bench.storage)
         work = target
     cfg.output_dir = str(final)
-    held = claim(Location.of(work) if not target.is_local else work, cfg)  # exclusive; a changed config stops here
+    held = claim(Location.of(work) if not target.is_local else work, cfg, plan.inputs)  # exclusive; a changed config stops here
     if held.resumed:
         log.info("resuming the interrupted run in %s", held.work)
     try:
@@ -93,6 +93,7 @@ def _run_claimed(cfg: SweepConfig, plan, held: Claim, final: Path | str, resume:
                                              / max(totals["trace_seconds"], 1e-9), 4))
         stats["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         stats["notes"] = list(plan.notes)  # the preflight's notes, stated once in the report
+        stats["inputs"] = held.state.get("inputs")  # what fit.from= compares (bench.fingerprint)
         data = cfg.as_dict()
         if work.is_local:
             _write_results(data, rows, stats, work.local)

@@ -34,6 +34,7 @@ import numpy as np
 
 from bench.config import SweepConfig
 from bench.errors import BenchError
+from bench.fingerprint import refuse_changed_resume
 from bench.results import config_hash
 from bench.storage import COMPLETE, STORAGE_ENV, Location, is_uri
 
@@ -221,11 +222,12 @@ def _estimate_end(work: Path, since: float) -> float:
     return newest
 
 
-def claim(work: Path | Location, cfg: SweepConfig) -> Claim:
+def claim(work: Path | Location, cfg: SweepConfig, inputs: dict | None = None) -> Claim:
     """Create or resume `work` (<run>.partial locally, the run itself on an object store) for `cfg`,
-    exclusively; BenchError naming the fix otherwise."""
+    exclusively; BenchError naming the fix otherwise. `inputs` (bench.fingerprint) is recorded by a new run and
+    must match on a resume."""
     if isinstance(work, Location) and not work.is_local:
-        return claim_in_store(work, cfg)
+        return claim_in_store(work, cfg, inputs)
     work = Location.of(work).local
     config = resume_config(cfg)
     digest = config_hash(config)
@@ -255,7 +257,7 @@ def claim(work: Path | Location, cfg: SweepConfig) -> Claim:
                     raise BenchError(f"{work} holds files but no record of the configuration they came from; "
                                      f"remove it or choose another output_dir=")
                 log.warning("%s was left by a start that stopped before it began; starting it afresh", work)
-            state = {"hash": digest, "config": config, "invocations": []}
+            state = {"hash": digest, "config": config, "inputs": inputs, "invocations": []}
             resumed = False
         else:
             try:
@@ -268,6 +270,7 @@ def claim(work: Path | Location, cfg: SweepConfig) -> Claim:
                 raise BenchError(f"the interrupted run in {work} was started with another configuration (differs "
                                  f"in: {', '.join(keys) or 'its hash'}); resume it with the same sweep and "
                                  f"overrides, or choose another output_dir=")
+            refuse_changed_resume(state.get("inputs"), inputs, work)
             resumed = True
             state.setdefault("invocations", [])
             last = state["invocations"][-1] if state["invocations"] else None
@@ -283,7 +286,7 @@ def claim(work: Path | Location, cfg: SweepConfig) -> Claim:
         raise
 
 
-def claim_in_store(run: Location, cfg: SweepConfig) -> Claim:
+def claim_in_store(run: Location, cfg: SweepConfig, inputs: dict | None = None) -> Claim:
     """`claim` on an object store: the lock object created exclusively (bench.storage.create_exclusive), then
     started.json compared (resume) or written (fresh)."""
     if (run / COMPLETE).is_file():
@@ -318,6 +321,7 @@ def claim_in_store(run: Location, cfg: SweepConfig) -> Claim:
                 raise BenchError(f"the interrupted run in {run} was started with another configuration (differs "
                                  f"in: {', '.join(keys) or 'its hash'}); resume it with the same sweep and "
                                  f"overrides, or choose another output_dir=")
+            refuse_changed_resume(state.get("inputs"), inputs, run)
             resumed = True
             last = state["invocations"][-1] if state.get("invocations") else None
             if last is not None and "wall_seconds" not in last:  # killed: no end recorded
@@ -328,7 +332,7 @@ def claim_in_store(run: Location, cfg: SweepConfig) -> Claim:
             if has_progress(run) or any(name != WORK for name in run.names()):
                 raise BenchError(f"{run} holds files but no record of the configuration they came from; delete "
                                  f"it or choose another output_dir=")
-            state, resumed = {"hash": digest, "config": config, "invocations": []}, False
+            state, resumed = {"hash": digest, "config": config, "inputs": inputs, "invocations": []}, False
         result = Claim(run, resumed, state, None)
         state.setdefault("invocations", []).append({"started": result.started, "pid": os.getpid()})
         result.save()
