@@ -111,6 +111,9 @@ def init_ray(address: str | None = None, object_store_mb: int = 256, quiet: bool
         ray.init(**kwargs)
     else:
         ray.init(object_store_memory=int(object_store_mb) * 1024 * 1024, **kwargs)
+    from bench.errors import restore_terminate
+
+    restore_terminate()  # ray.init's SIGTERM handler exits without a word; the command's says how to resume
     for name in ("ray.data", "ray.tune", "ray.train"):
         logging.getLogger(name).setLevel(logging.ERROR if quiet else logging.INFO)
     ctx = DataContext.get_current()

@@ -23,7 +23,11 @@ from bench.data import build_dataset, dataset_options, require_generation_gt
 from bench.data.base import IGNORE_INDEX, SegDataset
 from bench.errors import BenchError
 from bench.faults import trace_fault
-from bench.fingerprint import input_fingerprints, record_opened, refuse_changed_fit_source
+from bench.fingerprint import (
+    input_fingerprints,
+    record_opened,
+    refuse_changed_fit_source,
+)
 from bench.models import model_kind, resolve_hub_id
 from bench.plan import Plan, make_plan
 from methods import METHODS

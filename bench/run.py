@@ -28,7 +28,7 @@ quiet_environment()  # before torch is imported below: its thread count is read 
 
 from bench.config import SweepConfig, compose  # noqa: E402
 from bench.engine import run_engine  # noqa: E402
-from bench.errors import BenchError, RunFailed, cli_exit  # noqa: E402
+from bench.errors import BenchError, RunFailed, cli_exit, run_started  # noqa: E402
 from bench.preflight import check_cluster, preflight  # noqa: E402
 from bench.results import config_hash, write_run  # noqa: E402
 from bench.rundir import WORK, Claim, claim, discard, has_progress, run_target, scored_images  # noqa: E402
@@ -64,6 +64,7 @@ def run(sweep_path: str, overrides: list[str]) -> Path | str:
         work = target
     cfg.output_dir = str(final)
     held = claim(Location.of(work) if not target.is_local else work, cfg, plan.inputs)  # exclusive; a changed config stops here
+    run_started()  # the log lines held back while the input was checked (bench.errors)
     if held.resumed:
         log.info("resuming the interrupted run in %s", held.work)
     try:
@@ -250,7 +251,7 @@ def sweep_command(argv: list[str] | None, doc: str, usage: str, work) -> int:
         print(doc.strip().splitlines()[0])
         print(f"usage: {usage}")
         return 0 if argv else 2
-    return cli_exit(lambda: work(resolve_sweep(argv[0]), argv[1:]))
+    return cli_exit(lambda: work(resolve_sweep(argv[0]), argv[1:]), hold_logs=True)
 
 
 if __name__ == "__main__":

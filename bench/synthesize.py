@@ -48,7 +48,7 @@ from tqdm import tqdm  # noqa: E402
 from bench.config import SweepConfig, compose  # noqa: E402
 from bench.data import build_dataset, generation_gt  # noqa: E402
 from bench.data.base import IGNORE_INDEX  # noqa: E402
-from bench.errors import BenchError  # noqa: E402
+from bench.errors import BenchError, run_started  # noqa: E402
 from bench.metrics import image_histograms, summarize  # noqa: E402
 from bench.preflight import preflight  # noqa: E402
 from bench.results import config_hash  # noqa: E402
@@ -277,6 +277,7 @@ def synthesize(sweep_path: str, overrides: list[str]) -> Path:
     except OSError as err:
         raise BenchError(f"cannot write {work}: {err.strerror}; choose a writable output_dir=") from None
     started.write_text(json.dumps({"hash": _resume_hash(cfg), "config": cfg.as_dict()}, default=str))
+    run_started()  # the log lines held back while the input was checked (bench.errors)
     fit = fit_if_needed(cfg, params, work)
     done = {r["index"] for r in read_shards(work)}
     todo = [i for i in range(len(dataset)) if i not in done]

@@ -257,17 +257,22 @@ def _wait_for_shard(partial: Path, proc: subprocess.Popen, timeout: float = 300)
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-@pytest.mark.parametrize("how", ["SIGINT", "SIGKILL"])
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "SIGKILL"])
 def test_driver_killed_mid_run_resumes_to_the_undisturbed_result(how, tmp_path, tiny_model, undisturbed):
+    """SIGTERM (schedulers, Kubernetes, `timeout`) is Ctrl-C: exit 130, one line with the resume command, the
+    lock removed; SIGKILL leaves the lock file (its flock freed by the kernel) and the same command resumes."""
     out = tmp_path / "run"
     args = [str(SWEEP), *SMALL, f"model.path={tiny_model}", LOCAL, "ray.batch_size=1", f"output_dir={out}"]
     proc = _start(args, tmp_path)
     _wait_for_shard(tmp_path / "run.partial", proc)
-    proc.send_signal(signal.SIGINT if how == "SIGINT" else signal.SIGKILL)
+    proc.send_signal(getattr(signal, how))
     _, stderr = proc.communicate(timeout=120)
-    if how == "SIGINT":
+    if how != "SIGKILL":
         assert proc.returncode == 130, stderr[-3000:]
-        command = shlex.split(stderr.split("resume with: ", 1)[1].splitlines()[0])
+        hints = [line for line in stderr.splitlines() if "resume with: " in line]
+        assert len(hints) == 1 and "Traceback" not in stderr, stderr[-3000:]
+        assert not (tmp_path / "run.partial" / WORK / LOCK).exists()
+        command = shlex.split(hints[0].split("resume with: ", 1)[1])
     else:
         assert proc.returncode == -signal.SIGKILL
         command = ["python", "-m", "bench.run", *args]

@@ -11,13 +11,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_bad_inputs import write_voc
 
 import bench.run
-from bench.fingerprint import (FINGERPRINT_CACHE_ENV, HashCache, changed_inputs, file_hash, files_fingerprint,
-                               model_fingerprint, node_fingerprint)
+from bench.fingerprint import (
+    FINGERPRINT_CACHE_ENV,
+    HashCache,
+    changed_inputs,
+    file_hash,
+    files_fingerprint,
+    model_fingerprint,
+    node_fingerprint,
+)
 from bench.run import main
 from bench.rundir import STARTED, WORK
-from test_bad_inputs import write_voc
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ROOT / "sweeps" / "iseg_lambda.yaml"
@@ -142,16 +149,15 @@ def test_fit_from_a_run_fitted_on_other_weights_is_refused(tmp_path, tiny_model,
     args = ["method: linear_probe\n"]
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(args[0])
-    from bench.config import compose
-    from bench.preflight import model_folder
+    from bench.config import compose, train_data_config
     from bench.fingerprint import input_fingerprints
-    from bench.config import train_data_config
+    from bench.preflight import model_folder
 
     cfg = compose(sweep, [f"model.path={model}"])
     recorded = input_fingerprints(model_folder(cfg), cfg.data, [], train_data_config(cfg))
     (source / "run.json").write_text(json.dumps({"inputs": recorded}))
-    from bench.fingerprint import refuse_changed_fit_source
     from bench.errors import BenchError
+    from bench.fingerprint import refuse_changed_fit_source
 
     refuse_changed_fit_source(source, recorded)  # the same inputs: accepted
     weights = model / "vae" / "diffusion_pytorch_model.safetensors"
