@@ -36,6 +36,7 @@ import copy
 import dataclasses
 import difflib
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +49,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from bench.data import dataset_options
 from bench.errors import BenchError
+from bench.limits import check_override, check_side, check_yaml_shape, count_configurations, read_sweep_text
 from bench.metrics import PROTOCOLS
 from bench.models import validate_model_config
 from bench.registry import unknown_name_message
@@ -309,14 +311,23 @@ def hydra_overrides(raw: dict, overrides: list[str]) -> list[str]:
 
 
 def compose(path: str | Path, overrides: list[str]) -> SweepConfig:
-    """Compose the sweep file with Hydra (no output folder, no chdir), overlay on the defaults, validate."""
-    path = Path(path)
+    """Compose the sweep file with Hydra (no output folder, no chdir), overlay on the defaults, validate; the
+    file and the overrides within bench.limits first."""
+    try:
+        return _compose(Path(path), overrides)
+    except RecursionError:  # a nesting that slipped past the limits: one line, not thousands
+        raise BenchError(f"{path} or its overrides nest too deeply to parse; flatten them") from None
+
+
+def _compose(path: Path, overrides: list[str]) -> SweepConfig:
     if path.suffix not in (".yaml", ".yml"):
         raise BenchError(f"{path} is not a .yaml sweep file; see sweeps/ for examples")
     if not path.is_file():
         raise BenchError(f"sweep file {path} not found; see sweeps/ for examples")
+    text = read_sweep_text(path)
+    check_yaml_shape(text, f"sweep file {path}")
     try:
-        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -325,8 +336,9 @@ def compose(path: str | Path, overrides: list[str]) -> SweepConfig:
         raise BenchError(f"{path} must hold a mapping of sweep keys (name, method, data, sweep, ...)")
     _refuse_resolvers(raw, "")
     for item in overrides:
-        if "=" not in item:
+        if not isinstance(item, str) or "=" not in item:
             raise BenchError(f"override {item!r} is not key=value (e.g. data.limit=8)")
+        check_override(item)
         key, value = item.split("=", 1)
         _refuse_resolvers(value, key.lstrip("+~"))
     forced = hydra_overrides(raw, overrides)
@@ -392,13 +404,15 @@ def validate(cfg: SweepConfig) -> None:
     for name, space in getattr(method, "default_sweep", dict)().items():
         if name not in cfg.sweep and name not in cfg.params:
             cfg.sweep[name] = space
-    seeds = cfg.seeds
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
-        raise BenchError(f"seeds={seeds!r} must be a non-empty list of integers")
-    if not isinstance(cfg.num_samples, int) or cfg.num_samples < 1:
+    check_seeds(cfg.seeds, cfg.search_seed)
+    if not isinstance(cfg.num_samples, int) or isinstance(cfg.num_samples, bool) or cfg.num_samples < 1:
         raise BenchError("num_samples must be an integer >= 1")
-    if any(s < 0 for s in seeds) or not isinstance(cfg.search_seed, int) or cfg.search_seed < 0:
-        raise BenchError(f"seeds={seeds!r} and search_seed={cfg.search_seed!r} must be integers >= 0")
+    count_configurations([len(space_kind(n, v)[1]) for n, v in cfg.sweep.items() if space_kind(n, v)[0] == "grid"],
+                         cfg.num_samples if any(space_kind(n, v)[0] != "grid" for n, v in cfg.sweep.items()) else 1,
+                         len(cfg.seeds))
+    for name, options in (("data", cfg.data), ("train.data", cfg.train.data or {})):
+        check_side(f"{name}.size", options.get("size"))
+    check_side("model.resolution", cfg.model.resolution)
     if isinstance(cfg.ray.num_actors, str) and cfg.ray.num_actors != "auto":
         raise BenchError(f"ray.num_actors={cfg.ray.num_actors!r} must be a number of actors or auto")
     actors = 1 if cfg.ray.num_actors == "auto" else cfg.ray.num_actors
@@ -420,6 +434,29 @@ def validate(cfg: SweepConfig) -> None:
     paper = cfg.paper
     if paper and paper.get("param") and paper["param"] not in cfg.sweep:
         raise BenchError(f"paper.param={paper['param']!r} is not a swept parameter ({', '.join(cfg.sweep)})")
+
+
+SEED_LIMIT = 2**32  # numpy's and torch's generators take seeds below this
+
+
+def check_seeds(seeds, search_seed) -> None:
+    """Seeds are distinct integers in [0, 2**32) (a repeated seed would count one forward setting twice: a
+    spread of 0 and a confidence interval over copies); `true` is no integer."""
+    def integer(s) -> bool:
+        return isinstance(s, int) and not isinstance(s, bool)
+
+    if not isinstance(seeds, list) or not seeds or not all(integer(s) for s in seeds):
+        raise BenchError(f"seeds={seeds!r} must be a non-empty list of integers")
+    if not integer(search_seed):
+        raise BenchError(f"search_seed={search_seed!r} must be an integer")
+    for name, value in [*(("seeds", s) for s in seeds), ("search_seed", search_seed)]:
+        if not 0 <= value < SEED_LIMIT:
+            raise BenchError(f"{name}: {value} must be an integer >= 0 and < 2**32 (seeds={seeds!r}, "
+                             f"search_seed={search_seed!r})")
+    repeated = sorted(s for s, n in Counter(seeds).items() if n > 1)
+    if repeated:
+        raise BenchError(f"seeds={seeds!r} repeats {', '.join(map(str, repeated))}; each seed is one forward "
+                         f"setting, list each once")
 
 
 EXECUTION_MODES = ("auto", "actors", "driver")

@@ -161,7 +161,7 @@ def folder_files(folder: Path) -> dict[str, Path]:
     return out
 
 
-# -- the inputs of a run ------------------------------------------------------------------------------------------------
+# -- the inputs of a run -----------------------------------------------------------------------------------------------
 def model_fingerprint(folder: Path | None, cache: HashCache | None = None) -> dict:
     """The model folder's fingerprint (see the module docstring); the random in-process model has none."""
     if folder is None:
@@ -249,7 +249,7 @@ def node_fingerprint(model_folder: str | None, data_cfg: dict | None = None) -> 
     return out
 
 
-# -- comparing ----------------------------------------------------------------------------------------------------------
+# -- comparing ---------------------------------------------------------------------------------------------------------
 LABELS = {"model": "the model", "data": "the dataset", "train_data": "the training data"}
 
 
@@ -291,8 +291,8 @@ def refuse_changed_resume(recorded: dict | None, now: dict | None, work: Path) -
         return
     changes = changed_inputs(recorded, now)
     if changes:
-        raise BenchError(f"the inputs of the interrupted run in {work} changed since it started ({'; '.join(changes)}); "
-                         f"restore them, or choose another output_dir= to start afresh")
+        raise BenchError(f"the inputs of the interrupted run in {work} changed since it started "
+                         f"({'; '.join(changes)}); restore them, or choose another output_dir= to start afresh")
 
 
 def recorded_inputs(run_dir: Path) -> dict | None:

@@ -23,11 +23,8 @@ from bench.data import build_dataset, dataset_options, require_generation_gt
 from bench.data.base import IGNORE_INDEX, SegDataset
 from bench.errors import BenchError
 from bench.faults import trace_fault
-from bench.fingerprint import (
-    input_fingerprints,
-    record_opened,
-    refuse_changed_fit_source,
-)
+from bench.fingerprint import input_fingerprints, record_opened, refuse_changed_fit_source
+from bench.limits import bounded_images
 from bench.models import model_kind, resolve_hub_id
 from bench.plan import Plan, make_plan
 from methods import METHODS
@@ -47,7 +44,7 @@ def preflight(cfg: SweepConfig, cluster_check=None) -> Plan:
     plan = make_plan(cfg)
     for mode in sorted({t.params["mode"] for t in plan.trials}):
         require_generation_gt(dataset, mode)
-    with record_opened() as opened:
+    with bounded_images(), record_opened() as opened:  # the header's size before any image is decoded
         samples = check_images(dataset, cfg.data)
     if plan.fits:
         check_training_data(cfg)

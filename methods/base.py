@@ -121,10 +121,16 @@ class Param:
         if self.fields is not None and isinstance(value, str):
             allowed = ", ".join("{" + f + "}" for f in self.fields)
             try:
-                named = [f for _, f, _, _ in string.Formatter().parse(value) if f is not None]
+                parsed = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(value) if f is not None]
             except ValueError as err:
                 raise BenchError(f"parameter {name}={value!r} is not a valid template ({err}); use {allowed} and "
                                  f"write literal braces as {{{{ }}}}") from None
+            for field_name, spec, conversion in parsed:  # plain {field} only: {classes:>9999999999} would format
+                if spec or conversion or not field_name.isidentifier():  # gigabytes, {classes.x} read attributes
+                    shown = field_name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
+                    raise BenchError(f"parameter {name}={value!r} has {{{shown}}}; templates take plain fields only "
+                                     f"({allowed})")
+            named = [f for f, _, _ in parsed]
             for field_name in named:
                 if field_name.split(".")[0].split("[")[0] not in self.fields:
                     raise BenchError(f"parameter {name}={value!r} names {{{field_name}}}, which is not one of "

@@ -112,7 +112,7 @@ CASES: dict[str, tuple] = {
     "model.resolution=-64": (ISEG, ["model.resolution=-64"], "model.resolution=-64 must be >= 0"),
     "report.bootstrap=-5": (ISEG, ["report.bootstrap=-5"], "report.bootstrap=-5 must be >= 0"),
     "report.qualitative=-1": (ISEG, ["report.qualitative=-1"], "report.qualitative=-1 must be >= 0"),
-    "negative seed": (ISEG + "seeds: [-1]\n", [], "must be integers >= 0"),
+    "negative seed": (ISEG + "seeds: [-1]\n", [], "must be an integer >= 0"),
     "num_samples=0": (ISEG, ["num_samples=0"], "num_samples must be an integer >= 1"),
     # method parameters: declared bounds (Param low/high/positive) and templates
     "timestep=5000": (ISEG, ["params.timestep=5000"], "timestep=5000 must be < 1000"),
