@@ -27,6 +27,7 @@ from bench.fingerprint import input_fingerprints, record_opened, refuse_changed_
 from bench.limits import bounded_images
 from bench.models import model_kind, resolve_hub_id
 from bench.plan import Plan, make_plan
+from bench.probe import check_ray_address
 from methods import METHODS
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ def preflight(cfg: SweepConfig, cluster_check=None) -> Plan:
     records in run.json and its report states once. `cluster_check(plan)`, where given, runs last (the per-node
     probes of check_cluster), so that a failure is the one line on stderr."""
     check_output_dir(cfg)
+    check_ray_address(cfg.ray.address)
     dataset = build_dataset(cfg.data)
     plan = make_plan(cfg)
     for mode in sorted({t.params["mode"] for t in plan.trials}):

@@ -10,6 +10,7 @@ written; a failure while running (here or in a Ray worker) is one line too, with
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -29,6 +30,7 @@ quiet_environment()  # before torch is imported below: its thread count is read 
 from bench.config import SweepConfig, compose  # noqa: E402
 from bench.engine import run_engine  # noqa: E402
 from bench.errors import BenchError, RunFailed, cli_exit, run_started  # noqa: E402
+from bench.hygiene import prune_foreign  # noqa: E402
 from bench.preflight import check_cluster, preflight  # noqa: E402
 from bench.results import config_hash, write_run  # noqa: E402
 from bench.rundir import WORK, Claim, claim, discard, has_progress, run_target, scored_images  # noqa: E402
@@ -116,6 +118,7 @@ def _run_claimed(cfg: SweepConfig, plan, held: Claim, final: Path | str, resume:
     if final.exists():
         raise BenchError(f"{final} was created by another process while this run worked; the finished run stays "
                          f"in {work}")
+    prune_foreign(work, WORK)  # a finished run holds only what the run wrote (bench.hygiene)
     trash = work.with_name(f".{work.name}.done-{held.lock_fd}-{time.time_ns()}")
     (work / WORK).rename(trash)
     work.rename(final)
@@ -157,6 +160,9 @@ def _one_line(err: BaseException, work: Path, resume: str) -> BenchError:
         kind, message = carried
         cause = BenchError(message) if kind.split(".")[-1] == "BenchError" else RuntimeError(message)
         text = message if isinstance(cause, BenchError) else f"{kind.split('.')[-1]}: {message}"
+    elif isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f" writing {cause.filename}" if cause.filename else ""
+        text = f"the disk is full ({cause.strerror}{where}); free space there"
     else:
         text = str(cause) if isinstance(cause, BenchError) else f"{type(cause).__name__}: {first_line(cause)}"
     if has_progress(work):

@@ -135,7 +135,10 @@ class Claim:
         if images_traced is not None:
             record["images_traced"] = int(images_traced)
         if self.started_file.parent.is_dir():
-            self.save()
+            try:
+                self.save()
+            except OSError:  # a full disk: the invocation's timing is lost, not the work (the error says why)
+                log.debug("could not record the end of this invocation", exc_info=True)
 
     def totals(self) -> dict:
         """run.json's timing over every invocation: a killed invocation's wall time is estimated from the

@@ -184,8 +184,12 @@ class Location:
             path = Path(self.path)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_bytes(data)
-            tmp.replace(path)
+            try:
+                tmp.write_bytes(data)
+                tmp.replace(path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)  # a full disk or a kill: the old file stays whole, no partial one
+                raise
             return
         with self.fs.open_output_stream(self.path) as fh:
             fh.write(data)

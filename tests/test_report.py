@@ -207,7 +207,7 @@ def test_qualitative_figure_from_saved_predictions(tmp_path):
     frame = make_frame({0: [70.0], 0.01: [72.5], 0.1: [71.0]})
     path = save_qualitative(tmp_path / "qualitative", Sample(), CLASSES, ["t0000", "t0001", "t0002"],
                             [Pred(0.2), Pred(0.5), Pred(0.9)], query_ids=[1, 2], seed=0, group=0, prompt="a square")
-    assert path.name == "img_0__b_.g000.npz" and not list((tmp_path / "qualitative").glob(".*"))
+    assert path.name == "img%2F0%20%3Cb%3E.g000.npz" and not list((tmp_path / "qualitative").glob(".*"))
     with np.load(path, allow_pickle=False) as z:
         assert z["scores"].shape == (3, 2, 8, 8) and z["preds"].shape == (3, 32, 32)
     write_report(tmp_path, cfg, frame, make_prov(cfg))
@@ -396,3 +396,11 @@ def test_configurations_whose_labels_tie_breaking_decided_are_flagged(tmp_path):
     quiet.mkdir()
     write_report(quiet, cfg, frame.assign(tied=[0.1, 5.0, math.nan]), make_prov(cfg))
     assert "Labels without margin" not in (quiet / "report.md").read_text()
+
+
+@pytest.mark.parametrize("ids", [("a b", "a_b"), ("x/y", "x_y"), (".h", "%2Eh"), ("a" * 90, "a" * 91), ("~", "%7E")])
+def test_qualitative_file_names_are_injective_in_image_ids(ids):
+    from bench.reporting.qualitative import _key
+
+    names = [_key(i) for i in ids]
+    assert len(set(names)) == 2 and all("/" not in n and not n.startswith(".") and len(n) <= 100 for n in names)

@@ -20,10 +20,11 @@ write the same file), plain arrays, no pickles:
 
 from __future__ import annotations
 
+import hashlib
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 
@@ -55,8 +56,15 @@ def _numpy(x) -> np.ndarray:
 
 
 def _key(image_id: str) -> str:
-    key = re.sub(r"[^A-Za-z0-9_.-]", "_", str(image_id))[:80].lstrip(".")
-    return key or "image"
+    """A file name for an image id, injective: characters outside [A-Za-z0-9_.-] (and a leading '.') are
+    percent-encoded ('a b' -> 'a%20b', never 'a_b'); an id whose name would pass 80 characters is cut there and
+    followed by '~' (which no encoded name holds) and a hash of the whole id."""
+    key = quote(str(image_id), safe="").replace("~", "%7E")
+    if key.startswith("."):
+        key = "%2E" + key[1:]
+    if len(key) > 80:
+        key = key[:80] + "~" + hashlib.blake2b(str(image_id).encode(), digest_size=8).hexdigest()
+    return key or "%"
 
 
 def save_qualitative(directory: str | Path, sample, class_names: list[str], trials: list[str], predictions,
@@ -70,9 +78,13 @@ def save_qualitative(directory: str | Path, sample, class_names: list[str], tria
     name, arrays = qualitative_arrays(sample, class_names, trials, predictions, query_ids, seed, group, prompt)
     final = directory / name
     tmp = directory / f".{final.name}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as fh:
-        np.savez_compressed(fh, **arrays)
-    os.replace(tmp, final)
+    try:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk or a kill: no partial file stays behind
+        raise
     return final
 
 
