@@ -47,8 +47,8 @@ def check_ray_address(address: str | None, timeout: float = PROBE_SECONDS) -> No
         why = f"no answer within {timeout:g} s"
     except OSError as err:
         why = err.strerror or type(err).__name__
-    raise BenchError(f"ray.address={address}: no Ray cluster answers there ({why}); start the cluster (ray start --head) "
-                     f"or fix the address, or drop ray.address to run on this machine")
+    raise BenchError(f"ray.address={address}: no Ray cluster answers there ({why}); start the cluster (ray start "
+                     f"--head) or fix the address, or drop ray.address to run on this machine")
 
 
 def _gcs_answer(target: str, timeout: float) -> str | None:

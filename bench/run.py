@@ -155,7 +155,11 @@ def _one_line(err: BaseException, work: Path, resume: str) -> BenchError:
     not Ray's wrapper, and how to resume when something is kept. The full traceback goes to a file beside the
     kept work (or nowhere, when nothing is kept: the run directory is removed)."""
     cause = root_cause(err)
-    carried = remote_original(err) if not isinstance(cause, BenchError) else None
+    # Ray tasks and actors hand back the original exception (RayTaskError.cause): its type is read directly.
+    # Ray Data's UserCodeException (Ray 2.60) keeps neither a cause nor __cause__ once it crossed the process
+    # boundary, only the formatted traceback: read from that text (pinned by test_faults)
+    from_ray = type(cause).__module__.startswith("ray")
+    carried = remote_original(err) if from_ray and not isinstance(cause, BenchError) else None
     if carried is not None:  # raised in a Ray worker: only its text crossed the process boundary
         kind, message = carried
         cause = BenchError(message) if kind.split(".")[-1] == "BenchError" else RuntimeError(message)

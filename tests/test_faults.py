@@ -240,6 +240,35 @@ def test_errors_raised_in_ray_data_workers_come_back_as_their_own_line(tmp_path,
         assert not work.exists()
 
 
+def test_ray_task_errors_are_read_by_type_and_ray_data_errors_from_their_text(tmp_path, ray_session, monkeypatch):
+    """Pins what the installed Ray hands back: a task's RayTaskError keeps the original exception object
+    (`.cause`), read without any text parsing; Ray Data's UserCodeException keeps no cause object, so its
+    original is read from the formatted traceback. When a Ray release keeps the cause, the second assertion
+    fails: drop `remote_original` then."""
+    import ray
+
+    @ray.remote(max_retries=0)
+    def failing():
+        raise ValueError("bad value in a task")
+
+    with pytest.raises(Exception) as info:
+        ray.get(failing.remote())
+    monkeypatch.setattr(bench.run, "remote_original", lambda err: pytest.fail("text parsed for a typed cause"))
+    line = bench.run._one_line(info.value, tmp_path / "a.partial", "resume")
+    assert type(line) is RunFailed and str(line) == "ValueError: bad value in a task"
+    monkeypatch.undo()
+
+    def udf(batch):
+        raise KeyError("missing in a Ray Data worker")
+
+    with pytest.raises(Exception) as info:
+        ray.data.range(1).map_batches(udf).materialize()
+    chain = bench.run.cause_chain(info.value)
+    assert all(type(e).__module__.startswith("ray") for e in chain)  # no typed original on this Ray
+    line = bench.run._one_line(info.value, tmp_path / "b.partial", "resume")
+    assert str(line) == "KeyError: 'missing in a Ray Data worker'"
+
+
 # -- the driver killed (slow: a fresh interpreter each) ----------------------------------------------------------------
 def _start(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "bench.run", *args], cwd=cwd, stdout=subprocess.PIPE,
