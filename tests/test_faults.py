@@ -110,7 +110,10 @@ def test_interrupted_run_resumes_by_the_printed_command_and_refuses_a_changed_co
     assert f"resume with: python -m bench.run {SWEEP}" in lines[0]
     assert not marker.exists()
     evil.unlink()
-    shutil.rmtree(partial / "tune")
+    # planted between invocations: a foreign folder and file, a writer's stale temporary file; none of them
+    # reaches the finished run (bench.hygiene)
+    (partial / "notes.txt").write_text("not the run's")
+    (partial / "qualitative" / ".x.g000.npz.123.tmp").write_bytes(b"half a file")
 
     # where and how parallel it runs may change: the printed command with ray.batch_size spelled differently
     code, stdout, stderr = cli(capsys, *command[3:], "ray.batch_size=2")
@@ -123,6 +126,8 @@ def test_interrupted_run_resumes_by_the_printed_command_and_refuses_a_changed_co
     assert run["images_per_second"] > 0 and run["trace_seconds"] > 0
     assert run["config_hash"] == config_hash(yaml.safe_load((out / "config.yaml").read_text()))
     assert not (out / WORK).exists()
+    assert not (out / "tune").exists() and not (out / "notes.txt").exists()
+    assert not [p for p in out.rglob("*") if p.name.startswith(".") or p.name.endswith(".tmp")]
 
 
 def test_config_hash_is_the_same_for_identical_configs(tmp_path):
@@ -191,6 +196,40 @@ def test_killed_invocation_is_timed_from_the_files_it_left(tmp_path):
     first = again.state["invocations"][0]
     assert first["estimated"] and first["wall_seconds"] >= 30
     again.release()
+
+
+# -- a full disk ----------------------------------------------------------------------------------------------------
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 40 KiB tmpfs (root only): room for the run's record and a shard or two, not for the run."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40k", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not permitted here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_full_disk_is_one_line_keeps_the_finished_work_and_resumes_to_the_undisturbed_result(
+        small_disk, tiny_model, undisturbed, capsys):
+    out = small_disk / "run"
+    args = [SWEEP, *SMALL, f"model.path={tiny_model}", LOCAL, f"output_dir={out}"]
+    code, _, stderr = cli(capsys, *args)
+    lines = [line for line in stderr.strip().splitlines() if line.startswith("error:")]
+    assert code == 1 and len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    assert "the disk is full" in lines[0] and "free space there" in lines[0], lines[0]
+    partial = small_disk / "run.partial"
+    if partial.exists():  # finished images are kept, with the command that resumes
+        assert "resume with:" in lines[0] and list((partial / WORK / "shards").glob("shard-*.npz"))
+        assert not list(partial.rglob(f".{STARTED}.tmp"))
+    subprocess.run(["mount", "-o", "remount,size=8m", str(small_disk)], check=True)
+    code, _, stderr = cli(capsys, *args)
+    assert code == 0, stderr[-3000:]
+    pd.testing.assert_frame_equal(results(out), results(undisturbed))
+    assert not [p for p in out.rglob("*") if p.name.startswith(".") or p.name.endswith(".tmp")]
 
 
 # -- self-healing and errors inside workers ---------------------------------------------------------------------------
