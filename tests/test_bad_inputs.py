@@ -1,10 +1,16 @@
 """The bad-input matrix: every kind of bad input is exit 2, exactly one `error:` line on stderr naming the key or
 file and the fix, no traceback, and nothing written (no run directory, no .partial, the inputs untouched).
-In-process through `bench.run.main`: every kind fails in composition or preflight, before Ray starts."""
+Every kind fails in composition or preflight, before Ray starts. Run twice: in-process through `bench.run.main`
+(fast), and as the user runs it, `python -m bench.run` in a subprocess, where the whole of stderr must be that one
+line (log lines included): the full subprocess matrix is slow, a representative few run in the fast suite."""
 
 from __future__ import annotations
 
 import os
+import struct
+import subprocess
+import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -47,12 +53,24 @@ def write_voc(root: Path, defect: str | None = None) -> Path:
         png = Image.fromarray(np.zeros((32, 32), np.uint8), mode="P")
         png.putpalette(palette)
         png.save(voc / "SegmentationClass" / f"{bad}.png")
+    elif defect in ("huge image", "bomb image"):  # only the header: the file is a few bytes
+        side = (9000, 9000) if defect == "huge image" else (100_000, 100_000)
+        huge_png(voc / "JPEGImages" / f"{bad}.jpg", *side)
     elif defect == "mask values":
         label = np.full((64, 64), 100, np.uint8)
         png = Image.fromarray(label, mode="P")
         png.putpalette(palette)
         png.save(voc / "SegmentationClass" / f"{bad}.png")
     return root / "VOCdevkit"
+
+
+def huge_png(path: Path, width: int, height: int) -> None:
+    """A PNG whose header claims width x height grey pixels (its data would not decode: open is lazy)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
 
 
 def voc_sweep(inputs: Path, defect: str | None, extra: str = "") -> str:
@@ -162,7 +180,51 @@ CASES: dict[str, tuple] = {
     "output_dir exists": (ISEG, ["output_dir={inputs}"], "already exists"),
     # the test-only fault hook, malformed
     "malformed fault hook": (ISEG, [], f"{TRACE_FAULT_ENV}='abc'"),
+    # bounded parsing (bench.limits): each would hang, overflow the stack or exhaust memory
+    "sweep file over 1 MiB": (ISEG + "# " + "x" * (1 << 20) + "\n", [], "over the limit of 1048576 bytes"),
+    "yaml alias bomb": ("method: iseg\n" + "".join(
+    f"a{k}: &a{k} [" + ", ".join([f"*a{k - 1}" if k else "x"] * 10) + "]\n" for k in range(7)), [], "expands to more than"),
+    "20000 levels of nesting": (ISEG + "params: {x: " + "[" * 20000 + "]" * 20000 + "}\n", [], "levels deep"),
+    "nesting in an override": (ISEG, ["params.x=" + "[" * 5000 + "]" * 5000], "levels deep"),
+    "override of 100 kB": (ISEG, ["description=" + "x" * 100_000], "over the limit of 65536"),
+    "latin-1 sweep file": ((ISEG + "description: caf\xe9\n").encode("latin-1"), [], "not UTF-8"),
+    "utf-16 sweep file": (ISEG.encode("utf-16"), [], "is UTF-16"),
+    "template format spec": (ISEG, ["params.template='A {classes:>9999999999}'"], "plain fields only"),
+    "template conversion": (ISEG, ["params.template='A {classes!r}'"], "plain fields only"),
+    "template attribute": (ISEG, ["params.template='A {classes.__class__}'"], "plain fields only"),
+    "grid of 10^6 points": (ISEG + "sweep: {" + ", ".join(f"{p}: [{', '.join(str((v + 1) / 100) for v in range(100))}]"
+                                                           for p in ("lambda", "gamma", "bg_threshold")) + "}\n",
+                             [], "configurations"),
+    "num_samples of 10^9": (ISEG + "sweep: {lambda: {uniform: [0, 1]}}\n", ["num_samples=1000000000"],
+                            "configurations"),
+    "data.size=100000": (ISEG, ["data.size=100000"], "over the limit of 8192 pixels a side"),
+    "model.resolution=16384": (ISEG, ["model.resolution=16384"], "over the limit of 8192 pixels a side"),
+    "image over the pixel limit": (lambda i, m: voc_sweep(i, "huge image"), [], "9000x9000 pixels"),
+    "image over PIL's bomb limit": (lambda i, m: voc_sweep(i, "bomb image"), [], "over the limit of"),
+    # seeds: distinct integers in [0, 2**32)
+    "repeated seed": (ISEG + "seeds: [0, 0]\n", [], "repeats 0"),
+    "seed 2**63": (ISEG + f"seeds: [{2**63}]\n", [], "< 2**32"),
+    "seed 2**32": (ISEG + f"seeds: [{2**32}]\n", [], "< 2**32"),
+    "boolean seed": (ISEG + "seeds: [true]\n", [], "must be a non-empty list of integers"),
+    "string seed": (ISEG + "seeds: ['1']\n", [], "must be a non-empty list of integers"),
+    "empty seeds": (ISEG + "seeds: []\n", [], "must be a non-empty list of integers"),
+    "search_seed=2**40": (ISEG, [f"search_seed={2**40}"], "< 2**32"),
+    "boolean num_samples": (ISEG, ["num_samples=true"], "num_samples must be an integer"),
+    # the cluster: refused within seconds, before anything is written
+    "unreachable ray.address": (ISEG, ["ray.address=127.0.0.1:1"], "no Ray cluster answers there"),
+    "unknown ray.address host": (ISEG, ["ray.address=nohost.invalid:6379"], "no Ray cluster answers there"),
+    "ray.address without port": (ISEG, ["ray.address=headnode"], "is not host:port"),
+    "ray.address port 70000": (ISEG, ["ray.address=10.0.0.1:70000"], "is not host:port"),
+    "template with an empty field": (ISEG, ["params.template='A {} of {classes}'"], "plain fields only"),
+    "utf-32 sweep file": (ISEG.encode("utf-32"), [], "is UTF-32"),
+    "control bytes in the sweep file": (ISEG.encode() + b"description: \x00\x07\n", [], "malformed YAML"),
+    # one line even where the preflight warning (prompts cut) has fired before the refusal
+    "output_dir exists after a warning": (ISEG + "params: {background_words: 'a, b, c, d, e, f, g, h, i, j'}\n",
+                                          ["output_dir={inputs}"], "already exists"),
 }
+# The kinds the fast suite also runs as a subprocess (the rest: slow).
+FAST_SUBPROCESS = ("yaml alias bomb", "20000 levels of nesting", "latin-1 sweep file", "repeated seed",
+                   "output_dir exists after a warning")
 
 
 def snapshot(folder: Path) -> dict[str, float]:
@@ -171,19 +233,12 @@ def snapshot(folder: Path) -> dict[str, float]:
 
 @pytest.mark.parametrize("kind", sorted(CASES))
 def test_bad_input_is_one_line_exit_2_and_nothing_written(kind, tmp_path, tiny_model, capsys, monkeypatch):
-    text, overrides, message = CASES[kind]
-    inputs = tmp_path / "inputs"
-    inputs.mkdir()
-    (inputs / "a-file").write_text("not a folder")
+    message = CASES[kind][2]
     if kind == "malformed fault hook":
         monkeypatch.setenv(TRACE_FAULT_ENV, "abc")
-    sweep = inputs / "sweep.yaml"
-    sweep.write_text(text(inputs, tiny_model) if callable(text) else text)
-    overrides = [o.replace("{inputs}", str(inputs)) for o in overrides]
-    if not any(o.startswith("output_dir=") for o in overrides):
-        overrides.append(f"output_dir={tmp_path / 'out' / 'run'}")
+    sweep, overrides = write_case(kind, tmp_path, tiny_model)
     monkeypatch.chdir(tmp_path)
-    before = snapshot(inputs)
+    before = snapshot(tmp_path / "inputs")
     code = main([str(sweep), *overrides])
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
@@ -191,11 +246,50 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(kind, tmp_path, tiny_m
     assert len(lines) == 1 and lines[0].startswith("error:"), captured.err[-2000:]
     assert message.lower() in lines[0].lower(), lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["inputs"]  # no run directory, no .partial, no reports/
-    assert snapshot(inputs) == before
+    assert snapshot(tmp_path / "inputs") == before
 
 
-def test_the_matrix_covers_at_least_40_kinds():
-    assert len(CASES) >= 40
+def write_case(kind: str, tmp_path: Path, tiny_model: Path) -> tuple[Path, list[str]]:
+    """The case's inputs under tmp_path/inputs: its sweep file (text or bytes) and its overrides."""
+    text, overrides, _ = CASES[kind]
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    (inputs / "a-file").write_text("not a folder")
+    sweep = inputs / "sweep.yaml"
+    content = text(inputs, tiny_model) if callable(text) else text
+    if isinstance(content, bytes):
+        sweep.write_bytes(content)
+    else:
+        sweep.write_text(content)
+    overrides = [o.replace("{inputs}", str(inputs)) for o in overrides]
+    if not any(o.startswith("output_dir=") for o in overrides):
+        overrides.append(f"output_dir={tmp_path / 'out' / 'run'}")
+    return sweep, overrides
+
+
+@pytest.mark.parametrize("kind", [pytest.param(k, marks=() if k in FAST_SUBPROCESS else pytest.mark.slow)
+                                  for k in sorted(CASES)])
+def test_bad_input_from_the_command_line_is_the_only_line_on_stderr(kind, tmp_path, tiny_model):
+    """The user's view: `python -m bench.run` in a fresh process; stderr holds exactly the one `error:` line (no
+    warning, no log line, no traceback before it), exit 2, nothing written."""
+    sweep, overrides = write_case(kind, tmp_path, tiny_model)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "BENCH_FINGERPRINT_CACHE": str(tmp_path.parent / f"{tmp_path.name}.db")}
+    if kind == "malformed fault hook":
+        env[TRACE_FAULT_ENV] = "abc"
+    before = snapshot(tmp_path / "inputs")
+    done = subprocess.run([sys.executable, "-m", "bench.run", str(sweep), *overrides], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error:"), done.stderr[-2000:]
+    assert CASES[kind][2].lower() in lines[0].lower(), lines[0]
+    assert done.stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inputs"]
+    assert snapshot(tmp_path / "inputs") == before
+
+
+def test_the_matrix_covers_at_least_90_kinds():
+    assert len(CASES) >= 90
 
 
 @pytest.mark.parametrize("extra", ["", ", classes: gt"])
