@@ -9,12 +9,16 @@ limit and the fix, instead of a hang, a RecursionError or a MemoryError minutes 
     configurations  at most MAX_CONFIGURATIONS (grid points x random draws x seeds)
     images          at most MAX_IMAGE_PIXELS pixels, read from the file's header before it is decoded
     generated sizes data.size and model.resolution at most MAX_IMAGE_SIDE pixels a side
+    model files     every safetensors file's header read and its tensors inside the file (a truncated or
+                    foreign file), every JSON config parsed: before any worker starts loading
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import struct
 import warnings
 from pathlib import Path
 
@@ -149,3 +153,46 @@ def bounded_images():
         yield
     finally:
         Image.open = original
+
+
+MAX_SAFETENSORS_HEADER = 100 << 20  # the format's own bound on its JSON header
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why a .safetensors file cannot load (read from its header only), or None: the header is an 8-byte length
+    and a JSON table whose tensors' data_offsets must end exactly at the file's end."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            if size < 8:
+                return f"it is {size} bytes, shorter than a safetensors header"
+            (length,) = struct.unpack("<Q", fh.read(8))
+            if length > min(MAX_SAFETENSORS_HEADER, size - 8):
+                return "its header length is not a safetensors header's (not a safetensors file, or truncated)"
+            header = json.loads(fh.read(length))
+    except (OSError, ValueError) as err:
+        return f"its header does not parse ({type(err).__name__})"
+    if not isinstance(header, dict):
+        return "its header is not a table of tensors"
+    ends = [t.get("data_offsets", [0, 0])[1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)]
+    data = size - 8 - length
+    if ends and max(ends) != data:
+        return f"its tensors need {max(ends)} bytes of data but the file holds {data} (truncated or padded)"
+    return None
+
+
+def check_model_files(folder: Path, option: str) -> None:
+    """Every safetensors file and every JSON config of a model folder, before anything loads them."""
+    for path in sorted(folder.rglob("*.safetensors")):
+        problem = safetensors_problem(path)
+        if problem:
+            raise BenchError(f"{option}: {path.relative_to(folder)} cannot be loaded: {problem}; copy the file "
+                             f"again or save the pipeline anew (pipe.save_pretrained(DIR, safe_serialization=True))")
+    for path in sorted(folder.rglob("*.json")):
+        if path.stat().st_size > MAX_SWEEP_BYTES * 16:
+            continue  # a tokenizer's vocabulary: parsed by its loader
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise BenchError(f"{option}: {path.relative_to(folder)} is not valid JSON ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0]}); restore the file from the model's source") from None

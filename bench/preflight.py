@@ -24,7 +24,7 @@ from bench.data.base import IGNORE_INDEX, SegDataset
 from bench.errors import BenchError
 from bench.faults import trace_fault
 from bench.fingerprint import input_fingerprints, record_opened, refuse_changed_fit_source
-from bench.limits import bounded_images
+from bench.limits import bounded_images, check_model_files
 from bench.models import model_kind, resolve_hub_id
 from bench.plan import Plan, make_plan
 from bench.probe import check_ray_address
@@ -61,6 +61,7 @@ def preflight(cfg: SweepConfig, cluster_check=None) -> Plan:
     folder = model_folder(cfg)
     if folder is not None:
         check_weights_format(folder, _model_option(cfg))
+        check_model_files(folder, _model_option(cfg))
         check_model_fit(cfg, plan, folder)
         check_layer_roles(cfg, plan, folder)
     plan.notes += check_prompts(cfg, plan, dataset, samples, load_tokenizer(cfg, folder))

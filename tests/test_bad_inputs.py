@@ -90,6 +90,23 @@ def pickle_weights(inputs: Path, tiny_model: Path) -> str:
     return str(folder)
 
 
+def damaged_model(inputs: Path, tiny_model: Path, how: str) -> str:
+    """The tiny pipeline with one file damaged: its UNet weights cut short or replaced by other bytes, or its
+    UNet config no longer JSON."""
+    import shutil
+
+    folder = inputs / f"sd-{how}"
+    shutil.copytree(tiny_model, folder)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    if how == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-100])
+    elif how == "garbage":
+        weights.write_bytes(os.urandom(4096))
+    else:
+        (folder / "unet" / "config.json").write_text('{"sample_size": 8,')
+    return str(folder)
+
+
 def no_weights(inputs: Path, tiny_model: Path) -> str:
     import shutil
 
@@ -172,6 +189,12 @@ CASES: dict[str, tuple] = {
     "no weights in a part": (lambda i, m: ISEG + f"model: {{path: {no_weights(i, m)}}}\n", [],
                              "vae/ holds no .safetensors"),
     "missing weights folder": (ISEG, ["model.path=/nonexistent/sd"], "model_index.json"),
+    "truncated weights": (lambda i, m: ISEG + f"model: {{path: {damaged_model(i, m, 'truncated')}}}\n", [],
+                          "truncated"),
+    "weights that are not safetensors": (lambda i, m: ISEG + f"model: {{path: {damaged_model(i, m, 'garbage')}}}\n",
+                                         [], "cannot be loaded"),
+    "malformed model config": (lambda i, m: ISEG + f"model: {{path: {damaged_model(i, m, 'json')}}}\n", [],
+                               "unet/config.json is not valid JSON"),
     "a resolution the model lacks": ("method: ovam\ndata: {name: voc_sim, limit: 2, size: 64}\n"
                                      "params: {mode: generation, steps: 2, blocks: '64'}\n", [],
                                      "no cross-attention at rank 2"),
