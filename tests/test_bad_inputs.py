@@ -348,3 +348,56 @@ def test_unwritable_output_dir(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "not writable" in err[0]
     assert list(locked.iterdir()) == []
+
+
+def test_a_utf8_byte_order_mark_is_allowed(tmp_path):
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_bytes(b"\xef\xbb\xbf" + ISEG.encode())
+    assert compose(sweep, []).method == "iseg"
+
+
+def test_a_port_where_something_else_listens_is_no_ray_cluster(tmp_path):
+    """A TCP listener that is not a Ray GCS (it accepts and hangs up): refused within the probe's bound."""
+    import socket
+    import threading
+    import time
+
+    from bench.errors import BenchError
+    from bench.probe import check_ray_address
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+
+    def serve():
+        for _ in range(4):
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    start = time.time()
+    with pytest.raises(BenchError, match="no Ray cluster answers there"):
+        check_ray_address(f"127.0.0.1:{server.getsockname()[1]}", timeout=3)
+    assert time.time() - start < 10
+    server.close()
+
+
+def test_only_what_the_run_wrote_is_published(tmp_path):
+    from bench.hygiene import foreign_entries
+
+    run = tmp_path / "run.partial"
+    for name in ("config.yaml", "run.json", "results.parquet", "report.html", "plot_mIoU_lambda.png",
+                 "qualitative/a%20b.g000.npz", "fit/abc/done", "fit/abc/weights.safetensors", "work/lock"):
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text("x")
+    planted = ["tune/tuner.pkl", "evil.pkl", ".hidden", "results.csv.tmp", "qualitative/.a.g000.npz.1.tmp",
+               "fit/unfinished/weights.safetensors", "fit/abc/.weights.safetensors.tmp"]
+    for name in planted:
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text("x")
+    found = {p.relative_to(run).as_posix() for p in foreign_entries(run)}
+    assert found == {"tune", "evil.pkl", ".hidden", "results.csv.tmp", "qualitative/.a.g000.npz.1.tmp",
+                     "fit/unfinished", "fit/abc/.weights.safetensors.tmp"}
