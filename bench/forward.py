@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from bench.errors import BenchError
 from bench.models import Backbone
 from bench.trace import AttentionTracer, Trace, TraceRequest
 
@@ -60,22 +61,33 @@ def run_traced(backbone: Backbone, req: TraceRequest, setting: ForwardSetting, p
     if setting.mode == "inversion" and images is None:
         raise ValueError("inversion mode needs images")
     token_ids = backbone.tokenize(prompts)
-    text = backbone.encode_text(prompts)
+    text = backbone.condition(prompts)
     weights = None if key_weights is None else key_weights.to(backbone.device)
-    with AttentionTracer(backbone.unet, req, weight_keys=weights is not None) as tracer:
+    if backbone.family != "sd":
+        backbone.guidance = setting.guidance
+        if weights is not None and backbone.family in ("sd3", "flux"):
+            raise BenchError("Cat-Cross key weights (iSeg cat_cross) need UNet cross-attention; this backbone "
+                             f"({backbone.family}) has joint attention: run iSeg with cat_cross=false")
+    with AttentionTracer(backbone.unet, req, weight_keys=weights is not None, family=backbone.family,
+                         text_columns=backbone.text_columns()) as tracer:
         if setting.mode == "inversion":
             tracer.set_key_weights(weights)
-            passes = _invert(backbone, images, text, setting)
+            passes = _invert(backbone, images, text, setting, tracer)
             generated = [np.asarray(im) for im in images]  # trace.image: the traced image (dCRF needs it)
         else:
-            uncond = backbone.encode_text([""] * len(prompts))
             if weights is not None:
                 weights = torch.cat([torch.ones_like(weights), weights])
             tracer.set_key_weights(weights)
-            tracer.set_branch(_branch_slice(setting.branch, len(prompts)))
+            if backbone.uses_cfg:
+                uncond = backbone.negative_condition(len(prompts))
+                text = {k: torch.cat([uncond[k], text[k]]) for k in text}
+                tracer.set_branch(_branch_slice(setting.branch, len(prompts)))
+            elif setting.branch != "cond":
+                raise BenchError(f"branch={setting.branch}: {backbone.family} generates without an unconditional "
+                                 f"branch (guidance-distilled); use branch=cond")
             seeds = image_seeds or [setting.seed + i for i in range(len(prompts))]
             x0 = None if images is None else backbone.encode_images(images, setting.size or backbone.resolution)
-            generated, passes = _generate(backbone, torch.cat([uncond, text]), setting, seeds, x0)
+            generated, passes = _generate(backbone, text, setting, seeds, x0, tracer)
             if images is not None:
                 generated = [np.asarray(im) for im in images]
         traces = tracer.traces(prompts, token_ids)
@@ -85,41 +97,67 @@ def run_traced(backbone: Backbone, req: TraceRequest, setting: ForwardSetting, p
     return ForwardResult(traces, passes)
 
 
-def _invert(backbone: Backbone, images, text, setting: ForwardSetting) -> int:
+def _latent_hw(backbone: Backbone, size: int) -> tuple[int, int]:
+    return size // backbone.vae_factor(), size // backbone.vae_factor()
+
+
+def _invert(backbone: Backbone, images, text, setting: ForwardSetting, tracer) -> int:
     size = setting.size or backbone.resolution
     latents = backbone.encode_images(images, size)
     # One noise draw shared by every image, so an image's trace does not depend on its batch.
     generator = torch.Generator().manual_seed(setting.seed)
     noise = torch.randn(latents.shape[1:], generator=generator).to(latents.device, latents.dtype)
-    t = torch.tensor([setting.timestep], device=latents.device, dtype=torch.long)
-    noisy = backbone.noising_scheduler().add_noise(latents, noise.expand_as(latents), t)
-    backbone.unet(noisy, t, encoder_hidden_states=text)
+    noisy, t = backbone.noise_to(latents, noise.expand_as(latents), setting.timestep)
+    tracer.set_latent_size(tuple(latents.shape[-2:]))
+    backbone.denoise(noisy, t, text)
     return 1
 
 
-def _generate(backbone: Backbone, text_pair, setting: ForwardSetting, seeds: list[int], x0=None):
+def _set_flow_timesteps(backbone: Backbone, scheduler, steps: int, latent_hw) -> None:
+    """The pipeline's schedule: SD3 `set_timesteps(steps)`; Flux sigmas linspace(1, 1/steps) with its `mu`."""
+    if backbone.family == "flux":
+        sigmas = None if scheduler.config.get("use_flow_sigmas") else np.linspace(1.0, 1 / steps, steps)
+        scheduler.set_timesteps(steps, sigmas=sigmas, mu=backbone.shift_mu(latent_hw))
+    else:
+        scheduler.set_timesteps(steps, mu=backbone.shift_mu(latent_hw))
+
+
+def _generate(backbone: Backbone, text_pair, setting: ForwardSetting, seeds: list[int], x0=None, tracer=None):
     import inspect
 
+    flow = backbone.family in ("sd3", "flux")
     scheduler = backbone.make_scheduler(setting.scheduler)
-    scheduler.set_timesteps(setting.steps)
+    size = setting.size or backbone.resolution
+    factor = backbone.vae_factor()
+    if flow:
+        _set_flow_timesteps(backbone, scheduler, setting.steps, _latent_hw(backbone, size))
+    else:
+        scheduler.set_timesteps(setting.steps)
     # stochastic samplers (DDPM, Euler ancestral) draw their noise from a seeded generator: runs repeat
     step_kw = {"generator": torch.Generator().manual_seed(seeds[0])} \
         if "generator" in inspect.signature(scheduler.step).parameters else {}
-    size = setting.size or backbone.resolution
-    factor = 2 ** (len(backbone.vae.config.block_out_channels) - 1)
-    shape = (backbone.unet.config.in_channels, size // factor, size // factor)
+    channels = backbone.unet.config.in_channels if backbone.family == "sd" else backbone.vae.config.latent_channels
+    shape = (channels, size // factor, size // factor)
+    if tracer is not None:
+        tracer.set_latent_size(shape[1:])
     latents = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
-    latents = latents.to(backbone.device, backbone.dtype) * scheduler.init_noise_sigma
+    latents = latents.to(backbone.device, backbone.dtype) * getattr(scheduler, "init_noise_sigma", 1.0)
     noise = latents
     for t in scheduler.timesteps:
         if x0 is not None:  # replay: the trajectory of the given latents (see run_traced)
-            latents = scheduler.add_noise(x0, noise, t.reshape(1))
-        model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-        uncond, cond = backbone.unet(model_in, t, encoder_hidden_states=text_pair).sample.chunk(2)
-        guided = uncond + setting.guidance * (cond - uncond)
+            latents = scheduler.scale_noise(x0, t.reshape(1), noise) if flow \
+                else scheduler.add_noise(x0, noise, t.reshape(1))
+        if backbone.uses_cfg:
+            model_in = torch.cat([latents, latents])
+            if hasattr(scheduler, "scale_model_input"):
+                model_in = scheduler.scale_model_input(model_in, t)
+            uncond, cond = backbone.denoise(model_in, t, text_pair).chunk(2)
+            guided = uncond + setting.guidance * (cond - uncond)
+        else:
+            guided = backbone.denoise(latents, t, text_pair)
         latents = scheduler.step(guided, t, latents, **step_kw).prev_sample
     if x0 is not None:
         return None, len(scheduler.timesteps)
-    decoded = backbone.vae.decode(latents / backbone.vae.config.scaling_factor).sample
+    decoded = backbone.vae.decode(backbone.unscale_latents(latents)).sample
     images = ((decoded.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
     return [im.numpy() for im in images], len(scheduler.timesteps)

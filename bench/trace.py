@@ -64,17 +64,29 @@ def request(cross=(), self_attn=(), queries=(), **kw) -> TraceRequest:
 
 
 def attention_layers(unet: torch.nn.Module) -> dict[str, str]:
-    """{module name: "self" | "cross"} for every diffusers Attention in the UNet, in module registration order
-    (diffusers registers up_blocks before mid_block; `bench.models.layers.LayerMap` has the forward order)."""
+    """{module name: "self" | "cross" | "joint"} for every diffusers attention of the denoiser, in module
+    registration order (diffusers registers up_blocks before mid_block; `bench.models.layers.LayerMap` has the
+    forward order). "joint": an MM-DiT attention over image and text tokens (SD3's `attn`, every Flux block),
+    which serves both roles (bench.trace_joint); SD3.5's image-only `attn2` is "self"."""
     from diffusers.models.attention_processor import Attention
 
-    return {name: ("cross" if module.is_cross_attention else "self")
-            for name, module in unet.named_modules() if isinstance(module, Attention)}
+    out = {}
+    for name, module in unet.named_modules():
+        if type(module).__name__ == "FluxAttention":
+            out[name] = "joint"
+        elif isinstance(module, Attention):
+            if type(module.processor).__name__ == "JointAttnProcessor2_0" or name.endswith(".attn") \
+                    and getattr(module, "add_k_proj", None) is not None:
+                out[name] = "joint" if getattr(module, "add_k_proj", None) is not None else "self"
+            else:
+                out[name] = "cross" if module.is_cross_attention else "self"
+    return out
 
 
 def resolve_layers(patterns, layers: dict[str, str], kind: str) -> list[str]:
-    """Expand glob patterns against the UNet's attention layers of one kind; unknown names are errors."""
-    names = [n for n, k in layers.items() if k == kind]
+    """Expand glob patterns against the attention layers of one kind (a joint layer is of both kinds); unknown
+    names are errors."""
+    names = [n for n, k in layers.items() if k in (kind, "joint")]
     chosen: list[str] = []
     for pattern in sorted(patterns):
         hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
@@ -139,6 +151,11 @@ class _Recorder:
         self.key_weights: torch.Tensor | None = None  # (B_unet, T) Cat-Cross weights, or None
         self.timesteps: list[int] = []
         self.data: dict[str, dict[str, list[torch.Tensor]]] = {"cross": {}, "self_attn": {}, "queries": {}}
+        # joint attention (bench.trace_joint): which text positions the cross role keeps, how its blocks' rows are
+        # normalised, and the text length of Flux's single blocks (read from the transformer's input)
+        self.text_columns: slice = slice(None)
+        self.rows: str = "renormalised"
+        self.text_length: int = 0
 
     def add(self, kind: str, layer: str, value: torch.Tensor, selected: bool = False) -> None:
         """Record `value` (batch first); `selected`: already restricted to the recorded branch."""
@@ -296,9 +313,13 @@ class WeightedKeyProcessor:
 class AttentionTracer:
     """Context manager that installs processors on the requested layers and restores them on exit."""
 
-    def __init__(self, unet: torch.nn.Module, req: TraceRequest, weight_keys: bool = False):
-        self.unet, self.request = unet, req
+    def __init__(self, unet: torch.nn.Module, req: TraceRequest, weight_keys: bool = False, family: str = "sd",
+                 text_columns: slice = slice(None), rows: str | None = None):
+        self.unet, self.request, self.family = unet, req, family
         self.recorder = _Recorder(req)
+        self.recorder.text_columns = text_columns
+        self.recorder.rows = rows or "renormalised"
+        self.joint = {n for n, k in attention_layers(unet).items() if k == "joint"}
         layers = attention_layers(unet)
         kinds: dict[str, set[str]] = {}
         for kind, attn_kind in (("cross", "cross"), ("self_attn", "self"), ("queries", "cross")):
@@ -310,20 +331,36 @@ class AttentionTracer:
         self._hook = None
 
     def __enter__(self) -> "AttentionTracer":
+        from bench.trace_joint import FluxCaptureProcessor, JointCaptureProcessor
+
         for name, kinds in self.layer_kinds.items():
             module = self.unet.get_submodule(name)
             self._saved[name] = module.processor
-            module.set_processor(CaptureProcessor(self.recorder, name, kinds))
+            if type(module).__name__ == "FluxAttention":
+                module.set_processor(FluxCaptureProcessor(self.recorder, name, kinds))
+            elif type(module.processor).__name__ == "JointAttnProcessor2_0":
+                module.set_processor(JointCaptureProcessor(self.recorder, name, kinds))
+            else:
+                module.set_processor(CaptureProcessor(self.recorder, name, kinds))
         for name in self.weighted:
             module = self.unet.get_submodule(name)
             self._saved[name] = module.processor
             module.set_processor(WeightedKeyProcessor(self.recorder))
 
+        scale = 1000 if self.family == "flux" else 1  # Flux's transformer takes t / 1000
+        flow = self.family in ("sd3", "flux")
+
         def pre_hook(_module, args, kwargs):
-            sample = args[0] if args else kwargs["sample"]
-            self.recorder.latent_size = tuple(sample.shape[-2:])
+            sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+            if sample.ndim == 4:  # Flux's packed tokens: the forward sets the latent size (set_latent_size)
+                self.recorder.latent_size = tuple(sample.shape[-2:])
+            text = kwargs.get("encoder_hidden_states")
+            if text is not None:
+                self.recorder.text_length = int(text.shape[1])
             timestep = args[1] if len(args) > 1 else kwargs["timestep"]
-            self.recorder.timesteps.append(int(timestep.flatten()[0]) if torch.is_tensor(timestep) else int(timestep))
+            value = timestep.flatten()[0] if torch.is_tensor(timestep) else timestep
+            # flow matching: the scheduler's float timestep (sigma x 1000), rounded; UNets: as given
+            self.recorder.timesteps.append(int(round(float(value) * scale)) if flow else int(value))
 
         self._hook = self.unet.register_forward_pre_hook(pre_hook, with_kwargs=True)
         return self
@@ -335,6 +372,9 @@ class AttentionTracer:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+
+    def set_latent_size(self, size: tuple[int, int]) -> None:
+        self.recorder.latent_size = tuple(int(x) for x in size)
 
     def set_branch(self, keep: slice) -> None:
         self.recorder.keep = keep

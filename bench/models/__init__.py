@@ -42,6 +42,12 @@ class Backbone:
     dtype: torch.dtype
     info: dict = field(default_factory=dict)
     _noising: object = field(default=None, init=False, repr=False, compare=False)
+    # the family's other components (SDXL/SD3/Flux: second and third text encoders and tokenizers)
+    extra: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    # SD 1.x/2.x (`unet` is the denoiser: a UNet2DConditionModel here, the transformer on SD3/Flux)
+    family = "sd"
+    uses_cfg = True  # generation runs [uncond, cond] batches (Flux: one guidance-distilled branch)
 
     @property
     def max_length(self) -> int:
@@ -57,6 +63,34 @@ class Backbone:
         ids = self.tokenize(prompts).to(self.device)
         return self.text_encoder(ids)[0].to(self.dtype)
 
+    def condition(self, prompts: list[str]) -> dict:
+        """The denoiser's text inputs for `prompts`, batch first (bench.models.families for the other families)."""
+        return {"encoder_hidden_states": self.encode_text(prompts)}
+
+    def negative_condition(self, n: int) -> dict:
+        return self.condition([""] * n)
+
+    def denoise(self, latents: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        return self.unet(latents, t, **cond).sample
+
+    def noise_to(self, latents: torch.Tensor, noise: torch.Tensor, timestep: int):
+        """q(x_t | x_0) at `timestep` and the denoiser's timestep input (bench.models.families: `timestep`)."""
+        t = torch.tensor([timestep], device=latents.device, dtype=torch.long)
+        return self.noising_scheduler().add_noise(latents, noise, t), t
+
+    def text_columns(self) -> slice:
+        """Which text positions of the denoiser's text sequence `tokenize()`'s ids describe (all on UNets)."""
+        return slice(None)
+
+    def vae_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents * self.vae.config.scaling_factor
+
+    def unscale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents / self.vae.config.scaling_factor
+
     @torch.no_grad()
     def encode_images(self, images: list[np.ndarray], size: int) -> torch.Tensor:
         """VAE posterior mean x scaling factor of RGB uint8 images resized to size x size."""
@@ -65,16 +99,17 @@ class Backbone:
                                             align_corners=False)
         x = (x / 127.5 - 1.0).to(self.device, self.vae.dtype)
         latents = self.vae.encode(x).latent_dist.mean
-        return (latents * self.vae.config.scaling_factor).to(self.dtype)
+        return self.scale_latents(latents).to(self.dtype)
 
     @property
     def resolution(self) -> int:
-        """Native image size: UNet sample size x VAE downsampling factor (512 for SD 1.x / 2.1-base)."""
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        return int(self.unet.config.sample_size) * factor
+        """Native image size: denoiser sample size x VAE downsampling factor (512 for SD 1.x / 2.1-base; Flux's
+        transformer names none: 128 latents, FluxPipeline's default 1024 px)."""
+        return int(getattr(self.unet.config, "sample_size", None) or 128) * self.vae_factor()
 
     def describe(self) -> dict:
-        return {"name": self.name, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+        return {"name": self.name, "family": self.family, "device": str(self.device),
+                "dtype": str(self.dtype).replace("torch.", ""),
                 "unet_parameters": sum(p.numel() for p in self.unet.parameters()),
                 "scheduler": type(self.scheduler).__name__, **self.info}
 
@@ -119,12 +154,16 @@ def choose_dtype(requested: str, device: torch.device) -> torch.dtype:
 
 
 def check_pipeline_folder(path: str | os.PathLike) -> Path:
-    """Fail early (on the driver, before any run directory exists) when a weights folder is unusable."""
+    """Fail early (on the driver, before any run directory exists) when a weights folder is unusable: a
+    supported family (bench.models.families) with every part that family loads."""
+    from bench.models.families import FAMILY_PARTS, detect_family
+
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise BenchError(f"model.path={folder} does not exist; expected a diffusers Stable Diffusion folder "
                          f"(model_index.json, {', '.join(PIPELINE_PARTS)}/) there")
-    missing = [p for p in PIPELINE_PARTS if not (folder / p).is_dir()]
+    parts = FAMILY_PARTS[detect_family(folder)] if (folder / "model_index.json").is_file() else PIPELINE_PARTS
+    missing = [p for p in parts if not (folder / p).is_dir()]
     if missing or not (folder / "model_index.json").is_file():
         what = ", ".join(missing + ([] if (folder / "model_index.json").is_file() else ["model_index.json"]))
         raise BenchError(f"model.path={folder} is not a diffusers pipeline folder (missing {what}); save one "
@@ -180,7 +219,20 @@ def load_pipeline_folder(folder: Path, device: torch.device, dtype: torch.dtype,
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    from bench.models.families import build_backbone, detect_family, load_family_parts
+
     folder = check_pipeline_folder(folder)
+    family = detect_family(folder)
+    if family != "sd":
+        try:
+            parts = load_family_parts(folder, family, dtype)
+        except (OSError, EnvironmentError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise BenchError(f"cannot load weights from {folder}: {first} (only safetensors weights are loaded; "
+                             f"re-save with safe_serialization=True)") from None
+        scheduler = parts["scheduler"]
+        info = {"path": str(folder), "prediction_type": scheduler.config.get("prediction_type")}
+        return build_backbone(family, name, parts, device, dtype, info)
     try:
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=True, torch_dtype=dtype)
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=True, torch_dtype=dtype)
