@@ -151,6 +151,17 @@ class ModelConfig(Section):
     dtype: str = "auto"
     random: bool = False
     resolution: int = 0
+    # transformer backbones (SD3/Flux; bench.models.layers.TransformerLayerMap, docs/backbones.md): which blocks
+    # the attention roles read, Flux's block scope, and how joint attention's blocks are normalised
+    depth: str = "all"
+    flux_blocks: str = "double"
+    joint_rows: str = "renormalised"
+    TRANSFORMER_DEFAULTS = {"depth": "all", "flux_blocks": "double", "joint_rows": "renormalised"}
+
+    def as_dict(self) -> dict:
+        """The transformer options only where set (so a UNet model's config, and its hash, are what they were)."""
+        return {k: v for k, v in super().as_dict().items()
+                if k not in self.TRANSFORMER_DEFAULTS or str(v) != self.TRANSFORMER_DEFAULTS[k]}
 
 
 @dataclass

@@ -28,7 +28,7 @@ import torch
 from bench.config import SweepConfig
 from bench.data import build_dataset
 from bench.env import auto_num_actors, init_ray, settle_execution
-from bench.models import scheduler_name
+from bench.models import model_provenance, scheduler_name
 from bench.plan import Plan, make_plan
 from bench.rundir import WORK
 from bench.stages.score import group_index, score
@@ -106,6 +106,7 @@ def run_engine(cfg: SweepConfig, run_dir: Path | Location, plan: Plan | None = N
              "unet_passes": int(scores["passes"].sum()), "trace_seconds": round(trace_seconds, 3),
              "images_per_second": round(len(dataset) * len(plan.groups) / max(trace_seconds, 1e-9), 4),
              "dataset": dataset.describe(), "scheduler": _schedulers(cfg, plan.trials),
+             "backbone": model_provenance(cfg.model.as_dict()),
              "per_image": {"trial": scores["trial"], "hist": scores["hist"],
                            "seed_of_group": np.array([plan.groups[g].seed for g in scores["group"]], dtype=np.int64)}}
     return rows, stats
@@ -127,7 +128,11 @@ def _schedulers(cfg: SweepConfig, trials) -> dict:
     requested = {t.params.get("scheduler", "auto") for t in trials if t.params.get("mode") == "generation"}
     out = {f"generation scheduler={req}": scheduler_name(cfg.model.as_dict(), req) for req in sorted(requested)}
     if "inversion" in modes:
-        out["inversion"] = "q(x_t|x_0): DDIMScheduler.add_noise over the model's alphas_cumprod"
+        from bench.models.families import FLOW_FAMILIES, family_of
+
+        out["inversion"] = "q(x_t|x_0): DDIMScheduler.add_noise over the model's alphas_cumprod" \
+            if family_of(cfg.model.as_dict()) not in FLOW_FAMILIES else \
+            "x_t = (1 - sigma) x0 + sigma eps, sigma: the folder's FlowMatchEulerDiscreteScheduler at t / 1000, shifted"
     return out
 
 

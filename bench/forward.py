@@ -69,7 +69,8 @@ def run_traced(backbone: Backbone, req: TraceRequest, setting: ForwardSetting, p
             raise BenchError("Cat-Cross key weights (iSeg cat_cross) need UNet cross-attention; this backbone "
                              f"({backbone.family}) has joint attention: run iSeg with cat_cross=false")
     with AttentionTracer(backbone.unet, req, weight_keys=weights is not None, family=backbone.family,
-                         text_columns=backbone.text_columns()) as tracer:
+                         text_columns=backbone.text_columns(),
+                         rows=getattr(backbone, "joint_rows", "renormalised")) as tracer:
         if setting.mode == "inversion":
             tracer.set_key_weights(weights)
             passes = _invert(backbone, images, text, setting, tracer)

@@ -160,7 +160,11 @@ def model_folder(cfg: SweepConfig) -> Path | None:
 def check_weights_format(folder: Path, option: str) -> None:
     """Weights load from safetensors only: a part with only a pickle checkpoint (.bin, .ckpt ...) is refused here,
     before any worker starts, instead of after the workers' loading fails."""
-    for part in WEIGHT_PARTS:
+    from bench.models.families import detect_family
+
+    family = detect_family(folder) if (folder / "model_index.json").is_file() else "sd"
+    parts = [p.replace("unet", "transformer") if family in ("sd3", "flux") else p for p in WEIGHT_PARTS]
+    for part in parts + (["text_encoder_2"] if family != "sd" else []):
         files = [p for p in (folder / part).glob("*") if p.is_file()]
         if any(p.suffix == ".safetensors" for p in files):
             continue
@@ -182,11 +186,25 @@ def _read_json(path: Path) -> dict:
 def check_model_fit(cfg: SweepConfig, plan: Plan, folder: Path) -> None:
     """Values that only make sense against the model: the inversion timestep within the scheduler's training
     timesteps, and model.resolution a size whose latent survives every UNet downsampling."""
+    from bench.models import SCHEDULERS
+    from bench.models.families import FLOW_FAMILIES, detect_family
+
     steps = int(_read_json(folder / "scheduler" / "scheduler_config.json").get("num_train_timesteps", 1000))
+    family = detect_family(folder) if (folder / "model_index.json").is_file() else "sd"
     for trial in plan.trials:
         if trial.params["mode"] == "inversion" and trial.params["timestep"] >= steps:
             raise BenchError(f"parameter timestep={trial.params['timestep']} must be < {steps}, the model's "
                              f"training timesteps ({folder / 'scheduler'})")
+        # `timestep` is the position in the training schedule on every family (docs/backbones.md); on flow
+        # matching t = 0 is the clean image (sigma 0), which no paper traces
+        if family in FLOW_FAMILIES and trial.params["mode"] == "inversion" and trial.params["timestep"] <= 0:
+            raise BenchError(f"parameter timestep={trial.params['timestep']}: on a flow-matching model ({family}) "
+                             f"timestep must be in 1 .. {steps - 1} (sigma = the scheduler's shifted t / {steps})")
+        if family in FLOW_FAMILIES and trial.params["mode"] == "generation" and \
+                trial.params.get("scheduler", "auto") != "auto":
+            raise BenchError(f"parameter scheduler={trial.params['scheduler']}: {family} generates with its own "
+                             f"FlowMatchEulerDiscreteScheduler; use scheduler=auto ({', '.join(SCHEDULERS)} are "
+                             f"noise-prediction samplers)")
     if cfg.model.resolution:
         vae = _read_json(folder / "vae" / "config.json").get("block_out_channels") or [0]
         unet = _read_json(folder / "unet" / "config.json").get("down_block_types") or [0]
@@ -234,7 +252,16 @@ def load_tokenizer(cfg: SweepConfig, folder: Path | None):
         from bench.embedded import build_tokenizer
 
         return build_tokenizer()
+    from bench.models.families import detect_family
+
+    # the tokenizer of the attribution columns: CLIP's, T5's on Flux (bench.models.families)
+    sub = "tokenizer_2" if (folder / "model_index.json").is_file() and detect_family(folder) == "flux" \
+        else "tokenizer"
     try:
+        if sub != "tokenizer":
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(folder / sub)
         return CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
     except (OSError, ValueError) as err:
         raise BenchError(f"{_model_option(cfg)}: cannot load its tokenizer ({type(err).__name__}); the folder "

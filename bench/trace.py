@@ -387,7 +387,10 @@ class AttentionTracer:
         rec = self.recorder
         stacked = {kind: {layer: torch.stack(vals, 0) for layer, vals in per_layer.items()}
                    for kind, per_layer in rec.data.items()}
+        from bench.trace_joint import JointKeys
+
         modules = {n: self.unet.get_submodule(n) for n, k in self.layer_kinds.items() if "queries" in k}
+        modules = {n: JointKeys(m, self.unet.context_embedder) if n in self.joint else m for n, m in modules.items()}
         out = []
         for i, prompt in enumerate(prompts):
             out.append(Trace(prompt=prompt, token_ids=token_ids[i].tolist(), timesteps=list(rec.timesteps),

@@ -192,3 +192,41 @@ class FluxCaptureProcessor(_JointCapture):
             encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
             return hidden_states, encoder_hidden_states
         return hidden_states
+
+
+class JointKeys(torch.nn.Module):
+    """OVAM's re-keying (Eq. 3-4) on a joint layer: K' = norm_added_k(add_k_proj(context_embedder(X'))), X' the
+    attribution prompt's text states as the family conditions its first text positions
+    (`Backbone.attribution_states`). `methods.attribution.rekey` reads `to_k` and `scale` as on a UNet's attn2.
+
+    An approximation, where a UNet's is exact: a UNet's cross-attention keys are a projection of the text
+    encoder's states, but a joint block's text keys are projected from the block's own text stream, which the
+    adaptive layer norm and every earlier block have transformed (with the image tokens). X' skips both; the
+    recorded cross role (image->text block) is exact."""
+
+    def __init__(self, attn, context_embedder):
+        super().__init__()
+        self.attn, self.context_embedder = attn, context_embedder
+        self.heads = attn.heads
+        # Flux's single blocks project text and image keys alike (to_k, norm_k)
+        self.proj = getattr(attn, "add_k_proj", None) or attn.to_k
+        self.norm = attn.norm_added_k if getattr(attn, "add_k_proj", None) is not None else attn.norm_k
+        self.scale = (self.proj.out_features // attn.heads) ** -0.5
+        self.to_k = _JointKeyProjection(self)
+
+
+class _JointKeyProjection(torch.nn.Module):
+    def __init__(self, keys: JointKeys):
+        super().__init__()
+        self.keys = [keys]  # a list: not registered as a submodule (no cycle)
+
+    @property
+    def weight(self):
+        return self.keys[0].proj.weight
+
+    def forward(self, states):
+        keys = self.keys[0]
+        k = keys.proj(keys.context_embedder(states)).unflatten(-1, (keys.heads, -1))
+        if keys.norm is not None:
+            k = keys.norm(k)
+        return k.flatten(-2)

@@ -49,7 +49,7 @@ def attribution_embedding(backbone, text: str, pad: bool = False) -> tuple[torch
     else:
         ids = torch.tensor(tok([text], truncation=True, max_length=backbone.max_length).input_ids[0])
     with torch.no_grad():
-        emb = backbone.text_encoder(ids[None].to(backbone.device))[0][0]
+        emb = backbone.attribution_states(ids[None].to(backbone.device))[0]
     return emb.to(backbone.dtype), ids.tolist()
 
 

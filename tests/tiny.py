@@ -165,4 +165,14 @@ def save_tiny_family(family: str, folder: Path, seed: int = 0) -> Path:
         return save_tiny_folder(folder, seed)
     cls = {"sdxl": StableDiffusionXLPipeline, "sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}[family]
     cls(**TINY_FAMILIES[family](seed)).save_pretrained(folder, safe_serialization=True)
+    mark_random(folder)
     return folder
+
+
+def mark_random(folder: Path) -> None:
+    """Label the folder's weights as random (model_index.json `_random_weights`, ignored by diffusers): run.json
+    and the reports say so."""
+    import json
+
+    index = folder / "model_index.json"
+    index.write_text(json.dumps({**json.loads(index.read_text()), "_random_weights": True}, indent=2) + "\n")

@@ -70,6 +70,11 @@ class Backbone:
     def negative_condition(self, n: int) -> dict:
         return self.condition([""] * n)
 
+    def attribution_states(self, ids: torch.Tensor) -> torch.Tensor:
+        """Text states of token ids (B, L') that the attention layers' key projection reads (OVAM's X', Eq. 4):
+        the text encoder's last hidden states on SD (bench.models.families for the others)."""
+        return self.text_encoder(ids)[0]
+
     def denoise(self, latents: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         return self.unet(latents, t, **cond).sample
 
@@ -301,11 +306,58 @@ def validate_model_config(cfg: dict) -> None:
     elif cfg.get("id"):
         resolve_hub_id(cfg["id"])
     choose_dtype(cfg.get("dtype", "auto"), choose_device(cfg.get("device", "auto")))
+    check_transformer_options(cfg)
+
+
+def check_transformer_options(cfg: dict) -> None:
+    """model.depth / flux_blocks / joint_rows: valid values, and set only where a transformer reads them."""
+    from bench.models.families import family_of
+    from bench.models.layers import FLUX_BLOCKS, parse_depth
+    from bench.trace_joint import ROWS
+
+    parse_depth(cfg.get("depth", "all"))
+    if cfg.get("flux_blocks", "double") not in FLUX_BLOCKS:
+        raise BenchError(f"model.flux_blocks={cfg['flux_blocks']!r} is not one of {', '.join(FLUX_BLOCKS)}")
+    if cfg.get("joint_rows", "renormalised") not in ROWS:
+        raise BenchError(f"model.joint_rows={cfg['joint_rows']!r} is not one of {', '.join(ROWS)}")
+    changed = [k for k, default in (("depth", "all"), ("flux_blocks", "double"), ("joint_rows", "renormalised"))
+               if str(cfg.get(k, default)) != default]
+    if changed and family_of(cfg) not in ("sd3", "flux"):
+        raise BenchError(f"model.{changed[0]} applies to transformer backbones (SD3, Flux) only; this model is a "
+                         f"UNet ({family_of(cfg)}): drop model.{changed[0]}")
+
+
+def model_provenance(cfg: dict) -> dict:
+    """run.json's `backbone`: the family (from model_index.json), and whether the weights are random (the
+    built-in random models, a folder whose model_index.json says `_random_weights`, such as the tests' tiny
+    pipelines): reports label such a backbone and no conclusion is drawn from it."""
+    import json
+
+    from bench.models.families import family_of
+
+    kind = model_kind(cfg)
+    random = bool(cfg.get("random")) or kind == "sd21-base-arch"
+    if kind == "diffusers":
+        folder = Path(cfg["path"]).expanduser() if cfg.get("path") else resolve_hub_id(cfg["id"])
+        try:
+            random = bool(json.loads((folder / "model_index.json").read_text()).get("_random_weights"))
+        except (OSError, ValueError):
+            pass
+    elif kind == "embedded" and not random:
+        from bench.embedded import shipped_folder
+
+        random = shipped_folder() is None
+    out = {"family": family_of(cfg), "random_weights": random}
+    out.update({k: cfg[k] for k in ("depth", "flux_blocks", "joint_rows") if k in cfg})
+    return out
 
 
 def load_backbone(cfg: dict) -> Backbone:
     device = choose_device(cfg.get("device", "auto"))
     dtype = choose_dtype(cfg.get("dtype", "auto"), device)
     backbone = MODELS.get(model_kind(cfg))(cfg, device, dtype)
+    backbone.depth = str(cfg.get("depth", "all"))
+    backbone.flux_blocks = cfg.get("flux_blocks", "double")
+    backbone.joint_rows = cfg.get("joint_rows", "renormalised")
     log.info("loaded backbone %s on %s (%s)", backbone.name, device, dtype)
     return backbone

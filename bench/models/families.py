@@ -109,10 +109,13 @@ def _clip_states(tokenizer, encoder, prompts, device):
 def build_backbone(family: str, name: str, parts: dict, device, dtype, info: dict):
     cls = {"sdxl": SDXLBackbone, "sd3": SD3Backbone, "flux": FluxBackbone}[family]
     denoiser = parts.get("unet") or parts["transformer"]
-    backbone = cls(name, denoiser, parts["vae"], parts["text_encoder"], parts["tokenizer"], parts["scheduler"],
-                   device, dtype, {**info, "family": family})
+    # `tokenizer` is the one whose ids the attribution columns carry: T5's on Flux (CLIP there is pooled only)
+    tokenizer = parts["tokenizer_2"] if family == "flux" else parts["tokenizer"]
+    backbone = cls(name, denoiser, parts["vae"], parts["text_encoder"], tokenizer, parts["scheduler"],
+                   device, dtype, info)
     backbone.extra = {k: v for k, v in parts.items()
                       if k not in ("unet", "transformer", "vae", "text_encoder", "tokenizer", "scheduler")}
+    backbone.extra["clip_tokenizer"] = parts["tokenizer"]
     for module in [denoiser, parts["vae"], *parts.values()]:
         if isinstance(module, torch.nn.Module):
             module.to(device).eval().requires_grad_(False)
@@ -139,6 +142,12 @@ class SDXLBackbone(Backbone):
 
     def encode_text(self, prompts):
         return self.condition(prompts)["encoder_hidden_states"]
+
+    def attribution_states(self, ids):
+        """Both towers' penultimate states of the same ids, concatenated: what attn2's to_k reads."""
+        one = self.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+        two = self.extra["text_encoder_2"](ids, output_hidden_states=True).hidden_states[-2]
+        return torch.cat([one, two], dim=-1)
 
     def denoise(self, latents, t, cond):
         h, w = latents.shape[-2:]
@@ -217,6 +226,14 @@ class SD3Backbone(_FlowBackbone):
     def text_columns(self) -> slice:
         return slice(0, self.max_length)
 
+    def attribution_states(self, ids):
+        """The CLIP part of the text sequence for ids (B, L'): both towers' penultimate states, concatenated and
+        zero-padded to T5's width, as `condition` builds the first 77 positions (bench.trace_joint.JointKeys)."""
+        one = self.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+        two = self.extra["text_encoder_2"](ids, output_hidden_states=True).hidden_states[-2]
+        clip = torch.cat([one, two], dim=-1)
+        return torch.nn.functional.pad(clip, (0, self.unet.config.joint_attention_dim - clip.shape[-1]))
+
     def denoise(self, latents, t, cond):
         t = t.to(latents.dtype).expand(latents.shape[0])
         return self.unet(hidden_states=latents, timestep=t, encoder_hidden_states=cond["encoder_hidden_states"],
@@ -237,20 +254,16 @@ class FluxBackbone(_FlowBackbone):
     guidance = 3.5  # FluxPipeline's default guidance_scale; bench.forward sets the setting's
 
     @property
-    def text_tokenizer(self):
-        return self.extra["tokenizer_2"]
-
-    @property
     def max_length(self) -> int:
-        return int(min(self.t5_length, self.text_tokenizer.model_max_length))
+        return int(min(self.t5_length, self.tokenizer.model_max_length))
 
-    def tokenize(self, prompts):
-        return self.text_tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
-                                   return_tensors="pt").input_ids
+    def attribution_states(self, ids):
+        return self.extra["text_encoder_2"](ids, output_hidden_states=False)[0]
 
     def condition(self, prompts):
-        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(self.device)
+        clip = self.extra["clip_tokenizer"]
+        ids = clip(prompts, padding="max_length", max_length=clip.model_max_length, truncation=True,
+                   return_tensors="pt").input_ids.to(self.device)
         pooled = self.text_encoder(ids, output_hidden_states=False).pooler_output
         t5 = self.extra["text_encoder_2"](self.tokenize(prompts).to(self.device), output_hidden_states=False)[0]
         return {"encoder_hidden_states": t5.to(self.dtype), "pooled_projections": pooled.to(self.dtype)}

@@ -150,15 +150,134 @@ def sd_layer_map() -> LayerMap:
     return LayerMap(sd_block_unet())
 
 
-def layer_map(backbone) -> LayerMap:
+def layer_map(backbone) -> LayerMap | TransformerLayerMap:
     """The backbone's map (cached on it), or SD's when there is no backbone (methods on synthetic traces)."""
     if backbone is None:
         return sd_layer_map()
     cached = getattr(backbone, "_layer_map", None)
     if cached is None:
-        cached = LayerMap(backbone.unet)
+        if getattr(backbone, "family", "sd") in ("sd3", "flux"):
+            cached = TransformerLayerMap(backbone.unet, getattr(backbone, "depth", "all"),
+                                         getattr(backbone, "flux_blocks", "double"))
+        else:
+            cached = LayerMap(backbone.unet)
         try:
             backbone._layer_map = cached
         except AttributeError:
             pass
     return cached
+
+
+# -- transformers (SD3/SD3.5, Flux.1): roles of joint attention ---------------------------------------------------------
+DEPTHS = ("all", "first", "last", "middle")
+FLUX_BLOCKS = ("double", "single", "all")
+_JOINT = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.attn(2?)$")
+
+
+def parse_depth(spec: str) -> str:
+    """`model.depth`: all | first | last | middle (the middle third) | comma-separated block ranks ("0,5,-1")."""
+    spec = str(spec).strip()
+    if spec in DEPTHS:
+        return spec
+    try:
+        [int(x) for x in spec.split(",")]
+    except ValueError:
+        raise BenchError(f"model.depth={spec!r} is not one of {', '.join(DEPTHS)} or a comma-separated list of "
+                         f"block ranks (e.g. 0,5,-1)") from None
+    return spec
+
+
+def select_depth(n: int, spec: str) -> list[int]:
+    """Ranks 0..n-1 chosen by a depth spec (parse_depth); middle = ranks [n // 3, n - n // 3)."""
+    spec = parse_depth(spec)
+    if spec == "all":
+        return list(range(n))
+    if spec == "first":
+        return [0]
+    if spec == "last":
+        return [n - 1]
+    if spec == "middle":
+        return list(range(n // 3, n - n // 3)) or [n // 2]
+    ranks = []
+    for x in (int(v) for v in spec.split(",")):
+        if not -n <= x < n:
+            raise BenchError(f"model.depth={spec}: block rank {x} does not exist (this transformer has {n} blocks "
+                             f"in scope: 0 .. {n - 1}, or -1 .. -{n})")
+        ranks.append(x % n)
+    return sorted(set(ranks))
+
+
+class TransformerLayerMap:
+    """Roles of an MM-DiT's joint attention (SD3/SD3.5 `transformer_blocks.{i}.attn`, Flux.1
+    `transformer_blocks.{i}.attn` (double) and `single_transformer_blocks.{j}.attn`): every joint layer holds both
+    roles, its image->text block (the cross-attention role) and its image->image block (the self-attention role),
+    recorded by bench.trace_joint. SD3.5's image-only `attn2` is reachable by explicit name.
+
+    Depth is addressed by rank over the blocks in scope (`flux_blocks` on Flux: the 19 double blocks by default,
+    the 38 single blocks, or all 57, double first), chosen by `depth` (parse_depth). A transformer has one token
+    grid, so the UNet papers' resolution choices map as follows (docs/backbones.md):
+    DAAM/Attn2Mask/OVAM `blocks=all` -> the depth selection; any SD resolution spec ("64", "16+32", ...) is an
+    error; iSeg's `cross_levels` ("16", "32", "both") -> the depth selection; iSeg's "last decoder self-attention"
+    (`self_layer=-k`) -> the k-th block in scope from the end; OVAM's highest-resolution self-attention -> the
+    depth selection's image->image blocks. iSeg's released-code per-level weights have no transformer
+    counterpart (an error names variant=paper)."""
+
+    def __init__(self, transformer: torch.nn.Module, depth: str = "all", flux_blocks: str = "double"):
+        from bench.trace import attention_layers
+
+        if flux_blocks not in FLUX_BLOCKS:
+            raise BenchError(f"model.flux_blocks={flux_blocks!r} is not one of {', '.join(FLUX_BLOCKS)}")
+        found = attention_layers(transformer)
+        joint = [n for n, k in found.items() if k == "joint"]
+        double = sorted((n for n in joint if n.startswith("transformer_blocks.")), key=_rank)
+        single = sorted((n for n in joint if n.startswith("single_transformer_blocks.")), key=_rank)
+        self.flux = bool(single) or type(transformer).__name__.startswith("Flux")
+        scope = {"double": double, "single": single, "all": double + single}[flux_blocks if self.flux else "double"]
+        if not scope:
+            raise BenchError(f"model.flux_blocks={flux_blocks}: this transformer has no {flux_blocks} blocks")
+        self.scope = scope
+        self.chosen = [scope[r] for r in select_depth(len(scope), depth)]
+        self.depth, self.flux_blocks = depth, flux_blocks
+        self.layers = tuple(AttentionLayer(n, kind, "joint", 0, _rank(n), 0) for n, kind in found.items())
+        self.names = set(found)
+
+    def describe(self) -> str:
+        what = f"{len(self.scope)} {self.flux_blocks if self.flux else 'joint'} blocks in scope"
+        return f"{what}, depth={self.depth}: {len(self.chosen)} chosen"
+
+    def levels(self, part: str, kind: str = "cross") -> list[int]:
+        return [0]
+
+    def _unet_only(self, what: str):
+        raise BenchError(f"{what} names UNet levels; a transformer has one token grid ({self.describe()}): use "
+                         f"blocks=all and choose blocks with model.depth= (all, first, last, middle, or ranks)")
+
+    def blocks(self, spec: str, kind: str) -> list[str]:
+        if spec != "all":
+            self._unet_only(f"blocks={spec}")
+        return list(self.chosen)
+
+    def sd_resolution(self, kind: str, resolution: str, parts=("down", "mid", "up")) -> list[str]:
+        return list(self.chosen)
+
+    def finest(self, kind: str) -> list[str]:
+        return list(self.chosen)
+
+    def decoder_self(self, k: int) -> str:
+        if not -len(self.scope) <= k <= -1:
+            raise BenchError(f"self-attention #{k} does not exist: {self.describe()} (use -1 .. -{len(self.scope)})")
+        return self.scope[k]
+
+    def mid(self, kind: str) -> list[str]:
+        self._unet_only("the mid block")
+
+    def ranked(self, kind, parts, ranks, attentions=None) -> list[str]:
+        raise BenchError("iSeg's released-code layers and fusion weights are per UNet level and have no transformer "
+                         "counterpart: run iSeg with variant=paper on this backbone")
+
+
+def _rank(name: str) -> tuple[int, int]:
+    match = _JOINT.match(name)
+    if match is None:
+        return (2, 0)
+    return (0 if match.group(1) == "transformer_blocks" else 1, int(match.group(2)))
