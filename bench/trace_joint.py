@@ -21,19 +21,35 @@ from __future__ import annotations
 
 import torch
 
-from bench.trace import _Recorder, _row_block, grid_size
+from bench.trace import _Recorder, grid_size
 
 ROWS = ("renormalised", "raw")
 
 
+# float32 tensors of a block's rows alive at once: scores and probabilities of each slice (and, raw, the joint
+# row's scores concatenated for its log-normaliser)
+LIVE_PER_ROW = 3
+MIN_BLOCK_BYTES = 2**20
+
+
+def rows_per_block(batch_heads: int, rows: int, keys: int, kept_bytes: int) -> int:
+    """Query rows per block: a block's live scores stay within half of what the layer keeps (at least 1 MiB), so
+    a traced layer's peak stays within plain + 2x kept (tests/test_backbone_memory.py)."""
+    per_row = batch_heads * keys * 4 * LIVE_PER_ROW
+    return max(1, min(rows, max(MIN_BLOCK_BYTES, kept_bytes // 2) // per_row))
+
+
 def block_probs(q_img: torch.Tensor, k_img: torch.Tensor, k_txt: torch.Tensor, cols: slice, kinds: set[str],
-                rows: str, scale: float, kept_bytes: int) -> dict[str, torch.Tensor]:
+                rows: str, scale: float, kept_bytes: int, per_head: dict[str, bool] | None = None,
+                dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Requested slices of softmax(q k^T * scale) over keys [image, text] for image queries, layout (B, H, N, d).
-    Returns {"cross": (B, H, N_img, T), "self_attn": (B, H, N_img, N_img)} for the kinds asked, float32."""
+    Returns {"cross": (B, H, N_img, T), "self_attn": (B, H, N_img, N_img)} for the kinds asked, in `dtype`; a kind
+    whose `per_head` is False is averaged over heads block by block (H = 1), so only what is kept is allocated."""
+    per_head = per_head or {}
     b, h, n, _ = q_img.shape
     k_cols = k_txt[:, :, cols]
     keys = n + (k_txt.shape[2] if rows == "raw" else 0) + k_cols.shape[2]
-    step = _row_block(b * h, n, keys, 4, kept_bytes)
+    step = rows_per_block(b * h, n, keys, kept_bytes)
     out = {kind: None for kind in kinds if kind in ("cross", "self_attn")}
     k_img, k_cols, k_all_txt = k_img.float(), k_cols.float(), k_txt.float()
     for start in range(0, n, step):
@@ -50,9 +66,12 @@ def block_probs(q_img: torch.Tensor, k_img: torch.Tensor, k_txt: torch.Tensor, c
         if "self_attn" in out:
             parts["self_attn"] = (s_img - lse).exp() if rows == "raw" else s_img.softmax(-1)
         for kind, value in parts.items():
+            if not per_head.get(kind, True):
+                value = value.mean(1, keepdim=True)
             if out[kind] is None:
-                out[kind] = value.new_empty((b, h, n, value.shape[-1]))
+                out[kind] = value.new_empty((b, value.shape[1], n, value.shape[-1]), dtype=dtype)
             out[kind][:, :, start:start + step] = value
+        del parts, s_img, s_cols
     return out
 
 
@@ -80,17 +99,16 @@ class _JointCapture:
         if k_txt is None:  # an image-only attention (SD3.5's attn2): its probabilities are the self role's own
             k_txt = k_img[:, :, :0]
         keep = rec.keep
+        per_head = {"cross": rec.request.per_head, "self_attn": rec.request.self_per_head}
         probs = block_probs(q_img[keep], k_img[keep], k_txt[keep], cols, self.kinds, rec.rows, scale,
-                            self._kept_bytes(b, heads, n_img, n_cols))
+                            self._kept_bytes(b, heads, n_img, n_cols), per_head, rec.dtype)
         if "queries" in self.kinds:
             rec.add("queries", self.name, q_img)
         h, w = grid_size(n_img, rec.latent_size)
         if "cross" in probs:
-            value = probs["cross"] if rec.request.per_head else probs["cross"].mean(1, keepdim=True)
-            rec.add("cross", self.name, value.unflatten(2, (h, w)), selected=True)
+            rec.add("cross", self.name, probs["cross"].unflatten(2, (h, w)), selected=True)
         if "self_attn" in probs:
-            value = probs["self_attn"] if rec.request.self_per_head else probs["self_attn"].mean(1, keepdim=True)
-            rec.add("self_attn", self.name, value, selected=True)
+            rec.add("self_attn", self.name, probs["self_attn"], selected=True)
 
 
 class JointCaptureProcessor(_JointCapture):
