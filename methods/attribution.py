@@ -49,7 +49,10 @@ def attribution_embedding(backbone, text: str, pad: bool = False) -> tuple[torch
     else:
         ids = torch.tensor(tok([text], truncation=True, max_length=backbone.max_length).input_ids[0])
     with torch.no_grad():
-        emb = backbone.attribution_states(ids[None].to(backbone.device))[0]
+        ids_in = ids[None].to(backbone.device)
+        # a family's key-side text states (bench.models: SDXL/SD3/Flux condition their text otherwise)
+        states = getattr(backbone, "attribution_states", None)
+        emb = states(ids_in)[0] if states is not None else backbone.text_encoder(ids_in)[0][0]
     return emb.to(backbone.dtype), ids.tolist()
 
 
