@@ -153,7 +153,7 @@ class ModelConfig(Section):
     resolution: int = 0
     # transformer backbones (SD3/Flux; bench.models.layers.TransformerLayerMap, docs/backbones.md): which blocks
     # the attention roles read, Flux's block scope, and how joint attention's blocks are normalised
-    depth: str = "all"
+    depth: str | int = "all"
     flux_blocks: str = "double"
     joint_rows: str = "renormalised"
     TRANSFORMER_DEFAULTS = {"depth": "all", "flux_blocks": "double", "joint_rows": "renormalised"}

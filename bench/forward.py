@@ -65,9 +65,6 @@ def run_traced(backbone: Backbone, req: TraceRequest, setting: ForwardSetting, p
     weights = None if key_weights is None else key_weights.to(backbone.device)
     if backbone.family != "sd":
         backbone.guidance = setting.guidance
-        if weights is not None and backbone.family in ("sd3", "flux"):
-            raise BenchError("Cat-Cross key weights (iSeg cat_cross) need UNet cross-attention; this backbone "
-                             f"({backbone.family}) has joint attention: run iSeg with cat_cross=false")
     with AttentionTracer(backbone.unet, req, weight_keys=weights is not None, family=backbone.family,
                          text_columns=backbone.text_columns(),
                          rows=getattr(backbone, "joint_rows", "renormalised")) as tracer:

@@ -219,19 +219,23 @@ def check_layer_roles(cfg: SweepConfig, plan: Plan, folder: Path) -> None:
     each forward group's trace request resolved against the UNet built from its config on the meta device
     (module names only, no weights: bench.models.layers), so such a sweep stops here instead of after the model
     has loaded. A method that needs more of the backbone than its layout to say is left to the run's check."""
-    config = folder / "unet" / "config.json"
-    if not config.is_file():
-        return
     from types import SimpleNamespace
 
-    from diffusers import UNet2DConditionModel
+    import diffusers
 
     from bench.evaluate import group_request
-    from bench.models.layers import LayerMap
+    from bench.models.layers import LayerMap, TransformerLayerMap
 
+    part = "transformer" if (folder / "transformer" / "config.json").is_file() else "unet"
+    config = folder / part / "config.json"
+    if not config.is_file():
+        return
+    cls = getattr(diffusers, str(_read_json(config).get("_class_name")), diffusers.UNet2DConditionModel)
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(_read_json(config))
-    layout = SimpleNamespace(unet=unet, _layer_map=LayerMap(unet))  # what bench.models.layers.layer_map reads
+        unet = cls.from_config(_read_json(config))
+    model = cfg.model
+    layers = LayerMap(unet) if part == "unet" else TransformerLayerMap(unet, str(model.depth), model.flux_blocks)
+    layout = SimpleNamespace(unet=unet, _layer_map=layers)  # what bench.models.layers.layer_map reads
     try:
         method = METHODS.get(cfg.method)(layout)
     except Exception:  # noqa: BLE001 (a constructor that reads the backbone: nothing to check here)

@@ -326,7 +326,8 @@ class AttentionTracer:
             for name in resolve_layers(getattr(req, kind), layers, attn_kind):
                 kinds.setdefault(name, set()).add(kind)
         self.layer_kinds = kinds
-        self.weighted = [n for n, k in layers.items() if k == "cross" and n not in kinds] if weight_keys else []
+        self.weighted = [n for n, k in layers.items() if k in ("cross", "joint") and n not in kinds] \
+            if weight_keys else []
         self._saved: dict[str, object] = {}
         self._hook = None
 
@@ -345,7 +346,11 @@ class AttentionTracer:
         for name in self.weighted:
             module = self.unet.get_submodule(name)
             self._saved[name] = module.processor
-            module.set_processor(WeightedKeyProcessor(self.recorder))
+            if name in self.joint:  # the joint processors weight text keys; recording nothing here
+                joint = FluxCaptureProcessor if type(module).__name__ == "FluxAttention" else JointCaptureProcessor
+                module.set_processor(joint(self.recorder, name, set()))
+            else:
+                module.set_processor(WeightedKeyProcessor(self.recorder))
 
         scale = 1000 if self.family == "flux" else 1  # Flux's transformer takes t / 1000
         flow = self.family in ("sd3", "flux")

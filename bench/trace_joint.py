@@ -90,8 +90,24 @@ class _JointCapture:
         return sum(kept * (heads if per_head[k] else 1) * n_img * cols[k] * size
                    for k in ("cross", "self_attn") if k in self.kinds)
 
+    def weight_text_keys(self, keys: torch.Tensor, seq_dim: int, start: int = 0) -> torch.Tensor:
+        """iSeg's Cat-Cross (Eq. 8-9) on joint attention: the text keys at the trace's text positions
+        (`text_columns`, counted from `start` along `seq_dim`) scaled by the per-token weights W. Every query
+        sees the weighted keys, the text stream's own queries included (a UNet has none)."""
+        weights = self.recorder.key_weights
+        if weights is None:
+            return keys
+        cols = range(keys.shape[seq_dim] - start)[self.recorder.text_columns]
+        scale = torch.ones(weights.shape[0], keys.shape[seq_dim], dtype=keys.dtype, device=keys.device)
+        scale[:, start + cols.start:start + cols.start + weights.shape[1]] = weights.to(keys.dtype)
+        shape = [1] * keys.ndim
+        shape[0], shape[seq_dim] = scale.shape
+        return keys * scale.view(shape)
+
     def capture(self, q_img, k_img, k_txt, scale) -> None:
         """q/k in layout (B, H, N, d), exactly the tensors the fused attention saw."""
+        if not self.kinds:
+            return
         rec = self.recorder
         b, heads, n_img, _ = q_img.shape
         cols = rec.text_columns
@@ -141,6 +157,7 @@ class JointCaptureProcessor(_JointCapture):
                 eq = attn.norm_added_q(eq)
             if attn.norm_added_k is not None:
                 ek = attn.norm_added_k(ek)
+            ek = self.weight_text_keys(ek, 2)
             k_txt = ek
             query = torch.cat([query, eq], dim=2)
             key = torch.cat([key, ek], dim=2)
@@ -189,9 +206,13 @@ class FluxCaptureProcessor(_JointCapture):
             encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
             encoder_query = attn.norm_added_q(encoder_query)
             encoder_key = attn.norm_added_k(encoder_key)
+            encoder_key = self.weight_text_keys(encoder_key, 1)
             query = torch.cat([encoder_query, query], dim=1)
             key = torch.cat([encoder_key, key], dim=1)
             value = torch.cat([encoder_value, value], dim=1)
+        elif self.recorder.key_weights is not None:  # a single block: [text, image] in one sequence
+            key = torch.cat([self.weight_text_keys(key[:, :self.recorder.text_length], 1),
+                             key[:, self.recorder.text_length:]], dim=1)
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)

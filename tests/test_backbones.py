@@ -311,3 +311,23 @@ def test_flow_matching_noising_uses_the_schedulers_shifted_sigma(backbones, fami
         sigma = np.exp(mu) / (np.exp(mu) + (1 / s - 1))
     torch.testing.assert_close(noisy, torch.full_like(x0, 1 - sigma))
     assert float(t) == pytest.approx(sigma * 1000, rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_cat_cross_weights_the_text_keys_of_joint_attention(backbones, family):
+    """iSeg Eq. 8-9 on joint attention: a token's key weighted by gamma > 1 draws more of every image row's
+    text mass in every layer that records it (renormalised rows); weights of 1 change nothing."""
+    backbone = backbones[family]
+    layer = "transformer_blocks.1.attn"
+    image = np.full((LATENT, LATENT, 3), 128, np.uint8)
+    req, setting, token = request(cross=[layer]), ForwardSetting(timestep=500, size=LATENT), 2
+
+    def trace(weights):
+        return run_traced(backbone, req, setting, ["a dog"], [image], key_weights=weights).traces[0].cross[layer]
+
+    plain, ones = trace(None), trace(torch.ones(1, backbone.max_length))
+    weights = torch.ones(1, backbone.max_length)
+    weights[0, token] = 3.0
+    weighted = trace(weights)
+    torch.testing.assert_close(plain, ones)
+    assert weighted[..., token].mean() > plain[..., token].mean()

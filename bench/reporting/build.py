@@ -28,6 +28,17 @@ def _get(d: dict, *keys, default="–"):
     return d
 
 
+def backbone_label(prov: dict) -> str:
+    """The backbone family, and a warning where its weights are random (run.json `backbone`)."""
+    backbone = prov.get("backbone") or {}
+    if not backbone:
+        return "–"
+    text = str(backbone.get("family", "–"))
+    if backbone.get("random_weights"):
+        text += " — RANDOM WEIGHTS: these numbers test the plumbing only; draw no conclusion from them"
+    return text
+
+
 def provenance_pairs(run: RunData) -> list[tuple[str, str]]:
     cfg, prov = run.cfg, run.prov
     data = prov.get("dataset") or {}
@@ -42,6 +53,7 @@ def provenance_pairs(run: RunData) -> list[tuple[str, str]]:
         ("sweep", f"{run.name} ({cfg.get('sweep_file', '–')})"),
         ("method", str(cfg.get("method"))),
         ("model", ", ".join(model_bits) or "–"),
+        ("backbone", backbone_label(prov)),
         ("dataset", str(data.get("name", data_cfg.get("name", "–")))),
         ("dataset root", str(data.get("root") or data_cfg.get("root") or "none (generated in memory)")),
         ("dataset split", str(data.get("split") or data_cfg.get("split") or "–")),
@@ -70,7 +82,7 @@ def provenance_pairs(run: RunData) -> list[tuple[str, str]]:
     ]
     search = prov.get("search")
     if search:  # adaptive search (bench.search): every row is a searched configuration
-        pairs.insert(11, ("search", f"{search.get('algo')} with {search.get('scheduler', 'ASHA')} over images (grace {search.get('grace_images')}, "
+        pairs.insert(12, ("search", f"{search.get('algo')} with {search.get('scheduler', 'ASHA')} over images (grace {search.get('grace_images')}, "
                                     f"reduction factor {search.get('reduction_factor')}): {prov.get('num_trials')} "
                                     f"configurations searched, {search.get('pairs_scored')} (configuration × image) "
                                     f"pairs scored; each row's metrics cover its images_scored images"))
