@@ -285,6 +285,10 @@ def run_perf(model: str, device: str, dtype: str, batches: list[int], repeats: i
         return _run_sharing(repeats, out_dir)
     if parts == ("fits",):
         return _run_fits(repeats, out_dir)
+    if model == "sd3-medium-arch":  # a joint-attention transformer: bench.perf_joint measures its roles
+        from bench.perf_joint import run_joint_perf
+
+        return run_joint_perf(model, device, dtype, repeats, out_dir)
     started = time.time()
     backbone = load_backbone({"name": model, "device": device, "dtype": dtype})
     log.info("loaded %s on %s (%s) in %.1f s", model, backbone.device, backbone.dtype, time.time() - started)
@@ -388,7 +392,8 @@ def render_markdown(r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.perf", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="embedded", help="embedded | sd21-base-arch (random weights)")
+    parser.add_argument("--model", default="embedded", help="embedded | sd21-base-arch | sd3-medium-arch (random "
+                        "weights)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--batches", default="", help="comma-separated batch sizes (default: 1,4,16 on CPU; "

@@ -281,6 +281,15 @@ def load_sd21_base_arch(cfg: dict, device: torch.device, dtype: torch.dtype) -> 
                     device, dtype, {"source": "SD2.1-base configs, random weights (timing only)"})
 
 
+@MODELS.register("sd3-medium-arch")
+def load_sd3_medium_arch(cfg: dict, device: torch.device, dtype: torch.dtype) -> Backbone:
+    """SD3 Medium's transformer and VAE with seeded random weights and random text embeddings
+    (bench.models.reference): for timing and memory of joint-attention capture."""
+    from bench.models.reference import build_sd3_medium_arch
+
+    return build_sd3_medium_arch(device, dtype, seed=int(cfg.get("seed", 0)))
+
+
 @MODELS.register("diffusers")
 def load_diffusers(cfg: dict, device: torch.device, dtype: torch.dtype) -> Backbone:
     if cfg.get("path"):
@@ -336,7 +345,7 @@ def model_provenance(cfg: dict) -> dict:
     from bench.models.families import family_of
 
     kind = model_kind(cfg)
-    random = bool(cfg.get("random")) or kind == "sd21-base-arch"
+    random = bool(cfg.get("random")) or kind in ("sd21-base-arch", "sd3-medium-arch")
     if kind == "diffusers":
         folder = Path(cfg["path"]).expanduser() if cfg.get("path") else resolve_hub_id(cfg["id"])
         try:

@@ -62,6 +62,8 @@ def family_of(model_cfg: dict) -> str:
     """The family a `model.*` config loads (driver side, no weights)."""
     from bench.models import model_kind, resolve_hub_id
 
+    if model_kind(model_cfg) == "sd3-medium-arch":
+        return "sd3"
     if model_kind(model_cfg) != "diffusers":
         return "sd"
     folder = Path(model_cfg["path"]).expanduser() if model_cfg.get("path") else resolve_hub_id(model_cfg["id"])

@@ -47,7 +47,7 @@ def model_identity(model_cfg: dict) -> str:
     from bench.embedded import shipped_folder
     from bench.models import model_kind, resolve_hub_id
 
-    if model_cfg.get("random") or model_kind(model_cfg) == "sd21-base-arch":
+    if model_cfg.get("random") or model_kind(model_cfg) in ("sd21-base-arch", "sd3-medium-arch"):
         return f"random:{model_kind(model_cfg)}"
     if model_cfg.get("path"):
         return folder_identity(model_cfg["path"])
