@@ -73,7 +73,7 @@ def run_traced(backbone: Backbone, req: TraceRequest, setting: ForwardSetting, p
             passes = _invert(backbone, images, text, setting, tracer)
             generated = [np.asarray(im) for im in images]  # trace.image: the traced image (dCRF needs it)
         else:
-            if weights is not None:
+            if weights is not None and backbone.uses_cfg:  # the [uncond, cond] batch: unconditional keys unweighted
                 weights = torch.cat([torch.ones_like(weights), weights])
             tracer.set_key_weights(weights)
             if backbone.uses_cfg:

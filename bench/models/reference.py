@@ -88,8 +88,8 @@ def build_sd3_medium_arch(device: torch.device, dtype: torch.dtype, seed: int = 
     with torch.device(device):
         transformer = SD3Transformer2DModel(**SD3_MEDIUM_TRANSFORMER)
         vae = AutoencoderKL(**SD3_VAE)
-    for module in (transformer, vae):
-        module.to(device, dtype).eval().requires_grad_(False)
+    for module in (transformer, vae):  # .to(dtype) only where it changes (the VAE warns on a no-op cast)
+        (module.to(device) if dtype == torch.float32 else module.to(device, dtype)).eval().requires_grad_(False)
     backbone = RandomTextSD3("sd3-medium-arch", transformer, vae, None, build_tokenizer(max_length=77),
                              FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0), device, dtype,
                              {"source": "SD3 Medium configs, random weights and random text embeddings (timing "
