@@ -331,3 +331,16 @@ def test_cat_cross_weights_the_text_keys_of_joint_attention(backbones, family):
     weighted = trace(weights)
     torch.testing.assert_close(plain, ones)
     assert weighted[..., token].mean() > plain[..., token].mean()
+
+
+def test_joint_perf_measures_each_role(backbones):
+    """bench.perf --model sd3-medium-arch's measurement, on the tiny SD3 (the real architecture takes minutes)."""
+    from bench.perf_joint import measure_joint
+
+    result = measure_joint(backbones["sd3"], repeats=1, size=LATENT)
+    assert result["image_tokens"] == (LATENT // 2) ** 2 and result["joint_layers"] == 3
+    assert set(result["roles"]) == {"cross", "self", "both"}
+    for row in result["roles"].values():
+        assert row["traced_s"] > 0 and row["kept_mib"] >= 0 and isinstance(row["within_bound"], bool)
+    kept = {role: row["kept_mib"] for role, row in result["roles"].items()}
+    assert kept["both"] >= max(kept["cross"], kept["self"])
