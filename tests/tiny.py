@@ -143,7 +143,6 @@ def tiny_flux_components(seed: int = 0) -> dict:
         patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=8,
         num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=HIDDEN, guidance_embeds=True,
         axes_dims_rope=(2, 2, 4))
-    transformer.register_to_config(sample_size=LATENT)  # native size 16 px (Flux names none: 1024 px by default)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
                                                 base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                                                 max_image_seq_len=4096)

@@ -108,9 +108,12 @@ class Backbone:
 
     @property
     def resolution(self) -> int:
-        """Native image size: denoiser sample size x VAE downsampling factor (512 for SD 1.x / 2.1-base; Flux's
-        transformer names none: 128 latents, FluxPipeline's default 1024 px)."""
-        return int(getattr(self.unet.config, "sample_size", None) or 128) * self.vae_factor()
+        """Native image size: denoiser sample size x VAE downsampling factor (512 for SD 1.x / 2.1-base); Flux's
+        transformer names none: its VAE's sample size (1024 on Flux.1, FluxPipeline's default size)."""
+        sample = getattr(self.unet.config, "sample_size", None)
+        if sample is None:
+            return int(self.vae.config.sample_size)
+        return int(sample) * self.vae_factor()
 
     def describe(self) -> dict:
         return {"name": self.name, "family": self.family, "device": str(self.device),
