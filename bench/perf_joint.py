@@ -98,8 +98,9 @@ def run_joint_perf(model: str, device: str, dtype: str, repeats: int, out_dir: P
 
     started = time.time()
     backbone = load_backbone({"name": model, "device": device, "dtype": dtype})
-    result = {"model": model, "device": device_line(backbone.device), "dtype": str(backbone.dtype).replace("torch.", ""),
-              "versions": versions(), "repeats": repeats, "joint": measure_joint(backbone, repeats)}
+    result = {"model": model, "device": device_line(backbone.device),
+              "dtype": str(backbone.dtype).replace("torch.", ""), "versions": versions(), "repeats": repeats,
+              "joint": measure_joint(backbone, repeats)}
     result["seconds"] = round(time.time() - started, 1)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"{model}-{backbone.device.type}"

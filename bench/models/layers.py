@@ -168,7 +168,7 @@ def layer_map(backbone) -> LayerMap | TransformerLayerMap:
     return cached
 
 
-# -- transformers (SD3/SD3.5, Flux.1): roles of joint attention ---------------------------------------------------------
+# -- transformers (SD3/SD3.5, Flux.1): roles of joint attention -------------------------------------------------------
 DEPTHS = ("all", "first", "last", "middle")
 FLUX_BLOCKS = ("double", "single", "all")
 _JOINT = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.attn(2?)$")
