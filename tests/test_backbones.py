@@ -378,3 +378,47 @@ def test_every_method_finds_the_planted_patch(folders, family, name):
     row, col = divmod(int(score.argmax()), score.shape[1])
     side = LATENT // 2
     assert (row * side // score.shape[0], col * side // score.shape[1]) == divmod(patch, side)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_conditioning_is_the_pipelines_own(backbones, family):
+    """The denoiser's text inputs equal what the family's diffusers pipeline builds from the same components
+    (encode_prompt; SDXL's add_time_ids), positive and negative branch."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionXLPipeline
+
+    b = backbones[family]
+    prompts = ["a red circle", "a dog"]
+    cond, neg = b.condition(prompts), b.negative_condition(len(prompts))
+    with torch.no_grad():
+        if family == "sdxl":
+            pipe = StableDiffusionXLPipeline(vae=b.vae, text_encoder=b.text_encoder, tokenizer=b.tokenizer,
+                                             unet=b.unet, scheduler=b.scheduler, **b.extra_parts())
+            embeds, neg_embeds, pooled, neg_pooled = pipe.encode_prompt(prompts, device="cpu")
+            want = {"encoder_hidden_states": embeds, "text_embeds": pooled}
+            want_neg = {"encoder_hidden_states": neg_embeds, "text_embeds": neg_pooled}
+            time_ids = pipe._get_add_time_ids((32, 32), (0, 0), (32, 32), torch.float32,
+                                              text_encoder_projection_dim=b.extra["text_encoder_2"].config.projection_dim)
+            seen = {}
+            handle = b.unet.register_forward_pre_hook(
+                lambda m, a, kw: seen.update(kw["added_cond_kwargs"]), with_kwargs=True)
+            b.denoise(torch.zeros(2, 4, 32, 32), torch.tensor([10]), cond)
+            handle.remove()
+            torch.testing.assert_close(seen["time_ids"], time_ids.repeat(2, 1), rtol=0, atol=0)
+        elif family == "sd3":
+            pipe = StableDiffusion3Pipeline(transformer=b.unet, scheduler=b.scheduler, vae=b.vae,
+                                            text_encoder=b.text_encoder, tokenizer=b.tokenizer, **b.extra_parts())
+            embeds, neg_embeds, pooled, neg_pooled = pipe.encode_prompt(
+                prompts, None, None, device="cpu", max_sequence_length=b.extra["tokenizer_3"].model_max_length)
+            want = {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+            want_neg = {"encoder_hidden_states": neg_embeds, "pooled_projections": neg_pooled}
+        else:
+            pipe = FluxPipeline(scheduler=b.scheduler, vae=b.vae, text_encoder=b.text_encoder,
+                                tokenizer=b.extra["clip_tokenizer"], text_encoder_2=b.extra["text_encoder_2"],
+                                tokenizer_2=b.tokenizer, transformer=b.unet)
+            embeds, pooled, _ = pipe.encode_prompt(prompts, None, device="cpu", max_sequence_length=b.max_length)
+            want, want_neg = {"encoder_hidden_states": embeds, "pooled_projections": pooled}, None
+    for key, value in want.items():
+        torch.testing.assert_close(cond[key], value, rtol=0, atol=0)
+    if want_neg is not None:
+        for key, value in want_neg.items():
+            torch.testing.assert_close(neg[key], value, rtol=0, atol=0)

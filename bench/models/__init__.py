@@ -70,6 +70,10 @@ class Backbone:
     def negative_condition(self, n: int) -> dict:
         return self.condition([""] * n)
 
+    def extra_parts(self) -> dict:
+        """The family's other pipeline components by their pipeline names (text_encoder_2, tokenizer_2, ...)."""
+        return {k: v for k, v in self.extra.items() if k != "clip_tokenizer"}
+
     def attribution_states(self, ids: torch.Tensor) -> torch.Tensor:
         """Text states of token ids (B, L') that the attention layers' key projection reads (OVAM's X', Eq. 4):
         the text encoder's last hidden states on SD (bench.models.families for the others)."""

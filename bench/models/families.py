@@ -118,6 +118,9 @@ def build_backbone(family: str, name: str, parts: dict, device, dtype, info: dic
     backbone.extra = {k: v for k, v in parts.items()
                       if k not in ("unet", "transformer", "vae", "text_encoder", "tokenizer", "scheduler")}
     backbone.extra["clip_tokenizer"] = parts["tokenizer"]
+    if family == "sdxl":
+        index = json.loads((Path(info["path"]) / "model_index.json").read_text())
+        backbone.force_zeros = bool(index.get("force_zeros_for_empty_prompt", True))
     for module in [denoiser, parts["vae"], *parts.values()]:
         if isinstance(module, torch.nn.Module):
             module.to(device).eval().requires_grad_(False)
@@ -127,7 +130,8 @@ def build_backbone(family: str, name: str, parts: dict, device, dtype, info: dic
 class SDXLBackbone(Backbone):
     """SDXL: `StableDiffusionXLPipeline.encode_prompt` (diffusers 0.42): both CLIP towers' `hidden_states[-2]`
     concatenated on the feature axis, the pooled embedding of `text_encoder_2`, and `add_time_ids` = original
-    size + crop top-left (0, 0) + target size. The negative branch is zeros (`force_zeros_for_empty_prompt`)."""
+    size + crop top-left (0, 0) + target size. The negative branch is zeros where the folder's
+    `force_zeros_for_empty_prompt` is set (SDXL base), else the encoded empty prompt."""
 
     family = "sdxl"
 
@@ -138,9 +142,11 @@ class SDXLBackbone(Backbone):
         states = torch.cat([states1, states2], dim=-1).to(self.dtype)
         return {"encoder_hidden_states": states, "text_embeds": pooled.to(self.dtype)}
 
+    force_zeros = True  # model_index.json's force_zeros_for_empty_prompt (True on SDXL base)
+
     def negative_condition(self, n: int):
         cond = self.condition([""] * n)
-        return {k: torch.zeros_like(v) for k, v in cond.items()}
+        return {k: torch.zeros_like(v) for k, v in cond.items()} if self.force_zeros else cond
 
     def encode_text(self, prompts):
         return self.condition(prompts)["encoder_hidden_states"]
