@@ -209,9 +209,12 @@ def check_model_fit(cfg: SweepConfig, plan: Plan, folder: Path) -> None:
         vae = _read_json(folder / "vae" / "config.json").get("block_out_channels") or [0]
         unet = _read_json(folder / "unet" / "config.json").get("down_block_types") or [0]
         multiple = 2 ** (len(vae) - 1) * 2 ** (len(unet) - 1)
+        if family in FLOW_FAMILIES:  # transformer patches (SD3's patch_size; Flux packs 2 x 2 latents)
+            patch = _read_json(folder / "transformer" / "config.json").get("patch_size") or 1
+            multiple *= 2 if family == "flux" else int(patch)
         if cfg.model.resolution % multiple:
             raise BenchError(f"model.resolution={cfg.model.resolution} must be 0 (the model's native size) or a "
-                             f"multiple of {multiple} (VAE and UNet downsampling of this model)")
+                             f"multiple of {multiple} (the VAE's and the denoiser's downsampling of this model)")
 
 
 def check_layer_roles(cfg: SweepConfig, plan: Plan, folder: Path) -> None:
