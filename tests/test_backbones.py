@@ -422,3 +422,20 @@ def test_conditioning_is_the_pipelines_own(backbones, family):
     if want_neg is not None:
         for key, value in want_neg.items():
             torch.testing.assert_close(neg[key], value, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["params.timestep=0"], "flow-matching model .* timestep must be in 1"),
+    (["params.mode=generation", "params.scheduler=ddim"], "generates with its own FlowMatchEulerDiscreteScheduler"),
+    (["model.resolution=15"], "multiple of 2"),
+])
+def test_preflight_checks_flow_matching_settings(folders, overrides, message):
+    """`timestep` means the training-schedule position on every family: t = 0 (the clean image) has no flow-matching
+    noise level; noise-prediction samplers are refused; the size must survive SD3's 2 x 2 patches."""
+    from bench.config import compose
+    from bench.plan import make_plan
+    from bench.preflight import check_model_fit
+
+    cfg = compose("sweeps/iseg_lambda.yaml", [f"model.path={folders['sd3']}", *overrides])
+    with pytest.raises(BenchError, match=message):
+        check_model_fit(cfg, make_plan(cfg), folders["sd3"])
