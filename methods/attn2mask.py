@@ -23,6 +23,7 @@ from bench.trace import Trace, TraceRequest, request
 from methods.base import ClassQuery, Method, Param, Prediction, register_method
 from methods.crf import CRF_PARAMS, CRFParams, crf_labels
 from methods.attribution import BLOCK_CHOICES, AttributionSource, aggregate_daam, aggregate_sum, attn_layers
+from methods.labels import TIE_TOL, choose, tie_of
 from methods.maps import empty_prediction, minmax, resize_maps
 from methods.prompts import PROMPT_PARAMS, build_prompt
 from methods.tokens import AutoTokens
@@ -35,12 +36,12 @@ def step_index(fraction: float, num_steps: int) -> int:
 
 
 def background_argmax(scores: torch.Tensor, class_ids: list[int], out_size: tuple[int, int],
-                      beta: float) -> torch.Tensor:
-    """Attn2Mask labels: argmax over [1 - max_c h_c - beta, h_1, ..., h_K] at out_size."""
+                      beta: float, tie: tuple[str, float] = ("lowest", TIE_TOL)) -> torch.Tensor:
+    """Attn2Mask labels: argmax over [1 - max_c h_c - beta, h_1, ..., h_K] at out_size (ties: methods.labels;
+    background, id 0, is the lowest id)."""
     up = resize_maps(scores, out_size).clamp(0, 1)
     bg = 1 - up.max(0).values - beta
-    arg = torch.cat([bg[None], up]).argmax(0)
-    return torch.tensor([0, *class_ids], dtype=torch.long, device=arg.device)[arg]
+    return choose(torch.cat([bg[None], up]), [0, *class_ids], *tie, dim=0)[1]
 
 
 @register_method("attn2mask")
@@ -91,7 +92,7 @@ class Attn2Mask(AutoTokens, Method):
         if not query.ids:
             return empty_prediction(out_size)
         scores = self.class_maps(trace, query, cfg)
-        labels = background_argmax(scores, query.ids, out_size, cfg["beta"])
+        labels = background_argmax(scores, query.ids, out_size, cfg["beta"], tie_of(cfg))
         if cfg["crf"]:
             if trace.image is None:
                 raise ValueError("crf=true needs the image (trace.image)")

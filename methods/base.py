@@ -32,6 +32,8 @@ from bench.forward import ForwardSetting
 from bench.models import SCHEDULER_CHOICES
 from bench.registry import Registry, unknown_name_message
 from bench.trace import Trace, TraceRequest
+from methods.labels import TIE_RULES, TIE_TOL
+
 
 def _discover() -> None:
     import methods  # the package discovers every method module (methods/__init__.py)
@@ -156,6 +158,12 @@ COMMON_PARAMS: dict[str, Param] = {
     "guidance": Param(7.5, "generation: classifier-free guidance scale", kind="forward", low=0),
     "classes": Param("gt", "which classes to segment per image: gt (image-level labels, the WSSS protocol) "
                      "or all (every dataset class)", kind="forward", choices=("gt", "all")),
+    # how labels are chosen where class scores tie (methods.labels: one rule for every method)
+    "tie_rule": Param("lowest", "where the two best class scores lie within tie_tol: lowest (the lower class id), "
+                      "background (id 0), or argmax (the released code's first maximum as computed: float "
+                      "rounding decides)", choices=TIE_RULES),
+    "tie_tol": Param(TIE_TOL, "absolute tolerance on the [0, 1] class scores within which classes tie "
+                     "(methods.labels: chosen to absorb the kernels' rounding)", low=0, high=1),
 }
 
 

@@ -25,6 +25,7 @@ import torch
 from bench.trace import Trace, TraceRequest, request
 from methods.base import ClassQuery, Method, Param, Prediction, register_method
 from methods.attribution import BLOCK_CHOICES, AttributionSource, aggregate_daam, attn_layers
+from methods.labels import tie_of
 from methods.maps import empty_prediction, labels_from_threshold, maxnorm, resize_maps
 from methods.prompts import PROMPT_PARAMS, build_prompt
 from methods.tokens import AutoTokens
@@ -85,7 +86,8 @@ class DAAM(AutoTokens, Method):
                 scores = expand_norm(raw) if cfg["norm"] == "minmax" else maxnorm(raw.clamp_min(0))
                 normalised[norm_key] = scores, resize_maps(scores, out_size)
             scores, upsampled = normalised[norm_key]
-            out.append(Prediction(scores, labels_from_threshold(upsampled, query.ids, out_size, cfg["tau"])))
+            out.append(Prediction(scores, labels_from_threshold(upsampled, query.ids, out_size, cfg["tau"],
+                                                                      tie=tie_of(cfg))))
         return out
 
 

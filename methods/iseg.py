@@ -40,6 +40,7 @@ from bench.models.layers import layer_map
 from bench.trace import Trace, TraceRequest, request
 from methods.base import ClassQuery, Method, Param, Prediction, register_method
 from methods.attribution import AttributionSource, token_indices
+from methods.labels import tie_of
 from methods.maps import labels_from_scores_many, minmax, resize_maps
 from methods.tiled_labels import TiledLabels, TiledPrediction, tileable
 
@@ -474,6 +475,15 @@ class ISeg(Method):
         values on the tiles near a decision, bit for bit the labels of the full upsample, which is the path of
         every other case. (A re-derived bilinear formula instead of F.interpolate's values labelled up to 1.8%
         of a real image's pixels differently, whole tied regions, and moved iseg_lambda's mIoU by up to 1.0.)"""
+        ties = [tie_of(c) for c in cfgs]
+        if len(set(ties)) > 1:  # one tie rule per call: configurations grouped by theirs
+            out: list = [None] * len(cfgs)
+            for tie in dict.fromkeys(ties):
+                idx = [i for i, t in enumerate(ties) if t == tie]
+                preds = self._predictions(maps[idx], resize, trace, query, [cfgs[i] for i in idx], out_size)
+                for i, pred in zip(idx, preds):
+                    out[i] = pred
+            return out
         n, k = maps.shape[:2]
         flat = maps.reshape(n * k, *maps.shape[2:])
         rules = [(c["background"], c["bg_power"], c["bg_threshold"]) for c in cfgs]
@@ -484,7 +494,7 @@ class ISeg(Method):
             # equality with F.interpolate's full upsample is established for the CPU kernel only)
             mid = minmax(resize_maps(flat, mid_size), eps=1e-12)
             if not torch.isnan(mid).any() and all(r[1] >= 0 for r in rules):
-                tiled = TiledLabels(mid.reshape(n, k, *mid_size), query.ids, out_size, rules)
+                tiled = TiledLabels(mid.reshape(n, k, *mid_size), query.ids, out_size, rules, ties[0])
                 return [TiledPrediction(tiled, j, partial(release_final, mid[j * k:(j + 1) * k], out_size))
                         for j in range(n)]
         if resize == "code":
@@ -492,5 +502,5 @@ class ISeg(Method):
         else:
             scores = minmax(flat)
         scores = scores.reshape(n, k, *scores.shape[1:])
-        labels = labels_from_scores_many(scores, query.ids, out_size, rules)
+        labels = labels_from_scores_many(scores, query.ids, out_size, rules, ties)
         return [Prediction(scores[j], labels[j]) for j in range(n)]

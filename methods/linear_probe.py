@@ -21,6 +21,7 @@ from bench.evaluate import trace_samples
 from bench.trace import Trace, TraceRequest, request
 from methods.base import ClassQuery, Method, Param, Prediction, register_method
 from methods.attribution import BLOCK_CHOICES, AttributionSource, attn_layers
+from methods.labels import tie_of
 from methods.maps import empty_prediction, labels_from_scores, minmax, resize_maps
 from methods.prompts import PROMPT_PARAMS, build_prompt
 
@@ -118,6 +119,6 @@ class LinearProbe(Method):
                 cache[key] = self.probabilities(trace, query, cfg)
             scores = cache[key]
             labels = labels_from_scores(scores, query.ids, out_size, background="threshold",
-                                        bg_threshold=cfg["threshold"])
+                                        bg_threshold=cfg["threshold"], tie=tie_of(cfg))
             out.append(Prediction(scores, labels))
         return out

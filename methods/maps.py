@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from methods.labels import TIE_TOL, choose
+
 
 def resize_maps(maps: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
     """(..., h, w) -> (..., H, W)."""
@@ -24,24 +26,40 @@ def minmax(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 
 
 def labels_from_scores(scores: torch.Tensor, class_ids: list[int], out_size: tuple[int, int],
-                       background: str = "power", bg_power: float = 2.0, bg_threshold: float = 0.45) -> torch.Tensor:
+                       background: str = "power", bg_power: float = 2.0, bg_threshold: float = 0.45,
+                       tie: tuple[str, float] = ("lowest", TIE_TOL)) -> torch.Tensor:
     """Per-class scores in [0, 1] (K, h, w) -> dataset label map (H, W), 0 = background.
 
     background="power": background score (1 - max_k s_k)^p competes in the argmax (iSeg code, p = 2);
     background="threshold": background wherever max_k s_k < bg_threshold (iSeg code for COCO, 0.45).
+    tie: (tie_rule, tie_tol) among the classes (methods.labels).
     """
-    return labels_from_scores_many(scores[None], class_ids, out_size, [(background, bg_power, bg_threshold)])[0]
+    return labels_from_scores_many(scores[None], class_ids, out_size, [(background, bg_power, bg_threshold)],
+                                   [tie])[0]
 
 
 def labels_from_scores_many(scores: torch.Tensor, class_ids: list[int], out_size: tuple[int, int],
-                            rules: list[tuple[str, float, float]]) -> torch.Tensor:
+                            rules: list[tuple[str, float, float]],
+                            ties: list[tuple[str, float]] | None = None) -> torch.Tensor:
     """`labels_from_scores` of N configurations at once: scores (N, K, h, w), one (background, bg_power,
-    bg_threshold) rule per configuration -> (N, H, W). Resized and reduced over classes in one call each."""
+    bg_threshold) rule and one (tie_rule, tie_tol) per configuration (default: methods.labels' defaults)
+    -> (N, H, W). Resized in one call; configurations sharing a tie rule reduced over classes in one call."""
     if not class_ids:
         return torch.zeros(len(scores), *out_size, dtype=torch.long, device=scores.device)
     up = resize_maps(scores, out_size).clamp(0, 1)
-    best, arg = first_max(up)
-    labels = torch.tensor(class_ids, dtype=torch.long, device=arg.device)[arg]
+    ties = [tuple(t) for t in ties] if ties is not None else [("lowest", TIE_TOL)] * len(scores)
+    if len(ties) != len(scores):
+        raise ValueError(f"{len(ties)} tie rules for {len(scores)} configurations")
+    best = torch.empty(up.shape[:1] + up.shape[2:], dtype=up.dtype, device=up.device)
+    labels = torch.empty(best.shape, dtype=torch.long, device=up.device)
+    for tie in dict.fromkeys(ties):
+        rows = [n for n, t in enumerate(ties) if t == tie]
+        if tie[0] == "argmax":  # the released behaviour: the first maximum as computed
+            b, arg = first_max(up[rows])
+            lab = torch.tensor(class_ids, dtype=torch.long, device=arg.device)[arg]
+        else:
+            b, lab = choose(up[rows], class_ids, *tie)
+        best[rows], labels[rows] = b, lab
     for n, (background, bg_power, bg_threshold) in enumerate(rules):
         if background == "power":
             labels[n][(1 - best[n]) ** bg_power > best[n]] = 0
@@ -73,22 +91,23 @@ def maxnorm(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 
 
 def labels_from_threshold(scores: torch.Tensor, class_ids: list[int], out_size: tuple[int, int],
-                          tau: float, strict: bool = True) -> torch.Tensor:
+                          tau: float, strict: bool = True, tie: tuple[str, float] = ("lowest", TIE_TOL)
+                          ) -> torch.Tensor:
     """Per-class normalised maps (K, h, w) -> label map: class k where its map passes tau (DAAM: > tau; OVAM
-    Eq. 9: >= tau), the strongest class where several do, background elsewhere."""
+    Eq. 9: >= tau), the strongest class where several do (tie: (tie_rule, tie_tol), methods.labels),
+    background elsewhere."""
     if not class_ids:
         return torch.zeros(out_size, dtype=torch.long, device=scores.device)
     up = resize_maps(scores, out_size)
-    best, arg = up.max(0)
-    labels = torch.tensor(class_ids, dtype=torch.long, device=arg.device)[arg]
+    best, labels = choose(up, class_ids, *tie, dim=0)
     labels[(best <= tau) if strict else (best < tau)] = 0
     return labels
 
 
-# Two class scores closer than this (scores lie in [0, 1]) give a label that tie-breaking or float32 rounding
-# decided: iSeg's chain at N = 10 on the embedded model converges every class map to one map (the test
-# test_default_keeps_the_class_maps_apart measures it), and such labels moved with the summation order.
-TIE = 1e-5
+# Two class scores closer than this (scores lie in [0, 1]) give a label that the tie rule decided (methods.labels;
+# under tie_rule=argmax, float32 rounding): iSeg's chain at N = 10 on the embedded model converges every class
+# map to one map (the test test_default_keeps_the_class_maps_apart measures it). The `tied` column counts them.
+TIE = TIE_TOL
 # Ties are counted on at most TIE_GRID x TIE_GRID cells per map (a strided grid): score maps are upsampled
 # attention (64 x 64 at most on SD), so the grid keeps what tells the classes apart at a bounded cost.
 TIE_GRID = 64

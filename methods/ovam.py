@@ -35,6 +35,7 @@ from methods.base import ClassQuery, Method, Param, Prediction, register_method
 from methods.crf import CRF_PARAMS, CRFParams, crf_labels
 from bench.models.layers import layer_map
 from methods.attribution import BLOCK_CHOICES, AttributionSource, aggregate_sum, attn_layers
+from methods.labels import tie_of
 from methods.maps import empty_prediction, labels_from_threshold, maxnorm, minmax, resize_maps
 from methods.prompts import PROMPT_PARAMS, build_prompt
 from methods.tokens import AutoTokens
@@ -160,7 +161,7 @@ class OVAM(AutoTokens, Method):
                     received[size] = resize_maps(received_attention(maps, trace.latent_size)[None], size)[0]
                 a_alpha = alpha_scale(received[size], alpha)
             scores = binarise(heat, a_alpha, "code" if code else "paper")
-            labels = labels_from_threshold(scores, query.ids, out_size, tau, strict=code)
+            labels = labels_from_threshold(scores, query.ids, out_size, tau, strict=code, tie=tie_of(cfg))
             if cfg["crf"]:
                 if trace.image is None:
                     raise ValueError("crf=true needs the image (trace.image)")

@@ -40,12 +40,16 @@ import torch
 import torch.nn.functional as F
 
 from methods.base import Prediction
+from methods.labels import TIE_TOL, check_rule, decide
 
 # bound on the rounding of a bilinear value, relative to the largest magnitude of its four inputs: exact weights
 # (binary fractions), two products and a sum per axis, each within float32's 2^-24 relative; 1e-6 is ~17 times
 # that. And how far from its switch the background rule counts as decided (its power rounds within ~1e-7).
 REL = 1e-6
 RULE_MARGIN = 1e-5
+# how far from the tie band's edge (methods.labels: classes within tie_tol of the best) a decision counts as
+# decided: the float32 path's `best - tol` and its comparison round within ~1e-7 of scores in [0, 1]
+TIE_MARGIN = 1e-6
 
 
 def tileable(mid: int, out: tuple[int, int]) -> bool:
@@ -246,9 +250,13 @@ class TiledLabels:
     """
 
     def __init__(self, maps: torch.Tensor, class_ids: list[int], out_size: tuple[int, int],
-                 rules: list[tuple[str, float, float]]):
+                 rules: list[tuple[str, float, float]], tie: tuple[str, float] = ("lowest", TIE_TOL)):
         n, k, m, _ = maps.shape
         self.maps, self.class_ids, self.out_size, self.rules = maps, list(class_ids), tuple(out_size), rules
+        check_rule(*tie)
+        self.tie = (tie[0], float(tie[1]))
+        # a class wins a tile outright only when it leads every other beyond the tie band (argmax: any lead)
+        self.lead_needed = 0.0 if tie[0] == "argmax" else self.tie[1] + TIE_MARGIN
         self.geo = geo = Geometry(m, out_size[0] // m)
         flat = maps.reshape(n * k, m, m)
         self.padded = pad_planes(flat)  # (NK, m + 2, m + 2): every corner gather below reads it
@@ -265,7 +273,7 @@ class TiledLabels:
         best_lo, arg = s_lo.max(1)
         best_hi = s_hi.amax(1)
         if k > 1:
-            one_class = best_lo > s_hi.scatter(1, arg[:, None], -torch.inf).amax(1)
+            one_class = best_lo > s_hi.scatter(1, arg[:, None], -torch.inf).amax(1) + self.lead_needed
         else:
             one_class = torch.ones_like(best_lo, dtype=torch.bool)
         background = torch.zeros_like(one_class)
@@ -322,7 +330,7 @@ class TiledLabels:
             cand.masked_fill_(better, j)
         index = cand[:, None]
         lead = (g.gather(2, index[None].expand(4, -1, -1)) - g).amin(0)  # (M, K)
-        wins = lead > 2 * (slack.gather(1, index) + slack)
+        wins = lead > 2 * (slack.gather(1, index) + slack) + self.lead_needed
         wins.scatter_(1, index, True)
         lo, hi = s_lo.permute(0, 2, 3, 1)[tn, ti, tj], s_hi.permute(0, 2, 3, 1)[tn, ti, tj]
         decided = wins.all(1) & (hi.scatter(1, index, 0.0).amax(1) < 1) & (lo.gather(1, index)[:, 0] > 0)
@@ -342,7 +350,7 @@ class TiledLabels:
         k, f, count = self.maps.shape[1], self.geo.f, len(self.open_n)
         if not count:
             return torch.zeros(0, f, f, dtype=_local_dtype(k))
-        labels, sure = self._certified_labels()
+        labels, sure = self._certified_labels() if self.tie[0] == "argmax" else self._certified_tie_labels()
         redo = torch.nonzero(~sure, as_tuple=True)[0]
         if len(redo):
             labels[redo] = self._exact_labels(self.open_n[redo], self.open_ti[redo], self.open_tj[redo])
@@ -409,6 +417,46 @@ class TiledLabels:
             certain[edge] = (sure[edge] | ~valid).all(1)
         return labels, certain
 
+    def _certified_tie_labels(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """_certified_labels under a tie rule (methods.labels): the same scores and slack; a pixel is certain when
+        the background rule holds with a margin, or it says foreground with a margin and no class's gap to the
+        best lies near the tie band's edge (within twice the slack plus TIE_MARGIN of tie_tol), so that the set
+        of tied classes is the float32 path's. Scores are clamped to [0, 1] as that path clamps them."""
+        k = self.maps.shape[1]
+        geo, f, count = self.geo, self.geo.f, len(self.open_n)
+        rule, tol = self.tie
+        corners = corner_values(self.maps, self.open_n, self.open_ti, self.open_tj, self.padded)  # (T, K, 4)
+        low, den = self.low[self.open_n, :, 0], self.den[self.open_n, :, 0]  # (T, K, 1)
+        rescaled = (corners - low) / den
+        slack = (REL * (2 * corners.abs().amax(-1, keepdim=True) + low.abs()) / den
+                 + 10 * 2.0 ** -24 * rescaled.abs().amax(-1, keepdim=True) + 2.0 ** -22).amax(1)  # (T, 1)
+        score = (rescaled @ pixel_weights(f).float()).clamp_(0, 1)  # (T, K, P)
+        best, index, tied = decide(score, rule, tol, order=self._order())
+        gap = best[:, None] - score
+        near = ((gap - tol).abs() <= (2 * slack + TIE_MARGIN)[:, None]).any(1)  # (T, P)
+        labels = index.to(_local_dtype(k))
+        if rule == "background":
+            labels.masked_fill_(tied, k)
+        cuts = rule_cuts(self.rules)[self.open_n]
+        background = best + slack < cuts[:, :1]
+        foreground = (best - slack > cuts[:, 1:].clamp(min=0)) & ~near
+        labels = labels.masked_fill_(background, k).view(count, f, f)
+        sure = background | foreground
+        certain = sure.all(1)
+        m = geo.m
+        edge = torch.nonzero((self.open_ti == 0) | (self.open_ti == m) | (self.open_tj == 0) | (self.open_tj == m),
+                             as_tuple=True)[0]
+        if len(edge):
+            ti, tj = self.open_ti[edge], self.open_tj[edge]
+            valid = (geo.valid[ti][:, :, None] & geo.valid[tj][:, None, :]).flatten(1)
+            certain[edge] = (sure[edge] | ~valid).all(1)
+        return labels, certain
+
+    def _order(self) -> torch.Tensor | None:
+        """The classes' ids where their index order is not id order (decide's `order`)."""
+        ids = torch.tensor(self.class_ids)
+        return None if len(ids) < 2 or bool((ids[1:] > ids[:-1]).all()) else ids
+
     def _exact_labels(self, open_n: torch.Tensor, open_ti: torch.Tensor, open_tj: torch.Tensor) -> torch.Tensor:
         """Labels of tiles from F.interpolate's own values (upsample_tiles), as the full path labels every pixel."""
         from methods.maps import first_max
@@ -420,8 +468,14 @@ class TiledLabels:
                                 open_tj.repeat_interleave(k))
         values = values.view(count, k, f, f)
         scores = ((values - self.low[open_n]) / self.den[open_n]).clamp(0, 1)
-        best, arg = first_max(scores)
-        labels = arg.to(_local_dtype(k))
+        if self.tie[0] == "argmax":
+            best, arg = first_max(scores)
+            labels = arg.to(_local_dtype(k))
+        else:  # the tie rule as methods.maps.labels_from_scores_many applies it (methods.labels.decide)
+            best, arg, tied = decide(scores, *self.tie, order=self._order())
+            labels = arg.to(_local_dtype(k))
+            if self.tie[0] == "background":
+                labels.masked_fill_(tied, k)
         by_rule = _by_rule(self.rules)
         for (rule, power, threshold), configs in by_rule.items():
             mine = torch.isin(open_n, torch.tensor(configs)) if len(by_rule) > 1 else None

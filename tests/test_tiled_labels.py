@@ -99,3 +99,23 @@ def test_only_power_of_two_factors_are_tiled():
     assert tileable(64, (512, 512)) and tileable(16, (32, 32))
     assert not tileable(64, (500, 500)) and not tileable(64, (384, 384)) and not tileable(64, (512, 256))
     assert not tileable(64, (64, 64)) and not tileable(33, (66, 66))
+
+
+@pytest.mark.parametrize("tie", [("lowest", 1e-2), ("background", 1e-2), ("argmax", 1e-2), ("lowest", 0.1)])
+@pytest.mark.parametrize("kind", ["uniform", "near", "tied", "smooth"])
+def test_tiled_labels_follow_the_tie_rule(tie, kind):
+    """Under every tie rule (methods.labels) the tiles give the full path's labels, also where class scores lie
+    near the tie band's edge ("near": class 1 is class 0 plus offsets around the tolerance)."""
+    gen = torch.Generator().manual_seed(7 + len(kind))
+    n, k, h, mid, out = len(RULES), 3, 8, 32, 128
+    maps = random_maps(gen, n, k, h, "smooth" if kind == "near" else kind)
+    if kind == "near":
+        maps[:, 1] = maps[:, 0] + tie[1] * (0.5 + torch.rand(n, h, h, generator=gen))
+    ids = [3, 1, 5]
+    flat = maps.reshape(n * k, h, h)
+    scores = release_upsample(flat, (mid, mid), (out, out)).reshape(n, k, out, out)
+    labels = labels_from_scores_many(scores, ids, (out, out), RULES, [tie] * n)
+    up = minmax(resize_maps(flat, (mid, mid)), eps=1e-12).reshape(n, k, mid, mid)
+    tiled = TiledLabels(up, ids, (out, out), RULES, tie)
+    for j in range(n):
+        assert torch.equal(tiled.labels(j), labels[j]), (tie, kind, j, int((tiled.labels(j) != labels[j]).sum()))

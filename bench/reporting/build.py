@@ -114,6 +114,8 @@ TIED_WARN = 5.0
 
 
 def tie_warning(summary: pd.DataFrame) -> str | None:
+    from methods.maps import TIE
+
     """A warning naming the configurations whose labels tie-breaking decided on more than TIED_WARN% of the
     class-score cells (bench.metrics.tied_percent), or None."""
     if "tied" not in summary.columns:
@@ -126,9 +128,9 @@ def tie_warning(summary: pd.DataFrame) -> str | None:
     names = "; ".join(str(x) for x in over["label"].head(6)) + ("; ..." if len(over) > 6 else "")
     return (f"Labels without margin: in {len(over)} of {len(summary)} configurations ({names}) more than "
             f"{TIED_WARN:g}% of the class-score cells of multi-class images have their two best classes within "
-            f"1e-5 (most: {float(worst['tied']):.1f}% at {worst['label']}); tie-breaking and rounding decided those "
-            f"labels, so these configurations' scores, and differences between them, are not evidence about their "
-            f"settings.")
+            f"{TIE:g} (most: {float(worst['tied']):.1f}% at {worst['label']}); the tie rule (or, under "
+            f"tie_rule=argmax, rounding) decided those labels, so these configurations' scores, and differences "
+            f"between them, are not evidence about their settings.")
 
 
 def run_notes(run: RunData) -> list[str]:

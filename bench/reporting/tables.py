@@ -87,6 +87,8 @@ def main_table(run: RunData, summary: pd.DataFrame | None = None) -> Table:
 
 
 def details_table(run: RunData, summary: pd.DataFrame) -> Table:
+    from methods.maps import TIE
+
     settings = [str(r.get("forward_setting", "") or "") for _, r in summary.iterrows()]
     shared, own = shared_setting_parts(settings)
     differ = any(own)
@@ -98,7 +100,7 @@ def details_table(run: RunData, summary: pd.DataFrame) -> Table:
                      num_cell(r.get("mIoU")), num_cell(r.get("mAcc")), num_cell(r.get("aAcc")),
                      num_cell(r.get("tied")), num_cell(r.get("unet_passes"), 0)] + ([Cell(mine)] if differ else []))
     caption = ("All metrics per configuration (mean over seeds); tied: the share of the class-score cells of "
-               "multi-class images whose two best classes lie within 1e-5, i.e. whose label tie-breaking decided "
+               f"multi-class images whose two best classes lie within {TIE:g}, i.e. whose label the tie rule decided "
                "(– where not measured); UNet passes of the configuration's forward setting over the dataset "
                "(configurations sharing a forward setting share the passes).")
     if shared:  # said once here instead of in every row
