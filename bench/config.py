@@ -239,7 +239,9 @@ class TrackingConfig(Section):
     experiment: str | None = None  # the MLflow experiment; default: the sweep's name
 
 
-PAPER_KEYS = ("table", "param", "metric", "values", "note")
+# backbone / dataset / protocol: the paper's setup (a report shows the paper's numbers only for a run with that
+# setup); tolerance: |ours - paper| in metric points that counts as reproducing it (bench.reporting.paper)
+PAPER_KEYS = ("table", "param", "metric", "values", "note", "backbone", "dataset", "protocol", "tolerance")
 
 
 @dataclass
@@ -398,6 +400,9 @@ def validate(cfg: SweepConfig) -> None:
     for key in cfg.paper:
         if key not in PAPER_KEYS:
             raise BenchError(unknown_name_message("paper key", key, sorted(PAPER_KEYS), "paper"))
+    tol = cfg.paper.get("tolerance")
+    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < 100):
+        raise BenchError(f"paper.tolerance={tol!r} must be a number of metric points >= 0 (e.g. paper.tolerance=1.0)")
     spec = method.all_params()
     for name, space in cfg.sweep.items():
         if name not in spec:

@@ -33,6 +33,7 @@ def make_cfg(sweep=None, seeds=(0,), paper=True, model="embedded", classes=CLASS
            "data": {"name": "shapes", "limit": 4}, "params": {}, "sweep": sweep, "num_samples": 1,
            "search_seed": 0, "seeds": list(seeds), "metric": {"protocol": "iseg", "main": "mIoU"},
            "paper": ({"table": "iSeg Table 5(b)", "note": "VOC train", "param": "lambda", "metric": "mIoU",
+                      "backbone": "sd2.1", "dataset": "voc2012", "protocol": "iseg", "tolerance": 1.0,
                       "values": dict(PAPER)} if paper else {}),
            "ray": {}, "report": {"bootstrap": 100}, "output_dir": None, "overrides": ["data.limit=4"],
            "sweep_file": "sweeps/iseg_lambda.yaml"}
@@ -77,23 +78,33 @@ def make_run_dir(path: Path, cfg, frame, prov) -> Path:
 
 
 # -- tables ------------------------------------------------------------------------------------------------------
+def paper_setup(cfg, prov):
+    """The run made with the paper's setup (SD 2.1 on VOC 2012, iSeg's protocol): its paper column is shown."""
+    cfg["paper"].update(backbone="sd2.1", dataset="voc2012", protocol="iseg", tolerance=1.0)
+    cfg["model"]["id"] = "stabilityai/stable-diffusion-2-1-base"
+    prov["dataset"]["name"] = "voc2012"
+    return cfg, prov
+
+
 def test_single_seed_table_has_paper_values_deltas_bootstrap_ci_and_best(tmp_path):
     cfg = make_cfg()
+    prov = make_prov(cfg)
+    cfg, prov = paper_setup(cfg, prov)
     frame = make_frame({0: [70.0], 0.01: [72.5], 0.1: [71.0]})
-    run = RunData(cfg, frame, make_prov(cfg))
+    run = RunData(cfg, frame, prov)
     t = main_table(run)
-    assert t.header == ["lambda", "mIoU (ours)", "95% CI", "mIoU (paper)", "Δ (ours − paper)"]
+    assert t.header == ["lambda", "mIoU (ours)", "95% CI", "mIoU (paper)", "Δ (ours − paper)", "verdict"]
     assert [[c.text for c in r] for r in t.rows] == [
-        ["0", "70.0", "[68.0, 73.0]", "69.1", "+0.9"],
-        ["0.01", "72.5", "[70.5, 75.5]", "75.2", "-2.7"],
-        ["0.1", "71.0", "[69.0, 74.0]", "74.1", "-3.1"]]
+        ["0", "70.0", "[68.0, 73.0]", "69.1", "+0.9", "reproduced"],
+        ["0.01", "72.5", "[70.5, 75.5]", "75.2", "-2.7", "not reproduced"],
+        ["0.1", "71.0", "[69.0, 74.0]", "74.1", "-3.1", "not reproduced"]]
     assert [r[1].best for r in t.rows] == [False, True, False]  # our best
     assert [r[3].best for r in t.rows] == [False, True, False]  # the paper's best
     assert any("bootstrap over 4 images, 100 draws" in n for n in t.notes)
 
-    write_report(tmp_path, cfg, frame, make_prov(cfg))
+    write_report(tmp_path, cfg, frame, prov)
     md = (tmp_path / "report.md").read_text()
-    assert "| 0.01 | **72.5** | [70.5, 75.5] | **75.2** | -2.7 |" in md
+    assert "| 0.01 | **72.5** | [70.5, 75.5] | **75.2** | -2.7 | not reproduced |" in md
     assert "iSeg Table 5(b)" in md
     summary = pd.read_csv(tmp_path / "summary.csv")
     assert list(summary["paper"]) == [69.1, 75.2, 74.1]
@@ -168,8 +179,8 @@ def test_two_swept_parameters_give_a_heatmap_three_parallel_coordinates(tmp_path
     write_report(tmp_path / "b", cfg, _grid_frame(params3), make_prov(cfg))
     assert (tmp_path / "b" / "parallel_mIoU.png").is_file()
     md = (tmp_path / "b" / "report.md").read_text()
-    assert "| lambda | gamma | level | mIoU (ours) | mIoU (paper) | Δ (ours − paper) |" in md  # paper: lambda
-    assert "| 0.01 | 2 | both | **56.0** | **75.2** | -19.2 |" in md
+    assert "| lambda | gamma | level | mIoU (ours) | mIoU (paper) |\n" in md  # paper: lambda (hidden: embedded)
+    assert "| 0.01 | 2 | both | **56.0** | hidden: embedded model, not SD 2.1 |" in md
 
 
 def test_figure_panels_are_reduced_to_what_a_panel_shows():
@@ -263,11 +274,10 @@ def test_cli_combines_two_runs_into_one_table(tmp_path, capsys):
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["combined", "run-a", "run-b"]  # no temp left
     md = (out / "report.md").read_text()
-    header = ("| method (setting) | embedded (128 px) | embedded (128 px): paper | embedded (128 px): Δ "
-              "| sd15 (128 px) | sd15 (128 px): paper | sd15 (128 px): Δ |")
-    assert header in md
-    assert "| iseg (lambda=0.01) | **72.5** | 75.2 | -2.7 | 61.0 | 75.2 | -14.2 |" in md
-    assert "| iseg (lambda=0.1) | 71.0 | 74.1 | -3.1 | **65.0** | 74.1 | -9.1 |" in md
+    # neither run has the paper's setup (SD 2.1 on VOC): no paper columns (bench.reporting.paper)
+    assert "| method (setting) | embedded (128 px) | sd15 (128 px) |\n" in md
+    assert "| iseg (lambda=0.01) | **72.5** | 61.0 |" in md
+    assert "| iseg (lambda=0.1) | 71.0 | **65.0** |" in md
     assert "combined_lambda.png" in md and (out / "combined_lambda.png").is_file()
     assert "## run-a: iseg on shapes val, embedded (128 px)" in md
     assert "Warning" not in md

@@ -76,7 +76,9 @@ class VOCDataset(SegDataset):
         return Sample(image_id=image_id, image=image, label=np.asarray(label_img))
 
     def describe(self) -> dict:
-        return {**super().describe(), "root": str(self.root), "split": self.split}
+        synthetic = (self.root / "dataset.json").is_file()  # a synthesised set in VOC's layout (bench.synthesize)
+        return {**super().describe(), "root": str(self.root), "split": self.split,
+                **({"synthetic": True} if synthetic else {})}
 
 
 class VOC20Dataset(FileListDataset):

@@ -216,7 +216,7 @@ def write_files(out: Path, blocks: list, title: str, summary: pd.DataFrame) -> N
 
 def _summary_csv(s: pd.DataFrame, run: RunData) -> pd.DataFrame:
     keep = ["trial", *run.swept, "label", "n_seeds", "seeds", "mean", "std", "ci_low", "ci_high", "ci_kind",
-            "paper", "delta", "best", "tied", *SEEN_UNSEEN_COLUMNS]
+            "paper", "delta", "verdict", "paper_hidden", "best", "tied", *SEEN_UNSEEN_COLUMNS]
     out = s[[c for c in keep if c in s.columns]].rename(columns={"mean": run.metric})
     return out.assign(metric=run.metric)
 

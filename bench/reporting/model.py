@@ -179,11 +179,29 @@ def summarize_run(run: RunData) -> pd.DataFrame:
         rows.append(row)
     table = pd.DataFrame(rows)
     if len(table):
+        _paper_setup(run, table)
         best = table["mean"].max()
         table["best"] = np.isfinite(table["mean"]) & (table["mean"] == best)
         pbest = table["paper"].max()
         table["paper_best"] = np.isfinite(table["paper"]) & (table["paper"] == pbest)
     return table
+
+
+def _paper_setup(run: RunData, table: pd.DataFrame) -> None:
+    """The paper's number and delta only where the run's setup is the paper's (bench.reporting.paper): else
+    both NaN and `paper_hidden` says why; where it is, `verdict` against the sweep's tolerance."""
+    from bench.reporting.paper import hidden_reason, verdict
+
+    paper = run.cfg.get("paper") or {}
+    if not paper or not np.isfinite(table["paper"]).any():
+        return
+    reason = hidden_reason(run.cfg, run.prov)
+    if reason:
+        table["paper"] = math.nan
+        table["delta"] = math.nan
+        table["paper_hidden"] = reason
+    else:
+        table["verdict"] = [verdict(d, paper.get("tolerance")) for d in table["delta"]]
 
 
 def _plain(value):

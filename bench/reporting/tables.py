@@ -52,13 +52,17 @@ def main_table(run: RunData, summary: pd.DataFrame | None = None) -> Table:
     multi_seed = bool(len(s)) and int(s["n_seeds"].max()) >= 2
     has_ci = bool(len(s)) and bool(np.isfinite(s["ci_low"]).any())
     has_paper = bool(len(s)) and bool(np.isfinite(s["paper"]).any())
+    hidden = str(s["paper_hidden"].iloc[0]) if len(s) and "paper_hidden" in s.columns else ""
+    has_verdict = has_paper and "verdict" in s.columns
     header = [*(swept or ["configuration"]), f"{metric} (ours)"]
     if multi_seed:
         header.append("± std")
     if has_ci:
         header.append("95% CI")
     if has_paper:
-        header += [f"{metric} (paper)", "Δ (ours − paper)"]
+        header += [f"{metric} (paper)", "Δ (ours − paper)"] + (["verdict"] if has_verdict else [])
+    elif hidden:
+        header.append(f"{metric} (paper)")
     rows = []
     for _, r in s.iterrows():
         cells = [value_cell(r[p]) for p in swept] if swept else [Cell(str(r["label"]), str(r["trial"]))]
@@ -72,12 +76,21 @@ def main_table(run: RunData, summary: pd.DataFrame | None = None) -> Table:
         if has_paper:
             cells.append(num_cell(r["paper"], best=bool(r["paper_best"])))
             cells.append(num_cell(r["delta"], signed=True))
+            if has_verdict:
+                cells.append(Cell(str(r["verdict"] or "–"), trusted=True))
+        elif hidden:
+            cells.append(Cell(hidden))
         rows.append(cells)
     paper = run.cfg.get("paper") or {}
     caption = (f"{metric} (%) per configuration, metric protocol {run.protocol}, {run.dataset_label}, "
                f"{run.model_label}. Bold: best of the column.")
     if has_paper:
         caption += f" Paper: {paper.get('table', '?')}" + (f" ({paper['note']})" if paper.get("note") else "") + "."
+        if has_verdict and paper.get("tolerance") is not None:
+            caption += f" Verdict: reproduced where |Δ| <= {fmt_num(paper['tolerance'])} (the sweep's tolerance)."
+    elif hidden:
+        caption += (f" Paper ({paper.get('table', '?')}): its numbers are shown only for a run with the paper's "
+                    f"backbone, dataset and metric protocol; {hidden}.")
     notes = []
     kinds = sorted({k for k in s.get("ci_kind", []) if k}) if len(s) else []
     if kinds:
