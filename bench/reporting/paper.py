@@ -52,6 +52,8 @@ def hidden_reason(cfg: dict, prov: dict) -> str | None:
     name = data.get("name") or (cfg.get("data") or {}).get("name")
     if name != paper["dataset"]:
         return f"hidden: dataset {name}, not {paper['dataset']}"
+    if name in ("voc_sim", "coco_cap") and not (cfg.get("data") or {}).get("root"):
+        return f"hidden: {name} replayed on shapes (no data.root), not the paper's annotated set"
     if data.get("synthetic"):
         return f"hidden: a synthetic set in {name}'s layout, not {paper['dataset']}"
     protocol = prov.get("metric_protocol") or (cfg.get("metric") or {}).get("protocol")
