@@ -1,5 +1,6 @@
 """Parity suite: this project's methods and metrics against the released code's math, re-expressed in each
-test module (see parity_tensors.py for the shared synthetic tensors)."""
+test module (see parity_tensors.py for the shared synthetic tensors). Labels are compared under
+`tie_rule=argmax`, the released code's behaviour (the default tie rule decides near-ties differently)."""
 
 import pytest
 

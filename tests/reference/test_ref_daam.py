@@ -48,7 +48,7 @@ def daam_expand(word_map: torch.Tensor, threshold: float) -> tuple[torch.Tensor,
 
 
 def test_daam_word_maps_and_masks_equal_the_release(sd15, stand_in):
-    cfg = DAAM.resolve({"mode": "generation"})
+    cfg = DAAM.resolve({"mode": "generation", "tie_rule": "argmax"})
     method = DAAM(stand_in)
     got = method.heatmaps(sd15, QUERY, cfg)
     pred = method.predict(sd15, QUERY, cfg, IMAGE)
@@ -103,7 +103,7 @@ def test_attn2mask_unpadded_keys_equal_ovams_reimplementation(stand_in):
     from parity_tensors import sd15_world
 
     trace = sd15_world(stand_in, "a photograph of a dog", steps=2, seed=1)
-    cfg = Attn2Mask.resolve({"mode": "generation", "keys": "unpadded", "steps": 2})
+    cfg = Attn2Mask.resolve({"mode": "generation", "keys": "unpadded", "steps": 2, "tie_rule": "argmax"})
     pred = Attn2Mask(stand_in).predict(trace, ClassQuery([1], ["dog"]), cfg, IMAGE)
     emb, _ = attribution_embedding(stand_in, trace.prompt, pad=False)
     heat = ovam_heatmap(trace, emb, epoch=50 * 2 // 100)[-2]
@@ -115,7 +115,7 @@ def test_attn2mask_unpadded_keys_equal_ovams_reimplementation(stand_in):
 def test_attn2mask_recorded_keys_are_daams_maps_at_one_step(sd15, stand_in):
     """The default keys: the UNet's own cross-attention at the chosen step, DAAM's aggregation, then the same
     background rule."""
-    cfg = Attn2Mask.resolve({"mode": "generation", "steps": 2})
+    cfg = Attn2Mask.resolve({"mode": "generation", "steps": 2, "tie_rule": "argmax"})
     pred = Attn2Mask(stand_in).predict(sd15, ClassQuery([1], ["dog"]), cfg, IMAGE)
     heat = daam_word(daam_global(sd15, slice(1, 2)), stand_in.tokenizer, sd15.prompt, "dog")
     want = (heat - heat.min()) / (heat.max() - heat.min())

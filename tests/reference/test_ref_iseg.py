@@ -149,7 +149,7 @@ def test_code_variant_equals_the_release(world, stand_in, kmeans, heads, bg):
     """The release's defaults (KL clustering on, every head, (1 - max)^2 background: its VOC / COCO WSSS runs
     differ in lambda and heads), and its hand-picked VOC heads with COCO's background threshold."""
     trace, cross, self64 = world
-    cfg = ISeg.resolve({"variant": "code", "lambda": 0.015, "iterations": 10, "kmeans": kmeans, "cross_heads": heads,
+    cfg = ISeg.resolve({"variant": "code", "tie_rule": "argmax", "lambda": 0.015, "iterations": 10, "kmeans": kmeans, "cross_heads": heads,
                         "background": "threshold" if bg else "power", "bg_threshold": bg})
     pred = ISeg(stand_in).predict(trace, QUERY, cfg, LABEL)
     want_cross = release_cross(cross, heads == "voc_release", kmeans > 0)
@@ -187,7 +187,7 @@ def paper_reference(trace: Trace, lam: float, iters: int) -> torch.Tensor:
 @pytest.mark.parametrize("lam", [0.0, 0.01])
 def test_paper_variant_equals_the_papers_equations(world, stand_in, lam):
     trace, _, _ = world
-    cfg = ISeg.resolve({"lambda": lam})
+    cfg = ISeg.resolve({"lambda": lam, "tie_rule": "argmax"})
     pred = ISeg(stand_in).predict(trace, QUERY, cfg, LABEL)
     maps, labels = release_final(paper_reference(trace, lam, 10), 0.0)
     assert relative_error(pred.scores, maps) < 1e-5

@@ -19,7 +19,7 @@ from test_ref_daam import ovam_heatmap
 def test_heat_map_equals_the_release(sd15, stand_in):
     """OVAM(X' = "A photograph of a dog", unpadded) over every stored step: the release's token softmax, epochs
     and heads summed, blocks bilinear to 64 and summed (test_ref_daam.ovam_heatmap with all epochs)."""
-    cfg = OVAM.resolve({"mode": "generation"})
+    cfg = OVAM.resolve({"mode": "generation", "tie_rule": "argmax"})
     got = OVAM(stand_in).heatmaps(sd15, ClassQuery([1], ["dog"]), cfg)[0]
     emb, ids = attribution_embedding(stand_in, "A photograph of a dog", pad=False)
     want = ovam_heatmap(sd15, emb)  # (L', 64, 64)
@@ -45,7 +45,7 @@ def refinement():
 def predict(trace, heat, **params):
     method = OVAM(None)
     method.heatmaps = lambda *_: heat[None]  # the refinement only: the heat map is given
-    return method.predict(trace, ClassQuery([1], ["dog"]), OVAM.resolve({"crf": False, **params}), IMAGE)
+    return method.predict(trace, ClassQuery([1], ["dog"]), OVAM.resolve({"crf": False, "tie_rule": "argmax", **params}), IMAGE)
 
 
 # experiments/evaluation/ovam_sa/evaluation_ovam_sa.ipynb @ 9cf1a8ff264e94307b1ac3eb7f160e83d3365de3: heat map and
