@@ -153,9 +153,9 @@ class ModelConfig(Section):
     resolution: int = 0
     # transformer backbones (SD3/Flux; bench.models.layers.TransformerLayerMap, docs/backbones.md): which blocks
     # the attention roles read, Flux's block scope, and how joint attention's blocks are normalised
-    depth: str | int = "all"
-    flux_blocks: str = "double"
-    joint_rows: str = "renormalised"
+    depth: str | int = "all"  # transformer blocks by rank: all, first, last, middle (third), or ranks "0,5,-1"
+    flux_blocks: str = "double"  # Flux: which blocks ranks count: double (19), single (38) or all (57)
+    joint_rows: str = "renormalised"  # joint attention's blocks: renormalised rows (row-stochastic) or raw
     TRANSFORMER_DEFAULTS = {"depth": "all", "flux_blocks": "double", "joint_rows": "renormalised"}
 
     def as_dict(self) -> dict:

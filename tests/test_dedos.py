@@ -243,7 +243,7 @@ def test_registered_with_train_and_post_knobs():
     cls = METHODS.get("dedos")
     assert cls.is_trained()
     assert {"components", "timesteps", "iterations", "n", "c", "train_steps"} <= set(cls.keys_of("train"))
-    assert sorted(cls.keys_of("post")) == ["inference_queries", "ov_alpha", "ov_beta", "ov_ensemble"]
+    assert sorted(cls.keys_of("post")) == ["inference_queries", "ov_alpha", "ov_beta", "ov_ensemble", "tie_rule", "tie_tol"]
     assert cls.resolve({}).classes == "all"  # open vocabulary: every dataset class is scored
 
 

@@ -73,7 +73,7 @@ def test_kit_command_matches_its_sweep_and_shows_the_paper(entry, tmp_path):
             folder = tmp_path / o.split("=", 1)[1]
             for part in PIPELINE_PARTS:
                 (folder / part).mkdir(parents=True)
-            (folder / "model_index.json").write_text("{}")
+            (folder / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
             o = f"model.path={folder}"
         written.append(o)
     cfg = _as_written(ROOT / sweep, written, tmp_path)
