@@ -267,13 +267,7 @@ def claim(work: Path | Location, cfg: SweepConfig, inputs: dict | None = None) -
                 state = json.loads(started_file.read_text())
             except (OSError, ValueError):
                 raise BenchError(f"{started_file} is unreadable; remove {work} or choose another output_dir=") from None
-            before = state.get("config") if isinstance(state, dict) else None
-            if not isinstance(before, dict) or state.get("hash") != digest:
-                keys = differing_keys(before, config) if isinstance(before, dict) else ["(no recorded config)"]
-                raise BenchError(f"the interrupted run in {work} was started with another configuration (differs "
-                                 f"in: {', '.join(keys) or 'its hash'}); resume it with the same sweep and "
-                                 f"overrides, or choose another output_dir=")
-            refuse_changed_resume(state.get("inputs"), inputs, work)
+            refuse_changed_start(state, config, digest, inputs, work)
             resumed = True
             state.setdefault("invocations", [])
             last = state["invocations"][-1] if state["invocations"] else None
@@ -287,6 +281,18 @@ def claim(work: Path | Location, cfg: SweepConfig, inputs: dict | None = None) -
     except BaseException:
         os.close(fd)
         raise
+
+
+def refuse_changed_start(state, config: dict, digest: str, inputs: dict | None, where) -> None:
+    """A resume whose recorded start (started.json) had another configuration or other inputs: one line naming
+    what differs (local and object-store runs alike)."""
+    before = state.get("config") if isinstance(state, dict) else None
+    if not isinstance(before, dict) or state.get("hash") != digest:
+        keys = differing_keys(before, config) if isinstance(before, dict) else ["(no recorded config)"]
+        raise BenchError(f"the interrupted run in {where} was started with another configuration (differs "
+                         f"in: {', '.join(keys) or 'its hash'}); resume it with the same sweep and "
+                         f"overrides, or choose another output_dir=")
+    refuse_changed_resume(state.get("inputs"), inputs, where)
 
 
 def claim_in_store(run: Location, cfg: SweepConfig, inputs: dict | None = None) -> Claim:
@@ -318,13 +324,7 @@ def claim_in_store(run: Location, cfg: SweepConfig, inputs: dict | None = None) 
                 state = started.read_json()
             except (OSError, ValueError):
                 raise BenchError(f"{started} is unreadable; delete {run} or choose another output_dir=") from None
-            before = state.get("config") if isinstance(state, dict) else None
-            if not isinstance(before, dict) or state.get("hash") != digest:
-                keys = differing_keys(before, config) if isinstance(before, dict) else ["(no recorded config)"]
-                raise BenchError(f"the interrupted run in {run} was started with another configuration (differs "
-                                 f"in: {', '.join(keys) or 'its hash'}); resume it with the same sweep and "
-                                 f"overrides, or choose another output_dir=")
-            refuse_changed_resume(state.get("inputs"), inputs, run)
+            refuse_changed_start(state, config, digest, inputs, run)
             resumed = True
             last = state["invocations"][-1] if state.get("invocations") else None
             if last is not None and "wall_seconds" not in last:  # killed: no end recorded
