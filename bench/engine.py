@@ -123,7 +123,7 @@ def method_versions(method: str) -> dict[str, str]:
 
 def _schedulers(cfg: SweepConfig, trials) -> dict:
     """Provenance of the noise schedule: the scheduler class of each requested generation `scheduler=` value,
-    and how inversion noises (issue 9 item 8)."""
+    and how inversion noises."""
     modes = {t.params.get("mode") for t in trials}
     requested = {t.params.get("scheduler", "auto") for t in trials if t.params.get("mode") == "generation"}
     out = {f"generation scheduler={req}": scheduler_name(cfg.model.as_dict(), req) for req in sorted(requested)}

@@ -28,7 +28,7 @@ QUIET_ENV = {
 }
 # glibc malloc: keep freed memory for reuse (allocations below 32 MiB from the heap, up to 256 MiB of free heap
 # kept, 64 MiB of padding when it grows) instead of returning it to the OS and page-faulting it back on the next
-# tensor of that size. Measured on the iSeg K = 24 per-image path (CPU, issue 12): without these, 3 of 9
+# tensor of that size. Measured on the iSeg K = 24 per-image path (CPU): without these, 3 of 9
 # processes paid 2.5-6 ms more per image in the tiled labelling (bimodal across processes: page faults on fresh
 # tensors); with them none of 9 did. glibc reads them at start (Ray's workers get them in their environment); a
 # running process applies them with mallopt (tune_allocator).
@@ -143,7 +143,7 @@ def auto_num_actors(num_images: int, use_gpu: bool) -> int:
     Why a core is left on CPU: the driver works too (Ray Data's scheduling, gathering the shards, scoring), and
     every actor pays its own start-up (Python, diffusers, the weights: 5-15 s of CPU) before its first image,
     against ~0.1 s per image on the embedded model; on 2 cores a second actor halves neither (measured with 2
-    actors: first image after ~90 s instead of ~41 s, issue 12; reports/perf/overhead-cpu.md)."""
+    actors: first image after ~90 s instead of ~41 s; reports/perf/overhead-cpu.md)."""
     import ray
 
     resources = ray.cluster_resources()
@@ -193,7 +193,7 @@ def settle_execution(ray_cfg, num_images: int, use_gpu: bool) -> str:
 def exit_process(code: int) -> None:
     """End a finished command-line process at once: exit handlers run (Ray's shutdown, logging's flush), then
     the interpreter's teardown of every module and object (torch, diffusers, transformers: 1-2 s of CPU after
-    the work is on disk, issue 12) is skipped. Only for `__main__` after everything is written and closed."""
+    the work is on disk) is skipped. Only for `__main__` after everything is written and closed."""
     sys.stdout.flush()
     sys.stderr.flush()
     # the result (a run directory) was the last line on stdout: what Ray's shutdown prints (a raylet's

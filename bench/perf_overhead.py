@@ -13,7 +13,7 @@ pool of `ray.num_actors=auto` actors). Each run is a fresh process; its phases c
 Beside them, in the same rounds: Ray's own start and stop in a bare process (`ray_own`), and the per-image work
 itself in this process (`work`: the 16 traced passes, labels and histograms of the 6 configurations, model
 already loaded). Fixed overhead = total - work - ray_own, where ray_own is subtracted only from runs that start
-Ray (issue 12's target is "beyond Ray's own start"; a run that starts no Ray gets no allowance). The machine may
+Ray (the target is "beyond Ray's own start"; a run that starts no Ray gets no allowance). The machine may
 be shared: medians over rounds, the load average at each start, and the CPU seconds of the bench.run process
 (user + system; an actor's CPU is in other processes and not counted), which load inflates far less than wall.
 """

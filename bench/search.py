@@ -16,7 +16,7 @@ num_samples: N}`), on a trace cache, by synchronous successive halving over imag
 
 Only post-processing parameters are searched: a search over forward or train parameters would need a pass or
 a fit per sample, which is the grid engine's job (bench.engine). Scoring a configuration on a cached trace
-takes milliseconds, so it is not a Tune trial (issue 12: Tune's trials are the units that cost something).
+takes milliseconds, so it is not a Tune trial (Tune's trials are the units that cost something).
 """
 
 from __future__ import annotations

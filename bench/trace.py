@@ -169,7 +169,7 @@ class _Recorder:
 
 # Attention scores computed at once by a capturing layer: a quarter of what the layer keeps, at least this many
 # bytes. The softmax holds scores and probabilities together, so a layer's peak stays within what it keeps plus
-# half of it (issue 12: traced peak <= plain peak + 2x the trace kept), in few enough blocks to stay fast.
+# half of it (the bound: traced peak <= plain peak + 2x the trace kept), in few enough blocks to stay fast.
 MIN_SCORE_BLOCK_BYTES = 16 * 2**20
 
 

@@ -1,5 +1,5 @@
-"""Exact labels of bilinearly upsampled, min-max rescaled score maps without upsampling every pixel (issue 12:
-the per-image cost of many post-processing settings).
+"""Exact labels of bilinearly upsampled, min-max rescaled score maps without upsampling every pixel
+(the per-image cost of many post-processing settings).
 
 The last step of iSeg's released post-processing (methods.iseg.release_upsample, second half; then
 methods.maps.labels_from_scores_many) takes maps U (N configurations, K classes, m x m), upsamples them with

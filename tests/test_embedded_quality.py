@@ -99,7 +99,7 @@ def test_ent_self_improves_with_iterations(scores):
     assert scores["iseg/default"] > scores["iseg/ent_self_n1"], scores
 
 
-# This passed on the v1 weights while Ent-Self collapsed every class map into one (issue 9 item 1: the class maps
+# This passed on the v1 weights while Ent-Self collapsed every class map into one (the class maps
 # differed by ~1e-5, so it compared foreground/background masks). With Ent-Self on the row-max scale: v1 weights
 # 15.0 (lambda = 0.01) against 15.3 (naive, N = 10); v2 weights 47.7 against 49.9 on these 40 images (48.2 against 49.5 with
 # the float32 chain: at N = 10 both are tie-breaking, see `tied` below).

@@ -86,7 +86,7 @@ def test_a_sweep_without_fits_reports_the_fit_stage_statistics_of_an_empty_plan(
 def test_every_process_keeps_freed_memory_for_reuse(ray_session):
     """bench.env.ALLOCATOR_ENV reaches this process (mallopt, glibc) and Ray's workers (their environment, read
     by glibc at start): without it some processes page-faulted their way through iSeg's K = 24 path ~5 ms slower
-    per image (issue 12)."""
+    per image."""
     import os
     import platform
 

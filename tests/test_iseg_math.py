@@ -69,7 +69,7 @@ def peaky_attention(n: int, seed: int = 0) -> torch.Tensor:
 
 
 def test_literal_eq7_collapses_the_class_maps_and_the_default_does_not():
-    """Issue 9 item 1: Eq. 7 on raw attention (entries ~1/HW) pushes every entry negative and N = 10
+    """Eq. 7 on raw attention (entries ~1/HW) pushes every entry negative and N = 10
     refinements make every class map the same; on the row-max scale the maps stay distinct."""
     from methods.maps import minmax
 

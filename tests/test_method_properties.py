@@ -35,9 +35,9 @@ HEADS = 2
 META = {"compare"}
 TRACE_ONLY = {"prompt", "branch"}  # change only how the UNet pass is set up, not what predict does with it
 # Options documented as not working, kept for the record: the property must FAIL for them (strict xfail).
-KNOWN_BROKEN = {("iseg", "ent_scale", "literal"): "Eq. 7 on raw probabilities (issue 9 item 1)",
+KNOWN_BROKEN = {("iseg", "ent_scale", "literal"): "Eq. 7 on raw probabilities",
                 ("freegen", "pseudo_masks", "sam"): "the shipped tiny SAM (47.7 point-prompt mIoU on held-out "
-                                                    "shapes) does not separate the two objects (issue 15)"}
+                                                    "shapes) does not separate the two objects"}
 
 
 def segment_map(side: int) -> torch.Tensor:

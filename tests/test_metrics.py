@@ -57,7 +57,7 @@ def test_unknown_protocol_is_rejected():
 
 
 def test_out_of_range_labels_follow_each_protocol():
-    """Issue 9 item 9. A ground-truth value >= C other than 255: MMSegmentation keeps the pixel (its prediction is
+    """A ground-truth value >= C other than 255: MMSegmentation keeps the pixel (its prediction is
     a false positive, its label counts nowhere); iSeg's release drops the pixel."""
     label = np.array([[0, 1, 7, 7]])
     pred = np.array([[0, 1, 1, 0]])

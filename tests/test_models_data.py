@@ -49,7 +49,7 @@ def test_pickle_weights_are_refused(tiny_pipeline_folder, tmp_path):
 
 
 def test_generation_uses_the_folders_own_scheduler(tiny_pipeline_folder, tmp_path):
-    """Issue 9 item 8: a folder saved with PNDM (SD 1.x) generates with PNDM unless `scheduler=` names another;
+    """A folder saved with PNDM (SD 1.x) generates with PNDM unless `scheduler=` names another;
     the provenance helper names the class without loading weights."""
     import shutil
 

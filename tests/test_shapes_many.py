@@ -1,4 +1,4 @@
-"""`shapes_many`: the sixteen-shape world of DEDOS's open-vocabulary bar (issue 14), its tokenizer and CLIP."""
+"""`shapes_many`: the sixteen-shape world of DEDOS's open-vocabulary bar, its tokenizer and CLIP."""
 
 import hashlib
 

@@ -24,7 +24,7 @@ COLOURS = {
     "orange": (245, 140, 30),
 }
 CLASSES = ["background", *SHAPES]
-# `shapes_many`: the open-vocabulary world (issue 14). Sixteen silhouettes that stay distinct at 64 px: the five
+# `shapes_many`: the open-vocabulary world. Sixteen silhouettes that stay distinct at 64 px: the five
 # of `shapes` first (same ids), then eleven more, drawn by the same renderer. A head trained on a dozen names
 # of it, tested on the rest, is the setting the paper's 171 training classes stand for.
 MANY_SHAPES = [*SHAPES, "ring", "crescent", "heart", "arrow", "diamond", "semicircle", "bar", "hourglass",

@@ -1,4 +1,4 @@
-"""Benchmark: the fixed overhead of a small local run (issue 12 target: <= 10 s beyond the work, and beyond Ray's
+"""Benchmark: the fixed overhead of a small local run (target: <= 10 s beyond the work, and beyond Ray's
 own start where the run starts Ray). Whole `python -m bench.run sweeps/iseg_lambda.yaml data.limit=16`
 processes with the default `ray.execution=auto` (the driver on <= 2 cores), three rounds, the median
 (bench.perf_overhead; `python -m bench.perf --parts overhead` writes the report). Run with
