@@ -356,9 +356,12 @@ def test_a_utf8_byte_order_mark_is_allowed(tmp_path):
     assert compose(sweep, []).method == "iseg"
 
 
-def test_a_port_where_something_else_listens_is_no_ray_cluster(tmp_path):
-    """A TCP listener that is not a Ray GCS (it accepts and hangs up): refused within the probe's bound."""
+@pytest.mark.parametrize("grpc_installed", [True, False], ids=["with-grpcio", "without-grpcio"])
+def test_a_port_where_something_else_listens_is_no_ray_cluster(tmp_path, monkeypatch, grpc_installed):
+    """A TCP listener that is not a Ray GCS (it accepts and hangs up): refused within the probe's bound, whether or
+    not `grpcio` (Ray's `default` extra, absent from a plain install) is there to ask the GCS itself."""
     import socket
+    import sys
     import threading
     import time
 
@@ -377,6 +380,8 @@ def test_a_port_where_something_else_listens_is_no_ray_cluster(tmp_path):
                 return
             conn.close()
 
+    if not grpc_installed:
+        monkeypatch.setitem(sys.modules, "grpc", None)  # import grpc raises ImportError
     threading.Thread(target=serve, daemon=True).start()
     start = time.time()
     with pytest.raises(BenchError, match="no Ray cluster answers there"):
