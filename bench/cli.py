@@ -16,7 +16,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from bench.errors import BenchError
+from bench.errors import BenchError, cli_exit
 
 log = logging.getLogger("bench")
 ROOT = Path(__file__).resolve().parents[1]
@@ -427,7 +427,9 @@ def run_main(argv: list[str] | None, work) -> int:
         return 2
     if dry:
         return plain_exit(lambda: dry_run(resolve_sweep(args[0]), args[1:]))
-    return plain_exit(lambda: run_sweep(args[0], args[1:], work))
+    # cli_exit, not plain_exit: SIGTERM is Ctrl-C (the resume command, no lock left) and log lines wait until
+    # the run claims its directory, so that a refusal is the only line
+    return cli_exit(lambda: run_sweep(args[0], args[1:], work), hold_logs=True, prints_result=True)
 
 
 def plain_exit(work) -> int:

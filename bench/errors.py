@@ -100,10 +100,11 @@ def restore_terminate() -> None:
         handle_terminate()
 
 
-def cli_exit(work: Callable[[], object], hold_logs: bool = False) -> int:
+def cli_exit(work: Callable[[], object], hold_logs: bool = False, prints_result: bool = False) -> int:
     """Run a command's work: print its result (a path) as the last stdout line and return 0; a BenchError
     becomes one `error:` line on stderr and 2 (a RunFailed: 1); Ctrl-C and SIGTERM return 130. With
-    `hold_logs`, log lines wait for `run_started` (a command that claims a run directory calls it)."""
+    `hold_logs`, log lines wait for `run_started` (a command that claims a run directory calls it). With
+    `prints_result`, the work prints its own last line and returns the exit status."""
     global _held, _terminate_installed
     _held = _HeldLines().attach() if hold_logs else _HeldLines()
     if not hold_logs:
@@ -124,6 +125,8 @@ def cli_exit(work: Callable[[], object], hold_logs: bool = False) -> int:
             _held.release()
             return INTERRUPTED
         _held.release()
+        if prints_result:
+            return int(out or 0)
         print(out)
         return 0
     finally:
