@@ -12,8 +12,11 @@ from __future__ import annotations
 import difflib
 import logging
 import sys
+import tempfile
 import textwrap
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from bench.errors import BenchError, cli_exit
@@ -372,34 +375,64 @@ def setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def report_line(final: Path) -> str | None:
+def report_line(final: Path, shown: Path | str | None = None) -> str | None:
     """The run's report warnings and notes as one line for stderr, or None (the report itself says them in
-    full)."""
+    full). `shown`: where the run is for the user (its URI, where `final` is a local copy of its files)."""
     from bench.reporting import load_run, warning_summary
 
     try:
         summary = warning_summary(load_run(final))
     except BenchError:
         return None
-    return f"report: {summary}; see {final / 'report.md'}" if summary else None
+    return f"report: {summary}; see {str(shown or final).rstrip('/')}/report.md" if summary else None
+
+
+RUN_HEAD = ("config.yaml", "run.json", "results.parquet")  # what the report line and the tracking check read
+
+
+@contextmanager
+def readable_run(final: Path | str, names: tuple[str, ...] | None = None) -> Iterator[Path]:
+    """A local folder holding the finished run `final`: itself where it is local; for a URI (s3://...) a
+    temporary copy of its files `names` (all of them where None)."""
+    from bench.storage import Location, is_uri, local_copy
+
+    if not is_uri(str(final)):
+        yield Path(final)
+        return
+    if names is None:
+        with local_copy(str(final)) as copy:
+            yield copy
+        return
+    run = Location.of(str(final))
+    with tempfile.TemporaryDirectory(prefix="diffseg-head-") as tmp:
+        for name in names:
+            if (run / name).is_file():
+                (Path(tmp) / name).write_bytes((run / name).read_bytes())
+        yield Path(tmp)
 
 
 def run_sweep(sweep: str, overrides: list[str], work) -> int:
     """`work(sweep, overrides)` (bench.run.run); then, with `tracking=mlflow`, the finished run logged to MLflow
-    (bench.track); then the one-line summary of the report's warnings on stderr, and the run directory's path as
-    the last line on stdout. A tracking failure is one `error:` line (exit 1): the run is finished and kept."""
-    final = Path(work(resolve_sweep(sweep), overrides))
+    (bench.track); then the one-line summary of the report's warnings on stderr, and the run directory's path (or
+    URI) as the last line on stdout. A tracking failure is one `error:` line (exit 1): the run is finished and
+    kept."""
+    from bench.storage import is_uri
+
+    result = work(resolve_sweep(sweep), overrides)
+    final = str(result) if is_uri(str(result)) else Path(result)  # Path() would fold s3:// into s3:/
     status = 0
-    tracking = (read_sweep(final / "config.yaml").get("tracking") or {})
+    with readable_run(final, RUN_HEAD) as head:
+        tracking = (read_sweep(head / "config.yaml").get("tracking") or {})
+        line = report_line(head, shown=final)
     if tracking.get("name") == "mlflow":
         from bench.track import log_run
 
         try:
-            log_run(final)
+            with readable_run(final) as copy:
+                log_run(copy)
         except BenchError as err:
             print(f"error: {err}", file=sys.stderr)
             status = 1
-    line = report_line(final)
     if line:
         print(line, file=sys.stderr, flush=True)
     print(final, flush=True)
