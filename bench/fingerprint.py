@@ -240,12 +240,32 @@ def input_fingerprints(model_folder: Path | None, data_cfg: dict, opened: list[P
         cache.close()
 
 
-def node_fingerprint(model_folder: str | None, data_cfg: dict | None = None) -> dict:
-    """For a per-node probe (run as a Ray task on each node): the model folder's fingerprint as that node sees
-    it, and the training data's where given; compare them with `changed_inputs` against the driver's."""
-    out = {"model": model_fingerprint(Path(model_folder) if model_folder else None)}
-    if data_cfg is not None:
-        out["train_data"] = train_data_fingerprint(data_cfg)
+def node_fingerprint(model_folder: str | None, data_files: list[str] | None = None, data_cfg: dict | None = None,
+                     train_cfg: dict | None = None) -> dict:
+    """For a per-node probe (a Ray task on each node): the inputs' fingerprints as that node sees them, keyed as
+    `input_fingerprints` keys them: the model folder's; the dataset's where `data_files` (the absolute paths the
+    driver's dataset opened) are given, with `data_cfg`'s named files; the training data's where `train_cfg` is
+    given. Compare them with `changed_inputs` against the driver's."""
+    cache = HashCache()
+    try:
+        out = {"model": model_fingerprint(Path(model_folder) if model_folder else None, cache)}
+        if data_files is not None:
+            out["data"] = data_fingerprint([Path(p) for p in data_files], data_cfg or {}, cache)
+        if train_cfg is not None:
+            out["train_data"] = train_data_fingerprint(train_cfg, cache)
+        return out
+    finally:
+        cache.close()
+
+
+def absolute_options(options: dict, keys=("root", *DATA_PATH_OPTIONS)) -> dict:
+    """A dataset's options with its local paths (root, captions, image_list) made absolute, so that a process
+    with another working directory (a task on another node) finds the same files."""
+    out = dict(options)
+    for key in keys:
+        value = out.get(key)
+        if isinstance(value, str) and value and "://" not in value:
+            out[key] = str(Path(value).expanduser().absolute())
     return out
 
 

@@ -62,6 +62,7 @@ class Plan:
     # and said once in the report, not on the console
     notes: list[str] = field(default_factory=list)
     inputs: dict | None = None  # fingerprints of the model and data (bench.fingerprint), set by preflight
+    opened: list[str] = field(default_factory=list)  # the dataset files preflight read (absolute), for node probes
 
 
 # -- search space ------------------------------------------------------------------------------------------------

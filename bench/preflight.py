@@ -67,6 +67,7 @@ def preflight(cfg: SweepConfig, cluster_check=None) -> Plan:
     plan.notes += check_prompts(cfg, plan, dataset, samples, load_tokenizer(cfg, folder))
     trace_fault(None)
     plan.inputs = input_fingerprints(folder, cfg.data, opened, train_data_config(cfg) if plan.fits else None)
+    plan.opened = sorted({str(Path(p).absolute()) for p in opened})
     if cfg.fit.source is not None:
         refuse_changed_fit_source(Path(cfg.fit.source), plan.inputs)
     if cluster_check is not None:
@@ -384,36 +385,68 @@ def _probe_node(checks: list[dict]) -> list[dict]:
             seen = path_identity(check["path"])
             out.append({"ok": seen == check["expect"], "why": "it is not the driver's folder there (a folder only "
                         "the driver's machine has)" if seen.get("exists") else "it does not exist there"})
-        else:  # "present": the same folder (or an equal copy) at that path
+        else:  # "present": the same folder (or an equal copy) at that path, with the driver's content
             seen = path_identity(check["path"])
             ok = seen.get("exists") and seen.get("names") == check["expect"].get("names")
-            out.append({"ok": bool(ok), "why": "it does not exist there" if not seen.get("exists") else
-                        "it holds other files there than on the driver"})
+            result = {"ok": bool(ok), "why": "it does not exist there" if not seen.get("exists") else
+                      "it holds other files there than on the driver"}
+            if ok and check.get("fingerprint"):
+                change = fingerprint_change(check["fingerprint"])
+                if change:
+                    result = {"ok": False, "other": True, "why": change}
+            out.append(result)
     return out
+
+
+def fingerprint_change(spec: dict) -> str | None:
+    """What differs between the driver's fingerprint of an input (`spec["expect"]`) and this node's (see
+    bench.fingerprint.node_fingerprint; `spec["args"]` are its arguments), or None where they agree."""
+    from bench.fingerprint import changed_inputs, node_fingerprint
+
+    key = spec["key"]
+    seen = node_fingerprint(**spec["args"])
+    changes = changed_inputs({key: spec["expect"]}, seen, keys=(key,))
+    return "; ".join(changes) or None
+
+
+def _fingerprint_spec(plan: Plan, key: str, **args) -> dict | None:
+    """The fingerprint part of a check: the driver's fingerprint of input `key` and how a node computes its own."""
+    expect = (plan.inputs or {}).get(key)
+    if not isinstance(expect, dict) or expect.get("kind") in (None, "none", "generated"):
+        return None  # nothing read from files (a generated dataset, the in-process model): nothing to compare
+    return {"key": key, "expect": expect, "args": {"model_folder": None, **args}}
 
 
 def cluster_checks(cfg: SweepConfig, plan: Plan, target) -> list[dict]:
     """What every node must reach: the output storage (a URI), data.root (and the training data's root), the
     model folder, and (fits only) the fit storage: the run's storage, which a local path can be only as a mount
-    that every node shares."""
+    that every node shares. The model folder, the evaluated images and masks and the training data must also
+    have the driver's fingerprint on every node (bench.fingerprint): a node with other weights or another copy
+    of the data would mix results silently."""
+    from bench.fingerprint import absolute_options
+
     checks = []
     if not target.is_local:
         checks.append({"kind": "uri", "path": target.uri, "what": f"output_dir={target.uri}",
                        "fix": "check the endpoint and credentials in that node's environment (AWS_ENDPOINT_URL, "
                               "AWS_ACCESS_KEY_ID, ...)"})
-    roots = {("data.root", cfg.data.get("root"))}
+    data = absolute_options(dict(cfg.data))
+    roots = {("data.root", cfg.data.get("root"), "data")}
     if plan.fits:
-        roots.add(("train.data root", train_data_config(cfg).get("root")))
-    for option, root in sorted(roots, key=str):
+        roots.add(("train.data root", train_data_config(cfg).get("root"), "train_data"))
+    for option, root, key in sorted(roots, key=str):
         if root and "://" not in str(root):
             path = str(Path(root).expanduser().absolute())
-            checks.append({"kind": "present", "path": path, "expect": path_identity(path),
+            spec = _fingerprint_spec(plan, key, data_files=plan.opened, data_cfg=data) if key == "data" else \
+                _fingerprint_spec(plan, key, train_cfg=absolute_options(train_data_config(cfg)))
+            checks.append({"kind": "present", "path": path, "expect": path_identity(path), "fingerprint": spec,
                            "what": f"{option}={root}", "fix": "put the dataset on a mount every node shares (or "
                            "the same copy at the same path on every node)"})
     folder = model_folder(cfg)
     if folder is not None:
         path = str(Path(folder).absolute())
         checks.append({"kind": "present", "path": path, "expect": path_identity(path), "what": _model_option(cfg),
+                       "fingerprint": _fingerprint_spec(plan, "model", model_folder=path),
                        "fix": "put the model folder on a mount every node shares (or the same copy at the same "
                               "path on every node)"})
     if plan.fits and target.is_local and cfg.fit.source is None:
@@ -425,9 +458,14 @@ def cluster_checks(cfg: SweepConfig, plan: Plan, target) -> list[dict]:
     return checks
 
 
+NODE_PROBE_SECONDS = 120  # a node's probe without fingerprints: paths and storage only
+FINGERPRINT_PROBE_SECONDS = 600  # with fingerprints: a node hashes the model and the data once (then cached)
+
+
 def check_cluster(cfg: SweepConfig, plan: Plan, target) -> None:
     """On a cluster (Ray started), before any work: one probe task per alive node checks that it reaches what
-    it needs (cluster_checks). The first failure is one BenchError line naming the node, the path and the fix."""
+    it needs, with the driver's content (cluster_checks). The first failure is one BenchError line naming the
+    node, the path and the fix."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -438,18 +476,25 @@ def check_cluster(cfg: SweepConfig, plan: Plan, target) -> None:
     probe = ray.remote(num_cpus=0, max_retries=0)(_probe_node)
     refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
             .remote(checks) for n in nodes]
+    timeout = FINGERPRINT_PROBE_SECONDS if any(c.get("fingerprint") for c in checks) else NODE_PROBE_SECONDS
     failures = []
     for node, ref in zip(nodes, refs):
+        name = f"node {node.get('NodeManagerAddress')} ({node['NodeID'][:8]})"
         try:
-            results = ray.get(ref, timeout=120)
+            results = ray.get(ref, timeout=timeout)
         except Exception as err:  # noqa: BLE001 (a node that cannot run the probe cannot run the work)
-            failures.append(f"node {node.get('NodeManagerAddress')} ({node['NodeID'][:8]}) cannot run a probe task "
-                            f"({type(err).__name__}); check that the node runs this project's code and packages")
+            failures.append(f"{name} cannot run a probe task ({type(err).__name__}); check that the node runs this "
+                            f"project's code and packages")
             continue
         for check, result in zip(checks, results):
-            if not result["ok"]:
-                failures.append(f"node {node.get('NodeManagerAddress')} ({node['NodeID'][:8]}) cannot reach "
-                                f"{check['what']} at {check['path']}: {result['why']}; {check['fix']}")
+            if result.get("other"):  # reachable, but not the driver's content
+                failures.append(f"{name} sees other files at {check['what']} ({check['path']}) than the driver "
+                                f"({result['why']}); {check['fix']}")
+            elif not result["ok"]:
+                failures.append(f"{name} cannot reach {check['what']} at {check['path']}: {result['why']}; "
+                                f"{check['fix']}")
     if failures:
         more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
         raise BenchError(failures[0] + more)
+
+

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from racing import race, winners
 
 import bench.run
 from bench.config import compose
@@ -140,22 +141,8 @@ def test_config_hash_is_the_same_for_identical_configs(tmp_path):
 def test_concurrent_starts_claim_the_run_directory_once(tmp_path):
     cfg = compose(SWEEP, [])
     work = tmp_path / "run.partial"
-    barrier = threading.Barrier(6)
-    outcomes = []
-
-    def start():
-        barrier.wait()
-        try:
-            outcomes.append(claim(work, cfg))
-        except BenchError as err:
-            outcomes.append(err)
-
-    threads = [threading.Thread(target=start) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    held = [o for o in outcomes if not isinstance(o, BenchError)]
+    outcomes = race(lambda: claim(work, cfg), 6)
+    held = winners(outcomes)
     assert len(held) == 1, outcomes
     assert all("in use by another process" in str(o) for o in outcomes if isinstance(o, BenchError))
     with pytest.raises(BenchError, match="in use by another process"):
@@ -358,8 +345,8 @@ def test_a_node_lost_mid_run_heals_on_a_two_node_cluster(tmp_path, tiny_model, u
     """Head (no CPUs: it only drives) + two one-CPU worker nodes; the node running the tracing actor is removed
     after its first batch; the actor restarts on the other node and the results equal the undisturbed run."""
     import ray
-    from ray.cluster_utils import Cluster
     from ray._private.state import available_resources_per_node
+    from ray.cluster_utils import Cluster
 
     ray.shutdown()  # this test needs its own cluster, not the shared local session
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})

@@ -167,3 +167,34 @@ def test_fit_from_a_run_fitted_on_other_weights_is_refused(tmp_path, tiny_model,
     now = input_fingerprints(model_folder(cfg), cfg.data, [], train_data_config(cfg))
     with pytest.raises(BenchError, match="fitted on other inputs .*vae/diffusion_pytorch_model.safetensors"):
         refuse_changed_fit_source(source, now)
+
+
+def test_the_node_probe_compares_the_model_and_the_data_with_the_drivers(tmp_path, tiny_model, monkeypatch):
+    """The per-node probe of a cluster run (bench.preflight._probe_node, run here in-process as a node whose
+    working directory differs): the driver's folders pass; another copy at the same paths, with one weight file
+    and one image replaced, is named input by input."""
+    from bench.config import compose
+    from bench.preflight import _probe_node, cluster_checks, preflight
+    from bench.storage import Location
+
+    shutil.copytree(tiny_model, tmp_path / "model")
+    write_voc(tmp_path / "data")
+    (tmp_path / "sweep.yaml").write_text("method: iseg\ndata: {name: voc2012, root: data}\n"
+                                         "params: {background_words: ''}\n")
+    monkeypatch.chdir(tmp_path)  # relative paths, as a user gives them: the node resolves them as the driver does
+    cfg = compose(tmp_path / "sweep.yaml", ["model.path=model", "ray.num_actors=0"])
+    plan = preflight(cfg)
+    checks = cluster_checks(cfg, plan, Location.of(tmp_path / "run"))
+    assert sorted(c["fingerprint"]["key"] for c in checks if c.get("fingerprint")) == ["data", "model"]
+    monkeypatch.chdir("/")
+    assert all(r["ok"] for r in _probe_node(checks))
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    data = bytearray((tmp_path / "model" / weights).read_bytes())
+    data[-1] ^= 1  # same size, same names: only the content tells
+    (tmp_path / "model" / weights).write_bytes(bytes(data))
+    image = tmp_path / "data" / "VOCdevkit" / "VOC2012" / "JPEGImages" / "2007_000002.jpg"
+    Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(image)
+    results = {c["fingerprint"]["key"]: r for c, r in zip(checks, _probe_node(checks)) if c.get("fingerprint")}
+    assert results["model"] == {"ok": False, "other": True, "why": f"the model: changed {weights}"}
+    assert not results["data"]["ok"] and results["data"]["other"]
+    assert results["data"]["why"].startswith("the dataset: changed") and "2007_000002.jpg" in results["data"]["why"]

@@ -6,12 +6,12 @@ same runs on a local disk, every artefact in the bucket (slow set)."""
 import json
 import os
 import socket
-import threading
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from racing import race, winners
 
 from bench.config import compose
 from bench.errors import BenchError
@@ -78,18 +78,8 @@ def test_location_files_are_whole_listed_and_removed(folder):
 
 def test_exclusive_create_has_exactly_one_winner(folder):
     target = folder / "lock"
-    barrier = threading.Barrier(6)
-    wins = []
-
-    def race(i):
-        barrier.wait()
-        wins.append(target.create_exclusive(str(i).encode()))
-
-    threads = [threading.Thread(target=race, args=(i,)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    tokens = iter(range(6))
+    wins = race(lambda: target.create_exclusive(str(next(tokens)).encode()), 6)
     assert sorted(wins) == [False] * 5 + [True]
     assert target.read_text() in {str(i) for i in range(6)}
 
@@ -102,22 +92,8 @@ def _work(folder: Location):
 def test_claim_resume_and_refusals_on_every_storage(folder):
     cfg = compose(SWEEP, ["data.limit=3"])
     work = _work(folder)
-    barrier = threading.Barrier(4)
-    outcomes = []
-
-    def start():
-        barrier.wait()
-        try:
-            outcomes.append(claim(work, cfg))
-        except BenchError as err:
-            outcomes.append(err)
-
-    threads = [threading.Thread(target=start) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    held = [o for o in outcomes if not isinstance(o, BenchError)]
+    outcomes = race(lambda: claim(work, cfg), 4)
+    held = winners(outcomes)
     assert len(held) == 1 and all("in use by another process" in str(o) for o in outcomes if o not in held)
     assert not held[0].resumed and (held[0].work / WORK / STARTED).is_file()
     (held[0].work / WORK / "shards" / "shard-00000.npz").write_bytes(_shard([0, 1]))
