@@ -298,19 +298,35 @@ def local_copy(target: str | os.PathLike, require_complete: bool = True) -> Iter
 
 
 # -- conditional writes ------------------------------------------------------------------------------------------------
-def _s3_create_exclusive(path: str, data: bytes) -> bool:
+# scheme: (the modules its conditional write needs, the package that brings them, the mechanism, what to install)
+CONDITIONAL_WRITES = {
+    "s3": (("boto3", "botocore.exceptions"), "boto3", "S3 conditional writes", "'diffseg-bench[cluster]'"),
+    "gs": (("google.cloud.storage", "google.api_core.exceptions"), "google-cloud-storage",
+           "generation preconditions", "google-cloud-storage"),
+}
+
+
+def _conditional_write_modules(scheme: str) -> list:
+    """The modules a scheme's exclusive create needs, or a BenchError naming the package to install."""
+    import importlib
+
+    names, package, mechanism, install = CONDITIONAL_WRITES[scheme]
     try:
-        import boto3
-        from botocore.exceptions import ClientError
+        return [importlib.import_module(name) for name in names]
     except ImportError:
-        raise BenchError("an s3:// output_dir needs boto3 for its exclusive claim (S3 conditional writes); "
-                         "pip install 'diffseg-bench[cluster]'") from None
+        article = "an" if scheme == "s3" else "a"
+        raise BenchError(f"{article} {scheme}:// output_dir needs {package} for its exclusive claim ({mechanism}); "
+                         f"pip install {install}") from None
+
+
+def _s3_create_exclusive(path: str, data: bytes) -> bool:
+    boto3, exceptions = _conditional_write_modules("s3")
     bucket, key = path.split("/", 1)
     client = boto3.client("s3")  # endpoint and credentials from the environment (AWS_ENDPOINT_URL, ...)
     try:
         client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
         return True
-    except ClientError as err:
+    except exceptions.ClientError as err:
         code = err.response.get("Error", {}).get("Code", "")
         if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
             return False
@@ -319,15 +335,10 @@ def _s3_create_exclusive(path: str, data: bytes) -> bool:
 
 
 def _gcs_create_exclusive(path: str, data: bytes) -> bool:
-    try:
-        from google.api_core.exceptions import PreconditionFailed
-        from google.cloud import storage
-    except ImportError:
-        raise BenchError("a gs:// output_dir needs google-cloud-storage for its exclusive claim (generation "
-                         "preconditions); pip install google-cloud-storage") from None
+    storage, exceptions = _conditional_write_modules("gs")
     bucket, key = path.split("/", 1)
     try:
         storage.Client().bucket(bucket).blob(key).upload_from_string(data, if_generation_match=0)
         return True
-    except PreconditionFailed:
+    except exceptions.PreconditionFailed:
         return False

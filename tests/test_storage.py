@@ -84,6 +84,21 @@ def test_exclusive_create_has_exactly_one_winner(folder):
     assert target.read_text() in {str(i) for i in range(6)}
 
 
+def test_a_missing_client_library_for_the_exclusive_claim_is_one_line_naming_the_install(monkeypatch):
+    import sys
+
+    from bench.storage import _gcs_create_exclusive, _s3_create_exclusive
+
+    for name in ("boto3", "google.cloud.storage"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed: importing it raises ImportError
+    with pytest.raises(BenchError, match=r"an s3:// output_dir needs boto3 .*\(S3 conditional writes\); pip "
+                                         r"install 'diffseg-bench\[cluster\]'"):
+        _s3_create_exclusive("bucket/run/work/lock", b"")
+    with pytest.raises(BenchError, match=r"a gs:// output_dir needs google-cloud-storage .*\(generation "
+                                         r"preconditions\); pip install google-cloud-storage"):
+        _gcs_create_exclusive("bucket/run/work/lock", b"")
+
+
 def _work(folder: Location):
     """Where a run works on this kind of storage: <run>.partial locally, the run itself on an object store."""
     return folder.with_name(folder.name + ".partial").local if folder.is_local else folder
