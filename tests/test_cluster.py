@@ -72,14 +72,45 @@ def _env(extra: dict | None = None) -> dict:
 
 
 class Cluster:
-    def __init__(self, base: Path, hidden: Path, address: str, processes: list[subprocess.Popen]):
-        self.base, self.hidden, self.address, self.processes = base, hidden, address, processes
+    def __init__(self, base: Path, hidden: Path, address: str, head: subprocess.Popen):
+        self.base, self.hidden, self.address, self.head = base, hidden, address, head
+        self.worker: subprocess.Popen | None = None
 
     def run(self, *args: str, cluster: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
-        command = [sys.executable, "-m", "bench.run", *args]
-        if cluster:
-            command.append(f"ray.address={self.address}")
-        return subprocess.run(command, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(self.command(*args, cluster=cluster), env=_env(), cwd=ROOT, capture_output=True,
+                              text=True, timeout=timeout)
+
+    def command(self, *args: str, cluster: bool = True) -> list[str]:
+        return [sys.executable, "-m", "bench.run", *args, *([f"ray.address={self.address}"] if cluster else [])]
+
+    def start_worker(self) -> None:
+        """A worker node with two CPUs in a private mount namespace: a tmpfs over the driver's folder."""
+        ports = _free_ports(3)
+        start = " ".join([RAY, "start", "--block", f"--address={self.address}", "--num-cpus=2",
+                          f"--dashboard-agent-listen-port={ports[0]}", f"--dashboard-agent-grpc-port={ports[1]}",
+                          f"--metrics-export-port={ports[2]}", "--disable-usage-stats"])
+        self.worker = subprocess.Popen(["unshare", "-m", "sh", "-c",
+                                        f"mount -t tmpfs tmpfs {self.hidden} && exec {start}"],
+                                       env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                       start_new_session=True)
+        _wait_for_nodes(self.address, 2)
+
+    def kill_worker(self) -> None:
+        """The worker node lost as a machine is: every process of it SIGKILLed at once (its own session)."""
+        os.killpg(self.worker.pid, signal.SIGKILL)
+        self.worker.wait(timeout=60)
+        _wait_for_nodes(self.address, 1)
+
+    def stop(self) -> None:
+        processes = [p for p in (self.worker, self.head) if p is not None]
+        for process in processes:  # `ray start --block` stops its node's processes when terminated
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
@@ -90,33 +121,19 @@ def cluster(s3_server):  # noqa: F811
     base = Path(tempfile.mkdtemp(prefix="bench-cluster-", dir="/tmp"))
     hidden = base / "driver"  # what only the driver's machine has
     hidden.mkdir()
-    gcs, client, *agents = _free_ports(8)
+    gcs, client, *agents = _free_ports(5)
     head = subprocess.Popen([RAY, "start", "--head", "--block", "--num-cpus=0", f"--port={gcs}",
                              f"--temp-dir={base / 'ray'}", "--include-dashboard=false",
                              f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agents[0]}",
                              f"--dashboard-agent-grpc-port={agents[1]}", f"--metrics-export-port={agents[2]}",
                              "--disable-usage-stats"],
                             env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    address = f"127.0.0.1:{gcs}"
-    worker_start = " ".join([RAY, "start", "--block", f"--address={address}", "--num-cpus=2",
-                             f"--dashboard-agent-listen-port={agents[3]}", f"--dashboard-agent-grpc-port={agents[4]}",
-                             f"--metrics-export-port={agents[5]}", "--disable-usage-stats"])
-    worker = subprocess.Popen(["unshare", "-m", "sh", "-c", f"mount -t tmpfs tmpfs {hidden} && exec {worker_start}"],
-                              env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
-    processes = [worker, head]
+    nodes = Cluster(base, hidden, f"127.0.0.1:{gcs}", head)
     try:
-        _wait_for_nodes(address, 2)
-        yield Cluster(base, hidden, address, processes)
+        nodes.start_worker()
+        yield nodes
     finally:
-        for process in processes:  # `ray start --block` stops its node's processes when terminated
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+        nodes.stop()
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -162,16 +179,21 @@ def test_a_trace_sweep_with_a_driver_local_run_directory_equals_the_single_node_
     _assert_same_run(single, out)
 
 
-def test_a_fit_sweep_on_s3_equals_the_single_node_run_every_artefact_in_the_bucket(cluster, tiny_model):
-    args = [str(ROOT / "sweeps/linear_probe.yaml"), *SMALL, f"model.path={tiny_model}", *PROBE,
-            "ray.execution=actors", "ray.num_actors=1"]
-    single = cluster.base / "single-fit"
-    done = cluster.run(*args, f"output_dir={single}", cluster=False)
+FIT = [str(ROOT / "sweeps/linear_probe.yaml"), *SMALL, *PROBE, "ray.execution=actors", "ray.num_actors=1"]
+
+
+@pytest.fixture(scope="module")
+def single_fit(cluster, tiny_model) -> Path:
+    """The fit sweep run once on a single node (a local Ray of the driver's own), the reference."""
+    out = cluster.base / "single-fit"
+    done = cluster.run(*FIT, f"model.path={tiny_model}", f"output_dir={out}", cluster=False)
     assert done.returncode == 0, done.stderr[-3000:]
-    uri = f"s3://{BUCKET}/cluster-fit-{os.getpid()}"
-    done = cluster.run(*args, f"output_dir={uri}")
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().splitlines()[-1] == uri
+    return out
+
+
+def _assert_same_fit_run(single: Path, uri: str) -> None:
+    """Every artefact in the bucket, none of the work folder; the run equal to the single-node one, the fit's
+    weights bit for bit."""
     stored = Location.of(uri).files()
     assert COMPLETE in stored and any(f.startswith("fit/") and f.endswith("weights.safetensors") for f in stored)
     assert not any(f.startswith("work/") for f in stored)
@@ -182,6 +204,14 @@ def test_a_fit_sweep_on_s3_equals_the_single_node_run_every_artefact_in_the_buck
         with safe_open(str(ours), "pt") as a, safe_open(str(theirs), "pt") as b:
             assert a.metadata() == b.metadata() and sorted(a.keys()) == sorted(b.keys())
             assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())  # bit for bit
+
+
+def test_a_fit_sweep_on_s3_equals_the_single_node_run_every_artefact_in_the_bucket(cluster, tiny_model, single_fit):
+    uri = f"s3://{BUCKET}/cluster-fit-{os.getpid()}"
+    done = cluster.run(*FIT, f"model.path={tiny_model}", f"output_dir={uri}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == uri
+    _assert_same_fit_run(single_fit, uri)
 
 
 def test_a_fit_sweep_with_a_driver_local_run_directory_is_refused_before_ray_train(cluster, tiny_model):
@@ -210,3 +240,84 @@ def test_a_model_or_dataset_only_the_driver_has_is_one_line_naming_the_node(clus
         assert done.returncode == 2 and len(lines) == 1, done.stderr[-3000:]
         assert NODE_LINE.match(lines[0]) and what in lines[0] and "shares" in lines[0], lines
         assert not out.exists() and not out.with_name(out.name + ".partial").exists()
+
+
+_PLANT = """
+import shutil, sys
+from pathlib import Path
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+address, source, target, name = sys.argv[1:]
+ray.init(address=address, logging_level="ERROR")
+(node,) = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]
+
+
+@ray.remote(num_cpus=0)
+def plant():
+    shutil.copytree(source, target)
+    weights = Path(target) / name
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+
+
+ray.get(plant.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote())
+"""
+
+
+def test_a_node_with_another_copy_of_the_model_is_refused_naming_the_node_and_the_file(cluster, tiny_model):
+    """The same folder names at the same path on both nodes, one weight file differing by a byte on the worker
+    node (planted there by a task, in its private folder): refused in preflight, one line naming the node, the
+    path and the file, nothing written."""
+    model = cluster.hidden / "model-copy"
+    shutil.copytree(tiny_model, model)
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    planted = subprocess.run([sys.executable, "-c", _PLANT, cluster.address, str(tiny_model), str(model), weights],
+                             env=_env(), capture_output=True, text=True, timeout=300)
+    assert planted.returncode == 0, planted.stderr[-3000:]
+    out = cluster.base / "other-weights"
+    done = cluster.run(str(ROOT / "sweeps/iseg_lambda.yaml"), *SMALL, f"model.path={model}", "ray.execution=actors",
+                       f"output_dir={out}")
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr[-3000:]
+    assert re.match(rf"^error: node \S+ \([0-9a-f]{{8}}\) sees other files at model.path={model} ", lines[0]), lines
+    assert f"the model: changed {weights}" in lines[0], lines
+    assert not out.exists() and not out.with_name(out.name + ".partial").exists()
+
+
+def _wait_for_checkpoint(uri: str, driver: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and driver.poll() is None:
+        if any("checkpoint_" in f for f in Location.of(uri).files()):
+            return
+        time.sleep(1)
+    raise AssertionError(f"no checkpoint in {uri} (driver exit {driver.poll()})")
+
+
+def test_a_node_killed_during_a_fit_on_s3_resumes_and_ends_identical(cluster, tiny_model, single_fit, tmp_path):
+    """The fit stands still after its first checkpoint (stored in the bucket) while its node is SIGKILLed, every
+    process at once; a new node joins and Ray Train (train.max_failures=1) restarts the fit there from that
+    checkpoint. The run ends identical to the single-node run, the fit resumed at step 10, not refitted."""
+    from bench.stages.fit import FAULT_ENV
+
+    uri = f"s3://{BUCKET}/cluster-node-killed-{os.getpid()}"
+    command = cluster.command(*FIT, f"model.path={tiny_model}", "train.max_failures=1", f"output_dir={uri}")
+    with open(tmp_path / "stdout", "w") as stdout, open(tmp_path / "stderr", "w") as stderr:
+        driver = subprocess.Popen(command, env=_env({FAULT_ENV: "fit:1:1:stall"}), cwd=ROOT, stdout=stdout,
+                                  stderr=stderr)
+        try:
+            _wait_for_checkpoint(uri, driver)
+            cluster.kill_worker()
+            cluster.start_worker()
+            driver.wait(timeout=900)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+    err = (tmp_path / "stderr").read_text()
+    assert driver.returncode == 0, err[-3000:]
+    assert (tmp_path / "stdout").read_text().strip().splitlines()[-1] == uri
+    _assert_same_fit_run(single_fit, uri)
+    (config,) = [f for f in Location.of(uri).files() if f.startswith("fit/") and f.endswith("/train_config.json")]
+    assert (Location.of(uri) / config).read_json()["resumed_from"] == 10

@@ -56,14 +56,16 @@ log = logging.getLogger(__name__)
 ARTEFACT, CONFIG, LOSS, DONE = "weights.safetensors", "train_config.json", "loss.csv", "done"
 CACHE = "cache"  # fit_dir/cache: what a fit built before its first step (RayFitContext.cached), until it finishes
 FAULT_ENV = "BENCH_FAULT"  # fault injection for tests of resumption, see parse_fault
+STALL_SECONDS = 600
 
 
 # -- fault injection ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Fault:
-    """`BENCH_FAULT=fit:<n>:<k>:<raise|kill>`: in the n-th fit this process trains, right after the k-th
+    """`BENCH_FAULT=fit:<n>:<k>:<raise|kill|stall>`: in the n-th fit this process trains, right after the k-th
     checkpoint of an attempt that started from scratch, raise in the workers (a failed attempt: the fit fails,
-    or restarts from that checkpoint with train.max_failures > 0) or SIGKILL the driver (a killed run)."""
+    or restarts from that checkpoint with train.max_failures > 0), SIGKILL the driver (a killed run), or stall
+    the workers (STALL_SECONDS) so that a test can take their node down at that point."""
 
     fit: int
     checkpoint: int
@@ -75,8 +77,8 @@ def parse_fault(text: str | None) -> Fault | None:
     if not text:
         return None
     parts = text.split(":")
-    if len(parts) != 4 or parts[0] != "fit" or parts[3] not in ("raise", "kill"):
-        raise BenchError(f"{FAULT_ENV}={text!r} is not fit:<n>:<checkpoint>:<raise|kill>; unset it")
+    if len(parts) != 4 or parts[0] != "fit" or parts[3] not in ("raise", "kill", "stall"):
+        raise BenchError(f"{FAULT_ENV}={text!r} is not fit:<n>:<checkpoint>:<raise|kill|stall>; unset it")
     return Fault(int(parts[1]), int(parts[2]), parts[3], os.getpid())
 
 
@@ -190,6 +192,8 @@ class RayFitContext(FitContext):
             if self.fault.action == "kill" and self.rank == 0:
                 os.kill(self.fault.driver_pid, signal.SIGKILL)
                 time.sleep(60)  # the driver's death takes this worker down
+            if self.fault.action == "stall":
+                time.sleep(STALL_SECONDS)  # the test kills this worker's node meanwhile
             raise InjectedFault(f"injected failure after checkpoint {self.checkpoints} (step {step})")
 
     def restore(self):
