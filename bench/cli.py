@@ -428,6 +428,10 @@ def run_sweep(sweep: str, overrides: list[str], work) -> int:
         from bench.track import log_run
 
         try:
+            if is_uri(str(final)) and not tracking.get("uri"):  # the default store sits beside the run folder
+                raise BenchError(f"tracking=mlflow of a run on object storage needs tracking.uri= (an MLflow "
+                                 f"server, or sqlite:///<path>/mlflow.db): the default store sits beside a local "
+                                 f"run folder; the run itself is finished in {final}")
             with readable_run(final) as copy:
                 log_run(copy)
         except BenchError as err:

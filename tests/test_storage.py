@@ -229,6 +229,20 @@ def test_an_unreachable_bucket_is_refused_before_anything_is_written(s3_server, 
     assert len(err) == 1 and "bucket no-such-bucket does not exist" in err[0]
 
 
+def test_a_run_on_object_storage_prints_its_uri_last_and_is_not_tracked_into_a_temporary_copy(s3_server, capsys):
+    """The run's address stays a URI (a Path would fold s3:// into s3:/); tracking=mlflow without tracking.uri
+    has no store beside an object-store run: one error line (exit 1), the finished run named."""
+    from bench.cli import run_sweep
+
+    uri = f"s3://{BUCKET}/tracked-{os.getpid()}"
+    (Location.of(uri) / "config.yaml").write_text("tracking: {name: mlflow}\n")
+    assert run_sweep(str(SWEEP), [], lambda sweep, overrides: uri) == 1
+    out, err = capsys.readouterr()
+    assert out.strip().splitlines()[-1] == uri
+    (line,) = err.strip().splitlines()
+    assert line.startswith("error: tracking=mlflow of a run on object storage needs tracking.uri=") and uri in line
+
+
 # -- whole runs on S3 (slow set) ----------------------------------------------------------------------------------------
 SMALL = ["data.limit=2", "data.size=32", "report.bootstrap=20", "report.qualitative=1"]
 
