@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -476,12 +477,14 @@ def check_cluster(cfg: SweepConfig, plan: Plan, target) -> None:
     probe = ray.remote(num_cpus=0, max_retries=0)(_probe_node)
     refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
             .remote(checks) for n in nodes]
-    timeout = FINGERPRINT_PROBE_SECONDS if any(c.get("fingerprint") for c in checks) else NODE_PROBE_SECONDS
+    # one deadline for all nodes (they probe in parallel), not one per node
+    deadline = time.monotonic() + (FINGERPRINT_PROBE_SECONDS if any(c.get("fingerprint") for c in checks)
+                                   else NODE_PROBE_SECONDS)
     failures = []
     for node, ref in zip(nodes, refs):
         name = f"node {node.get('NodeManagerAddress')} ({node['NodeID'][:8]})"
         try:
-            results = ray.get(ref, timeout=timeout)
+            results = ray.get(ref, timeout=max(deadline - time.monotonic(), 1.0))
         except Exception as err:  # noqa: BLE001 (a node that cannot run the probe cannot run the work)
             failures.append(f"{name} cannot run a probe task ({type(err).__name__}); check that the node runs this "
                             f"project's code and packages")
