@@ -166,6 +166,11 @@ COMMON_PARAMS: dict[str, Param] = {
                      "(methods.labels: chosen to absorb the kernels' rounding)", low=0, high=1),
 }
 
+# The trained heads (DEDOS, SegFormer, FreeGen) label by the argmax of their outputs, as their papers do: the tie
+# tolerance was measured on attention maps, not on probabilities, so another rule is refused rather than ignored.
+ARGMAX_TIE = Param("argmax", "trained head: labels are the argmax of its outputs (the papers'); the only rule "
+                   "(tie_tol is measured on attention maps)", choices=("argmax",))
+
 
 # -- typed parameters ----------------------------------------------------------------------------------------------
 def attribute_name(key: str) -> str:

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.trace import Trace, TraceRequest, request
-from methods.base import ClassQuery, Method, Param, Prediction, register_method
+from methods.base import ARGMAX_TIE, ClassQuery, Method, Param, Prediction, register_method
 
 # ImageNet statistics, SegformerImageProcessor's defaults (image_mean / image_std)
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -179,6 +179,7 @@ class SegFormer(Method):
     fits_class_ids = True  # predicts the training dataset's class ids (preflight: same classes as evaluated)
     traces_at_eval = False  # predicts from the image alone: evaluation in inversion mode skips the UNet pass
     params = {
+        "tie_rule": ARGMAX_TIE,
         "scale": Param("tiny", "encoder: tiny (0.35M parameters, 64 px worlds) or b0 (MiT-b0, SegFormer Table 1)",
                        choices=tuple(SCALES), kind="train"),
         "size": Param(64, "image size the segmenter trains and predicts at (square; the encoder downsamples 32x)",

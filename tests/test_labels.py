@@ -30,6 +30,19 @@ def test_lowest_id_wins_within_the_tolerance():
     assert bg.tolist() == [0, 7, 4]
 
 
+@pytest.mark.parametrize("name", ["dedos", "segformer", "freegen"])
+def test_trained_heads_refuse_a_tie_rule_they_would_not_apply(name):
+    """The trained heads label by argmax: their resolved tie_rule says so, and another rule is a one-line error."""
+    from bench.errors import BenchError
+    from methods import METHODS
+
+    cls = METHODS.get(name)
+    assert cls.resolve({})["tie_rule"] == "argmax"
+    for rule in ("lowest", "background"):
+        with pytest.raises(BenchError, match="tie_rule='%s' is not one of argmax" % rule):
+            cls.resolve({"tie_rule": rule})
+
+
 def test_lowest_follows_ids_not_index_order():
     scores = torch.tensor([[0.5], [0.5], [0.1]])
     assert choose(scores, [9, 2, 1], "lowest", TIE_TOL, dim=0)[1].tolist() == [2]

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from bench.errors import BenchError
 from bench.trace import Trace, TraceRequest, request
-from methods.base import ClassQuery, Method, Param, Prediction, register_method
+from methods.base import ARGMAX_TIE, ClassQuery, Method, Param, Prediction, register_method
 from methods.dedos.cost import HEADS as COST_HEADS
 from methods.dedos.cost import CostAggregation
 from methods.dedos.frontend import block_channels, denoise, parse_timesteps, random_unet
@@ -164,6 +164,7 @@ class Dedos(Method):
     version = "4"
     traces_at_eval = False  # inference is CLIP + queries: the engine skips the UNet pass
     params = {
+        "tie_rule": ARGMAX_TIE,
         "classes": Param("all", "classes scored per image: all (every dataset class, the open-vocabulary "
                          "protocol) or gt (image-level labels)", kind="forward", choices=("gt", "all")),
         "clip": Param("embedded", "CLIP: embedded (the shipped tiny CLIP of the shapes world), embedded_many (of "

@@ -36,7 +36,7 @@ import torch
 
 from bench.trace import Trace, TraceRequest, request
 from methods.attribution import AttributionSource, attn_layers, attribution_embedding, token_indices
-from methods.base import ClassQuery, Method, Param, Prediction, TrainSetting, register_method
+from methods.base import ARGMAX_TIE, ClassQuery, Method, Param, Prediction, TrainSetting, register_method
 from methods.freegen.asr import (AsrInputs, AsrModule, asr_inputs_from, asr_loss, asr_record,
                                  prompt_keys)
 from methods.freegen.egd import (EgdSample, GroundingDecoder, easiest, entity_embeddings, hardness, local_label,
@@ -79,6 +79,7 @@ class SyntheticMask:
 class FreeGen(Method):
     version = "3"
     params = {
+        "tie_rule": ARGMAX_TIE,
         "asr": Param("learned", "Attention Self-Rectification: learned (W and Upsilon fitted with Eq. 5 against SAM "
                      "pseudo-masks, the paper) or init (W = 1/H, Upsilon = I: no fit, Table 6's ASR-off rows)",
                      choices=("learned", "init"), kind="train"),
