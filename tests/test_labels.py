@@ -39,7 +39,7 @@ def test_trained_heads_refuse_a_tie_rule_they_would_not_apply(name):
     cls = METHODS.get(name)
     assert cls.resolve({})["tie_rule"] == "argmax"
     for rule in ("lowest", "background"):
-        with pytest.raises(BenchError, match="tie_rule='%s' is not one of argmax" % rule):
+        with pytest.raises(BenchError, match=f"tie_rule='{rule}' is not one of argmax"):
             cls.resolve({"tie_rule": rule})
 
 
