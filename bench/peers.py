@@ -60,6 +60,8 @@ ISEG_SETTINGS = [
      "project": {"lambda": 0.1, "gamma": 1.0, "cross_heads": "all", "background": "threshold", "bg_threshold": 0.45,
                  "kmeans": 0}},
 ]
+# the intermediate tensors are compared on one image under one setting (clustering on, Cat-Cross off)
+ISEG_DIAGNOSIS = {"setting": "voc_gamma1", "image": "farm"}
 ISEG_COMMON = {"variant": "code", "iterations": 10, "timestep": 100, "template": ISEG_TEMPLATE,
                "tie_rule": "argmax", "resize": "code"}
 ISEG_SEED = 1101  # wsss/arguments.py --rand_seed
@@ -195,7 +197,7 @@ def prepare(work: Path) -> dict:
         np.save(work / f"{name}_label.npy", label)
         images.append({"name": name, "file": f"{name}.npy", "label": f"{name}_label.npy",
                        "ids": [c for c, _ in classes], "names": [n for _, n in classes]})
-    inputs = {"images": images, "iseg_settings": ISEG_SETTINGS,
+    inputs = {"images": images, "iseg_settings": ISEG_SETTINGS, "iseg_diagnosis": ISEG_DIAGNOSIS,
               "ovam": [{**job, **OVAM_COMMON} for job in OVAM_JOBS]}
     (work / "inputs.json").write_text(json.dumps(inputs, indent=1))
     return inputs
@@ -211,8 +213,8 @@ def run_release(release: str, python: str, repo: Path, work: Path) -> tuple[list
     env = {**os.environ, "HF_HOME": str(work / "hf"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "PYTHONPATH": ""}
     start = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, cwd=repo / "wsss" if release == "iseg" else repo, capture_output=True,
-                          text=True)
+    proc = subprocess.run(cmd, env=env, cwd=repo / "wsss" if release.startswith("iseg") else repo,
+                          capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{release} release failed:\n{proc.stderr[-4000:]}")
     # a checkpoint key the release's library does not read leaves that part random: refuse the comparison
@@ -285,6 +287,45 @@ def project_ovam(backbone, inputs: dict) -> dict[str, np.ndarray]:
                     out[f"{tag}_mask_{tau}"] = scores > tau  # binarise=code: strict, per class
         for k, name in enumerate(job["names"]):
             out[f"{job['name']}/{name}/heat"] = heat[k]
+    return out
+
+
+def diagnose_iseg(backbone, work: Path, inputs: dict, release: dict) -> dict:
+    """This project's intermediate tensors against the release's on the diagnosis image (max abs differences,
+    with the release's largest value for scale), and this project's clustering on the release's own fused maps."""
+    from bench.forward import run_traced
+    from bench.models.layers import layer_map
+    from methods.base import ClassQuery
+    from methods.iseg import CODE_HEADS, RELEASE_VOC_HEADS, ISeg, kl_cluster_means, release_cross
+
+    diagnosis = inputs["iseg_diagnosis"]
+    setting = next(s for s in inputs["iseg_settings"] if s["name"] == diagnosis["setting"])
+    image = next(i for i in inputs["images"] if i["name"] == diagnosis["image"])
+    method, cfg = ISeg(backbone), ISeg.resolve({**ISEG_COMMON, **setting["project"]})
+    query = ClassQuery(image["ids"], image["names"])
+    prompt = method.prompt(query, None, cfg)
+    trace = run_traced(backbone, method.trace_request(cfg), method.forward_setting(cfg, ISEG_SEED), [prompt],
+                       images=[np.load(work / image["file"])]).traces[0]
+
+    def diff(ours: torch.Tensor, theirs: np.ndarray) -> dict:
+        return {"max_abs_diff": float((ours.float() - torch.from_numpy(theirs)).abs().max()),
+                "release_max": float(np.abs(theirs).max())}
+
+    out = {"setting": diagnosis["setting"], "image": diagnosis["image"],
+           "embedding": diff(backbone.encode_text([prompt])[0], release["embedding"])}
+    levels = {}
+    for res, (_, layers) in zip(("16", "32"), method.code_cross(layer_map(backbone))):
+        levels[res] = torch.cat([trace.step_mean("cross", layer).float() for layer in layers])  # (L*H, h, w, T)
+        out[f"cross_{res}"] = diff(levels[res].permute(0, 3, 1, 2), release[f"cross{res}"][0])
+    attn = trace.step_mean("self_attn", method.self_layer(cfg)).float()
+    out["self_64_heads_1_2"] = diff(attn[list(CODE_HEADS)].mean(0), release["self64_heads12"])
+    heads = RELEASE_VOC_HEADS if cfg["cross_heads"] == "voc_release" else None
+    out["fused_token_maps"] = diff(release_cross(levels, (64, 64), heads), release["fused"])
+    vectors = torch.from_numpy(release["fused"]).flatten(1).T  # the release's own fused maps, (HW, T)
+    clusters = torch.from_numpy(release["clusters"])
+    onehot = torch.nn.functional.one_hot(clusters).to(vectors.dtype)
+    want = (onehot @ (onehot.T @ vectors)) / onehot.sum(0)[clusters][:, None]
+    out["cluster_means_on_release_fused_maps"] = diff(kl_cluster_means(vectors, (64, 64)), want.numpy())
     return out
 
 
@@ -383,6 +424,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     inputs = prepare(args.work)
     commands, seconds = {}, {}
+    previous = args.out / "peers.json"
+    if args.reuse and previous.exists():  # the reused outputs' run times
+        seconds = {k: v for k, v in json.loads(previous.read_text()).get("seconds", {}).items()
+                   if k.split("-")[0] in args.reuse}
     for release, repo, python in (("iseg", args.iseg_repo, args.iseg_python),
                                   ("ovam", args.ovam_repo, args.ovam_python)):
         commands[release] = " ".join(release_command(release, python, repo.resolve(), args.work))
@@ -390,8 +435,16 @@ def main(argv: list[str] | None = None) -> int:
             continue
         log.info("running the %s release", release)
         _, seconds[release] = run_release(release, python, repo.resolve(), args.work)
+    if "iseg" not in args.reuse or not (args.work / "iseg_diagnosis_release.npz").exists():
+        log.info("running the iseg release's diagnosis")
+        _, seconds["iseg-diagnosis"] = run_release("iseg-diagnosis", args.iseg_python, args.iseg_repo.resolve(),
+                                                   args.work)
+    commands["iseg-diagnosis"] = " ".join(release_command("iseg-diagnosis", args.iseg_python,
+                                                          args.iseg_repo.resolve(), args.work))
     backbone = project_backbone(args.work)
     log.info("running this project")
+    with np.load(args.work / "iseg_diagnosis_release.npz", allow_pickle=False) as theirs:
+        diagnosis = diagnose_iseg(backbone, args.work, inputs, dict(theirs))
     rows = []
     for release, run in (("iseg", lambda: project_iseg(backbone, args.work, inputs)),
                          ("ovam", lambda: project_ovam(backbone, inputs))):
@@ -415,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         "pipeline": {"layout": "SD 2.1-base at toy width (bench.peers.tiny_sd21_pipeline)", "seed": SEED,
                      "heads": list(HEADS), "latent": 64, "image": 512},
         "inputs": inputs, "iseg_project_options": {s["name"]: {**ISEG_COMMON, **s["project"]} for s in ISEG_SETTINGS},
-        "seconds": seconds, "rows": rows,
+        "seconds": seconds, "iseg_diagnosis": diagnosis, "rows": rows,
     }
     (args.out / "peers.json").write_text(json.dumps(report, indent=1) + "\n")
     for row in rows:

@@ -4,6 +4,7 @@ the inputs bench.peers prepared, writing maps and masks to an .npz (no pickles).
 
     python bench/peers_release.py iseg --repo /scratch/iseg.code --work WORK
     python bench/peers_release.py ovam --repo /scratch/ovam --work WORK
+    python bench/peers_release.py iseg-diagnosis --repo /scratch/iseg.code --work WORK
 
 It imports nothing of this project (the release environments do not have its dependencies). What it does besides
 calling the release's code, each named in reports/peers/README.md:
@@ -100,6 +101,62 @@ def run_iseg(repo: Path, work: Path) -> dict[str, np.ndarray]:
     return out
 
 
+def diagnose_iseg(repo: Path, work: Path) -> dict[str, np.ndarray]:
+    """One image under one setting (inputs.json `iseg_diagnosis`), keeping what the release computes on the way:
+    the prompt's embedding, the cross-attention of its 16x16 and 32x32 layers, the mean of heads 1 and 2 of its
+    64x64 self-attention, and the fused token maps with the clusters its KL k-means gives them."""
+    import torch
+
+    sys.path[:0] = [str(repo / "wsss"), str(repo), str(repo / "base")]
+    if not torch.cuda.is_available():
+        torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    import cv2
+
+    import arguments
+    import iSeg as release
+
+    inputs = json.loads((work / "inputs.json").read_text())
+    diagnosis = inputs["iseg_diagnosis"]
+    setting = next(s for s in inputs["iseg_settings"] if s["name"] == diagnosis["setting"])
+    image = next(i for i in inputs["images"] if i["name"] == diagnosis["image"])
+    parser = argparse.ArgumentParser()
+    for add in (arguments.add_base_args, arguments.add_voc_dataset_args, arguments.add_train_args,
+                arguments.add_test_args, arguments.add_shell_args):
+        parser = add(parser)
+    config = parser.parse_args([])
+    for key, value in setting["release"].items():
+        setattr(config, key, value)
+    model = release.iSeg(config=config, half=False)
+    model.on_test_start()
+    out: dict[str, np.ndarray] = {}
+    sd = model.stable_diffusion
+    get_attention_map = sd.get_attention_map
+
+    def capture_maps():
+        cross, self_maps = get_attention_map()
+        out["cross16"], out["cross32"] = cross[16].float().numpy(), cross[32].float().numpy()
+        out["self64_heads12"] = self_maps[64][:, [1, 2]].mean(1).flatten(-2, -1).permute(0, 2, 1)[0].float().numpy()
+        return cross, self_maps
+
+    class KeptDFC(release.DFC_KL):
+        def forward(self, x):
+            cluster, n = super().forward(x)
+            out["fused"], out["clusters"] = x.float().numpy(), cluster.numpy()
+            return cluster, n
+
+    sd.get_attention_map, dfc = capture_maps, release.DFC_KL
+    release.DFC_KL = KeptDFC
+    rgb = np.load(work / image["file"])
+    img = cv2.resize(rgb.astype(np.float32) / 255.0, dsize=(config.test_mask_size, config.test_mask_size))
+    batch = (torch.from_numpy(img.transpose(2, 0, 1).copy())[None],
+             torch.from_numpy(np.load(work / image["label"]).astype(np.int64))[None], [image["name"]])
+    with torch.no_grad():
+        model.test_step(batch, 0)
+    release.DFC_KL = dfc
+    out["embedding"] = model.test_t_embedding[0].float().numpy()
+    return out
+
+
 # -- OVAM (vpulab/ovam) --------------------------------------------------------------------------------------------
 def notebook_binarise(heatmap: np.ndarray, sa: np.ndarray | None, threshold: float, min_sa: float,
                       size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -162,13 +219,13 @@ def run_ovam(repo: Path, work: Path) -> dict[str, np.ndarray]:
 def main(argv: list[str] | None = None) -> int:
     _clean_path()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("release", choices=("iseg", "ovam"))
+    parser.add_argument("release", choices=("iseg", "ovam", "iseg-diagnosis"))
     parser.add_argument("--repo", type=Path, required=True, help="the fetched repository (its root)")
     parser.add_argument("--work", type=Path, required=True, help="bench.peers' work folder (inputs.json)")
     args = parser.parse_args(argv)
-    run = {"iseg": run_iseg, "ovam": run_ovam}[args.release]
+    run = {"iseg": run_iseg, "ovam": run_ovam, "iseg-diagnosis": diagnose_iseg}[args.release]
     out = run(args.repo.resolve(), args.work.resolve())
-    np.savez(args.work / f"{args.release}_release.npz", **out)
+    np.savez(args.work / f"{args.release.replace('-', '_')}_release.npz", **out)
     return 0
 
 

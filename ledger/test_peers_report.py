@@ -89,3 +89,13 @@ def test_every_difference_has_a_cause(report, readme):
     missing = differing(report) - set(causes)
     assert not missing, f"differences without a cause in reports/peers/README.md: {sorted(missing)}"
     assert all(len(text) > 40 for text in causes.values()), "a cause is one sentence at least"
+
+
+def test_the_traces_are_compared_before_the_differences_are_explained(report):
+    """The causes table starts from the intermediate tensors: they are in the report, and the traces agree."""
+    diagnosis = report["iseg_diagnosis"]
+    for key in ("embedding", "cross_16", "cross_32", "self_64_heads_1_2", "fused_token_maps",
+                "cluster_means_on_release_fused_maps"):
+        entry = diagnosis[key]
+        assert entry["max_abs_diff"] <= 1e-5 * entry["release_max"] or entry["max_abs_diff"] <= 2e-6, (key, entry)
+    assert diagnosis["cluster_means_on_release_fused_maps"]["max_abs_diff"] == 0.0
