@@ -2,8 +2,8 @@
 their own environments, on one tiny random-weight SD pipeline and a few synthetic images; this project runs the
 same inputs with the options that claim to match them; maps and masks are compared.
 
-    python -m bench.peers --iseg-repo /scratch/iseg.code --iseg-python /work/venv-iseg/bin/python \\
-        --ovam-repo /scratch/ovam --ovam-python /work/venv-ovam/bin/python --out reports/peers
+    python -m bench.peers --iseg-repo /scratch/iseg.code --iseg-python venv-iseg/bin/python \\
+        --ovam-repo /scratch/ovam --ovam-python venv-ovam/bin/python --out reports/peers
 
 The repositories are fetched by the caller and imported from the paths given (never copied into this project);
 bench/peers_release.py runs inside their environments. reports/peers/README.md reads the numbers.
@@ -419,6 +419,11 @@ def main(argv: list[str] | None = None) -> int:
     for repo in (args.iseg_repo, args.ovam_repo):
         if not repo.is_dir():
             print(f"error: {repo} is not a folder: fetch the repository and give its checkout", file=sys.stderr)
+            return 2
+    for python in (args.iseg_python, args.ovam_python):
+        if not os.access(python, os.X_OK):
+            print(f"error: {python} is not an executable Python: give the release environment's interpreter "
+                  f"(docs/peers.md)", file=sys.stderr)
             return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(1)
