@@ -1,6 +1,6 @@
 """Which class a pixel takes: the one place where the training-free methods (iSeg, DAAM, OVAM, Attn2Mask, the
-linear probe) choose among class scores. The trained heads (DEDOS, SegFormer, FreeGen's EGD) keep argmax over
-their probabilities: the tolerance below was measured on attention maps, not on their outputs.
+linear probe) choose among class scores. The trained heads (DEDOS, SegFormer, FreeGen) keep argmax over their
+outputs, the tolerance below being measured on attention maps: their tie_rule is argmax, another is refused.
 
 A pixel's label is the class with the highest score. Where two classes score within a tolerance of each other,
 the scores cannot tell them apart, and which of them comes out highest depends on float rounding: the
