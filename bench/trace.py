@@ -330,6 +330,9 @@ class AttentionTracer:
             if weight_keys else []
         self._saved: dict[str, object] = {}
         self._hook = None
+        # OVAM's re-keying on joint layers reads the traced pass's image stream (bench.trace_joint.TextStream)
+        self.rekeyed = [n for n, k in kinds.items() if "queries" in k and n in self.joint]
+        self._stream = None
 
     def __enter__(self) -> "AttentionTracer":
         from bench.trace_joint import FluxCaptureProcessor, JointCaptureProcessor
@@ -368,6 +371,10 @@ class AttentionTracer:
             self.recorder.timesteps.append(int(round(float(value) * scale)) if flow else int(value))
 
         self._hook = self.unet.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        if self.rekeyed:
+            from bench.trace_joint import TextStreamRecorder
+
+            self._stream = TextStreamRecorder(self.unet, self.recorder, self.rekeyed).install()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -377,6 +384,8 @@ class AttentionTracer:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        if self._stream is not None:
+            self._stream.remove()
 
     def set_latent_size(self, size: tuple[int, int]) -> None:
         self.recorder.latent_size = tuple(int(x) for x in size)
@@ -394,10 +403,12 @@ class AttentionTracer:
                    for kind, per_layer in rec.data.items()}
         from bench.trace_joint import JointKeys
 
-        modules = {n: self.unet.get_submodule(n) for n, k in self.layer_kinds.items() if "queries" in k}
-        modules = {n: JointKeys(m, self.unet.context_embedder) if n in self.joint else m for n, m in modules.items()}
+        modules = base = {n: self.unet.get_submodule(n) for n, k in self.layer_kinds.items() if "queries" in k}
         out = []
         for i, prompt in enumerate(prompts):
+            if self._stream is not None:
+                stream = self._stream.stream(i)
+                modules = {**base, **{n: JointKeys(base[n], stream, n) for n in self.rekeyed}}
             out.append(Trace(prompt=prompt, token_ids=token_ids[i].tolist(), timesteps=list(rec.timesteps),
                              latent_size=rec.latent_size,
                              cross={k: v[:, i] for k, v in stacked["cross"].items()},

@@ -233,39 +233,168 @@ class FluxCaptureProcessor(_JointCapture):
         return hidden_states
 
 
+class _Stop(Exception):
+    """Ends a re-keying pass once the deepest re-keyed layer has given its keys."""
+
+
+def _block_of(layer: str) -> str:
+    return layer.rsplit(".", 1)[0]
+
+
+def _transformer_blocks(unet) -> list[str]:
+    """The joint transformer blocks in forward order (Flux: double blocks, then single blocks)."""
+    return [f"{group}.{i}" for group in ("transformer_blocks", "single_transformer_blocks")
+            for i in range(len(getattr(unet, group, ())))]
+
+
+class TextStreamRecorder:
+    """Records, during a traced pass, what OVAM's re-keying on joint attention needs (`TextStream`): the image
+    tokens entering every transformer block up to the deepest re-keyed layer, and the denoiser's other inputs
+    (timestep, pooled text, guidance, image ids) of each call, for the recorded branch only."""
+
+    def __init__(self, unet, recorder: _Recorder, layers: list[str]):
+        self.unet, self.recorder = unet, recorder
+        blocks = _transformer_blocks(unet)
+        deepest = max(blocks.index(_block_of(n)) for n in layers)
+        self.blocks, self.layers = blocks[:deepest + 1], list(layers)
+        self.inputs: dict[str, list[torch.Tensor]] = {b: [] for b in self.blocks}
+        self.calls: list[dict] = []
+        self.shapes: list[tuple] = []
+        self._handles: list = []
+
+    def install(self) -> "TextStreamRecorder":
+        def call_hook(_module, args, kwargs):
+            sample = kwargs.get("hidden_states", args[0] if args else None)
+            batch, keep = sample.shape[0], self.recorder.keep
+            self.shapes.append(tuple(sample.shape[1:]))
+            kept = {}
+            for key, value in kwargs.items():
+                if key in ("hidden_states", "encoder_hidden_states", "txt_ids") or not torch.is_tensor(value):
+                    continue
+                batched = key != "img_ids" and value.ndim >= 1 and value.shape[0] == batch
+                kept[key] = (value[keep] if batched else value).detach()
+            self.calls.append(kept)
+
+        def block_hook(name):
+            def hook(_module, args, kwargs):
+                self.inputs[name].append(kwargs["hidden_states"][self.recorder.keep].detach())
+            return hook
+
+        self._handles.append(self.unet.register_forward_pre_hook(call_hook, with_kwargs=True))
+        for name in self.blocks:
+            block = self.unet.get_submodule(name)
+            self._handles.append(block.register_forward_pre_hook(block_hook(name), with_kwargs=True))
+        return self
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def stream(self, image: int) -> "TextStream":
+        """The record of one image of the batch (S calls)."""
+        calls = [{k: (v[image:image + 1] if k != "img_ids" and v.ndim >= 1 and v.shape[0] > image else v)
+                  for k, v in call.items()} for call in self.calls]
+        inputs = {b: [x[image:image + 1] for x in xs] for b, xs in self.inputs.items()}
+        return TextStream(self.unet, self.blocks, self.layers, inputs, calls, self.shapes)
+
+
+class TextStream:
+    """OVAM's re-keying (Eq. 3-4) on joint attention, for one traced image.
+
+    On a UNet the keys of an attribution prompt X' are a projection of the text encoder's states, the same in
+    every layer. A joint block projects its text keys from its own text stream, which its adaptive layer norm
+    and every earlier block (reading the image tokens) have transformed. So X' is run through the text stream
+    as the prompt was: the transformer's own forward with X' as its text, the traced pass's timestep, pooled
+    text and guidance, and every block's image tokens pinned to those the traced pass had (the image stream is
+    the generation's, as OVAM's queries are; X' only reads it). K'_i are the text keys block i computes for X'
+    (after its projection and qk-norm). With X' = the prompt itself the keys, and so the re-keyed attention, are
+    the recorded pass's own (OVAM Sec. 3.2). Differentiable in X' (token optimisation). One pass per call
+    covers every re-keyed layer and the requested steps, up to the deepest re-keyed block."""
+
+    def __init__(self, unet, blocks, layers, inputs, calls, shapes):
+        self.unet, self.blocks, self.layers = unet, blocks, layers
+        self.inputs, self.calls, self.shapes = inputs, calls, shapes
+        self._cache: tuple | None = None
+
+    def keys(self, layer: str, emb: torch.Tensor, steps=None) -> torch.Tensor:
+        """(S', H, L', d) text keys of X' = emb (L', D) at `layer` for the recorded steps `steps` (all: None)."""
+        chosen = list(range(len(self.calls)))
+        if steps is not None:
+            chosen = chosen[steps] if isinstance(steps, slice) else [chosen[i] for i in steps]
+        key = (id(emb), emb._version, tuple(chosen))
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, emb, self._run(emb, chosen))  # holds emb: its id stays its own
+        return self._cache[2][layer]
+
+    def _run(self, emb: torch.Tensor, steps: list[int]) -> dict[str, torch.Tensor]:
+        unet, n = self.unet, len(steps)
+        dtype = next(unet.parameters()).dtype
+        kwargs = {}
+        for name, value in self.calls[steps[0]].items():
+            per_step = [self.calls[s][name] for s in steps]
+            batched = name != "img_ids" and value.ndim >= 1 and value.shape[0] == 1
+            kwargs[name] = torch.cat(per_step) if batched else value
+        sample = torch.zeros((n, *self.shapes[steps[0]]), dtype=dtype, device=emb.device)
+        text = emb.to(dtype)[None].expand(n, -1, -1)
+        if type(unet).__name__ == "FluxTransformer2DModel":
+            kwargs["txt_ids"] = torch.zeros(text.shape[1], 3, dtype=dtype, device=emb.device)
+        pinned = {b: torch.cat([self.inputs[b][s] for s in steps]) for b in self.blocks}
+        got: dict[str, torch.Tensor] = {}
+        recorder = _Recorder(_empty_request())
+        recorder.text_length = text.shape[1]
+        last = max(self.layers, key=lambda n: self.blocks.index(_block_of(n)))
+
+        def pin(name):
+            def hook(_module, args, kw):
+                kw["hidden_states"] = pinned[name].to(kw["hidden_states"].dtype)
+                return args, kw
+            return hook
+
+        def grab(name, base):
+            class Grab(base):
+                def capture(self, q_img, k_img, k_txt, scale):
+                    got[name] = k_txt  # (S', H, L', d): one image, its steps batched
+                    if name == last:
+                        raise _Stop
+            return Grab(recorder, name, set())
+
+        handles = [unet.get_submodule(b).register_forward_pre_hook(pin(b), with_kwargs=True) for b in self.blocks]
+        saved = {}
+        try:
+            for name in self.layers:
+                attn = unet.get_submodule(name)
+                saved[name] = attn.processor
+                base = FluxCaptureProcessor if type(attn).__name__ == "FluxAttention" else JointCaptureProcessor
+                attn.set_processor(grab(name, base))
+            try:
+                unet(hidden_states=sample, encoder_hidden_states=text, return_dict=False, **kwargs)
+            except _Stop:
+                pass
+        finally:
+            for h in handles:
+                h.remove()
+            for name, processor in saved.items():
+                unet.get_submodule(name).set_processor(processor)
+        return got
+
+
+def _empty_request():
+    from bench.trace import TraceRequest
+
+    return TraceRequest()
+
+
 class JointKeys(torch.nn.Module):
-    """OVAM's re-keying (Eq. 3-4) on a joint layer: K' = norm_added_k(add_k_proj(context_embedder(X'))), X' the
-    attribution prompt's text states as the family conditions its first text positions
-    (`Backbone.attribution_states`). `methods.attribution.rekey` reads `to_k` and `scale` as on a UNet's attn2.
+    """A joint layer as `methods.attribution.rekey` reads it: `step_keys(X', steps)` gives the text keys of X'
+    at this layer for each recorded step (`TextStream`); `scale` is the layer's softmax scale."""
 
-    An approximation, where a UNet's is exact: a UNet's cross-attention keys are a projection of the text
-    encoder's states, but a joint block's text keys are projected from the block's own text stream, which the
-    adaptive layer norm and every earlier block have transformed (with the image tokens). X' skips both; the
-    recorded cross role (image->text block) is exact."""
-
-    def __init__(self, attn, context_embedder):
+    def __init__(self, attn, stream: TextStream, name: str):
         super().__init__()
-        self.attn, self.context_embedder = attn, context_embedder
         self.heads = attn.heads
-        # Flux's single blocks project text and image keys alike (to_k, norm_k)
-        self.proj = getattr(attn, "add_k_proj", None) or attn.to_k
-        self.norm = attn.norm_added_k if getattr(attn, "add_k_proj", None) is not None else attn.norm_k
-        self.scale = (self.proj.out_features // attn.heads) ** -0.5
-        self.to_k = _JointKeyProjection(self)
+        proj = getattr(attn, "add_k_proj", None) or attn.to_k
+        self.scale = (proj.out_features // attn.heads) ** -0.5
+        self.stream, self.name = [stream], name  # a list: not registered as a submodule
 
-
-class _JointKeyProjection(torch.nn.Module):
-    def __init__(self, keys: JointKeys):
-        super().__init__()
-        self.keys = [keys]  # a list: not registered as a submodule (no cycle)
-
-    @property
-    def weight(self):
-        return self.keys[0].proj.weight
-
-    def forward(self, states):
-        keys = self.keys[0]
-        k = keys.proj(keys.context_embedder(states)).unflatten(-1, (keys.heads, -1))
-        if keys.norm is not None:
-            k = keys.norm(k)
-        return k.flatten(-2)
+    def step_keys(self, emb: torch.Tensor, steps=None) -> torch.Tensor:
+        return self.stream[0].keys(self.name, emb, steps)

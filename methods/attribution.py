@@ -58,16 +58,21 @@ def attribution_embedding(backbone, text: str, pad: bool = False) -> tuple[torch
 
 def rekey(trace, layer: str, emb: torch.Tensor, steps: slice | list[int] | None = None) -> torch.Tensor:
     """Open-vocabulary attention A(Q_{i,t}, K'_i) of one attn2 layer (OVAM Eq. 3-4): the stored per-head pixel
-    queries Q (S, H, hw, d) against K' = to_k(X'), softmax over the L' tokens of X' only.
+    queries Q (S, H, hw, d) against K' = to_k(X'), softmax over the L' tokens of X' only (a joint layer's K' per
+    step: bench.trace_joint.TextStream).
     Returns (S, H, h, w, L'). Differentiable in `emb` (token optimisation)."""
     module = trace.modules[layer]
     q = trace.queries[layer]
     if steps is not None:
         q = q[steps]
     heads = q.shape[1]
-    k = module.to_k(emb.to(module.to_k.weight.dtype))  # (L', heads*d)
-    k = k.view(k.shape[0], heads, -1).transpose(0, 1).float()  # (H, L', d)
-    logits = torch.einsum("shqd,hld->shql", q.float(), k) * module.scale
+    if hasattr(module, "step_keys"):  # a joint layer: X' keyed through the text stream, per step
+        k = module.step_keys(emb, steps).float()  # (S, H, L', d)
+        logits = torch.einsum("shqd,shld->shql", q.float(), k) * module.scale
+    else:
+        k = module.to_k(emb.to(module.to_k.weight.dtype))  # (L', heads*d)
+        k = k.view(k.shape[0], heads, -1).transpose(0, 1).float()  # (H, L', d)
+        logits = torch.einsum("shqd,hld->shql", q.float(), k) * module.scale
     probs = logits.softmax(-1)
     h, w = trace.spatial_size(layer)
     return probs.unflatten(2, (h, w))

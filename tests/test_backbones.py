@@ -347,13 +347,13 @@ def test_joint_perf_measures_each_role(backbones):
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
-@pytest.mark.parametrize("name", ["daam", "attn2mask", "iseg"])
+@pytest.mark.parametrize("name", ["daam", "attn2mask", "ovam", "iseg"])
 def test_every_method_finds_the_planted_patch(folders, family, name):
     """Every joint block planted so that the class word's token attends to one patch: each method's score map
-    of that class peaks on the patch's pixels. OVAM is not among them: its keys are the attribution prompt
-    re-keyed through the context embedder and the block's text-key projection (an approximation on joint
-    attention, docs/backbones.md), not the text stream planted here, so this test cannot speak for it (it finds
-    the patch on Flux through its self-attention refinement, not on SD3)."""
+    of that class peaks on the patch's pixels. OVAM re-keys its attribution prompt through the text stream
+    (bench.trace_joint.TextStream), so the plant reaches its keys as it reaches the prompt's; its self-attention
+    refinement cannot find the patch here (the planted image->image block gives every pixel the same received
+    attention), so the peak comes from the re-keyed maps alone."""
     from bench.models.layers import layer_map
     from methods import METHODS
     from methods.attribution import token_indices
@@ -378,6 +378,47 @@ def test_every_method_finds_the_planted_patch(folders, family, name):
     row, col = divmod(int(score.argmax()), score.shape[1])
     side = LATENT // 2
     assert (row * side // score.shape[0], col * side // score.shape[1]) == divmod(patch, side)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_rekeying_the_prompt_itself_gives_the_recorded_attention(backbones, family):
+    """OVAM Sec. 3.2 on joint attention: X' = the prompt's own text states re-keyed through the text stream gives
+    the image->text attention the traced pass computed, in every block (Flux: double and single blocks) and
+    head (the re-keyed softmax over all of X', restricted to the trace's columns and renormalised)."""
+    from methods.attribution import rekey
+
+    backbone = backbones[family]
+    layers = [n for n, k in attention_layers(backbone.unet).items() if k == "joint"]
+    image = np.full((LATENT, LATENT, 3), 90, np.uint8)
+    prompt = "a photograph of a circle"
+    trace = run_traced(backbone, request(cross=layers, queries=layers, per_head=True),
+                       ForwardSetting(timestep=500, size=LATENT), [prompt], [image]).traces[0]
+    emb = backbone.condition([prompt])["encoder_hidden_states"][0]
+    cols = backbone.text_columns()
+    for layer in layers:
+        probs = rekey(trace, layer, emb)[..., cols]
+        torch.testing.assert_close(probs / probs.sum(-1, keepdim=True), trace.cross[layer], rtol=1e-4, atol=1e-6)
+    other = rekey(trace, layers[-1], backbone.condition(["a dog on grass"])["encoder_hidden_states"][0])[..., cols]
+    assert not torch.allclose(other / other.sum(-1, keepdim=True), trace.cross[layers[-1]], atol=1e-3)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_token_optimisation_reaches_the_text_stream(backbones, family):
+    """OVAM's token optimisation (Eq. 6) on joint attention: the loss gradient flows back through the re-keying
+    pass to X', and a few epochs lower the loss."""
+    from methods.attribution import attribution_embedding
+    from methods.tokens import optimize_tokens
+
+    backbone = backbones[family]
+    layers = [n for n, k in attention_layers(backbone.unet).items() if k == "joint"][:2]
+    image = np.full((LATENT, LATENT, 3), 90, np.uint8)
+    trace = run_traced(backbone, request(queries=layers, per_head=True), ForwardSetting(timestep=500, size=LATENT),
+                       ["a dog"], [image]).traces[0]
+    target = torch.zeros(trace.latent_size)
+    target[: LATENT // 2] = 1
+    init = attribution_embedding(backbone, "a dog")[0][:2]
+    _, curve = optimize_tokens([(trace, target)], init, layers, epochs=4, lr=10.0)
+    assert curve[-1] < curve[0]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -236,7 +236,7 @@ class SD3Backbone(_FlowBackbone):
 
     def attribution_states(self, ids):
         """The CLIP part of the text sequence for ids (B, L'): both towers' penultimate states, concatenated and
-        zero-padded to T5's width, as `condition` builds the first 77 positions (bench.trace_joint.JointKeys)."""
+        zero-padded to T5's width, as `condition` builds the first 77 positions (bench.trace_joint.TextStream)."""
         one = self.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
         two = self.extra["text_encoder_2"](ids, output_hidden_states=True).hidden_states[-2]
         clip = torch.cat([one, two], dim=-1)
