@@ -189,10 +189,11 @@ def check_model_fit(cfg: SweepConfig, plan: Plan, folder: Path) -> None:
     """Values that only make sense against the model: the inversion timestep within the scheduler's training
     timesteps, and model.resolution a size whose latent survives every UNet downsampling."""
     from bench.models import SCHEDULERS
-    from bench.models.families import FLOW_FAMILIES, detect_family
+    from bench.models.families import FLOW_FAMILIES, check_method_family, detect_family
 
     steps = int(_read_json(folder / "scheduler" / "scheduler_config.json").get("num_train_timesteps", 1000))
     family = detect_family(folder) if (folder / "model_index.json").is_file() else "sd"
+    check_method_family(cfg.method, METHODS.get(cfg.method), family)
     for trial in plan.trials:
         if trial.params["mode"] == "inversion" and trial.params["timestep"] >= steps:
             raise BenchError(f"parameter timestep={trial.params['timestep']} must be < {steps}, the model's "

@@ -14,7 +14,8 @@ from bench.evaluate import group_request, trace_samples
 from bench.models import load_backbone
 from bench.plan import Trial, group_trials
 from methods import METHODS
-from test_method_contract import DATA, STEPS, resolved, traced, variants
+from bench.fitting import LocalFitContext
+from test_method_contract import DATA, STEPS, TRAIN, resolved, traced, variants
 from tiny import save_tiny_family
 
 FAMILIES = ("sdxl", "sd3", "flux")
@@ -106,3 +107,18 @@ def test_predict_many_equals_predict(family_backbones, family, name):
         one = method.predict(trace, query, params, size)
         torch.testing.assert_close(many.scores, one.scores, atol=1e-5, rtol=1e-4)
         assert (many.labels != one.labels).float().mean() <= 0.02, params
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_linear_probe_fits_and_predicts_on_every_family(family_backbones, family):
+    """The linear probe reads attention roles only: it fits on the family's own traces and predicts finite
+    scores (DEDOS and FreeGen are refused on these families: tests/test_backbones.py)."""
+    backbone = family_backbones[family]
+    cls = METHODS.get("linear_probe")
+    method = cls(backbone)
+    params = resolved(cls, {"train_images": 2, "epochs": 3})
+    setting = method.train_setting(params)
+    method.load_fit(setting.key, method.fit(LocalFitContext(setting, build_dataset(TRAIN["inversion"]), backbone)))
+    sample, query, trace = traced(method, params)
+    pred = method.predict(trace, query, params, tuple(sample.label.shape))
+    assert pred.scores.shape[0] == len(query.ids) and torch.isfinite(pred.scores).all()

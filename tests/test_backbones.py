@@ -465,6 +465,26 @@ def test_conditioning_is_the_pipelines_own(backbones, family):
             torch.testing.assert_close(neg[key], value, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("sweep, refused", [("sweeps/dedos_components.yaml", True),
+                                            ("sweeps/freegen_components.yaml", True),
+                                            ("sweeps/linear_probe.yaml", False)])
+def test_trained_methods_say_which_families_they_run_on(folders, family, sweep, refused):
+    """DEDOS and FreeGen read an SD UNet's internals: on another family preflight stops with one line naming the
+    families they run on; the linear probe reads attention roles and runs on every family."""
+    from bench.config import compose
+    from bench.plan import make_plan
+    from bench.preflight import check_model_fit
+
+    cfg = compose(sweep, [f"model.path={folders[family]}"])
+    if refused:
+        with pytest.raises(BenchError, match=rf"method={cfg.method} runs on sd backbones only \(.*\); this model "
+                                             rf"is {family}"):
+            check_model_fit(cfg, make_plan(cfg), folders[family])
+    else:
+        check_model_fit(cfg, make_plan(cfg), folders[family])
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["params.timestep=0"], "flow-matching model .* timestep must be in 1"),
     (["params.mode=generation", "params.scheduler=ddim"], "generates with its own FlowMatchEulerDiscreteScheduler"),

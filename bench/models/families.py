@@ -308,3 +308,12 @@ class FluxBackbone(_FlowBackbone):
                         cond["pooled_projections"], encoder_hidden_states=text, txt_ids=txt_ids, img_ids=img_ids,
                         return_dict=False)[0]
         return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+def check_method_family(method: str, cls, family: str) -> None:
+    """A method that reads one family's internals (`families` on its class) refused on any other, in one line
+    before anything runs (docs/backbones.md, "Trained methods")."""
+    supported = getattr(cls, "families", None)
+    if supported is not None and family not in supported:
+        raise BenchError(f"method={method} runs on {'/'.join(supported)} backbones only ({cls.families_why}); this "
+                         f"model is {family}: use model=embedded or an SD 1.x/2.x folder")

@@ -163,6 +163,8 @@ class Dedos(Method):
     # fine-tunes the CLIP tower (versions <= 3 left it frozen: their fits equal clip_lr_scale=0)
     version = "4"
     traces_at_eval = False  # inference is CLIP + queries: the engine skips the UNet pass
+    families = ("sd",)
+    families_why = "its training front end runs DDIM steps of an SD UNet and reads its transformer blocks"
     params = {
         "tie_rule": ARGMAX_TIE,
         "classes": Param("all", "classes scored per image: all (every dataset class, the open-vocabulary "

@@ -78,6 +78,8 @@ class SyntheticMask:
 @register_method("freegen")
 class FreeGen(Method):
     version = "3"
+    families = ("sd",)
+    families_why = "its synthesis and energy-guided denoising drive an SD UNet's down, mid and up blocks"
     params = {
         "tie_rule": ARGMAX_TIE,
         "asr": Param("learned", "Attention Self-Rectification: learned (W and Upsilon fitted with Eq. 5 against SAM "
