@@ -29,12 +29,15 @@ ROWS = ("renormalised", "raw")
 # float32 tensors of a block's rows alive at once: scores and probabilities of each slice (and, raw, the joint
 # row's scores concatenated for its log-normaliser)
 LIVE_PER_ROW = 3
-MIN_BLOCK_BYTES = 2**20
+# at least this many bytes of live scores per block, as the UNet processors (bench.trace.MIN_SCORE_BLOCK_BYTES):
+# SD3 Medium's image->image role at 512 px keeps 4 MiB a layer, and blocks of half that (6 query rows of 24
+# heads) made the capture several times slower than blocks of 16 MiB
+MIN_BLOCK_BYTES = 16 * 2**20
 
 
 def rows_per_block(batch_heads: int, rows: int, keys: int, kept_bytes: int) -> int:
-    """Query rows per block: a block's live scores stay within half of what the layer keeps (at least 1 MiB), so
-    a traced layer's peak stays within plain + 2x kept (tests/test_backbone_memory.py)."""
+    """Query rows per block: a block's live scores stay within half of what the layer keeps (at least
+    MIN_BLOCK_BYTES), so a traced layer's peak stays within plain + 2x kept (tests/test_backbone_memory.py)."""
     per_row = batch_heads * keys * 4 * LIVE_PER_ROW
     return max(1, min(rows, max(MIN_BLOCK_BYTES, kept_bytes // 2) // per_row))
 

@@ -179,6 +179,24 @@ def test_captured_probabilities_equal_full_softmax(backbones, family, rows):
     assert checked == len(layers) >= 3  # SD3: every joint block; Flux: double and single blocks
 
 
+@pytest.mark.parametrize("rows", ["renormalised", "raw"])
+def test_row_blocks_equal_the_full_joint_softmax(monkeypatch, rows):
+    """The capture's query-row blocks (a few rows each here) give the slices of the full joint softmax."""
+    import bench.trace_joint as tj
+
+    g = torch.Generator().manual_seed(0)
+    q, k_img, k_txt = (torch.randn(2, 3, n, 8, generator=g) for n in (40, 40, 12))
+    monkeypatch.setattr(tj, "MIN_BLOCK_BYTES", 1)
+    assert tj.rows_per_block(6, 40, 40 + 12 + 5, 6 * 40 * 4) < 40  # several blocks
+    got = tj.block_probs(q, k_img, k_txt, slice(0, 5), {"cross", "self_attn"}, rows, 8 ** -0.5, 6 * 40 * 4)
+    full = (q @ torch.cat([k_img, k_txt], 2).transpose(-1, -2) * 8 ** -0.5).softmax(-1)
+    want = {"self_attn": full[..., :40], "cross": full[..., 40:45]}
+    for kind, value in want.items():
+        if rows == "renormalised":
+            value = value / value.sum(-1, keepdim=True)
+        torch.testing.assert_close(got[kind], value, rtol=1e-5, atol=1e-6)
+
+
 def _plant(attn, family: str, patch: int, token: int, strength: float = 8.0):
     """Weights and inputs by hand: q = k = the layer's input (identity projections); patch `patch` and text token
     `token` are e0, every other patch e1, every other text token e2 (dims Flux's rotary leaves unrotated for text
