@@ -417,7 +417,7 @@ def validate(cfg: SweepConfig) -> None:
             raise BenchError(f"sweep.{name}.loguniform={values} needs low > 0")
     method.resolve(cfg.params)
     # the method's default sweep (compare: every training-free method) becomes part of the resolved config
-    for name, space in getattr(method, "default_sweep", dict)().items():
+    for name, space in method.default_sweep().items():
         if name not in cfg.sweep and name not in cfg.params:
             cfg.sweep[name] = space
     check_seeds(cfg.seeds, cfg.search_seed)

@@ -116,7 +116,7 @@ def method_versions(method: str) -> dict[str, str]:
     """The version of the method and, for `compare`, of every compared method (run.json)."""
     cls = METHODS.get(method)
     out = {method: cls.version}
-    for name in getattr(cls(), "methods", {}):
+    for name in cls.component_methods():
         out[name] = METHODS.get(name).version
     return out
 

@@ -19,7 +19,7 @@ from bench.forward import run_traced
 from bench.metrics import ImageScorer
 from bench.plan import ForwardGroup, Trial, group_trials  # noqa: F401  (re-exported: callers group and evaluate)
 from bench.trace import Trace, TraceRequest
-from methods.base import ClassQuery, Method
+from methods.base import ClassQuery, Method, Prediction
 from methods.maps import tie_counts, tie_grid
 
 
@@ -73,6 +73,16 @@ def trace_samples(method: Method, dataset: SegDataset, samples: list[Sample], pa
     return TracedBatch(queries, prompts, result.traces, result.unet_passes * len(samples))
 
 
+def predict_image(method: Method, trace: Trace, query: ClassQuery, cfgs: list[Mapping],
+                  out_size: tuple[int, int]) -> list[Prediction]:
+    """Every configuration's prediction for one image: the method's `predict_many`, except for an image with no
+    class to segment, which is background under every configuration (`Prediction.empty`): methods never see an
+    empty query."""
+    if not query.ids:
+        return [Prediction.empty(out_size) for _ in cfgs]
+    return method.predict_many(trace, query, cfgs, out_size)
+
+
 def prediction_ties(predictions: list) -> np.ndarray:
     """(len(predictions), 2) [tied, counted] cells of each prediction's decision scores (`Prediction.
     decision_scores`), one call per score shape."""
@@ -102,7 +112,7 @@ def evaluate_batch(method: Method, dataset: SegDataset, samples: list[Sample], g
     hists = []
     configs = [t.params for t in group.trials]
     for k, (sample, query, prompt, trace) in enumerate(zip(samples, batch.queries, batch.prompts, batch.traces)):
-        predictions = method.predict_many(trace, query, configs, tuple(sample.label.shape))
+        predictions = predict_image(method, trace, query, configs, tuple(sample.label.shape))
         if on_predictions is not None:
             on_predictions(k, sample, query, prompt, predictions)
         if ties is not None:
@@ -110,7 +120,7 @@ def evaluate_batch(method: Method, dataset: SegDataset, samples: list[Sample], g
         # the ground truth is read once per image; identical label maps are counted once
         scorer = ImageScorer(sample.label, len(dataset.classes), sample.ignore_index,
                              first_class=0 if getattr(dataset, "has_background", True) else 1)
-        # predictions labelled by tiles (methods.tiled_labels) are counted by tiles, never expanded to pixels
-        hists.extend(scorer.histograms([p if hasattr(p, "tiled") else p.labels.cpu().numpy() for p in predictions],
+        # each prediction says how it is counted (labels by tiles are never expanded to pixels)
+        hists.extend(scorer.histograms([p.scored_as() for p in predictions],
                                        hungarian=protocol == "hungarian"))
     return hists, batch.image_passes

@@ -2,8 +2,9 @@
 
 The engine runs fits on Ray Train workers (bench.stages.fit.RayFitContext: DDP, checkpoints in
 `<run>/fit/<hash>/`); tests and command-line tools run them in one process (`LocalFitContext`). A fit sees
-only this context: its train setting, the training split, the backbone, and helpers to shard work, wrap a
-model for data-parallel training, log its loss curve and checkpoint/restore its state.
+only this context: its train setting, the training split, the backbone, and helpers to trace training images
+(`trace`), shard work, wrap a model for data-parallel training, log its loss curve and checkpoint/restore its
+state. Methods import nothing else of the engine (tests/test_method_contract.py checks their imports).
 
 States and artefacts are named tensors (safetensors, never pickle); `pack_state` / `unpack_state` carry nested
 optimizer states (tensors plus plain values) through that format.
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +68,17 @@ class FitContext:
     def gather(self, obj) -> list:
         """[obj of rank 0, obj of rank 1, ...] on every worker."""
         return [obj]
+
+    # -- the UNet pass over training images -------------------------------------------------------------------
+    def trace(self, method, samples: list, cfg: Mapping, req=None, classes: str = "gt", seed: int = 0):
+        """The UNet pass over `samples` of the training split under the forward parameters of `cfg`, exactly as
+        evaluation traces its images (bench.evaluate.trace_samples), at the fit's resolution: a TracedBatch of
+        `queries` (each image's classes: gt | all), `prompts` and `traces`. `req`: what to record (default: the
+        method's `trace_request(cfg)`)."""
+        from bench.evaluate import trace_samples  # the engine's tracing, imported when a fit first traces
+
+        return trace_samples(method, self.dataset, list(samples), cfg, seed,
+                             req if req is not None else method.trace_request(cfg), self.resolution, classes=classes)
 
     # -- progress, checkpoints -------------------------------------------------------------------------------
     def start(self, total_steps: int) -> None:

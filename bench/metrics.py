@@ -38,12 +38,27 @@ COCO-Stuff-171 and evaluates on other datasets; classes whose names are COCO-Stu
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 
 from bench.data.base import IGNORE_INDEX
 
 PROTOCOLS = ("mmseg", "iseg", "hungarian")
 ROWS = 4
+
+
+@dataclass(frozen=True)
+class CountedLabels:
+    """How a prediction whose labels are shared with other configurations is scored: `counter` counts every
+    configuration's labels against the ground truth at once (`joint_counts(gt_codes, num_classes)`: one
+    (C + 2, C + 1) joint histogram per configuration) and builds one configuration's label map when a protocol
+    needs the map itself (`labels(index)`); this prediction is configuration `index`
+    (methods.tiled_labels.TiledLabels is such a counter)."""
+
+    counter: Any
+    index: int
 
 
 def intersect_and_union(pred: np.ndarray, label: np.ndarray, num_classes: int,
@@ -235,21 +250,21 @@ class ImageScorer:
     def histograms(self, preds: list, hungarian: bool = False) -> np.ndarray:
         """(K, 8, C) int64 (mmseg, iseg rows) of each prediction, (K, 12, C) with `hungarian` (its matching costs
         a linear assignment per distinct label map: asked for only when that protocol is scored); identical
-        label maps are counted once. A prediction is a label map, or an object with `tiled` and `index`
-        (methods.tiled_labels.TiledPrediction: counted by tiles, every configuration of its TiledLabels at once)."""
+        label maps are counted once. A prediction is a label map, or `CountedLabels` (what
+        `Prediction.scored_as` gives: e.g. labels by tiles, every configuration of one counter counted at once)."""
         c = self.num_classes
         rows = 3 * ROWS if hungarian else 2 * ROWS
         if not preds:
             return np.zeros((0, rows, c), dtype=np.int64)
         if hungarian:  # the matching reads label maps
-            preds = [np.asarray(p.labels) if hasattr(p, "tiled") else p for p in preds]
+            preds = [np.asarray(p.counter.labels(p.index)) if isinstance(p, CountedLabels) else p for p in preds]
         first, distinct = {}, []
-        index, tiled_joints = [], {}
+        index, shared_joints = [], {}
         for pred in preds:
-            if hasattr(pred, "tiled"):
-                key = id(pred.tiled)
-                if key not in tiled_joints:
-                    tiled_joints[key] = pred.tiled.joint_counts(self.codes.reshape(self.shape), c)
+            if isinstance(pred, CountedLabels):
+                key = id(pred.counter)
+                if key not in shared_joints:
+                    shared_joints[key] = pred.counter.joint_counts(self.codes.reshape(self.shape), c)
                 index.append((key, pred.index))
                 continue
             pred = np.ascontiguousarray(pred, dtype=np.int64)
@@ -261,7 +276,7 @@ class ImageScorer:
         dense = self.joint_counts(np.stack(distinct)) if distinct else np.zeros((0, c + 2, c + 1), dtype=np.int64)
         parts = [dense]
         offsets = {}
-        for key, joint in tiled_joints.items():
+        for key, joint in shared_joints.items():
             offsets[key] = sum(len(p) for p in parts)
             parts.append(joint.astype(np.int64))
         joint = np.concatenate(parts)

@@ -25,7 +25,7 @@ def labels_per_method(dtype: str, images: int, device: str) -> tuple[dict[str, l
     """Every method's labels on the first `images` shapes images, traced in `dtype` (methods_compare_inversion's
     setting: the compare meta-method, one inversion pass shared by the methods)."""
     from bench.data import build_dataset
-    from bench.evaluate import group_request, trace_samples
+    from bench.evaluate import group_request, predict_image, trace_samples
     from bench.models import load_backbone
     from bench.plan import ForwardGroup, Trial
     from methods import METHODS
@@ -42,7 +42,7 @@ def labels_per_method(dtype: str, images: int, device: str) -> tuple[dict[str, l
     for i in range(images):
         sample = dataset[i]
         batch = trace_samples(method, dataset, [sample], cfgs[0], 0, req, backbone.resolution)
-        preds = method.predict_many(batch.traces[0], batch.queries[0], cfgs, tuple(sample.label.shape))
+        preds = predict_image(method, batch.traces[0], batch.queries[0], cfgs, tuple(sample.label.shape))
         for m, p in zip(METHODS_COMPARED, preds):
             out[m].append(p.labels.cpu().numpy())
         gts.append(sample.label)

@@ -132,7 +132,7 @@ def check_training_data(cfg: SweepConfig) -> None:
         raise BenchError(f"method {cfg.method} would be fitted on the evaluated split ({name} {trained['split']}); "
                          f"evaluate another split (data.split=val) or fit on another (train.split=train)")
     train_set = build_dataset(train_cfg)
-    if getattr(METHODS.get(cfg.method), "fits_class_ids", False):
+    if METHODS.get(cfg.method).fits_class_ids:
         evaluated_classes = list(build_dataset(cfg.data).classes)
         if list(train_set.classes) != evaluated_classes:
             raise BenchError(f"method {cfg.method} predicts the class ids it was fitted on, but the training data "

@@ -204,7 +204,7 @@ def run_search(cfg: SweepConfig, run_dir: Path, num_images: int) -> tuple[list[d
     by beating the others on the same images (ASHA's asynchronous promotion lets the first arrivals through).
     Scoring is milliseconds per image on a cached trace, so it runs here: each image's trace is read once per
     rung and every configuration still running is predicted on it at once (`predict_many`)."""
-    from bench.evaluate import prediction_ties
+    from bench.evaluate import predict_image, prediction_ties
     from methods import METHODS
 
     search = cfg.search
@@ -226,10 +226,10 @@ def run_search(cfg: SweepConfig, run_dir: Path, num_images: int) -> tuple[list[d
         for index in range(done, rung):
             trace, query = cached_trace(state, index, params0, cfg.seeds[0])
             label = dataset[index].label
-            preds = method.predict_many(trace, query, [params[i] for i in running], tuple(label.shape))
+            preds = predict_image(method, trace, query, [params[i] for i in running], tuple(label.shape))
             scorer = ImageScorer(label, len(classes), dataset[index].ignore_index,
                                  first_class=0 if getattr(dataset, "has_background", True) else 1)
-            maps = [p if hasattr(p, "tiled") else p.labels.cpu().numpy() for p in preds]
+            maps = [p.scored_as() for p in preds]
             for i, h in zip(running, scorer.histograms(maps, hungarian=cfg.metric.protocol == "hungarian")):
                 hists[i].append(h)
             ties[running] += prediction_ties(preds)

@@ -80,8 +80,8 @@ def voc_palette(num_colours: int = 256) -> list[int]:
 def synthesis_params(cfg: SweepConfig):
     """The one configuration a synthesis runs, checked before anything is written."""
     method = METHODS.get(cfg.method)
-    if not hasattr(method, "synthetic_mask"):
-        synthesisers = [n for n in METHODS.names() if hasattr(METHODS.get(n), "synthetic_mask")]
+    if not method.synthesises():
+        synthesisers = [n for n in METHODS.names() if METHODS.get(n).synthesises()]
         raise BenchError(f"method {cfg.method} does not synthesise datasets; use method={' | '.join(synthesisers)}")
     if cfg.sweep:
         raise BenchError(f"a synthesis runs one configuration; move sweep.{next(iter(cfg.sweep))} to params "
@@ -150,7 +150,7 @@ def fit_if_needed(cfg: SweepConfig, params, work: Path) -> dict | None:
     method_cls = METHODS.get(cfg.method)
     setting = method_cls().train_setting(params)
     # a method may ignore its fit in some configurations (FreeGen's rectify=false): no fit to wait for
-    if setting is None or not getattr(method_cls(), "uses_fit", lambda p: True)(params):
+    if setting is None or not method_cls().uses_fit(params):
         return None
     path = work / FIT
     if path.is_file():

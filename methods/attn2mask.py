@@ -24,7 +24,7 @@ from methods.base import ClassQuery, Method, Param, Prediction, register_method
 from methods.crf import CRF_PARAMS, CRFParams, crf_labels
 from methods.attribution import BLOCK_CHOICES, AttributionSource, aggregate_daam, aggregate_sum, attn_layers
 from methods.labels import TIE_TOL, choose, tie_of
-from methods.maps import empty_prediction, minmax, resize_maps
+from methods.maps import minmax, resize_maps
 from methods.prompts import PROMPT_PARAMS, build_prompt
 from methods.tokens import AutoTokens
 
@@ -48,7 +48,7 @@ def background_argmax(scores: torch.Tensor, class_ids: list[int], out_size: tupl
 class Attn2Mask(AutoTokens, Method):
     params = {
         **PROMPT_PARAMS,
-        "steps": Param(100, "generation: DDIM denoising steps (OVAM's re-implementation: 100)", forward=True,
+        "steps": Param(100, "generation: DDIM denoising steps (OVAM's re-implementation: 100)", kind="forward",
                        low=1),
         "step": Param(0.5, "which denoising step, as a fraction of the schedule (0.5 = step 50 of 100)", low=0, high=1),
         "blocks": Param("all", "attn2 blocks aggregated: all (every level but the mid "
@@ -58,7 +58,7 @@ class Attn2Mask(AutoTokens, Method):
                       "aggregation); unpadded: the prompt re-keyed without padding and aggregated as OVAM does "
                       "(sum of bilinear maps), as OVAM's re-implementation script", choices=("recorded", "unpadded")),
         "branch": Param("cond", "generation: queries of the conditional branch or the unconditional one (OVAM's "
-                        "script stores the latter; with keys=unpadded)", forward=True, choices=("cond", "uncond")),
+                        "script stores the latter; with keys=unpadded)", kind="forward", choices=("cond", "uncond")),
         "crf": Param(False, "refine the labels with a dense CRF"),
         **CRF_PARAMS,
     }
@@ -89,8 +89,6 @@ class Attn2Mask(AutoTokens, Method):
         return minmax(aggregate_daam(maps, trace.latent_size))
 
     def predict(self, trace: Trace, query: ClassQuery, cfg: dict, out_size: tuple[int, int]) -> Prediction:
-        if not query.ids:
-            return empty_prediction(out_size)
         scores = self.class_maps(trace, query, cfg)
         labels = background_argmax(scores, query.ids, out_size, cfg["beta"], tie_of(cfg))
         if cfg["crf"]:

@@ -16,8 +16,10 @@ attributes.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import hashlib
+import inspect
 import json
 import keyword
 import string
@@ -25,10 +27,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from bench.errors import BenchError
 from bench.forward import ForwardSetting
+from bench.metrics import CountedLabels
 from bench.models import SCHEDULER_CHOICES
 from bench.registry import Registry, unknown_name_message
 from bench.trace import Trace, TraceRequest
@@ -52,6 +56,9 @@ def register_method(name: str):
         if not (isinstance(cls, type) and issubclass(cls, Method)):
             raise TypeError(f"@register_method({name!r}) decorates {cls!r}, which is not a subclass of "
                             f"methods.base.Method; derive it from Method")
+        if inspect.isabstract(cls):
+            raise TypeError(f"@register_method({name!r}): {cls.__name__} leaves abstract "
+                            f"{', '.join(sorted(cls.__abstractmethods__))}; implement them (methods.base.Method)")
         cls.name = name
         return METHODS.register(name)(cls)
 
@@ -60,26 +67,29 @@ def register_method(name: str):
 
 @dataclass(frozen=True)
 class Param:
+    """One parameter: its default, help, and kind (train | forward | post; default post), which decides whether a
+    change refits, retraces or only re-predicts. One `kind` field, not a `forward` flag beside it: three kinds
+    need one name each, and a second spelling of the same fact could disagree with the first."""
+
     default: Any
     help: str = ""
-    forward: bool = False  # shorthand for kind="forward" (older declarations)
     choices: tuple | None = None
     type: type | None = None  # defaults to type(default)
     nullable: bool = False
-    kind: str = ""  # train | forward | post; empty: forward if `forward` else post
+    kind: str = "post"  # train | forward | post
     # Declared ranges, checked wherever a value is resolved (sweep files, overrides, search spaces):
     low: float | None = None  # inclusive lower bound
     high: float | None = None  # inclusive upper bound
     positive: bool = False  # strictly > 0 (scales, counts of steps)
     fields: tuple[str, ...] | None = None  # a str.format template: the only {fields} it may name
     required_fields: tuple[str, ...] = ()  # ... and those it must name (iSeg reads class maps off the prompt)
+    # Valid values besides the default of a free-form parameter (a string without `choices`): what the contract
+    # tests vary it to, so that its kind is checked like every other parameter's.
+    examples: tuple = ()
 
     def __post_init__(self):
-        kind = self.kind or ("forward" if self.forward else "post")
-        if kind not in KINDS:
-            raise ValueError(f"Param kind {kind!r} is not one of {', '.join(KINDS)}")
-        object.__setattr__(self, "kind", kind)
-        object.__setattr__(self, "forward", kind == "forward")
+        if self.kind not in KINDS:
+            raise ValueError(f"Param kind {self.kind!r} is not one of {', '.join(KINDS)}")
 
     @property
     def value_type(self) -> type:
@@ -253,15 +263,47 @@ class Prediction:
     scores: torch.Tensor  # (K, h, w) per-class score maps in [0, 1], K = len(query.ids)
     labels: torch.Tensor  # (H, W) long dataset class ids, 0 = background
 
+    @classmethod
+    def empty(cls, out_size: tuple[int, int]) -> "Prediction":
+        """The prediction for an image with no class to segment: background everywhere, no score map. The
+        engine answers such images itself; methods never see an empty query."""
+        return cls(torch.zeros(0, 1, 1), torch.zeros(out_size, dtype=torch.long))
+
     @property
     def decision_scores(self) -> torch.Tensor:
         """The (K, h, w) class scores the labels were decided from, at the resolution where they exist without
         upsampling: the engine counts ties on them (methods.maps.tie_counts). Default: `scores`."""
         return self.scores
 
+    def scored_as(self) -> np.ndarray | CountedLabels:
+        """What the engine's scorer counts (bench.metrics.ImageScorer.histograms): the label map (default), or
+        a `CountedLabels` where this prediction's labels are counted together with other configurations'."""
+        return self.labels.cpu().numpy()
 
-class Method:
-    name: ClassVar[str] = "base"
+
+def _overrides_a_predict(cls: type) -> bool:
+    return any(c is not Method and ("predict" in c.__dict__ or "predict_many" in c.__dict__)
+               for c in cls.__mro__ if issubclass(c, Method))
+
+
+class _MethodMeta(abc.ABCMeta):
+    """ABCMeta that also counts `predict` as abstract until a class overrides `predict` or `predict_many` (either
+    is enough: each default calls the other), so such a class cannot be instantiated or registered."""
+
+    def __new__(mcls, name, bases, namespace, **kwargs):
+        cls = super().__new__(mcls, name, bases, namespace, **kwargs)
+        if "Method" in globals() and not _overrides_a_predict(cls):
+            cls.__abstractmethods__ = frozenset({*cls.__abstractmethods__, "predict"})
+        return cls
+
+
+class Method(metaclass=_MethodMeta):
+    """A segmentation method: what it records of the UNet pass, its prompt, and its predictions; for trained
+    methods, its fit. Subclasses implement `trace_request`, `prompt` and one of `predict` / `predict_many`
+    (registration refuses a class that leaves any abstract); every other hook below has a default that a
+    training-free method on the UNet's attention keeps."""
+
+    name: ClassVar[str] = "base"  # set by @register_method
     version: ClassVar[str] = "1"  # bump when a change alters what the method outputs for the same inputs
     params: ClassVar[dict[str, Param]] = {}
     # Parameters of other kinds (usually forward) that `fit` reads: part of the train setting.
@@ -269,6 +311,12 @@ class Method:
     # False: predict reads only the traced image (trained methods that never use the UNet at inference, DEDOS);
     # evaluation then skips the UNet pass (bench.evaluate.trace_samples).
     traces_at_eval: ClassVar[bool] = True
+    # True: predictions are the training dataset's class ids (a closed-set segmenter), so preflight requires the
+    # training and evaluated datasets to have the same classes.
+    fits_class_ids: ClassVar[bool] = False
+    # Small train parameters under which the registry-wide contract tests fit this method in seconds (a few steps
+    # of a long fit); every configuration those tests fit starts from them. Never read by a run.
+    tester_params: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, backbone=None):
         self.backbone = backbone
@@ -322,12 +370,27 @@ class Method:
         return ForwardSetting(mode=cfg["mode"], timestep=cfg["timestep"], seed=seed, steps=cfg["steps"],
                               guidance=cfg["guidance"], scheduler=cfg.get("scheduler", "auto"))
 
-    # -- what to run -----------------------------------------------------------------------------------------
-    def trace_request(self, cfg: Mapping) -> TraceRequest:
-        raise NotImplementedError
+    @classmethod
+    def default_sweep(cls) -> dict[str, dict]:
+        """Sweep entries (parameter -> space, as in a sweep file) that a configuration gets unless it sets that
+        parameter itself (compare: every training-free method). Default: none."""
+        return {}
 
+    @classmethod
+    def component_methods(cls) -> tuple[str, ...]:
+        """The registered methods this one runs (a composite such as compare), whose versions a run records
+        beside its own. Default: none."""
+        return ()
+
+    # -- what to run -----------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def trace_request(self, cfg: Mapping) -> TraceRequest:
+        """What to record of the UNet pass under `cfg` (layers, steps, branch); empty for methods that read the
+        image alone. The engine unions the requests of a forward group and traces once."""
+
+    @abc.abstractmethod
     def prompt(self, query: ClassQuery, caption: str | None, cfg: Mapping) -> str:
-        raise NotImplementedError
+        """The prompt of the UNet pass for an image whose classes are `query` (its caption where it has one)."""
 
     def key_weights(self, token_ids: list[int], query: ClassQuery, cfg: Mapping) -> torch.Tensor | None:
         """Per-token key weights for the UNet pass (Cat-Cross), or None for unmodified attention."""
@@ -349,6 +412,11 @@ class Method:
     def can_fit(self, setting: TrainSetting) -> bool:
         return setting.fitter == self.name
 
+    def uses_fit(self, cfg: Mapping) -> bool:
+        """Whether predictions under `cfg` read the fit of `train_setting(cfg)`, where it has one (FreeGen's
+        rectify=false ignores it: a synthesis then skips the fit). Default: yes."""
+        return True
+
     def fit(self, ctx) -> dict[str, torch.Tensor]:
         """Learn `ctx.setting` on `ctx.dataset` (the training split; never the evaluation data) and return the
         artefact as named tensors (saved as safetensors). `ctx` is a bench.fitting.FitContext: rank and world
@@ -369,14 +437,40 @@ class Method:
         return self.fitted[setting.key]
 
     # -- post-processing ---------------------------------------------------------------------------------------
+    # `query.ids` is never empty here: the engine answers an image with no class to segment with
+    # `Prediction.empty` itself (bench.evaluate.predict_image).
     def predict(self, trace: Trace, query: ClassQuery, cfg: Mapping, out_size: tuple[int, int]) -> Prediction:
         """One configuration. A method that shares work across configurations overrides only `predict_many`,
         and this is its first entry; otherwise override this."""
-        if type(self).predict_many is Method.predict_many:
-            raise NotImplementedError(f"{type(self).__name__} must override predict or predict_many")
         return self.predict_many(trace, query, [cfg], out_size)[0]
 
     def predict_many(self, trace: Trace, query: ClassQuery, cfgs: list[Mapping],
                      out_size: tuple[int, int]) -> list[Prediction]:
-        """Every configuration of a forward group on one trace; override to share work between them."""
+        """Every configuration of a forward group on one trace; override to share work between them. Equal to
+        `[predict(c) for c in cfgs]` up to float rounding (labels differ only where rounding tips a near-tie;
+        tests/test_method_contract.py states the tolerance)."""
         return [self.predict(trace, query, cfg, out_size) for cfg in cfgs]
+
+    # -- dataset synthesis (methods that annotate generated images) ----------------------------------------------
+    @classmethod
+    def synthesises(cls) -> bool:
+        """Whether the method annotates generated images for a synthetic dataset (bench.synthesize): it
+        overrides `synthetic_mask`."""
+        return cls.synthetic_mask is not Method.synthetic_mask
+
+    def synthetic_mask(self, trace: Trace, query: ClassQuery, cfg: Mapping, out_size: tuple[int, int]
+                       ) -> SyntheticMask:
+        """The pseudo-label of one generated image and its uncertainty (FreeGen's TFF)."""
+        raise NotImplementedError(f"method {self.name} does not synthesise datasets")
+
+
+@dataclass
+class SyntheticMask:
+    """One synthetic sample's annotation: the pseudo-label (IGNORE_INDEX in the uncertain band), its
+    uncertainty score (FreeGen's Temporal Fluctuation Factor; lower is steadier), and the normalised class maps
+    it came from."""
+
+    label: np.ndarray  # (H, W) uint8
+    tff: float
+    scores: torch.Tensor  # (K, H, W) in [0, 1]
+

@@ -7,12 +7,13 @@ radius (fraction of the shorter side) is that class, the rest background. With t
 
 from __future__ import annotations
 
+import abc
+
 import torch
 
 from bench.trace import TraceRequest, request
 from methods.base import ClassQuery, Method, Param, Prediction, register_method
 from methods.prompts import PROMPT_PARAMS, build_prompt
-from methods.maps import empty_prediction
 
 
 class _Baseline(Method):
@@ -24,12 +25,11 @@ class _Baseline(Method):
     def prompt(self, query: ClassQuery, caption: str | None, cfg: dict) -> str:
         return build_prompt(query, caption, cfg)
 
+    @abc.abstractmethod
     def mask(self, size: tuple[int, int], cfg: dict) -> torch.Tensor:
-        raise NotImplementedError
+        """(H, W) bool: where the image's first queried class is."""
 
     def predict(self, trace, query: ClassQuery, cfg: dict, out_size: tuple[int, int]) -> Prediction:
-        if not query.ids:
-            return empty_prediction(out_size)
         inside = self.mask(out_size, cfg)
         scores = torch.zeros(len(query.ids), *out_size)
         scores[0] = inside.float()

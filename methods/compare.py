@@ -67,12 +67,16 @@ class Compare(Method):
         return {"method": {"grid": [n for n in comparable() if not METHODS.get(n).is_trained()]}}
 
     @classmethod
+    def component_methods(cls) -> tuple[str, ...]:
+        return tuple(comparable())
+
+    @classmethod
     def is_trained(cls) -> bool:
         return False
 
     def __init__(self, backbone=None):
         super().__init__(backbone)
-        self.methods = {name: METHODS.get(name)(backbone) for name in comparable()}
+        self.methods = {name: METHODS.get(name)(backbone) for name in self.component_methods()}
 
     def sub_config(self, name: str, cfg: Mapping):
         given = {k.split("__", 1)[1]: v for k, v in cfg.items() if k.startswith(f"{name}__")}

@@ -26,7 +26,7 @@ from bench.trace import Trace, TraceRequest, request
 from methods.base import ClassQuery, Method, Param, Prediction, register_method
 from methods.attribution import BLOCK_CHOICES, AttributionSource, aggregate_daam, attn_layers
 from methods.labels import tie_of
-from methods.maps import empty_prediction, labels_from_threshold, maxnorm, resize_maps
+from methods.maps import labels_from_threshold, maxnorm, resize_maps
 from methods.prompts import PROMPT_PARAMS, build_prompt
 from methods.tokens import AutoTokens
 
@@ -68,8 +68,6 @@ class DAAM(AutoTokens, Method):
         return torch.stack(out)
 
     def predict_many(self, trace, query, cfgs, out_size):
-        if not query.ids:
-            return [empty_prediction(out_size) for _ in cfgs]
         cache: dict[tuple, torch.Tensor] = {}
         normalised: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         out = []

@@ -255,15 +255,15 @@ def class_token_positions(tokenizer, token_ids: list[int], name: str, mode: str)
 @register_method("iseg")
 class ISeg(Method):
     params = {
-        "timestep": Param(100, "noise level t of the inversion pass (Table 6c)", forward=True, low=0),
+        "timestep": Param(100, "noise level t of the inversion pass (Table 6c)", kind="forward", low=0),
         "gamma": Param(1.6, "Cat-Cross weight of the class tokens' keys (Eq. 8-9, Table 5c); 1 = off",
-                       forward=True, positive=True),
+                       kind="forward", positive=True),
         "template": Param("A photograph of {classes} and other objects and background",
-                          "prompt; {classes} becomes the class names joined by ' and '", forward=True,
+                          "prompt; {classes} becomes the class names joined by ' and '", kind="forward",
                           fields=("classes",), required_fields=("classes",)),
         "background_words": Param(RELEASE_BACKGROUND, "background categories appended to the prompt after ', ' "
                                   "(Sec. 4.1, 'similar to CLIP-ES'; default: the release's VOC list); '' = none",
-                                  forward=True),
+                                  kind="forward"),
         "iterations": Param(10, "N, refinement iterations (Eq. 4, Table 5a)", low=0),
         "lambda": Param(0.01, "Ent-Self updating factor (Eq. 7, Table 5b); 0 = naive iteration", low=0),
         "ent_scale": Param("row_max", "paper variant: scale Eq. 7 is applied on (row_max: each query's "
@@ -294,7 +294,7 @@ class ISeg(Method):
         "modules": Param("custom", "Table 4 rows, overriding iterations/lambda/gamma: baseline (one refinement, "
                          "no Ent-Self, no Cat-Cross), naive (N iterations without Ent-Self, Fig. 1f), ent_self "
                          "(+ Ent-Self), full (+ Ent-Self + Cat-Cross); custom = the parameters as given",
-                         forward=True, choices=("custom", "baseline", "naive", "ent_self", "full")),
+                         kind="forward", choices=("custom", "baseline", "naive", "ent_self", "full")),
     }
 
     @staticmethod
@@ -424,9 +424,6 @@ class ISeg(Method):
             if not self.is_code(cfg) and cfg.get("kmeans"):
                 raise BenchError("kmeans clusters the released code's fused token vectors: use it with variant=code")
         results: list[Prediction | None] = [None] * len(cfgs)
-        if not query.ids:
-            empty = Prediction(torch.zeros(0, 1, 1), torch.zeros(out_size, dtype=torch.long))
-            return [empty for _ in cfgs]
         groups: dict[tuple, list[int]] = {}
         for i, cfg in enumerate(cfgs):
             code = self.is_code(cfg)

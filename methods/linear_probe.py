@@ -17,12 +17,11 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from bench.evaluate import trace_samples
 from bench.trace import Trace, TraceRequest, request
 from methods.base import ClassQuery, Method, Param, Prediction, register_method
 from methods.attribution import BLOCK_CHOICES, AttributionSource, attn_layers
 from methods.labels import tie_of
-from methods.maps import empty_prediction, labels_from_scores, minmax, resize_maps
+from methods.maps import labels_from_scores, minmax, resize_maps
 from methods.prompts import PROMPT_PARAMS, build_prompt
 
 CHECKPOINT_EVERY = 10  # Adam steps between checkpoints (a killed fit loses at most this many)
@@ -67,7 +66,7 @@ class LinearProbe(Method):
         feats, targets, valid = [], [], []
         for index in ctx.shard(list(range(min(cfg["train_images"], len(ctx.dataset))))):
             sample = ctx.dataset[index]
-            batch = trace_samples(self, ctx.dataset, [sample], cfg, 0, req, ctx.resolution, classes="gt")
+            batch = ctx.trace(self, [sample], cfg, req)
             query, trace = batch.queries[0], batch.traces[0]
             if not query.ids:
                 continue
@@ -109,8 +108,6 @@ class LinearProbe(Method):
         return torch.sigmoid(logits)
 
     def predict_many(self, trace, query, cfgs, out_size):
-        if not query.ids:
-            return [empty_prediction(out_size) for _ in cfgs]
         cache: dict[str, torch.Tensor] = {}
         out = []
         for cfg in cfgs:  # the probabilities depend on the fit only: shared by every threshold

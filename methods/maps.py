@@ -136,8 +136,3 @@ def tie_counts(scores: torch.Tensor) -> torch.Tensor:
     tied = counted & (best - second <= TIE).flatten(1)
     return torch.stack([tied.sum(1), counted.sum(1)], 1).cpu()
 
-
-def empty_prediction(out_size: tuple[int, int]):
-    from methods.base import Prediction
-
-    return Prediction(torch.zeros(0, 1, 1), torch.zeros(out_size, dtype=torch.long))

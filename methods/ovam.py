@@ -36,7 +36,7 @@ from methods.crf import CRF_PARAMS, CRFParams, crf_labels
 from bench.models.layers import layer_map
 from methods.attribution import BLOCK_CHOICES, AttributionSource, aggregate_sum, attn_layers
 from methods.labels import tie_of
-from methods.maps import empty_prediction, labels_from_threshold, maxnorm, minmax, resize_maps
+from methods.maps import labels_from_threshold, maxnorm, minmax, resize_maps
 from methods.prompts import PROMPT_PARAMS, build_prompt
 from methods.tokens import AutoTokens
 
@@ -94,7 +94,7 @@ class OVAM(AutoTokens, Method):
         "blocks": Param("all", "attn2 blocks in Eq. 5 (Table 5): all (the paper's 64+32+16 "
                         "on SD) or SD resolution names such as 64+16", choices=BLOCK_CHOICES),
         "branch": Param("cond", "generation: queries of the conditional (paper, as DAAM) or unconditional "
-                        "(released code) branch", forward=True, choices=("cond", "uncond")),
+                        "(released code) branch", kind="forward", choices=("cond", "uncond")),
         "t_select": Param("all", "timesteps in Eq. 5 (Fig. 6): all, single (step t_step), upto (1..t_step), "
                           "from (t_step..S)", choices=("all", "single", "upto", "from")),
         "t_step": Param(1, "1-based denoising step for t_select (1 = the noisiest)", low=1),
@@ -139,8 +139,6 @@ class OVAM(AutoTokens, Method):
         return aggregate_sum(maps, trace.latent_size)
 
     def predict_many(self, trace, query, cfgs, out_size):
-        if not query.ids:
-            return [empty_prediction(out_size) for _ in cfgs]
         heat_cache: dict[tuple, torch.Tensor] = {}
         received: dict[tuple, torch.Tensor] = {}
         out = []

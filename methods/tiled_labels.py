@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench.metrics import CountedLabels
 from methods.base import Prediction
 from methods.labels import TIE_TOL, check_rule, decide
 
@@ -592,7 +593,7 @@ def _by_rule(rules: list[tuple[str, float, float]]) -> dict[tuple, list[int]]:
 
 class TiledPrediction(Prediction):
     """One configuration's Prediction from TiledLabels: `labels` and `scores` are built when read; the engine's
-    histograms read `tiled` instead (bench.metrics.ImageScorer.histograms)."""
+    scorer counts it by tiles through `scored_as` (bench.metrics.ImageScorer.histograms), never reading `labels`."""
 
     def __init__(self, tiled: TiledLabels, index: int, full_scores):  # noqa: D107 (not the dataclass __init__)
         self.tiled, self.index, self._full_scores = tiled, index, full_scores
@@ -614,3 +615,7 @@ class TiledPrediction(Prediction):
     def decision_scores(self) -> torch.Tensor:
         """The min-maxed maps before the last upsampling (reading `scores` would upsample every configuration)."""
         return self.tiled.maps[self.index]
+
+    def scored_as(self) -> CountedLabels:
+        """Counted by tiles, with every configuration of the same TiledLabels at once."""
+        return CountedLabels(self.tiled, self.index)

@@ -55,7 +55,7 @@ def test_tiled_labels_and_histograms_equal_the_full_upsample(kind, k, h, mid, ou
     label[:5] = 255
     label[-3:, :7] = 9
     scorer = ImageScorer(label, 6)
-    preds = [TiledPrediction(tiled, j, None) for j in range(n)]
+    preds = [TiledPrediction(tiled, j, None).scored_as() for j in range(n)]  # counted by tiles
     dense = scorer.histograms([labels[j].numpy() for j in range(n)])
     assert np.array_equal(scorer.histograms(preds), dense)
     assert np.array_equal(scorer.histograms([*preds[:2], labels[2].numpy()]), dense[:3])

@@ -8,7 +8,7 @@ import torch
 from bench.trace import TraceRequest, request
 from methods.attribution import AttributionSource, attn_layers
 from methods.base import Method, Param, Prediction, register_method
-from methods.maps import empty_prediction, labels_from_scores, minmax, resize_maps
+from methods.maps import labels_from_scores, minmax, resize_maps
 from methods.prompts import PROMPT_PARAMS, build_prompt
 
 
@@ -29,8 +29,6 @@ class CrossThreshold(Method):
         return build_prompt(query, caption, cfg)
 
     def predict(self, trace, query, cfg, out_size) -> Prediction:
-        if not query.ids:
-            return empty_prediction(out_size)
         layers = attn_layers("all", backbone=self.backbone)
         maps = AttributionSource(self.backbone, pad=True).layer_maps(trace, layers, query.names)  # (K,S,H,h,w)
         per_layer = [resize_maps(m.float().mean(dim=(1, 2)), trace.latent_size) for m in maps]

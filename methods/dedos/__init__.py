@@ -40,7 +40,7 @@ from methods.dedos.frontend import block_channels, denoise, parse_timesteps, ran
 from methods.dedos.losses import WEIGHTS, seg_loss
 from methods.dedos.model import (CLIPRefiner, DedosDecoder, ProxyQueries, clip_tokens, consistency_loss,
                                  geometric_ensemble, maskpool_probs, semantic_scores)
-from methods.maps import empty_prediction
+
 
 COMPONENTS = ("baseline", "once", "progressive", "decoupling", "full")  # Table 3 (I)-(V)
 ARCHITECTURE = ("n", "c", "heads", "decoder_dim", "decoder_layers", "cost_dim")
@@ -460,8 +460,6 @@ class Dedos(Method):
         return (sem / sem.sum(0, keepdim=True).clamp_min(1e-8)).cpu()
 
     def predict(self, trace: Trace, query: ClassQuery, cfg: Mapping, out_size: tuple[int, int]) -> Prediction:
-        if not query.ids:
-            return empty_prediction(out_size)
         if trace.image is None:
             raise BenchError("dedos segments the traced image; this trace carries none")
         probs = self.scores(trace.image, [BACKGROUND, *query.names], cfg, out_size)

@@ -29,14 +29,13 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from bench.trace import Trace, TraceRequest, request
 from methods.attribution import AttributionSource, attn_layers, attribution_embedding, token_indices
-from methods.base import ARGMAX_TIE, ClassQuery, Method, Param, Prediction, TrainSetting, register_method
+from methods.base import ARGMAX_TIE, ClassQuery, Method, Param, Prediction, SyntheticMask, TrainSetting, register_method
 from methods.freegen.asr import (AsrInputs, AsrModule, asr_inputs_from, asr_loss, asr_record,
                                  prompt_keys)
 from methods.freegen.egd import (EgdSample, GroundingDecoder, easiest, entity_embeddings, hardness, local_label,
@@ -44,7 +43,7 @@ from methods.freegen.egd import (EgdSample, GroundingDecoder, easiest, entity_em
 from methods.freegen.rectify import (adaptive_self_attention, normalise, one_hot, pseudo_label,
                                      rectified_attention, strongest_far_points, temporal_fluctuation,
                                      uniform_steps)
-from methods.maps import empty_prediction, resize_maps
+from methods.maps import resize_maps
 from methods.prompts import PROMPT_PARAMS, build_prompt
 
 log = logging.getLogger(__name__)
@@ -63,16 +62,6 @@ def egd_features_budget(world_size: int) -> float:
         memory = 8 * 2**30
     return EGD_FEATURES_MEMORY_SHARE * memory / max(1, world_size)
 RESOLUTIONS = ("16", "32", "16+32", "64", "32+64", "16+32+64", "all")
-
-
-@dataclass
-class SyntheticMask:
-    """One synthetic sample's annotation: the pseudo-label (IGNORE_INDEX in the uncertain band), its
-    Temporal Fluctuation Factor, and the normalised class maps it came from."""
-
-    label: np.ndarray  # (H, W) uint8
-    tff: float
-    scores: torch.Tensor  # (K, H, W) in [0, 1]
 
 
 @register_method("freegen")
@@ -280,8 +269,6 @@ class FreeGen(Method):
         return SyntheticMask(label, tff, scores)
 
     def predict(self, trace: Trace, query: ClassQuery, cfg: Mapping, out_size: tuple[int, int]) -> Prediction:
-        if not query.ids:
-            return empty_prediction(out_size)
         if cfg["egd"]:
             return self.egd_predict(trace, query, cfg, out_size)
         scores = self.class_scores(trace, query, cfg, out_size)
@@ -422,8 +409,6 @@ class FreeGen(Method):
         filter applied when `tff` is on), the EGD trained on them for egd_epochs; with `hst`, their hardness
         (Eq. 8) under that decoder ranks them and training continues on the easiest `hst_keep` for egd_epochs.
         Every worker trains the same decoder on all samples (they are gathered): the decoder is small."""
-        from bench.evaluate import trace_samples
-
         stage1 = cfg.replace(egd=False)
         req = self.trace_request(cfg)
         indices = ctx.shard(list(range(min(cfg["egd_images"], len(ctx.dataset)))))
@@ -436,7 +421,7 @@ class FreeGen(Method):
             for start in range(0, len(indices), 4):
                 ctx.status(f"EGD training images {start}/{len(indices)}")
                 batch = [ctx.dataset[i] for i in indices[start:start + 4]]
-                traced = trace_samples(self, ctx.dataset, batch, cfg, 0, req, ctx.resolution, classes="gt")
+                traced = ctx.trace(self, batch, cfg, req)
                 keep = []
                 for query, trace in zip(traced.queries, traced.traces):
                     if not query.ids or trace.image is None:
@@ -520,8 +505,6 @@ class FreeGen(Method):
         """Eq. 5 on the first `asr_images` training images: each traced once (last denoising step, the paper's
         Training Strategy), G_* = SAM's masks prompted from A_* without ASR; Adam over W and Upsilon, a
         checkpoint after every epoch."""
-        from bench.evaluate import trace_samples
-
         if "egd" in state:  # resumed in the EGD phase: the ASR is done
             return {k: v.clone() for k, v in state["asr"].items()}
         plain = cfg.replace(asr="init")
@@ -533,7 +516,7 @@ class FreeGen(Method):
             for start in range(0, len(indices), 4):
                 ctx.status(f"ASR training images {start}/{len(indices)}")
                 samples = [ctx.dataset[i] for i in indices[start:start + 4]]
-                batch = trace_samples(self, ctx.dataset, samples, cfg, 0, req, ctx.resolution, classes="gt")
+                batch = ctx.trace(self, samples, cfg, req)
                 for query, trace in zip(batch.queries, batch.traces):
                     if not query.ids or trace.image is None:
                         continue

@@ -1,7 +1,7 @@
 """DEDOS training and inference cost (the paper's Table 7: learnable parameters, s/image at 640 px).
 
-    python -m methods.dedos.timing --size paper --device cuda --out dedos_timing.json   # the paper's size
-    python -m methods.dedos.timing --size embedded --out timing.json                   # the embedded world
+    python -m bench.perf_dedos --size paper --device cuda --out dedos_timing.json   # the paper's size
+    python -m bench.perf_dedos --size embedded --out timing.json                   # the embedded world
 
 `paper`: an SD 2.1-base-architecture UNet and VAE and a CLIP ViT-L/14@336-architecture model, all with
 seeded random weights (timing does not depend on them), 640 px crops, n = 100, c = 256, a 9-layer 256-wide
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-log = logging.getLogger("methods.dedos.timing")
+log = logging.getLogger("bench.perf_dedos")
 PAPER = {"clip": "random-vit-l14-336", "image_size": 640, "batch": 4}
 EMBEDDED = {"train_classes": "circle+square+triangle", "batch": 4}
 
@@ -160,7 +160,7 @@ def measure(size: str, device: str, train_steps: int, warmup: int, images: int, 
 def main(argv: list[str] | None = None) -> int:
     from bench.errors import cli_exit
 
-    parser = argparse.ArgumentParser(prog="python -m methods.dedos.timing", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.perf_dedos", description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=("paper", "embedded"), default="embedded")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--train-steps", type=int, default=5)
