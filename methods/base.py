@@ -292,7 +292,7 @@ class _MethodMeta(abc.ABCMeta):
 
     def __new__(mcls, name, bases, namespace, **kwargs):
         cls = super().__new__(mcls, name, bases, namespace, **kwargs)
-        if "Method" in globals() and not _overrides_a_predict(cls):
+        if "Method" not in globals() or not _overrides_a_predict(cls):  # Method itself: defaults only
             cls.__abstractmethods__ = frozenset({*cls.__abstractmethods__, "predict"})
         return cls
 

@@ -46,7 +46,8 @@ class Compare(Method):
                             "trained methods", choices=tuple(names), kind="train"),
             **{k: PROMPT_PARAMS[k] for k in ("prompt", "template")},
             "tokens": Param(None, "optimised tokens for the methods that take them (DAAM, Attn2Mask, OVAM; "
-                            "OVAM Table 2): a file or auto", type=str, nullable=True, kind="train"),
+                            "OVAM Table 2): a file or auto", type=str, nullable=True, kind="train",
+                            examples=("auto",)),
         }
         for name in names:
             for key, p in METHODS.get(name).params.items():

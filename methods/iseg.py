@@ -260,10 +260,11 @@ class ISeg(Method):
                        kind="forward", positive=True),
         "template": Param("A photograph of {classes} and other objects and background",
                           "prompt; {classes} becomes the class names joined by ' and '", kind="forward",
-                          fields=("classes",), required_fields=("classes",)),
+                          fields=("classes",), required_fields=("classes",),
+                          examples=("{classes} and background", "a photograph of {classes}")),
         "background_words": Param(RELEASE_BACKGROUND, "background categories appended to the prompt after ', ' "
                                   "(Sec. 4.1, 'similar to CLIP-ES'; default: the release's VOC list); '' = none",
-                                  kind="forward"),
+                                  kind="forward", examples=("", "sky, ground")),
         "iterations": Param(10, "N, refinement iterations (Eq. 4, Table 5a)", low=0),
         "lambda": Param(0.01, "Ent-Self updating factor (Eq. 7, Table 5b); 0 = naive iteration", low=0),
         "ent_scale": Param("row_max", "paper variant: scale Eq. 7 is applied on (row_max: each query's "

@@ -89,7 +89,7 @@ class OVAM(AutoTokens, Method):
         **{k: PROMPT_PARAMS[k] for k in ("prompt", "template", "tokens")},
         "attribution": Param("A photograph of a {name}", "attribution prompt X' per class ({name}: class name, "
                              "{prompt}: the generation prompt); the map is that of the class name's tokens",
-                             fields=("name", "prompt")),
+                             fields=("name", "prompt"), examples=("a {name}", "{prompt}, a {name}")),
         "pad": Param(False, "pad X' to the model length (softmax over 77 tokens like DAAM); paper: no padding"),
         "blocks": Param("all", "attn2 blocks in Eq. 5 (Table 5): all (the paper's 64+32+16 "
                         "on SD) or SD resolution names such as 64+16", choices=BLOCK_CHOICES),

@@ -11,15 +11,15 @@ PROMPT_PARAMS = {
                     "none) or template; generation always uses the dataset's generation prompt", kind="forward",
                     choices=("caption", "template")),
     "template": Param("A photograph of a {classes}", "prompt template; {classes} = class names joined by ' and '",
-                      kind="forward", fields=("classes",)),
+                      kind="forward", fields=("classes",), examples=("{classes}", "a photo of the {classes}.")),
     "attribution": Param("A photograph of a {name}", "attribution prompt for classes absent from the prompt "
                          "({name}: class name, {prompt}: the generation prompt)",
-                         fields=("name", "prompt")),
+                         fields=("name", "prompt"), examples=("a {name}", "{prompt}, a {name}")),
     "open_vocab": Param(True, "record queries so classes absent from the prompt get attribution maps; False "
                         "records cross-attention only (absent classes then fail)"),
     "tokens": Param(None, "optimised-token file from bench.optimize_tokens (OVAM Table 2; classes it holds use "
                     "their [background, class] tokens), or auto (fitted on the training split by the fit stage)",
-                    type=str, nullable=True, kind="train"),
+                    type=str, nullable=True, kind="train", examples=("auto",)),
 }
 
 

@@ -2,18 +2,27 @@
 Parametrised over the registry on tiny seeded random components (tests/tiny.py): a new method file is tested
 by adding it, with no test code. Mechanics only; quality is the slow set's business.
 
-- parameters are typed (kind, version, frozen dataclass) and runs give well-formed predictions in both modes;
-- a non-forward parameter leaves the UNet pass bit-identical; a non-train parameter never changes the fit;
-- `predict_many` equals `predict` per configuration; post-processing sweeps share one forward setting;
+- parameters are typed (kind, version, frozen dataclass), free-form strings declare example values, and runs
+  give well-formed predictions in both modes;
+- a non-forward parameter leaves the UNet pass and the recorded trace bit-identical (on a pass that records
+  something); a non-train parameter never changes the fit;
+- `predict_many` equals `predict` per configuration, exactly on this CPU fixture, and up to `agree`'s stated
+  rounding tolerance on inputs that differ by rounding; post-processing sweeps share one forward setting;
 - a trained method fits, saves (safetensors), reloads and predicts identically, and a fit resumed from a
-  checkpoint ends bit-identical to an undisturbed one.
+  checkpoint ends bit-identical to an undisturbed one;
+- `Method` is an abstract base class; methods import nothing of the engine but its declared interfaces, and the
+  engine probes no method-specific attribute.
 
-A trained method whose default fit is long (DEDOS) names small train parameters for these tests in its
-`tester_params` class attribute; every configuration here that may fit starts from them.
+Each parameter is varied from its default to another valid value (`alternative`): a choice, a flipped boolean, a
+shifted number, or the first of a free-form string's declared `examples`. A trained method whose default fit is
+long (DEDOS) names small train parameters for these tests in `Method.tester_params`; every configuration here
+that may fit starts from them.
 """
 
+import ast
 import pickle
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,11 +32,13 @@ from safetensors.torch import save as save_bytes
 
 from bench.data import build_dataset
 from bench.errors import BenchError
-from bench.evaluate import class_query, evaluate_batch, group_request, trace_samples
+from bench.evaluate import class_query, evaluate_batch, group_request, predict_image, trace_samples
 from bench.fitting import LocalFitContext
 from bench.plan import Trial, group_trials
 from methods import METHODS
-from methods.base import KINDS, Method, Param, ParamsBase, register_method
+from methods.base import KINDS, ClassQuery, Method, Param, ParamsBase, Prediction, register_method
+
+ROOT = Path(__file__).resolve().parent.parent
 
 NAMES = METHODS.names()
 SIZE = 32  # dataset images; the tiny backbone sees them at 8 px
@@ -44,18 +55,19 @@ def alternative(name: str, p: Param):
     if p.choices:
         others = [c for c in p.choices if c != d]
         return others[0] if others else SKIP
+    examples = [e for e in p.examples if e != d]
+    if examples:
+        return examples[0]
     kind = p.value_type
     if kind is bool:
         return not d
     if d is None:
-        return 0.5 if kind is float else ("auto" if name.split("__")[-1] == "tokens" else SKIP)
+        return 0.5 if kind is float else SKIP
     if kind is int:
         return d + 1
     if kind is float:
         return round(d * 0.5 + 0.05, 4)
-    if kind is str and "{" in d:
-        return d + " ."  # still a valid template
-    return SKIP
+    return SKIP  # a free-form string without examples: test_free_form_strings_declare_examples fails
 
 
 def variants(cls, kinds: tuple[str, ...], base: dict) -> list[tuple[str, dict]]:
@@ -70,7 +82,7 @@ def variants(cls, kinds: tuple[str, ...], base: dict) -> list[tuple[str, dict]]:
 
 def resolved(cls, values: dict):
     """`cls.resolve(values)` over the method's `tester_params` (a few steps of a long fit)."""
-    return cls.resolve({**getattr(cls, "tester_params", {}), **values})
+    return cls.resolve({**cls.tester_params, **values})
 
 
 def fit_config(cls) -> dict | None:
@@ -165,21 +177,38 @@ def unet_calls(backbone, fn) -> list:
     return calls
 
 
+def recorded(trace) -> list[torch.Tensor]:
+    """Every tensor a trace carries (attention, queries, the image), in a fixed order."""
+    out = [torch.as_tensor(np.asarray(trace.image))] if trace.image is not None else []
+    for kind in ("cross", "self_attn", "queries"):
+        out += [getattr(trace, kind)[layer] for layer in sorted(getattr(trace, kind))]
+    return out
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_non_forward_parameters_leave_the_unet_pass_bit_identical(tiny, name):
     cls = METHODS.get(name)
     method = cls(tiny)
-    dataset = build_dataset(DATA["inversion"])
-    configs = [cls.resolve(c) for _, c in [("defaults", {}), *variants(cls, ("train", "post"), {})]]
+    # a method that reads the image alone at evaluation makes no inversion pass: its generation pass is compared
+    mode = "inversion" if cls.traces_at_eval else "generation"
+    dataset = build_dataset(DATA[mode])
+    base = {"mode": mode, "steps": STEPS}
+    configs = [cls.resolve(c) for _, c in [("defaults", base), *variants(cls, ("train", "post"), base)]]
+    assert len(configs) > 1, f"{name} has no train or post-processing parameter to vary"
     (group,) = group_trials(cls, [Trial(f"t{i}", c, {}) for i, c in enumerate(configs)], [0])  # one pass
     req = group_request(method, group)  # as the engine traces a forward group
     reference = None
     for params in configs:
-        calls = unet_calls(tiny, lambda: trace_samples(method, dataset, [dataset[0]], params, 0, req))
-        reference = reference or calls
-        assert len(calls) == len(reference)
-        for got, want in zip(calls, reference):
+        batch = []
+        calls = unet_calls(tiny, lambda: batch.append(trace_samples(method, dataset, [dataset[0]], params, 0, req)))
+        tensors = recorded(batch[0].traces[0])
+        if reference is None:
+            assert calls, f"{name}: the {mode} pass made no UNet call, so there is nothing to compare"
+            reference = (calls, tensors)
+        assert len(calls) == len(reference[0]) and len(tensors) == len(reference[1])
+        for got, want in zip(calls, reference[0]):
             assert all(torch.equal(a, b) for a, b in zip(got, want)), params
+        assert all(torch.equal(a, b) for a, b in zip(tensors, reference[1])), params
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -204,12 +233,99 @@ def test_predict_many_equals_predict(tiny, name):
     (group,) = group_trials(cls, [Trial(f"t{i}", c, {}) for i, c in enumerate(configs)], [0])
     sample, query, trace = traced(method, configs[0], req=group_request(method, group))
     size = tuple(sample.label.shape)
+    assert query.ids, "the fixture's image must have classes to segment"
     for many, params in zip(method.predict_many(trace, query, configs, size), configs):
         one = method.predict(trace, query, params, size)
-        # shared work may round differently (iSeg's refine_sweep): equal maps up to float rounding, labels
-        # equal but for pixels that rounding tips over a decision boundary (random weights: many near-ties)
-        torch.testing.assert_close(many.scores, one.scores, atol=1e-5, rtol=1e-4)
-        assert (many.labels != one.labels).float().mean() <= 0.02, params
+        # this fixture (CPU, one thread, float32 traces) computes both paths in the same order: bit-identical
+        assert torch.equal(many.labels, one.labels), params
+        assert torch.equal(many.scores, one.scores) and torch.equal(many.decision_scores, one.decision_scores), params
+        assert np.array_equal(np.asarray(many.labels), np.asarray(one.labels))
+
+
+# -- agreement up to rounding ------------------------------------------------------------------------------------
+# Shared (batched) maths may round differently from one configuration at a time on other devices or thread counts,
+# and forcing bit-equality there would force per-image loops. The promise is then: scores allclose, and labels
+# identical wherever the decision is more than MARGIN from changing.
+SCORE_ATOL, SCORE_RTOL = 1e-5, 1e-4
+MARGIN = 1e-4  # on [0, 1] class scores: a few float32 roundings of the maps the labels are decided from
+
+
+def decision_margins(pred: Prediction, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """(best, top-two gap) of the class scores at the label size, and (lo, hi): the best score of the most
+    confident background pixel and of the least confident foreground pixel (every background rule here is a
+    cut on the best score: background below it, foreground above)."""
+    s = pred.scores.detach().float()
+    if tuple(s.shape[-2:]) != size:
+        s = torch.nn.functional.interpolate(s[None], size=size, mode="bilinear", align_corners=False)[0]
+    top = s.topk(min(2, len(s)), dim=0).values
+    best = top[0]
+    gap = top[0] - top[1] if len(s) > 1 else torch.full_like(best, torch.inf)
+    background = pred.labels == 0
+    lo = float(best[background].max()) if background.any() else -torch.inf
+    hi = float(best[~background].min()) if (~background).any() else torch.inf
+    return best, gap, lo, hi
+
+
+def agree(a: Prediction, b: Prediction) -> None:
+    """`a` and `b` are the same prediction up to rounding: scores allclose, and labels equal wherever `b`'s
+    decision is more than MARGIN from a tie between two classes and from the background cut."""
+    torch.testing.assert_close(a.scores.float(), b.scores.float(), atol=SCORE_ATOL, rtol=SCORE_RTOL)
+    differ = a.labels != b.labels
+    if not differ.any():
+        return
+    best, gap, lo, hi = decision_margins(b, tuple(b.labels.shape))
+    class_flip = differ & (a.labels != 0) & (b.labels != 0)
+    cut_flip = differ & ~class_flip
+    near_cut = ((best - lo).abs() <= MARGIN) | ((best - hi).abs() <= MARGIN)
+    assert (gap[class_flip] <= MARGIN).all(), f"{int((class_flip & (gap > MARGIN)).sum())} labels swap classes " \
+                                              f"with a top-two margin above {MARGIN}"
+    assert near_cut[cut_flip].all(), f"{int((cut_flip & ~near_cut).sum())} pixels switch background and " \
+                                     f"foreground further than {MARGIN} from the background cut"
+
+
+def rounded(trace, seed: int = 0):
+    """The trace with every recorded attention map and query perturbed at float32's rounding level (relative
+    2^-22): what batched maths on another device does to the inputs of the post-processing."""
+    import dataclasses
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def jitter(t: torch.Tensor) -> torch.Tensor:
+        if not t.is_floating_point():
+            return t
+        noise = (torch.rand(t.shape, generator=gen, dtype=torch.float64) * 2 - 1) * 2.0 ** -22
+        return (t.double() * (1 + noise)).to(t.dtype)
+
+    return dataclasses.replace(trace, **{kind: {k: jitter(v) for k, v in getattr(trace, kind).items()}
+                                         for kind in ("cross", "self_attn", "queries")})
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_predictions_agree_up_to_rounding(tiny, name):
+    """Every configuration predicted from a trace that differs by rounding agrees with the original by `agree`:
+    the tolerance that `predict_many` keeps wherever it cannot be bit-identical."""
+    cls = METHODS.get(name)
+    method = cls(tiny)
+    configs = [resolved(cls, c) for _, c in [("defaults", {}), *variants(cls, ("post",), {})]]
+    for params in configs:
+        fitted(method, params)
+    (group,) = group_trials(cls, [Trial(f"t{i}", c, {}) for i, c in enumerate(configs)], [0])
+    sample, query, trace = traced(method, configs[0], req=group_request(method, group))
+    size = tuple(sample.label.shape)
+    for many, params in zip(method.predict_many(rounded(trace), query, configs, size), configs):
+        agree(many, method.predict(trace, query, params, size))
+
+
+def test_agree_catches_a_changed_label():
+    scores = torch.tensor([[[0.9, 0.2]], [[0.1, 0.8]]])
+    labels = torch.tensor([[1, 2]])
+    agree(Prediction(scores, labels), Prediction(scores.clone(), labels.clone()))
+    with pytest.raises(AssertionError, match="swap classes"):
+        agree(Prediction(scores, torch.tensor([[2, 2]])), Prediction(scores, labels))
+    with pytest.raises(AssertionError, match="background"):
+        agree(Prediction(scores, torch.tensor([[0, 2]])), Prediction(scores, labels))
+    with pytest.raises(AssertionError):
+        agree(Prediction(scores + 1e-3, labels), Prediction(scores, labels))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -359,3 +475,138 @@ def test_capture_in_row_blocks_equals_one_block(tiny, monkeypatch):
         for layer in ref:
             assert mine[layer].shape == ref[layer].shape
             torch.testing.assert_close(mine[layer], ref[layer], atol=1e-6, rtol=1e-5)
+
+
+# -- the contract itself ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_free_form_strings_declare_examples(name):
+    """A string parameter without `choices` names other valid values (`Param.examples`), so that the tests above
+    vary it like every other parameter."""
+    for key, p in METHODS.get(name).all_params().items():
+        if p.value_type is str and not p.choices:
+            others = [e for e in p.examples if e != p.default]
+            assert others, f"{name}.{key}: a free-form string parameter needs examples=(...) besides its default"
+            for value in others:
+                METHODS.get(name).all_params()[key].coerce(key, value)  # valid as declared
+
+
+def test_method_is_an_abstract_base_class():
+    import abc
+
+    assert isinstance(Method, abc.ABCMeta)
+    assert {"trace_request", "prompt", "predict"} <= Method.__abstractmethods__
+
+    class NoPredict(Method):
+        def trace_request(self, cfg):
+            return None
+
+        def prompt(self, query, caption, cfg):
+            return ""
+
+    class SharesWork(NoPredict):
+        def predict_many(self, trace, query, cfgs, out_size):
+            return [Prediction.empty(out_size) for _ in cfgs]
+
+    with pytest.raises(TypeError, match="abstract"):
+        NoPredict()
+    with pytest.raises(TypeError, match="leaves abstract predict"):
+        register_method("no_predict")(NoPredict)
+    assert "no_predict" not in METHODS
+    assert SharesWork().predict(None, ClassQuery([1], ["a"]), {}, (2, 2)).labels.shape == (2, 2)
+    for name in NAMES:
+        assert not METHODS.get(name).__abstractmethods__
+
+
+def test_the_engine_answers_an_image_without_classes():
+    """Methods never see an empty query: the engine predicts background under every configuration."""
+
+    class Refuses(Method):
+        def trace_request(self, cfg):
+            return None
+
+        def prompt(self, query, caption, cfg):
+            return ""
+
+        def predict(self, trace, query, cfg, out_size):
+            raise AssertionError("the method was asked to segment no class")
+
+    preds = predict_image(Refuses(), None, ClassQuery([], []), [{}, {}], (3, 4))
+    assert len(preds) == 2 and all(p.scores.shape[0] == 0 and not p.labels.any() and p.labels.shape == (3, 4)
+                                   for p in preds)
+
+
+# What methods may import of the engine: capture, the forward pass, backbones and the offline world, errors and the
+# registry, the dataset contract (bench.data.base) and the scorer's input type. Fits reach training images through
+# FitContext (bench.fitting, handed to `fit`), never by importing the engine.
+ENGINE_INTERFACES = ("bench.trace", "bench.forward", "bench.models", "bench.embedded", "bench.errors",
+                     "bench.registry", "bench.data.base")
+DECLARED_NAMES = {"bench.data": {"require_generation_gt", "IGNORE_INDEX"}, "bench.metrics": {"CountedLabels"}}
+
+
+def imports_of(path: Path) -> list[tuple[int, str, str | None]]:
+    """(line, module, name or None) of every import in a file, those inside functions included."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, alias.name, None) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out += [(node.lineno, node.module, alias.name) for alias in node.names]
+    return out
+
+
+def test_methods_import_only_the_engines_declared_interfaces():
+    bad = []
+    for path in sorted((ROOT / "methods").rglob("*.py")):
+        for line, module, name in imports_of(path):
+            if not (module == "bench" or module.startswith("bench.")):
+                continue
+            if name is not None and module == "bench" and f"bench.{name}".startswith(ENGINE_INTERFACES):
+                continue
+            if module.startswith(tuple(f"{m}." for m in ENGINE_INTERFACES)) or module in ENGINE_INTERFACES:
+                continue
+            if name is not None and name in DECLARED_NAMES.get(module, ()):
+                continue
+            bad.append(f"{path.relative_to(ROOT)}:{line}: {module}" + (f".{name}" if name else ""))
+    assert not bad, "methods import the engine outside its declared interfaces:\n" + "\n".join(bad)
+
+
+def test_the_import_rule_sees_imports_inside_functions(tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text("def f():\n    from bench.evaluate import trace_samples\n    import bench.fitting\n")
+    assert [(m, n) for _, m, n in imports_of(source)] == [("bench.evaluate", "trace_samples"), ("bench.fitting", None)]
+
+
+def method_specific_names() -> set[str]:
+    """Attributes that the classes of methods/ define: methods, their predictions and helpers (methods, class
+    attributes, and `self.x = ...` assignments)."""
+    names = set()
+    for path in (ROOT / "methods").rglob("*.py"):
+        for cls in (n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ClassDef)):
+            for node in cls.body:
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    names.add(node.name)
+                elif isinstance(node, ast.Assign):
+                    names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+                elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                    names.add(node.target.id)
+            for node in ast.walk(cls):
+                targets = node.targets if isinstance(node, ast.Assign) else []
+                for target in targets:
+                    for t in (target.elts if isinstance(target, ast.Tuple) else [target]):
+                        if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self":
+                            names.add(t.attr)
+    return {n for n in names if not n.startswith("__")}
+
+
+def test_the_engine_probes_no_method_attribute():
+    """hasattr / getattr with a literal name that some method or prediction defines would be a hook the `Method`
+    contract does not declare: bench/ calls declared hooks instead."""
+    names = method_specific_names()
+    assert {"tiled", "uses_fit", "default_sweep", "methods", "synthetic_mask", "fits_class_ids"} <= names
+    bad = []
+    for path in sorted((ROOT / "bench").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("hasattr", "getattr") \
+                    and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant) and node.args[1].value in names:
+                bad.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.func.id}(..., {node.args[1].value!r})")
+    assert not bad, "the engine probes method attributes:\n" + "\n".join(bad)

@@ -171,12 +171,13 @@ class Dedos(Method):
                          "protocol) or gt (image-level labels)", kind="forward", choices=("gt", "all")),
         "clip": Param("embedded", "CLIP: embedded (the shipped tiny CLIP of the shapes world), embedded_many (of "
                       "the sixteen-shape world, data=shapes_many), a CLIPModel folder or a cached hub id (the "
-                      "paper: ViT-L/14@336)", kind="train"),
+                      "paper: ViT-L/14@336)", kind="train", examples=("embedded_many",)),
         "components": Param("full", "Table 3: baseline | once | progressive | decoupling | full",
                             choices=COMPONENTS, kind="train"),
         "train_classes": Param("all", "classes the fit sees, joined by + (open-vocabulary protocol: the others "
-                               "are unseen); all = every dataset class", kind="train"),
-        "timesteps": Param("50+100+200", "denoising timesteps (Table 6)", kind="train"),
+                               "are unseen); all = every dataset class", kind="train",
+                               examples=("circle+square",)),
+        "timesteps": Param("50+100+200", "denoising timesteps (Table 6)", kind="train", examples=("50+100", "100")),
         "iterations": Param(3, "denoising iterations N (Table 5); timesteps spread evenly if it differs from their "
                             "number", kind="train"),
         "noise": Param("add", "add: noise the image latent to the first timestep (release); none: the image latent "

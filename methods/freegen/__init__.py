@@ -33,6 +33,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from bench.models.sam import EMBEDDED_SAM
 from bench.trace import Trace, TraceRequest, request
 from methods.attribution import AttributionSource, attn_layers, attribution_embedding, token_indices
 from methods.base import ARGMAX_TIE, ClassQuery, Method, Param, Prediction, SyntheticMask, TrainSetting, register_method
@@ -102,7 +103,7 @@ class FreeGen(Method):
                               "sam_points strongest / farthest points of each class map of A_*: the paper's G_*, "
                               "Eq. 5's targets)", choices=("attention", "sam")),
         "sam": Param("embedded", "SAM for pseudo_masks=sam: embedded (bench/embedded/sam/), a local transformers "
-                     "folder or a hub id in the local cache"),
+                     "folder or a hub id in the local cache", examples=(str(EMBEDDED_SAM),)),
         "sam_points": Param(3, "point prompts per class map (the paper: 3)"),
         "tff": Param(True, "filter synthetic samples by the Temporal Fluctuation Factor (Eq. 4)"),
         "tff_k": Param(4, "K uniformly spaced denoising steps of Eq. 4 (the paper: 4)"),
