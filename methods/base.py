@@ -9,6 +9,10 @@ It says what to record (`trace_request`), how to build the prompt for an image (
 which train setting a configuration needs (`train_setting`) and learn it in `fit(ctx)`, which the engine runs
 once per train setting on Ray Train (bench.stages.fit) and tests run in-process (bench.fitting).
 
+`Method` is an abstract base class: what a method must implement is abstract, and every optional hook the
+engine calls (default sweep, composite methods, fits, synthesis, tester sizes, and on `Prediction` the decision
+scores and how it is scored) is declared here with its default. The engine calls these and probes nothing else.
+
 Resolved parameters are a frozen dataclass per method (`Method.resolve`), read as `cfg["lambda"]` or
 `cfg.iterations`; names that are Python keywords or mapping methods (`keys`) get a trailing underscore as
 attributes.
