@@ -286,8 +286,8 @@ class Prediction:
 
 
 def _overrides_a_predict(cls: type) -> bool:
-    return any(c is not Method and ("predict" in c.__dict__ or "predict_many" in c.__dict__)
-               for c in cls.__mro__ if issubclass(c, Method))
+    """Whether a class other than Method in `cls`'s MRO (mixins included) defines predict or predict_many."""
+    return any("predict" in c.__dict__ or "predict_many" in c.__dict__ for c in cls.__mro__ if c is not Method)
 
 
 class _MethodMeta(abc.ABCMeta):
