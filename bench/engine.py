@@ -23,16 +23,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from bench.config import SweepConfig
 from bench.data import build_dataset
-from bench.env import auto_num_actors, init_ray, settle_execution
 from bench.models import model_provenance, scheduler_name
 from bench.plan import Plan, make_plan
 from bench.rundir import WORK
 from bench.stages.score import group_index, score
-from bench.stages.trace import load_shards, trace_and_score
+from bench.stages.trace import load_shards, settle_pool, trace_and_score
 from bench.storage import Location, scratch_dir
 from methods import METHODS
 
@@ -53,30 +51,22 @@ def run_engine(cfg: SweepConfig, run_dir: Path | Location, plan: Plan | None = N
     dataset = build_dataset(cfg.data)
     log.info("%d configurations x %d seeds in %d forward settings and %d train settings over %d images",
              len(plan.trials), len(cfg.seeds), len(plan.groups), len(plan.fits), len(dataset))
-    if cfg.search.algo is not None:  # adaptive search of post-processing parameters on a trace cache, in this
-        # process: scoring a cached trace takes milliseconds, so the search needs no Ray
-        from bench.search import run_search
-
-
-        # its trace cache is hot scratch: node-local beside a local run, in a node-local folder for a stored one
-        local = run_dir.local if run_dir.is_local else scratch_dir("search", run_dir.uri)
-        rows, stats = run_search(cfg, local, len(dataset))
-        return rows, {"method_versions": method_versions(cfg.method), "num_actors": 0,
-                      "dataset": dataset.describe(), **stats}
-    use_gpu = torch.cuda.is_available() and cfg.model.device != "cpu"
-    settle_execution(cfg.ray, len(dataset), use_gpu)  # here, so config.yaml and run.json say what auto picked
-    if cfg.ray.execution == "actors" or plan.fits:  # tracing in this process without fits needs no Ray
-        init_ray(cfg.ray.address, cfg.ray.object_store_mb, cfg.ray.quiet)
-    if cfg.ray.num_actors == "auto":
-        cfg.ray.num_actors = auto_num_actors(len(dataset), use_gpu)
-    log.info("ray.execution=%s: %s", cfg.ray.execution, "tracing in this process" if cfg.ray.execution == "driver"
-             else f"{cfg.ray.num_actors} tracing actors")
+    settle_pool(cfg, len(dataset), fits=bool(plan.fits))
     fits, fit_dirs, fit_summary = {}, {}, dict(NO_FITS)
     if fitting:
         from bench.stages.fit import load_fits, run_fits
 
         fit_stats, finished = run_fits(cfg, plan, run_dir)
         fits, fit_dirs, fit_summary = load_fits(finished), fit_stats.dirs, fit_stats.as_dict()
+    if cfg.search.algo is not None:  # adaptive search of post-processing parameters: the trace stage fills its
+        # trace cache, then configurations are scored on the cached traces in this process (milliseconds each)
+        from bench.search import run_search
+
+        # its trace cache is hot scratch: node-local beside a local run, in a node-local folder for a stored one
+        cache = run_dir.local / WORK if run_dir.is_local else scratch_dir("search", run_dir.uri)
+        rows, stats = run_search(cfg, dataset, fits, run_dir / WORK / "shards", cache)
+        return rows, {"method_versions": method_versions(cfg.method), "num_actors": int(cfg.ray.num_actors),
+                      "execution": cfg.ray.execution, "dataset": dataset.describe(), **fit_summary, **stats}
     start = time.time()
     trace_and_score(cfg, plan.groups, len(dataset), run_dir / WORK / "shards", fits, run_dir / "qualitative")
     trace_seconds = time.time() - start

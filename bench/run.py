@@ -39,15 +39,25 @@ from bench.storage import COMPLETE, Location  # noqa: E402
 log = logging.getLogger("bench")
 
 
-def resume_command(sweep_path: str, overrides: list[str], final: Path) -> str:
+def resume_command(sweep_path: str, overrides: list[str], final: Path | str, module: str = "bench.run") -> str:
     """The exact command that resumes this run: the same sweep and overrides, output_dir= the run."""
     kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "output_dir"]
-    return shlex.join(["python", "-m", "bench.run", sweep_path, *kept, f"output_dir={final}"])
+    return shlex.join(["python", "-m", module, sweep_path, *kept, f"output_dir={final}"])
 
 
 def run(sweep_path: str, overrides: list[str]) -> Path | str:
     cfg = compose(sweep_path, overrides)  # validation: nothing is written before this and preflight pass
-    final = run_target(cfg)
+    return run_command(cfg, sweep_path, overrides, sweep_results)
+
+
+def run_command(cfg: SweepConfig, sweep_path: str, overrides: list[str], produce, final: Path | str | None = None,
+                module: str = "bench.run", noun: str = "run directory", plan_hook=None) -> Path | str:
+    """The one runner behind every command that writes a run folder (bench.run, bench.synthesize): preflight
+    (every node on a cluster), an exclusive claim of the folder in the run's storage (a resume refuses a changed
+    configuration), `produce(cfg, plan, claim)` writing everything the folder keeps through that storage, then
+    publication: a local folder renamed from `.partial`, an object-store folder finished by its completion
+    marker, written last. `plan_hook(plan)` adjusts the checked plan before the claim."""
+    final = run_target(cfg) if final is None else final
     target = Location.of(final)
 
     def probe_nodes(plan) -> None:  # one probe per node: every node reaches what it needs (check_cluster)
@@ -58,19 +68,22 @@ def run(sweep_path: str, overrides: list[str]) -> Path | str:
             check_cluster(cfg, plan, target)
 
     plan = preflight(cfg, probe_nodes)
+    if plan_hook is not None:
+        plan_hook(plan)
     if target.is_local:
         if final.exists():
-            raise BenchError(f"run directory {final} already exists; choose another output_dir=")
-        work = final.with_name(final.name + ".partial")
+            raise BenchError(f"{noun} {final} already exists; choose another output_dir=")
+        work = Location.of(final.with_name(final.name + ".partial"))
     else:  # an object store: written in place, finished when its completion marker exists (bench.storage)
         work = target
     cfg.output_dir = str(final)
-    held = claim(Location.of(work) if not target.is_local else work, cfg, plan.inputs)  # exclusive; a changed config stops here
+    held = claim(work, cfg, plan.inputs)  # exclusive; a changed config stops here
     run_started()  # the log lines held back while the input was checked (bench.errors)
     if held.resumed:
         log.info("resuming the interrupted run in %s", held.work)
     try:
-        return _run_claimed(cfg, plan, held, final, resume_command(sweep_path, overrides, final))
+        return _run_claimed(cfg, plan, held, final, resume_command(sweep_path, overrides, final, module), produce,
+                            prune=module == "bench.run")
     finally:
         held.release()
 
@@ -79,29 +92,14 @@ def on_cluster(cfg: SweepConfig, plan) -> bool:
     """Whether the run joins an existing Ray cluster (ray.address, or RAY_ADDRESS as in a submitted job) and
     uses Ray there (an actor pool or fits); a local Ray started by the run is one node."""
     joins = bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
-    return joins and cfg.search.algo is None and (cfg.ray.execution != "driver" or bool(plan.fits))
+    return joins and (cfg.ray.execution != "driver" or bool(plan.fits))
 
 
-def _run_claimed(cfg: SweepConfig, plan, held: Claim, final: Path | str, resume: str) -> Path | str:
+def _run_claimed(cfg: SweepConfig, plan, held: Claim, final: Path | str, resume: str, produce,
+                 prune: bool = True) -> Path | str:
     work = held.work
-    shards = work / WORK / "shards"
     try:
-        before = scored_images(shards)
-        rows, stats = run_engine(cfg, work, plan)
-        held.finish_invocation(stats["trace_seconds"], scored_images(shards) - before)
-        totals = held.totals()
-        stats.update(invocations=totals["invocations"], invocation_log=totals["invocation_log"],
-                     wall_seconds=totals["wall_seconds"], trace_seconds=totals["trace_seconds"],
-                     images_per_second=round(totals["images_traced"] * stats["num_forward_settings"]
-                                             / max(totals["trace_seconds"], 1e-9), 4))
-        stats["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        stats["notes"] = list(plan.notes)  # the preflight's notes, stated once in the report
-        stats["inputs"] = held.state.get("inputs")  # what fit.from= compares (bench.fingerprint)
-        data = cfg.as_dict()
-        if work.is_local:
-            _write_results(data, rows, stats, work.local)
-        else:
-            _publish_to_store(data, rows, stats, work)
+        finished = produce(cfg, plan, held)
     except KeyboardInterrupt:
         held.finish_invocation()
         log.error("interrupted; finished fits and images are kept in %s; resume with: %s", work, resume)
@@ -110,6 +108,9 @@ def _run_claimed(cfg: SweepConfig, plan, held: Claim, final: Path | str, resume:
         held.finish_invocation()
         raise _one_line(err, work.local if work.is_local else work, resume) from None
     if not work.is_local:
+        files = [rel for rel in work.files() if rel.split("/", 1)[0] != WORK]
+        (work / COMPLETE).write_json({"config_hash": config_hash(cfg.as_dict()), "files": files,
+                                      "finished": finished})
         (work / WORK).rmtree()  # after the marker: a reader never sees a finished run without it
         return str(final)
     work, final = work.local, Path(final)
@@ -118,12 +119,37 @@ def _run_claimed(cfg: SweepConfig, plan, held: Claim, final: Path | str, resume:
     if final.exists():
         raise BenchError(f"{final} was created by another process while this run worked; the finished run stays "
                          f"in {work}")
-    prune_foreign(work, WORK)  # a finished run holds only what the run wrote (bench.hygiene)
+    if prune:
+        prune_foreign(work, WORK)  # a finished run holds only what the run wrote (bench.hygiene)
     trash = work.with_name(f".{work.name}.done-{held.lock_fd}-{time.time_ns()}")
     (work / WORK).rename(trash)
     work.rename(final)
     shutil.rmtree(trash, ignore_errors=True)
     return final
+
+
+def sweep_results(cfg: SweepConfig, plan, held: Claim) -> str:
+    """bench.run's work in a claimed run folder: the engine, then results and report written into the run's
+    storage; returns the time it finished."""
+    work = held.work
+    shards = work / WORK / "shards"
+    before = scored_images(shards)
+    rows, stats = run_engine(cfg, work, plan)
+    held.finish_invocation(stats["trace_seconds"], scored_images(shards) - before)
+    totals = held.totals()
+    stats.update(invocations=totals["invocations"], invocation_log=totals["invocation_log"],
+                 wall_seconds=totals["wall_seconds"], trace_seconds=totals["trace_seconds"],
+                 images_per_second=round(totals["images_traced"] * stats["num_forward_settings"]
+                                         / max(totals["trace_seconds"], 1e-9), 4))
+    stats["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    stats["notes"] = list(plan.notes)  # the preflight's notes, stated once in the report
+    stats["inputs"] = held.state.get("inputs")  # what fit.from= compares (bench.fingerprint)
+    data = cfg.as_dict()
+    if work.is_local:
+        _write_results(data, rows, stats, work.local)
+    else:
+        _publish_to_store(data, rows, stats, work)
+    return stats["finished"]
 
 
 def _write_results(data: dict, rows: list[dict], stats: dict, folder: Path) -> None:
@@ -136,7 +162,8 @@ def _write_results(data: dict, rows: list[dict], stats: dict, folder: Path) -> N
 
 def _publish_to_store(data: dict, rows: list[dict], stats: dict, run: Location) -> None:
     """An object-store run's results and report: composed in a node-local copy of what the run keeps (the
-    report reads its fits and qualitative maps), the new files uploaded, the completion marker written last."""
+    report reads its fits and qualitative maps) and the new files uploaded (the runner writes the completion
+    marker last)."""
     with tempfile.TemporaryDirectory(prefix="diffseg-publish-") as tmp:
         stage = run.download(Path(tmp) / "run", skip=(WORK,))
         kept = set(run.files())
@@ -145,9 +172,6 @@ def _publish_to_store(data: dict, rows: list[dict], stats: dict, run: Location) 
             rel = path.relative_to(stage).as_posix()
             if path.is_file() and rel not in kept:
                 (run / rel).write_bytes(path.read_bytes())
-        files = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file())
-    (run / COMPLETE).write_json({"config_hash": config_hash(data), "files": files,
-                                 "finished": stats["finished"]})
 
 
 def _one_line(err: BaseException, work: Path, resume: str) -> BenchError:

@@ -1,8 +1,11 @@
 """Adaptive search over a sweep's post-processing parameters (`search: {algo: optuna|hyperopt|random,
 num_samples: N}`), on a trace cache, by synchronous successive halving over image rungs.
 
-    trace cache   every image traced once for the sweep's forward setting, stored as safetensors in
-                  `<run>/work/trace_cache/` (bounded by `search.cache_mb`: beyond it, traces are recomputed)
+    trace cache   every image traced once for the sweep's forward setting by the trace stage (the actor pool
+                  or this process, shards and resume as for a grid sweep: bench.stages.trace); the traces
+                  travel back to the driver and are stored as safetensors in node-local scratch (beside a
+                  local run: `<run>/work/trace_cache/`), bounded by `search.cache_mb` (beyond it, traces are
+                  recomputed); a trained method's fits come from the fit stage (bench.stages.fit)
     search        the sweep's entries become a Ray Tune search space (grid/choice -> choice, uniform,
                   loguniform, randint); `num_samples` configurations come from Tune's OptunaSearch or
                   HyperOptSearch (Searcher API: suggest, then on_trial_complete with each result) or are
@@ -30,10 +33,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import load_file, save
 
 from bench.config import SweepConfig, space_kind
 from bench.metrics import ImageScorer, summarize, tied_percent
+from bench.storage import Location
 from bench.trace import Trace
 from methods.base import ClassQuery
 
@@ -59,18 +64,14 @@ class TraceCache:
 
     def put(self, index: int, trace: Trace, query: ClassQuery) -> bool:
         """Store one image's trace; False (nothing written) when the cache is full."""
-        tensors = {f"{kind}/{layer}": value.contiguous() for kind in KINDS
-                   for layer, value in getattr(trace, kind).items()}
-        if trace.image is not None:
-            tensors["image"] = torch.from_numpy(np.array(trace.image))
-        size = sum(t.numel() * t.element_size() for t in tensors.values())
-        if self.used_bytes() + size > self.max_bytes:
+        return self.put_bytes(index, trace_record(trace, query))
+
+    def put_bytes(self, index: int, data: bytes) -> bool:
+        """Store one image's trace record (trace_record); False (nothing written) when the cache is full."""
+        if self.used_bytes() + len(data) > self.max_bytes:
             return False
-        meta = {"prompt": trace.prompt, "token_ids": trace.token_ids, "timesteps": trace.timesteps,
-                "latent_size": list(trace.latent_size), "modules": sorted(trace.modules),
-                "query_ids": query.ids, "query_names": query.names}
         tmp = self.dir / f".{index:06d}.{os.getpid()}.tmp"
-        save_file(tensors, str(tmp), metadata={"trace": json.dumps(meta)})
+        tmp.write_bytes(data)
         tmp.replace(self.path(index))
         return True
 
@@ -94,6 +95,52 @@ class TraceCache:
         return trace, ClassQuery(meta["query_ids"], meta["query_names"])
 
 
+def trace_record(trace: Trace, query: ClassQuery) -> bytes:
+    """One image's trace and class query as safetensors bytes (what a tracing worker sends the driver)."""
+    tensors = {f"{kind}/{layer}": value.contiguous() for kind in KINDS for layer, value in getattr(trace, kind).items()}
+    if trace.image is not None:
+        tensors["image"] = torch.from_numpy(np.array(trace.image))
+    meta = {"prompt": trace.prompt, "token_ids": trace.token_ids, "timesteps": trace.timesteps,
+            "latent_size": list(trace.latent_size), "modules": sorted(trace.modules),
+            "query_ids": query.ids, "query_names": query.names}
+    return save(tensors, metadata={"trace": json.dumps(meta)})
+
+
+class CacheWorker:
+    """The search's tracing worker (a Ray Data actor, or an object in this process): backbone, method and
+    fits loaded once; traces a batch of images for the sweep's one forward setting and sends each trace back
+    as safetensors bytes (`trace` column) for the driver's cache."""
+
+    def __init__(self, cfg: SweepConfig, params: dict, fits: dict[str, bytes], own_process: bool = True):
+        from bench.data import build_dataset
+        from bench.models import load_backbone
+        from methods import METHODS
+
+        if own_process:  # an actor's process: one thread per CPU actor, warnings only
+            if not torch.cuda.is_available():
+                torch.set_num_threads(1)
+            logging.getLogger().setLevel(logging.WARNING)
+        self.cfg = cfg
+        self.dataset = build_dataset(cfg.data)
+        self.method = METHODS.get(cfg.method)(load_backbone(cfg.model.as_dict()))
+        for key, blob in fits.items():
+            self.method.load_fit(key, load_safetensors(blob))
+        self.params = self.method.resolve(params)
+        self.request = self.method.trace_request(self.params)
+
+    def __call__(self, batch: dict) -> dict:
+        from bench.evaluate import trace_samples
+
+        indices = [int(i) for i in batch["index"]]
+        traced = trace_samples(self.method, self.dataset, [self.dataset[i] for i in indices], self.params,
+                               int(self.cfg.seeds[0]), self.request, int(self.cfg.model.resolution or 0))
+        records = np.empty(len(indices), dtype=object)
+        records[:] = [trace_record(t, q) for t, q in zip(traced.traces, traced.queries)]
+        return {"index": np.array(indices, dtype=np.int64),
+                "passes": np.full(len(indices), traced.image_passes // max(len(indices), 1), dtype=np.int64),
+                "trace": records}
+
+
 # -- search space -----------------------------------------------------------------------------------------------------
 def search_space(cfg: SweepConfig) -> dict:
     """The sweep's entries as a Ray Tune search space (a grid is a set of choices to search among)."""
@@ -108,9 +155,8 @@ def search_space(cfg: SweepConfig) -> dict:
 def searcher(algo: str, seed: int):
     """Tune's Searcher for `algo` (optuna: TPE; hyperopt: TPE), seeded."""
     if algo == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
-
         import optuna
+        from ray.tune.search.optuna import OptunaSearch
 
         return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=seed))
     from ray.tune.search.hyperopt import HyperOptSearch
@@ -138,32 +184,28 @@ def _finite(value: float) -> float:
 
 
 # -- the search stage ------------------------------------------------------------------------------------------------
-def fill_cache(cfg: SweepConfig, cache: TraceCache, num_images: int) -> tuple[int, dict]:
-    """Trace every image once for the sweep's forward setting into the cache (before anything is scored);
-    returns the UNet passes and the loaded method, dataset and cache."""
-    from tqdm import tqdm
-
-    from bench.data import build_dataset
-    from bench.evaluate import trace_samples
-    from bench.models import load_backbone
-    from methods import METHODS
+def fill_cache(cfg: SweepConfig, params: dict, fits: dict[str, bytes], cache: TraceCache, num_images: int,
+               shards) -> tuple[int, CacheWorker]:
+    """Trace every image once for the sweep's forward setting (the trace stage: actor pool or this process,
+    shards and resume as for a grid sweep) into the cache, before anything is scored; returns the UNet passes
+    (over every invocation) and a worker in this process (its method predicts, its dataset scores)."""
+    from bench.stages.trace import load_shards, trace_images
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    method = METHODS.get(cfg.method)(load_backbone(cfg.model.as_dict()))
-    params = method.resolve(cfg.params | {k: v for k, v in _first_point(cfg).items()})
-    dataset = build_dataset(cfg.data)
-    passes = 0
-    for index in tqdm(range(num_images), desc=f"{cfg.name} trace cache", unit="img", dynamic_ncols=True):
-        if cache.path(index).is_file():
-            continue
-        batch = trace_samples(method, dataset, [dataset[index]], params, cfg.seeds[0], method.trace_request(params),
-                              int(cfg.model.resolution or 0))
-        passes += batch.image_passes
-        if not cache.put(index, batch.traces[0], batch.queries[0]):
-            log.warning("trace cache full (search.cache_mb=%d): later images are traced by the trials",
-                        cfg.search.cache_mb)
-            break
-    return passes, {"cfg": cfg, "method": method, "dataset": dataset, "cache": cache}
+    local = CacheWorker(cfg, params, fits, own_process=False)
+    full = []
+
+    def keep(batch: dict) -> None:  # the driver stores what came back while the cache has room
+        for index, data in zip(batch["index"], batch.pop("trace")):
+            if not full and not cache.put_bytes(int(index), bytes(data)):
+                log.warning("trace cache full (search.cache_mb=%d): later images are traced by the trials",
+                            cfg.search.cache_mb)
+                full.append(True)
+
+    trace_images(cfg, CacheWorker, {"cfg": cfg, "params": params, "fits": fits}, num_images, shards,
+                 f"{cfg.name} trace cache", keep=keep, local=local, done_word="cached")
+    passes = int(load_shards(shards)["passes"].sum()) if Location.of(shards).names("shard-*.npz") else 0
+    return passes, local
 
 
 def _first_point(cfg: SweepConfig) -> dict:
@@ -195,7 +237,8 @@ def rungs(num_images: int, grace: int, factor: int) -> list[int]:
     return out
 
 
-def run_search(cfg: SweepConfig, run_dir: Path, num_images: int) -> tuple[list[dict], dict]:
+def run_search(cfg: SweepConfig, dataset, fits: dict[str, bytes], shards, cache_root: Path
+               ) -> tuple[list[dict], dict]:
     """The search stage: trace cache, then synchronous successive halving (Jamieson & Talwalkar 2016, the
     bracket Hyperband and ASHA are built from) over image rungs. Every sampled configuration is scored on the
     first `grace_images` images; at each rung all configurations still running have scored the same images
@@ -208,14 +251,17 @@ def run_search(cfg: SweepConfig, run_dir: Path, num_images: int) -> tuple[list[d
     from methods import METHODS
 
     search = cfg.search
+    num_images = len(dataset)
     method_cls = METHODS.get(cfg.method)
-    params0 = method_cls.resolve({**cfg.params, **_first_point(cfg)})
+    point = {**cfg.params, **_first_point(cfg)}
+    params0 = method_cls.resolve(point)
     setting = f"seed={cfg.seeds[0]}," + ",".join(f"{k}={params0[k]}" for k in method_cls.forward_keys())
-    cache = TraceCache((run_dir / "work").resolve() / CACHE, setting, int(search.cache_mb) * 1024 * 1024)
+    cache = TraceCache(Path(cache_root).resolve() / CACHE, setting, int(search.cache_mb) * 1024 * 1024)
     started = time.time()
-    passes, state = fill_cache(cfg, cache, num_images)
+    passes, worker = fill_cache(cfg, point, fits, cache, num_images, shards)
     trace_seconds = time.time() - started
-    method, dataset = state["method"], state["dataset"]
+    state = {"cfg": cfg, "method": worker.method, "dataset": dataset, "cache": cache}
+    method = worker.method
     configs, algo = sample_configs(cfg, search.num_samples)
     params = [method.resolve({**cfg.params, **c}) for c in configs]
     hists: list[list[np.ndarray]] = [[] for _ in configs]
@@ -269,12 +315,6 @@ def run_search(cfg: SweepConfig, run_dir: Path, num_images: int) -> tuple[list[d
              "trace_seconds": round(trace_seconds, 3), "num_forward_settings": 1,
              "per_image": {k: np.array(v) for k, v in per_image.items()}}
     return rows, stats
-
-
-def _classes(cfg: SweepConfig) -> list[str]:
-    from bench.data import build_dataset
-
-    return build_dataset(cfg.data).classes
 
 
 def _plain(value):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import bench.synthesize
+import bench.stages.synthesis
 from bench.data import build_dataset
 from bench.synthesize import main
 
@@ -40,9 +40,10 @@ def test_synthesis_on_the_ray_actor_pool(tmp_path, tiny_model, capsys, ray_sessi
     check_voc_dataset(out)
 
 
-def test_synthesis_writes_a_voc_dataset_the_loader_reads(tmp_path, tiny_model, capsys, monkeypatch):
-    """The paper's defaults: learned ASR, then the EGD with HST, fitted first and kept in the folder. Where a
-    local pool would hold one actor (one GPU, two CPU cores), `ray.execution=auto` generates in this process."""
+def test_synthesis_writes_a_voc_dataset_the_loader_reads(tmp_path, tiny_model, capsys, monkeypatch, ray_session):
+    """The paper's defaults: learned ASR, then the EGD with HST, fitted first by the fit stage (Ray Train, as in
+    bench.run) and kept in the folder. Where a local pool would hold one actor (one GPU, two CPU cores),
+    `ray.execution=auto` generates in this process."""
     import bench.env
 
     monkeypatch.setattr(bench.env, "local_slots", lambda use_gpu: 1)
@@ -51,17 +52,20 @@ def test_synthesis_writes_a_voc_dataset_the_loader_reads(tmp_path, tiny_model, c
                                f"output_dir={out}")
     assert code == 0, stderr[-3000:]
     assert stdout.strip().splitlines()[-1] == str(out)
-    assert not (tmp_path / "synthetic.partial").exists() and not (out / ".shards").exists()
+    assert not (tmp_path / "synthetic.partial").exists() and not (out / "work").exists()
     card = json.loads((out / "dataset.json").read_text())
     assert card["counts"] == {"synthesised": 5, "kept": 5, "filtered": 0}
     assert [s["prompt"] for s in card["samples"]][:2] == ["A photograph of a circle", "A photograph of a square"]
     assert card["pseudo_mask_quality"]["all"]["images"] == 5 and 0 <= card["pseudo_mask_quality"]["all"]["mIoU"] <= 100
     assert card["throughput"]["images_per_second"] > 0
     assert (card["throughput"]["execution"], card["throughput"]["actors"]) == ("driver", 0)
-    assert (out / "fit.safetensors").is_file()  # asr=learned: fitted on the training split before generating
-    fit = json.loads((out / "fit.json").read_text())
+    # asr=learned: fitted on the training split before generating, in the folder as in a run directory
+    fit_dir = out / card["fit"]
+    assert (fit_dir / "weights.safetensors").is_file() and (fit_dir / "done").is_file()
+    fit = json.loads((fit_dir / "train_config.json").read_text())
     assert fit["setting"]["values"]["asr"] == "learned" and fit["setting"]["values"]["egd"] is True
-    assert [series for _, _, series in fit["loss"]][-2:] == ["egd+hst", "egd+hst"]  # ASR, EGD, then HST
+    series = [line.split(",")[0] for line in (fit_dir / "loss.csv").read_text().splitlines()[1:]]
+    assert series[-2:] == ["egd+hst", "egd+hst"]  # ASR, EGD, then HST
     voc = build_dataset({"name": "voc2012", "root": str(out), "split": "train"})
     assert len(voc) == 5 and voc.classes[:2] == ["background", "circle"]  # the card's classes, not VOC's
     sample = voc[0]
@@ -77,29 +81,32 @@ def test_tff_filter_and_resume_without_regenerating(tmp_path, tiny_model, capsys
     args = [SWEEP, *SMALL, f"model.path={tiny_model}", "ray.num_actors=0", "params.tff_threshold=0.0",
             "params.egd=false", f"output_dir={out}"]  # the EGD would have no TFF-kept sample to learn from
     generated = []
-    real_call = bench.synthesize.SynthesisWorker.__call__
+    real_call = bench.stages.synthesis.SynthesisWorker.__call__
 
     def counting(self, batch):
         generated.extend(int(i) for i in batch["index"])
         return real_call(self, batch)
 
-    monkeypatch.setattr(bench.synthesize.SynthesisWorker, "__call__", counting)
-    real_write = bench.synthesize.write_batch
+    monkeypatch.setattr(bench.stages.synthesis.SynthesisWorker, "__call__", counting)
+    real_write = bench.stages.synthesis.write_images
+    calls = []
 
-    def interrupted_after_first(work, cfg, dataset, batch, shard):
-        real_write(work, cfg, dataset, batch, shard)
-        raise KeyboardInterrupt
+    def interrupted_before_the_second(folder, cfg, batch):  # the first batch is written and sharded
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_write(folder, cfg, batch)
 
-    monkeypatch.setattr(bench.synthesize, "write_batch", interrupted_after_first)
+    monkeypatch.setattr(bench.stages.synthesis, "write_images", interrupted_before_the_second)
     code, _, _ = cli(capsys, *args)
     assert code == 130 and (tmp_path / "synthetic.partial").is_dir() and not out.exists()
-    assert generated == [0, 1]
-    monkeypatch.setattr(bench.synthesize, "write_batch", real_write)
+    assert generated == [0, 1, 2, 3]
+    monkeypatch.setattr(bench.stages.synthesis, "write_images", real_write)
     code, stdout, stderr = cli(capsys, *[a for a in args if a != "params.tff_threshold=0.0"], "params.tff_threshold=0.5")
     assert code == 2 and "another configuration" in stderr  # a changed configuration is refused
     code, stdout, stderr = cli(capsys, *args)
     assert code == 0, stderr[-3000:]
-    assert generated == [0, 1, 2, 3, 4]  # the first batch was not generated again
+    assert generated == [0, 1, 2, 3, 2, 3, 4]  # the first batch was not generated again
     card = json.loads((out / "dataset.json").read_text())
     # threshold 0: every sample whose masks move at all over the K steps is filtered
     moved = [s["id"] for s in card["samples"] if s["tff"] > 0]
@@ -143,4 +150,4 @@ def test_no_fit_where_the_configuration_ignores_it(tmp_path, tiny_model, capsys)
         code, _, stderr = cli(capsys, SWEEP, *SMALL, f"model.path={tiny_model}", "ray.num_actors=0", extra,
                               "params.egd=false", "data.limit=2", f"output_dir={out}")
         assert code == 0, stderr[-3000:]
-        assert (out / "dataset.json").is_file() and not (out / "fit.safetensors").exists()
+        assert (out / "dataset.json").is_file() and not (out / "fit").exists()

@@ -1,6 +1,8 @@
-"""The trace stage: every image traced once per forward setting on a Ray Data actor pool; each forward
-group's configurations scored on that trace; per-image histograms sharded to `<work>/shards/` as batches
-finish (a resumed run re-traces only the images no shard holds).
+"""The trace stage: every image traced once per forward setting on a Ray Data actor pool (or in this process,
+`ray.execution=driver`); each forward group's configurations scored on that trace; per-image histograms sharded
+to `<work>/shards/` as batches finish (a resumed run re-traces only the images no shard holds). The same stage
+(`trace_images`: pool, shards, resume, storage) runs synthesis (bench.stages.synthesis) and the adaptive
+search's trace cache (bench.search) with their own workers.
 
 Workers write nothing: the histograms and the qualitative maps of the first `report.qualitative` images travel
 back to the driver in the result batches (columns `qualitative_name`, `qualitative_data`: an .npz record on
@@ -21,6 +23,7 @@ from tqdm import tqdm
 
 from bench.config import SweepConfig
 from bench.data import build_dataset
+from bench.env import auto_num_actors, init_ray, settle_execution
 from bench.evaluate import evaluate_batch, group_request
 from bench.faults import TraceFault, maybe_exit, trace_fault
 from bench.models import load_backbone
@@ -53,7 +56,7 @@ class SweepWorker:
         self.qualitative = qualitative
         self.qualitative_images = int(cfg.report.qualitative)
         self.requests = [group_request(self.method, g) for g in groups]
-        self.fault = fault  # tests only (bench.faults)
+        self.fault = fault if own_process else None  # tests only (bench.faults); never exits the driver
 
     def __call__(self, batch: dict) -> dict:
         indices = [int(i) for i in batch["index"]]
@@ -102,33 +105,70 @@ class SweepWorker:
         return keep
 
 
-def trace_and_score(cfg: SweepConfig, groups: list[ForwardGroup], num_images: int, shards: Location | Path,
-                    fits: dict[str, bytes], qualitative_dir: Location | Path | None) -> None:
-    """Stream the images that no shard holds yet through the actor pool; shard results into the run's storage
-    and write the qualitative records the workers send back."""
+def settle_pool(cfg: SweepConfig, num_images: int, fits: bool = False) -> None:
+    """Where the images are traced (`ray.execution`: auto resolved here, so that the run records what it picked)
+    and by how many actors; Ray is started where an actor pool or fits need it."""
+    use_gpu = torch.cuda.is_available() and cfg.model.device != "cpu"
+    settle_execution(cfg.ray, num_images, use_gpu)
+    if cfg.ray.execution == "actors" or fits:  # tracing in this process without fits needs no Ray
+        init_ray(cfg.ray.address, cfg.ray.object_store_mb, cfg.ray.quiet)
+    if cfg.ray.num_actors == "auto":
+        cfg.ray.num_actors = auto_num_actors(num_images, use_gpu)
+    log.info("ray.execution=%s: %s", cfg.ray.execution, "tracing in this process" if cfg.ray.execution == "driver"
+             else f"{cfg.ray.num_actors} tracing actors")
+
+
+def sharded(shards: Location | Path) -> tuple[set[int], int]:
+    """The images the shards hold and the number of shards (the next shard's index): what a resume skips."""
     shards = Location.of(shards)
-    qualitative_dir = Location.of(qualitative_dir) if qualitative_dir is not None else None
-    done = set()
+    done: set[int] = set()
     names = shards.names("shard-*.npz")
     for name in names:
         with np.load(io.BytesIO((shards / name).read_bytes()), allow_pickle=False) as shard:
             done.update(int(i) for i in shard["index"])
+    return done, len(names)
+
+
+def trace_images(cfg: SweepConfig, worker: type, kwargs: dict, num_images: int, shards: Location | Path,
+                 label: str, qualitative_dir: Location | Path | None = None, keep=None, local=None,
+                 done_word: str = "scored") -> None:
+    """The trace stage for any worker (sweeps: SweepWorker; synthesis and search bring theirs): the images no
+    shard holds yet go through `worker` on the Ray Data actor pool (ray.execution=actors) or in this process
+    (driver: `local`, or `worker(**kwargs, own_process=False)`); each result batch is absorbed by the driver
+    into the run's storage. `keep(batch)`, where given, writes the columns the driver keeps elsewhere (and
+    pops them) before the batch becomes a shard."""
+    shards = Location.of(shards)
+    qualitative_dir = Location.of(qualitative_dir) if qualitative_dir is not None else None
+    done, next_shard = sharded(shards)
     todo = [i for i in range(num_images) if i not in done]
     if done:
-        log.info("resuming: %d of %d images already scored", len(done), num_images)
+        log.info("resuming: %d of %d images already %s", len(done), num_images, done_word)
     if not todo:
         return
+    if cfg.ray.execution == "driver":
+        batches = _local_batches(local if local is not None else worker(**kwargs, own_process=False), todo,
+                                 int(cfg.ray.batch_size))
+    else:
+        batches = _ray_batches(cfg, worker, kwargs, todo)
+    absorb(batches, shards, qualitative_dir, done, next_shard, num_images, label, keep)
+
+
+def trace_and_score(cfg: SweepConfig, groups: list[ForwardGroup], num_images: int, shards: Location | Path,
+                    fits: dict[str, bytes], qualitative_dir: Location | Path | None) -> None:
+    """A sweep's trace stage: every configuration of each forward group scored on its trace, per-image
+    histograms sharded into the run's storage, the qualitative records the workers send back written."""
+    shards = Location.of(shards)
     fault_dir = shards.parent.local if shards.is_local else scratch_dir("fault", shards.uri)
     kwargs = {"cfg": cfg, "groups": groups, "fits": fits, "qualitative": qualitative_dir is not None,
               "fault": trace_fault(fault_dir)}
-    batches = _local_batches(todo, kwargs) if cfg.ray.execution == "driver" else _ray_batches(todo, kwargs)
-    absorb(batches, shards, qualitative_dir, done, len(names), num_images, f"{cfg.name} images")
+    trace_images(cfg, SweepWorker, kwargs, num_images, shards, f"{cfg.name} images", qualitative_dir)
 
 
 def absorb(batches, shards: Location, qualitative_dir: Location | None, done: set, next_shard: int,
-           num_images: int, label: str) -> None:
+           num_images: int, label: str, keep=None) -> None:
     """The driver's share of the trace stage, per result batch: drop images already sharded, write the
-    qualitative records, write the batch as one shard, advance the bar (what bench.perf_driver measures)."""
+    qualitative records and what `keep` writes, write the batch as one shard (last: a shard means its images'
+    files are complete), advance the bar (what bench.perf_driver measures)."""
     seen = np.zeros(num_images, dtype=bool)  # a mask, not a set: the check per batch costs the batch, not the run
     seen[np.fromiter(done, dtype=np.int64, count=len(done))] = True
     with tqdm(total=num_images, initial=len(done), desc=label, unit="img", dynamic_ncols=True) as bar:
@@ -146,7 +186,10 @@ def absorb(batches, shards: Location, qualitative_dir: Location | None, done: se
                 for name, data in zip(names_sent, data_sent):
                     if name:
                         (qualitative_dir / str(name)).write_bytes(bytes(data))
-            batch["trial"] = batch["trial"].astype(str)  # object arrays would need pickle
+            if keep is not None:
+                keep(batch)
+            if "trial" in batch:
+                batch["trial"] = batch["trial"].astype(str)  # object arrays would need pickle
             buffer = io.BytesIO()
             np.savez(buffer, **batch)
             (shards / f"shard-{next_shard:05d}.npz").write_bytes(buffer.getvalue())  # whole or not at all
@@ -154,11 +197,10 @@ def absorb(batches, shards: Location, qualitative_dir: Location | None, done: se
             bar.update(len(np.unique(batch["index"])))
 
 
-def _ray_batches(todo: list[int], kwargs: dict):
+def _ray_batches(cfg: SweepConfig, worker: type, kwargs: dict, todo: list[int]):
     """Result batches of the Ray Data actor pool (ray.num_actors actors, one GPU each where there are GPUs)."""
     import ray  # here: a run traced in the driver never imports it
 
-    cfg = kwargs["cfg"]
     use_gpu = torch.cuda.is_available() and cfg.model.device != "cpu"
     ds = ray.data.from_items([{"index": i} for i in todo], override_num_blocks=max(1, len(todo)))
     retries = int(cfg.ray.max_retries)
@@ -166,18 +208,16 @@ def _ray_batches(todo: list[int], kwargs: dict):
         # A dead actor (crash, OOM kill, lost node) is restarted and its batch retried `ray.max_retries` times,
         # then the run fails (finished shards are kept); Ray only offers these through ray_remote_args.
         warnings.simplefilter("ignore")
-        ds = ds.map_batches(SweepWorker, fn_constructor_kwargs=kwargs, batch_size=int(cfg.ray.batch_size),
+        ds = ds.map_batches(worker, fn_constructor_kwargs=kwargs, batch_size=int(cfg.ray.batch_size),
                             compute=ray.data.ActorPoolStrategy(size=int(cfg.ray.num_actors)),
                             num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1,
                             max_restarts=retries, max_task_retries=retries)
     yield from ds.iter_batches(batch_size=None, batch_format="numpy")
 
 
-def _local_batches(todo: list[int], kwargs: dict):
-    """ray.execution=driver: the same worker in this process (small local runs, debuggers): no Ray, no actor
+def _local_batches(worker, todo: list[int], size: int):
+    """ray.execution=driver: the worker in this process (small local runs, debuggers): no Ray, no actor
     start-up, the model loaded once here."""
-    worker = SweepWorker(**{**kwargs, "fault": None}, own_process=False)  # never exit the driver
-    size = int(kwargs["cfg"].ray.batch_size)
     for start in range(0, len(todo), size):
         yield worker({"index": np.array(todo[start:start + size], dtype=np.int64)})
 
