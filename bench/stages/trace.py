@@ -188,8 +188,9 @@ def absorb(batches, shards: Location, qualitative_dir: Location | None, done: se
                         (qualitative_dir / str(name)).write_bytes(bytes(data))
             if keep is not None:
                 keep(batch)
-            if "trial" in batch:
-                batch["trial"] = batch["trial"].astype(str)  # object arrays would need pickle
+            for key, column in batch.items():  # Ray Data hands strings back as object arrays, which need pickle
+                if column.dtype == object:
+                    batch[key] = column.astype(str)
             buffer = io.BytesIO()
             np.savez(buffer, **batch)
             (shards / f"shard-{next_shard:05d}.npz").write_bytes(buffer.getvalue())  # whole or not at all
