@@ -93,7 +93,7 @@ def resolve_layers(patterns, layers: dict[str, str], kind: str) -> list[str]:
         if not hits:
             example = ", ".join(names[:3])
             raise BenchError(f"layer {pattern!r} matches no {kind}-attention layer of this UNet "
-                             f"(e.g. {example}); list them with bench.trace.attention_layers(unet)")
+                             f"(e.g. {example}); list them with bench.capture.attention_layers(unet)")
         chosen.extend(h for h in hits if h not in chosen)
     return [n for n in names if n in chosen]  # registration order
 

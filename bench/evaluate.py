@@ -18,7 +18,7 @@ from bench.data.base import Sample, SegDataset
 from bench.forward import run_traced
 from bench.metrics import ImageScorer
 from bench.plan import ForwardGroup, Trial, group_trials  # noqa: F401  (re-exported: callers group and evaluate)
-from bench.trace import Trace, TraceRequest
+from bench.capture import Trace, TraceRequest
 from methods.base import ClassQuery, Method, Prediction
 from methods.maps import tie_counts, tie_grid
 

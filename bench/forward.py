@@ -17,7 +17,7 @@ import torch
 
 from bench.errors import BenchError
 from bench.models import Backbone
-from bench.trace import AttentionTracer, Trace, TraceRequest
+from bench.capture import AttentionTracer, Trace, TraceRequest
 
 
 @dataclass(frozen=True)

@@ -107,7 +107,7 @@ def measure_inversion(backbone, batches: list[int], repeats: int) -> list[dict]:
 def _measure_batch(backbone, batch: int, repeats: int) -> dict:
     from bench.evaluate import evaluate_batch, trace_samples
     from bench.forward import run_traced
-    from bench.trace import request
+    from bench.capture import request
 
     method, params, group, dataset, samples, req = _iseg_setup(backbone, batch)
     setting = replace(method.forward_setting(params, 0), size=backbone.resolution)
@@ -227,7 +227,7 @@ def measure_memory(backbone) -> dict:
     forward, and the bytes of the trace iSeg keeps: capture must cost at most twice what it keeps."""
     from bench.evaluate import evaluate_batch, trace_samples
     from bench.forward import run_traced
-    from bench.trace import request
+    from bench.capture import request
 
     device = backbone.device
     method, params, group, dataset, samples, req = _iseg_setup(backbone, 1)

@@ -87,7 +87,7 @@ def measure(size: str, device: str, train_steps: int, warmup: int, images: int, 
     from bench.data import build_dataset
     from bench.fitting import LocalFitContext
     from bench.models import load_backbone
-    from bench.trace import Trace
+    from bench.capture import Trace
     from methods.base import ClassQuery, Method
     from methods.dedos import ARCHITECTURE, Dedos, architecture, learnable_parameters
 

@@ -21,7 +21,7 @@ SIZE = 512
 
 def measure_joint(backbone, repeats: int, size: int = SIZE) -> dict:
     from bench.perf import RssPeak, _static_mmap_threshold, interleaved
-    from bench.trace import AttentionTracer, attention_layers, request
+    from bench.capture import AttentionTracer, attention_layers, request
 
     # before the first pass: glibc's dynamic mmap threshold would otherwise keep the warm-up's freed pages
     # resident and reuse them, and every later peak would read near zero

@@ -114,7 +114,7 @@ def inputs(model: str, net: torch.nn.Module, size: int, device: torch.device, dt
 
 def role_request(net: torch.nn.Module, role: str):
     """The trace request of one role at every layer that has it."""
-    from bench.trace import attention_layers, request
+    from bench.capture import attention_layers, request
 
     kinds = attention_layers(net)
     wanted = "cross" if role == "cross" else "self"
@@ -128,7 +128,7 @@ def tracer(model: str, net: torch.nn.Module, req, size: int):
     packed tokens); RuntimeError naming what is missing where it is absent."""
     import inspect
 
-    from bench.trace import AttentionTracer
+    from bench.capture import AttentionTracer
 
     if model == "sdxl":
         return AttentionTracer(net, req)

@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save
 from bench.config import SweepConfig, space_kind
 from bench.metrics import ImageScorer, summarize, tied_percent
 from bench.storage import Location
-from bench.trace import Trace
+from bench.capture import Trace
 from methods.base import ClassQuery
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.trace import _Recorder, grid_size
+from bench.capture import _Recorder, grid_size
 
 ROWS = ("renormalised", "raw")
 
@@ -29,7 +29,7 @@ ROWS = ("renormalised", "raw")
 # float32 tensors of a block's rows alive at once: scores and probabilities of each slice (and, raw, the joint
 # row's scores concatenated for its log-normaliser)
 LIVE_PER_ROW = 3
-# at least this many bytes of live scores per block, as the UNet processors (bench.trace.MIN_SCORE_BLOCK_BYTES):
+# at least this many bytes of live scores per block, as the UNet processors (bench.capture.MIN_SCORE_BLOCK_BYTES):
 # SD3 Medium's image->image role at 512 px keeps 4 MiB a layer, and blocks of half that (6 query rows of 24
 # heads) made the capture several times slower than blocks of 16 MiB
 MIN_BLOCK_BYTES = 16 * 2**20
@@ -383,7 +383,7 @@ class TextStream:
 
 
 def _empty_request():
-    from bench.trace import TraceRequest
+    from bench.capture import TraceRequest
 
     return TraceRequest()
 

@@ -19,7 +19,7 @@ from dataclasses import replace
 import torch
 
 from bench.forward import ForwardSetting
-from bench.trace import Trace, TraceRequest, request
+from bench.capture import Trace, TraceRequest, request
 from methods.base import ClassQuery, Method, Param, Prediction, register_method
 from methods.crf import CRF_PARAMS, CRFParams, crf_labels
 from methods.attribution import BLOCK_CHOICES, AttributionSource, aggregate_daam, aggregate_sum, attn_layers

@@ -39,7 +39,7 @@ from bench.forward import ForwardSetting
 from bench.metrics import CountedLabels
 from bench.models import SCHEDULER_CHOICES
 from bench.registry import Registry, unknown_name_message
-from bench.trace import Trace, TraceRequest
+from bench.capture import Trace, TraceRequest
 from methods.labels import TIE_RULES, TIE_TOL
 
 

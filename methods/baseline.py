@@ -11,7 +11,7 @@ import abc
 
 import torch
 
-from bench.trace import TraceRequest, request
+from bench.capture import TraceRequest, request
 from methods.base import ClassQuery, Method, Param, Prediction, register_method
 from methods.prompts import PROMPT_PARAMS, build_prompt
 

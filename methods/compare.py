@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-from bench.trace import TraceRequest
+from bench.capture import TraceRequest
 from methods.base import METHODS, ClassQuery, Method, Param, TrainSetting, register_method
 from methods.prompts import PROMPT_PARAMS, build_prompt
 

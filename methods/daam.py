@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.trace import Trace, TraceRequest, request
+from bench.capture import Trace, TraceRequest, request
 from methods.base import ClassQuery, Method, Param, Prediction, register_method
 from methods.attribution import BLOCK_CHOICES, AttributionSource, aggregate_daam, attn_layers
 from methods.labels import tie_of

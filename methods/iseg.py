@@ -37,7 +37,7 @@ import torch
 
 from bench.errors import BenchError
 from bench.models.layers import layer_map
-from bench.trace import Trace, TraceRequest, request
+from bench.capture import Trace, TraceRequest, request
 from methods.base import ClassQuery, Method, Param, Prediction, register_method
 from methods.attribution import AttributionSource, token_indices
 from methods.labels import tie_of

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from bench.trace import Trace, TraceRequest, request
+from bench.capture import Trace, TraceRequest, request
 from methods.base import ClassQuery, Method, Param, Prediction, register_method
 from methods.attribution import BLOCK_CHOICES, AttributionSource, attn_layers
 from methods.labels import tie_of

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.trace import Trace, TraceRequest, request
+from bench.capture import Trace, TraceRequest, request
 from methods.base import ARGMAX_TIE, ClassQuery, Method, Param, Prediction, register_method
 
 # ImageNet statistics, SegformerImageProcessor's defaults (image_mean / image_std)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from bench.data import require_generation_gt
 from bench.forward import ForwardSetting, run_traced
-from bench.trace import Trace, request
+from bench.capture import Trace, request
 from methods.base import TrainSetting
 from methods.attribution import attn_layers, attribution_embedding, rekey, token_indices
 from methods.maps import resize_maps

@@ -26,7 +26,7 @@ def _measure(kind: str) -> dict[str, int]:
     from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
 
     from bench.perf import RssPeak
-    from bench.trace import _Recorder, request
+    from bench.capture import _Recorder, request
     from bench.trace_joint import FluxCaptureProcessor, JointCaptureProcessor
 
     torch.manual_seed(0)

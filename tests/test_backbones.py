@@ -23,7 +23,7 @@ from bench.forward import ForwardSetting, run_traced
 from bench.models import load_backbone, model_provenance, validate_model_config
 from bench.models.families import detect_family
 from bench.models.layers import TransformerLayerMap, layer_map, select_depth
-from bench.trace import AttentionTracer, attention_layers, request
+from bench.capture import AttentionTracer, attention_layers, request
 from tiny import LATENT, save_tiny_family
 
 FAMILIES = ("sdxl", "sd3", "flux")

@@ -8,7 +8,7 @@ import torch
 from bench.errors import BenchError
 from bench.forward import ForwardSetting, run_traced
 from bench.models.layers import LayerMap
-from bench.trace import AttentionTracer, attention_layers, request
+from bench.capture import AttentionTracer, attention_layers, request
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ def _measure() -> dict[str, int]:
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
     from bench.perf import RssPeak
-    from bench.trace import CaptureProcessor, _Recorder, request
+    from bench.capture import CaptureProcessor, _Recorder, request
 
     torch.manual_seed(0)
     attn = Attention(query_dim=320, heads=5, dim_head=64).eval()

@@ -153,7 +153,7 @@ def test_normalize_gives_unit_sum_nonnegative_columns():
 
 def test_cat_cross_gamma_one_reproduces_plain_cross_attention(random_backbone):
     from bench.forward import ForwardSetting, run_traced
-    from bench.trace import request
+    from bench.capture import request
     from methods.iseg import ISeg
 
     import numpy as np

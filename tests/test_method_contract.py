@@ -415,7 +415,7 @@ def test_capture_processors_give_diffusers_outputs(tiny):
     processor up to rounding; WeightedKeyProcessor with unit weights is the SDPA processor."""
     from diffusers.models.attention_processor import AttnProcessor
 
-    from bench.trace import AttentionTracer, attention_layers, request
+    from bench.capture import AttentionTracer, attention_layers, request
 
     unet = tiny.unet
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -448,8 +448,8 @@ def test_class_query_all_lists_every_foreground_class():
 def test_capture_in_row_blocks_equals_one_block(tiny, monkeypatch):
     """Probabilities computed a block of query rows at a time (the capture-memory bound) give the same UNet
     output and the same recorded attention as one block."""
-    import bench.trace as trace_mod
-    from bench.trace import AttentionTracer, attention_layers, request
+    import bench.capture as trace_mod
+    from bench.capture import AttentionTracer, attention_layers, request
 
     unet = tiny.unet
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
@@ -538,7 +538,7 @@ def test_the_engine_answers_an_image_without_classes():
 # What methods may import of the engine: capture, the forward pass, backbones and the offline world, errors and the
 # registry, the dataset contract (bench.data.base) and the scorer's input type. Fits reach training images through
 # FitContext (bench.fitting, handed to `fit`), never by importing the engine.
-ENGINE_INTERFACES = ("bench.trace", "bench.forward", "bench.models", "bench.embedded", "bench.errors",
+ENGINE_INTERFACES = ("bench.capture", "bench.forward", "bench.models", "bench.embedded", "bench.errors",
                      "bench.registry", "bench.data.base")
 DECLARED_NAMES = {"bench.data": {"require_generation_gt", "IGNORE_INDEX"}, "bench.metrics": {"CountedLabels"}}
 

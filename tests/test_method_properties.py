@@ -22,7 +22,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from bench.errors import BenchError  # noqa: E402
-from bench.trace import Trace  # noqa: E402
+from bench.capture import Trace  # noqa: E402
 from methods import METHODS  # noqa: E402
 from methods.base import COMMON_PARAMS, ClassQuery  # noqa: E402
 from bench.models.layers import sd_layer_map  # noqa: E402

@@ -57,7 +57,7 @@ def test_generation_uses_the_folders_own_scheduler(tiny_pipeline_folder, tmp_pat
 
     from bench.forward import ForwardSetting, run_traced
     from bench.models import scheduler_name
-    from bench.trace import request
+    from bench.capture import request
 
     folder, parts = tiny_pipeline_folder
     copy = tmp_path / "pndm"

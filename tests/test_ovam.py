@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from bench.data import build_dataset
 from bench.forward import ForwardSetting, run_traced
-from bench.trace import request
+from bench.capture import request
 from methods.base import ClassQuery
 from methods.attribution import (AttributionSource, aggregate_daam, aggregate_sum, attn_layers,
     attribution_embedding, rekey, token_indices)

@@ -18,7 +18,7 @@ from bench.data import build_dataset
 from bench.fitting import LocalFitContext
 from bench.run import main
 from bench.synthesize import voc_palette
-from bench.trace import Trace
+from bench.capture import Trace
 from methods import METHODS
 from methods.base import ClassQuery
 

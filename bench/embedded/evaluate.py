@@ -12,7 +12,7 @@ object's pixel mask:
   refined  the same map propagated by the last decoder self-attention (`LayerMap.decoder_self(-1)`);
 baselines: the whole image; a centred disk (best radius of a few).
 Binding rate: in two-object images, the share of objects whose word map puts more mass on its own object
-than on the other one. Attention is recorded with the bench's own tracer (`bench.trace.AttentionTracer`).
+than on the other one. Attention is recorded with the bench's own tracer (`bench.capture.AttentionTracer`).
 
 `--main-job SWEEP` also scores a sweep file's configurations on the model the way the bench does (the engine's
 `evaluate_batch` in this process, no Ray): mIoU and the share of labels decided by tie-breaking (`tied`), per
@@ -69,7 +69,7 @@ def evaluate(model: Path, num_images: int = 100, t: int = 200, seed: int = 0, da
     from bench.data.shapes_gt import object_masks
     from bench.models import load_pipeline_folder
     from bench.models.layers import LayerMap
-    from bench.trace import AttentionTracer, attention_layers, request
+    from bench.capture import AttentionTracer, attention_layers, request
 
     bb = load_pipeline_folder(Path(model), torch.device(device), torch.float32, name="embedded-eval")
     size = bb.resolution

@@ -223,7 +223,7 @@ class TransformerLayerMap:
     counterpart (an error names variant=paper)."""
 
     def __init__(self, transformer: torch.nn.Module, depth: str = "all", flux_blocks: str = "double"):
-        from bench.trace import attention_layers
+        from bench.capture import attention_layers
 
         if flux_blocks not in FLUX_BLOCKS:
             raise BenchError(f"model.flux_blocks={flux_blocks!r} is not one of {', '.join(FLUX_BLOCKS)}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.trace import TraceRequest, request
+from bench.capture import TraceRequest, request
 from methods.attribution import AttributionSource, attn_layers
 from methods.base import Method, Param, Prediction, register_method
 from methods.maps import labels_from_scores, minmax, resize_maps

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bench.errors import BenchError
-from bench.trace import Trace, TraceRequest, request
+from bench.capture import Trace, TraceRequest, request
 from methods.base import ARGMAX_TIE, ClassQuery, Method, Param, Prediction, register_method
 from methods.dedos.cost import HEADS as COST_HEADS
 from methods.dedos.cost import CostAggregation

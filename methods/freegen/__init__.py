@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from bench.models.sam import EMBEDDED_SAM
-from bench.trace import Trace, TraceRequest, request
+from bench.capture import Trace, TraceRequest, request
 from methods.attribution import AttributionSource, attn_layers, attribution_embedding, token_indices
 from methods.base import ARGMAX_TIE, ClassQuery, Method, Param, Prediction, SyntheticMask, TrainSetting, register_method
 from methods.freegen.asr import (AsrInputs, AsrModule, asr_inputs_from, asr_loss, asr_record,

@@ -91,7 +91,7 @@ def sd15_world(backbone: StandInBackbone, prompt: str, steps: int, latent: int =
     """A Trace of SD 1.5's 16 attn2 layers (8 heads, 77 tokens): seeded per-step queries, a seeded to_k per layer
     (text width 768 -> inner dim) and the cross-attention the UNet computes from them with the padded prompt."""
     from bench.models.layers import sd_layer_map
-    from bench.trace import Trace
+    from bench.capture import Trace
     from methods.attribution import attribution_embedding
 
     g = torch.Generator().manual_seed(seed)

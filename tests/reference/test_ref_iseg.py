@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.trace import Trace
+from bench.capture import Trace
 from methods.base import ClassQuery
 from bench.models.layers import sd_layer_map
 from methods.iseg import CODE_CROSS as RELEASE_LEVELS

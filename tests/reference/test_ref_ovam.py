@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.trace import Trace
+from bench.capture import Trace
 from methods.base import ClassQuery
 from methods.ovam import OVAM
 from methods.tokens import token_loss
