@@ -21,7 +21,7 @@ from bench.env import quiet_environment
 
 quiet_environment()
 
-from bench.errors import BenchError  # noqa: E402
+from bench.errors import BenchError
 
 log = logging.getLogger("bench.backbones")
 

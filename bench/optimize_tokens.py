@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> Path:
     for name in names:
         bar.set_postfix(cls=name)
         fit = fit_class(backbone, dataset, name, settings,
-                        progress=lambda v: (bar.update(1), bar.set_postfix(cls=name, loss=f"{v:.4f}")))
+                        progress=lambda v, name=name: (bar.update(1), bar.set_postfix(cls=name, loss=f"{v:.4f}")))
         if fit.tokens is None:
             tqdm.write(f"no image of {name!r} in {dataset.name}; skipped")
             bar.update(settings.epochs)

@@ -44,9 +44,9 @@ from bench.env import quiet_environment
 
 quiet_environment()
 
-import torch  # noqa: E402
+import torch
 
-from bench.errors import BenchError, cli_exit  # noqa: E402
+from bench.errors import BenchError, cli_exit
 
 log = logging.getLogger(__name__)
 TARGETS = {"iseg_images_per_second_gpu": 100.0, "traced_over_plain": 1.3, "generation_over_pipeline": 1.25,

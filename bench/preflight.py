@@ -381,7 +381,7 @@ def _probe_node(checks: list[dict]) -> list[dict]:
                 loc = Location.of(check["path"])
                 loc.fs.get_file_info(loc.path.split("/", 1)[0])
                 out.append({"ok": True})
-            except Exception as err:  # noqa: BLE001
+            except Exception as err:  # noqa: BLE001 (any store error becomes this node's one-line refusal)
                 out.append({"ok": False, "why": f"{type(err).__name__}: {' '.join(str(err).split())[:120]}"})
         elif check["kind"] == "same":  # a shared mount: this node must see what the driver sees
             seen = path_identity(check["path"])

@@ -27,14 +27,14 @@ from bench.env import quiet_environment
 
 quiet_environment()  # before torch is imported below: its thread count is read at import
 
-from bench.config import SweepConfig, compose  # noqa: E402
-from bench.engine import run_engine  # noqa: E402
-from bench.errors import BenchError, RunFailed, cli_exit, run_started  # noqa: E402
-from bench.hygiene import prune_foreign  # noqa: E402
-from bench.preflight import check_cluster, preflight  # noqa: E402
-from bench.results import config_hash, write_run  # noqa: E402
-from bench.rundir import WORK, Claim, claim, discard, has_progress, run_target, scored_images  # noqa: E402
-from bench.storage import COMPLETE, Location  # noqa: E402
+from bench.config import SweepConfig, compose
+from bench.engine import run_engine
+from bench.errors import BenchError, RunFailed, cli_exit, run_started
+from bench.hygiene import prune_foreign
+from bench.preflight import check_cluster, preflight
+from bench.results import config_hash, write_run
+from bench.rundir import WORK, Claim, claim, discard, has_progress, run_target, scored_images
+from bench.storage import COMPLETE, Location
 
 log = logging.getLogger("bench")
 

@@ -28,11 +28,11 @@ from bench.env import quiet_environment
 
 quiet_environment()  # before torch is imported below
 
-from bench.config import compose  # noqa: E402
-from bench.rundir import in_ray_job, run_target, unique_default_dir  # noqa: E402
-from bench.stages.synthesis import drop_ignored_fit, synthesis_params, synthesize_into  # noqa: E402
-from bench.stages.synthesis import voc_palette  # noqa: E402,F401  (where the segmenter's tests read it)
-from bench.storage import STORAGE_ENV  # noqa: E402
+from bench.config import compose
+from bench.rundir import in_ray_job, run_target, unique_default_dir
+from bench.stages.synthesis import drop_ignored_fit, synthesis_params, synthesize_into
+from bench.stages.synthesis import voc_palette  # noqa: F401 (re-exported: the segmenter's tests import it from here)
+from bench.storage import STORAGE_ENV
 
 
 def synthesize(sweep_path: str, overrides: list[str]) -> Path | str:

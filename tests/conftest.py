@@ -7,8 +7,8 @@ from bench.env import quiet_environment
 quiet_environment(ray_tmp="ray-bench-tests")
 sys.path.insert(0, str(Path(__file__).parent))  # tests/tiny.py, tests/browser.py
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 torch.set_num_threads(1)
 

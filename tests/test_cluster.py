@@ -114,7 +114,7 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(s3_server):  # noqa: F811
+def cluster(s3_server):  # noqa: F811 (the S3 endpoint fixture, imported above, is requested by name)
     why = _namespace_refusal()
     if why:
         pytest.skip(why)

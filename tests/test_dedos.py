@@ -104,7 +104,7 @@ def test_every_stage_has_its_shape_and_the_loss_falls_on_a_fixed_batch(tiny, cli
     targets = [method.target(ds[i].label, [0, 1, 2, 3], size, "cpu") for i in range(2)]
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
-    for step in range(8):
+    for _ in range(8):
         outputs, queries, consist = model(pixels, text, den.features, 1.0, None, *[torch.randn(2, 16, 32)] * 2)
         assert queries.shape == (2, cfg["n"], cfg["c"]) and consist.ndim == 0
         assert len(outputs) == cfg["decoder_layers"] + 1

@@ -8,15 +8,15 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import pytest
+import torch
 
-from bench.data import build_dataset  # noqa: E402
-from bench.evaluate import Trial, evaluate_batch, group_trials  # noqa: E402
-from bench.metrics import summarize, tied_percent  # noqa: E402
-from methods import METHODS  # noqa: E402
-import methods.maps  # noqa: E402
+from bench.data import build_dataset
+from bench.evaluate import Trial, evaluate_batch, group_trials
+from bench.metrics import summarize, tied_percent
+from methods import METHODS
+import methods.maps
 
 torch.set_num_threads(1)
 # The quality bar of the shipped model: slow, and CI runs it as its own step (.ci/run).

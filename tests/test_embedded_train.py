@@ -13,9 +13,9 @@ import torch
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
-from bench.data.shapes import CLASSES, ShapesDataset  # noqa: E402
-from bench.models.layers import LayerMap  # noqa: E402
-from bench.data.shapes_gt import check_generated, generated_ground_truth, object_masks, parse_caption  # noqa: E402
+from bench.data.shapes import CLASSES, ShapesDataset
+from bench.models.layers import LayerMap
+from bench.data.shapes_gt import check_generated, generated_ground_truth, object_masks, parse_caption
 
 TINY = ["--seed", "0", "--size", "16", "--num-train-images", "16", "--vae-steps", "2", "--vae-batch", "4",
         "--steps", "2", "--batch", "4", "--channels", "8", "16", "16", "16"]

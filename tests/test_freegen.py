@@ -85,7 +85,7 @@ def test_synthetic_mask_on_a_tiny_generation_trace(tiny):
     cfg = method.resolve({"mode": "generation", "steps": 4, "asr": "init", "egd": False})
     data = build_dataset({"name": "voc_sim", "seeds_per_class": 1, "size": 32, "limit": 2})
     batch = trace_samples(method, data, [data[0], data[1]], cfg, 0, method.trace_request(cfg))
-    for sample, query, trace in zip([data[0], data[1]], batch.queries, batch.traces):
+    for _sample, query, trace in zip([data[0], data[1]], batch.queries, batch.traces):
         mask = method.synthetic_mask(trace, query, cfg, (32, 32))
         assert mask.label.shape == (32, 32) and mask.label.dtype == np.uint8
         assert set(np.unique(mask.label)) <= {0, 255, *query.ids}

@@ -25,8 +25,8 @@ def tiny_unet(down, up, transformer_layers=1):
 def test_sd_roles_are_the_papers_layers():
     """Pins the SD 1.x/2.x resolution of every role a method uses to the layer names written out before roles."""
     sd = sd_layer_map()
-    up = lambda b: [f"up_blocks.{b}.attentions.{i}" for i in range(3)]  # noqa: E731
-    down = lambda b: [f"down_blocks.{b}.attentions.{i}" for i in range(2)]  # noqa: E731
+    up = lambda b: [f"up_blocks.{b}.attentions.{i}" for i in range(3)]
+    down = lambda b: [f"down_blocks.{b}.attentions.{i}" for i in range(2)]
     iseg = ISeg(None)
     assert iseg.cross_layers({"cross_levels": "16"}) == names(up(1), "attn2")
     assert iseg.cross_layers({"cross_levels": "32"}) == names(up(2), "attn2")

@@ -125,7 +125,7 @@ def test_parameters_are_typed_and_versioned(name):
     assert pickle.loads(pickle.dumps(params)) == params and hash(params) == hash(cls.resolve({}))
     with pytest.raises(BenchError, match="Did you mean .mode."):
         cls.resolve({"mdoe": "inversion"})
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 (whatever the frozen container raises)
         params.mode = "generation"  # frozen
 
 
@@ -200,7 +200,7 @@ def test_non_forward_parameters_leave_the_unet_pass_bit_identical(tiny, name):
     reference = None
     for params in configs:
         batch = []
-        calls = unet_calls(tiny, lambda: batch.append(trace_samples(method, dataset, [dataset[0]], params, 0, req)))
+        calls = unet_calls(tiny, lambda: batch.append(trace_samples(method, dataset, [dataset[0]], params, 0, req)))  # noqa: B023 (called within this iteration)
         tensors = recorded(batch[0].traces[0])
         if reference is None:
             assert calls, f"{name}: the {mode} pass made no UNet call, so there is nothing to compare"

@@ -15,17 +15,17 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from types import SimpleNamespace  # noqa: E402
+from types import SimpleNamespace
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import pytest
+import torch
 
-from bench.errors import BenchError  # noqa: E402
-from bench.capture import Trace  # noqa: E402
-from methods import METHODS  # noqa: E402
-from methods.base import COMMON_PARAMS, ClassQuery  # noqa: E402
-from bench.models.layers import sd_layer_map  # noqa: E402
+from bench.errors import BenchError
+from bench.capture import Trace
+from methods import METHODS
+from methods.base import COMMON_PARAMS, ClassQuery
+from bench.models.layers import sd_layer_map
 
 LATENT = 32
 OUT = (LATENT * 8, LATENT * 8)  # the image: SD's latent factor 8
@@ -59,7 +59,7 @@ class SyntheticBackbone(SimpleNamespace):
 
         tokenizer = build_tokenizer(77)
         width = len(tokenizer)
-        encoder = lambda ids: (torch.nn.functional.one_hot(ids, width).float(),)  # noqa: E731
+        encoder = lambda ids: (torch.nn.functional.one_hot(ids, width).float(),)
         # no UNet: the synthetic trace carries SD 1.x/2.x's layer names (what layer_map reads from a backbone)
         super().__init__(tokenizer=tokenizer, text_encoder=encoder, device=torch.device("cpu"), dtype=torch.float32,
                          max_length=77, vae=None, width=width, _layer_map=sd_layer_map())

@@ -10,7 +10,7 @@ import pytest
 
 from bench.reporting import save_qualitative
 from browser import INSTALL_HINT, check_page, find_chromium
-from test_report import HOSTILE_CLASSES, hostile_report, make_cfg, make_frame, make_prov, make_run_dir, two_runs
+from test_report import HOSTILE_CLASSES, hostile_report, make_cfg, make_frame, make_prov, two_runs
 
 pytestmark = pytest.mark.skipif(find_chromium() is None, reason=f"no Chromium on this machine; {INSTALL_HINT}")
 

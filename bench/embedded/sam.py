@@ -152,7 +152,7 @@ def train(out: Path, steps: int = 700, batch: int = 16, lr: float = 1e-3, train_
     model.train()
     curve = []
     started = time.time()
-    for step in tqdm(range(steps), desc="tiny SAM", unit="step", dynamic_ncols=True):
+    for _ in tqdm(range(steps), desc="tiny SAM", unit="step", dynamic_ncols=True):
         pick = rng.integers(0, len(objects), size=batch)
         n = int(rng.integers(1, 4))  # 1-3 points per prompt (FreeGen prompts with 3)
         chunk = [objects[k] for k in pick]

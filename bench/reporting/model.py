@@ -99,7 +99,7 @@ def load_run(path: str | Path) -> RunData:
         cfg = yaml.safe_load((path / "config.yaml").read_text())
         prov = json.loads((path / "run.json").read_text())
         frame = pd.read_parquet(path / "results.parquet")
-    except Exception as err:  # corrupt files: name the file, no traceback
+    except Exception as err:  # noqa: BLE001 (corrupt files of any kind: name the file, no traceback)
         raise BenchError(f"cannot read run directory {path}: {type(err).__name__}: {str(err).splitlines()[0]}; "
                          f"re-run the sweep") from None
     if not isinstance(cfg, dict) or not isinstance(prov, dict) or "mIoU" not in frame.columns:

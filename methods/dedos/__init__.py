@@ -137,7 +137,7 @@ class DedosModel(nn.Module):
         if self.cost is not None:  # CAT-Seg's dense embeddings: the final patch tokens, normed and projected
             patches = final[:, 1:]
             dense = self.projection(self.vision.post_layernorm(patches)).unflatten(1, self.grid)
-            aggregate = lambda scales: self.cost(dense, patches, text, scales[1:])  # noqa: E731
+            aggregate = lambda scales: self.cost(dense, patches, text, scales[1:])
         return self.decoder(queries, taps, self.grid, text, final_only, aggregate)
 
     def forward(self, pixels, text, features=None, keep: float = 0.7, generator=None, clip_before=None,

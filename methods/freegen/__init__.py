@@ -479,9 +479,9 @@ class FreeGen(Method):
 
             def after_epoch(epoch, loss, first=first, skip=epochs - todo):
                 step = first + skip + epoch + 1
-                ctx.log(step, loss, "egd" if round_ == 0 else "egd+hst")
+                ctx.log(step, loss, "egd" if round_ == 0 else "egd+hst")  # noqa: B023 (called within this round)
                 ctx.checkpoint(step, {"egd": model.state_dict(), "egd_optimizer": opt.state_dict(),
-                                      "kept": torch.tensor(kept), "asr": dict(asr)})
+                                      "kept": torch.tensor(kept), "asr": dict(asr)})  # noqa: B023 (called within this round)
 
             train_epochs(model, chosen, todo, cfg["egd_lr"], cfg["egd_batch"], seed=1_000 * (round_ + 1)
                          + epochs - todo, step_hook=after_epoch, optimizer=opt)

@@ -40,7 +40,7 @@ def mmseg(pairs) -> dict[str, float]:
         mask = label != 255
         pred, label = pred[mask], label[mask]
         inter = pred[pred == label]
-        hist = lambda x: torch.histc(x.float(), bins=C, min=0, max=C - 1)  # noqa: E731
+        hist = lambda x: torch.histc(x.float(), bins=C, min=0, max=C - 1)
         a_i, a_p, a_l = hist(inter), hist(pred), hist(label)
         for k, v in enumerate((a_i, a_p + a_l - a_i, a_p, a_l)):
             totals[k] = totals[k] + v.double()

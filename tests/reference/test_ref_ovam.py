@@ -53,7 +53,7 @@ def predict(trace, heat, **params):
 # heatmap / heatmap.max() * sa > threshold. The self-attention map is the attention each pixel receives (the
 # released extractor computes a constant, see methods/ovam.py), given to both sides.
 def release_binarise(heat, received, tau: float, alpha: float):
-    up = lambda m: F.interpolate(m[None, None], size=IMAGE, mode="bilinear")[0, 0]  # noqa: E731
+    up = lambda m: F.interpolate(m[None, None], size=IMAGE, mode="bilinear")[0, 0]
     sa = up(received)
     sa = (sa - sa.min()) / (sa.max() - sa.min()) * (1 - alpha) + alpha
     h = up(heat)
