@@ -321,6 +321,10 @@ class Method(metaclass=_MethodMeta):
     # Small train parameters under which the registry-wide contract tests fit this method in seconds (a few steps
     # of a long fit); every configuration those tests fit starts from them. Never read by a run.
     tester_params: ClassVar[dict[str, Any]] = {}
+    # The backbone families the method runs on (bench.models.families: "sd", "sdxl", "sd3", "flux"); None: every
+    # family. A method that reads one family's internals names it, and why, so preflight refuses the others.
+    families: ClassVar[tuple[str, ...] | None] = None
+    families_why: ClassVar[str] = ""
 
     def __init__(self, backbone=None):
         self.backbone = backbone

@@ -313,7 +313,7 @@ class FluxBackbone(_FlowBackbone):
 def check_method_family(method: str, cls, family: str) -> None:
     """A method that reads one family's internals (`families` on its class) refused on any other, in one line
     before anything runs (docs/backbones.md, "Trained methods")."""
-    supported = getattr(cls, "families", None)
+    supported = cls.families
     if supported is not None and family not in supported:
         raise BenchError(f"method={method} runs on {'/'.join(supported)} backbones only ({cls.families_why}); this "
                          f"model is {family}: use model=embedded or an SD 1.x/2.x folder")
