@@ -172,6 +172,7 @@ def fit_configs(out: Path) -> list[dict]:
     return [json.loads((d / "train_config.json").read_text()) for d in sorted((out / "fit").iterdir())]
 
 
+@pytest.mark.slow  # a Ray Train fit inside (20-40 s on 2 cores): beyond the fast suite's per-test share
 def test_two_train_settings_fit_at_once_as_tune_trials_and_equal_fits_alone(tmp_path, tiny_model, ray_session,
                                                                             capsys):
     """Two train settings are two Ray Tune trials, each one Ray Train run, running at the same time where the

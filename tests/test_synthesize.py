@@ -40,6 +40,7 @@ def test_synthesis_on_the_ray_actor_pool(tmp_path, tiny_model, capsys, ray_sessi
     check_voc_dataset(out)
 
 
+@pytest.mark.slow  # a Ray Train fit inside (20-40 s on 2 cores): beyond the fast suite's per-test share
 def test_synthesis_writes_a_voc_dataset_the_loader_reads(tmp_path, tiny_model, capsys, monkeypatch, ray_session):
     """The paper's defaults: learned ASR, then the EGD with HST, fitted first by the fit stage (Ray Train, as in
     bench.run) and kept in the folder. Where a local pool would hold one actor (one GPU, two CPU cores),
@@ -76,6 +77,7 @@ def test_synthesis_writes_a_voc_dataset_the_loader_reads(tmp_path, tiny_model, c
     assert len(build_dataset({"name": "voc2012", "root": str(out), "split": "all"})) == 5
 
 
+@pytest.mark.slow  # a Ray Train fit inside (20-40 s on 2 cores): beyond the fast suite's per-test share
 def test_tff_filter_and_resume_without_regenerating(tmp_path, tiny_model, capsys, monkeypatch):
     out = tmp_path / "synthetic"
     args = [SWEEP, *SMALL, f"model.path={tiny_model}", "ray.num_actors=0", "params.tff_threshold=0.0",
