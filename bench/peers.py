@@ -80,16 +80,12 @@ OVAM_COMMON = {"steps": 10, "guidance": 7.5, "attribution": "A photograph of a {
 def tiny_sd21_pipeline(seed: int = SEED):
     """SD 2.1-base's layout at toy width, seeded random weights (diffusers' get_dummy_components pattern)."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
-    from bench.embedded import build_tokenizer
+    from bench.embedded import build_tokenizer, tiny_text_encoder
 
     tokenizer = build_tokenizer(max_length=77, extra_words=EXTRA_WORDS)
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-        projection_dim=HIDDEN))
+    text_encoder = tiny_text_encoder(tokenizer, HIDDEN)
     unet = UNet2DConditionModel(
         sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(40, 40, 80, 80),
         norm_num_groups=4, cross_attention_dim=HIDDEN, attention_head_dim=HEADS,

@@ -83,14 +83,8 @@ def run_iseg(repo: Path, work: Path) -> dict[str, np.ndarray]:
         release.cam_to_label, dfc = capture_cam, release.DFC_KL
         release.DFC_KL = ProbedDFC
         for image in inputs["images"]:
-            import cv2
-
-            rgb = np.load(work / image["file"])
-            img = cv2.resize(rgb.astype(np.float32) / 255.0, dsize=(config.test_mask_size, config.test_mask_size))
-            batch = (torch.from_numpy(img.transpose(2, 0, 1).copy())[None],
-                     torch.from_numpy(np.load(work / image["label"]).astype(np.int64))[None], [image["name"]])
             with torch.no_grad():
-                model.test_step(batch, 0)
+                model.test_step(release_batch(work, image, config.test_mask_size), 0)
             key = f"{setting['name']}/{image['name']}"
             classes = [c - 1 for c in image["ids"]]  # the release's cam has the 20 VOC classes, background apart
             out[key + "/scores"] = captured["scores"][0][classes].float().numpy()
@@ -99,6 +93,17 @@ def run_iseg(repo: Path, work: Path) -> dict[str, np.ndarray]:
                 out[key + "/cluster_moved"] = np.array(captured.pop("cluster_moved"))
         release.cam_to_label, release.DFC_KL = cam_to_label, dfc
     return out
+
+
+def release_batch(work: Path, image: dict, size: int) -> tuple:
+    """One image as the release's test_step takes it: (RGB resized to its test_mask_size in [0, 1], label, name)."""
+    import cv2
+    import torch
+
+    rgb = np.load(work / image["file"])
+    img = cv2.resize(rgb.astype(np.float32) / 255.0, dsize=(size, size))
+    return (torch.from_numpy(img.transpose(2, 0, 1).copy())[None],
+            torch.from_numpy(np.load(work / image["label"]).astype(np.int64))[None], [image["name"]])
 
 
 def diagnose_iseg(repo: Path, work: Path) -> dict[str, np.ndarray]:
@@ -110,8 +115,6 @@ def diagnose_iseg(repo: Path, work: Path) -> dict[str, np.ndarray]:
     sys.path[:0] = [str(repo / "wsss"), str(repo), str(repo / "base")]
     if not torch.cuda.is_available():
         torch.Tensor.cuda = lambda self, *args, **kwargs: self
-    import cv2
-
     import arguments
     import iSeg as release
 
@@ -146,12 +149,8 @@ def diagnose_iseg(repo: Path, work: Path) -> dict[str, np.ndarray]:
 
     sd.get_attention_map, dfc = capture_maps, release.DFC_KL
     release.DFC_KL = KeptDFC
-    rgb = np.load(work / image["file"])
-    img = cv2.resize(rgb.astype(np.float32) / 255.0, dsize=(config.test_mask_size, config.test_mask_size))
-    batch = (torch.from_numpy(img.transpose(2, 0, 1).copy())[None],
-             torch.from_numpy(np.load(work / image["label"]).astype(np.int64))[None], [image["name"]])
     with torch.no_grad():
-        model.test_step(batch, 0)
+        model.test_step(release_batch(work, image, config.test_mask_size), 0)
     release.DFC_KL = dfc
     out["embedding"] = model.test_t_embedding[0].float().numpy()
     return out

@@ -62,14 +62,20 @@ def build_tokenizer(max_length: int = 77, extra_words: list[str] | tuple[str, ..
     raise RuntimeError(f"could not build single-token merges for {sorted(pending)}")
 
 
+def tiny_text_encoder(tokenizer: CLIPTokenizer, hidden: int) -> CLIPTextModel:
+    """A two-layer CLIP text encoder of width `hidden` over `tokenizer`'s vocabulary, random weights from torch's
+    current seed (the embedded default's and the peer comparison's tiny pipelines)."""
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        projection_dim=hidden))
+
+
 def build_components(seed: int = 0) -> dict:
     """Tokenizer, text encoder, UNet, VAE and scheduler with deterministic random weights."""
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-        projection_dim=HIDDEN))
+    text_encoder = tiny_text_encoder(tokenizer, HIDDEN)
     unet = UNet2DConditionModel(
         sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
         block_out_channels=(32, 64, 64, 64), norm_num_groups=8, cross_attention_dim=HIDDEN,
