@@ -1,135 +1,94 @@
-"""`python -m bench.backbones SWEEP.yaml backbones=embedded,/models/sdxl,/models/sd3 [key=value ...]`: one sweep
-on several backbones under one protocol, and a method x backbone table and plot (GoCA's question: do the
-training-free segmentors improve with stronger backbones?).
+"""The backbone as a sweep axis: `models: [embedded, /models/sdxl, org/hub-id]` (or `models=embedded,/models/sdxl`
+on the command line) runs the sweep's every configuration on each backbone under one protocol, in one run.
 
-Each backbone is one ordinary run (`bench.run`, a run directory of its own under `output_dir/<label>/`, loaded
-once per tracing actor), with the same sweep, overrides, data and seeds; `embedded` is the embedded default, any
-other entry a diffusers folder (`model.path=`) or, when no such folder exists, a hub id from the local cache
-(`model.id=`). A finished backbone's run is kept and read back when the command runs again. The table reads each
-run's results only. A backbone with random weights (run.json `backbone.random_weights`) is labelled so in the
-table and its plot, and no conclusion is drawn from it.
+An entry is a registered model name (`embedded`, the default model), a local diffusers folder (`model.path`) or,
+when no such folder exists, a hub id already in the local cache (`model.id`). Every other `model.*` option
+(device, dtype, resolution, ...) applies to every backbone. Each backbone gets a label (its folder's name, the
+hub id's last part, or the registered name): the results' `model` column, the per-backbone shard folder
+(`work/shards/<label>/`) and the column of the method x backbone table (bench.reporting.backbones).
+
+The backbone is the plan's outermost group (bench.plan): each backbone's fits and one trace pass run before the
+next backbone's, so a tracing actor (or the driver) loads one backbone once.
 """
 
 from __future__ import annotations
 
-import json
-import logging
+import dataclasses
 import re
+from dataclasses import dataclass
 from pathlib import Path
-
-from bench.env import quiet_environment
-
-quiet_environment()
 
 from bench.errors import BenchError
 
-log = logging.getLogger("bench.backbones")
+
+@dataclass(frozen=True)
+class BackboneEntry:
+    """One entry of `models:` resolved: its label and the `model:` options that load it."""
+
+    entry: str  # as the user wrote it
+    label: str  # a folder-safe name: the results' `model` column
+    options: dict  # name / path / id, replacing the sweep's own
 
 
-def parse_backbones(overrides: list[str]) -> tuple[list[str], list[str]]:
-    """(backbones, the other overrides); `backbones=` is required, comma-separated."""
-    spec = [o for o in overrides if o.startswith("backbones=")]
-    rest = [o for o in overrides if not o.startswith("backbones=")]
-    if not spec or not spec[-1].split("=", 1)[1].strip():
-        raise BenchError("name the backbones: backbones=embedded,/path/to/diffusers/folder,... (embedded = the "
-                         "default model)")
-    if any(o.split("=", 1)[0].lstrip("+~").startswith("model.") and o.split("=", 1)[0].lstrip("+~") in
-           ("model.path", "model.id", "model.name") for o in rest):
-        raise BenchError("model.path / model.id / model.name are set per backbone by backbones=; drop them")
-    names = [b.strip() for b in spec[-1].split("=", 1)[1].split(",") if b.strip()]
-    if len(set(names)) != len(names):
-        raise BenchError(f"backbones={spec[-1].split('=', 1)[1]} names a backbone twice")
-    return names, rest
+def resolve_entry(entry: str) -> BackboneEntry:
+    """embedded (or any registered model name) | an existing diffusers folder -> model.path | else a cached hub id
+    -> model.id (its existence is checked with the rest of the model's options: bench.config.validate)."""
+    from bench.models import MODELS
+
+    text = str(entry).strip()
+    if text in MODELS.names() and text != "diffusers":
+        return BackboneEntry(text, text, {"name": text, "path": None, "id": None})
+    if Path(text).expanduser().exists():
+        return BackboneEntry(text, entry_label(text), {"path": text, "id": None})
+    return BackboneEntry(text, entry_label(text), {"path": None, "id": text})
 
 
-def backbone_overrides(backbone: str) -> list[str]:
-    if backbone == "embedded":
-        return ["model.name=embedded"]
-    if Path(backbone).expanduser().exists():
-        return [f"model.path={backbone}"]
-    return [f"model.id={backbone}"]
+def entry_label(entry: str) -> str:
+    """A folder's or hub id's last part, reduced to letters, digits, '.', '_' and '-'."""
+    name = Path(entry.rstrip("/")).name or entry
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).lstrip(".-")
+    return name or "model"
 
 
-def label(backbone: str) -> str:
-    name = "embedded" if backbone == "embedded" else Path(backbone.rstrip("/")).name or backbone
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name)
+def resolve_models(models: list) -> list[BackboneEntry]:
+    """The `models:` list resolved; a malformed list, an empty entry or two entries of one label are refused."""
+    if not isinstance(models, list) or not all(isinstance(m, str) and m.strip() for m in models):
+        raise BenchError(f"models={models!r} must be a list of backbones: embedded, diffusers folders or cached hub "
+                         f"ids (models=embedded,/models/sdxl)")
+    entries = [resolve_entry(m) for m in models]
+    seen: dict[str, str] = {}
+    for item in entries:
+        if item.label in seen:
+            raise BenchError(f"models entries {seen[item.label]} and {item.entry} share the label {item.label}; "
+                             f"give the folders distinct names")
+        seen[item.label] = item.entry
+    return entries
 
 
-def run_backbones(sweep: str, overrides: list[str]) -> Path:
-    from bench.config import compose
-    from bench.run import run
-
-    backbones, rest = parse_backbones(overrides)
-    labels = [label(b) for b in backbones]
-    if len(set(labels)) != len(labels):
-        raise BenchError(f"backbones {', '.join(backbones)} share a folder name; give them distinct names")
-    base = [o for o in rest if not o.startswith("output_dir=")]
-    out = next((Path(o.split("=", 1)[1]) for o in rest if o.startswith("output_dir=")), None)
-    cfg = compose(sweep, base)
-    out = out or Path("reports") / "runs" / f"{cfg.name}_by_backbone"
-    for backbone in backbones:  # every backbone's config and weights checked before any runs
-        compose(sweep, [*base, *backbone_overrides(backbone)])
-    runs = {}
-    for backbone, name in zip(backbones, labels):
-        target = out / name
-        if (target / "run.json").is_file():
-            log.info("backbone %s: finished run %s kept", backbone, target)
-        else:
-            log.info("backbone %s -> %s", backbone, target)
-            run(sweep, [*base, *backbone_overrides(backbone), f"output_dir={target}"])
-        runs[name] = target
-    write_table(runs, out, cfg.metric.main)
-    print(out)
-    return out
+def backbone_config(cfg, item: BackboneEntry):
+    """The sweep's config on one backbone: its `model:` section with the entry's name / path / id, no `models`."""
+    model = dataclasses.replace(cfg.model, **{k: v for k, v in item.options.items()})
+    return dataclasses.replace(cfg, model=model, models=[])
 
 
-def write_table(runs: dict[str, Path], out: Path, metric: str) -> None:
-    """by_backbone.csv / .md / .png: the metric of every method (rows) on every backbone (columns)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import pandas as pd
-
-    columns, notes = {}, []
-    for name, path in runs.items():
-        frame = pd.read_csv(path / "results.csv")
-        key = "method" if "method" in frame else "trial"
-        prov = json.loads((path / "run.json").read_text())
-        backbone = prov.get("backbone") or {}
-        head = f"{name} ({backbone.get('family', '?')})"
-        if backbone.get("random_weights"):
-            head += " [random weights]"
-            notes.append(f"{name} has random weights: its column tests the plumbing only; draw no conclusion "
-                         f"from it.")
-        columns[head] = frame.groupby(key)[metric].mean()
-    table = pd.DataFrame(columns)
-    table.index.name = "method"
-    out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "by_backbone.csv")
-    lines = [f"# {metric} by method and backbone", "",
-             "| method | " + " | ".join(table.columns) + " |", "|---|" + "---:|" * len(table.columns)]
-    for method, row in table.iterrows():
-        lines.append(f"| {method} | " + " | ".join("–" if pd.isna(v) else f"{v:.1f}" for v in row) + " |")
-    lines += ["", *(f"- {n}" for n in notes), *([""] if notes else []),
-              "Each column is the run directory of the same name (results.csv, run.json)."]
-    (out / "by_backbone.md").write_text("\n".join(lines) + "\n")
-    ax = table.plot.bar(figsize=(max(5, 1.2 * len(table)), 3.5), rot=0)
-    ax.set_ylabel(metric)
-    ax.set_title(f"{metric} by backbone" + (" (random-weight backbones: plumbing only)" if notes else ""))
-    plt.tight_layout()
-    plt.savefig(out / "by_backbone.png", dpi=100)
-    plt.close("all")
+def backbone_configs(cfg) -> list[tuple[BackboneEntry, object]]:
+    """(entry, config on that backbone) for every backbone of the sweep, in the order given."""
+    return [(item, backbone_config(cfg, item)) for item in resolve_models(cfg.models)]
 
 
-def main(argv: list[str] | None = None) -> int:
-    from bench.run import sweep_command
+def check_models(cfg) -> None:
+    """`models:` validated before anything runs: each entry's model options (folder, family, hub cache, transformer
+    options) checked as `model:` is, and any error is one line naming the entry; `model.path` / `model.id` and
+    adaptive search are refused beside it."""
+    from bench.models import validate_model_config
 
-    return sweep_command(argv, __doc__, "python -m bench.backbones SWEEP.yaml backbones=embedded,/path/a,... "
-                         "[key=value ...]", run_backbones)
-
-
-if __name__ == "__main__":
-    from bench.env import exit_process
-
-    exit_process(main())
+    if cfg.model.path or cfg.model.id:
+        raise BenchError("models= sets model.path / model.id per backbone; drop model.path / model.id (or list that "
+                         "backbone in models=)")
+    if cfg.search.algo is not None:
+        raise BenchError("search.algo searches one backbone; drop models= or search, and run one search per backbone")
+    for item, sub in backbone_configs(cfg):
+        try:
+            validate_model_config(sub.model.as_dict())
+        except BenchError as err:
+            raise BenchError(f"models entry {item.entry}: {err}") from None

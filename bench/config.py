@@ -8,6 +8,7 @@ values from outside the file) are errors; `${other.key}` references resolve.
     name: iseg_lambda                 # run directory prefix
     method: iseg                      # registered method
     model: {name: embedded}           # or path: <diffusers folder> / id: <hub id in the local cache>
+    models: [embedded, /models/sdxl]  # every configuration on each backbone (bench.backbones); default: `model:`
     data: {name: shapes, limit: 8}
     params: {iterations: 10}          # fixed method parameters (defaults: the paper's)
     sweep:                            # swept method parameters
@@ -250,6 +251,9 @@ class SweepConfig:
     method: str
     description: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
+    # the backbone as the sweep's outermost axis (bench.backbones): entries embedded | diffusers folder | cached
+    # hub id, each replacing model.name / path / id; empty: the one backbone of `model:`
+    models: list = field(default_factory=list)
     data: dict = field(default_factory=lambda: {"name": "shapes", "limit": None})
     params: dict = field(default_factory=dict)
     sweep: dict = field(default_factory=dict)
@@ -294,6 +298,8 @@ class SweepConfig:
         for name in ("data", "params", "sweep", "paper"):
             if name in values and values[name] is None:
                 values[name] = {}
+        if values.get("models") is None:
+            values["models"] = []
         return cls(**values)
 
 
@@ -316,7 +322,13 @@ def hydra_overrides(raw: dict, overrides: list[str]) -> list[str]:
     switches, rest = [], []
     for item in overrides:
         key, value = item.split("=", 1)
-        if key in SWITCHED_SECTIONS and value.strip() and value.strip()[0] not in "{[" and value.strip() != "null":
+        if key.lstrip("+~") == "models" and value.strip() and value.strip()[0] not in "[{" and value.strip() != "null":
+            # models=embedded,/models/sdxl: a comma list (Hydra would read it as a multirun sweep), each entry quoted
+            # so that paths and hub ids pass its grammar
+            entries = ",".join("'" + e.strip().replace("\\", "\\\\").replace("'", "\\'") + "'"
+                               for e in value.split(",") if e.strip())
+            rest.append(f"++models=[{entries}]")
+        elif key in SWITCHED_SECTIONS and value.strip() and value.strip()[0] not in "{[" and value.strip() != "null":
             switches += ([f"~{key}"] if key in raw else []) + [f"++{key}.name={value.strip()}"]
         else:
             rest.append(item if item.startswith(("+", "~")) else "++" + item)
@@ -391,6 +403,10 @@ def validate(cfg: SweepConfig) -> None:
     if cfg.train.data is not None:
         check_train_source(cfg)
     validate_model_config(cfg.model.as_dict())
+    if cfg.models:
+        from bench.backbones import check_models
+
+        check_models(cfg)
     if cfg.metric.protocol not in PROTOCOLS:
         raise BenchError(f"metric.protocol={cfg.metric.protocol!r} is not one of {', '.join(PROTOCOLS)}")
     if not isinstance(cfg.params, dict) or not isinstance(cfg.sweep, dict):

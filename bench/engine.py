@@ -1,6 +1,6 @@
 """The sweep engine: plan -> fit -> trace -> predict -> score, into result rows and run statistics.
 
-    plan     configurations grouped train setting > forward setting > post-processing   bench.plan
+    plan     configurations grouped backbone > train setting > forward setting > post    bench.plan
     fit      one Ray Train run per train setting -> <run>/fit/<hash>/                    bench.stages.fit
     trace    one UNet pass per (image, forward setting), on Ray Data actors or in this    bench.stages.trace
     predict  process (ray.execution); every configuration of the setting predicted on that trace and histogrammed
@@ -10,6 +10,8 @@ Work directory layout (`<run>.partial/`, renamed to `<run>/` when complete; kept
 same command with the same `output_dir=` resumes):
     fit/<hash>/               finished fits (kept in the run) and unfinished ones' Ray Train checkpoints
     work/shards/              per-image histograms of every (configuration, seed), written as batches finish
+                              (a sweep over models: work/shards/<backbone label>/, fitted and traced one
+                              backbone after the other, each loaded once per tracing actor)
     qualitative/              maps of the first images for the report's qualitative figure (computed by
                               the tracing workers, sent back with their histograms, written here)
 `work/` is removed when the run completes (bench.run). The folder is a bench.storage Location: a local path or
@@ -52,25 +54,34 @@ def run_engine(cfg: SweepConfig, run_dir: Path | Location, plan: Plan | None = N
     log.info("%d configurations x %d seeds in %d forward settings and %d train settings over %d images",
              len(plan.trials), len(cfg.seeds), len(plan.groups), len(plan.fits), len(dataset))
     settle_pool(cfg, len(dataset), fits=bool(plan.fits))
-    fits, fit_dirs, fit_summary = {}, {}, dict(NO_FITS)
-    if fitting:
-        from bench.stages.fit import load_fits, run_fits
-
-        fit_stats, finished = run_fits(cfg, plan, run_dir)
-        fits, fit_dirs, fit_summary = load_fits(finished), fit_stats.dirs, fit_stats.as_dict()
     if cfg.search.algo is not None:  # adaptive search of post-processing parameters: the trace stage fills its
         # trace cache, then configurations are scored on the cached traces in this process (milliseconds each)
         from bench.search import run_search
 
+        fits, _, fit_summary = _fit_stage(cfg, plan, run_dir) if fitting else ({}, {}, dict(NO_FITS))
         # its trace cache is hot scratch: node-local beside a local run, in a node-local folder for a stored one
         cache = run_dir.local / WORK if run_dir.is_local else scratch_dir("search", run_dir.uri)
         rows, stats = run_search(cfg, dataset, fits, run_dir / WORK / "shards", cache)
         return rows, {"method_versions": method_versions(cfg.method), "num_actors": int(cfg.ray.num_actors),
                       "execution": cfg.ray.execution, "dataset": dataset.describe(), **fit_summary, **stats}
-    start = time.time()
-    trace_and_score(cfg, plan.groups, len(dataset), run_dir / WORK / "shards", fits, run_dir / "qualitative")
-    trace_seconds = time.time() - start
-    scores = load_shards(run_dir / WORK / "shards")
+    fit_dirs: dict[str, dict[str, str]] = {}  # backbone label ("" for one backbone) -> setting key -> fit dir
+    fit_summary = dict(NO_FITS)
+    trace_seconds, parts = 0.0, []
+    for label, sub_cfg, sub_plan in backbone_parts(cfg, plan):  # the backbone is the outermost group
+        fits = {}
+        if fitting:
+            fits, fit_dirs[label], summary = _fit_stage(sub_cfg, sub_plan, run_dir)
+            fit_summary = {k: fit_summary[k] + summary[k] for k in fit_summary}
+        shards = run_dir / WORK / "shards" / label if label else run_dir / WORK / "shards"
+        if label:
+            log.info("backbone %s: %d forward settings", label, len(sub_plan.groups))
+        start = time.time()
+        trace_and_score(sub_cfg, sub_plan.groups, len(dataset), shards, fits, run_dir / "qualitative",
+                        first_group=plan.first_group(label) if label else 0)
+        trace_seconds += time.time() - start
+        parts.append(load_shards(shards))
+    fit_summary["fit_seconds"] = round(fit_summary["fit_seconds"], 3)
+    scores = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}  # group indices are the plan's
     # shards arrive in completion order, which a retried batch, a resumed run or several actors change: one
     # order (image, forward setting, configuration) makes everything derived from them (bootstrap) identical
     order = np.lexsort((scores["trial"], scores["group"], scores["index"]))
@@ -87,7 +98,7 @@ def run_engine(cfg: SweepConfig, run_dir: Path | Location, plan: Plan | None = N
         rows.append({"trial": trial_id, "seed": seed, **trial.swept,
                      **{k: v for k, v in metrics.items() if k in metric_keys},
                      "unet_passes": passes, "forward_setting": plan.groups[g].key,
-                     "fit": fit_dirs.get(trial.train.key, "") if trial.train else ""})
+                     "fit": fit_dirs[trial.swept.get("model", "")].get(trial.train.key, "") if trial.train else ""})
     rows.sort(key=lambda r: (r["trial"], r["seed"]))
     stats = {"method_versions": method_versions(cfg.method), "num_images": len(dataset),
              "num_actors": int(cfg.ray.num_actors), "execution": cfg.ray.execution,
@@ -95,11 +106,41 @@ def run_engine(cfg: SweepConfig, run_dir: Path | Location, plan: Plan | None = N
              "num_forward_settings": len(plan.groups), **fit_summary,
              "unet_passes": int(scores["passes"].sum()), "trace_seconds": round(trace_seconds, 3),
              "images_per_second": round(len(dataset) * len(plan.groups) / max(trace_seconds, 1e-9), 4),
-             "dataset": dataset.describe(), "scheduler": _schedulers(cfg, plan.trials),
-             "backbone": model_provenance(cfg.model.as_dict()),
+             "dataset": dataset.describe(), "scheduler": {f"{label}: {k}" if label else k: v for label, sub_cfg, sub_plan in
+                                          backbone_parts(cfg, plan)
+                                          for k, v in _schedulers(sub_cfg, sub_plan.trials).items()},
+             **backbone_provenance(cfg, plan),
              "per_image": {"trial": scores["trial"], "hist": scores["hist"],
                            "seed_of_group": np.array([plan.groups[g].seed for g in scores["group"]], dtype=np.int64)}}
     return rows, stats
+
+
+def backbone_parts(cfg: SweepConfig, plan: Plan):
+    """(label, config, plan) per backbone, outermost: one part labelled "" where the sweep has one backbone."""
+    if not plan.backbones:
+        yield "", cfg, plan
+        return
+    for label, sub_cfg in plan.backbones:
+        yield label, sub_cfg, plan.for_backbone(label)
+
+
+def backbone_provenance(cfg: SweepConfig, plan: Plan) -> dict:
+    """run.json's `backbone` (family, random weights: bench.models.model_provenance) for one backbone; for a sweep
+    over models `backbones`, the same per label with the entry as given, in plan order."""
+    if not plan.backbones:
+        return {"backbone": model_provenance(cfg.model.as_dict())}
+    entries = dict(zip((label for label, _ in plan.backbones), cfg.models))
+    return {"backbones": {label: {"entry": entries[label], **model_provenance(sub.model.as_dict())}
+                          for label, sub in plan.backbones}}
+
+
+def _fit_stage(cfg: SweepConfig, plan: Plan, run_dir: Location) -> tuple[dict, dict, dict]:
+    """Every train setting of `plan` fitted (or reused) into `<run>/fit/`: (setting key -> artefact bytes,
+    setting key -> fit directory name, run statistics)."""
+    from bench.stages.fit import load_fits, run_fits
+
+    fit_stats, finished = run_fits(cfg, plan, run_dir)
+    return load_fits(finished), fit_stats.dirs, fit_stats.as_dict()
 
 
 def method_versions(method: str) -> dict[str, str]:

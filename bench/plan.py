@@ -1,4 +1,8 @@
-"""The plan of a sweep: configurations grouped train setting > forward setting > post-processing.
+"""The plan of a sweep: configurations grouped backbone > train setting > forward setting > post-processing.
+
+- A sweep over `models:` (bench.backbones) repeats every configuration on each backbone, the backbone outermost:
+  its trials, fits and forward groups are contiguous in the plan and carry its label (`Trial.swept["model"]`,
+  `FitUnit.model`, `ForwardGroup.model`), so the engine fits and traces one backbone after the other.
 
 - A `Trial` is one configuration: the method's resolved parameters, the swept subset and the train setting it
   needs (None for training-free configurations).
@@ -40,6 +44,7 @@ class FitUnit:
     setting: TrainSetting
     hash: str  # the fit directory's name
     trial_ids: list[str] = field(default_factory=list)
+    model: str = ""  # the backbone's label in a sweep over models (its config is in the hash)
 
 
 @dataclass
@@ -47,10 +52,12 @@ class ForwardGroup:
     seed: int
     forward: tuple  # ((name, value), ...) of the method's forward parameters
     trials: list[Trial] = field(default_factory=list)
+    model: str = ""  # the backbone's label in a sweep over models: another backbone is another pass
 
     @property
     def key(self) -> str:
-        return f"seed={self.seed}," + ",".join(f"{k}={v}" for k, v in self.forward)
+        head = f"model={self.model}," if self.model else ""
+        return head + f"seed={self.seed}," + ",".join(f"{k}={v}" for k, v in self.forward)
 
 
 @dataclass
@@ -63,6 +70,20 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     inputs: dict | None = None  # fingerprints of the model and data (bench.fingerprint), set by preflight
     opened: list[str] = field(default_factory=list)  # the dataset files preflight read (absolute), for node probes
+    # a sweep over models: (label, the sweep's config on that backbone) in plan order; empty for one backbone
+    backbones: list[tuple[str, SweepConfig]] = field(default_factory=list)
+    # a sweep over models: each backbone's model fingerprint (bench.fingerprint), for the per-node probes
+    model_inputs: dict = field(default_factory=dict)
+
+    def for_backbone(self, label: str) -> "Plan":
+        """The part of the plan that runs on one backbone (its trials, fits and forward groups)."""
+        trials = [t for t in self.trials if t.swept.get("model") == label]
+        return Plan(trials, [u for u in self.fits if u.model == label], [g for g in self.groups if g.model == label],
+                    inputs=self.inputs, opened=self.opened)
+
+    def first_group(self, label: str) -> int:
+        """The index of the backbone's first forward group (its groups are contiguous: the backbone is outermost)."""
+        return next(i for i, g in enumerate(self.groups) if g.model == label)
 
 
 # -- search space ------------------------------------------------------------------------------------------------
@@ -140,4 +161,28 @@ def group_fits(trials: list[Trial], cfg: SweepConfig) -> list[FitUnit]:
 
 def make_plan(cfg: SweepConfig) -> Plan:
     trials = expand_trials(cfg)
-    return Plan(trials, group_fits(trials, cfg), group_trials(METHODS.get(cfg.method), trials, cfg.seeds))
+    if not cfg.models:
+        return Plan(trials, group_fits(trials, cfg), group_trials(METHODS.get(cfg.method), trials, cfg.seeds))
+    return backbone_plan(cfg, trials)
+
+
+def backbone_plan(cfg: SweepConfig, base: list[Trial]) -> Plan:
+    """A sweep over models: the same configurations (the same random draws) on every backbone, numbered on
+    across backbones; each backbone's fits hashed with its own model config."""
+    from bench.backbones import backbone_configs
+
+    plan = Plan([], [], [])
+    for item, sub in backbone_configs(cfg):
+        trials = [Trial(f"t{len(plan.trials) + k:04d}", t.params, {"model": item.label, **t.swept}, t.train)
+                  for k, t in enumerate(base)]
+        fits = group_fits(trials, sub)
+        groups = group_trials(METHODS.get(cfg.method), trials, cfg.seeds)
+        for unit in fits:
+            unit.model = item.label
+        for group in groups:
+            group.model = item.label
+        plan.trials += trials
+        plan.fits += fits
+        plan.groups += groups
+        plan.backbones.append((item.label, sub))
+    return plan

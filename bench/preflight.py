@@ -9,6 +9,7 @@ tokenizer's limit, and the output directory.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -24,7 +25,7 @@ from bench.data import build_dataset, dataset_options, require_generation_gt
 from bench.data.base import IGNORE_INDEX, SegDataset
 from bench.errors import BenchError
 from bench.faults import trace_fault
-from bench.fingerprint import input_fingerprints, record_opened, refuse_changed_fit_source
+from bench.fingerprint import input_fingerprints, model_fingerprint, record_opened, refuse_changed_fit_source
 from bench.limits import bounded_images, check_model_files
 from bench.models import model_kind, resolve_hub_id
 from bench.plan import Plan, make_plan
@@ -59,15 +60,24 @@ def preflight(cfg: SweepConfig, cluster_check=None) -> Plan:
 
         check_fit_sources(cfg, plan)
         parse_fault(os.environ.get(FAULT_ENV))
-    folder = model_folder(cfg)
-    if folder is not None:
-        check_weights_format(folder, _model_option(cfg))
-        check_model_files(folder, _model_option(cfg))
-        check_model_fit(cfg, plan, folder)
-        check_layer_roles(cfg, plan, folder)
-    plan.notes += check_prompts(cfg, plan, dataset, samples, load_tokenizer(cfg, folder))
+    folders, entries = {}, dict(zip((label for label, _ in plan.backbones), cfg.models))
+    for label, sub_cfg, sub_plan in backbone_checks(cfg, plan):  # every backbone of a sweep over models
+        with naming_entry(entries.get(label)):
+            folder = folders[label] = model_folder(sub_cfg)
+            if folder is not None:
+                check_weights_format(folder, _model_option(sub_cfg))
+                check_model_files(folder, _model_option(sub_cfg))
+                check_model_fit(sub_cfg, sub_plan, folder)
+                check_layer_roles(sub_cfg, sub_plan, folder)
+            notes = check_prompts(sub_cfg, sub_plan, dataset, samples, load_tokenizer(sub_cfg, folder))
+        plan.notes += [n for n in notes if n not in plan.notes]
     trace_fault(None)
-    plan.inputs = input_fingerprints(folder, cfg.data, opened, train_data_config(cfg) if plan.fits else None)
+    plan.inputs = input_fingerprints(folders.get(""), cfg.data, opened, train_data_config(cfg) if plan.fits else None)
+    if plan.backbones:  # one model fingerprint naming every backbone's files (a resume compares it as one input)
+        plan.model_inputs = {label: model_fingerprint(folders[label]) for label, _ in plan.backbones}
+        plan.inputs["model"] = {"kind": "files", "mode": "models", "files": {
+            f"{label}/{name}": value for label, fp in plan.model_inputs.items()
+            for name, value in (fp.get("files") or {"": [fp.get("kind"), fp.get("commit") or fp.get("repo")]}).items()}}
     plan.opened = sorted({str(Path(p).absolute()) for p in opened})
     if cfg.fit.source is not None:
         refuse_changed_fit_source(Path(cfg.fit.source), plan.inputs)
@@ -76,6 +86,24 @@ def preflight(cfg: SweepConfig, cluster_check=None) -> Plan:
     for text in plan.notes:  # said once in the report (run.json "notes"), not as a console warning
         log.debug("%s", text)
     return plan
+
+
+def backbone_checks(cfg: SweepConfig, plan: Plan) -> list[tuple[str, SweepConfig, Plan]]:
+    """(label, config, plan) per backbone of a sweep over models; one part labelled "" for one backbone."""
+    if not plan.backbones:
+        return [("", cfg, plan)]
+    return [(label, sub_cfg, plan.for_backbone(label)) for label, sub_cfg in plan.backbones]
+
+
+@contextlib.contextmanager
+def naming_entry(entry: str | None):
+    """A backbone's failure as one line naming its `models` entry (bench.backbones); as it is for one backbone."""
+    try:
+        yield
+    except BenchError as err:
+        if entry is None:
+            raise
+        raise BenchError(f"models entry {entry}: {err}") from None
 
 
 # -- data ---------------------------------------------------------------------------------------------------------------
@@ -444,11 +472,17 @@ def cluster_checks(cfg: SweepConfig, plan: Plan, target) -> list[dict]:
             checks.append({"kind": "present", "path": path, "expect": path_identity(path), "fingerprint": spec,
                            "what": f"{option}={root}", "fix": "put the dataset on a mount every node shares (or "
                            "the same copy at the same path on every node)"})
-    folder = model_folder(cfg)
-    if folder is not None:
+    for label, sub_cfg in plan.backbones or [("", cfg)]:
+        folder = model_folder(sub_cfg)
+        if folder is None:
+            continue
         path = str(Path(folder).absolute())
-        checks.append({"kind": "present", "path": path, "expect": path_identity(path), "what": _model_option(cfg),
-                       "fingerprint": _fingerprint_spec(plan, "model", model_folder=path),
+        spec = _fingerprint_spec(plan, "model", model_folder=path)
+        if label and isinstance(plan.model_inputs.get(label), dict):  # a sweep over models: that backbone's own
+            spec = {"key": "model", "expect": plan.model_inputs[label], "args": {"model_folder": path}} \
+                if plan.model_inputs[label].get("kind") not in (None, "none") else None
+        checks.append({"kind": "present", "path": path, "expect": path_identity(path),
+                       "what": _model_option(sub_cfg), "fingerprint": spec,
                        "fix": "put the model folder on a mount every node shares (or the same copy at the same "
                               "path on every node)"})
     if plan.fits and target.is_local and cfg.fit.source is None:

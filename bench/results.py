@@ -66,7 +66,7 @@ def devices() -> list[str]:
 # its rows, or overwrite them (a `seed` parameter once replaced the noise-seed column). Checked for every
 # registered method by the contract tests; metric columns also begin with IoU/ or Acc/.
 RESERVED_COLUMNS = frozenset({
-    "trial", "seed", "unet_passes", "forward_setting", "fit", "mIoU", "mAcc", "aAcc", "tied", "paper_mIoU",
+    "trial", "seed", "model", "unet_passes", "forward_setting", "fit", "mIoU", "mAcc", "aAcc", "tied", "paper_mIoU",
     "mIoU_ci_low", "mIoU_ci_high", "mAcc_ci_low", "mAcc_ci_high", "aAcc_ci_low", "aAcc_ci_high",
     "label", "n_seeds", "seeds", "std", "ci_low", "ci_high", "ci_kind", "paper", "delta", "best", "metric"})
 RESERVED_PREFIXES = ("IoU/", "Acc/")

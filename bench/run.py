@@ -139,7 +139,9 @@ def sweep_results(cfg: SweepConfig, plan, held: Claim) -> str:
     totals = held.totals()
     stats.update(invocations=totals["invocations"], invocation_log=totals["invocation_log"],
                  wall_seconds=totals["wall_seconds"], trace_seconds=totals["trace_seconds"],
+                 # images_traced counts (backbone, image) pairs; each backbone has its share of the settings
                  images_per_second=round(totals["images_traced"] * stats["num_forward_settings"]
+                                         / len(stats.get("backbones") or [None])
                                          / max(totals["trace_seconds"], 1e-9), 4))
     stats["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     stats["notes"] = list(plan.notes)  # the preflight's notes, stated once in the report

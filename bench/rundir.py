@@ -21,6 +21,7 @@ by a killed process on this host is taken over, one held elsewhere is refused wi
 from __future__ import annotations
 
 import fcntl
+import fnmatch
 import json
 import logging
 import os
@@ -190,7 +191,7 @@ def _holder(work: Path) -> str:
 def has_progress(work: Path | Location) -> bool:
     """Whether an interrupted run holds anything worth resuming (finished images, fits or checkpoints)."""
     work = Location.of(work)
-    return bool((work / WORK / "shards").names("shard-*.npz")) or \
+    return bool(shard_files(work / WORK / "shards")) or \
         any((work / "fit" / name).names() for name in (work / "fit").names())
 
 
@@ -206,12 +207,20 @@ def shard_indices(shards: Location, name: str) -> np.ndarray:
         return shard["index"]
 
 
+def shard_files(shards: Path | Location) -> list[str]:
+    """The shards below `shards`, relative to it: `shard-*.npz`, and `<backbone>/shard-*.npz` in a sweep over
+    models (bench.engine)."""
+    return [rel for rel in Location.of(shards).files() if fnmatch.fnmatchcase(rel.rsplit("/", 1)[-1], "shard-*.npz")
+            and rel.count("/") <= 1]
+
+
 def scored_images(shards: Path | Location) -> int:
-    """How many distinct images the shards hold (images traced by an invocation: the difference)."""
+    """How many distinct (backbone, image) pairs the shards hold (traced by an invocation: the difference)."""
     shards = Location.of(shards)
     done = set()
-    for name in shards.names("shard-*.npz"):
-        done.update(int(i) for i in shard_indices(shards, name))
+    for rel in shard_files(shards):
+        folder = rel.rsplit("/", 1)[0] if "/" in rel else ""
+        done.update((folder, int(i)) for i in shard_indices(shards, rel))
     return len(done)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from bench.reporting.backbones import backbone_blocks
 from bench.reporting.dataset_card import dataset_card_blocks
 from bench.reporting.fits import fits_table, load_fits, loss_figure
 from bench.reporting.model import PROTOCOL_TEXT, RunData, fmt_value, summarize_run
@@ -29,7 +30,11 @@ def _get(d: dict, *keys, default="–"):
 
 
 def backbone_label(prov: dict) -> str:
-    """The backbone family, and a warning where its weights are random (run.json `backbone`)."""
+    """The backbone family, and a warning where its weights are random (run.json `backbone`; a sweep over models:
+    each backbone's, `backbones`)."""
+    several = prov.get("backbones")
+    if isinstance(several, dict) and several:
+        return "; ".join(f"{label}: {backbone_label({'backbone': info})}" for label, info in several.items())
     backbone = prov.get("backbone") or {}
     if not backbone:
         return "–"
@@ -182,6 +187,7 @@ def run_blocks(run: RunData, out: Path, prefix: str = "", level: int = 1, summar
     if seen_unseen is not None:
         blocks.append(seen_unseen)
     blocks += figures_for_run(run, s, out, prefix)
+    blocks += backbone_blocks(run, s, out, prefix, level=h)
     blocks.append(Heading(h + 1, "Per-class IoU" if h == 1 else f"Per-class IoU ({run.label})"))
     blocks.append(per_class_table(run, s))
     bars = class_bars(run, s, out, prefix)

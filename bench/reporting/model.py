@@ -48,7 +48,9 @@ class RunData:
 
     @property
     def swept(self) -> list[str]:
-        return [k for k in (self.cfg.get("sweep") or {}) if k in self.frame.columns]
+        """The swept parameters that the results hold, the backbone first in a sweep over models."""
+        axis = ["model"] if self.cfg.get("models") and "model" in self.frame.columns else []
+        return axis + [k for k in (self.cfg.get("sweep") or {}) if k in self.frame.columns]
 
     @property
     def classes(self) -> list[str]:

@@ -41,7 +41,8 @@ class SweepWorker:
     forward group."""
 
     def __init__(self, cfg: SweepConfig, groups: list[ForwardGroup], fits: dict[str, bytes],
-                 qualitative: bool = False, own_process: bool = True, fault: TraceFault | None = None):
+                 qualitative: bool = False, own_process: bool = True, fault: TraceFault | None = None,
+                 first_group: int = 0):
         if own_process:  # an actor's process: one thread per CPU actor, warnings only
             if not torch.cuda.is_available():
                 torch.set_num_threads(1)
@@ -51,6 +52,9 @@ class SweepWorker:
         for key, blob in fits.items():
             self.method.load_fit(key, load_safetensors(blob))
         self.groups = groups
+        # the plan's index of groups[0]: a sweep over models traces one backbone's groups per pass, and shards
+        # and qualitative records name groups by their index in the whole plan
+        self.first_group = first_group
         self.resolution = int(cfg.model.resolution or 0)
         self.protocol = cfg.metric.protocol
         self.qualitative = qualitative
@@ -64,7 +68,7 @@ class SweepWorker:
         samples = [self.dataset[i] for i in indices]
         rows = {"index": [], "group": [], "trial": [], "hist": [], "passes": [], "ties": [],
                 "qualitative_name": [], "qualitative_data": []}
-        for g, (group, req) in enumerate(zip(self.groups, self.requests)):
+        for g, (group, req) in enumerate(zip(self.groups, self.requests), start=self.first_group):
             kept: dict[int, tuple[str, bytes]] = {}
             keep = self._qualitative_keeper(indices, g, group, kept)
             hists, passes = evaluate_batch(self.method, self.dataset, samples, group, req, self.resolution, keep,
@@ -154,13 +158,14 @@ def trace_images(cfg: SweepConfig, worker: type, kwargs: dict, num_images: int, 
 
 
 def trace_and_score(cfg: SweepConfig, groups: list[ForwardGroup], num_images: int, shards: Location | Path,
-                    fits: dict[str, bytes], qualitative_dir: Location | Path | None) -> None:
+                    fits: dict[str, bytes], qualitative_dir: Location | Path | None, first_group: int = 0) -> None:
     """A sweep's trace stage: every configuration of each forward group scored on its trace, per-image
-    histograms sharded into the run's storage, the qualitative records the workers send back written."""
+    histograms sharded into the run's storage, the qualitative records the workers send back written. `groups`
+    are one backbone's (cfg.model's), the plan's groups from index `first_group` on."""
     shards = Location.of(shards)
     fault_dir = shards.parent.local if shards.is_local else scratch_dir("fault", shards.uri)
     kwargs = {"cfg": cfg, "groups": groups, "fits": fits, "qualitative": qualitative_dir is not None,
-              "fault": trace_fault(fault_dir)}
+              "fault": trace_fault(fault_dir), "first_group": first_group}
     trace_images(cfg, SweepWorker, kwargs, num_images, shards, f"{cfg.name} images", qualitative_dir)
 
 
