@@ -1,7 +1,8 @@
 """Sweeps on the tiny random-weight families, run as a user runs them (slow): `sweeps/methods_compare.yaml` with
 `model.path=` exits 0 with a finite row per method on SDXL, SD3.5 and Flux, and records the family and the
-random weights in run.json; `bench.backbones` runs `sweeps/methods_by_backbone.yaml` on the embedded default
-plus a tiny family and writes the method x backbone table with the random-weight backbone labelled."""
+random weights in run.json; `sweeps/methods_by_backbone.yaml` with `models=` runs on the embedded default plus a
+tiny family in one run, a finite row per method x backbone, and its report's method x backbone table labels the
+random-weight backbone."""
 
 import json
 import math
@@ -43,23 +44,34 @@ def test_methods_compare_runs_on_each_tiny_family(tmp_path, family):
 
 
 @pytest.mark.slow
-def test_methods_by_backbone_on_the_embedded_default_and_a_tiny_family(tmp_path):
+@pytest.mark.parametrize("execution", ["driver", "actors"])
+def test_methods_by_backbone_on_the_embedded_default_and_a_tiny_family(tmp_path, execution):
     folder = save_tiny_family("sd3", tmp_path / "tiny-sd3")
     out = tmp_path / "by"
-    done = _run("bench.backbones", ["sweeps/methods_by_backbone.yaml", f"backbones=embedded,{folder}", *FAST,
-                                    f"output_dir={out}"])
+    done = _run("bench.run", ["sweeps/methods_by_backbone.yaml", f"models=embedded,{folder}", "data.limit=2",
+                              "params.steps=2", f"ray.execution={execution}", f"output_dir={out}"])
     assert done.returncode == 0, done.stderr[-3000:]
+    rows = pd.read_csv(out / "results.csv")
+    methods = {"daam", "attn2mask", "ovam", "iseg"}
+    for model in ("embedded", "tiny-sd3"):
+        part = rows[rows["model"] == model]
+        assert methods <= set(part["method"]) and part["mIoU"].map(math.isfinite).all()
     table = pd.read_csv(out / "by_backbone.csv", index_col="method")
     assert list(table.columns) == ["embedded (sd)", "tiny-sd3 (sd3) [random weights]"]
-    assert {"daam", "attn2mask", "ovam", "iseg"} <= set(table.index) and table.notna().all().all()
-    assert "tiny-sd3 has random weights" in (out / "by_backbone.md").read_text()
+    assert methods <= set(table.index) and table.notna().all().all()
+    prov = json.loads((out / "run.json").read_text())
+    assert prov["backbones"]["tiny-sd3"] == {"entry": str(folder), "family": "sd3", "random_weights": True}
+    assert prov["backbones"]["embedded"]["family"] == "sd"
+    report = (out / "report.md").read_text()
+    assert "tiny-sd3 (" in report and "has random weights: its column tests the plumbing only" in report
     assert (out / "by_backbone.png").is_file()
-    again = _run("bench.backbones", ["sweeps/methods_by_backbone.yaml", f"backbones=embedded,{folder}", *FAST,
-                                     f"output_dir={out}"])
-    assert again.returncode == 0 and "finished run" in again.stderr  # finished backbones are kept
 
 
-def test_backbones_command_needs_backbones(tmp_path):
-    done = _run("bench.backbones", ["sweeps/methods_by_backbone.yaml", f"output_dir={tmp_path / 'x'}"])
-    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith("error: name the backbones")
+def test_a_method_is_checked_against_every_backbone_family(tmp_path):
+    """dedos runs on SD only: a sweep over models with an SD3 entry stops in preflight naming that entry."""
+    folder = save_tiny_family("sd3", tmp_path / "tiny-sd3")
+    done = _run("bench.run", ["sweeps/dedos_iterations.yaml", f"models=embedded,{folder}",
+                              f"output_dir={tmp_path / 'x'}"])
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2 and last.startswith(f"error: models entry {folder}: method=dedos runs on sd"), last
     assert not (tmp_path / "x").exists()
