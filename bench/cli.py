@@ -295,6 +295,9 @@ def dry_run(sweep: str, overrides: list[str]) -> int:
         modes[p["mode"]] = modes.get(p["mode"], 0) + per_image * images
     print(f"sweep {cfg.name} ({sweep}): method {cfg.method} on {cfg.data['name']}, {images} images")
     print(f"  configurations   {len(plan.trials)}")
+    if plan.backbones:  # a sweep over models: the estimate measures the first backbone's pass for every one
+        print(f"  backbones        {len(plan.backbones)}  ({', '.join(label for label, _ in plan.backbones)}; "
+              f"the estimate times the first)")
     print(f"  forward settings {len(plan.groups)}  ({', '.join(sorted({g.trials[0].params['mode'] for g in plan.groups}))})")
     print(f"  UNet passes      {passes}  (" + ", ".join(f"{m}: {n}" for m, n in modes.items())
           + ("; a guided generation step counts once" if "generation" in modes else "") + ")")
@@ -302,7 +305,7 @@ def dry_run(sweep: str, overrides: list[str]) -> int:
                                                      if plan.fits else ""))
     for note in plan.notes:
         print("  note: " + note)
-    per_pass, post, device, what = measure_pass(cfg, plan, dataset)
+    per_pass, post, device, what = measure_pass(plan.backbones[0][1] if plan.backbones else cfg, plan, dataset)
     total = per_pass * passes + post * images * len(plan.groups)
     print(f"  estimate         {fmt_seconds(total)} on {device}: {per_pass:.3g} s a UNet pass"
           + f", {post:.3g} s per image and forward setting besides"
