@@ -222,6 +222,9 @@ def check_model_fit(cfg: SweepConfig, plan: Plan, folder: Path) -> None:
     steps = int(_read_json(folder / "scheduler" / "scheduler_config.json").get("num_train_timesteps", 1000))
     family = detect_family(folder) if (folder / "model_index.json").is_file() else "sd"
     check_method_family(cfg.method, METHODS.get(cfg.method), family)
+    compared = METHODS.get(cfg.method).component_methods()  # `compare`: each method it runs declares its own
+    for name in sorted({str(t.params.get("method")) for t in plan.trials} & set(compared)):
+        check_method_family(name, METHODS.get(name), family)
     for trial in plan.trials:
         if trial.params["mode"] == "inversion" and trial.params["timestep"] >= steps:
             raise BenchError(f"parameter timestep={trial.params['timestep']} must be < {steps}, the model's "

@@ -68,10 +68,16 @@ def test_methods_by_backbone_on_the_embedded_default_and_a_tiny_family(tmp_path,
 
 
 def test_a_method_is_checked_against_every_backbone_family(tmp_path):
-    """dedos runs on SD only: a sweep over models with an SD3 entry stops in preflight naming that entry."""
+    """dedos runs on SD only: a sweep over models with an SD3 entry stops in preflight naming that entry, whether
+    dedos is the sweep's method or one that `compare` runs."""
+    from bench.config import compose
+    from bench.errors import BenchError
+    from bench.preflight import preflight
+
     folder = save_tiny_family("sd3", tmp_path / "tiny-sd3")
-    done = _run("bench.run", ["sweeps/dedos_iterations.yaml", f"models=embedded,{folder}",
-                              f"output_dir={tmp_path / 'x'}"])
-    last = done.stderr.strip().splitlines()[-1]
-    assert done.returncode == 2 and last.startswith(f"error: models entry {folder}: method=dedos runs on sd"), last
+    for sweep, extra in (("dedos_iterations.yaml", []), ("methods_by_backbone.yaml", ["sweep.method=[daam,dedos]"])):
+        cfg = compose(str(ROOT / "sweeps" / sweep), [f"models=embedded,{folder}", *extra,
+                                                     f"output_dir={tmp_path / 'x'}"])
+        with pytest.raises(BenchError, match=rf"^models entry {folder}: method=dedos runs on sd backbones only"):
+            preflight(cfg)
     assert not (tmp_path / "x").exists()
