@@ -64,6 +64,12 @@ def test_bad_entries_are_refused_naming_them(two_tiny, tmp_path):
         compose(SWEEP, [f"models={a},{twin}"])
     with pytest.raises(BenchError, match="drop model.path"):
         compose(SWEEP, [f"models={a}", f"model.path={b}"])
+    with pytest.raises(BenchError, match="search.algo searches one backbone"):
+        compose(str(ROOT / "sweeps" / "daam_threshold_search.yaml"), [f"models={a},{b}"])
+    from bench.stages.synthesis import synthesis_params
+
+    with pytest.raises(BenchError, match="a synthesis runs on one backbone"):
+        synthesis_params(compose(str(ROOT / "sweeps" / "freegen_synthesis.yaml"), [f"models={a},{b}"]))
 
 
 def test_a_bad_entry_is_one_line_and_exit_2_before_anything_is_written(tmp_path):

@@ -73,6 +73,8 @@ def synthesis_params(cfg: SweepConfig):
     if cfg.sweep:
         raise BenchError(f"a synthesis runs one configuration; move sweep.{next(iter(cfg.sweep))} to params "
                          f"(one value) or run one synthesis per value")
+    if cfg.models:
+        raise BenchError("a synthesis runs on one backbone; drop models= and give model.path= (or model=embedded)")
     params = method.resolve(cfg.params)
     if params["mode"] != "generation":
         raise BenchError("a synthesis generates its images: use params.mode=generation")
