@@ -276,10 +276,13 @@ class SweepConfig:
                 "train": TrainConfig, "fit": FitConfig, "search": SearchConfig, "tracking": TrackingConfig}
 
     def as_dict(self) -> dict:
-        """Plain data (config.yaml): sections as mappings, in declaration order."""
+        """Plain data (config.yaml): sections as mappings, in declaration order; `models` only where given (so a
+        one-backbone config, and its hash, are what they were before the backbone axis)."""
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if f.name == "models" and not value:
+                continue
             out[f.name] = value.as_dict() if isinstance(value, Section) else copy.deepcopy(value)
         return out
 

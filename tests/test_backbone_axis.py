@@ -158,5 +158,5 @@ def test_report_labels_random_weight_backbones_and_escapes_paths(tmp_path):
     md, page = (tmp_path / "report.md").read_text(), (tmp_path / "report.html").read_text()
     assert "## By backbone" in md and (tmp_path / "by_backbone.png").is_file()
     assert "has random weights: its column tests the plumbing only; no conclusion is drawn from it" in md
-    assert "b-x: sd3 — RANDOM WEIGHTS" in md  # the provenance names it too
+    assert "b-x: sd3 — RANDOM WEIGHTS" in md and "models=embedded, /m/<b>x" in md  # the provenance names them
     assert "/m/&lt;b&gt;x" in page and "/m/<b>x" not in page

@@ -49,6 +49,9 @@ def provenance_pairs(run: RunData) -> list[tuple[str, str]]:
     data = prov.get("dataset") or {}
     model = cfg.get("model") or {}
     model_bits = [f"{k}={fmt_value(v)}" for k, v in model.items() if v not in (None, "", False, 0)]
+    if cfg.get("models"):  # a sweep over models: the entries replace name / path / id
+        model_bits = [f"models={', '.join(map(str, cfg['models']))}",
+                      *(b for b in model_bits if b.split("=", 1)[0] not in ("name", "path", "id"))]
     data_cfg = cfg.get("data") or {}
     n_img = data.get("num_images", prov.get("num_images"))
     wall, trace = prov.get("wall_seconds"), prov.get("trace_seconds")
