@@ -20,6 +20,7 @@ an object store; workers write nothing themselves (fits write through the same L
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -120,8 +121,8 @@ def backbone_parts(cfg: SweepConfig, plan: Plan):
     if not plan.backbones:
         yield "", cfg, plan
         return
-    for label, sub_cfg in plan.backbones:
-        yield label, sub_cfg, plan.for_backbone(label)
+    for label, planned in plan.backbones:  # the run's config (as settled) with that backbone's model section
+        yield label, dataclasses.replace(cfg, model=planned.model, models=[]), plan.for_backbone(label)
 
 
 def backbone_provenance(cfg: SweepConfig, plan: Plan) -> dict:
