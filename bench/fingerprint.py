@@ -182,9 +182,18 @@ def _relative(paths: list[Path]) -> dict[str, Path]:
     return {p.relative_to(base).as_posix(): p for p in unique}
 
 
+def _local_options(options: dict) -> dict:
+    """Stored (URI) paths among the options as their node-local copies: the files the dataset read
+    (bench.data.local_options)."""
+    from bench.data import local_options
+
+    return local_options(options)
+
+
 def data_fingerprint(opened: list[Path], data_cfg: dict, cache: HashCache | None = None) -> dict:
     """The evaluated dataset's fingerprint: the files it opened and the files its options name."""
     files = _relative(list(opened))
+    data_cfg = _local_options(data_cfg)
     for key in DATA_PATH_OPTIONS:
         value = data_cfg.get(key)
         if isinstance(value, str) and value and Path(value).expanduser().is_file():
@@ -197,6 +206,7 @@ def data_fingerprint(opened: list[Path], data_cfg: dict, cache: HashCache | None
 def train_data_fingerprint(train_cfg: dict, cache: HashCache | None = None) -> dict:
     """The training data's fingerprint: every file under its `root` and the files its options name."""
     files = {}
+    train_cfg = _local_options(train_cfg)
     root = train_cfg.get("root")
     if isinstance(root, str) and root and Path(root).expanduser().is_dir():
         files.update(folder_files(Path(root).expanduser()))
@@ -269,6 +279,15 @@ def absolute_options(options: dict, keys=("root", *DATA_PATH_OPTIONS)) -> dict:
     return out
 
 
+def listing_fingerprint(listing: dict[str, list]) -> dict:
+    """A stored folder's fingerprint from its listing alone ({relative path: [size, version, ...]}, the version
+    being an ETag or a modification time: bench.node_cache.stored_listing), no content read: what keys its
+    node-local copy, and what every node compares before the run (a node seeing another version of it)."""
+    entries = {rel: list(entry[:2]) for rel, entry in sorted(listing.items())}
+    key = hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()[:32]
+    return {"kind": "listing", "key": key, "files": len(entries)}
+
+
 # -- comparing ---------------------------------------------------------------------------------------------------------
 LABELS = {"model": "the model", "data": "the dataset", "train_data": "the training data"}
 
@@ -277,6 +296,8 @@ def _component_changes(before: dict, now: dict) -> str | None:
     if before == now:
         return None
     if before.get("kind") != "files" or now.get("kind") != "files":
+        if before.get("kind") == now.get("kind") == "listing":
+            return f"stored version {before.get('key', '?')[:12]} -> {now.get('key', '?')[:12]}"
         if before.get("kind") == now.get("kind") == "hf":
             return f"snapshot {before.get('commit', '?')[:12]} -> {now.get('commit', '?')[:12]}"
         return f"{before.get('kind')} -> {now.get('kind')}"
@@ -315,11 +336,15 @@ def refuse_changed_resume(recorded: dict | None, now: dict | None, work: Path) -
                          f"({'; '.join(changes)}); restore them, or choose another output_dir= to start afresh")
 
 
-def recorded_inputs(run_dir: Path) -> dict | None:
-    """The input fingerprints a run recorded: run.json of a finished run, work/started.json of an unfinished one."""
-    for path, key in ((run_dir / "run.json", "inputs"), (run_dir / "work" / "started.json", "inputs")):
+def recorded_inputs(run_dir) -> dict | None:
+    """The input fingerprints a run recorded: run.json of a finished run, work/started.json of an unfinished one
+    (`run_dir` a local path or a URI: bench.storage)."""
+    from bench.storage import Location
+
+    run = Location.of(run_dir)
+    for path, key in ((run / "run.json", "inputs"), (run / "work" / "started.json", "inputs")):
         try:
-            value = json.loads(path.read_text()).get(key)
+            value = json.loads(path.read_bytes()).get(key)
         except (OSError, ValueError, AttributeError):
             continue
         if isinstance(value, dict):
@@ -327,12 +352,15 @@ def recorded_inputs(run_dir: Path) -> dict | None:
     return None
 
 
-def refuse_changed_fit_source(source: Path, now: dict | None) -> None:
-    """`fit.from=` reuses fits only where they learned from the same model and training data as this run."""
+def refuse_changed_fit_source(source, now: dict | None) -> None:
+    """`fit.from=` reuses fits only where they learned from the same model and training data as this run
+    (`source` a run or one of its fit directories, a local path or a URI)."""
+    from bench.storage import Location
+
     if now is None:
         return
-    source = Path(source)
-    run_dir = source if not (source / "done").is_file() else source.parent.parent
+    loc = Location.of(source)
+    run_dir = loc if not (loc / "done").is_file() else loc.parent.parent
     recorded = recorded_inputs(run_dir)
     changes = changed_inputs(recorded, now, keys=("model", "train_data"))
     if changes:

@@ -27,7 +27,7 @@ from bench.errors import BenchError
 from bench.faults import trace_fault
 from bench.fingerprint import input_fingerprints, model_fingerprint, record_opened, refuse_changed_fit_source
 from bench.limits import bounded_images, check_model_files
-from bench.models import model_kind, resolve_hub_id
+from bench.models import model_folder_path, model_kind, resolve_hub_id
 from bench.plan import Plan, make_plan
 from bench.probe import check_ray_address
 from methods import METHODS
@@ -80,7 +80,7 @@ def preflight(cfg: SweepConfig, cluster_check=None) -> Plan:
             for name, value in (fp.get("files") or {"": [fp.get("kind"), fp.get("commit") or fp.get("repo")]}).items()}}
     plan.opened = sorted({str(Path(p).absolute()) for p in opened})
     if cfg.fit.source is not None:
-        refuse_changed_fit_source(Path(cfg.fit.source), plan.inputs)
+        refuse_changed_fit_source(cfg.fit.source, plan.inputs)
     if cluster_check is not None:
         cluster_check(plan)
     for text in plan.notes:  # said once in the report (run.json "notes"), not as a console warning
@@ -179,7 +179,7 @@ def model_folder(cfg: SweepConfig) -> Path | None:
     """The diffusers folder the backbone loads from; None for the in-process random-weight model."""
     model = cfg.model.as_dict()
     if model_kind(model) == "diffusers":
-        return Path(model["path"]).expanduser() if model.get("path") else resolve_hub_id(model["id"])
+        return model_folder_path(model)
     if model.get("random"):
         return None
     from bench.embedded import shipped_folder
@@ -414,6 +414,10 @@ def _probe_node(checks: list[dict]) -> list[dict]:
                 out.append({"ok": True})
             except Exception as err:  # noqa: BLE001 (any store error becomes this node's one-line refusal)
                 out.append({"ok": False, "why": f"{type(err).__name__}: {' '.join(str(err).split())[:120]}"})
+        elif check["kind"] == "remote":  # a stored folder this node copies into its cache (bench.node_cache)
+            out.append(_probe_stored(check))
+        elif check["kind"] == "hub":
+            out.append(_probe_hub(check))
         elif check["kind"] == "same":  # a shared mount: this node must see what the driver sees
             seen = path_identity(check["path"])
             out.append({"ok": seen == check["expect"], "why": "it is not the driver's folder there (a folder only "
@@ -457,6 +461,7 @@ def cluster_checks(cfg: SweepConfig, plan: Plan, target) -> list[dict]:
     have the driver's fingerprint on every node (bench.fingerprint): a node with other weights or another copy
     of the data would mix results silently."""
     from bench.fingerprint import absolute_options
+    from bench.storage import is_uri
 
     checks = []
     if not target.is_local:
@@ -468,7 +473,10 @@ def cluster_checks(cfg: SweepConfig, plan: Plan, target) -> list[dict]:
     if plan.fits:
         roots.add(("train.data root", train_data_config(cfg).get("root"), "train_data"))
     for option, root, key in sorted(roots, key=str):
-        if root and "://" not in str(root):
+        if root and is_uri(str(root)):
+            checks.append(remote_check(str(root), option, "data", "the node reads the dataset from there into its "
+                                       "cache"))
+        elif root:
             path = str(Path(root).expanduser().absolute())
             spec = _fingerprint_spec(plan, key, data_files=plan.opened, data_cfg=data) if key == "data" else \
                 _fingerprint_spec(plan, key, train_cfg=absolute_options(train_data_config(cfg)))
@@ -477,6 +485,18 @@ def cluster_checks(cfg: SweepConfig, plan: Plan, target) -> list[dict]:
                            "the same copy at the same path on every node)"})
     for label, sub_cfg in plan.backbones or [("", cfg)]:
         folder = model_folder(sub_cfg)
+        model_expect = plan.model_inputs.get(label) if label else (plan.inputs or {}).get("model")
+        if sub_cfg.model.path and is_uri(str(sub_cfg.model.path)):
+            checks.append(remote_check(str(sub_cfg.model.path), "model.path", "models", "the node copies the model "
+                                       "folder from there into its cache"))
+            continue
+        if sub_cfg.model.id and not sub_cfg.model.path:  # each node's own Hugging Face cache, wherever it is there
+            checks.append({"kind": "hub", "path": sub_cfg.model.id, "what": _model_option(sub_cfg),
+                           "expect": model_expect,
+                           "fix": f"copy the snapshot into that node's Hugging Face cache (huggingface-cli download "
+                                  f"{sub_cfg.model.id} on the node, or the same HF_HOME on every node), or give "
+                                  f"model.path=s3://... (a folder every node copies)"})
+            continue
         if folder is None:
             continue
         path = str(Path(folder).absolute())
@@ -495,6 +515,50 @@ def cluster_checks(cfg: SweepConfig, plan: Plan, target) -> list[dict]:
                        "fix": "Ray Train's workers write checkpoints there; give output_dir=s3://bucket/... "
                               "(object storage) or a path on a mount every node shares"})
     return checks
+
+
+def remote_check(uri: str, option: str, kind: str, why: str) -> dict:
+    """A stored folder (a URI) that every node copies into its own cache: every node must list it, and list the
+    version the driver listed (bench.fingerprint.listing_fingerprint)."""
+    from bench.fingerprint import listing_fingerprint
+    from bench.node_cache import stored_listing
+
+    key = listing_fingerprint(stored_listing(uri, option))["key"]
+    return {"kind": "remote", "path": uri, "expect": key, "what": f"{option}={uri}",
+            "fix": f"{why}: check the endpoint and credentials in that node's environment (AWS_ENDPOINT_URL, "
+                   f"AWS_ACCESS_KEY_ID, ...)"}
+
+
+def _probe_stored(check: dict) -> dict:
+    """A node's view of a stored folder: listed, and the driver's version."""
+    from bench.fingerprint import listing_fingerprint
+    from bench.node_cache import read_listing
+
+    try:
+        listing = read_listing(check["path"])
+    except Exception as err:  # noqa: BLE001 (any store error becomes this node's one-line refusal)
+        return {"ok": False, "why": f"{type(err).__name__}: {' '.join(str(err).split())[:120]}"}
+    if not listing:
+        return {"ok": False, "why": "nothing is stored there"}
+    key = listing_fingerprint(listing)["key"]
+    if key != check["expect"]:
+        return {"ok": False, "other": True, "why": f"stored version {check['expect'][:12]} -> {key[:12]}"}
+    return {"ok": True}
+
+
+def _probe_hub(check: dict) -> dict:
+    """A node's own Hugging Face cache: the model id is there, at the driver's snapshot (its commit)."""
+    from bench.fingerprint import changed_inputs, model_fingerprint
+
+    try:
+        folder = resolve_hub_id(check["path"])
+    except BenchError:
+        return {"ok": False, "why": "it is not in that node's Hugging Face cache"}
+    if isinstance(check.get("expect"), dict):
+        changes = changed_inputs({"model": check["expect"]}, {"model": model_fingerprint(folder)}, keys=("model",))
+        if changes:
+            return {"ok": False, "other": True, "why": "; ".join(changes)}
+    return {"ok": True}
 
 
 NODE_PROBE_SECONDS = 120  # a node's probe without fingerprints: paths and storage only

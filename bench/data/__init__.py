@@ -132,9 +132,32 @@ def _check_option(key: str, value, default) -> None:
         raise BenchError(f"data.{key}={value} must be >= 0")
 
 
+# Options that name stored files: a local path, or a URI (s3://...) whose node-local copy the dataset reads.
+STORED_OPTIONS = ("root", "captions", "image_list")
+
+
+def local_options(options: dict) -> dict:
+    """`options` with every URI among STORED_OPTIONS replaced by its copy in this node's cache (bench.node_cache:
+    fetched once per node, keyed by the stored folder's fingerprint), so that every layout reads local files."""
+    from bench.storage import is_uri
+
+    stored = {k: v for k, v in options.items() if k in STORED_OPTIONS and isinstance(v, str) and is_uri(v)}
+    if not stored:
+        return options
+    from bench.node_cache import local_path
+
+    return {**options, **{k: str(local_path(v, "data", f"data.{k}")) for k, v in stored.items()}}
+
+
+def _stored_describe(describe, stored: dict) -> dict:
+    """A dataset read from a node-local copy describes itself by the URIs the user gave, not the copy's path."""
+    return {**describe(), **{k: v for k, v in stored.items() if k in describe()}}
+
+
 def build_dataset(cfg: dict) -> SegDataset:
     _, builder = DATASETS.get(cfg.get("name"))
-    options = dataset_options(cfg)
+    given = dataset_options(cfg)
+    options = local_options(given)
     try:
         dataset = builder(options)
     except ValueError as err:  # a builder's own consistency check (e.g. shapes min_objects <= max_objects)
@@ -145,6 +168,11 @@ def build_dataset(cfg: dict) -> SegDataset:
         if int(limit) > len(dataset):
             dataset = _grown(cfg, options, builder, int(limit), len(dataset))
         dataset = Subset(dataset, int(limit))
+    if options is not given:
+        import functools
+
+        stored = {k: v for k, v in given.items() if options.get(k) != v}
+        dataset.describe = functools.partial(_stored_describe, dataset.describe, stored)
     if len(dataset) == 0:
         raise BenchError(f"dataset {cfg.get('name')} has no images; check data.root and data.split")
     return dataset

@@ -165,22 +165,35 @@ def choose_dtype(requested: str, device: torch.device) -> torch.dtype:
     return table[requested]
 
 
-def check_pipeline_folder(path: str | os.PathLike) -> Path:
+def check_pipeline_folder(path: str | os.PathLike, shown: str | None = None) -> Path:
     """Fail early (on the driver, before any run directory exists) when a weights folder is unusable: a
-    supported family (bench.models.families) with every part that family loads."""
+    supported family (bench.models.families) with every part that family loads. `shown`: what the user gave
+    (a URI whose node-local copy `path` is)."""
     from bench.models.families import FAMILY_PARTS, detect_family
 
     folder = Path(path).expanduser()
+    shown = shown or str(folder)
     if not folder.is_dir():
-        raise BenchError(f"model.path={folder} does not exist; expected a diffusers Stable Diffusion folder "
+        raise BenchError(f"model.path={shown} does not exist; expected a diffusers Stable Diffusion folder "
                          f"(model_index.json, {', '.join(PIPELINE_PARTS)}/) there")
     parts = FAMILY_PARTS[detect_family(folder)] if (folder / "model_index.json").is_file() else PIPELINE_PARTS
     missing = [p for p in parts if not (folder / p).is_dir()]
     if missing or not (folder / "model_index.json").is_file():
         what = ", ".join(missing + ([] if (folder / "model_index.json").is_file() else ["model_index.json"]))
-        raise BenchError(f"model.path={folder} is not a diffusers pipeline folder (missing {what}); save one "
+        raise BenchError(f"model.path={shown} is not a diffusers pipeline folder (missing {what}); save one "
                          f"with pipe.save_pretrained(DIR, safe_serialization=True)")
     return folder
+
+
+def model_folder_path(cfg: dict) -> Path:
+    """The local folder a diffusers model (`model.path` / `model.id`) loads from: model.path itself, or where it
+    is a URI (s3://...) its copy in this node's cache (bench.node_cache: fetched once per node, keyed by the
+    stored folder's fingerprint); model.id's snapshot in the local Hugging Face cache."""
+    if cfg.get("path"):
+        from bench.node_cache import local_path
+
+        return local_path(cfg["path"], "models", "model.path")
+    return resolve_hub_id(cfg["id"])
 
 
 def resolve_hub_id(model_id: str) -> Path:
@@ -223,8 +236,7 @@ def scheduler_name(model_cfg: dict, requested: str = "auto") -> str:
 
         folder = None if model_cfg.get("random") else shipped_folder()
         return folder_scheduler_class(folder).__name__ if folder is not None else "DDIMScheduler"
-    folder = Path(model_cfg["path"]) if model_cfg.get("path") else resolve_hub_id(model_cfg["id"])
-    return folder_scheduler_class(folder).__name__
+    return folder_scheduler_class(model_folder_path(model_cfg)).__name__
 
 
 def load_pipeline_folder(folder: Path, device: torch.device, dtype: torch.dtype, name: str) -> Backbone:
@@ -299,13 +311,11 @@ def load_sd3_medium_arch(cfg: dict, device: torch.device, dtype: torch.dtype) ->
 
 @MODELS.register("diffusers")
 def load_diffusers(cfg: dict, device: torch.device, dtype: torch.dtype) -> Backbone:
-    if cfg.get("path"):
-        folder = Path(cfg["path"])
-    elif cfg.get("id"):
-        folder = resolve_hub_id(cfg["id"])
-    else:
-        raise BenchError("model.name=diffusers needs model.path=<local diffusers folder> or model.id=<hub id>")
-    return load_pipeline_folder(folder, device, dtype, name=cfg.get("id") or folder.name)
+    if not cfg.get("path") and not cfg.get("id"):
+        raise BenchError("model.name=diffusers needs model.path=<diffusers folder or URI> or model.id=<hub id>")
+    folder = model_folder_path(cfg)
+    name = cfg.get("id") or str(cfg["path"]).rstrip("/").rsplit("/", 1)[-1]  # a URI's copy: the stored name
+    return load_pipeline_folder(folder, device, dtype, name=name)
 
 
 def model_kind(cfg: dict) -> str:
@@ -317,10 +327,10 @@ def validate_model_config(cfg: dict) -> None:
     """Driver-side checks that need no weights loaded."""
     kind = model_kind(cfg)
     MODELS.get(kind)
-    if cfg.get("path"):
-        check_pipeline_folder(cfg["path"])
-    elif cfg.get("id"):
-        resolve_hub_id(cfg["id"])
+    if cfg.get("path") or cfg.get("id"):
+        folder = model_folder_path(cfg)
+        if cfg.get("path"):
+            check_pipeline_folder(folder, shown=str(cfg["path"]))
     choose_dtype(cfg.get("dtype", "auto"), choose_device(cfg.get("device", "auto")))
     check_transformer_options(cfg)
 
@@ -354,7 +364,7 @@ def model_provenance(cfg: dict) -> dict:
     kind = model_kind(cfg)
     random = bool(cfg.get("random")) or kind in ("sd21-base-arch", "sd3-medium-arch")
     if kind == "diffusers":
-        folder = Path(cfg["path"]).expanduser() if cfg.get("path") else resolve_hub_id(cfg["id"])
+        folder = model_folder_path(cfg)
         try:
             random = bool(json.loads((folder / "model_index.json").read_text()).get("_random_weights"))
         except (OSError, ValueError):

@@ -60,14 +60,13 @@ def detect_family(folder: Path) -> str:
 
 def family_of(model_cfg: dict) -> str:
     """The family a `model.*` config loads (driver side, no weights)."""
-    from bench.models import model_kind, resolve_hub_id
+    from bench.models import model_folder_path, model_kind
 
     if model_kind(model_cfg) == "sd3-medium-arch":
         return "sd3"
     if model_kind(model_cfg) != "diffusers":
         return "sd"
-    folder = Path(model_cfg["path"]).expanduser() if model_cfg.get("path") else resolve_hub_id(model_cfg["id"])
-    return detect_family(folder)
+    return detect_family(model_folder_path(model_cfg))
 
 
 def _load(folder: Path, part: str, dtype, kind: str):

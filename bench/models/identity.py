@@ -45,13 +45,11 @@ def folder_identity(folder: str | Path) -> str:
 def model_identity(model_cfg: dict) -> str:
     """The backbone's weights (`model.*`): a folder's identity, or the seed of random weights built in-process."""
     from bench.embedded import shipped_folder
-    from bench.models import model_kind, resolve_hub_id
+    from bench.models import model_folder_path, model_kind
 
     if model_cfg.get("random") or model_kind(model_cfg) in ("sd21-base-arch", "sd3-medium-arch"):
         return f"random:{model_kind(model_cfg)}"
-    if model_cfg.get("path"):
-        return folder_identity(model_cfg["path"])
-    if model_cfg.get("id"):
-        return folder_identity(resolve_hub_id(model_cfg["id"]))
+    if model_cfg.get("path") or model_cfg.get("id"):
+        return folder_identity(model_folder_path(model_cfg))
     folder = shipped_folder()
     return folder_identity(folder) if folder is not None else "random:embedded"
