@@ -55,7 +55,8 @@ KEY_HELP = {
     "sweep_file": "set by the command line (recorded in config.yaml); not written in sweep files",
     "model.name": "`embedded` (default, shipped), `sd21-base-arch` (SD 2.1-base architecture, random weights), "
                   "`diffusers`; `path` or `id` selects `diffusers` whatever `name` says",
-    "model.path": "a diffusers Stable Diffusion 1.x/2.x folder (safetensors only)",
+    "model.path": "a diffusers pipeline folder (safetensors only): a local path, or a URI (`s3://...`) that "
+                  "each node copies once into its cache (`DIFFSEG_CACHE`)",
     "model.id": "a hub id resolved from the local Hugging Face cache only (no download)",
     "model.device": "`auto` (CUDA if present), `cpu`, `cuda`, `cuda:N`",
     "model.dtype": "`auto` (fp16 on CUDA, fp32 on CPU), `float32`, `float16`, `bfloat16`",

@@ -8,6 +8,8 @@ ray.address=<head>`, as a user runs it. Object storage: S3 on localhost (moto), 
     a fit sweep with output_dir=s3://... equals the single-node run, every artefact in the bucket
     a fit sweep with a driver-local run directory is refused in one line (exit 2), nothing written
     a dataset root or model folder only the driver has is refused in one line naming the node
+    a trace sweep whose model and dataset are on S3 (each node copies them into its own cache) equals the
+    single-node run from the local folders
 
 Skipped with the reason where the machine does not allow a mount namespace (unshare needs root)."""
 
@@ -31,6 +33,7 @@ from safetensors import safe_open
 from test_bad_inputs import write_voc
 from test_storage import BUCKET, s3_server  # noqa: F401 (the S3 endpoint fixture)
 
+from bench.node_cache import CACHE_ENV
 from bench.storage import COMPLETE, Location, local_copy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,6 +124,10 @@ def cluster(s3_server):  # noqa: F811 (the S3 endpoint fixture, imported above, 
     base = Path(tempfile.mkdtemp(prefix="bench-cluster-", dir="/tmp"))
     hidden = base / "driver"  # what only the driver's machine has
     hidden.mkdir()
+    # every process's node cache (bench.node_cache) in the driver's private folder: the worker node sees its own
+    # empty tmpfs there, so it copies a stored model or dataset itself
+    caches = pytest.MonkeyPatch()
+    caches.setenv(CACHE_ENV, str(hidden / "node-cache"))
     gcs, client, *agents = _free_ports(5)
     head = subprocess.Popen([RAY, "start", "--head", "--block", "--num-cpus=0", f"--port={gcs}",
                              f"--temp-dir={base / 'ray'}", "--include-dashboard=false",
@@ -134,7 +141,9 @@ def cluster(s3_server):  # noqa: F811 (the S3 endpoint fixture, imported above, 
         yield nodes
     finally:
         nodes.stop()
+        caches.undo()
         shutil.rmtree(base, ignore_errors=True)
+
 
 
 def _wait_for_nodes(address: str, count: int, timeout: float = 240) -> None:
@@ -177,6 +186,30 @@ def test_a_trace_sweep_with_a_driver_local_run_directory_equals_the_single_node_
     assert done.stdout.strip().splitlines()[-1] == str(out)
     assert json.loads((out / "run.json").read_text())["num_actors"] == 1
     _assert_same_run(single, out)
+
+
+def test_a_trace_sweep_reading_its_model_and_dataset_from_s3_equals_the_single_node_run(cluster, tiny_model):
+    """model.path and data.root on S3: the worker node, which sees neither the driver's folders nor its cache,
+    copies both into its own cache; the results equal a single-node run from the local folders."""
+    root = write_voc(cluster.base / "voc-data")
+    stored = f"s3://{BUCKET}/inputs-{os.getpid()}"
+    model, data = f"{stored}/{tiny_model.name}", f"{stored}/voc"
+    Location.of(model).upload(tiny_model)
+    Location.of(data).upload(root)
+    voc = cluster.base / "voc-stored.yaml"
+    voc.write_text("method: iseg\ndata: {name: voc2012}\nparams: {background_words: ''}\n")
+    sweep = [str(voc), "data.limit=2", "report.bootstrap=20", "report.qualitative=1", "ray.execution=actors",
+             "ray.num_actors=1"]
+    single = cluster.base / "single-local-inputs"
+    done = cluster.run(*sweep, f"model.path={tiny_model}", f"data.root={root}", f"output_dir={single}",
+                       cluster=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = cluster.hidden / "runs" / "stored-inputs"
+    done = cluster.run(*sweep, f"model.path={model}", f"data.root={data}", f"output_dir={out}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "run.json").read_text())["num_actors"] == 1
+    _assert_same_run(single, out)
+    assert len(list((cluster.hidden / "node-cache" / "models").glob("*.json"))) == 1  # the driver's one copy
 
 
 FIT = [str(ROOT / "sweeps/linear_probe.yaml"), *SMALL, *PROBE, "ray.execution=actors", "ray.num_actors=1"]
