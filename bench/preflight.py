@@ -459,7 +459,9 @@ def cluster_checks(cfg: SweepConfig, plan: Plan, target) -> list[dict]:
     model folder, and (fits only) the fit storage: the run's storage, which a local path can be only as a mount
     that every node shares. The model folder, the evaluated images and masks and the training data must also
     have the driver's fingerprint on every node (bench.fingerprint): a node with other weights or another copy
-    of the data would mix results silently."""
+    of the data would mix results silently. A stored input (a URI, which each node copies into its own cache:
+    bench.node_cache) is listed by every node at the driver's version; model.id is looked up in each node's own
+    Hugging Face cache, at the driver's snapshot."""
     from bench.fingerprint import absolute_options
     from bench.storage import is_uri
 

@@ -293,3 +293,17 @@ def test_where_the_node_cache_lives(monkeypatch, tmp_path):
     assert node_cache.cache_root() == tmp_path / "elsewhere"
     assert node_cache.local_path(str(tmp_path / "x"), "data", "data.root") == tmp_path / "x"  # a path is itself
     assert os.fspath(node_cache.local_path(f"file://{tmp_path}/x", "data", "data.root")) == f"{tmp_path}/x"
+
+
+@pytest.mark.usefixtures("s3_server")
+def test_the_report_reads_a_stored_synthetic_datasets_card_without_the_dataset(tmp_path):
+    from bench.reporting.dataset_card import CARD, SAMPLES, card_folder
+
+    _synthesized(tmp_path / "data")
+    voc = next(p.parent for p in (tmp_path / "data").rglob("JPEGImages"))
+    (voc / SAMPLES).write_bytes(b"png bytes")
+    uri = _upload(tmp_path / "data", "synthesized")
+    folder = card_folder(uri)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([CARD, SAMPLES])  # the card and grid, no images
+    assert (folder / CARD).read_text() == (voc / CARD).read_text() and folder.name == voc.name
+    assert card_folder(f"s3://{BUCKET}/no-such-data") is None

@@ -24,10 +24,30 @@ def card_folder(root) -> Path | None:
     """The folder of a synthetic dataset's card under a `data.root` (the folder, VOC2012/ or VOCdevkit/VOC2012/)."""
     if not root:
         return None
+    from bench.storage import is_uri
+
+    if is_uri(str(root)):
+        return _stored_card_folder(str(root))
     base = Path(str(root)).expanduser()
     for candidate in (base, base / "VOC2012", base / "VOCdevkit" / "VOC2012"):
         if (candidate / CARD).is_file():
             return candidate
+    return None
+
+
+def _stored_card_folder(root: str) -> Path | None:
+    """A stored dataset's card and sample grid, fetched alone into node-local scratch (not the whole dataset)."""
+    from bench.storage import Location, scratch_dir
+
+    base = Location.of(root)
+    for candidate in (base, base / "VOC2012", base / "VOCdevkit" / "VOC2012"):
+        if (candidate / CARD).is_file():
+            folder = scratch_dir("card", candidate.uri) / candidate.name
+            folder.mkdir(exist_ok=True)
+            for name in (CARD, SAMPLES):
+                if (candidate / name).is_file():
+                    (folder / name).write_bytes((candidate / name).read_bytes())
+            return folder
     return None
 
 
