@@ -13,9 +13,10 @@ key, so a new copy, and a stale copy is never read. Where it lives:
         data/<key>/ ...     a dataset root (or one file: captions, image_list), the same way
 
 Concurrent processes of one node (several actors starting at once) copy once: the copy is made under an
-exclusive lock (`<key>.lock`, flock) into a staging folder, verified (every listed file with its listed size)
-and renamed into place whole; a second process waits for the lock and then finds the finished copy. Nothing is
-ever removed from the cache: eviction is the user's (delete folders under it; a missing one is fetched again).
+exclusive lock (`<key>.lock`, flock) into a staging folder, verified (every listed file at its listed size, and
+with its MD5 where the listed ETag is one) and renamed into place whole; a second process waits for the lock and
+then finds the finished copy. Nothing is ever removed from the cache: eviction is the user's (delete folders
+under it; a missing one is fetched again).
 
 Datasets are mirrored whole (the root's every file), like models, and not file by file as a run opens them:
 the layouts list folders and read split files before they open an image, preflight opens every image of the
@@ -29,9 +30,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -43,6 +46,7 @@ log = logging.getLogger(__name__)
 CACHE_ENV = "DIFFSEG_CACHE"
 COPY_THREADS = 8  # objects fetched at once (a dataset is many small objects: latency, not bandwidth, bounds it)
 CHUNK = 8 << 20
+MD5_ETAG = re.compile(r"[0-9a-f]{32}")  # a multipart upload's ETag ends in -<parts>: not the content's MD5
 LOCAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}  # the cache's disk, not the store
 
 
@@ -126,14 +130,20 @@ def _locked(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _copy_one(loc: Location, target: Path, size: int, mtime: float | None) -> None:
+def _copy_one(loc: Location, target: Path, size: int, version, mtime: float | None) -> None:
+    """One object into `target`, checked against its listing: its size, and its content where the version is
+    S3's ETag of a single-part upload (the MD5 of the content)."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    md5 = hashlib.md5(usedforsecurity=False)
     with loc.fs.open_input_stream(loc.path) as src, open(target, "wb") as dst:
         while block := src.read(CHUNK):
+            md5.update(block)
             dst.write(block)
     got = target.stat().st_size
     if got != size:
         raise OSError(f"{loc.uri} arrived with {got} bytes, listed as {size}")
+    if isinstance(version, str) and MD5_ETAG.fullmatch(version) and md5.hexdigest() != version:
+        raise OSError(f"{loc.uri} arrived with another content than its ETag {version} (changed while copied?)")
     if mtime is not None:  # the store's time: a copy's files look alike on every node (bench.models.identity)
         os.utime(target, (mtime, mtime))
 
@@ -173,10 +183,11 @@ def node_copy(uri: str, kind: str, option: str) -> Path:
             if _complete(folder, manifest, listing):  # another process of this node copied it meanwhile
                 return result
             staging = root / f".{key}.staging-{os.getpid()}"
-            shutil.rmtree(staging, ignore_errors=True)
             loc = Location.of(uri)
             log.info("copying %s (%d files) into the node cache %s", uri, len(listing), folder)
-            jobs = [(loc if single else loc / rel, staging / ("file" if single else rel), entry[0], entry[2])
+            for stale in root.glob(f".{key}.staging-*"):  # of processes killed while copying (the lock is ours)
+                shutil.rmtree(stale, ignore_errors=True)
+            jobs = [(loc if single else loc / rel, staging / ("file" if single else rel), *entry)
                     for rel, entry in listing.items()]
             try:
                 with ThreadPoolExecutor(COPY_THREADS) as pool:

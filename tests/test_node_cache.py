@@ -6,8 +6,10 @@ version of every stored input."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import uuid
 from pathlib import Path
 
@@ -41,9 +43,9 @@ def copies(monkeypatch) -> list[str]:
     """The URI of every object copied into a node cache meanwhile."""
     calls, original = [], node_cache._copy_one
 
-    def counting(loc, target, size, mtime):
+    def counting(loc, *args):
         calls.append(loc.uri)
-        return original(loc, target, size, mtime)
+        return original(loc, *args)
 
     monkeypatch.setattr(node_cache, "_copy_one", counting)
     return calls
@@ -221,8 +223,6 @@ def test_the_node_probe_lists_the_drivers_version_of_every_stored_input(tiny_mod
 
 def test_the_node_probe_resolves_a_hub_id_in_the_nodes_own_cache(tmp_path, tiny_model, monkeypatch):
     """model.id: each node resolves the id in its own Hugging Face cache and must find the driver's snapshot."""
-    import shutil
-
     from bench.preflight import _probe_node
 
     commit = "a" * 40
@@ -307,3 +307,48 @@ def test_the_report_reads_a_stored_synthetic_datasets_card_without_the_dataset(t
     assert sorted(p.name for p in folder.iterdir()) == sorted([CARD, SAMPLES])  # the card and grid, no images
     assert (folder / CARD).read_text() == (voc / CARD).read_text() and folder.name == voc.name
     assert card_folder(f"s3://{BUCKET}/no-such-data") is None
+
+
+_FETCH = """
+import sys
+
+import bench.node_cache as node_cache
+
+copied, original = [], node_cache._copy_one
+node_cache._copy_one = lambda loc, *args: (copied.append(loc.uri), original(loc, *args))
+print(node_cache.node_copy(sys.argv[1], "models", "model.path"), len(copied))
+"""
+
+
+@pytest.mark.usefixtures("s3_server")
+def test_concurrent_processes_on_one_node_copy_once(tiny_model, cache):
+    """Processes (the actors of one node), not threads: one copies under the lock, the others wait and reuse."""
+    import subprocess
+    import sys
+
+    uri = _upload(tiny_model, "model")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), CACHE_ENV: str(cache)}
+    procs = [subprocess.Popen([sys.executable, "-c", _FETCH, uri], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outputs]
+    paths, counts = zip(*(out.split() for out, _ in outputs))
+    assert len(set(paths)) == 1 and sorted(int(c) for c in counts) == [0, 0, len(Location.of(uri).files())]
+
+
+@pytest.mark.usefixtures("s3_server")
+def test_an_object_that_arrives_unlike_its_etag_is_refused_and_leaves_no_copy(tiny_model, cache, monkeypatch):
+    import boto3
+
+    uri = _upload(tiny_model, "model")
+    index = (tiny_model / "model_index.json").read_bytes()
+    boto3.client("s3").put_object(Bucket=BUCKET, Key=f"{uri.split('/', 3)[3]}/model_index.json", Body=index)
+    listing = node_cache.read_listing(uri)
+    assert listing["model_index.json"][1] == hashlib.md5(index, usedforsecurity=False).hexdigest()  # one PUT
+    assert node_copy(uri, "models", "model.path").is_dir()  # its content checked against that MD5
+    shutil.rmtree(cache)
+    listing["model_index.json"][1] = "0" * 32  # as if the object changed between the listing and the copy
+    monkeypatch.setattr(node_cache, "read_listing", lambda _: listing)
+    with pytest.raises(BenchError, match=rf"model.path={uri} cannot be read .*another content than its ETag"):
+        node_copy(uri, "models", "model.path")
+    assert [p.name for p in (cache / "models").iterdir() if not p.name.endswith(".lock")] == []
