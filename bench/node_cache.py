@@ -202,8 +202,11 @@ def node_copy(uri: str, kind: str, option: str) -> Path:
             os.replace(tmp, manifest)
     except BenchError:
         raise
-    except OSError as err:
-        if err.errno in LOCAL_ERRNOS or str(root) in str(err.filename or ""):
+    except Exception as err:  # noqa: BLE001 (pyarrow raises OSError, ArrowInvalid ...: one line either way)
+        where = str(getattr(err, "filename", None) or "")
+        local = isinstance(err, OSError) and (err.errno in LOCAL_ERRNOS or bool(where) and (
+            where.startswith(str(root)) or str(root).startswith(where)))  # in the cache, or above it
+        if local:
             raise BenchError(f"{option}={uri}: cannot copy it into the node cache {root} ({err.strerror or err}); "
                              f"free space there or point {CACHE_ENV} at a writable local disk") from None
         raise _unreachable(option, uri, err) from None

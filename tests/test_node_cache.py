@@ -352,3 +352,13 @@ def test_an_object_that_arrives_unlike_its_etag_is_refused_and_leaves_no_copy(ti
     with pytest.raises(BenchError, match=rf"model.path={uri} cannot be read .*another content than its ETag"):
         node_copy(uri, "models", "model.path")
     assert [p.name for p in (cache / "models").iterdir() if not p.name.endswith(".lock")] == []
+
+
+@pytest.mark.usefixtures("s3_server")
+def test_a_node_cache_that_cannot_be_written_is_one_line_naming_the_setting(tiny_model, tmp_path, monkeypatch):
+    uri = _upload(tiny_model, "model")
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "a-file" / "cache"))
+    with pytest.raises(BenchError, match=rf"^model.path={uri}: cannot copy it into the node cache .*point "
+                                         rf"{CACHE_ENV} at a writable local disk$"):
+        node_copy(uri, "models", "model.path")
