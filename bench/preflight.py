@@ -485,6 +485,11 @@ def cluster_checks(cfg: SweepConfig, plan: Plan, target) -> list[dict]:
             checks.append({"kind": "present", "path": path, "expect": path_identity(path), "fingerprint": spec,
                            "what": f"{option}={root}", "fix": "put the dataset on a mount every node shares (or "
                            "the same copy at the same path on every node)"})
+    for key in ("captions", "image_list"):  # single stored files of the dataset, copied by each node alike
+        value = cfg.data.get(key)
+        if isinstance(value, str) and is_uri(value):
+            checks.append(remote_check(value, f"data.{key}", "data", "the node reads the file from there into its "
+                                       "cache"))
     for label, sub_cfg in plan.backbones or [("", cfg)]:
         folder = model_folder(sub_cfg)
         model_expect = plan.model_inputs.get(label) if label else (plan.inputs or {}).get("model")

@@ -73,6 +73,7 @@ def test_a_model_uri_loads_the_local_folders_pipeline_from_one_copy_per_node(tin
     local = load_backbone({"path": str(tiny_model), "device": "cpu"})
     assert all(_states_equal(getattr(remote, p), getattr(local, p)) for p in ("unet", "vae", "text_encoder"))
     assert type(remote.scheduler) is type(local.scheduler) and remote.name == uri.rsplit("/", 1)[-1]
+    assert remote.describe()["stored"] == uri and "stored" not in local.describe()
     assert sorted(copies) == sorted(f"{uri}/{rel}" for rel in stored)  # every object copied once
     copy = model_folder_path({"path": uri})
     assert copy.parent == cache / "models" and model_fingerprint(copy) == model_fingerprint(tiny_model)

@@ -315,7 +315,10 @@ def load_diffusers(cfg: dict, device: torch.device, dtype: torch.dtype) -> Backb
         raise BenchError("model.name=diffusers needs model.path=<diffusers folder or URI> or model.id=<hub id>")
     folder = model_folder_path(cfg)
     name = cfg.get("id") or str(cfg["path"]).rstrip("/").rsplit("/", 1)[-1]  # a URI's copy: the stored name
-    return load_pipeline_folder(folder, device, dtype, name=name)
+    backbone = load_pipeline_folder(folder, device, dtype, name=name)
+    if cfg.get("path") and str(folder) != str(Path(str(cfg["path"])).expanduser()):
+        backbone.info["stored"] = str(cfg["path"])  # what the user gave; info["path"] is this node's copy
+    return backbone
 
 
 def model_kind(cfg: dict) -> str:
