@@ -1,7 +1,8 @@
 """The backbone as a sweep axis: `models: [embedded, /models/sdxl, org/hub-id]` (or `models=embedded,/models/sdxl`
 on the command line) runs the sweep's every configuration on each backbone under one protocol, in one run.
 
-An entry is a registered model name (`embedded`, the default model), a local diffusers folder (`model.path`) or,
+An entry is a registered model name (`embedded`, the default model), a diffusers folder, local or stored
+(`model.path`, e.g. s3://bucket/models/sdxl) or,
 when no such folder exists, a hub id already in the local cache (`model.id`). Every other `model.*` option
 (device, dtype, resolution, ...) applies to every backbone. Each backbone gets a label (its folder's name, the
 hub id's last part, or the registered name): the results' `model` column, the per-backbone shard folder
@@ -34,11 +35,12 @@ def resolve_entry(entry: str) -> BackboneEntry:
     """embedded (or any registered model name) | an existing diffusers folder -> model.path | else a cached hub id
     -> model.id (its existence is checked with the rest of the model's options: bench.config.validate)."""
     from bench.models import MODELS
+    from bench.storage import is_uri
 
     text = str(entry).strip()
     if text in MODELS.names() and text != "diffusers":
         return BackboneEntry(text, text, {"name": text, "path": None, "id": None})
-    if Path(text).expanduser().exists():
+    if is_uri(text) or Path(text).expanduser().exists():  # a stored folder (s3://...) is copied by each node
         return BackboneEntry(text, entry_label(text), {"path": text, "id": None})
     return BackboneEntry(text, entry_label(text), {"path": None, "id": text})
 

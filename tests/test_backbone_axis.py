@@ -51,6 +51,17 @@ def test_plan_puts_the_backbone_outermost_and_hashes_fits_per_backbone(two_tiny)
     assert fits[0].setting == fits[1].setting
 
 
+def test_entries_resolve_to_a_registered_name_a_folder_a_stored_folder_or_a_hub_id(two_tiny):
+    from bench.backbones import resolve_entry
+
+    a, _ = two_tiny
+    assert resolve_entry("embedded").options == {"name": "embedded", "path": None, "id": None}
+    assert resolve_entry(str(a)).options == {"path": str(a), "id": None}
+    stored = resolve_entry("s3://lab-models/sd/sdxl-base/")  # each node copies it (bench.node_cache)
+    assert stored.options == {"path": "s3://lab-models/sd/sdxl-base/", "id": None} and stored.label == "sdxl-base"
+    assert resolve_entry("org/some-model").options == {"path": None, "id": "org/some-model"}
+
+
 def test_bad_entries_are_refused_naming_them(two_tiny, tmp_path):
     a, b = two_tiny
     (tmp_path / "empty").mkdir()
