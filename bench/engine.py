@@ -32,8 +32,9 @@ from bench.data import build_dataset
 from bench.models import model_provenance, scheduler_name
 from bench.plan import Plan, make_plan
 from bench.rundir import WORK
-from bench.stages.score import group_index, score
-from bench.stages.trace import load_shards, settle_pool, trace_and_score
+from bench.sparse_histograms import CLASSES, COUNTS
+from bench.stages.score import group_index, load_scores, score
+from bench.stages.trace import settle_pool, trace_and_score
 from bench.storage import Location, scratch_dir
 from methods import METHODS
 
@@ -80,13 +81,9 @@ def run_engine(cfg: SweepConfig, run_dir: Path | Location, plan: Plan | None = N
         trace_and_score(sub_cfg, sub_plan.groups, len(dataset), shards, fits, run_dir / "qualitative",
                         first_group=plan.first_group(label) if label else 0)
         trace_seconds += time.time() - start
-        parts.append(load_shards(shards))
+        parts.append(shards)
     fit_summary["fit_seconds"] = round(fit_summary["fit_seconds"], 3)
-    scores = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}  # group indices are the plan's
-    # shards arrive in completion order, which a retried batch, a resumed run or several actors change: one
-    # order (image, forward setting, configuration) makes everything derived from them (bootstrap) identical
-    order = np.lexsort((scores["trial"], scores["group"], scores["index"]))
-    scores = {k: v[order] for k, v in scores.items()}
+    scores = load_scores(*parts)  # group indices are the plan's
     by_id = {t.trial_id: t for t in plan.trials}
     group_of = group_index(plan.groups)
     metric_keys = _metric_keys(dataset.classes)
@@ -111,7 +108,8 @@ def run_engine(cfg: SweepConfig, run_dir: Path | Location, plan: Plan | None = N
                                           backbone_parts(cfg, plan)
                                           for k, v in _schedulers(sub_cfg, sub_plan.trials).items()},
              **backbone_provenance(cfg, plan),
-             "per_image": {"trial": scores["trial"], "hist": scores["hist"],
+             "per_image": {"trial": scores["trial"], CLASSES: scores[CLASSES], COUNTS: scores[COUNTS],
+                           "num_classes": len(dataset.classes),
                            "seed_of_group": np.array([plan.groups[g].seed for g in scores["group"]], dtype=np.int64)}}
     return rows, stats
 

@@ -27,6 +27,7 @@ import yaml
 
 from bench.atomic import write_text
 from bench.metrics import seen_unseen
+from bench.sparse_histograms import dense_rows
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 3
@@ -128,7 +129,7 @@ def results_frame(cfg: dict, rows: list[dict], stats: dict) -> pd.DataFrame:
         cis = []
         for row in rows:
             keep = (per_image["trial"] == row["trial"]) & (per_image["seed_of_group"] == row["seed"])
-            cis.append(bootstrap_intervals(per_image["hist"][keep], cfg["metric"]["protocol"], draws))
+            cis.append(bootstrap_intervals(dense_rows(per_image, keep), cfg["metric"]["protocol"], draws))
         for metric in ("mIoU", "mAcc", "aAcc"):
             frame[f"{metric}_ci_low"] = [ci[metric][0] for ci in cis]
             frame[f"{metric}_ci_high"] = [ci[metric][1] for ci in cis]
@@ -159,7 +160,7 @@ def _seen_unseen(cfg: dict, frame: pd.DataFrame, rows: list[dict], per_image, un
         lows, highs = [], []
         for row in rows:
             keep = (per_image["trial"] == row["trial"]) & (per_image["seed_of_group"] == row["seed"])
-            ci = bootstrap_intervals(np.asarray(per_image["hist"][keep])[..., cols], protocol, draws)["mIoU"]
+            ci = bootstrap_intervals(dense_rows(per_image, keep)[..., cols], protocol, draws)["mIoU"]
             lows.append(ci[0])
             highs.append(ci[1])
         frame[f"mIoU_{part}_ci_low"], frame[f"mIoU_{part}_ci_high"] = lows, highs

@@ -4,7 +4,8 @@ to `<work>/shards/` as batches finish (a resumed run re-traces only the images n
 (`trace_images`: pool, shards, resume, storage) runs synthesis (bench.stages.synthesis) and the adaptive
 search's trace cache (bench.search) with their own workers.
 
-Workers write nothing: the histograms and the qualitative maps of the first `report.qualitative` images travel
+Workers write nothing: the histograms (by their nonzero class columns, bench.sparse_histograms) and the
+qualitative maps of the first `report.qualitative` images travel
 back to the driver in the result batches (columns `qualitative_name`, `qualitative_data`: an .npz record on
 the first row of each (image, forward setting), b"" elsewhere), and the driver writes them into the run's
 storage (a bench.storage Location: local folder or object store). A worker's node needs no access to it."""
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import io
 import logging
+import time
 import warnings
 from pathlib import Path
 
@@ -28,10 +30,16 @@ from bench.evaluate import evaluate_batch, group_request
 from bench.faults import TraceFault, maybe_exit, trace_fault
 from bench.models import load_backbone
 from bench.plan import ForwardGroup
+from bench.sparse_histograms import CLASSES, COUNTS, encode, stack_rows, widen
 from bench.storage import Location, scratch_dir
 from methods import METHODS
 
 QUALITATIVE_COLUMNS = ("qualitative_name", "qualitative_data")
+# The driver gathers result batches into one shard until it holds SHARD_IMAGES images or SHARD_SECONDS have passed
+# since the last shard: a shard per batch costs more than the batch at ray.batch_size=1 on a cluster, and a
+# driver killed outright loses at most SHARD_SECONDS of traced images (re-traced on resume).
+SHARD_IMAGES = 1024
+SHARD_SECONDS = 1.0
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +95,7 @@ class SweepWorker:
         payload = np.empty(len(rows["qualitative_data"]), dtype=object)
         payload[:] = rows["qualitative_data"]
         return {"index": np.array(rows["index"], dtype=np.int64), "group": np.array(rows["group"], dtype=np.int64),
-                "trial": np.array(rows["trial"]), "hist": np.stack(rows["hist"]),
+                "trial": np.array(rows["trial"]), **encode(np.stack(rows["hist"])),
                 "passes": np.array(rows["passes"], dtype=np.int64),
                 "ties": np.array(rows["ties"], dtype=np.int64).reshape(-1, 2),
                 "qualitative_name": np.array(rows["qualitative_name"], dtype=str), "qualitative_data": payload}
@@ -172,35 +180,59 @@ def trace_and_score(cfg: SweepConfig, groups: list[ForwardGroup], num_images: in
 def absorb(batches, shards: Location, qualitative_dir: Location | None, done: set, next_shard: int,
            num_images: int, label: str, keep=None) -> None:
     """The driver's share of the trace stage, per result batch: drop images already sharded, write the
-    qualitative records and what `keep` writes, write the batch as one shard (last: a shard means its images'
-    files are complete), advance the bar (what bench.perf_driver measures)."""
+    qualitative records and what `keep` writes, gather the batch into the next shard, advance the bar; a shard
+    is written (last: a shard means its images' files are complete) every SHARD_IMAGES images or SHARD_SECONDS,
+    at the end and when the stage stops on an error or Ctrl-C (what bench.perf_driver measures)."""
     seen = np.zeros(num_images, dtype=bool)  # a mask, not a set: the check per batch costs the batch, not the run
     seen[np.fromiter(done, dtype=np.int64, count=len(done))] = True
+    pending: list[dict] = []
+    held = 0  # images in `pending`
+    written = -np.inf  # when the last shard was written: the first batch is a shard at once
+
+    def flush() -> None:
+        nonlocal next_shard, held, written
+        if not pending:
+            return
+        parts = widen(pending) if CLASSES in pending[0] else list(pending)
+        pending.clear()
+        held = 0
+        buffer = io.BytesIO()
+        np.savez(buffer, **{k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+        (shards / f"shard-{next_shard:05d}.npz").write_bytes(buffer.getvalue())  # whole or not at all
+        next_shard += 1
+        written = time.monotonic()
+
     with tqdm(total=num_images, initial=len(done), desc=label, unit="img", dynamic_ncols=True) as bar:
-        for batch in batches:
-            # a batch re-executed after a worker died (or a lost node's block rebuilt) may repeat images that
-            # are already sharded: each image is written once
-            fresh = ~seen[batch["index"]]
-            if not fresh.any():
-                continue
-            batch = {k: v[fresh] for k, v in batch.items()}
-            seen[batch["index"]] = True
-            names_sent = batch.pop("qualitative_name", np.array([], dtype=str))
-            data_sent = batch.pop("qualitative_data", np.array([], dtype=object))
-            if qualitative_dir is not None:
-                for name, data in zip(names_sent, data_sent):
-                    if name:
-                        (qualitative_dir / str(name)).write_bytes(bytes(data))
-            if keep is not None:
-                keep(batch)
-            for key, column in batch.items():  # Ray Data hands strings back as object arrays, which need pickle
-                if column.dtype == object:
-                    batch[key] = column.astype(str)
-            buffer = io.BytesIO()
-            np.savez(buffer, **batch)
-            (shards / f"shard-{next_shard:05d}.npz").write_bytes(buffer.getvalue())  # whole or not at all
-            next_shard += 1
-            bar.update(len(np.unique(batch["index"])))
+        try:
+            for batch in batches:
+                # a batch re-executed after a worker died (or a lost node's block rebuilt) may repeat images that
+                # are already sharded: each image is written once
+                fresh = ~seen[batch["index"]]
+                if not fresh.all():
+                    if not fresh.any():
+                        continue
+                    batch = {k: v[fresh] for k, v in batch.items()}
+                seen[batch["index"]] = True
+                names_sent = batch.pop("qualitative_name", None)
+                data_sent = batch.pop("qualitative_data", None)
+                if qualitative_dir is not None and names_sent is not None:
+                    for k in np.flatnonzero(names_sent.astype(str) != ""):
+                        (qualitative_dir / str(names_sent[k])).write_bytes(bytes(data_sent[k]))
+                if keep is not None:
+                    keep(batch)
+                for key, column in batch.items():
+                    if column.dtype == object:  # Ray Data hands strings back as object arrays (they need pickle),
+                        # and rows of different widths as arrays of arrays
+                        batch[key] = stack_rows(column, -1 if key == CLASSES else 0) if key in (CLASSES, COUNTS) \
+                            else column.astype(str)
+                pending.append(batch)
+                images = len(np.unique(batch["index"]))
+                held += images
+                if held >= SHARD_IMAGES or time.monotonic() - written >= SHARD_SECONDS:
+                    flush()
+                bar.update(images)
+        finally:  # the images gathered so far are complete: kept when the stage stops early
+            flush()
 
 
 def _ray_batches(cfg: SweepConfig, worker: type, kwargs: dict, todo: list[int]):
@@ -237,4 +269,7 @@ def load_shards(shards: Location | Path) -> dict[str, np.ndarray]:
         if "ties" not in part:  # written before tie counts existed (a run resumed across versions): none counted
             part["ties"] = np.zeros((len(part["index"]), 2), dtype=np.int64)
         parts.append(part)
+    if any(CLASSES in p for p in parts):  # dense shards of a run resumed across versions are encoded alike
+        parts = widen([{**{k: v for k, v in p.items() if k != "hist"}, **encode(p["hist"])} if "hist" in p else p
+                       for p in parts])
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
