@@ -23,11 +23,11 @@ CLASSES, COUNTS = "hist_classes", "hist_counts"
 
 def encode(hist: np.ndarray) -> dict[str, np.ndarray]:
     """(R, H, C) nonnegative integer histograms -> {hist_classes: (R, M), hist_counts: (R, H, M)}, M the most
-    nonzero columns of any row (0 when every row is empty)."""
+    nonzero columns of any row (at least 1: a batch of empty rows is one padding column)."""
     hist = np.asarray(hist)
     rows, height, classes = hist.shape
     nonzero = hist.any(axis=1)  # (R, C)
-    width = int(nonzero.sum(1).max(initial=0))
+    width = max(1, int(nonzero.sum(1).max(initial=0)))  # one padding column where every row is empty
     # nonzero columns first, in ascending class order (a stable sort of the "is zero" flags)
     order = np.argsort(~nonzero, axis=1, kind="stable")[:, :width]
     kept = np.take_along_axis(nonzero, order, 1)

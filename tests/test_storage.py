@@ -312,6 +312,7 @@ def test_the_driver_writes_each_image_once_and_the_qualitative_records_it_receiv
     """bench.stages.trace.absorb: a batch repeated by a retried actor (or images a resumed run already holds)
     adds nothing; the qualitative records that came back with the histograms are written into the run."""
     from bench.perf_driver import result_batch
+    from bench.sparse_histograms import decode
     from bench.stages.trace import absorb, load_shards
 
     rng = np.random.default_rng(0)
@@ -325,7 +326,37 @@ def test_the_driver_writes_each_image_once_and_the_qualitative_records_it_receiv
     assert (folder / "qualitative" / "img2.g000.npz").read_bytes() == b"npz bytes"
     scores = load_shards(folder / "shards")
     assert sorted(set(scores["index"].tolist())) == [0, 1, 2, 3] and len(scores["index"]) == 12
-    assert "qualitative_data" not in scores and np.array_equal(scores["hist"][:6], first["hist"])
+    assert "qualitative_data" not in scores
+    assert np.array_equal(decode(scores, 5)[:6], decode(first, 5))
+
+
+def test_the_driver_gathers_batches_into_shards_and_keeps_them_when_the_stage_stops(tmp_path, monkeypatch):
+    """bench.stages.trace.absorb: the first batch is a shard at once (progress shows early), later ones are
+    gathered up to SHARD_IMAGES images; an error in the stage (a worker out of retries, Ctrl-C) still writes the
+    images gathered so far, and a resume re-traces none of them."""
+    import bench.stages.trace as trace
+    from bench.perf_driver import result_batch
+
+    monkeypatch.setattr(trace, "SHARD_SECONDS", 3600.0)
+    monkeypatch.setattr(trace, "SHARD_IMAGES", 3)
+    rng = np.random.default_rng(0)
+
+    def batches():
+        for i in range(6):
+            yield result_batch(i, 1, 2, 4, rng, present=1 + i % 3)
+        raise KeyboardInterrupt
+
+    shards = Location.of(tmp_path / "shards")
+    with pytest.raises(KeyboardInterrupt):
+        trace.absorb(batches(), shards, None, set(), 0, 10, "test")
+    assert shards.names() == ["shard-00000.npz", "shard-00001.npz", "shard-00002.npz"]
+    done, next_shard = trace.sharded(shards)
+    assert done == set(range(6)) and next_shard == 3
+    sizes = []
+    for name in shards.names():
+        with np.load(tmp_path / "shards" / name) as shard:
+            sizes.append(len(np.unique(shard["index"])))
+    assert sizes == [1, 3, 2]  # the first at once, then SHARD_IMAGES, then what the error left
 
 
 def test_fit_from_reads_a_finished_fit_from_object_storage(s3_server, tmp_path):
