@@ -47,13 +47,20 @@ def decode(columns: dict[str, np.ndarray], num_classes: int) -> np.ndarray:
 
 
 def totals(columns: dict[str, np.ndarray], num_classes: int) -> np.ndarray:
-    """The (H, C) int64 sum of the encoded rows' histograms, without decoding them one by one."""
+    """The (H, C) int64 sum of the encoded rows' histograms, without decoding them: one weighted bincount over
+    (row of the histogram, class). Its float64 sums are exact while the total stays below 2**53 (a billion
+    images of a billion pixels), checked; past it, integer adds."""
     classes, counts = columns[CLASSES], columns[COUNTS]
     height = counts.shape[1]
-    out = np.zeros((height, num_classes + 1), dtype=np.int64)
-    cols = np.where(classes >= 0, classes, num_classes).astype(np.intp)
-    np.add.at(out, (slice(None), cols.ravel()), counts.transpose(1, 0, 2).reshape(height, -1).astype(np.int64))
-    return out[:, :num_classes]
+    cols = np.where(classes >= 0, classes, num_classes).astype(np.int64)  # padding: a column cut off below
+    keys = (np.arange(height, dtype=np.int64)[None, :, None] * (num_classes + 1) + cols[:, None, :]).ravel()
+    if counts.size == 0 or int(counts.max()) * counts.size < 2 ** 53:
+        sums = np.bincount(keys, weights=counts.ravel().astype(np.float64), minlength=height * (num_classes + 1))
+        out = sums.astype(np.int64)
+    else:
+        out = np.zeros(height * (num_classes + 1), dtype=np.int64)
+        np.add.at(out, keys, counts.ravel().astype(np.int64))
+    return out.reshape(height, num_classes + 1)[:, :num_classes]
 
 
 def widen(parts: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:

@@ -94,3 +94,9 @@ def test_sweep_scores_and_intervals_from_encoded_shards_equal_the_dense_ones(tmp
         keep = scores["trial"] == trial.trial_id
         assert bootstrap_intervals(dense_rows(per_image, keep), "iseg", 50) == \
             bootstrap_intervals(dense_scores["hist"][keep], "iseg", 50)
+
+
+def test_totals_stay_exact_past_what_a_float_holds():
+    hist = np.full((3, 8, 5), 2 ** 50 + 1, dtype=np.int64)  # sums beyond 2**53: float64 would round them
+    hist[1, :, 2] = 0
+    assert np.array_equal(totals(encode(hist), 5), hist.sum(0))
