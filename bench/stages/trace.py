@@ -35,9 +35,10 @@ from bench.storage import Location, scratch_dir
 from methods import METHODS
 
 QUALITATIVE_COLUMNS = ("qualitative_name", "qualitative_data")
-# The driver gathers result batches into one shard until it holds SHARD_IMAGES images or SHARD_SECONDS have passed
-# since the last shard: a shard per batch costs more than the batch at ray.batch_size=1 on a cluster, and a
-# driver killed outright loses at most SHARD_SECONDS of traced images (re-traced on resume).
+# The driver gathers result batches into one shard until it holds SHARD_IMAGES images or a batch arrives
+# SHARD_SECONDS after the last shard: a shard per batch costs more than the batch at ray.batch_size=1 on a cluster,
+# and a driver killed outright loses only the images that arrived within SHARD_SECONDS of its last shard (traced
+# again on resume); an error or Ctrl-C loses none.
 SHARD_IMAGES = 1024
 SHARD_SECONDS = 1.0
 
