@@ -6,10 +6,11 @@ classes, K rows of (8, C) counts (bench.metrics.ImageScorer.histograms), encoded
 (bench.sparse_histograms.encode, as bench.stages.trace.SweepWorker sends them). The driver filters repeats,
 gathers the batches into shards and advances the bar (bench.stages.trace.absorb). At the end it loads every
 shard in one order and sums the histograms per configuration (bench.stages.score.load_scores, summed). This
-module calls those functions on synthetic result batches of the real shapes. No model runs and no actor
-starts, so what is timed is the driver alone.
+module calls those functions on synthetic result batches of the real shapes (`measure`: no model runs and no
+actor starts, so what is timed is the driver alone), and sends the same batches through the real Ray Data pool
+from a stub actor into the driver (`measure_ray`: what Ray Data's delivery adds).
 
-    python -m bench.perf_driver [--images N] [--out reports/perf]
+    python -m bench.perf_driver [--images N] [--repeats 3] [--no-ray] [--out reports/perf]
 
 The target: one driver absorbs >= 5,000 images/s, so 64 GPUs at ~80 images/s each are not held back.
 """
