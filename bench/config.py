@@ -33,12 +33,12 @@ values from outside the file) are errors; `${other.key}` references resolve.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import yaml
@@ -50,6 +50,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from bench.data import dataset_options
 from bench.errors import BenchError
+from bench.frozen import FrozenDict, freeze, thaw
 from bench.limits import check_override, check_side, check_yaml_shape, count_configurations, read_sweep_text
 from bench.metrics import PROTOCOLS
 from bench.models import validate_model_config
@@ -119,7 +120,7 @@ class Section:
 
     def as_dict(self) -> dict:
         inverse = {v: k for k, v in self.KEY_NAMES.items()}
-        return {inverse.get(f.name, f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {inverse.get(f.name, f.name): thaw(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
 
 def _check_type(name: str, value, annotation: str):
@@ -139,11 +140,11 @@ def _check_type(name: str, value, annotation: str):
         if kind == "str" and isinstance(value, str):
             return value
         if kind == "dict" and isinstance(value, dict):
-            return dict(value)
+            return freeze(value)
     raise BenchError(f"{name}={value!r} must be {' or '.join(a for a in allowed if a != 'None')}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig(Section):
     name: str = "embedded"
     path: str | None = None
@@ -165,13 +166,13 @@ class ModelConfig(Section):
                 if k not in self.TRANSFORMER_DEFAULTS or str(v) != self.TRANSFORMER_DEFAULTS[k]}
 
 
-@dataclass
+@dataclass(frozen=True)
 class MetricConfig(Section):
     protocol: str = "mmseg"
     main: str = "mIoU"
 
 
-@dataclass
+@dataclass(frozen=True)
 class RayConfig(Section):
     address: str | None = None
     num_actors: int | str = "auto"  # auto: one per GPU, or one per CPU core but one (bench.env.auto_num_actors)
@@ -186,7 +187,7 @@ class RayConfig(Section):
     max_retries: int = 3
 
 
-@dataclass
+@dataclass(frozen=True)
 class ReportConfig(Section):
     bootstrap: int = 200
     qualitative: int = 4
@@ -195,7 +196,7 @@ class ReportConfig(Section):
     unseen: str = ""
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig(Section):
     """How trained methods fit (bench.stages.fit): Ray Train workers, GPUs, and the split they learn from."""
 
@@ -212,13 +213,13 @@ class TrainConfig(Section):
     data: dict | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class FitConfig(Section):
     KEY_NAMES = {"from": "source"}
     source: str | None = None  # `fit.from`: a run directory or one fit directory whose fits are reused
 
 
-@dataclass
+@dataclass(frozen=True)
 class SearchConfig(Section):
     """Adaptive search over the sweep's post-processing parameters (bench.search); off without `algo`."""
 
@@ -229,7 +230,7 @@ class SearchConfig(Section):
     cache_mb: int = 2048  # trace cache bound (<run>/work/trace_cache)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrackingConfig(Section):
     """Where a finished run is logged besides its run directory (bench.track); off without `name`."""
 
@@ -245,7 +246,7 @@ class TrackingConfig(Section):
 PAPER_KEYS = ("table", "param", "metric", "values", "note", "backbone", "dataset", "protocol", "tolerance")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SweepConfig:
     name: str
     method: str
@@ -275,6 +276,18 @@ class SweepConfig:
     SECTIONS = {"model": ModelConfig, "metric": MetricConfig, "ray": RayConfig, "report": ReportConfig,
                 "train": TrainConfig, "fit": FitConfig, "search": SearchConfig, "tracking": TrackingConfig}
 
+    FROZEN = ("data", "params", "sweep", "seeds", "paper", "overrides", "models")  # containers made read-only
+
+    def __post_init__(self):
+        for name in self.FROZEN:  # the one place a field is set after construction: before anyone sees it
+            object.__setattr__(self, name, freeze(getattr(self, name)))
+
+    @cached_property
+    def swept(self) -> FrozenDict:
+        """Every swept parameter's space: the user's `sweep`, then the method's default sweep for the parameters
+        the input neither sweeps nor fixes (`Resolved.sweep`, recorded apart from the input)."""
+        return FrozenDict({**self.sweep, **default_sweep(self)})
+
     def as_dict(self) -> dict:
         """Plain data (config.yaml): sections as mappings, in declaration order; `models` only where given (so a
         one-backbone config, and its hash, are what they were before the backbone axis)."""
@@ -283,7 +296,7 @@ class SweepConfig:
             value = getattr(self, f.name)
             if f.name == "models" and not value:
                 continue
-            out[f.name] = value.as_dict() if isinstance(value, Section) else copy.deepcopy(value)
+            out[f.name] = value.as_dict() if isinstance(value, Section) else thaw(value)
         return out
 
     @classmethod
@@ -435,15 +448,11 @@ def validate(cfg: SweepConfig) -> None:
         if kind == "loguniform" and values[0] <= 0:
             raise BenchError(f"sweep.{name}.loguniform={values} needs low > 0")
     method.resolve(cfg.params)
-    # the method's default sweep (compare: every training-free method) becomes part of the resolved config
-    for name, space in method.default_sweep().items():
-        if name not in cfg.sweep and name not in cfg.params:
-            cfg.sweep[name] = space
     check_seeds(cfg.seeds, cfg.search_seed)
     if not isinstance(cfg.num_samples, int) or isinstance(cfg.num_samples, bool) or cfg.num_samples < 1:
         raise BenchError("num_samples must be an integer >= 1")
-    count_configurations([len(space_kind(n, v)[1]) for n, v in cfg.sweep.items() if space_kind(n, v)[0] == "grid"],
-                         cfg.num_samples if any(space_kind(n, v)[0] != "grid" for n, v in cfg.sweep.items()) else 1,
+    count_configurations([len(space_kind(n, v)[1]) for n, v in cfg.swept.items() if space_kind(n, v)[0] == "grid"],
+                         cfg.num_samples if any(space_kind(n, v)[0] != "grid" for n, v in cfg.swept.items()) else 1,
                          len(cfg.seeds))
     for name, options in (("data", cfg.data), ("train.data", cfg.train.data or {})):
         check_side(f"{name}.size", options.get("size"))
@@ -467,8 +476,15 @@ def validate(cfg: SweepConfig) -> None:
         check_searchable(cfg)
     check_tracking(cfg.tracking)
     paper = cfg.paper
-    if paper and paper.get("param") and paper["param"] not in cfg.sweep:
-        raise BenchError(f"paper.param={paper['param']!r} is not a swept parameter ({', '.join(cfg.sweep)})")
+    if paper and paper.get("param") and paper["param"] not in cfg.swept:
+        raise BenchError(f"paper.param={paper['param']!r} is not a swept parameter ({', '.join(cfg.swept)})")
+
+
+def default_sweep(cfg: SweepConfig) -> dict:
+    """The method's default sweep (compare: every training-free method) for the parameters the input neither
+    sweeps nor fixes: what the run adds to the user's sweep (`Resolved.sweep`)."""
+    return {name: space for name, space in METHODS.get(cfg.method).default_sweep().items()
+            if name not in cfg.sweep and name not in cfg.params}
 
 
 SEED_LIMIT = 2**32  # numpy's and torch's generators take seeds below this
@@ -583,7 +599,7 @@ def check_searchable(cfg: SweepConfig) -> None:
         except ImportError:
             raise BenchError(f"search.algo={algo} needs the {algo} package; pip install {algo}") from None
     params = METHODS.get(cfg.method).all_params()
-    for name in cfg.sweep:
+    for name in cfg.swept:
         if params[name].kind != "post":
             raise BenchError(f"search covers post-processing parameters only; {name} is a {params[name].kind} "
                              f"parameter: fix it in params or run the grid without search")

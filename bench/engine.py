@@ -31,6 +31,7 @@ from bench.config import SweepConfig
 from bench.data import build_dataset
 from bench.models import model_provenance, scheduler_name
 from bench.plan import Plan, make_plan
+from bench.results import RunStats
 from bench.rundir import WORK
 from bench.sparse_histograms import CLASSES, COUNTS
 from bench.stages.score import group_index, load_scores, score
@@ -43,8 +44,9 @@ log = logging.getLogger(__name__)
 NO_FITS = {"fits": 0, "fits_trained": 0, "fits_reused": 0, "fit_seconds": 0.0}
 
 
-def run_engine(cfg: SweepConfig, run_dir: Path | Location, plan: Plan | None = None) -> tuple[list[dict], dict]:
-    """Run every stage; returns result rows (one per configuration and seed) and run statistics."""
+def run_engine(cfg: SweepConfig, run_dir: Path | Location, plan: Plan | None = None) -> tuple[list[dict], RunStats]:
+    """Run every stage; returns result rows (one per configuration and seed) and run statistics. `plan` is the
+    preflight's (its dataset included); without one the plan and the dataset are built here."""
     run_dir = Location.of(run_dir)
     plan = plan or make_plan(cfg)
     fitting = bool(plan.fits) or cfg.fit.source is not None
@@ -52,10 +54,10 @@ def run_engine(cfg: SweepConfig, run_dir: Path | Location, plan: Plan | None = N
         from bench.stages.fit import check_fit_sources
 
         check_fit_sources(cfg, plan)
-    dataset = build_dataset(cfg.data)
+    dataset = plan.dataset if plan.dataset is not None else build_dataset(cfg.data)
     log.info("%d configurations x %d seeds in %d forward settings and %d train settings over %d images",
              len(plan.trials), len(cfg.seeds), len(plan.groups), len(plan.fits), len(dataset))
-    settle_pool(cfg, len(dataset), fits=bool(plan.fits))
+    cfg = settle_pool(cfg, len(dataset), fits=bool(plan.fits))  # ray.execution / num_actors settled
     if cfg.search.algo is not None:  # adaptive search of post-processing parameters: the trace stage fills its
         # trace cache, then configurations are scored on the cached traces in this process (milliseconds each)
         from bench.search import run_search
@@ -63,9 +65,8 @@ def run_engine(cfg: SweepConfig, run_dir: Path | Location, plan: Plan | None = N
         fits, _, fit_summary = _fit_stage(cfg, plan, run_dir) if fitting else ({}, {}, dict(NO_FITS))
         # its trace cache is hot scratch: node-local beside a local run, in a node-local folder for a stored one
         cache = run_dir.local / WORK if run_dir.is_local else scratch_dir("search", run_dir.uri)
-        rows, stats = run_search(cfg, dataset, fits, run_dir / WORK / "shards", cache)
-        return rows, {"method_versions": method_versions(cfg.method), "num_actors": int(cfg.ray.num_actors),
-                      "execution": cfg.ray.execution, "dataset": dataset.describe(), **fit_summary, **stats}
+        rows, found = run_search(cfg, dataset, fits, run_dir / WORK / "shards", cache)
+        return rows, run_stats(cfg, plan, dataset, fit_summary, num_trials=len(rows), **found)
     fit_dirs: dict[str, dict[str, str]] = {}  # backbone label ("" for one backbone) -> setting key -> fit dir
     fit_summary = dict(NO_FITS)
     trace_seconds, parts = 0.0, []
@@ -98,20 +99,28 @@ def run_engine(cfg: SweepConfig, run_dir: Path | Location, plan: Plan | None = N
                      "unet_passes": passes, "forward_setting": plan.groups[g].key,
                      "fit": fit_dirs[trial.swept.get("model", "")].get(trial.train.key, "") if trial.train else ""})
     rows.sort(key=lambda r: (r["trial"], r["seed"]))
-    stats = {"method_versions": method_versions(cfg.method), "num_images": len(dataset),
-             "num_actors": int(cfg.ray.num_actors), "execution": cfg.ray.execution,
-             "num_trials": len(plan.trials),
-             "num_forward_settings": len(plan.groups), **fit_summary,
-             "unet_passes": int(scores["passes"].sum()), "trace_seconds": round(trace_seconds, 3),
-             "images_per_second": round(len(dataset) * len(plan.groups) / max(trace_seconds, 1e-9), 4),
-             "dataset": dataset.describe(), "scheduler": {f"{label}: {k}" if label else k: v for label, sub_cfg, sub_plan in
-                                          backbone_parts(cfg, plan)
-                                          for k, v in _schedulers(sub_cfg, sub_plan.trials).items()},
-             **backbone_provenance(cfg, plan),
-             "per_image": {"trial": scores["trial"], CLASSES: scores[CLASSES], COUNTS: scores[COUNTS],
-                           "num_classes": len(dataset.classes),
-                           "seed_of_group": np.array([plan.groups[g].seed for g in scores["group"]], dtype=np.int64)}}
-    return rows, stats
+    per_image = {"trial": scores["trial"], CLASSES: scores[CLASSES], COUNTS: scores[COUNTS],
+                 "num_classes": len(dataset.classes),
+                 "seed_of_group": np.array([plan.groups[g].seed for g in scores["group"]], dtype=np.int64)}
+    return rows, run_stats(cfg, plan, dataset, fit_summary, num_trials=len(plan.trials),
+                           num_forward_settings=len(plan.groups), unet_passes=int(scores["passes"].sum()),
+                           trace_seconds=trace_seconds, per_image=per_image)
+
+
+def run_stats(cfg: SweepConfig, plan: Plan, dataset, fit_summary: dict, *, num_trials: int,
+              num_forward_settings: int, unet_passes: int, trace_seconds: float, per_image: dict,
+              search: dict | None = None) -> RunStats:
+    """The run's statistics, for every path (the trace stage and the adaptive search): `cfg` with its trace pool
+    settled (bench.stages.trace.settle_pool), what the stages measured, the fit stage's summary."""
+    schedulers = {f"{label}: {k}" if label else k: v for label, sub_cfg, sub_plan in backbone_parts(cfg, plan)
+                  for k, v in _schedulers(sub_cfg, sub_plan.trials).items()}
+    return RunStats(method_versions=method_versions(cfg.method), num_images=len(dataset),
+                    num_actors=int(cfg.ray.num_actors), execution=cfg.ray.execution, num_trials=num_trials,
+                    num_forward_settings=num_forward_settings, **fit_summary, unet_passes=unet_passes,
+                    trace_seconds=round(trace_seconds, 3),
+                    images_per_second=round(len(dataset) * num_forward_settings / max(trace_seconds, 1e-9), 4),
+                    dataset=dataset.describe(), scheduler=schedulers, **backbone_provenance(cfg, plan),
+                    search=search, per_image=per_image)
 
 
 def backbone_parts(cfg: SweepConfig, plan: Plan):

@@ -180,14 +180,12 @@ def resolve_execution(execution: str, num_actors: int | str, address: str | None
     return "driver" if min(local_slots(use_gpu), num_images) <= 1 else "actors"
 
 
-def settle_execution(ray_cfg, num_images: int, use_gpu: bool) -> str:
-    """Resolve `ray.execution` in the config itself (so what auto picked is what the run records): "driver"
-    also sets `ray.num_actors` to 0; "actors" leaves `auto` for auto_num_actors once Ray has started."""
-    ray_cfg.execution = resolve_execution(ray_cfg.execution, ray_cfg.num_actors, ray_cfg.address, num_images,
-                                          use_gpu)
-    if ray_cfg.execution == "driver":
-        ray_cfg.num_actors = 0
-    return ray_cfg.execution
+def settle_execution(ray_cfg, num_images: int, use_gpu: bool) -> tuple[str, int | str]:
+    """`ray.execution` and `ray.num_actors` as the run settles them: (execution, num_actors). "driver" comes
+    with 0 actors; "actors" keeps the given count, or `auto` for auto_num_actors once Ray has started. The
+    config is not changed: the run records the decision beside it (bench.resolved)."""
+    execution = resolve_execution(ray_cfg.execution, ray_cfg.num_actors, ray_cfg.address, num_images, use_gpu)
+    return execution, 0 if execution == "driver" else ray_cfg.num_actors
 
 
 def exit_process(code: int) -> None:

@@ -70,6 +70,8 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     inputs: dict | None = None  # fingerprints of the model and data (bench.fingerprint), set by preflight
     opened: list[str] = field(default_factory=list)  # the dataset files preflight read (absolute), for node probes
+    # the evaluated dataset preflight built and checked, handed to the engine (not rebuilt); stays on the driver
+    dataset: object | None = field(default=None, repr=False, compare=False)
     # a sweep over models: (label, the sweep's config on that backbone) in plan order; empty for one backbone
     backbones: list[tuple[str, SweepConfig]] = field(default_factory=list)
     # a sweep over models: each backbone's model fingerprint (bench.fingerprint), for the per-node probes
@@ -79,7 +81,7 @@ class Plan:
         """The part of the plan that runs on one backbone (its trials, fits and forward groups)."""
         trials = [t for t in self.trials if t.swept.get("model") == label]
         return Plan(trials, [u for u in self.fits if u.model == label], [g for g in self.groups if g.model == label],
-                    inputs=self.inputs, opened=self.opened)
+                    inputs=self.inputs, opened=self.opened, dataset=self.dataset)
 
     def first_group(self, label: str) -> int:
         """The index of the backbone's first forward group (its groups are contiguous: the backbone is outermost)."""
@@ -101,7 +103,7 @@ def expand_trials(cfg: SweepConfig) -> list[Trial]:
     method_cls = METHODS.get(cfg.method)
     method = method_cls()
     grid, random = {}, {}
-    for name, space in cfg.sweep.items():
+    for name, space in cfg.swept.items():
         kind, values = space_kind(name, space)
         if kind == "grid":
             grid[name] = values

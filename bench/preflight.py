@@ -46,6 +46,7 @@ def preflight(cfg: SweepConfig, cluster_check=None) -> Plan:
     check_ray_address(cfg.ray.address)
     dataset = build_dataset(cfg.data)
     plan = make_plan(cfg)
+    plan.dataset = dataset  # the engine traces this one (bench.engine.run_engine)
     for mode in sorted({t.params["mode"] for t in plan.trials}):
         require_generation_gt(dataset, mode)
     with bounded_images(), record_opened() as opened:  # the header's size before any image is decoded

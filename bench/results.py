@@ -19,6 +19,7 @@ import logging
 import math
 import platform
 import subprocess
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ import yaml
 
 from bench.atomic import write_text
 from bench.metrics import seen_unseen
+from bench.resolved import RESOLVED_KEY, effective_config
 from bench.sparse_histograms import dense_rows
 
 log = logging.getLogger(__name__)
@@ -78,10 +80,11 @@ HASH_EXCLUDED = ("output_dir", "overrides", "sweep_file", "tracking")
 
 
 def config_hash(cfg: dict, schema: int = SCHEMA_VERSION) -> str:
-    """sha256 of the resolved config (as in config.yaml) without output_dir, the overrides' spelling and the
+    """sha256 of the effective config (config.yaml's input with its `resolved:` record) without output_dir, the overrides' spelling and the
     sweep file's path, first 16 hex digits: identical configurations have identical hashes. `schema` < 3: the
     hash as runs of those schemas recorded it (overrides and sweep file included)."""
     excluded = HASH_EXCLUDED if schema >= 3 else ("output_dir",)
+    cfg = effective_config(cfg)  # the input with the run's decisions (`resolved:`) laid over it
     text = json.dumps({k: v for k, v in cfg.items() if k not in excluded}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -116,14 +119,64 @@ def paper_value(cfg: dict, swept: dict) -> float:
     return float(got) if is_number(got) else math.nan
 
 
+# -- run statistics -------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunStats:
+    """run.json's statistics: one shape for every path (a sweep's trace stage, an adaptive search), built by the
+    engine (bench.engine.run_stats), completed over every invocation of the run by `over_invocations`
+    (bench.run), written by `as_dict` under the keys run.json has always had. A path that does not do something
+    records its zero (no fits: 0 fits; no search: `search` null)."""
+
+    method_versions: dict
+    num_images: int
+    num_actors: int  # the tracing actors the trace stage settled on (0: in this process)
+    execution: str  # driver | actors
+    num_trials: int
+    num_forward_settings: int
+    fits: int
+    fits_trained: int
+    fits_reused: int
+    fit_seconds: float
+    unet_passes: int
+    trace_seconds: float
+    images_per_second: float  # images x forward settings per traced second
+    dataset: dict
+    scheduler: dict
+    backbone: dict | None = None  # one backbone's family and weights (bench.models.model_provenance)
+    backbones: dict | None = None  # a sweep over models: the same per backbone label, with the entry as given
+    search: dict | None = None  # the adaptive search's settings, rungs and best configuration
+    invocations: int = 1  # processes that worked on the run (a resumed run has several)
+    invocation_log: list = field(default_factory=list)
+    wall_seconds: float | None = None
+    finished: str | None = None
+    notes: list = field(default_factory=list)  # the preflight's notes, stated once in the report
+    inputs: dict | None = None  # the model's and data's fingerprints (what fit.from= compares)
+    per_image: dict | None = field(default=None, compare=False)  # histograms for the bootstrap; not in run.json
+
+    def over_invocations(self, totals: dict, finished: str, notes: list, inputs: dict | None) -> "RunStats":
+        """The statistics over every invocation that worked on the run (bench.rundir.Claim.totals)."""
+        return replace(self, invocations=totals["invocations"], invocation_log=totals["invocation_log"],
+                       wall_seconds=totals["wall_seconds"], trace_seconds=totals["trace_seconds"],
+                       # images_traced counts (backbone, image) pairs; each backbone has its share of the settings
+                       images_per_second=round(totals["images_traced"] * self.num_forward_settings
+                                               / len(self.backbones or [None])
+                                               / max(totals["trace_seconds"], 1e-9), 4),
+                       finished=finished, notes=list(notes), inputs=inputs)
+
+    def as_dict(self) -> dict:
+        """run.json's keys (without the per-image histograms); `backbone` for one backbone, `backbones` for a sweep
+        over models, never both."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "per_image"
+                and not (f.name in ("backbone", "backbones") and getattr(self, f.name) is None)}
+
+
 # -- writing a run ---------------------------------------------------------------------------------------------------
-def results_frame(cfg: dict, rows: list[dict], stats: dict) -> pd.DataFrame:
+def results_frame(cfg: dict, rows: list[dict], per_image: dict | None = None) -> pd.DataFrame:
     """One row per (configuration, seed). With per-image histograms, 95% bootstrap intervals over images
     (`<metric>_ci_low/_ci_high` for mIoU, mAcc, aAcc); with the paper's values, `paper_<metric>`."""
     from bench.stats import bootstrap_intervals  # scipy: imported when results are written, not by the engine
 
     frame = pd.DataFrame(rows)
-    per_image = stats.get("per_image")
     if per_image is not None and len(frame):
         draws = int(cfg["report"]["bootstrap"])
         cis = []
@@ -166,16 +219,19 @@ def _seen_unseen(cfg: dict, frame: pd.DataFrame, rows: list[dict], per_image, un
         frame[f"mIoU_{part}_ci_low"], frame[f"mIoU_{part}_ci_high"] = lows, highs
 
 
-def write_run(cfg: dict, rows: list[dict], stats: dict, work: Path) -> tuple[pd.DataFrame, dict]:
-    """config.yaml, run.json, results.parquet/.csv; returns the results frame and the provenance."""
-    frame = results_frame(cfg, rows, stats)
-    stats = {k: v for k, v in stats.items() if k != "per_image"}
-    provenance = {"schema_version": SCHEMA_VERSION, "config_hash": config_hash(cfg),
+def write_run(record: dict, rows: list[dict], stats: RunStats, work: Path) -> tuple[pd.DataFrame, dict]:
+    """config.yaml (`record`: the user's input and, under `resolved:`, the run's decisions; bench.resolved),
+    run.json (provenance, the statistics and the same `resolved:` record), results.parquet/.csv; returns the
+    results frame and the provenance."""
+    cfg = effective_config(record)
+    frame = results_frame(cfg, rows, stats.per_image)
+    provenance = {"schema_version": SCHEMA_VERSION, "config_hash": config_hash(record),
                   "overrides": cfg.get("overrides", []), "git_sha": git_sha(), "versions": versions(),
                   "devices": devices(),
                   "metric_protocol": cfg["metric"]["protocol"], "seeds": cfg["seeds"],
-                  "bootstrap_draws": int(cfg["report"]["bootstrap"]), "platform": platform.platform(), **stats}
-    write_text(work / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+                  "bootstrap_draws": int(cfg["report"]["bootstrap"]), "platform": platform.platform(),
+                  **stats.as_dict(), RESOLVED_KEY: record.get(RESOLVED_KEY)}
+    write_text(work / "config.yaml", yaml.safe_dump(record, sort_keys=False))
     write_text(work / "run.json", json.dumps(provenance, indent=2, default=str))
     frame.to_parquet(work / ".results.parquet", index=False)
     (work / ".results.parquet").rename(work / "results.parquet")

@@ -32,7 +32,8 @@ from bench.engine import run_engine
 from bench.errors import BenchError, RunFailed, cli_exit, run_started
 from bench.hygiene import prune_foreign
 from bench.preflight import check_cluster, preflight
-from bench.results import config_hash, write_run
+from bench.resolved import Resolved, effective_config, run_record
+from bench.results import RunStats, config_hash, write_run
 from bench.rundir import WORK, Claim, claim, discard, has_progress, run_target, scored_images
 from bench.storage import COMPLETE, Location
 
@@ -56,9 +57,12 @@ def run_command(cfg: SweepConfig, sweep_path: str, overrides: list[str], produce
     (every node on a cluster), an exclusive claim of the folder in the run's storage (a resume refuses a changed
     configuration), `produce(cfg, plan, claim)` writing everything the folder keeps through that storage, then
     publication: a local folder renamed from `.partial`, an object-store folder finished by its completion
-    marker, written last. `plan_hook(plan)` adjusts the checked plan before the claim."""
+    marker, written last. `plan_hook(plan)` returns the checked plan adjusted, before the claim. `cfg` is never
+    changed: what the run decides (the default sweep, the output directory, the trace pool) goes to its
+    Resolved record (bench.resolved), which `produce` completes and returns with the time it finished."""
     final = run_target(cfg) if final is None else final
     target = Location.of(final)
+    resolved = Resolved.of(cfg, final)
 
     def probe_nodes(plan) -> None:  # one probe per node: every node reaches what it needs (check_cluster)
         if on_cluster(cfg, plan):
@@ -69,21 +73,20 @@ def run_command(cfg: SweepConfig, sweep_path: str, overrides: list[str], produce
 
     plan = preflight(cfg, probe_nodes)
     if plan_hook is not None:
-        plan_hook(plan)
+        plan = plan_hook(plan)
     if target.is_local:
         if final.exists():
             raise BenchError(f"{noun} {final} already exists; choose another output_dir=")
         work = Location.of(final.with_name(final.name + ".partial"))
     else:  # an object store: written in place, finished when its completion marker exists (bench.storage)
         work = target
-    cfg.output_dir = str(final)
     held = claim(work, cfg, plan.inputs)  # exclusive; a changed config stops here
     run_started()  # the log lines held back while the input was checked (bench.errors)
     if held.resumed:
         log.info("resuming the interrupted run in %s", held.work)
     try:
-        return _run_claimed(cfg, plan, held, final, resume_command(sweep_path, overrides, final, module), produce,
-                            prune=module == "bench.run")
+        return _run_claimed(cfg, resolved, plan, held, final, resume_command(sweep_path, overrides, final, module),
+                            produce, prune=module == "bench.run")
     finally:
         held.release()
 
@@ -95,11 +98,11 @@ def on_cluster(cfg: SweepConfig, plan) -> bool:
     return joins and (cfg.ray.execution != "driver" or bool(plan.fits))
 
 
-def _run_claimed(cfg: SweepConfig, plan, held: Claim, final: Path | str, resume: str, produce,
+def _run_claimed(cfg: SweepConfig, resolved: Resolved, plan, held: Claim, final: Path | str, resume: str, produce,
                  prune: bool = True) -> Path | str:
     work = held.work
     try:
-        finished = produce(cfg, plan, held)
+        finished, resolved = produce(cfg, resolved, plan, held)
     except KeyboardInterrupt:
         held.finish_invocation()
         log.error("interrupted; finished fits and images are kept in %s; resume with: %s", work, resume)
@@ -109,7 +112,7 @@ def _run_claimed(cfg: SweepConfig, plan, held: Claim, final: Path | str, resume:
         raise _one_line(err, work.local if work.is_local else work, resume) from None
     if not work.is_local:
         files = [rel for rel in work.files() if rel.split("/", 1)[0] != WORK]
-        (work / COMPLETE).write_json({"config_hash": config_hash(cfg.as_dict()), "files": files,
+        (work / COMPLETE).write_json({"config_hash": config_hash(run_record(cfg, resolved)), "files": files,
                                       "finished": finished})
         (work / WORK).rmtree()  # after the marker: a reader never sees a finished run without it
         return str(final)
@@ -128,48 +131,41 @@ def _run_claimed(cfg: SweepConfig, plan, held: Claim, final: Path | str, resume:
     return final
 
 
-def sweep_results(cfg: SweepConfig, plan, held: Claim) -> str:
+def sweep_results(cfg: SweepConfig, resolved: Resolved, plan, held: Claim) -> tuple[str, Resolved]:
     """bench.run's work in a claimed run folder: the engine, then results and report written into the run's
-    storage; returns the time it finished."""
+    storage; returns the time it finished and the run's Resolved record, its trace pool settled."""
     work = held.work
     shards = work / WORK / "shards"
     before = scored_images(shards)
     rows, stats = run_engine(cfg, work, plan)
-    held.finish_invocation(stats["trace_seconds"], scored_images(shards) - before)
-    totals = held.totals()
-    stats.update(invocations=totals["invocations"], invocation_log=totals["invocation_log"],
-                 wall_seconds=totals["wall_seconds"], trace_seconds=totals["trace_seconds"],
-                 # images_traced counts (backbone, image) pairs; each backbone has its share of the settings
-                 images_per_second=round(totals["images_traced"] * stats["num_forward_settings"]
-                                         / len(stats.get("backbones") or [None])
-                                         / max(totals["trace_seconds"], 1e-9), 4))
-    stats["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    stats["notes"] = list(plan.notes)  # the preflight's notes, stated once in the report
-    stats["inputs"] = held.state.get("inputs")  # what fit.from= compares (bench.fingerprint)
-    data = cfg.as_dict()
+    held.finish_invocation(stats.trace_seconds, scored_images(shards) - before)
+    stats = stats.over_invocations(held.totals(), datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                   plan.notes, held.state.get("inputs"))
+    resolved = resolved.with_pool(stats.execution, stats.num_actors)
+    record = run_record(cfg, resolved)
     if work.is_local:
-        _write_results(data, rows, stats, work.local)
+        _write_results(record, rows, stats, work.local)
     else:
-        _publish_to_store(data, rows, stats, work)
-    return stats["finished"]
+        _publish_to_store(record, rows, stats, work)
+    return stats.finished, resolved
 
 
-def _write_results(data: dict, rows: list[dict], stats: dict, folder: Path) -> None:
+def _write_results(record: dict, rows: list[dict], stats: RunStats, folder: Path) -> None:
     # matplotlib and scipy: imported once there is a report to write
     from bench.reporting import write_report
 
-    frame, provenance = write_run(data, rows, stats, folder)
-    write_report(folder, data, frame, provenance)
+    frame, provenance = write_run(record, rows, stats, folder)
+    write_report(folder, effective_config(record), frame, provenance)
 
 
-def _publish_to_store(data: dict, rows: list[dict], stats: dict, run: Location) -> None:
+def _publish_to_store(record: dict, rows: list[dict], stats: RunStats, run: Location) -> None:
     """An object-store run's results and report: composed in a node-local copy of what the run keeps (the
     report reads its fits and qualitative maps) and the new files uploaded (the runner writes the completion
     marker last)."""
     with tempfile.TemporaryDirectory(prefix="diffseg-publish-") as tmp:
         stage = run.download(Path(tmp) / "run", skip=(WORK,))
         kept = set(run.files())
-        _write_results(data, rows, stats, stage)
+        _write_results(record, rows, stats, stage)
         for path in sorted(stage.rglob("*")):
             rel = path.relative_to(stage).as_posix()
             if path.is_file() and rel not in kept:

@@ -36,6 +36,7 @@ import numpy as np
 from bench.config import SweepConfig
 from bench.errors import BenchError
 from bench.fingerprint import refuse_changed_resume
+from bench.frozen import thaw
 from bench.results import config_hash
 from bench.storage import COMPLETE, STORAGE_ENV, Location, is_uri
 
@@ -54,6 +55,7 @@ def resume_config(cfg: SweepConfig) -> dict:
     output_dir, the overrides' spelling, the sweep file's path, `ray` and the fit's workers and devices (as for
     the fit directories' hash, bench.plan.fit_hash)."""
     data = {k: v for k, v in cfg.as_dict().items() if k not in RUNTIME_KEYS}
+    data["sweep"] = thaw(cfg.swept)  # with the method's default sweep, as runs have always recorded it
     data["train"] = {k: v for k, v in data["train"].items() if k not in RUNTIME_TRAIN_KEYS}
     return json.loads(json.dumps(data, default=str))  # plain JSON types, as read back from started.json
 

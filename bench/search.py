@@ -149,7 +149,7 @@ def search_space(cfg: SweepConfig) -> dict:
     makers = {"grid": tune.choice, "choice": tune.choice, "uniform": lambda v: tune.uniform(*v),
               "loguniform": lambda v: tune.loguniform(*v), "randint": lambda v: tune.randint(v[0], v[1] + 1)}
     return {name: makers[kind](values) for name, (kind, values) in
-            ((n, space_kind(n, s)) for n, s in cfg.sweep.items())}
+            ((n, space_kind(n, s)) for n, s in cfg.swept.items())}
 
 
 def searcher(algo: str, seed: int):
@@ -211,7 +211,7 @@ def fill_cache(cfg: SweepConfig, params: dict, fits: dict[str, bytes], cache: Tr
 def _first_point(cfg: SweepConfig) -> dict:
     """Any point of the space: post-processing parameters do not change the traced forward setting."""
     out = {}
-    for name, space in cfg.sweep.items():
+    for name, space in cfg.swept.items():
         kind, values = space_kind(name, space)
         out[name] = values[0]
     return out
@@ -246,7 +246,8 @@ def run_search(cfg: SweepConfig, dataset, fits: dict[str, bytes], shards, cache_
     until one is left, which is scored on every image. Rungs are synchronous, so a configuration goes on only
     by beating the others on the same images (ASHA's asynchronous promotion lets the first arrivals through).
     Scoring is milliseconds per image on a cached trace, so it runs here: each image's trace is read once per
-    rung and every configuration still running is predicted on it at once (`predict_many`)."""
+    rung and every configuration still running is predicted on it at once (`predict_many`). Returns the rows
+    and what the search measured (its part of the run's statistics, bench.engine.run_stats)."""
     from bench.evaluate import predict_image, prediction_ties
     from methods import METHODS
 
@@ -293,7 +294,7 @@ def run_search(cfg: SweepConfig, dataset, fits: dict[str, bytes], shards, cache_
     rows, per_image = [], {"trial": [], "hist": [], "seed_of_group": []}
     for i, config in enumerate(configs):
         metrics = summarize(np.sum(hists[i], 0), classes, cfg.metric.protocol)
-        rows.append({"trial": f"s{i:04d}", "seed": cfg.seeds[0], **{k: config[k] for k in cfg.sweep},
+        rows.append({"trial": f"s{i:04d}", "seed": cfg.seeds[0], **{k: config[k] for k in cfg.swept},
                      **{k: v for k, v in metrics.items() if k in ("mIoU", "aAcc", "mAcc") or "/" in k},
                      "tied": tied_percent(ties[i]),
                      "images_scored": len(hists[i]), "search": search.algo, "unet_passes": 0,
@@ -305,16 +306,15 @@ def run_search(cfg: SweepConfig, dataset, fits: dict[str, bytes], shards, cache_
         rows[0]["unet_passes"] = passes
     pairs = sum(r["images_scored"] for r in rows)
     best = max(rows, key=lambda r: (r["images_scored"], _finite(r["mIoU"])), default=None)
-    stats = {"search": {"algo": search.algo, "num_samples": search.num_samples,
+    found = {"search": {"algo": search.algo, "num_samples": search.num_samples,
                         "scheduler": "synchronous successive halving", "time_attr": "images",
                         "grace_images": search.grace_images, "reduction_factor": search.reduction_factor,
                         "rungs": rungs(num_images, search.grace_images, search.reduction_factor),
                         "pairs_scored": pairs,
-                        "best": {k: best[k] for k in (*cfg.sweep, "mIoU", "images_scored")} if best else None},
-             "unet_passes": passes, "num_images": num_images, "num_trials": len(rows),
-             "trace_seconds": round(trace_seconds, 3), "num_forward_settings": 1,
+                        "best": {k: best[k] for k in (*cfg.swept, "mIoU", "images_scored")} if best else None},
+             "unet_passes": passes, "trace_seconds": trace_seconds, "num_forward_settings": 1,
              "per_image": {k: np.array(v) for k, v in per_image.items()}}
-    return rows, stats
+    return rows, found
 
 
 def _plain(value):

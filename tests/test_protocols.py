@@ -142,7 +142,7 @@ def test_results_report_seen_unseen_and_their_harmonic_mean():
     cfg = {"report": {"bootstrap": 0, "unseen": "star+cross"}, "metric": {"protocol": "mmseg"}}
     rows = [{"trial": "t0", "seed": 0, "mIoU": 50.0, "IoU/background": 80.0, "IoU/circle": 60.0,
              "IoU/star": 20.0, "IoU/cross": float("nan")}]
-    frame = results_frame(cfg, rows, {})
+    frame = results_frame(cfg, rows)
     assert frame.loc[0, "mIoU_seen"] == pytest.approx(70.0)
     assert frame.loc[0, "mIoU_unseen"] == pytest.approx(20.0)
     assert frame.loc[0, "hIoU"] == pytest.approx(2 * 70 * 20 / 90)

@@ -21,6 +21,7 @@ store) before the batch's shard. The finished folder is a PASCAL VOC layout:
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -37,6 +38,7 @@ from bench.data import build_dataset, generation_gt
 from bench.data.base import IGNORE_INDEX
 from bench.errors import BenchError
 from bench.metrics import image_histograms, summarize
+from bench.resolved import Resolved
 from bench.rundir import WORK, Claim
 from bench.stages.trace import load_shards, settle_pool, trace_images
 from bench.storage import Location
@@ -70,8 +72,8 @@ def synthesis_params(cfg: SweepConfig):
     if not method.synthesises():
         synthesisers = [n for n in METHODS.names() if METHODS.get(n).synthesises()]
         raise BenchError(f"method {cfg.method} does not synthesise datasets; use method={' | '.join(synthesisers)}")
-    if cfg.sweep:
-        raise BenchError(f"a synthesis runs one configuration; move sweep.{next(iter(cfg.sweep))} to params "
+    if cfg.swept:
+        raise BenchError(f"a synthesis runs one configuration; move sweep.{next(iter(cfg.swept))} to params "
                          f"(one value) or run one synthesis per value")
     if cfg.models:
         raise BenchError("a synthesis runs on one backbone; drop models= and give model.path= (or model=embedded)")
@@ -81,13 +83,16 @@ def synthesis_params(cfg: SweepConfig):
     return params
 
 
-def drop_ignored_fit(cfg: SweepConfig, plan) -> None:
-    """A configuration that ignores its fit (FreeGen's rectify=false reads no ASR) fits nothing."""
+def drop_ignored_fit(cfg: SweepConfig, plan):
+    """The plan, where its configuration ignores its fit (FreeGen's rectify=false reads no ASR) without one:
+    a derived plan that fits nothing."""
     method = METHODS.get(cfg.method)()
     trial = plan.trials[0]
-    if trial.train is not None and not method.uses_fit(trial.params):
-        trial.train = None
-        plan.fits = []
+    if trial.train is None or method.uses_fit(trial.params):
+        return plan
+    alone = dataclasses.replace(trial, train=None)
+    groups = [dataclasses.replace(g, trials=[alone if t is trial else t for t in g.trials]) for g in plan.groups]
+    return dataclasses.replace(plan, trials=[alone, *plan.trials[1:]], groups=groups, fits=[])
 
 
 class SynthesisWorker:
@@ -194,13 +199,13 @@ def sample_grid(folder: Location, ids: list[str], card: dict | None = None, cell
     return folder / "samples.png"
 
 
-def synthesize_into(cfg: SweepConfig, plan, held: Claim) -> str:
+def synthesize_into(cfg: SweepConfig, resolved: Resolved, plan, held: Claim) -> tuple[str, Resolved]:
     """A synthesis in its claimed folder: the fit (fit stage), the images (trace stage), then the splits, the
-    card and the sample grid; returns the time it finished."""
+    card and the sample grid; returns the time it finished and the run's Resolved record, its pool settled."""
     folder = held.work
     params = METHODS.get(cfg.method).resolve(cfg.params)
-    dataset = build_dataset(cfg.data)
-    settle_pool(cfg, len(dataset), fits=bool(plan.fits))
+    dataset = plan.dataset if plan.dataset is not None else build_dataset(cfg.data)
+    cfg = settle_pool(cfg, len(dataset), fits=bool(plan.fits))  # ray.execution / num_actors settled
     fits, fit_dir = {}, None
     if plan.fits:
         from bench.stages.fit import load_fits, run_fits
@@ -233,7 +238,7 @@ def synthesize_into(cfg: SweepConfig, plan, held: Claim) -> str:
     (folder / CARD).write_bytes(json.dumps(card, indent=1).encode())
     if records:
         sample_grid(folder, [r["id"] for r in records[:SAMPLE_GRID]], card)
-    return card["created"]
+    return card["created"], resolved.with_pool(cfg.ray.execution, cfg.ray.num_actors)
 
 
 def dataset_card(cfg: SweepConfig, params, dataset, records: list[dict], seconds: float, generated: int,

@@ -12,6 +12,7 @@ storage (a bench.storage Location: local folder or object store). A worker's nod
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import time
@@ -118,17 +119,19 @@ class SweepWorker:
         return keep
 
 
-def settle_pool(cfg: SweepConfig, num_images: int, fits: bool = False) -> None:
-    """Where the images are traced (`ray.execution`: auto resolved here, so that the run records what it picked)
-    and by how many actors; Ray is started where an actor pool or fits need it."""
+def settle_pool(cfg: SweepConfig, num_images: int, fits: bool = False) -> SweepConfig:
+    """Where the images are traced (`ray.execution`, auto resolved) and by how many actors; Ray is started where
+    an actor pool or fits need it. Returns the config the stages run on: `cfg` with both settled, a derived copy
+    (the input stays as given; the run records the decision in its Resolved record)."""
     use_gpu = torch.cuda.is_available() and cfg.model.device != "cpu"
-    settle_execution(cfg.ray, num_images, use_gpu)
-    if cfg.ray.execution == "actors" or fits:  # tracing in this process without fits needs no Ray
+    execution, num_actors = settle_execution(cfg.ray, num_images, use_gpu)
+    if execution == "actors" or fits:  # tracing in this process without fits needs no Ray
         init_ray(cfg.ray.address, cfg.ray.object_store_mb, cfg.ray.quiet)
-    if cfg.ray.num_actors == "auto":
-        cfg.ray.num_actors = auto_num_actors(num_images, use_gpu)
-    log.info("ray.execution=%s: %s", cfg.ray.execution, "tracing in this process" if cfg.ray.execution == "driver"
-             else f"{cfg.ray.num_actors} tracing actors")
+    if num_actors == "auto":
+        num_actors = auto_num_actors(num_images, use_gpu)
+    log.info("ray.execution=%s: %s", execution, "tracing in this process" if execution == "driver"
+             else f"{num_actors} tracing actors")
+    return dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, execution=execution, num_actors=num_actors))
 
 
 def sharded(shards: Location | Path) -> tuple[set[int], int]:
