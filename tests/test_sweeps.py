@@ -36,7 +36,7 @@ def test_sweep_file_validates(path):
     assert paper.get("table"), "every sweep cites the paper's table or figure"
     if paper.get("values"):
         spec = METHODS.get(cfg.method).all_params()[paper["param"]]
-        swept = [spec.coerce(paper["param"], v) for v in cfg.sweep[paper["param"]]["grid"]]
+        swept = [spec.coerce(paper["param"], v) for v in cfg.swept[paper["param"]]["grid"]]
         for key in paper["values"]:
             assert spec.coerce(paper["param"], key) in swept, f"paper value {key} is not swept"
 

@@ -12,6 +12,7 @@ import pandas as pd
 import yaml
 
 from bench.errors import BenchError
+from bench.resolved import effective_config
 from bench.results import READABLE_SCHEMAS, is_number, paper_value, schema_version
 from bench.stats import t_interval
 
@@ -98,7 +99,8 @@ def load_run(path: str | Path) -> RunData:
         raise BenchError(f"{path} is not a run directory: it has no {', '.join(missing)}; pass the directory "
                          f"that `python -m bench.run` printed as its last line")
     try:
-        cfg = yaml.safe_load((path / "config.yaml").read_text())
+        # the configuration as the run ran it: the input with the run's own decisions (`resolved:`) over it
+        cfg = effective_config(yaml.safe_load((path / "config.yaml").read_text()))
         prov = json.loads((path / "run.json").read_text())
         frame = pd.read_parquet(path / "results.parquet")
     except Exception as err:  # noqa: BLE001 (corrupt files of any kind: name the file, no traceback)
