@@ -279,13 +279,11 @@ def print_help(topic: str | None = None) -> int:
 def dry_run(sweep: str, overrides: list[str]) -> int:
     """The plan of a sweep, checked as a run checks it, and an estimated tracing cost from one measured pass."""
     from bench.config import compose
-    from bench.data import build_dataset
     from bench.preflight import preflight
 
     cfg = compose(sweep, overrides)
     plan = preflight(cfg)
-    dataset = build_dataset(cfg.data)
-    images = len(dataset)
+    images = len(plan.dataset)  # the dataset preflight built and checked
     passes = 0
     modes: dict[str, int] = {}
     for group in plan.groups:
@@ -305,7 +303,7 @@ def dry_run(sweep: str, overrides: list[str]) -> int:
                                                      if plan.fits else ""))
     for note in plan.notes:
         print("  note: " + note)
-    per_pass, post, device, what = measure_pass(plan.backbones[0][1] if plan.backbones else cfg, plan, dataset)
+    per_pass, post, device, what = measure_pass(plan.backbones[0][1] if plan.backbones else cfg, plan, plan.dataset)
     total = per_pass * passes + post * images * len(plan.groups)
     print(f"  estimate         {fmt_seconds(total)} on {device}: {per_pass:.3g} s a UNet pass"
           + f", {post:.3g} s per image and forward setting besides"

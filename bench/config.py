@@ -3,7 +3,10 @@
 A sweep file names only registered methods, datasets and models; every key is checked, and the swept and
 fixed parameters are checked against the method's declared parameters (types, choices, bounds, template
 fields). Nothing here imports by path. A key given twice and any resolver interpolation (`${oc.env:...}`:
-values from outside the file) are errors; `${other.key}` references resolve.
+values from outside the file) are errors; `${other.key}` references resolve. A validated config is read-only
+(frozen sections, read-only mappings and lists: bench.frozen): it is the user's input, which the run records
+as given; what the run decides on top of it (the method's default sweep, `auto` values, the output directory)
+is its `Resolved` record (bench.resolved). A variant is derived with `dataclasses.replace`.
 
     name: iseg_lambda                 # run directory prefix
     method: iseg                      # registered method
