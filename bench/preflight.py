@@ -52,7 +52,7 @@ def preflight(cfg: SweepConfig, cluster_check=None) -> Plan:
     with bounded_images(), record_opened() as opened:  # the header's size before any image is decoded
         samples = check_images(dataset, cfg.data)
     if plan.fits:
-        check_training_data(cfg)
+        check_training_data(cfg, dataset)
         if cfg.train.use_gpu and not cfg.ray.address and not torch.cuda.is_available():
             raise BenchError("train.use_gpu=true but this machine has no CUDA GPU; use train.use_gpu=false or "
                              "ray.address=<a cluster with GPUs>")
@@ -146,10 +146,10 @@ def check_images(dataset: SegDataset, data_cfg: dict) -> list:
     return samples
 
 
-def check_training_data(cfg: SweepConfig) -> None:
+def check_training_data(cfg: SweepConfig, evaluated_set: SegDataset) -> None:
     """Fits learn from a training split only: it must exist and must not be the evaluated split (of the same
     dataset; `train.data` may name another dataset). A method that predicts a fixed label set
-    (`fits_class_ids`) needs the training dataset's classes to be the evaluated dataset's."""
+    (`fits_class_ids`) needs the training dataset's classes to be the evaluated dataset's (`evaluated_set`)."""
     name = cfg.data["name"]
     train_cfg = train_data_config(cfg)
     if cfg.train.data is None and "split" not in dataset_options({"name": name}):
@@ -162,7 +162,7 @@ def check_training_data(cfg: SweepConfig) -> None:
                          f"evaluate another split (data.split=val) or fit on another (train.split=train)")
     train_set = build_dataset(train_cfg)
     if METHODS.get(cfg.method).fits_class_ids:
-        evaluated_classes = list(build_dataset(cfg.data).classes)
+        evaluated_classes = list(evaluated_set.classes)
         if list(train_set.classes) != evaluated_classes:
             raise BenchError(f"method {cfg.method} predicts the class ids it was fitted on, but the training data "
                              f"({train_cfg['name']}: {', '.join(train_set.classes[:6])}, ...) has other classes "
