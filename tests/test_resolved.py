@@ -89,6 +89,13 @@ def test_config_yaml_and_run_json_hold_the_resolved_record_beside_the_input(tmp_
     # the statistics: exactly RunStats' fields (per-image histograms stay out of run.json)
     stat_keys = {f.name for f in dataclasses.fields(RunStats)} - {"per_image"}
     assert stat_keys <= set(prov) and prov["search"] is None
+    # a report reads the run as it ran (the record laid over the input), and finds config.yaml unedited
+    from bench.reporting.build import _hash_check
+    from bench.reporting.model import load_run
+
+    loaded = load_run(out)
+    assert loaded.cfg["ray"]["execution"] == "driver" and "resolved" not in loaded.cfg
+    assert _hash_check(loaded) is None
 
 
 def test_run_stats_have_one_shape_on_the_trace_and_search_paths(tmp_path, tiny_model):
