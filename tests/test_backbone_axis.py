@@ -153,7 +153,10 @@ def test_report_labels_random_weight_backbones_and_escapes_paths(tmp_path):
     random-weight column labelled in the table, the plot's caption and a warning; a path's markup escaped."""
     from bench.reporting import write_report
 
-    cfg = compose(SWEEP, ["models=embedded"]).as_dict()
+    from bench.frozen import thaw
+
+    composed = compose(SWEEP, ["models=embedded"])
+    cfg = {**composed.as_dict(), "sweep": thaw(composed.swept)}  # as the run ran it: compare's default sweep
     cfg["models"] = ["embedded", "/m/<b>x"]
     rows = [{"trial": f"t{k:04d}", "seed": 0, "model": model, "method": method, "mIoU": value, "aAcc": value,
              "mAcc": value}
