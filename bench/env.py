@@ -116,10 +116,17 @@ def init_ray(address: str | None = None, object_store_mb: int = 256, quiet: bool
     restore_terminate()  # ray.init's SIGTERM handler exits without a word; the command's says how to resume
     for name in ("ray.data", "ray.tune", "ray.train"):
         logging.getLogger(name).setLevel(logging.ERROR if quiet else logging.INFO)
+    if quiet:  # a failed map worker's exception is the run's one-line error (its traceback in the run's
+        # error.log): Ray Data's own report of it would print that traceback, and its record would keep the
+        # exception, and with it the failed dataset's actors, alive
+        logging.getLogger("ray.data").setLevel(logging.CRITICAL)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.verbose_stats_logs = False
+    # a map worker's exception comes back as itself (RayTaskError.cause, bench.run.root_cause), not wrapped in
+    # a UserCodeException that crosses the process boundary as its formatted traceback only
+    ctx.raise_original_map_exception = True
 
 
 VERSIONED = ("torch", "diffusers", "transformers", "ray")

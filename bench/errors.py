@@ -20,7 +20,13 @@ class BenchError(Exception):
     exit_code = 2
 
     def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
+        self.message = " ".join(str(message).split())
+        super().__init__(self.message)
+
+    def __reduce__(self):
+        # pickled (into a Ray worker's RayTaskError) as its own message: Ray Data appends a retry note to a
+        # raised exception's args, which must not become part of the line the user reads
+        return type(self), (self.message,)
 
 
 class RunFailed(BenchError):

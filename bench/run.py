@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import re
 import shlex
 import shutil
 import sys
@@ -173,20 +172,11 @@ def _publish_to_store(record: dict, rows: list[dict], stats: RunStats, run: Loca
 
 
 def _one_line(err: BaseException, work: Path, resume: str) -> BenchError:
-    """A failure of the engine (here or inside a Ray worker) as one line: the original exception's own text,
-    not Ray's wrapper, and how to resume when something is kept. The full traceback goes to a file beside the
-    kept work (or nowhere, when nothing is kept: the run directory is removed)."""
+    """A failure of the engine (here or inside a Ray worker) as one line: the original exception's own class
+    and message, not Ray's wrapper, and how to resume when something is kept. The full traceback goes to a file
+    beside the kept work (or nowhere, when nothing is kept: the run directory is removed)."""
     cause = root_cause(err)
-    # Ray tasks and actors hand back the original exception (RayTaskError.cause): its type is read directly.
-    # Ray Data's UserCodeException (Ray 2.60) keeps neither a cause nor __cause__ once it crossed the process
-    # boundary, only the formatted traceback: read from that text (pinned by test_faults)
-    from_ray = type(cause).__module__.startswith("ray")
-    carried = remote_original(err) if from_ray and not isinstance(cause, BenchError) else None
-    if carried is not None:  # raised in a Ray worker: only its text crossed the process boundary
-        kind, message = carried
-        cause = BenchError(message) if kind.split(".")[-1] == "BenchError" else RuntimeError(message)
-        text = message if isinstance(cause, BenchError) else f"{kind.split('.')[-1]}: {message}"
-    elif isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+    if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
         where = f" writing {cause.filename}" if cause.filename else ""
         text = f"the disk is full ({cause.strerror}{where}); free space there"
     else:
@@ -204,18 +194,22 @@ def _one_line(err: BaseException, work: Path, resume: str) -> BenchError:
 
 
 def root_cause(err: BaseException) -> BaseException:
-    """The exception a Ray task or actor raised, unwrapped from Ray's and Ray Data's wrappers (RayTaskError
-    keeps it as `.cause`, UserCodeException as `__cause__`); a BenchError anywhere in the chain wins."""
-    chain = cause_chain(err)
+    """The exception a Ray task, actor or Ray Data worker raised, unwrapped from Ray's wrappers by their typed
+    links (cause_chain); a BenchError anywhere in the chain wins. Ray's `as_instanceof_cause()` wrapper is an
+    instance of the cause's class too (RayTaskError(BenchError)), but its text is Ray's traceback: it is
+    skipped for the cause itself."""
+    chain = [item for item in cause_chain(err) if not (is_ray_error(item) and getattr(item, "cause", None))]
     for item in chain:
         if isinstance(item, BenchError):
             return item
-    return chain[-1]
+    return chain[-1] if chain else err
 
 
 def cause_chain(err: BaseException) -> list[BaseException]:
-    """`err` and what caused it, outermost first (RayTaskError keeps the cause as `.cause`, Ray Train's
-    WorkerGroupError its workers' exceptions, others `__cause__`); cycles and runaway chains stop at 20."""
+    """`err` and what caused it, outermost first: RayTaskError keeps the exception the worker raised as
+    `.cause` (Ray Data's map workers too, as bench.env.init_ray asks them to raise the original, not a
+    UserCodeException that keeps only its text), Ray Train's WorkerGroupError its workers' exceptions, others
+    `__cause__`; cycles and runaway chains stop at 20."""
     chain, seen = [], set()
     while err is not None and id(err) not in seen and len(chain) < 20:
         seen.add(id(err))
@@ -235,34 +229,21 @@ def worker_failure(err: BaseException) -> BaseException | None:
     return None
 
 
-CHAINED = "The above exception was the direct cause of the following exception:"
-EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Warning|Fault)\w*): (.+)$")
-
-
-def remote_original(err: BaseException) -> tuple[str, str] | None:
-    """(exception type, message) of the exception a Ray Data worker raised, read from Ray's wrapper text (Ray
-    Data's UserCodeException keeps the original only as the formatted traceback), or None."""
-    for item in cause_chain(err):
-        if not type(item).__module__.startswith("ray"):
-            continue
-        text = str(item)
-        if CHAINED not in text:
-            continue
-        for line in reversed(text.split(CHAINED)[0].strip().splitlines()):
-            match = EXCEPTION_LINE.match(line.strip("\x1b[0m "))
-            if match and not line.startswith(" "):
-                return match.group(1), match.group(2).strip()
-    return None
+def is_ray_error(err: BaseException) -> bool:
+    """Whether `err` is one of Ray's own exceptions (an error cannot be Ray's where Ray was never imported)."""
+    ray_exceptions = sys.modules.get("ray.exceptions")
+    return ray_exceptions is not None and isinstance(err, ray_exceptions.RayError)
 
 
 def first_line(err: BaseException) -> str:
-    """The message of an exception; for Ray's wrappers without a cause, the line that holds the original."""
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    """An exception's own message, one line: its first line, read from the message it was raised with where
+    that is one string (a KeyError's str() is its repr; Ray Data appends a retry note to it on later lines).
+    Ray's own errors (a dead actor, a lost object) say why on their last line."""
+    own = err.args[0] if len(err.args) == 1 and isinstance(err.args[0], str) else str(err)
+    lines = [line.strip() for line in own.strip().splitlines() if line.strip()]
     if not lines:
         return "(no message)"
-    ray_exceptions = sys.modules.get("ray.exceptions")  # an error cannot be Ray's where Ray was never imported
-    is_ray = ray_exceptions is not None and isinstance(err, ray_exceptions.RayError)
-    return lines[-1] if is_ray and len(lines) > 1 else lines[0]
+    return lines[-1] if is_ray_error(err) and len(lines) > 1 else lines[0]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -266,33 +266,65 @@ def test_errors_raised_in_ray_data_workers_come_back_as_their_own_line(tmp_path,
         assert not work.exists()
 
 
-def test_ray_task_errors_are_read_by_type_and_ray_data_errors_from_their_text(tmp_path, ray_session, monkeypatch):
-    """Pins what the installed Ray hands back: a task's RayTaskError keeps the original exception object
-    (`.cause`), read without any text parsing; Ray Data's UserCodeException keeps no cause object, so its
-    original is read from the formatted traceback. When a Ray release keeps the cause, the second assertion
-    fails: drop `remote_original` then."""
+def test_worker_errors_come_back_typed_on_the_installed_ray(tmp_path, ray_session):
+    """Pins the mechanism on the installed Ray: the exception a trace worker (on the stage's Ray Data actor,
+    bench.stages.trace.PoolWorker; raised in a batch or while the worker is built) or a Ray task raised comes
+    back as a RayTaskError whose `.cause` is that exception (Ray Data's map workers: because init_ray sets
+    DataContext.raise_original_map_exception), raised as `as_instanceof_cause()` (an instance of its class
+    too); the one-line error is read from that object, its type and its own message, with no text parsing."""
     import ray
+    from ray.data import DataContext
+
+    from bench.stages.trace import PoolWorker
+
+    assert DataContext.get_current().raise_original_map_exception  # set by init_ray (the fixture's Ray)
+
+    class Raising:  # a trace worker that fails where it is told to (defined here: pickled by value)
+        def __init__(self, error: Exception, building: bool):
+            self.error = error
+            if building:
+                raise error
+
+        def __call__(self, batch):
+            raise self.error
 
     @ray.remote(max_retries=0)
-    def failing():
-        raise ValueError("bad value in a task")
+    def failing(error):
+        raise error
 
-    with pytest.raises(Exception) as info:
-        ray.get(failing.remote())
-    monkeypatch.setattr(bench.run, "remote_original", lambda err: pytest.fail("text parsed for a typed cause"))
-    line = bench.run._one_line(info.value, tmp_path / "a.partial", "resume")
-    assert type(line) is RunFailed and str(line) == "ValueError: bad value in a task"
-    monkeypatch.undo()
+    def pool(error, building):
+        return lambda: ray.data.range(1).map_batches(
+            PoolWorker, fn_constructor_args=(Raising, {"error": error, "building": building}),
+            concurrency=1).materialize()
 
-    def udf(batch):
-        raise KeyError("missing in a Ray Data worker")
+    bench_error, value_error = BenchError("image 3 of data.name=x is broken; fix it"), ValueError("bad value")
+    cases = (("a batch", bench_error, pool(bench_error, False)), ("the worker built", value_error,
+                                                                   pool(value_error, True)),
+             ("a task", bench_error, lambda: ray.get(failing.remote(bench_error))),
+             ("a task", value_error, lambda: ray.get(failing.remote(value_error))))
+    for where, error, run in cases:
+        raised, cause, one = failure(run, tmp_path / "a.partial")
+        assert issubclass(raised, type(error)), where  # as_instanceof_cause: the worker's class
+        assert type(cause) is type(error) and bench.run.first_line(cause) == str(error), where
+        if isinstance(error, BenchError):  # the whole message, without the retry note Ray Data appended
+            assert str(cause) == str(error), where
+        kind, line = (BenchError, str(error)) if isinstance(error, BenchError) else (RunFailed, "ValueError: bad value")
+        assert type(one) is kind and str(one) == line, where
 
-    with pytest.raises(Exception) as info:
-        ray.data.range(1).map_batches(udf).materialize()
-    chain = bench.run.cause_chain(info.value)
-    assert all(type(e).__module__.startswith("ray") for e in chain)  # no typed original on this Ray
-    line = bench.run._one_line(info.value, tmp_path / "b.partial", "resume")
-    assert str(line) == "KeyError: 'missing in a Ray Data worker'"
+
+def failure(run, work: Path) -> tuple[type, BaseException, BenchError]:
+    """(the class of what `run` raised, its root_cause (asserted to be RayTaskError.cause), the one-line
+    error). The exception is not kept: a failed dataset's exception holds its executor, and so its actor and
+    that actor's CPU, while it lives."""
+    from ray.exceptions import RayTaskError
+
+    try:
+        run()
+    except RayTaskError as err:
+        cause = bench.run.root_cause(err)
+        assert cause is err.cause
+        return type(err), cause, bench.run._one_line(err, work, "resume")
+    pytest.fail("no RayTaskError")
 
 
 # -- the driver killed (slow: a fresh interpreter each) ----------------------------------------------------------------

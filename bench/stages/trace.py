@@ -250,11 +250,31 @@ def _ray_batches(cfg: SweepConfig, worker: type, kwargs: dict, todo: list[int]):
         # A dead actor (crash, OOM kill, lost node) is restarted and its batch retried `ray.max_retries` times,
         # then the run fails (finished shards are kept); Ray only offers these through ray_remote_args.
         warnings.simplefilter("ignore")
-        ds = ds.map_batches(worker, fn_constructor_kwargs=kwargs, batch_size=int(cfg.ray.batch_size),
+        ds = ds.map_batches(PoolWorker, fn_constructor_args=(worker, kwargs), batch_size=int(cfg.ray.batch_size),
                             compute=ray.data.ActorPoolStrategy(size=int(cfg.ray.num_actors)),
                             num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1,
                             max_restarts=retries, max_task_retries=retries)
     yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+
+
+class PoolWorker:
+    """The Ray Data actor around a trace worker: builds `worker(**kwargs)` and hands it each batch. What the
+    worker raises comes back to the driver as itself (RayTaskError.cause; bench.run.root_cause), where a
+    map call raised it: an exception of the actor's constructor reaches the driver only as text inside
+    ActorDiedError (Ray 2.60), so one raised while building the worker (a model that fails to load on this
+    node) is raised by the first batch instead."""
+
+    def __init__(self, worker: type, kwargs: dict):
+        self.worker, self.failed = None, None
+        try:
+            self.worker = worker(**kwargs)
+        except Exception as err:  # noqa: BLE001 (raised again, unchanged, by the first batch)
+            self.failed = err
+
+    def __call__(self, batch: dict) -> dict:
+        if self.failed is not None:
+            raise self.failed
+        return self.worker(batch)
 
 
 def _local_batches(worker, todo: list[int], size: int):
