@@ -242,6 +242,37 @@ def test_predict_many_equals_predict(tiny, name):
         assert np.array_equal(np.asarray(many.labels), np.asarray(one.labels))
 
 
+def as_float64(trace):
+    """The trace with every recorded attention map and query in float64 (the method's modules stay as loaded)."""
+    import dataclasses
+
+    return dataclasses.replace(trace, **{kind: {k: v.double() if v.is_floating_point() else v
+                                                for k, v in getattr(trace, kind).items()}
+                                         for kind in ("cross", "self_attn", "queries")})
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_predict_many_equals_predict_on_a_float64_trace(tiny, name):
+    """The exact half of the contract in float64 (CPU, one thread): `predict_many` over every post-processing
+    configuration equals `predict` of each, labels and scores bit for bit, on a trace whose maps are float64.
+    Every registered method's scores are float32 whatever the trace's precision (those that read attention maps
+    cast what they read: methods.maps.resize_maps, iSeg's chain, the attribution keys): what this adds to the
+    float32 fixture is that no batched path reads a trace of another precision differently."""
+    cls = METHODS.get(name)
+    method = cls(tiny)
+    configs = [resolved(cls, c) for _, c in [("defaults", {}), *variants(cls, ("post",), {})]]
+    for params in configs:
+        fitted(method, params)
+    (group,) = group_trials(cls, [Trial(f"t{i}", c, {}) for i, c in enumerate(configs)], [0])
+    sample, query, trace = traced(method, configs[0], req=group_request(method, group))
+    trace = as_float64(trace)
+    size = tuple(sample.label.shape)
+    for many, params in zip(method.predict_many(trace, query, configs, size), configs):
+        one = method.predict(trace, query, params, size)
+        assert torch.equal(many.labels, one.labels), params
+        assert torch.equal(many.scores, one.scores) and torch.equal(many.decision_scores, one.decision_scores), params
+
+
 # -- agreement up to rounding ------------------------------------------------------------------------------------
 # Shared (batched) maths may round differently from one configuration at a time on other devices or thread counts,
 # and forcing bit-equality there would force per-image loops. The promise is then: scores allclose, and labels
