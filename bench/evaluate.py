@@ -68,8 +68,10 @@ def trace_samples(method: Method, dataset: SegDataset, samples: list[Sample], pa
     key_weights = None
     if any(w is not None for w in weights):
         key_weights = torch.stack([w if w is not None else torch.ones(len(ids)) for w, ids in zip(weights, token_ids)])
-    result = run_traced(backbone, req, setting, prompts, images=images, key_weights=key_weights,
-                        image_seeds=image_seeds)
+    on_embeddings = key_weights is not None and method.token_weights_on(params) == "embeddings"
+    result = run_traced(backbone, req, setting, prompts, images=images,
+                        key_weights=None if on_embeddings else key_weights,
+                        embedding_weights=key_weights if on_embeddings else None, image_seeds=image_seeds)
     return TracedBatch(queries, prompts, result.traces, result.unet_passes * len(samples))
 
 

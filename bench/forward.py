@@ -47,7 +47,7 @@ def _branch_slice(branch: str, batch: int) -> slice:
 @torch.no_grad()
 def run_traced(backbone: Backbone, req: TraceRequest, setting: ForwardSetting, prompts: list[str],
                images: list[np.ndarray] | None = None, key_weights: torch.Tensor | None = None,
-               image_seeds: list[int] | None = None) -> ForwardResult:
+               image_seeds: list[int] | None = None, embedding_weights: torch.Tensor | None = None) -> ForwardResult:
     """Trace a batch: inversion of `images`, or generation from `prompts` (mode=generation).
 
     Generation with `images` given replays them: every DDIM step's latent is q(x_t | x_0) of the image's own
@@ -55,6 +55,8 @@ def run_traced(backbone: Backbone, req: TraceRequest, setting: ForwardSetting, p
     given image and its ground truth stays exact (synthetic generation-mode datasets, bench.data.synthetic).
 
     key_weights: (B, T) Cat-Cross weights per prompt token (iSeg Eq. 8), or None for plain attention.
+    embedding_weights: (B, T) weights of the prompt tokens' text embeddings before the UNet (iSeg's released
+    Cat-Cross: keys and values), or None.
     """
     if setting.mode not in ("inversion", "generation"):
         raise ValueError(f"unknown trace mode {setting.mode!r}")
@@ -62,6 +64,14 @@ def run_traced(backbone: Backbone, req: TraceRequest, setting: ForwardSetting, p
         raise ValueError("inversion mode needs images")
     token_ids = backbone.tokenize(prompts)
     text = backbone.condition(prompts)
+    if embedding_weights is not None:  # the conditional prompts' embeddings only (CFG's unconditional: unweighted)
+        states = text["encoder_hidden_states"]
+        if backbone.family not in ("sd", "sdxl") or states.shape[1] != embedding_weights.shape[1]:
+            # a joint transformer's text stream runs through every block: scaling its input is no cross-attention
+            # weighting of keys and values
+            raise BenchError(f"token weights on the text embeddings (iSeg gamma_on=embeddings) scale a UNet's "
+                             f"cross-attention keys and values; {backbone.family} has none: use gamma_on=keys")
+        text = {**text, "encoder_hidden_states": states * embedding_weights.to(states.device, states.dtype)[:, :, None]}
     weights = None if key_weights is None else key_weights.to(backbone.device)
     if backbone.family != "sd":
         backbone.guidance = setting.guidance

@@ -404,6 +404,11 @@ class Method(metaclass=_MethodMeta):
         """Per-token key weights for the UNet pass (Cat-Cross), or None for unmodified attention."""
         return None
 
+    def token_weights_on(self, cfg: Mapping) -> str:
+        """What `key_weights` scale in the UNet pass: "keys" (each cross-attention layer's keys of those tokens)
+        or "embeddings" (the tokens' text embeddings before the UNet, and so their keys and values)."""
+        return "keys"
+
     # -- training (trained methods) ------------------------------------------------------------------------------
     @classmethod
     def is_trained(cls) -> bool:

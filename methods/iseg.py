@@ -24,6 +24,14 @@ code variant reproduces linsun449/iseg.code (Ent-Self in log10 units on the colu
 heads, token choice, normalisation order and KL clustering); both variants share the release's final
 resize order (`resize`). The math works on plain tensors: `from methods.iseg import ent_self, refine`.
 
+Cat-Cross (`gamma_on`). Eq. 8-9 weight the class tokens' keys, W . K, in every cross-attention layer (`keys`,
+the default). The release multiplies the class tokens' text embeddings by gamma before the UNet instead
+(`embeddings`; linsun449/iseg.code, the prompt embedding scaled before the UNet call), which on SD's bias-free
+key and value projections scales their keys as Eq. 9 does and their values too (UNet backbones only: a joint
+transformer's text stream runs through every block). It changes the pass (a forward
+parameter), so it is not tied to `variant` (which only post-processes one pass): the release's Cat-Cross is
+`variant=code gamma_on=embeddings`.
+
 Classes absent from the prompt (generation mode, where the dataset's prompt is used) get OVAM attribution
 maps from stored queries with a padded "A photograph of a <name>" prompt (see methods.attribution).
 """
@@ -258,6 +266,10 @@ class ISeg(Method):
         "timestep": Param(100, "noise level t of the inversion pass (Table 6c)", kind="forward", low=0),
         "gamma": Param(1.6, "Cat-Cross weight of the class tokens' keys (Eq. 8-9, Table 5c); 1 = off",
                        kind="forward", positive=True),
+        "gamma_on": Param("keys", "what Cat-Cross's gamma scales: keys (Eq. 8-9, each cross-attention layer's "
+                          "keys of the class tokens) or embeddings (the release: the class tokens' text "
+                          "embeddings before the UNet, so their keys and values)", kind="forward",
+                          choices=("keys", "embeddings")),
         "template": Param("A photograph of {classes} and other objects and background",
                           "prompt; {classes} becomes the class names joined by ' and '", kind="forward",
                           fields=("classes",), required_fields=("classes",),
@@ -363,6 +375,9 @@ class ISeg(Method):
         for name in query.names:
             weights[class_token_positions(self.backbone.tokenizer, token_ids, name, "all")] = cfg["gamma"]
         return weights
+
+    def token_weights_on(self, cfg: dict) -> str:
+        return cfg.get("gamma_on", "keys")
 
     @classmethod
     def token_mode(cls, cfg: dict) -> str:

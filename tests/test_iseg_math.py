@@ -179,3 +179,49 @@ def test_cat_cross_gamma_one_reproduces_plain_cross_attention(random_backbone):
     class_tokens = (boosted_w[0] != 1).nonzero().flatten()
     assert len(class_tokens) == 2
     assert not torch.allclose(plain.cross[layer], boosted.cross[layer])
+
+
+def test_cat_cross_on_embeddings_is_the_pass_on_scaled_embeddings(random_backbone, monkeypatch):
+    """gamma_on=embeddings (the release's Cat-Cross) is the UNet pass on the class tokens' text embeddings scaled
+    by gamma, bit for bit: their keys and their values. gamma_on=keys (Eq. 8-9) scales the keys alone: on SD's
+    bias-free key projection the first cross-attention layer sees the same keys either way, so its maps agree,
+    while the values it leaves untouched make the later layers' maps differ."""
+    import numpy as np
+
+    from bench.capture import request
+    from bench.forward import ForwardSetting, run_traced
+    from methods.base import ClassQuery
+    from methods.iseg import ISeg
+
+    image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    prompt = "A photograph of circle and square and other objects and background"
+    first, later = "down_blocks.0.attentions.0.transformer_blocks.0.attn2", \
+        "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
+    req, setting = request(cross=[first, later]), ForwardSetting(size=64)
+    method = ISeg(random_backbone)
+    query = ClassQuery([1, 2], ["circle", "square"])
+    cfg = ISeg.resolve({"gamma": 1.6, "gamma_on": "embeddings"})
+    assert method.token_weights_on(cfg) == "embeddings" and method.token_weights_on(ISeg.resolve({})) == "keys"
+    weights = method.key_weights(random_backbone.tokenize([prompt])[0].tolist(), query, cfg)[None]
+    assert torch.equal(weights.unique(), torch.tensor([1.0, 1.6]))
+
+    on_embeddings = run_traced(random_backbone, req, setting, [prompt], [image], embedding_weights=weights).traces[0]
+    condition = random_backbone.condition
+
+    def scaled(prompts):
+        states = condition(prompts)["encoder_hidden_states"]
+        return {"encoder_hidden_states": states * weights.to(states.dtype)[:, :, None]}
+
+    monkeypatch.setattr(random_backbone, "condition", scaled)
+    by_hand = run_traced(random_backbone, req, setting, [prompt], [image]).traces[0]
+    monkeypatch.undo()
+    on_keys = run_traced(random_backbone, req, setting, [prompt], [image], key_weights=weights).traces[0]
+    plain = run_traced(random_backbone, req, setting, [prompt], [image]).traces[0]
+    for layer in (first, later):
+        assert torch.equal(on_embeddings.cross[layer], by_hand.cross[layer]), layer
+        assert not torch.allclose(on_embeddings.cross[layer], plain.cross[layer], atol=1e-4), layer
+    # the first layer: the same keys up to the projection's rounding; later: values scaled by gamma moved the
+    # hidden states (random weights: by ~7e-5 here, four orders of magnitude above that rounding)
+    same = (on_keys.cross[first] - on_embeddings.cross[first]).abs().max()
+    moved = (on_keys.cross[later] - on_embeddings.cross[later]).abs().max()
+    assert same <= 1e-7 and moved >= 1e-5, (float(same), float(moved))
