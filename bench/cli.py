@@ -372,8 +372,9 @@ def setup_logging() -> None:
     from bench.env import NOISY_LOGGERS
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in NOISY_LOGGERS:
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for noisy in NOISY_LOGGERS:  # at least WARNING: a level set higher (init_ray's quiet Ray Data) is kept
+        logger = logging.getLogger(noisy)
+        logger.setLevel(max(logger.level, logging.WARNING))
 
 
 def report_line(final: Path, shown: Path | str | None = None) -> str | None:
