@@ -226,7 +226,12 @@ def check_model_fit(cfg: SweepConfig, plan: Plan, folder: Path) -> None:
     compared = METHODS.get(cfg.method).component_methods()  # `compare`: each method it runs declares its own
     for name in sorted({str(t.params.get("method")) for t in plan.trials} & set(compared)):
         check_method_family(name, METHODS.get(name), family)
+    method = METHODS.get(cfg.method)()
     for trial in plan.trials:
+        if family not in ("sd", "sdxl") and method.token_weights_on(trial.params) == "embeddings":
+            raise BenchError(f"token weights on the text embeddings (iSeg gamma_on=embeddings) scale a UNet's "
+                             f"cross-attention keys and values; this model is {family}, whose text runs through "
+                             f"joint attention: use gamma_on=keys")
         if trial.params["mode"] == "inversion" and trial.params["timestep"] >= steps:
             raise BenchError(f"parameter timestep={trial.params['timestep']} must be < {steps}, the model's "
                              f"training timesteps ({folder / 'scheduler'})")

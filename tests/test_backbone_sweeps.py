@@ -81,3 +81,20 @@ def test_a_method_is_checked_against_every_backbone_family(tmp_path):
         with pytest.raises(BenchError, match=rf"^models entry {folder}: method=dedos runs on sd backbones only"):
             preflight(cfg)
     assert not (tmp_path / "x").exists()
+
+
+def test_the_releases_cat_cross_is_refused_on_joint_attention_before_work(tmp_path):
+    """iSeg gamma_on=embeddings scales the text embeddings a UNet's cross-attention reads as keys and values; on
+    SD3 the text runs through joint attention, so preflight refuses it, naming the option that works there."""
+    from bench.config import compose
+    from bench.errors import BenchError
+    from bench.preflight import preflight
+
+    folder = save_tiny_family("sd3", tmp_path / "tiny-sd3")
+    cfg = compose(str(ROOT / "sweeps" / "iseg_lambda.yaml"), [f"model.path={folder}", "+params.gamma_on=embeddings",
+                                                              f"output_dir={tmp_path / 'x'}"])
+    with pytest.raises(BenchError, match=r"this model is sd3, .*use gamma_on=keys$"):
+        preflight(cfg)
+    assert not (tmp_path / "x").exists()
+    preflight(compose(str(ROOT / "sweeps" / "iseg_lambda.yaml"), [f"model.path={folder}", "data.limit=1",
+                                                                  f"output_dir={tmp_path / 'y'}"]))
