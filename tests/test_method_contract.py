@@ -223,25 +223,6 @@ def test_non_train_parameters_never_change_the_fit(name):
             assert method.train_setting(cls.resolve(params)) == setting, key
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_predict_many_equals_predict(tiny, name):
-    cls = METHODS.get(name)
-    method = cls(tiny)
-    configs = [resolved(cls, c) for _, c in [("defaults", {}), *variants(cls, ("post",), {})]]
-    for params in configs:
-        fitted(method, params)
-    (group,) = group_trials(cls, [Trial(f"t{i}", c, {}) for i, c in enumerate(configs)], [0])
-    sample, query, trace = traced(method, configs[0], req=group_request(method, group))
-    size = tuple(sample.label.shape)
-    assert query.ids, "the fixture's image must have classes to segment"
-    for many, params in zip(method.predict_many(trace, query, configs, size), configs):
-        one = method.predict(trace, query, params, size)
-        # this fixture (CPU, one thread, float32 traces) computes both paths in the same order: bit-identical
-        assert torch.equal(many.labels, one.labels), params
-        assert torch.equal(many.scores, one.scores) and torch.equal(many.decision_scores, one.decision_scores), params
-        assert np.array_equal(np.asarray(many.labels), np.asarray(one.labels))
-
-
 def as_float64(trace):
     """The trace with every recorded attention map and query in float64 (the method's modules stay as loaded)."""
     import dataclasses
@@ -251,13 +232,14 @@ def as_float64(trace):
                                          for kind in ("cross", "self_attn", "queries")})
 
 
+@pytest.mark.parametrize("precision", ["float32", "float64"])
 @pytest.mark.parametrize("name", NAMES)
-def test_predict_many_equals_predict_on_a_float64_trace(tiny, name):
-    """The exact half of the contract in float64 (CPU, one thread): `predict_many` over every post-processing
-    configuration equals `predict` of each, labels and scores bit for bit, on a trace whose maps are float64.
-    Every registered method's scores are float32 whatever the trace's precision (those that read attention maps
-    cast what they read: methods.maps.resize_maps, iSeg's chain, the attribution keys): what this adds to the
-    float32 fixture is that no batched path reads a trace of another precision differently."""
+def test_predict_many_equals_predict(tiny, name, precision):
+    """The exact half of the contract (CPU, one thread): `predict_many` over every post-processing configuration
+    equals `predict` of each, labels and scores bit for bit, on the float32 trace and on the same trace in
+    float64. Every registered method's scores are float32 whatever the trace's precision (those that read
+    attention maps cast what they read: methods.maps.resize_maps, iSeg's chain, the attribution keys): what the
+    float64 case adds is that no batched path reads a trace of another precision differently."""
     cls = METHODS.get(name)
     method = cls(tiny)
     configs = [resolved(cls, c) for _, c in [("defaults", {}), *variants(cls, ("post",), {})]]
@@ -265,10 +247,13 @@ def test_predict_many_equals_predict_on_a_float64_trace(tiny, name):
         fitted(method, params)
     (group,) = group_trials(cls, [Trial(f"t{i}", c, {}) for i, c in enumerate(configs)], [0])
     sample, query, trace = traced(method, configs[0], req=group_request(method, group))
-    trace = as_float64(trace)
+    if precision == "float64":
+        trace = as_float64(trace)
     size = tuple(sample.label.shape)
+    assert query.ids, "the fixture's image must have classes to segment"
     for many, params in zip(method.predict_many(trace, query, configs, size), configs):
         one = method.predict(trace, query, params, size)
+        # both paths compute in the same order on this fixture: bit-identical
         assert torch.equal(many.labels, one.labels), params
         assert torch.equal(many.scores, one.scores) and torch.equal(many.decision_scores, one.decision_scores), params
 
