@@ -137,6 +137,7 @@ def point_blobs(points: torch.Tensor, size: int, sigma: float = POINT_SIGMA) -> 
 
 def pixel_values(images: np.ndarray) -> torch.Tensor:
     """(B, H, W, 3) uint8 -> SAM's normalised (B, 3, H, W) float input."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).float().div(255).permute(0, 3, 1, 2)
+    # a copy: images may arrive read-only (decoded, or from Ray's object store), which torch would share and warn
+    x = torch.from_numpy(np.array(images)).float().div(255).permute(0, 3, 1, 2)
     mean, std = torch.tensor(IMAGE_MEAN)[:, None, None], torch.tensor(IMAGE_STD)[:, None, None]
     return (x - mean) / std
