@@ -179,7 +179,7 @@ def unet_calls(backbone, fn) -> list:
 
 def recorded(trace) -> list[torch.Tensor]:
     """Every tensor a trace carries (attention, queries, the image), in a fixed order."""
-    out = [torch.as_tensor(np.asarray(trace.image))] if trace.image is not None else []
+    out = [torch.from_numpy(np.array(trace.image))] if trace.image is not None else []
     for kind in ("cross", "self_attn", "queries"):
         out += [getattr(trace, kind)[layer] for layer in sorted(getattr(trace, kind))]
     return out
