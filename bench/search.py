@@ -33,7 +33,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file, save
 
 from bench.config import SweepConfig, space_kind
@@ -112,19 +111,10 @@ class CacheWorker:
     as safetensors bytes (`trace` column) for the driver's cache."""
 
     def __init__(self, cfg: SweepConfig, params: dict, fits: dict[str, bytes], own_process: bool = True):
-        from bench.data import build_dataset
-        from bench.models import load_backbone
-        from methods import METHODS
+        from bench.stages.trace import load_worker
 
-        if own_process:  # an actor's process: one thread per CPU actor, warnings only
-            if not torch.cuda.is_available():
-                torch.set_num_threads(1)
-            logging.getLogger().setLevel(logging.WARNING)
         self.cfg = cfg
-        self.dataset = build_dataset(cfg.data)
-        self.method = METHODS.get(cfg.method)(load_backbone(cfg.model.as_dict()))
-        for key, blob in fits.items():
-            self.method.load_fit(key, load_safetensors(blob))
+        self.dataset, self.method = load_worker(cfg, fits, own_process)
         self.params = self.method.resolve(params)
         self.request = self.method.trace_request(self.params)
 

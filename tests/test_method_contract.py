@@ -223,6 +223,19 @@ def test_non_train_parameters_never_change_the_fit(name):
             assert method.train_setting(cls.resolve(params)) == setting, key
 
 
+def traced_for_post_configs(tiny, name: str):
+    """The method (fitted for each), its default and post-processing variant configurations, and one image traced
+    for their shared forward setting: (method, configs, sample, query, trace)."""
+    cls = METHODS.get(name)
+    method = cls(tiny)
+    configs = [resolved(cls, c) for _, c in [("defaults", {}), *variants(cls, ("post",), {})]]
+    for params in configs:
+        fitted(method, params)
+    (group,) = group_trials(cls, [Trial(f"t{i}", c, {}) for i, c in enumerate(configs)], [0])
+    sample, query, trace = traced(method, configs[0], req=group_request(method, group))
+    return method, configs, sample, query, trace
+
+
 def as_float64(trace):
     """The trace with every recorded attention map and query in float64 (the method's modules stay as loaded)."""
     import dataclasses
@@ -240,13 +253,7 @@ def test_predict_many_equals_predict(tiny, name, precision):
     float64. Every registered method's scores are float32 whatever the trace's precision (those that read
     attention maps cast what they read: methods.maps.resize_maps, iSeg's chain, the attribution keys): what the
     float64 case adds is that no batched path reads a trace of another precision differently."""
-    cls = METHODS.get(name)
-    method = cls(tiny)
-    configs = [resolved(cls, c) for _, c in [("defaults", {}), *variants(cls, ("post",), {})]]
-    for params in configs:
-        fitted(method, params)
-    (group,) = group_trials(cls, [Trial(f"t{i}", c, {}) for i, c in enumerate(configs)], [0])
-    sample, query, trace = traced(method, configs[0], req=group_request(method, group))
+    method, configs, sample, query, trace = traced_for_post_configs(tiny, name)
     if precision == "float64":
         trace = as_float64(trace)
     size = tuple(sample.label.shape)
@@ -320,13 +327,7 @@ def rounded(trace, seed: int = 0):
 def test_predictions_agree_up_to_rounding(tiny, name):
     """Every configuration predicted from a trace that differs by rounding agrees with the original by `agree`:
     the tolerance that `predict_many` keeps wherever it cannot be bit-identical."""
-    cls = METHODS.get(name)
-    method = cls(tiny)
-    configs = [resolved(cls, c) for _, c in [("defaults", {}), *variants(cls, ("post",), {})]]
-    for params in configs:
-        fitted(method, params)
-    (group,) = group_trials(cls, [Trial(f"t{i}", c, {}) for i, c in enumerate(configs)], [0])
-    sample, query, trace = traced(method, configs[0], req=group_request(method, group))
+    method, configs, sample, query, trace = traced_for_post_configs(tiny, name)
     size = tuple(sample.label.shape)
     for many, params in zip(method.predict_many(rounded(trace), query, configs, size), configs):
         agree(many, method.predict(trace, query, params, size))

@@ -31,7 +31,6 @@ from datetime import datetime, timezone
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load as load_safetensors
 
 from bench.config import SweepConfig
 from bench.data import build_dataset, generation_gt
@@ -40,7 +39,7 @@ from bench.errors import BenchError
 from bench.metrics import image_histograms, summarize
 from bench.resolved import Resolved
 from bench.rundir import WORK, Claim
-from bench.stages.trace import load_shards, settle_pool, trace_images
+from bench.stages.trace import load_shards, load_worker, settle_pool, trace_images
 from bench.storage import Location
 from methods import METHODS
 
@@ -100,17 +99,8 @@ class SynthesisWorker:
     fit loaded once; generates and annotates a batch of prompts."""
 
     def __init__(self, cfg: SweepConfig, fits: dict[str, bytes] | None = None, own_process: bool = True):
-        from bench.models import load_backbone
-
-        if own_process:  # an actor's process: one thread per CPU actor, warnings only
-            if not torch.cuda.is_available():
-                torch.set_num_threads(1)
-            logging.getLogger().setLevel(logging.WARNING)
         self.cfg = cfg
-        self.dataset = build_dataset(cfg.data)
-        self.method = METHODS.get(cfg.method)(load_backbone(cfg.model.as_dict()))
-        for key, blob in (fits or {}).items():
-            self.method.load_fit(key, load_safetensors(blob))
+        self.dataset, self.method = load_worker(cfg, fits, own_process)
         self.params = self.method.resolve(cfg.params)
         self.request = self.method.trace_request(self.params)
         self.has_gt = generation_gt(self.dataset) == "replay"

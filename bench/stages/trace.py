@@ -46,6 +46,20 @@ SHARD_SECONDS = 1.0
 log = logging.getLogger(__name__)
 
 
+def load_worker(cfg: SweepConfig, fits: dict[str, bytes] | None, own_process: bool):
+    """What every tracing worker (sweep, search, synthesis; a Ray Data actor or an object in the driver) holds:
+    the dataset, and the method on the loaded backbone with its finished fits."""
+    if own_process:  # an actor's process: one thread per CPU actor, warnings only
+        if not torch.cuda.is_available():
+            torch.set_num_threads(1)
+        logging.getLogger().setLevel(logging.WARNING)
+    dataset = build_dataset(cfg.data)
+    method = METHODS.get(cfg.method)(load_backbone(cfg.model.as_dict()))
+    for key, blob in (fits or {}).items():
+        method.load_fit(key, load_safetensors(blob))
+    return dataset, method
+
+
 class SweepWorker:
     """Ray Data actor: holds the backbone, the method and its finished fits; traces each image once per
     forward group."""
@@ -53,14 +67,7 @@ class SweepWorker:
     def __init__(self, cfg: SweepConfig, groups: list[ForwardGroup], fits: dict[str, bytes],
                  qualitative: bool = False, own_process: bool = True, fault: TraceFault | None = None,
                  first_group: int = 0):
-        if own_process:  # an actor's process: one thread per CPU actor, warnings only
-            if not torch.cuda.is_available():
-                torch.set_num_threads(1)
-            logging.getLogger().setLevel(logging.WARNING)
-        self.dataset = build_dataset(cfg.data)
-        self.method = METHODS.get(cfg.method)(load_backbone(cfg.model.as_dict()))
-        for key, blob in fits.items():
-            self.method.load_fit(key, load_safetensors(blob))
+        self.dataset, self.method = load_worker(cfg, fits, own_process)
         self.groups = groups
         # the plan's index of groups[0]: a sweep over models traces one backbone's groups per pass, and shards
         # and qualitative records name groups by their index in the whole plan
